@@ -1,0 +1,18 @@
+"""emu: an x86-64 machine with real page tables, run by Unicorn.
+
+Hardware only: guest RAM, the CPU with CR3 and 4-level paging, entry
+encoding, TLB model, access kernels. It knows nothing of Linux.
+"""
+
+from . import pagetable
+from .asm import AssemblyError, assemble, disasm
+from .machine import (
+    CPU_MODELS, Fault, FaultAction, Machine, MachineError, PageFault, RunResult, RunStatus,
+)
+from .pagetable import Access, Level, PfErr, PteFlags
+
+__all__ = [
+    "Machine", "PageFault", "Fault", "FaultAction", "RunResult", "RunStatus", "MachineError",
+    "CPU_MODELS", "AssemblyError", "assemble", "disasm", "pagetable",
+    "PteFlags", "PfErr", "Level", "Access",
+]
