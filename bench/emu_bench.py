@@ -39,11 +39,13 @@ def main() -> None:
     b = PageTableBuilder(m, 1 * GiB + 0x10000000, 2 * GiB)
     base = 0xFFFF888000000000
     b.map(base, 0, GiB, 4096, PteFlags.P | PteFlags.RW | PteFlags.NX)
+    base_1g = 0xFFFF890000000000  # the same RAM through one 1G page
+    b.map(base_1g, 0, GiB, GiB, PteFlags.P | PteFlags.RW | PteFlags.NX)
     code_va = 0xFFFFFFFF81000000
     b.map(code_va, GiB, 1 << 21, 4096, PteFlags.P)
     m.cr3 = b.root
     prog = random_loads(base, GiB, args.loads)
-    m.run(prog.replace(str(args.loads), "1000"), at=code_va)  # warm up translation
+    m.run(random_loads(base, GiB, 1000), at=code_va)  # warm up translation
     figures = {}
     for label, count in (("bare", False), ("counted", True)):
         m.flush_tlb()
@@ -52,6 +54,10 @@ def main() -> None:
         dt = time.perf_counter() - t0
         assert r.status.value == "completed", r
         figures[f"{label}_loads_per_s"] = args.loads / dt
+    m.flush_tlb()
+    t0 = time.perf_counter()
+    m.run(random_loads(base_1g, GiB, args.loads), at=code_va, count_insns=False, max_insns=None)
+    figures["bare_1g_loads_per_s"] = args.loads / (time.perf_counter() - t0)
     figures["counted_vs_bare_ratio"] = figures["counted_loads_per_s"] / figures["bare_loads_per_s"]
     figures["construct_1GiB_s"] = _construct(GiB)
     figures["construct_256GiB_s"] = _construct(256 * GiB)
@@ -61,6 +67,7 @@ def main() -> None:
         return
     print(f"random 8-byte loads over 1 GiB, 4K pages, {args.loads:,} loads")
     print(f"  no hooks            : {figures['bare_loads_per_s'] / 1e6:6.2f} M loads/s")
+    print(f"  no hooks, 1G page   : {figures['bare_1g_loads_per_s'] / 1e6:6.2f} M loads/s")
     print(f"  instruction counter : {figures['counted_loads_per_s'] / 1e6:6.2f} M loads/s "
           f"({figures['counted_vs_bare_ratio']:.2f}x)")
     print(f"Machine construction  : 1 GiB {figures['construct_1GiB_s'] * 1e3:.1f} ms, "
