@@ -7,12 +7,32 @@ encoding, TLB model, access kernels. It knows nothing of Linux.
 from . import pagetable
 from .asm import AssemblyError, assemble, disasm
 from .machine import (
-    CPU_MODELS, Fault, FaultAction, Machine, MachineError, PageFault, RunResult, RunStatus,
+    CPU_MODELS,
+    Fault,
+    FaultAction,
+    Machine,
+    MachineError,
+    PageFault,
+    RunResult,
+    RunStatus,
 )
 from .pagetable import Access, Level, PfErr, PteFlags
 
 __all__ = [
-    "Machine", "PageFault", "Fault", "FaultAction", "RunResult", "RunStatus", "MachineError",
-    "CPU_MODELS", "AssemblyError", "assemble", "disasm", "pagetable",
-    "PteFlags", "PfErr", "Level", "Access",
+    "CPU_MODELS",
+    "Access",
+    "AssemblyError",
+    "Fault",
+    "FaultAction",
+    "Level",
+    "Machine",
+    "MachineError",
+    "PageFault",
+    "PfErr",
+    "PteFlags",
+    "RunResult",
+    "RunStatus",
+    "assemble",
+    "disasm",
+    "pagetable",
 ]

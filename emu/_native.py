@@ -13,7 +13,7 @@ from functools import cache
 
 from unicorn.unicorn_py3.unicorn import uclib
 
-__all__ = ["native", "uclib", "InsnCounter", "UC_HOOK_CB"]
+__all__ = ["UC_HOOK_CB", "InsnCounter", "native", "uclib"]
 
 
 class InsnCounter(ctypes.Structure):

@@ -84,9 +84,7 @@ def _locate_error(text: str, at: int, exc: keystone.KsError) -> AssemblyError:
 
 _REGISTERS = frozenset(
     [f"r{i}" for i in range(8, 16)] + [f"r{i}{s}" for i in range(8, 16) for s in "dwb"]
-    + "rax rbx rcx rdx rsi rdi rbp rsp rip eax ebx ecx edx esi edi ebp esp ax bx cx dx si di "
-      "bp sp al bl cl dl ah bh ch dh sil dil bpl spl cr0 cr2 cr3 cr4 cs ds es fs gs ss "
-      "byte word dword qword ptr xmmword".split()
+    + ["rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp", "rsp", "rip", "eax", "ebx", "ecx", "edx", "esi", "edi", "ebp", "esp", "ax", "bx", "cx", "dx", "si", "di", "bp", "sp", "al", "bl", "cl", "dl", "ah", "bh", "ch", "dh", "sil", "dil", "bpl", "spl", "cr0", "cr2", "cr3", "cr4", "cs", "ds", "es", "fs", "gs", "ss", "byte", "word", "dword", "qword", "ptr", "xmmword"]
     + [f"xmm{i}" for i in range(16)])
 
 

@@ -42,12 +42,22 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from unicorn import (
-    UC_ARCH_X86, UC_HOOK_CODE, UC_HOOK_INTR, UC_MODE_64, UC_PROT_ALL, Uc, UcError,
+    UC_ARCH_X86,
+    UC_HOOK_CODE,
+    UC_HOOK_INTR,
+    UC_MODE_64,
+    UC_PROT_ALL,
+    Uc,
+    UcError,
 )
 from unicorn import x86_const as X
 from unicorn.unicorn_const import (
-    UC_CTL_IO_WRITE, UC_CTL_TLB_FLUSH, UC_ERR_FETCH_UNMAPPED, UC_ERR_INSN_INVALID,
-    UC_ERR_READ_UNMAPPED, UC_ERR_WRITE_UNMAPPED,
+    UC_CTL_IO_WRITE,
+    UC_CTL_TLB_FLUSH,
+    UC_ERR_FETCH_UNMAPPED,
+    UC_ERR_INSN_INVALID,
+    UC_ERR_READ_UNMAPPED,
+    UC_ERR_WRITE_UNMAPPED,
 )
 
 from . import pagetable as pt
@@ -55,8 +65,15 @@ from ._native import InsnCounter, fnptr, native, uclib
 from .asm import assemble, disasm, disasm_one
 from .pagetable import Access, PfErr, PteFlags
 
-__all__ = ["Machine", "PageFault", "Fault", "RunResult", "RunStatus", "CPU_MODELS",
-           "MachineError"]
+__all__ = [
+    "CPU_MODELS",
+    "Fault",
+    "Machine",
+    "MachineError",
+    "PageFault",
+    "RunResult",
+    "RunStatus",
+]
 
 #: CPU models offered (QEMU's names); the TLB preset follows the family.
 CPU_MODELS: dict[str, int] = {
@@ -86,7 +103,7 @@ MAX_RAM_BYTES = _SVC_BASE - (2 << 20)
 _SVC_ROOT, _SVC_PDPT, _SVC_PD, _SVC_PT, _SVC_CODE, _SVC_DATA = range(6)
 #: PML4 slots borrowed for the stub, Linux's hypervisor hole (0xffff8000...
 #: to 0xffff87ff...) first: nothing of the kernel model lives there.
-_BORROW_ORDER = tuple(range(0x100, 0x110)) + tuple(range(0x110, 0x200)) + tuple(range(0, 0x100))
+_BORROW_ORDER = tuple(range(0x100, 0x110)) + tuple(range(0x110, 0x200)) + tuple(range(0x100))
 
 _GPRS = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp", "rsp",
          "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15", "rip", "rflags")

@@ -18,12 +18,31 @@ from dataclasses import dataclass
 import numpy as np
 
 __all__ = [
-    "PteFlags", "PfErr", "Level", "Access",
-    "PAGE_SHIFT", "PAGE_SIZE", "PTRS_PER_TABLE", "ADDR_MASK",
-    "level_shift", "level_size", "table_index", "is_canonical", "canonical",
-    "make_entry", "entry_addr", "entry_flags", "is_leaf",
-    "pat_large_to_4k", "pat_4k_to_large", "large_to_4k_flags", "large_flags_from_4k",
-    "WalkResult", "WalkFault", "walk", "fault_error_code",
+    "ADDR_MASK",
+    "PAGE_SHIFT",
+    "PAGE_SIZE",
+    "PTRS_PER_TABLE",
+    "Access",
+    "Level",
+    "PfErr",
+    "PteFlags",
+    "WalkFault",
+    "WalkResult",
+    "canonical",
+    "entry_addr",
+    "entry_flags",
+    "fault_error_code",
+    "is_canonical",
+    "is_leaf",
+    "large_flags_from_4k",
+    "large_to_4k_flags",
+    "level_shift",
+    "level_size",
+    "make_entry",
+    "pat_4k_to_large",
+    "pat_large_to_4k",
+    "table_index",
+    "walk",
 ]
 
 PAGE_SHIFT = 12
@@ -91,7 +110,7 @@ class Access(enum.Enum):
     EXEC = "x"
 
     @classmethod
-    def parse(cls, access: "str | Access") -> "Access":
+    def parse(cls, access: str | Access) -> Access:
         if isinstance(access, Access):
             return access
         try:

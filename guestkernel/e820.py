@@ -13,7 +13,7 @@ import enum
 import re
 from dataclasses import dataclass
 
-__all__ = ["E820Type", "E820Entry", "E820Table", "E820Error", "parse_size"]
+__all__ = ["E820Entry", "E820Error", "E820Table", "E820Type", "parse_size"]
 
 KiB, MiB, GiB, TiB = 1 << 10, 1 << 20, 1 << 30, 1 << 40
 
@@ -36,7 +36,7 @@ class E820Type(enum.Enum):
     RESERVED_KERN = "reserved (kern)"
 
     @classmethod
-    def parse(cls, text: str) -> "E820Type":
+    def parse(cls, text: str) -> E820Type:
         text = text.strip()
         for t in cls:
             if t.value == text:
@@ -95,7 +95,7 @@ class E820Table:
     # -- construction ---------------------------------------------------
 
     @classmethod
-    def from_dmesg(cls, text: str) -> "E820Table":
+    def from_dmesg(cls, text: str) -> E820Table:
         """The map the kernel ended up with, from its boot log."""
         table = cls()
         seen_bios = False
@@ -122,7 +122,7 @@ class E820Table:
         return table
 
     @classmethod
-    def qemu_pc(cls, ram: str | int) -> "E820Table":
+    def qemu_pc(cls, ram: str | int) -> E820Table:
         """QEMU's i440fx PC layout for ``-m RAM`` (as seen by Linux 6.1):
         usable [0, 0x9fc00), reserved 0x9fc00-0x9ffff and 0xf0000-0xfffff,
         RAM from 1 MiB to the lower-memory top (RAM up to 3 GiB; 128 KiB

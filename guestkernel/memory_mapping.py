@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 from .e820 import E820Table
 
-__all__ = ["MapRange", "split_mem_range", "init_mem_mapping", "ISA_END_ADDRESS"]
+__all__ = ["ISA_END_ADDRESS", "MapRange", "init_mem_mapping", "split_mem_range"]
 
 PAGE_SIZE = 4096
 PMD_SIZE = 2 << 20

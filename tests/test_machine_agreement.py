@@ -4,13 +4,13 @@ leaves with P, RW, NX and US varied at every level."""
 
 from __future__ import annotations
 
-import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from emu import Machine, PageFault, RunStatus
 from emu import pagetable as pt
-from emu.pagetable import Access, PfErr, PteFlags as F
+from emu.pagetable import Access, PfErr
+from emu.pagetable import PteFlags as F
 
 RAM = 64 << 20
 POOL = (48 << 20, 56 << 20)       # table pages

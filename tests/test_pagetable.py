@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 from emu import pagetable as pt
-from emu.pagetable import Access, PfErr, PteFlags as F
+from emu.pagetable import Access, PfErr
+from emu.pagetable import PteFlags as F
 
 
 def test_level_geometry():
