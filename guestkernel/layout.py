@@ -1,0 +1,110 @@
+"""The x86-64 kernel address map (4-level paging, no KASLR) and kernel
+profiles: the facts about one kernel build the model needs.
+
+Debian's 6.1 build (the reference kernel, ``linux-image-6.1.0-56-amd64``)
+is the default profile. Its image layout below was read from the ELF
+program and section headers of its vmlinux (``readelf -lS`` on the image
+unpacked from the package's vmlinuz); ``CONFIG_RANDOMIZE_BASE=y`` makes
+``KERNEL_IMAGE_SIZE`` 1 GiB, so modules start at ``0xffffffffc0000000``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+__all__ = [
+    "DEFAULT_PROFILE",
+    "PAGE_OFFSET",
+    "PAGE_SHIFT",
+    "PAGE_SIZE",
+    "PMD_SIZE",
+    "PROFILES",
+    "PUD_SIZE",
+    "START_KERNEL_MAP",
+    "VMALLOC_END",
+    "VMALLOC_START",
+    "VMEMMAP_START",
+    "KernelImage",
+    "KernelProfile",
+]
+
+PAGE_SHIFT = 12
+PAGE_SIZE = 1 << PAGE_SHIFT
+PMD_SIZE = 1 << 21
+PUD_SIZE = 1 << 30
+
+PAGE_OFFSET = 0xFFFF888000000000          # direct map, 64 TB
+VMALLOC_START = 0xFFFFC90000000000        # vmalloc/ioremap, 32 TB
+VMALLOC_END = VMALLOC_START + (32 << 40) - 1
+VMEMMAP_START = 0xFFFFEA0000000000        # struct page array
+START_KERNEL_map = START_KERNEL_MAP = 0xFFFFFFFF80000000  # __START_KERNEL_map
+
+
+@dataclass(frozen=True)
+class KernelImage:
+    """Section boundaries of the kernel image as virtual addresses in the
+    high kernel mapping (``_text`` at ``phys_start + START_KERNEL_MAP``)."""
+
+    phys_start: int
+    text: int                    # _text
+    etext: int                   # _etext
+    start_rodata: int            # __start_rodata
+    end_rodata: int              # __end_rodata
+    end_rodata_hpage_align: int  # __end_rodata_hpage_align
+    sdata: int                   # _sdata
+    init_begin: int              # __init_begin
+    init_end: int                # __init_end
+    bss_start: int               # __bss_start
+    brk_end: int                 # _brk_end (after boot-time brk use)
+    end: int                     # _end
+
+    def pa(self, va: int) -> int:
+        """``__pa_symbol``: physical address of an image address."""
+        return va - self.text + self.phys_start
+
+
+DEBIAN_6_1_IMAGE = KernelImage(
+    phys_start=0x1000000,
+    text=0xFFFFFFFF81000000,
+    etext=0xFFFFFFFF81E01D32,          # end of .text
+    start_rodata=0xFFFFFFFF82000000,
+    end_rodata=0xFFFFFFFF828EA9F0,     # end of the first PT_LOAD (through .BTF_ids)
+    end_rodata_hpage_align=0xFFFFFFFF82A00000,
+    sdata=0xFFFFFFFF82A00000,
+    init_begin=0xFFFFFFFF83079000,
+    init_end=0xFFFFFFFF8330F000,       # .data_nosave follows initmem
+    bss_start=0xFFFFFFFF83310000,
+    brk_end=0xFFFFFFFF84430000,        # .brk reserved in full (upper bound of use)
+    end=0xFFFFFFFF84600000,
+)
+
+
+@dataclass(frozen=True)
+class KernelProfile:
+    """What differs between kernel versions/builds that the model follows."""
+
+    name: str
+    image: KernelImage
+    #: memory_map_top_down step rule (see memory_mapping.STEP_RULES)
+    step_rule: str
+    modules_vaddr: int
+    modules_end: int
+    #: PTI: the kernel clears _PAGE_GLOBAL from its mappings (__default_kernel_pte_mask)
+    pti: bool = True
+    #: CPA alias processing masks NX on the direct map (6.2+ with set_memory_rox)
+    alias_masks_nx: bool = False
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+
+PROFILES: dict[str, KernelProfile] = {
+    "debian-6.1": KernelProfile(
+        name="debian-6.1", image=DEBIAN_6_1_IMAGE, step_rule="linux-6.1",
+        modules_vaddr=0xFFFFFFFFC0000000, modules_end=0xFFFFFFFFFF000000,
+        pti=True,
+        notes=("Debian linux-image-6.1.0-56-amd64 (6.1.192) under QEMU TCG, nokaslr",)),
+    "linux-3.13": KernelProfile(
+        name="linux-3.13", image=DEBIAN_6_1_IMAGE, step_rule="linux-3.13",
+        modules_vaddr=0xFFFFFFFFA0000000, modules_end=0xFFFFFFFFFF000000, pti=False,
+        notes=("step rule of 3.9-4.x; image layout borrowed from 6.1",)),
+}
+DEFAULT_PROFILE = "debian-6.1"

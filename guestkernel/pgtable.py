@@ -1,0 +1,315 @@
+"""The kernel's page tables in guest RAM: lookup, the boot-time direct map
+(arch/x86/mm/init_64.c ``phys_pud_init``/``phys_pmd_init``/``phys_pte_init``)
+and ``direct_pages_count``.
+
+Entries live in ``machine.ram64``; a "slot" below is an index into it (the
+entry's physical address / 8). The tables are walked by the emulated CPU
+once CR3 points at :attr:`KernelPageTables.root`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+from emu import pagetable as pt
+from emu.pagetable import PteFlags as F
+
+from .e820 import E820Table, E820Type
+from .layout import PAGE_OFFSET, PAGE_SIZE, PMD_SIZE, PUD_SIZE
+
+__all__ = ["PG_LEVEL_1G", "PG_LEVEL_2M", "PG_LEVEL_4K", "KernelPageTables", "PgProt"]
+
+PG_LEVEL_4K, PG_LEVEL_2M, PG_LEVEL_1G = 1, 2, 3
+
+#: The CPU may set these behind the kernel's back; entries compare without them.
+HW_BITS = int(F.A | F.D)
+
+
+class PgProt:
+    """The kernel's pgprot constants (arch/x86/include/asm/pgtable_types.h),
+    with _PAGE_GLOBAL dropped when PTI is on (__default_kernel_pte_mask)."""
+
+    def __init__(self, pti: bool):
+        glb = 0 if pti else int(F.G)
+        base = int(F.P | F.RW | F.A | F.D)
+        self.KERNPG_TABLE = base                                # _KERNPG_TABLE
+        self.PAGE_KERNEL = base | int(F.NX) | glb                 # __PAGE_KERNEL
+        self.PAGE_KERNEL_EXEC = base | glb                        # __PAGE_KERNEL_EXEC
+        self.PAGE_KERNEL_RO = int(F.P | F.A | F.D | F.NX) | glb
+        self.PAGE_KERNEL_ROX = int(F.P | F.A | F.D) | glb
+        self.PAGE_KERNEL_LARGE = self.PAGE_KERNEL | int(F.PS)
+        self.PAGE_KERNEL_LARGE_EXEC = self.PAGE_KERNEL_EXEC | int(F.PS)
+
+
+def _prot_of(entry: int) -> int:
+    """pte_pgprot: the flag bits of an entry (PAT bit 12 included for a large leaf
+    is handled by the caller)."""
+    return entry & ~pt.ADDR_MASK & ((1 << 64) - 1)
+
+
+class KernelPageTables:
+    """The kernel's own (init_mm) page tables.
+
+    ``alloc_table`` returns the physical address of a zeroed page for a new
+    table; ``free_table`` takes one back. Every table page linked in is in
+    :attr:`table_pages` (for the validator)."""
+
+    def __init__(self, machine, root: int, alloc_table: Callable[[str], int],
+                 free_table: Callable[[int], None], pti: bool = True):
+        self.m = machine
+        self.ram64: np.ndarray = machine.ram64
+        self.root = root
+        self.alloc_table = alloc_table
+        self.free_table = free_table
+        self.prot = PgProt(pti)
+        #: pages per level mapping the direct map (index 1..4 as PG_LEVEL_*)
+        self.direct_pages_count = [0, 0, 0, 0, 0]
+        #: physical addresses of every linked table page (PML4 included)
+        self.table_pages: set[int] = {root}
+        self.after_bootmem = False
+
+    # -- entries --------------------------------------------------------
+
+    @staticmethod
+    def slot(table: int, index: int) -> int:
+        return (table >> 3) + index
+
+    def get(self, slot: int) -> int:
+        return int(self.ram64[slot])
+
+    def set(self, slot: int, value: int) -> None:
+        self.ram64[slot] = value & ((1 << 64) - 1)
+
+    def _new_table(self, why: str) -> int:
+        pa = self.alloc_table(why)
+        self.m.ram[pa: pa + PAGE_SIZE] = 0
+        self.table_pages.add(pa)
+        return pa
+
+    def populate(self, slot: int, why: str) -> int:
+        """Link a new zeroed table at ``slot`` (``pXd_populate``) and return it."""
+        table = self._new_table(why)
+        self.set(slot, table | self.prot.KERNPG_TABLE)
+        return table
+
+    # -- lookup ---------------------------------------------------------
+
+    def lookup_slot(self, va: int) -> tuple[int, int] | None:
+        """``lookup_address``: (slot, level) of the entry that maps ``va``:
+        a large or non-present upper entry, else the PTE (even if none).
+        None when an upper level has no entry at all."""
+        table = self.root
+        for level in (4, 3, 2):
+            slot = self.slot(table, pt.table_index(va, level))
+            entry = self.get(slot)
+            if entry == 0:
+                return None
+            if level < 4 and (entry & F.PS or not entry & F.P):
+                return slot, level
+            if level == 4 and not entry & F.P:
+                return slot, level
+            table = entry & pt.ADDR_MASK
+        return self.slot(table, pt.table_index(va, 1)), 1
+
+    def lookup_address(self, va: int) -> tuple[int, int] | None:
+        found = self.lookup_slot(va)
+        if found is None:
+            return None
+        slot, level = found
+        return self.get(slot), level
+
+    # -- the boot-time direct map (init_64.c) ---------------------------
+
+    def kernel_physical_mapping_init(self, paddr_start: int, paddr_end: int,
+                                     page_size_mask: int, e820: E820Table) -> int:
+        """Map [paddr_start, paddr_end) at PAGE_OFFSET; returns paddr_last."""
+        prot = self.prot.PAGE_KERNEL
+        vaddr, vaddr_end = PAGE_OFFSET + paddr_start, PAGE_OFFSET + paddr_end
+        paddr_last = paddr_end
+        while vaddr < vaddr_end:
+            vaddr_next = (vaddr & ~((1 << 39) - 1)) + (1 << 39)
+            pgd = self.slot(self.root, pt.table_index(vaddr, 4))
+            entry = self.get(pgd)
+            if entry:
+                pud_table = entry & pt.ADDR_MASK
+                paddr_last = self._phys_pud_init(pud_table, vaddr - PAGE_OFFSET,
+                                                 paddr_end, page_size_mask, prot, e820)
+            else:
+                pud_table = self._new_table("pud (direct map)")
+                paddr_last = self._phys_pud_init(pud_table, vaddr - PAGE_OFFSET,
+                                                 paddr_end, page_size_mask, prot, e820)
+                self.set(pgd, pud_table | self.prot.KERNPG_TABLE)
+            vaddr = vaddr_next
+        return paddr_last
+
+    def _ram_or_kern(self, e820: E820Table, lo: int, hi: int) -> bool:
+        """``e820__mapped_any(lo, hi, RAM) || ...(RESERVED_KERN)``."""
+        return any(e.start < hi and lo < e.end and e.type in (E820Type.RAM, E820Type.RESERVED_KERN)
+                   for e in e820.entries)
+
+    def _phys_pud_init(self, table: int, paddr: int, paddr_end: int, mask: int, prot: int,
+                       e820: E820Table) -> int:
+        pages = 0
+        paddr_last = paddr_end
+        i = pt.table_index(PAGE_OFFSET + paddr, 3)
+        while i < 512:
+            slot = self.slot(table, pt.table_index(PAGE_OFFSET + paddr, 3))
+            paddr_next = (paddr & ~(PUD_SIZE - 1)) + PUD_SIZE
+            cur_prot = prot
+            entry = self.get(slot)
+            if paddr >= paddr_end:
+                if (not self.after_bootmem
+                        and not self._ram_or_kern(e820, paddr & ~(PUD_SIZE - 1), paddr_next)):
+                    self.set(slot, 0)
+                i, paddr = i + 1, paddr_next
+                continue
+            if entry:
+                if not entry & F.PS:
+                    paddr_last = self._phys_pmd_init(entry & pt.ADDR_MASK, paddr, paddr_end,
+                                                     mask, prot, e820)
+                    i, paddr = i + 1, paddr_next
+                    continue
+                if mask & (1 << PG_LEVEL_1G):
+                    # An existing 1G mapping is reused -- and counted again
+                    # (init_64.c: "if (!after_bootmem) pages++").
+                    if not self.after_bootmem:
+                        pages += 1
+                    paddr_last = paddr_next
+                    i, paddr = i + 1, paddr_next
+                    continue
+                cur_prot = pt.pat_large_to_4k(_prot_of(entry))
+            if mask & (1 << PG_LEVEL_1G):
+                pages += 1
+                self.set(slot, (paddr & ~(PUD_SIZE - 1)) | cur_prot | int(F.PS))
+                paddr_last = paddr_next
+                i, paddr = i + 1, paddr_next
+                continue
+            pmd_table = self._new_table("pmd (direct map)")
+            paddr_last = self._phys_pmd_init(pmd_table, paddr, paddr_end, mask, cur_prot, e820)
+            self.set(slot, pmd_table | self.prot.KERNPG_TABLE)
+            i, paddr = i + 1, paddr_next
+        self.direct_pages_count[PG_LEVEL_1G] += pages
+        return paddr_last
+
+    def _phys_pmd_init(self, table: int, paddr: int, paddr_end: int, mask: int, prot: int,
+                       e820: E820Table) -> int:
+        pages = 0
+        paddr_last = paddr_end
+        i = pt.table_index(paddr, 2)
+        while i < 512:
+            slot = self.slot(table, pt.table_index(paddr, 2))
+            paddr_next = (paddr & ~(PMD_SIZE - 1)) + PMD_SIZE
+            new_prot = prot
+            if paddr >= paddr_end:
+                if (not self.after_bootmem
+                        and not self._ram_or_kern(e820, paddr & ~(PMD_SIZE - 1), paddr_next)):
+                    self.set(slot, 0)
+                i, paddr = i + 1, paddr_next
+                continue
+            entry = self.get(slot)
+            if entry:
+                if not entry & F.PS:
+                    paddr_last = self._phys_pte_init(entry & pt.ADDR_MASK, paddr, paddr_end,
+                                                     prot, e820)
+                    i, paddr = i + 1, paddr_next
+                    continue
+                if mask & (1 << PG_LEVEL_2M):
+                    if not self.after_bootmem:
+                        pages += 1
+                    paddr_last = paddr_next
+                    i, paddr = i + 1, paddr_next
+                    continue
+                new_prot = pt.pat_large_to_4k(_prot_of(entry))
+            if mask & (1 << PG_LEVEL_2M):
+                pages += 1
+                self.set(slot, (paddr & ~(PMD_SIZE - 1)) | (prot & ~int(F.PAT)) | int(F.PS))
+                paddr_last = paddr_next
+                i, paddr = i + 1, paddr_next
+                continue
+            pte_table = self._new_table("pte (direct map)")
+            paddr_last = self._phys_pte_init(pte_table, paddr, paddr_end, new_prot, e820)
+            self.set(slot, pte_table | self.prot.KERNPG_TABLE)
+            i, paddr = i + 1, paddr_next
+        self.direct_pages_count[PG_LEVEL_2M] += pages
+        return paddr_last
+
+    def _phys_pte_init(self, table: int, paddr: int, paddr_end: int, prot: int,
+                       e820: E820Table) -> int:
+        pages = 0
+        paddr_last = paddr_end
+        i = pt.table_index(paddr, 1)
+        while i < 512:
+            slot = self.slot(table, i)
+            paddr_next = (paddr & ~(PAGE_SIZE - 1)) + PAGE_SIZE
+            if paddr >= paddr_end:
+                if (not self.after_bootmem
+                        and not self._ram_or_kern(e820, paddr & ~(PAGE_SIZE - 1), paddr_next)):
+                    self.set(slot, 0)
+                i, paddr = i + 1, paddr_next
+                continue
+            if self.get(slot):
+                if not self.after_bootmem:
+                    pages += 1
+                i, paddr = i + 1, paddr_next
+                continue
+            pages += 1
+            self.set(slot, (paddr & ~(PAGE_SIZE - 1)) | prot)
+            paddr_last = paddr_next
+            i, paddr = i + 1, paddr_next
+        self.direct_pages_count[PG_LEVEL_4K] += pages
+        return paddr_last
+
+    # -- walking ------------------------------------------------------
+
+    def leaves(self, start: int, end: int):
+        """Yield (va, level, entry) for every non-zero leaf entry mapping
+        [start, end), in address order (4K PTEs one by one)."""
+        mask = (1 << 48) - 1  # walk in 48-bit linear addresses, report canonical ones
+        yield from self._leaves(self.root, 4, start & mask, ((end - 1) & mask) + 1, 0)
+
+    def _leaves(self, table: int, level: int, start: int, end: int, base: int):
+        size = pt.level_size(level)
+        first = max(0, (start - base) // size) if start > base else 0
+        last = min(511, (end - 1 - base) // size)
+        entries = self.ram64[(table >> 3): (table >> 3) + 512]
+        for i in range(first, last + 1):
+            entry = int(entries[i])
+            if entry == 0:
+                continue
+            va = base + i * size
+            if level == 1 or (level < 4 and (entry & F.PS or not entry & F.P)):
+                yield pt.canonical(va), level, entry
+            elif level > 1:
+                yield from self._leaves(entry & pt.ADDR_MASK, level - 1, max(start, va),
+                                        min(end, va + size), va)
+
+    def recount_direct_map(self, max_pfn: int) -> list[int]:
+        """Leaf entries (present or not, but not empty) mapping the direct map
+        [PAGE_OFFSET, PAGE_OFFSET + max_pfn pages) in the live tables, by
+        level: what ``direct_pages_count`` would hold without its boot-time
+        re-counting."""
+        counts = [0, 0, 0, 0, 0]
+        mask = (1 << 48) - 1
+        self._count(self.root, 4, PAGE_OFFSET & mask, (PAGE_OFFSET & mask) + max_pfn * PAGE_SIZE,
+                    0, counts)
+        return counts
+
+    def _count(self, table: int, level: int, start: int, end: int, base: int,
+               counts: list[int]) -> None:
+        size = pt.level_size(level)
+        first = max(0, (start - base) // size)
+        last = min(511, (end - 1 - base) // size)
+        entries = self.ram64[(table >> 3) + first: (table >> 3) + last + 1]
+        if level == 1:  # PTEs: count with numpy, they are most of the work
+            counts[1] += int(np.count_nonzero(entries))
+            return
+        for i in np.flatnonzero(entries):
+            entry = int(entries[i])
+            va = base + (first + int(i)) * size
+            if level < 4 and (entry & F.PS or not entry & F.P):
+                counts[level] += 1
+            else:
+                self._count(entry & pt.ADDR_MASK, level - 1, max(start, va),
+                            min(end, va + size), va, counts)

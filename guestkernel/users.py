@@ -1,0 +1,218 @@
+"""The kernel's users of CPA, as the call sequences Linux 6.1 makes.
+
+* Modules (kernel/module/main.c, strict_rwx.c): ``module_alloc`` of the core
+  layout (text | rodata | ro_after_init | data) in the module area with
+  ``VM_FLUSH_RESET_PERMS``; then ``module_enable_ro`` (text, rodata RO),
+  ``module_enable_nx`` (rodata, ro_after_init, data NX) and
+  ``module_enable_x`` (text X, no alias); after init, ro_after_init RO.
+  Unloading is ``vfree`` (which resets the direct-map aliases).
+* BPF JIT with ``bpf_prog_pack`` (kernel/bpf/core.c): programs up to a pack
+  share 2 MiB packs allocated with ``module_alloc`` and made RO+X once;
+  larger images get their own ``module_alloc``.
+* ftrace trampolines and kprobe instruction pages: one ``module_alloc``
+  page made RO+X each.
+* secretmem (mm/secretmem.c): each page faulted in is taken out of the
+  direct map (``set_direct_map_invalid_noflush`` + a flush of that page)
+  and put back when freed.
+* ``guest_memfd`` without direct map: the same, for a batch of pages.
+* page tables protected read-only (PKS-style): the table page's direct-map
+  address is made RO.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from . import gfp as G
+from .layout import PAGE_SIZE
+from .vmalloc import VmFlags, VmStruct
+
+if TYPE_CHECKING:
+    from .kernel import Kernel
+
+__all__ = [
+    "BpfJit",
+    "BpfProg",
+    "GuestMemfd",
+    "Module",
+    "ModuleLoader",
+    "Secretmem",
+    "UsersError",
+]
+
+BPF_PROG_PACK_SIZE = 2 << 20
+BPF_PROG_CHUNK_SIZE = 64
+
+
+class UsersError(ValueError):
+    """A bad request to a CPA user (unknown handle, bad size); nothing changed."""
+
+
+def _pages(nbytes: int) -> int:
+    return -(-nbytes // PAGE_SIZE)
+
+
+@dataclass
+class Module:
+    name: str
+    area: VmStruct
+    text_pages: int
+    rodata_pages: int
+    ro_after_init_pages: int
+    data_pages: int
+    live: bool = True
+
+    @property
+    def base(self) -> int:
+        return self.area.addr
+
+
+class ModuleLoader:
+    def __init__(self, kernel: Kernel):
+        self.k = kernel
+        self.modules: dict[str, Module] = {}
+
+    def load_module(self, name: str, text: int, rodata: int = 0, ro_after_init: int = 0,
+                    data: int = 0) -> Module:
+        """Load a module whose core sections have these sizes in bytes."""
+        if name in self.modules:
+            raise UsersError(f"module {name!r} is already loaded")
+        if min(text, rodata, ro_after_init, data) < 0 or text <= 0:
+            raise UsersError(f"module {name!r}: section sizes must be >= 0, text > 0")
+        t, r, a, d = _pages(text), _pages(rodata), _pages(ro_after_init), _pages(data)
+        k = self.k
+        area = k.vmalloc.vmalloc_node_range(
+            (t + r + a + d) * PAGE_SIZE, start=k.profile.modules_vaddr,
+            end=k.profile.modules_end, flags=VmFlags.FLUSH_RESET_PERMS, caller=f"module {name}")
+        base = area.addr
+        mod = Module(name, area, t, r, a, d)
+        # complete_formation: module_enable_ro(mod, false), _nx, _x.
+        k.set_memory_ro(base, t)
+        if r:
+            k.set_memory_ro(base + t * PAGE_SIZE, r)
+        if r or a or d:
+            k.set_memory_nx(base + t * PAGE_SIZE, r + a + d)
+        k.set_memory_x(base, t)
+        # do_init_module: module_enable_ro(mod, true).
+        if a:
+            k.set_memory_ro(base + (t + r) * PAGE_SIZE, a)
+        self.modules[name] = mod
+        return mod
+
+    def delete_module(self, name: str) -> None:
+        try:
+            mod = self.modules.pop(name)
+        except KeyError:
+            raise UsersError(f"module {name!r} is not loaded") from None
+        self.k.vmalloc.vfree(mod.base)
+        mod.live = False
+
+
+@dataclass
+class BpfProg:
+    addr: int
+    size: int
+    pack: int | None          # pack base, or None for a private module_alloc
+
+
+@dataclass
+class _Pack:
+    base: int
+    used: bytearray = field(default_factory=lambda: bytearray(BPF_PROG_PACK_SIZE // BPF_PROG_CHUNK_SIZE))
+
+
+class BpfJit:
+    """``bpf_jit_binary_pack_alloc`` / ``bpf_prog_pack_free``."""
+
+    def __init__(self, kernel: Kernel, use_pack: bool = True):
+        self.k = kernel
+        self.use_pack = use_pack
+        self.packs: list[_Pack] = []
+        self.progs: dict[int, BpfProg] = {}
+
+    def _module_alloc_rox(self, size: int) -> VmStruct:
+        k = self.k
+        area = k.vmalloc.vmalloc_node_range(size, start=k.profile.modules_vaddr,
+                                            end=k.profile.modules_end,
+                                            flags=VmFlags.FLUSH_RESET_PERMS, caller="bpf")
+        k.set_memory_ro(area.addr, area.size // PAGE_SIZE)
+        k.set_memory_x(area.addr, area.size // PAGE_SIZE)
+        return area
+
+    def load(self, size: int) -> BpfProg:
+        """JIT a program whose image is ``size`` bytes."""
+        if not isinstance(size, int) or size <= 0:
+            raise UsersError(f"bpf: bad image size {size!r}")
+        if not self.use_pack or size > BPF_PROG_PACK_SIZE:
+            area = self._module_alloc_rox(size)
+            prog = BpfProg(area.addr, size, None)
+        else:
+            nchunks = -(-size // BPF_PROG_CHUNK_SIZE)
+            prog = None
+            for pack in self.packs:
+                pos = pack.used.find(bytes(nchunks))
+                if pos >= 0:
+                    prog = self._take(pack, pos, nchunks, size)
+                    break
+            if prog is None:
+                area = self._module_alloc_rox(BPF_PROG_PACK_SIZE)
+                pack = _Pack(area.addr)
+                self.packs.append(pack)
+                prog = self._take(pack, 0, nchunks, size)
+        self.progs[prog.addr] = prog
+        return prog
+
+    @staticmethod
+    def _take(pack: _Pack, pos: int, nchunks: int, size: int) -> BpfProg:
+        pack.used[pos: pos + nchunks] = b"\x01" * nchunks
+        return BpfProg(pack.base + pos * BPF_PROG_CHUNK_SIZE, size, pack.base)
+
+    def free(self, addr: int) -> None:
+        try:
+            prog = self.progs.pop(addr)
+        except KeyError:
+            raise UsersError(f"bpf: no program at {addr:#x}") from None
+        if prog.pack is None:
+            self.k.vmalloc.vfree(prog.addr)
+            return
+        pack = next(p for p in self.packs if p.base == prog.pack)
+        pos = (prog.addr - pack.base) // BPF_PROG_CHUNK_SIZE
+        n = -(-prog.size // BPF_PROG_CHUNK_SIZE)
+        pack.used[pos: pos + n] = bytes(n)
+        if not any(pack.used):
+            self.packs.remove(pack)
+            self.k.vmalloc.vfree(pack.base)
+
+
+class Secretmem:
+    """``memfd_secret``: pages leave the direct map one at a time."""
+
+    def __init__(self, kernel: Kernel):
+        self.k = kernel
+        self.pages: set[int] = set()
+
+    def fault(self) -> int:
+        """secretmem_fault: allocate a page, unmap it from the direct map."""
+        k = self.k
+        pfn = k.alloc_pages(int(G.GFP_HIGHUSER | G.GFP_ZERO), 0)
+        k.set_direct_map_invalid_noflush(pfn)
+        va = k.pfn_to_virt(pfn)
+        k.flush_tlb_kernel_range(va, va + PAGE_SIZE)
+        self.pages.add(pfn)
+        return pfn
+
+    def free(self, pfn: int) -> None:
+        """secretmem_free_folio: map it back, then free it."""
+        if pfn not in self.pages:
+            raise UsersError(f"secretmem: pfn {pfn:#x} is not a secret page")
+        self.pages.remove(pfn)
+        self.k.set_direct_map_default_noflush(pfn)
+        self.k.free_pages(pfn, 0)
+
+
+class GuestMemfd(Secretmem):
+    """KVM ``guest_memfd`` without direct map: same protocol, many pages at once."""
+
+    def populate(self, nr_pages: int) -> list[int]:
+        return [self.fault() for _ in range(nr_pages)]

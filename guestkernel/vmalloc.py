@@ -1,0 +1,182 @@
+"""vmalloc (mm/vmalloc.c model): virtually contiguous kernel memory built
+from order-0 pages (or 2M pages with ``VM_ALLOW_HUGE_VMAP``), mapped by the
+kernel page tables in the vmalloc or module area.
+
+``vfree`` of a ``VM_FLUSH_RESET_PERMS`` area does what ``vm_reset_perms``
+does: the direct-map alias of every page is made invalid, one flush covers
+the area and the aliases, and the aliases are set back to default -- two
+CPA passes that split large direct-map pages under each page. Choice: the
+kernel defers the TLB flush of unmapped vmalloc ranges (lazy purge); this
+model flushes at ``vfree`` so that no stale translation of a freed area
+survives (an over-flush, never an under-flush).
+"""
+
+from __future__ import annotations
+
+import bisect
+import enum
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from emu import pagetable as pt
+
+from . import gfp as G
+from .layout import PAGE_SIZE, PMD_SIZE, VMALLOC_END, VMALLOC_START
+
+if TYPE_CHECKING:
+    from .kernel import Kernel
+
+__all__ = ["VmFlags", "VmStruct", "Vmalloc", "VmallocError"]
+
+
+class VmallocError(MemoryError):
+    """No room in the address range, or a bad vfree; nothing changed."""
+
+
+class VmFlags(enum.IntFlag):
+    ALLOC = 0x2
+    FLUSH_RESET_PERMS = 0x100     # VM_FLUSH_RESET_PERMS
+    ALLOW_HUGE_VMAP = 0x400       # VM_ALLOW_HUGE_VMAP
+
+
+@dataclass
+class VmStruct:
+    """``struct vm_struct``: one area (the guard page is not in ``size``)."""
+
+    addr: int
+    size: int
+    flags: VmFlags
+    pages: list[int] = field(default_factory=list)   # first PFN of each chunk
+    page_order: int = 0
+    caller: str = ""
+
+    @property
+    def nr_pages(self) -> int:
+        return len(self.pages) << self.page_order
+
+    def pfns(self) -> list[int]:
+        step = 1 << self.page_order
+        return [p + i for p in self.pages for i in range(step)]
+
+
+class Vmalloc:
+    def __init__(self, kernel: Kernel):
+        self.k = kernel
+        self._busy: list[tuple[int, int]] = []      # sorted (start, end incl. guard)
+        self.areas: dict[int, VmStruct] = {}
+
+    # -- address space ----------------------------------------------------
+
+    def _find_range(self, size: int, align: int, start: int, end: int) -> int:
+        """Lowest aligned gap of ``size`` (+ a guard page) in [start, end)."""
+        need = size + PAGE_SIZE
+        cur = -(-start // align) * align
+        i = bisect.bisect_left(self._busy, (start, start))
+        if i > 0 and self._busy[i - 1][1] > cur:
+            cur = -(-self._busy[i - 1][1] // align) * align
+        while True:
+            nxt = self._busy[i][0] if i < len(self._busy) else end
+            if cur + need <= min(nxt, end):
+                return cur
+            if i >= len(self._busy) or nxt >= end:
+                raise VmallocError(f"vmalloc: no {size:#x} bytes free in [{start:#x}, {end:#x})")
+            cur = -(-self._busy[i][1] // align) * align
+            i += 1
+
+    # -- allocation -------------------------------------------------------
+
+    def vmalloc_node_range(self, size: int, align: int = PAGE_SIZE, start: int = VMALLOC_START,
+                           end: int = VMALLOC_END, gfp: int = int(G.GFP_KERNEL),
+                           prot: int | None = None, flags: VmFlags = VmFlags(0),
+                           caller: str = "") -> VmStruct:
+        """``__vmalloc_node_range``: returns the new area."""
+        if not isinstance(size, int) or size <= 0:
+            raise VmallocError(f"vmalloc: bad size {size!r}")
+        size = -(-size // PAGE_SIZE) * PAGE_SIZE
+        huge = bool(flags & VmFlags.ALLOW_HUGE_VMAP) and size >= PMD_SIZE
+        order = 9 if huge else 0
+        if huge:
+            size = -(-size // PMD_SIZE) * PMD_SIZE
+            align = max(align, PMD_SIZE)
+        addr = self._find_range(size, align, start, end)
+        prot = self.k.pgt.prot.PAGE_KERNEL if prot is None else prot
+        pages: list[int] = []
+        try:
+            for _ in range(size >> (12 + order)):
+                pages.append(self.k.alloc_pages(gfp, order))
+        except MemoryError:
+            for p in pages:
+                self.k.free_pages(p, order)
+            raise
+        area = VmStruct(addr, size, VmFlags.ALLOC | flags, pages, order, caller)
+        bisect.insort(self._busy, (addr, addr + size + PAGE_SIZE))
+        self.areas[addr] = area
+        self._map(area, prot)
+        return area
+
+    def _map(self, area: VmStruct, prot: int) -> None:
+        """``vmap_pages_range``: PTEs (or PMD leaves) in the kernel tables."""
+        pgt = self.k.pgt
+        level = 2 if area.page_order == 9 else 1
+        step = pt.level_size(level)
+        for i, pfn in enumerate(area.pages):
+            va = area.addr + i * step
+            slot = self._walk_alloc(va, level)
+            leaf = (pfn << 12) | prot | (int(pt.PteFlags.PS) if level == 2 else 0)
+            pgt.set(slot, leaf)
+
+    def _walk_alloc(self, va: int, level: int) -> int:
+        """Slot of the entry at ``level`` for ``va``, allocating tables
+        (``pte_alloc_kernel`` & co) on the way."""
+        pgt = self.k.pgt
+        table = pgt.root
+        for lvl in range(4, level, -1):
+            slot = pgt.slot(table, pt.table_index(va, lvl))
+            entry = pgt.get(slot)
+            if entry == 0:
+                table = pgt.populate(slot, "vmalloc")
+            elif entry & pt.PteFlags.PS:
+                raise VmallocError(f"vmalloc: {va:#x} lies under a large mapping")
+            else:
+                table = entry & pt.ADDR_MASK
+        return pgt.slot(table, pt.table_index(va, level))
+
+    def find_area(self, addr: int) -> VmStruct:
+        try:
+            return self.areas[addr]
+        except KeyError:
+            raise VmallocError(f"vfree({addr:#x}): not the start of a vmalloc area") from None
+
+    def set_vm_flush_reset_perms(self, addr: int) -> None:
+        self.find_area(addr).flags |= VmFlags.FLUSH_RESET_PERMS
+
+    # -- free ---------------------------------------------------------------
+
+    def vfree(self, addr: int) -> None:
+        area = self.find_area(addr)     # a bad address raises before anything changes
+        k = self.k
+        if area.flags & VmFlags.FLUSH_RESET_PERMS:
+            pfns = area.pfns()
+            for pfn in pfns:
+                k.set_direct_map_invalid_noflush(pfn)
+            lo = min(k.pfn_to_virt(min(pfns)), area.addr)
+            hi = max(k.pfn_to_virt(max(pfns) + 1), area.addr + area.size)
+            # _vm_unmap_aliases: one flush over the union of both ranges.
+            k.flush_tlb_kernel_range(lo, hi)
+            for pfn in pfns:
+                k.set_direct_map_default_noflush(pfn)
+        self._unmap(area)
+        k.flush_tlb_kernel_range(area.addr, area.addr + area.size)
+        for p in area.pages:
+            k.free_pages(p, area.page_order)
+        del self.areas[addr]
+        self._busy.remove((area.addr, area.addr + area.size + PAGE_SIZE))
+
+    def _unmap(self, area: VmStruct) -> None:
+        pgt = self.k.pgt
+        level = 2 if area.page_order == 9 else 1
+        step = pt.level_size(level)
+        for i in range(len(area.pages)):
+            found = pgt.lookup_slot(area.addr + i * step)
+            if found is not None:
+                pgt.set(found[0], 0)

@@ -1,0 +1,145 @@
+"""Kernel.boot: the direct map as Linux 6.1 builds and counts it, checked in
+the model's tables and by the emulated CPU's own walk."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from emu import PageFault
+from emu.pagetable import PfErr
+from emu.pagetable import PteFlags as F
+from guestkernel import PAGE_OFFSET, E820Error, Kernel, KernelError
+from guestkernel.layout import PROFILES
+
+GiB, MiB = 1 << 30, 1 << 20
+DATA = Path(__file__).resolve().parent / "data"
+IMG = PROFILES["debian-6.1"].image
+
+
+@pytest.fixture(scope="module")
+def k8() -> Kernel:
+    return Kernel.boot(ram="8G")
+
+
+def level_at(k: Kernel, pa: int) -> int:
+    found = k.lookup_address(PAGE_OFFSET + pa)
+    assert found is not None, hex(pa)
+    return found[1]
+
+
+def test_meminfo_8g_by_hand(k8):
+    """QEMU 8G: RAM [0, 0x9fc00), [1M, 0xbffe0000), [4G, 9G).
+
+    Largest-page rule: 4k = [0,1M) 256 + [1M,2M) 256 + [0xbfe00000,
+    0xbffe0000) 480 = 992 pages; 2M = [2M,1G) 511 + [2G,0xbfe00000) 511 =
+    1022; 1G = [1G,2G) + [4G,9G) = 6.
+    6.1's top-down steps map [9G-2M,9G), then [8.5G,9G-2M), then the rest:
+    each step after the first finds the 1G page at 8G already mapped and
+    counts it again (phys_pud_init: "if (!after_bootmem) pages++"): 1G = 8.
+    Boot protections (free_kernel_image_pages of the text/rodata and
+    rodata/data gaps) make their direct-map aliases RW again inside the RO
+    image alias: 2M pages at 0x1e00000 and 0x2800000 split: 4k += 1024,
+    2M -= 2."""
+    mi = k8.meminfo()
+    assert mi["DirectMap4k"] == (992 + 1024) * 4 == 8064
+    assert mi["DirectMap2M"] == (1022 - 2) * 2048 == 2088960
+    assert mi["DirectMap1G"] == 8 * 1048576
+    # The tables themselves hold 6 1G leaves: the 2 extra are the re-count.
+    assert k8.pgt.recount_direct_map(k8.max_pfn) == [0, 2016, 1020, 6, 0]
+    assert k8.boot_overcount == [0, 0, 0, 2, 0]
+    # Boot splits are not vmstat events (system_state was SYSTEM_BOOTING).
+    assert k8.vmstat()["direct_map_level2_splits"] == 0
+
+
+def test_page_sizes_at_chosen_addresses(k8):
+    expect = {
+        0x0: 1, 0x9F000: 1, 0x100000: 1, 0x1FF000: 1,       # ISA range and [1M,2M): 4K
+        0x200000: 2, 0x3FE00000: 2,                          # [2M,1G): 2M
+        0x40000000: 3, 0x7FFFF000: 3,                        # [1G,2G): 1G
+        0x80000000: 2, 0xBFC00000: 2,                        # [2G,3G) is not all RAM: 2M
+        0xBFE00000: 1, 0xBFFDF000: 1,                        # tail below the reserved 128K
+        4 * GiB: 3, 8 * GiB + 0x1234000: 3,                  # above 4G: 1G
+        0x1E00000: 1, 0x1E02000: 1, 0x2800000: 1,            # split by the boot protections
+        0x1C00000: 2, 0x2A00000: 2,                          # image alias, not split
+    }
+    for pa, level in expect.items():
+        assert level_at(k8, pa) == level, hex(pa)
+    # The CPU agrees on address and size.
+    m = k8.machine
+    for pa, level in expect.items():
+        assert m.translate(PAGE_OFFSET + pa) == pa
+        assert m.walk(PAGE_OFFSET + pa).level == level
+    # Holes are not mapped: the reserved 128K below 3G, the PCI hole, beyond RAM.
+    assert k8.lookup_address(PAGE_OFFSET + 0xBFFE0000)[0] == 0
+    for pa in (0xC0000000, 0xFEE00000, 9 * GiB):
+        with pytest.raises(PageFault) as exc:
+            m.translate(PAGE_OFFSET + pa)
+        assert exc.value.error_code == PfErr(0)
+
+
+def test_protections_of_the_image_alias(k8):
+    m = k8.machine
+    text = PAGE_OFFSET + IMG.phys_start                     # kernel text alias: RO, NX
+    for access, code in (("w", PfErr.P | PfErr.W), ("x", PfErr.P | PfErr.ID)):
+        with pytest.raises(PageFault) as exc:
+            m.translate(text, access)
+        assert exc.value.error_code == code
+    # The freed text/rodata gap is RW again; rodata stays RO.
+    gap = PAGE_OFFSET + IMG.pa(0xFFFFFFFF81E02000)
+    assert m.translate(gap, "w") == gap - PAGE_OFFSET
+    with pytest.raises(PageFault):
+        m.translate(PAGE_OFFSET + IMG.pa(IMG.start_rodata), "w")
+    # The high kernel mapping: text executable and read-only.
+    assert m.translate(IMG.text, "x") == IMG.phys_start
+    with pytest.raises(PageFault):
+        m.translate(IMG.text, "w")
+    entry, level = k8.lookup_address(IMG.text)
+    assert level == 2 and entry & F.PS and not entry & (F.RW | F.NX)
+
+
+@pytest.mark.parametrize("ram, want", [
+    # 3G: RAM ends at 0xbffe0000 -> no 1G block above; nothing re-counted.
+    ("3G", {"DirectMap4k": 8064, "DirectMap2M": 2088960, "DirectMap1G": 1048576}),
+    # 4G: the only 1G page above 4G is counted three times (steps 1, 2, 3).
+    ("4G", {"DirectMap4k": 8064, "DirectMap2M": 2088960, "DirectMap1G": 4 * 1048576}),
+])
+def test_other_sizes(ram, want):
+    k = Kernel.boot(ram=ram)
+    mi = k.meminfo()
+    assert {key: mi[key] for key in want} == want
+
+
+def test_boot_from_a_pasted_boot_log():
+    """The real 3.13 machine's e820, booted with the 6.1 rules: every range
+    the log printed has that page size (except the 2M pages the boot
+    protections split)."""
+    text = (DATA / "dmesg-e820-example.log").read_text()
+    k = Kernel.boot(e820=text)
+    split = {0x1E00000, 0x2800000}
+    sizes = {"4k": 1, "2M": 2, "1G": 3}
+    import re
+    for line in text.splitlines():
+        m = re.match(r"\[mem (0x[0-9a-f]+)-(0x[0-9a-f]+)\] page (\w+)", line)
+        if not m:
+            continue
+        lo, hi, size = int(m.group(1), 16), int(m.group(2), 16) + 1, sizes[m.group(3)]
+        for pa in (lo, (lo + hi) // 2 & ~0xFFF, hi - 4096):
+            if pa & ~(2 * MiB - 1) in split or not k.e820.is_region_memory(pa, 4096) and size == 1:
+                continue
+            assert level_at(k, pa) == size, (line, hex(pa))
+
+
+def test_bad_boot_input():
+    with pytest.raises(E820Error, match="memory size"):
+        Kernel.boot(ram="lots")
+    with pytest.raises(KernelError, match="unknown kernel profile"):
+        Kernel.boot(ram="1G", profile="linux-9.9")
+    with pytest.raises(KernelError, match="cannot read the e820 boot log"):
+        Kernel.boot(e820="/nonexistent/dmesg.log")
+    with pytest.raises(KernelError, match="not in RAM"):
+        Kernel.boot(ram="32M")   # the 6.1 image needs RAM up to 70 MiB
+    from guestkernel.policy import PolicyError
+    with pytest.raises(PolicyError, match="unknown policy 'nope'"):
+        Kernel.boot(ram="1G", policy="nope")
