@@ -122,19 +122,20 @@ def ptdump(k: Kernel) -> str:
     root = k.pgt.root
     full = int(F.RW | F.US)  # effective_prot starts from "everything allowed"
 
-    def walk(table: int, depth: int, base: int, lo: int, hi: int, parent: int) -> None:
-        # depth: 1 = top table (p4d, folded into the PGD), 2 pud, 3 pmd, 4 pte
+    def walk(table: int, depth: int, lo: int, hi: int, parent: int) -> None:
+        """Entries of ``table`` (depth 1 = top table, p4d folded into the
+        PGD; 2 pud; 3 pmd; 4 pte) covering [lo, hi)."""
         shift = {1: 39, 2: 30, 3: 21, 4: 12}[depth]
         size = 1 << shift
-        first = (lo - base) >> shift
-        last = (hi - 1 - base) >> shift
+        table_base = lo & ~((size << 9) - 1) & _M64
+        first = (lo >> shift) & 511
+        last = ((hi - 1) >> shift) & 511
         entries = ram64[(table >> 3) + first: (table >> 3) + last + 1]
         if depth == 4:
-            _pte_runs(st, entries, base + first * size, parent)
+            _pte_runs(st, entries, table_base + first * size, parent)
             return
         for i, raw in enumerate(entries.tolist()):
-            va = base + (first + i) * size
-            addr = pt.canonical(va) if depth == 1 else va
+            addr = table_base + (first + i) * size
             val = int(raw)
             if val == 0:
                 st.note(addr, depth, 0, 0)
@@ -144,12 +145,12 @@ def ptdump(k: Kernel) -> str:
             if leaf or not val & F.P:
                 st.note(addr, depth, val, eff)
                 continue
-            walk(val & pt.ADDR_MASK, depth + 1, addr, addr, addr + size, eff)
+            walk(val & pt.ADDR_MASK, depth + 1, addr, addr + size, eff)
 
     # The two halves ptdump walks: user space, and the kernel from the end of
     # the guard hole (the hypervisor range is skipped).
-    walk(root, 1, 0, 0, 1 << 47, full)
-    walk(root, 1, pt.canonical(1 << 47), 0xFFFF880000000000, (1 << 64), full)
+    walk(root, 1, 0, 1 << 47, full)
+    walk(root, 1, 0xFFFF880000000000, 1 << 64, full)
     st.note(0, -1, 0, 0)  # flush the last run (ptdump_walk_pgd's final note_page)
     return "\n".join(st.out) + "\n"
 

@@ -14,6 +14,7 @@ from emu.pagetable import PfErr
 from emu.pagetable import PteFlags as F
 from guestkernel import PAGE_OFFSET, Kernel
 from guestkernel.cpa import CpaError, SplitOutcome
+from helpers import counters_match_tables
 
 GiB, MiB = 1 << 30, 1 << 20
 
@@ -32,12 +33,6 @@ def snapshot(k: Kernel):
 def same(a, b) -> bool:
     return a[0] == b[0] and a[1] == b[1] and a[2] == b[2] and all(
         np.array_equal(x, y) for x, y in zip(a[3], b[3]))
-
-
-def counters_match_tables(k: Kernel) -> None:
-    recount = k.pgt.recount_direct_map(k.max_pfn)
-    diff = [c - r for c, r in zip(k.pgt.direct_pages_count, recount)]
-    assert diff == k.boot_overcount, (k.pgt.direct_pages_count, recount)
 
 
 def test_ro_on_one_page_of_a_2m_page_splits_it(k):

@@ -1,0 +1,136 @@
+"""The kernel's users of CPA: vmalloc/vfree with VM_FLUSH_RESET_PERMS, module
+loading, bpf_prog_pack, secretmem, guest_memfd, insn pages; and ptdump."""
+
+from __future__ import annotations
+
+import pytest
+
+from emu import PageFault
+from emu.pagetable import PfErr, PteFlags as F
+from guestkernel import PAGE_OFFSET, Kernel
+from guestkernel.users import GuestMemfd, UsersError
+from guestkernel.vmalloc import VmallocError
+
+from helpers import counters_match_tables
+
+
+@pytest.fixture()
+def k() -> Kernel:
+    return Kernel.boot(ram="4G")
+
+
+def direct_level(k: Kernel, pfn: int) -> int:
+    return k.lookup_address(k.pfn_to_virt(pfn))[1]
+
+
+def test_module_load_sets_permissions_and_splits_the_alias(k):
+    mod = k.modules.load_module("bfs", text=3 * 4096, rodata=4096, ro_after_init=4096, data=4096)
+    base, m = mod.base, k.machine
+    assert base == k.profile.modules_vaddr
+    text_pfns = mod.area.pfns()[:3]
+    # Module text: RO+X; rodata and ro_after_init: RO+NX; data: RW+NX.
+    assert m.translate(base, "x") == text_pfns[0] << 12
+    with pytest.raises(PageFault) as exc:
+        m.translate(base, "w")
+    assert exc.value.error_code == PfErr.P | PfErr.W
+    for page, writable in ((3, False), (4, False), (5, True)):
+        entry, level = k.lookup_address(base + page * 4096)
+        assert level == 1 and bool(entry & F.RW) == writable and entry & F.NX
+    # Direct-map aliases of the RO pages are RO (and never executable) ...
+    for pfn in mod.area.pfns()[:5]:
+        entry, level = k.lookup_address(k.pfn_to_virt(pfn))
+        assert level == 1 and not entry & F.RW and entry & F.NX
+    # ... so each 2M (and 1G) region holding them was split.
+    regions2m = {pfn >> 9 for pfn in mod.area.pfns()[:5]}
+    assert k.vmstat()["direct_map_level2_splits"] == len(regions2m)
+    counters_match_tables(k)
+    # Unload: vfree resets the aliases to RW; the split stays.
+    k.modules.delete_module("bfs")
+    for pfn in text_pfns:
+        entry, level = k.lookup_address(k.pfn_to_virt(pfn))
+        assert level == 1 and entry & F.RW and entry & F.P
+    with pytest.raises(PageFault):
+        m.translate(base, "r")
+    counters_match_tables(k)
+
+
+def test_bpf_prog_pack_does_cpa_once(k):
+    first = k.bpf.load(200)
+    splits = k.vmstat()["direct_map_level2_splits"]
+    pfns = k.vmalloc.find_area(first.pack).pfns()
+    assert len(pfns) == 512
+    progs = [k.bpf.load(120) for _ in range(500)]
+    assert k.vmstat()["direct_map_level2_splits"] == splits     # packed: no new CPA
+    assert {p.pack for p in progs} == {first.pack}
+    assert progs[0].addr == first.addr + 256                     # 64-byte chunks
+    assert k.machine.translate(progs[10].addr, "x")
+    big = k.bpf.load(3 << 20)                                    # larger than a pack
+    assert big.pack is None
+    with pytest.raises(UsersError):
+        k.bpf.free(first.addr + 64)
+
+
+def test_bpf_without_pack_splits_per_program():
+    k = Kernel.boot(ram="4G")
+    k.bpf.use_pack = False
+    for _ in range(8):
+        k.bpf.load(100)
+    assert len(k.vmalloc.areas) == 8
+    counters_match_tables(k)
+
+
+def test_secretmem_pages_leave_the_direct_map(k):
+    before = k.meminfo()["DirectMap4k"]
+    pfns = [k.secretmem.fault() for _ in range(64)]
+    for pfn in pfns:
+        entry, level = k.lookup_address(k.pfn_to_virt(pfn))
+        assert level == 1 and not entry & F.P
+        with pytest.raises(PageFault) as exc:
+            k.machine.translate(k.pfn_to_virt(pfn))
+        assert exc.value.error_code == PfErr(0)
+    grown = k.meminfo()["DirectMap4k"] - before
+    assert grown == 2048 * k.vmstat()["direct_map_level2_splits"] > 0
+    for pfn in pfns:
+        k.secretmem.free(pfn)
+        assert k.machine.translate(k.pfn_to_virt(pfn), "w") == pfn << 12
+    assert k.meminfo()["DirectMap4k"] - before == grown      # unchanged after free
+    with pytest.raises(UsersError):
+        k.secretmem.free(pfns[0])
+
+
+def test_guest_memfd_and_insn_pages(k):
+    gm = GuestMemfd(k)
+    pfns = gm.populate(16)
+    assert all(not k.lookup_address(k.pfn_to_virt(p))[0] & F.P for p in pfns)
+    page = k.alloc_insn_page()
+    entry, level = k.lookup_address(page)
+    assert not entry & F.RW and not entry & F.NX
+    counters_match_tables(k)
+
+
+def test_vmalloc_bad_input(k):
+    with pytest.raises(VmallocError, match="bad size"):
+        k.vmalloc.vmalloc_node_range(0)
+    with pytest.raises(VmallocError, match="not the start"):
+        k.vfree(0xFFFFC90000001000)
+    with pytest.raises(VmallocError, match="no 0x"):
+        k.vmalloc.vmalloc_node_range(8 << 20, start=0xFFFFC90000000000, end=0xFFFFC90000100000)
+    with pytest.raises(UsersError, match="already loaded"):
+        k.modules.load_module("a", 4096)
+        k.modules.load_module("a", 4096)
+
+
+def test_ptdump_format(k):
+    k.modules.load_module("qnx4", text=8192, rodata=4096, data=4096)
+    out = k.ptdump().splitlines()
+    assert out[0] == "---[ User Space ]---"
+    headers = [line for line in out if line.startswith("---[")]
+    assert headers[:4] == ["---[ User Space ]---", "---[ Kernel Space ]---",
+                           "---[ LDT remap ]---", "---[ Low Kernel Mapping ]---"]
+    assert "0xffff888040000000-0xffff888080000000           1G     RW         PSE         NX pud" in out
+    mods = out[out.index("---[ Modules ]---") + 1]
+    assert mods == "0xffffffffc0000000-0xffffffffc0002000           8K     ro                     x  pte"
+    # The sizes of the lines cover the address space without gaps.
+    ranges = [line.split()[0].split("-") for line in out if line.startswith("0x")]
+    for (a0, a1), (b0, _b1) in zip(ranges, ranges[1:]):
+        assert a1 == b0 or int(a1, 16) == 0xFFFF880000000000 and int(b0, 16) == 0xFFFF880000000000
