@@ -56,6 +56,11 @@ STRUCT_PAGE_SIZE = 64
 INIT_PGT_BUF_PAGES = 6
 
 
+_GFP_UNMAPPED = int(G.GFP_UNMAPPED)
+_GFP_ZERO = int(G.GFP_ZERO)
+_NOT_POLICY_GFP = ~int(G.GFP_UNMAPPED | G.GFP_PTE_MAPPED)
+
+
 class KernelError(RuntimeError):
     """A kernel operation that cannot be done as asked; nothing changed."""
 
@@ -78,6 +83,7 @@ class Kernel:
             "nr_tlb_local_flush_all": 0, "nr_tlb_local_flush_one": 0,
         }
         self._unmapped: dict[int, int] = {}   # pfn -> order, allocated with GFP_UNMAPPED
+        self._policy_alloc = self._policy_free = None
 
     # -- boot -------------------------------------------------------------
 
@@ -120,6 +126,9 @@ class Kernel:
         k.system_state = SystemState.RUNNING
         k.boot_overcount = [c - r for c, r in zip(k.pgt.direct_pages_count,
                                                   k.pgt.recount_direct_map(k.max_pfn))]
+        # Call a policy's page hooks only if it overrides them (the hot path).
+        k._policy_alloc = pol.alloc_pages if type(pol).alloc_pages is not Policy.alloc_pages else None
+        k._policy_free = pol.free_pages if type(pol).free_pages is not Policy.free_pages else None
         pol.attach(k)
         return k
 
@@ -253,36 +262,41 @@ class Kernel:
     def alloc_pages(self, gfp: int, order: int = 0) -> int:
         """Allocate 2^order pages; returns the first PFN.
 
-        The policy sees the request first; what it declines comes from the
-        buddy allocator. ``GFP_UNMAPPED`` pages leave the direct map (and
-        come back at free); ``GFP_ZERO`` pages are zeroed."""
+        The policy sees the request first (when it overrides the hook); what
+        it declines comes from the buddy allocator. ``GFP_UNMAPPED`` pages
+        leave the direct map (and come back at free); ``GFP_ZERO`` pages are
+        zeroed."""
         gfp = int(gfp)
-        if not isinstance(order, int) or not 0 <= order <= 10:
+        if order.__class__ is not int or not 0 <= order <= 10:
             raise AllocationError(f"order must be 0..10, not {order!r}")
-        pfn = self.policy.alloc_pages(self, gfp, order)
+        pfn = self._policy_alloc(self, gfp, order) if self._policy_alloc else None
         if pfn is None:
+            buddy_gfp = gfp & _NOT_POLICY_GFP
             try:
-                pfn = self.buddy.alloc_pages(gfp & ~int(G.GFP_UNMAPPED | G.GFP_PTE_MAPPED), order)
+                pfn = self.buddy.alloc_pages(buddy_gfp, order)
             except AllocationError:
                 if not self.policy.shrink(self, 1 << order):
                     raise
-                pfn = self.buddy.alloc_pages(gfp & ~int(G.GFP_UNMAPPED | G.GFP_PTE_MAPPED), order)
-            if gfp & G.GFP_UNMAPPED:
+                pfn = self.buddy.alloc_pages(buddy_gfp, order)
+            if gfp & _GFP_UNMAPPED:
                 for i in range(1 << order):
                     self.set_direct_map_invalid_noflush(pfn + i)
                 self.flush_tlb_kernel_range(self.pfn_to_virt(pfn), self.pfn_to_virt(pfn + (1 << order)))
                 self._unmapped[pfn] = order
-        if gfp & G.GFP_ZERO:
+        if gfp & _GFP_ZERO:
             pa = pfn * PAGE_SIZE
             self.machine.ram[pa: pa + (PAGE_SIZE << order)] = 0
         return pfn
 
     def free_pages(self, pfn: int, order: int = 0) -> None:
-        if self.policy.free_pages(self, pfn, order):
+        if self._policy_free and self._policy_free(self, pfn, order):
             return
-        unmapped = self._unmapped.get(pfn)
-        if unmapped is not None and unmapped != order:
-            raise KernelError(f"free_pages({pfn:#x}, {order}): allocated with order {unmapped}")
+        if self._unmapped:
+            unmapped = self._unmapped.get(pfn)
+            if unmapped is not None and unmapped != order:
+                raise KernelError(f"free_pages({pfn:#x}, {order}): allocated with order {unmapped}")
+        else:
+            unmapped = None
         self.buddy.free_pages(pfn, order)   # raises on a bad free, before any change below
         if unmapped is not None:
             del self._unmapped[pfn]

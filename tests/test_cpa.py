@@ -8,13 +8,13 @@ import random
 
 import numpy as np
 import pytest
+from helpers import counters_match_tables
 
 from emu import PageFault, RunStatus
 from emu.pagetable import PfErr
 from emu.pagetable import PteFlags as F
 from guestkernel import PAGE_OFFSET, Kernel
 from guestkernel.cpa import CpaError, SplitOutcome
-from helpers import counters_match_tables
 
 GiB, MiB = 1 << 30, 1 << 20
 

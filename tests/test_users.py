@@ -4,14 +4,14 @@ loading, bpf_prog_pack, secretmem, guest_memfd, insn pages; and ptdump."""
 from __future__ import annotations
 
 import pytest
+from helpers import counters_match_tables
 
 from emu import PageFault
-from emu.pagetable import PfErr, PteFlags as F
-from guestkernel import PAGE_OFFSET, Kernel
+from emu.pagetable import PfErr
+from emu.pagetable import PteFlags as F
+from guestkernel import Kernel
 from guestkernel.users import GuestMemfd, UsersError
 from guestkernel.vmalloc import VmallocError
-
-from helpers import counters_match_tables
 
 
 @pytest.fixture()
