@@ -141,11 +141,14 @@ class Cpa:
         checkalias = (cpa.mask_set | cpa.mask_clr) != int(F.NX)
         if flags & CpaFlags.NO_CHECK_ALIAS:
             checkalias = False
+        self.k.shadow.apply(cpa, checkalias)
         self.k.policy.cpa_before(self.k, cpa)
         self._change_page_attr_set_clr(cpa, checkalias)
         if cpa.flags & CpaFlags.FLUSHTLB:
             self.cpa_flush(cpa)
         self.k.policy.cpa_after(self.k, cpa)
+        if self.k.debug_vm:
+            self.k._debug_vm()
         return cpa
 
     def _check_request(self, addrs: list[int], numpages: int, flags: CpaFlags) -> None:

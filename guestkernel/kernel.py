@@ -44,6 +44,7 @@ from .memory_mapping import init_mem_mapping
 from .page_alloc import AllocationError, BuddyAllocator, ZoneType
 from .pgtable import PG_LEVEL_1G, PG_LEVEL_2M, PG_LEVEL_4K, KernelPageTables
 from .policy import Policy, get_policy
+from .shadow import Shadow
 from .users import BpfJit, ModuleLoader, Secretmem
 from .vmalloc import Vmalloc, VmFlags
 
@@ -84,6 +85,11 @@ class Kernel:
         }
         self._unmapped: dict[int, int] = {}   # pfn -> order, allocated with GFP_UNMAPPED
         self._policy_alloc = self._policy_free = None
+        self._validator_code: int | None = None
+        self._validator_out = 0
+        self.validation_generation = 0
+        self._in_debug_vm = False
+        self.debug_vm = False
 
     # -- boot -------------------------------------------------------------
 
@@ -126,6 +132,7 @@ class Kernel:
         k.system_state = SystemState.RUNNING
         k.boot_overcount = [c - r for c, r in zip(k.pgt.direct_pages_count,
                                                   k.pgt.recount_direct_map(k.max_pfn))]
+        k.boot_direct_pages_count = list(k.pgt.direct_pages_count)
         # Call a policy's page hooks only if it overrides them (the hot path).
         k._policy_alloc = pol.alloc_pages if type(pol).alloc_pages is not Policy.alloc_pages else None
         k._policy_free = pol.free_pages if type(pol).free_pages is not Policy.free_pages else None
@@ -150,6 +157,7 @@ class Kernel:
 
     def _boot_page_tables(self) -> None:
         img = self.profile.image
+        self.shadow = Shadow(self)
         self._pgt_buf = [self._image_page(3 + i) for i in range(INIT_PGT_BUF_PAGES)]
         self.max_pfn_mapped = 0
         self._mapped_lo = self._mapped_hi = 0
@@ -173,6 +181,7 @@ class Kernel:
         for va in range(lo, hi, PMD_SIZE):
             pa = va - START_KERNEL_MAP
             self.pgt.set(self.pgt.slot(pmd, pt.table_index(va, 2)), pa | kp.PAGE_KERNEL_LARGE_EXEC)
+        self.shadow.map_image(lo, hi, kp.PAGE_KERNEL_EXEC)
         # The direct map (init_mem_mapping), top block found by memblock.
         end = self.max_pfn * PAGE_SIZE
         top = self.memblock.phys_alloc_range(PMD_SIZE, PMD_SIZE, 1 << 20, end, "probe")
@@ -185,6 +194,7 @@ class Kernel:
                 mask = {PAGE_SIZE: 0, PMD_SIZE: 1 << PG_LEVEL_2M,
                         1 << 30: (1 << PG_LEVEL_2M) | (1 << PG_LEVEL_1G)}[r.page_size]
                 self.pgt.kernel_physical_mapping_init(r.start, r.end, mask, self.e820)
+                self.shadow.map_direct(r.start >> 12, r.end >> 12, self.pgt.prot.PAGE_KERNEL)
             self._add_pfn_range_mapped(call[0].start, call[-1].end)
         self.max_pfn_mapped = self.max_pfn
         self.machine.cr3 = root
@@ -286,6 +296,8 @@ class Kernel:
         if gfp & _GFP_ZERO:
             pa = pfn * PAGE_SIZE
             self.machine.ram[pa: pa + (PAGE_SIZE << order)] = 0
+        if self.debug_vm:
+            self._debug_vm()
         return pfn
 
     def free_pages(self, pfn: int, order: int = 0) -> None:
@@ -302,6 +314,8 @@ class Kernel:
             del self._unmapped[pfn]
             for i in range(1 << order):
                 self.set_direct_map_default_noflush(pfn + i)
+        if self.debug_vm:
+            self._debug_vm()
 
     def alloc_pgtable_page(self, why: str = "page table") -> int:
         """An order-0 page for a kernel page table (after boot: the buddy
@@ -396,9 +410,12 @@ class Kernel:
         va = self.pfn_to_virt(pfn)
         cpa = CpaData([va], 1, set_, clr)
         self.cpa._check_request([va], 1, CpaFlags(0))
+        self.shadow.apply(cpa, False)
         self.policy.cpa_before(self, cpa)
         self.cpa._change_page_attr_set_clr(cpa, False)
         self.policy.cpa_after(self, cpa)
+        if self.debug_vm:
+            self._debug_vm()
         return cpa
 
     # -- kernel users of CPA (see users.py) --------------------------------
@@ -459,6 +476,34 @@ class Kernel:
         out = dict(self.vmstat_counters)
         out["nr_free_pages"] = self.buddy.nr_free()
         return out
+
+    # -- validation (validate.py) ----------------------------------------
+
+    def validate(self, mode: str = "full", **kw) -> dict[str, int]:
+        """Check the model against the CPU; raises ValidationError (see validate.py)."""
+        from .validate import validate
+        return validate(self, mode, **kw)
+
+    def validator_code_page(self) -> int:
+        """An executable page in the module area for the validator's probes."""
+        if self._validator_code is None:
+            self._validator_code = self.alloc_insn_page()
+            self._validator_out = self.alloc_pages(int(G.GFP_KERNEL), 0)
+        return self._validator_code
+
+    @property
+    def validator_out_pfn(self) -> int:
+        self.validator_code_page()
+        return self._validator_out
+
+    def _debug_vm(self) -> None:
+        """CONFIG_DEBUG_VM: a sample validation after every operation."""
+        if self.debug_vm and not self._in_debug_vm and self.system_state is SystemState.RUNNING:
+            self._in_debug_vm = True
+            try:
+                self.validate("sample", sample=256, execution=False)
+            finally:
+                self._in_debug_vm = False
 
     def ptdump(self) -> str:
         """The kernel page tables as debugfs ``page_tables/kernel`` prints them."""

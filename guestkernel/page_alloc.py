@@ -16,8 +16,9 @@ Representation (no Python object per page):
   ``kind | order`` with kind ``_PG_BUDDY`` (head of a free block: PageBuddy),
   ``_PG_ALLOC`` / ``_PG_ALLOC_MOVABLE`` (head of an allocated block, the latter
   standing in for PageLRU/__PageMovable), ``_PG_PCP`` (head of a block on a
-  pcp list). A numpy array (calloc'ed, so untouched parts cost no memory)
-  read through a memoryview, which indexes as fast as a bytearray.
+  pcp list). A numpy array read through a memoryview, which indexes as fast
+  as a bytearray; it is calloc'ed, so holes cost no memory and RAM one byte a
+  page (268 MB for 1 TiB).
 - ``_pageblock_mt``: one byte per 2 MiB pageblock (``get_pfnblock_migratetype``).
 - free lists: one ``OrderedDict {pfn: None}`` per (zone, order, migratetype):
   its *last* entry is the kernel list's head, so ``add_to_free_list`` is an
@@ -58,7 +59,8 @@ Where Linux 6.1 is more detailed than the model (choices made):
   is the raw setter).
 - ``min_free_kbytes`` and the watermarks are recomputed from scratch after
   every ``free_range`` (as ``init_per_zone_wmark_min`` does once at boot,
-  ``nr_free_buffer_pages`` = managed pages); ``page_group_by_mobility_disabled``
+  ``nr_free_buffer_pages`` = managed pages; khugepaged's raise of
+  ``min_free_kbytes`` is not modelled); ``page_group_by_mobility_disabled``
   is decided at construction from the zones' spans (``build_all_zonelists``).
 - Migratetypes registered by policies (``register_migratetype``) are not
   mergeable across pageblocks and have no pcp lists: their pages are freed
@@ -167,13 +169,20 @@ _FALLBACKS: tuple[tuple[int, ...], ...] = (
 
 
 class AllocationError(Exception):
-    """``alloc_pages`` found no page (the kernel returns NULL). Nothing changed."""
+    """``alloc_pages`` found no page (the kernel returns NULL). Nothing changed.
 
-    def __init__(self, gfp: int, order: int, reason: str) -> None:
+    Raised as ``AllocationError(gfp, order, reason)``; callers above the buddy
+    may also raise it with a message alone (``gfp`` and ``order`` are then None)."""
+
+    def __init__(self, gfp: int | str, order: int | None = None, reason: str = "") -> None:
+        if isinstance(gfp, str) and order is None:
+            self.gfp, self.order, self.reason = None, None, gfp
+            super().__init__(gfp)
+            return
         self.gfp = gfp
         self.order = order
         self.reason = reason
-        super().__init__(f"page allocation failure: order:{order}, mode:{gfp!r}: {reason}")
+        super().__init__(f"page allocation failure: order:{order}, mode:{int(gfp):#x}: {reason}")
 
 
 class BadFreeError(ValueError):
@@ -882,16 +891,21 @@ class BuddyAllocator:
         old = self._pageblock_mt[i]
         if old != mt:
             if old == ISOLATE or mt == ISOLATE:
-                self._pageblock_zone(pfn).nr_isolate_pageblock += 1 if mt == ISOLATE else -1
+                self._pageblock_zone(i).nr_isolate_pageblock += 1 if mt == ISOLATE else -1
             self._pageblock_mt[i] = mt
 
-    def _pageblock_zone(self, pfn: int) -> Zone:
-        """The zone a pageblock's counters belong to: that of its first pfn, or
-        (for a pageblock starting in no zone) that of ``pfn``."""
-        try:
-            return self.page_zone(pfn & ~(PAGEBLOCK_NR_PAGES - 1))
-        except ValueError:
-            return self.page_zone(pfn)
+    def _pageblock_zone(self, pageblock: int) -> Zone:
+        """The zone a pageblock's counters belong to: the zone of its first pfn,
+        else the lowest zone overlapping it."""
+        start = pageblock << PAGEBLOCK_ORDER
+        end = start + PAGEBLOCK_NR_PAGES
+        for zone in self.zones:
+            if zone.zone_spans_pfn(start):
+                return zone
+        for zone in self.zones:
+            if zone.start_pfn < end and start < zone.end_pfn:
+                return zone
+        raise ValueError(f"pageblock at {start:#x} overlaps no zone")
 
     def move_freepages_block(self, pfn: int, new_mt: int) -> int:
         """``move_freepages_block``: move every free block of ``pfn``'s
@@ -919,11 +933,14 @@ class BuddyAllocator:
         if st[p] == 0:
             block = self._find_block(p)
             if block is not None and block[0] < p:
-                # The pageblock is the upper half of a MAX_ORDER-1 block: its
-                # head lies outside, no PageBuddy page inside.
-                if block[2] == _PG_ALLOC_MOVABLE:
-                    movable = end + 1 - p
-                return 0, movable
+                # [start, ...) begins inside a block (the upper half of a
+                # MAX_ORDER-1 block, or a zone boundary): its head is outside,
+                # so nothing of it moves; skip its pages.
+                head, order, kind = block
+                n = min(head + (1 << order), end + 1) - p
+                if kind == _PG_ALLOC_MOVABLE:
+                    movable += n
+                p += n
         while p <= end:
             v = st[p]
             kind = v & _KIND_MASK
@@ -1333,10 +1350,11 @@ class BuddyAllocator:
         if self.page_group_by_mobility_disabled and np.isin(pb, (MOVABLE, RECLAIMABLE)).any():
             fail("pageblock migratetypes", "MOVABLE/RECLAIMABLE pageblock with grouping by "
                  "mobility disabled")
+        n_iso = dict.fromkeys((z.type for z in self.zones), 0)
+        for i in np.flatnonzero(pb == ISOLATE).tolist():
+            n_iso[self._pageblock_zone(i).type] += 1
         for zone in self.zones:
-            first = -(-zone.start_pfn // PAGEBLOCK_NR_PAGES)
-            last = -(-zone.end_pfn // PAGEBLOCK_NR_PAGES)
-            n_iso = int((pb[first:last] == ISOLATE).sum())
-            if zone.start_pfn % PAGEBLOCK_NR_PAGES == 0 and n_iso != zone.nr_isolate_pageblock:
+            if n_iso[zone.type] != zone.nr_isolate_pageblock:
+                n_iso = n_iso[zone.type]
                 fail("pageblock migratetypes", f"zone {zone.name} counts "
                      f"{zone.nr_isolate_pageblock} isolated pageblocks, has {n_iso}")

@@ -112,6 +112,7 @@ class Vmalloc:
         bisect.insort(self._busy, (addr, addr + size + PAGE_SIZE))
         self.areas[addr] = area
         self._map(area, prot)
+        self.k.shadow.map_vmalloc(addr, area.pfns(), prot)
         return area
 
     def _map(self, area: VmStruct, prot: int) -> None:
@@ -166,6 +167,7 @@ class Vmalloc:
             for pfn in pfns:
                 k.set_direct_map_default_noflush(pfn)
         self._unmap(area)
+        k.shadow.unmap_vmalloc(area.addr, area.size // PAGE_SIZE)
         k.flush_tlb_kernel_range(area.addr, area.addr + area.size)
         for p in area.pages:
             k.free_pages(p, area.page_order)

@@ -1,0 +1,164 @@
+"""What every kernel mapping *should* be, kept apart from the page tables.
+
+The validator needs an expectation that does not come from the tables it
+checks. :class:`Shadow` records, per page, the attributes that the CPA
+*requests* asked for (``mask_set``/``mask_clr`` applied to each page of the
+range and of its aliases, with the kernel's static protections), and the
+frames that vmalloc and the image mapping put behind each virtual page. It
+never looks at how the tables implement them (1G, 2M or 4K leaves, split or
+merged), so a policy or CPA bug that changes what a page maps to or allows
+shows up as a difference.
+
+Direct map: one ``uint8`` per PFN (numpy). vmalloc/module pages and the
+kernel image: dicts keyed by virtual page (their sizes are not set by RAM).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from emu.pagetable import PteFlags as F
+
+from .layout import PAGE_OFFSET, PAGE_SIZE
+
+if TYPE_CHECKING:
+    from .cpa import CpaData
+    from .kernel import Kernel
+
+__all__ = ["Shadow", "S_P", "S_RW", "S_NX", "S_MAPPED"]
+
+S_P, S_RW, S_NX, S_PWT, S_PCD, S_PAT, S_MAPPED = 1, 2, 4, 8, 16, 32, 64
+_ATTR = S_P | S_RW | S_NX | S_PWT | S_PCD | S_PAT
+
+
+def to_shadow(prot: int) -> int:
+    """Entry flags (4K format) -> shadow bits."""
+    out = 0
+    if prot & F.P:
+        out |= S_P
+    if prot & F.RW:
+        out |= S_RW
+    if prot & F.NX:
+        out |= S_NX
+    if prot & F.PWT:
+        out |= S_PWT
+    if prot & F.PCD:
+        out |= S_PCD
+    if prot & F.PAT:
+        out |= S_PAT
+    return out
+
+
+def _masks(cpa_set: int, cpa_clr: int) -> tuple[int, int]:
+    return to_shadow(cpa_set), to_shadow(cpa_clr)
+
+
+class Shadow:
+    def __init__(self, kernel: "Kernel"):
+        self.k = kernel
+        self.direct = np.zeros(kernel.max_pfn, dtype=np.uint8)
+        self.vmap: dict[int, tuple[int, int]] = {}      # va page -> (pfn, bits)
+        self.image: dict[int, int] = {}                  # high-map va page -> bits
+        self.touched: set[int] = set()                   # direct-map pfns changed since validation
+        self.touched_va: set[int] = set()
+
+    # -- boot ---------------------------------------------------------------
+
+    def map_direct(self, start_pfn: int, end_pfn: int, prot: int) -> None:
+        self.direct[start_pfn:end_pfn] = S_MAPPED | to_shadow(prot)
+
+    def map_image(self, start: int, end: int, prot: int) -> None:
+        bits = to_shadow(prot) | S_MAPPED
+        for va in range(start, end, PAGE_SIZE):
+            self.image[va] = bits
+
+    # -- vmalloc ------------------------------------------------------------
+
+    def map_vmalloc(self, va: int, pfns: list[int], prot: int) -> None:
+        bits = to_shadow(prot) | S_MAPPED
+        for i, pfn in enumerate(pfns):
+            self.vmap[va + i * PAGE_SIZE] = (pfn, bits)
+            self.touched_va.add(va + i * PAGE_SIZE)
+
+    def unmap_vmalloc(self, va: int, npages: int) -> None:
+        for i in range(npages):
+            self.vmap.pop(va + i * PAGE_SIZE, None)
+
+    # -- CPA requests -------------------------------------------------------
+
+    def apply(self, cpa: "CpaData", checkalias: bool) -> None:
+        """Record what the request asks of every page it names and of the
+        aliases the kernel changes with it (set_memory.c's alias rules)."""
+        k = self.k
+        sset, sclr = _masks(cpa.mask_set, cpa.mask_clr)
+        img = k.profile.image
+        for i in range(cpa.numpages):
+            va = cpa.addr(i)
+            pfn = self._apply_one(va, sset, sclr)
+            if not checkalias or pfn is None:
+                continue
+            in_direct = PAGE_OFFSET <= va < PAGE_OFFSET + k.max_pfn_mapped * PAGE_SIZE
+            if not in_direct and 0 <= pfn < k.max_pfn_mapped:
+                aclr = sclr & ~S_NX if k.profile.alias_masks_nx else sclr
+                self._apply_one(PAGE_OFFSET + pfn * PAGE_SIZE, sset, aclr)
+            in_image = img.text <= va < img.brk_end
+            hlo, hhi = img.pa(img.text) >> 12, img.pa(img.brk_end) >> 12
+            if not in_image and hlo <= pfn < hhi:
+                self._apply_one(img.text + (pfn << 12) - img.phys_start, sset, sclr)
+
+    def _apply_one(self, va: int, sset: int, sclr: int) -> int | None:
+        """Apply to one virtual page; returns its PFN (None if unmapped)."""
+        k = self.k
+        if PAGE_OFFSET <= va < PAGE_OFFSET + k.max_pfn * PAGE_SIZE:
+            pfn = (va - PAGE_OFFSET) >> 12
+            old = int(self.direct[pfn])
+            if not old & S_MAPPED:
+                return None
+            new = self._static((old & ~sclr) | sset, va, pfn)
+            self.direct[pfn] = new | S_MAPPED
+            self.touched.add(pfn)
+            return pfn
+        if va in self.vmap:
+            pfn, old = self.vmap[va]
+            self.vmap[va] = (pfn, self._static((old & ~sclr) | sset, va, pfn) | S_MAPPED)
+            self.touched_va.add(va)
+            return pfn
+        if va in self.image:
+            img = k.profile.image
+            pfn = (va - img.text + img.phys_start) >> 12
+            self.image[va] = self._static((self.image[va] & ~sclr) | sset, va, pfn) | S_MAPPED
+            self.touched_va.add(va)
+            return pfn
+        return None
+
+    def _static(self, bits: int, va: int, pfn: int) -> int:
+        """static_protections at page granularity: rodata RO by PFN once the
+        kernel is read-only; kernel text never NX."""
+        if not bits & S_P:
+            return bits & _ATTR
+        k = self.k
+        img = k.profile.image
+        if k.cpa.kernel_set_to_readonly:
+            lo, hi = img.pa(img.start_rodata) >> 12, img.pa(img.end_rodata) >> 12
+            if lo <= pfn < hi:
+                bits &= ~S_RW
+        if img.text <= va < img.etext:
+            bits &= ~S_NX
+        return bits & _ATTR
+
+    def expected(self, va: int) -> tuple[int, int] | None:
+        """(pfn, bits) the model expects at ``va``, or None if unmapped."""
+        k = self.k
+        if PAGE_OFFSET <= va < PAGE_OFFSET + k.max_pfn * PAGE_SIZE:
+            pfn = (va - PAGE_OFFSET) >> 12
+            bits = int(self.direct[pfn])
+            return (pfn, bits) if bits & S_MAPPED else None
+        page = va & ~(PAGE_SIZE - 1)
+        if page in self.vmap:
+            return self.vmap[page]
+        if page in self.image:
+            img = k.profile.image
+            return (page - img.text + img.phys_start) >> 12, self.image[page]
+        return None
