@@ -148,6 +148,7 @@ def test_adjacent_free_ranges_merge() -> None:
 
 
 def test_tiny_machines_disable_grouping_by_mobility() -> None:
+    # build_all_zonelists: page_group_by_mobility_disabled below 5 pageblocks.
     b = BuddyAllocator(2048)        # < pageblock_nr_pages * MIGRATE_TYPES pages
     b.free_range(0, 2048)
     assert b.page_group_by_mobility_disabled
@@ -155,6 +156,8 @@ def test_tiny_machines_disable_grouping_by_mobility() -> None:
     assert b.nr_free(mt=UNMOVABLE) == 2048
     pfn = b.alloc_pages(GFP_HIGHUSER_MOVABLE, 0)   # gfp_migratetype: UNMOVABLE
     assert b.nr_free(mt=MOVABLE) == 0 and b.allocated_order(pfn) == 0
+    b.set_pageblock_migratetype(512, MOVABLE)      # set_pageblock_migratetype forces it
+    assert b.get_pageblock_migratetype(512) == UNMOVABLE
     b.check()
 
 
@@ -245,6 +248,7 @@ def test_gfp_kernel_falls_back_to_dma32_then_stops_at_the_watermarks() -> None:
     assert dma.free_pages >= dma.wmark_min + dma.lowmem_reserve[NORMAL] > 0
     e = err.value
     assert e.gfp == GFP_KERNEL and e.order == 4 and "Normal" in e.reason
+    assert str(e).startswith(f"page allocation failure: order:4, mode:{int(GFP_KERNEL):#x}: ")
 
     before = snapshot(b)
     with pytest.raises(AllocationError):
@@ -352,6 +356,47 @@ def test_movable_fallback_without_steal_splits_the_smallest_block() -> None:
     b.check()
 
 
+def test_movable_steal_counts_movable_pages_as_alike() -> None:
+    b = one_zone(4096, ZoneType.DMA32)
+    parked = b.register_migratetype("PARKED")       # keeps the watermarks met
+    for pfn in range(1024, 4096, PAGEBLOCK_NR_PAGES):
+        b.set_pageblock_migratetype(pfn, parked)
+        b.move_freepages_block(pfn, parked)
+    assert b.alloc_pages(GFP_KERNEL, 8) == 0          # claims pageblocks 0 and 1
+    assert b.get_pageblock_migratetype(512) == UNMOVABLE
+    assert b.alloc_pages(GFP_KERNEL, 9) == 512
+    b.set_pageblock_migratetype(0, MOVABLE)
+    b.move_freepages_block(0, MOVABLE)
+    assert [b.alloc_pages(GFP_HIGHUSER_MOVABLE, 7) for _ in range(2)] == [256, 384]
+    b.free_pages(0, 8)                                # to the MOVABLE list
+    b.set_pageblock_migratetype(0, UNMOVABLE)
+    assert b.move_freepages_block(0, UNMOVABLE) == 256
+    # MOVABLE order-4 request, nothing MOVABLE free: the order-8 UNMOVABLE
+    # block may be stolen (order >= pageblock_order/2); free (256) plus
+    # movable pages (256) make the whole block: it becomes MOVABLE again.
+    assert b.alloc_pages(GFP_HIGHUSER_MOVABLE, 4) == 0
+    assert b.get_pageblock_migratetype(0) == MOVABLE
+    assert b.nr_free(mt=UNMOVABLE) == 0 and b.nr_free(mt=MOVABLE) == 240
+    b.check()
+
+
+def test_zone_boundary_inside_a_pageblock() -> None:
+    b = BuddyAllocator(2048, {DMA: (0, 768), DMA32: (768, 2048)},
+                       page_group_by_mobility_disabled=False)
+    b.free_range(0, 2048)
+    # __free_pages_memory: 512/o8 ends DMA; DMA32 starts with 768/o8.
+    assert b.free_list(DMA, 8, MOVABLE) == [512] and b.free_list(DMA32, 8, MOVABLE) == [768]
+    # Pageblock [512, 1024) crosses the boundary: move_freepages_block does
+    # nothing from DMA (its end is outside), and from DMA32 scans [pfn, 1024)
+    # only, so a free block whose head lies before pfn stays put.
+    assert b.move_freepages_block(600, UNMOVABLE) == 0
+    assert b.move_freepages_block(800, UNMOVABLE) == 0
+    assert b.move_freepages_block(768, UNMOVABLE) == 256
+    assert b.free_list(DMA32, 8, UNMOVABLE) == [768]
+    # The two free order-8 buddies 512 and 768 never merge across zones.
+    b.check()
+
+
 def test_high_order_atomic_allocation_reserves_a_pageblock() -> None:
     b = one_zone(4096, ZoneType.DMA32)
     zone = b.zones[0]
@@ -364,7 +409,22 @@ def test_high_order_atomic_allocation_reserves_a_pageblock() -> None:
     pfn = b.alloc_pages(GFP_ATOMIC, 1)     # slow path, ALLOC_HARDER
     assert b.get_pageblock_migratetype(pfn) == HIGHATOMIC
     assert zone.nr_reserved_highatomic == PAGEBLOCK_NR_PAGES
-    assert b.nr_free(mt=HIGHATOMIC) > 0
+    reserved_free = b.nr_free(mt=HIGHATOMIC)
+    assert reserved_free > 0
+    # Ordinary requests no longer see the reserve (__zone_watermark_unusable_free).
+    with pytest.raises(AllocationError):
+        b.alloc_pages(GFP_NOWAIT, 4)
+    # A high-order atomic request is served from it first (rmqueue_buddy).
+    p4 = b.alloc_pages(GFP_ATOMIC, 4)
+    assert b.get_pageblock_migratetype(p4) == HIGHATOMIC
+    assert b.nr_free(mt=HIGHATOMIC) == reserved_free - 16
+    # free_unref_page puts a HIGHATOMIC page on the MOVABLE pcp list; the
+    # drain returns it to the HIGHATOMIC free list it came from.
+    b.free_pages(pfn, 1)
+    assert b.pcp_list(DMA32, MOVABLE, 1) == [pfn]
+    b.drain_pages()
+    b.free_pages(p4, 4)
+    assert b.nr_free(mt=HIGHATOMIC) == reserved_free + 2
     b.check()
     assert b.unreserve_highatomic_pageblock(GFP_KERNEL, force=True)
     assert zone.nr_reserved_highatomic == 0 and b.nr_free(mt=HIGHATOMIC) == 0
@@ -387,6 +447,40 @@ def test_pcp_drains_a_batch_when_over_high() -> None:
     b.drain_pages()
     assert b.nr_pcp_pages() == 0 and b.nr_free() == 1 << 16
     assert b.nr_free(order=10) == 1 << 16     # everything merged back
+    b.check()
+
+
+def test_pcp_drain_batches_double_and_high_order_frees_drain_all() -> None:
+    """nr_pcp_free: while frees go on without allocations, each drain is twice
+    the last; then an order-1..3 free drains the whole pcp (free_high)."""
+    b = one_zone(1 << 18, ZoneType.DMA32)
+    pcp = b.zones[0].pcp
+    assert (pcp.batch, pcp.high) == (63, b.zones[0].wmark_low) == (63, 1286)
+    p1 = b.alloc_pages(GFP_HIGHUSER_MOVABLE, 1)
+    pfns = [b.alloc_pages(GFP_KERNEL, 0) for _ in range(pcp.high + 400)]
+    counts = []
+    for p in pfns:
+        before = pcp.count
+        b.free_pages(p, 0)
+        if pcp.count < before:
+            counts.append(before + 1 - pcp.count)
+    assert counts[:3] == [63, 126, 252] and pcp.free_factor > 0
+    assert pcp.count > 0 and b.pcp_list(DMA32, MOVABLE, 1) != []   # refill leftovers
+    b.free_pages(p1, 1)              # round robin from the order-1 list, wrapping
+    assert pcp.count == 0 and b.nr_free() == 1 << 18
+    b.check()
+
+
+def test_pcp_drain_follows_a_pageblock_isolated_meanwhile() -> None:
+    b = one_zone(1024)
+    p = b.alloc_pages(GFP_HIGHUSER_MOVABLE, 0)
+    b.free_pages(p, 0)                           # on the MOVABLE pcp list
+    b.set_pageblock_migratetype(p, ISOLATE)
+    b.drain_pages()
+    # free_pcppages_bulk re-reads the pageblock when some are isolated; the
+    # merge stops at pageblock order against the MOVABLE neighbour.
+    assert b.free_list(NORMAL, 9, ISOLATE) == [0]
+    assert b.free_list(NORMAL, 9, MOVABLE) == [512]
     b.check()
 
 
@@ -541,11 +635,13 @@ class BuddyMachine(RuleBasedStateMachine):
 
     @initialize(pcp_high_orders=st.booleans())
     def boot(self, pcp_high_orders: bool) -> None:
-        self.b = BuddyAllocator(8192, {DMA: (0, 1024), DMA32: (1024, 4096),
+        # DMA/DMA32 meet inside a pageblock: merging and move_freepages_block
+        # stop at the zone boundary.
+        self.b = BuddyAllocator(8192, {DMA: (0, 1000), DMA32: (1000, 4096),
                                        NORMAL: (4096, 8192)}, pcp_high_orders=pcp_high_orders)
-        for s, e in ((1, 1000), (1024, 6000), (6100, 8192)):
+        for s, e in ((1, 990), (1000, 6000), (6100, 8192)):
             self.b.free_range(s, e)
-        self.managed = 999 + 4976 + 2092
+        self.managed = 989 + 5000 + 2092
         self.allocated: dict[int, int] = {}
 
     def _alloc(self, gfp: int, order: int) -> None:
@@ -600,7 +696,7 @@ class BuddyMachine(RuleBasedStateMachine):
         self.b.drain_pages()
         assert self.b.nr_pcp_pages() == 0
 
-    @rule(pfn=st.integers(1024, 8191), mt=st.sampled_from([UNMOVABLE, MOVABLE, RECLAIMABLE,
+    @rule(pfn=st.integers(0, 8191), mt=st.sampled_from([UNMOVABLE, MOVABLE, RECLAIMABLE,
                                                            ISOLATE]))
     def change_pageblock(self, pfn: int, mt: int) -> None:
         self.b.set_pageblock_migratetype(pfn, mt)
