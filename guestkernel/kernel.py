@@ -133,6 +133,8 @@ class Kernel:
         k.boot_overcount = [c - r for c, r in zip(k.pgt.direct_pages_count,
                                                   k.pgt.recount_direct_map(k.max_pfn))]
         k.boot_direct_pages_count = list(k.pgt.direct_pages_count)
+        k.shadow.touched.clear()
+        k.shadow.touched_va.clear()
         # Call a policy's page hooks only if it overrides them (the hot path).
         k._policy_alloc = pol.alloc_pages if type(pol).alloc_pages is not Policy.alloc_pages else None
         k._policy_free = pol.free_pages if type(pol).free_pages is not Policy.free_pages else None

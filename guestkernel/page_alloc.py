@@ -1180,6 +1180,13 @@ class BuddyAllocator:
         block = self._find_block(pfn)
         return block is not None and block[2] == _PG_BUDDY
 
+    def in_pcp(self, pfn: int) -> bool:
+        """Whether ``pfn`` heads a block sitting on a per-cpu list (freed by
+        its user, not yet back in the buddy)."""
+        if not 0 <= pfn < self.max_pfn:
+            raise ValueError(f"pfn {pfn:#x} out of range")
+        return self._state[pfn] & _KIND_MASK == _PG_PCP
+
     def allocated_order(self, pfn: int) -> int | None:
         """The order of the allocated block headed by ``pfn``, else None."""
         if not 0 <= pfn < self.max_pfn:

@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from .cpa import CpaData
     from .kernel import Kernel
 
-__all__ = ["Shadow", "S_P", "S_RW", "S_NX", "S_MAPPED"]
+__all__ = ["S_MAPPED", "S_NX", "S_P", "S_RW", "Shadow"]
 
 S_P, S_RW, S_NX, S_PWT, S_PCD, S_PAT, S_MAPPED = 1, 2, 4, 8, 16, 32, 64
 _ATTR = S_P | S_RW | S_NX | S_PWT | S_PCD | S_PAT
@@ -56,13 +56,15 @@ def _masks(cpa_set: int, cpa_clr: int) -> tuple[int, int]:
 
 
 class Shadow:
-    def __init__(self, kernel: "Kernel"):
+    def __init__(self, kernel: Kernel):
         self.k = kernel
         self.direct = np.zeros(kernel.max_pfn, dtype=np.uint8)
         self.vmap: dict[int, tuple[int, int]] = {}      # va page -> (pfn, bits)
         self.image: dict[int, int] = {}                  # high-map va page -> bits
-        self.touched: set[int] = set()                   # direct-map pfns changed since validation
-        self.touched_va: set[int] = set()
+        # Pages changed since the last validation, oldest first (dicts keep
+        # insertion order; a re-touched page moves to the end).
+        self.touched: dict[int, None] = {}               # direct-map pfns
+        self.touched_va: dict[int, None] = {}            # vmalloc/image pages
 
     # -- boot ---------------------------------------------------------------
 
@@ -80,15 +82,19 @@ class Shadow:
         bits = to_shadow(prot) | S_MAPPED
         for i, pfn in enumerate(pfns):
             self.vmap[va + i * PAGE_SIZE] = (pfn, bits)
-            self.touched_va.add(va + i * PAGE_SIZE)
+            self._touch_va(va + i * PAGE_SIZE)
 
     def unmap_vmalloc(self, va: int, npages: int) -> None:
         for i in range(npages):
             self.vmap.pop(va + i * PAGE_SIZE, None)
 
+    def _touch_va(self, va: int) -> None:
+        self.touched_va.pop(va, None)
+        self.touched_va[va] = None
+
     # -- CPA requests -------------------------------------------------------
 
-    def apply(self, cpa: "CpaData", checkalias: bool) -> None:
+    def apply(self, cpa: CpaData, checkalias: bool) -> None:
         """Record what the request asks of every page it names and of the
         aliases the kernel changes with it (set_memory.c's alias rules)."""
         k = self.k
@@ -118,18 +124,19 @@ class Shadow:
                 return None
             new = self._static((old & ~sclr) | sset, va, pfn)
             self.direct[pfn] = new | S_MAPPED
-            self.touched.add(pfn)
+            self.touched.pop(pfn, None)
+            self.touched[pfn] = None
             return pfn
         if va in self.vmap:
             pfn, old = self.vmap[va]
             self.vmap[va] = (pfn, self._static((old & ~sclr) | sset, va, pfn) | S_MAPPED)
-            self.touched_va.add(va)
+            self._touch_va(va)
             return pfn
         if va in self.image:
             img = k.profile.image
             pfn = (va - img.text + img.phys_start) >> 12
             self.image[va] = self._static((self.image[va] & ~sclr) | sset, va, pfn) | S_MAPPED
-            self.touched_va.add(va)
+            self._touch_va(va)
             return pfn
         return None
 

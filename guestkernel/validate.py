@@ -33,7 +33,8 @@ import numpy as np
 
 from emu import FaultAction, RunStatus
 from emu import pagetable as pt
-from emu.pagetable import PfErr, PteFlags as F
+from emu.pagetable import PfErr
+from emu.pagetable import PteFlags as F
 
 from .layout import PAGE_OFFSET, PAGE_SIZE
 from .shadow import S_MAPPED, S_NX, S_P, S_RW
@@ -63,7 +64,7 @@ def _bits_str(bits: int) -> str:
     return ("RW" if bits & S_RW else "RO") + (" NX" if bits & S_NX else " X")
 
 
-def validate(k: "Kernel", mode: str = "full", *, seed: int = 0, sample: int = 4096,
+def validate(k: Kernel, mode: str = "full", *, seed: int = 0, sample: int = 4096,
              execution: bool = True) -> dict[str, int]:
     """Check every invariant; returns what was checked (counts)."""
     if mode not in ("full", "sample"):
@@ -83,7 +84,7 @@ def validate(k: "Kernel", mode: str = "full", *, seed: int = 0, sample: int = 40
 
 # -- 1. counters -------------------------------------------------------------
 
-def _check_counters(k: "Kernel") -> None:
+def _check_counters(k: Kernel) -> None:
     count = k.pgt.direct_pages_count
     recount = k.pgt.recount_direct_map(k.max_pfn)
     names = {1: "DirectMap4k", 2: "DirectMap2M", 3: "DirectMap1G"}
@@ -111,7 +112,7 @@ def _check_counters(k: "Kernel") -> None:
 
 # -- 2. page-table pages -----------------------------------------------------
 
-def _linked_tables(k: "Kernel") -> set[int]:
+def _linked_tables(k: Kernel) -> set[int]:
     ram64 = k.machine.ram64
     found = {k.pgt.root}
     stack = [(k.pgt.root, 4)]
@@ -129,7 +130,7 @@ def _linked_tables(k: "Kernel") -> set[int]:
     return found
 
 
-def _check_table_pages(k: "Kernel", stats: dict[str, int]) -> None:
+def _check_table_pages(k: Kernel, stats: dict[str, int]) -> None:
     linked = _linked_tables(k)
     owned = k.pgt.table_pages
     stats["table_pages"] = len(linked)
@@ -143,7 +144,7 @@ def _check_table_pages(k: "Kernel", stats: dict[str, int]) -> None:
                               expected="linked", actual="unlinked")
     for pa in sorted(linked):
         pfn = pa >> 12
-        if pfn < k.max_pfn and k.buddy.is_free(pfn):
+        if pfn < k.max_pfn and (k.buddy.is_free(pfn) or k.buddy.in_pcp(pfn)):
             raise ValidationError("pgtable-pages", "a linked page table is free in the buddy "
                                   "allocator (freed while linked)", va=PAGE_OFFSET + pa,
                                   expected="allocated", actual="free")
@@ -151,14 +152,27 @@ def _check_table_pages(k: "Kernel", stats: dict[str, int]) -> None:
 
 # -- 4. translation ----------------------------------------------------------
 
-def _check_translation(k: "Kernel", mode: str, rng: random.Random, sample: int) -> int:
+def _check_translation(k: Kernel, mode: str, rng: random.Random, sample: int) -> int:
     sh = k.shadow
+    # Pages touched since the last validation first: a stale translation
+    # lives in the CPU's TLB only until other translations evict it.
+    # Most recent first.
+    touched = np.array([p for p in reversed(sh.touched) if sh.direct[p] & S_MAPPED],
+                       dtype=np.uint64)
+    if len(touched):
+        _compare(k, np.uint64(PAGE_OFFSET) + touched * np.uint64(PAGE_SIZE), touched,
+                 sh.direct[touched.astype(np.int64)], "direct map")
+    first_va = [va for va in reversed(sh.touched_va) if sh.expected(va) is not None]
+    if first_va:
+        exp = [sh.expected(va) for va in first_va]
+        _compare(k, np.array(first_va, dtype=np.uint64),
+                 np.array([e[0] for e in exp], dtype=np.uint64),
+                 np.array([e[1] for e in exp], dtype=np.uint8), "vmalloc/module/image")
     mapped = np.flatnonzero(sh.direct & S_MAPPED)
     if mode == "sample" and len(mapped) > sample:
         pick = np.array(sorted(rng.sample(range(len(mapped)), sample)), dtype=np.int64)
         chosen = mapped[pick]
-        touched = np.fromiter(sh.touched, dtype=np.int64, count=len(sh.touched))
-        pfns = np.union1d(chosen, touched)
+        pfns = chosen
     else:
         pfns = mapped
     pfns = pfns.astype(np.uint64)
@@ -179,7 +193,7 @@ def _check_translation(k: "Kernel", mode: str, rng: random.Random, sample: int) 
     return len(vas) + len(others)
 
 
-def _compare(k: "Kernel", vas: np.ndarray, pfns: np.ndarray, bits: np.ndarray, what: str) -> None:
+def _compare(k: Kernel, vas: np.ndarray, pfns: np.ndarray, bits: np.ndarray, what: str) -> None:
     m = k.machine
     present = (bits & S_P) != 0
     checks = (
@@ -206,7 +220,7 @@ def _compare(k: "Kernel", vas: np.ndarray, pfns: np.ndarray, bits: np.ndarray, w
                                   actual=f"pa {int(pas[i]):#x}")
 
 
-def _leaf(k: "Kernel", va: int) -> str:
+def _leaf(k: Kernel, va: int) -> str:
     res = k.machine.walk(va)
     if isinstance(res, pt.WalkFault):
         return f"walk faults at level {res.level}"
@@ -215,7 +229,7 @@ def _leaf(k: "Kernel", va: int) -> str:
 
 # -- 5. execution ------------------------------------------------------------
 
-def _check_execution(k: "Kernel", rng: random.Random, n: int) -> int:
+def _check_execution(k: Kernel, rng: random.Random, n: int) -> int:
     """Load a tag through each sampled page; store/fetch where a fault is due."""
     sh = k.shadow
     code_va = k.validator_code_page()
