@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 from emu import pagetable as pt
 from emu.pagetable import PteFlags as F
 
-from .layout import PAGE_OFFSET, PAGE_SIZE
+from .layout import PAGE_OFFSET, PAGE_SIZE, START_KERNEL_MAP
 from .pgtable import PG_LEVEL_1G, PG_LEVEL_2M, PG_LEVEL_4K
 
 if TYPE_CHECKING:
@@ -89,6 +89,15 @@ class Cpa:
 
     def _within_direct_map(self, va: int) -> bool:
         return PAGE_OFFSET <= va < PAGE_OFFSET + self.k.max_pfn_mapped * PAGE_SIZE
+
+    def _virt_addr_valid_highmap(self, va: int) -> bool:
+        """x86 ``__virt_addr_valid`` accepts the kernel image mapping (below
+        KERNEL_IMAGE_SIZE) when its frame is RAM: splits there are counted."""
+        img = self.k.profile.image
+        if not START_KERNEL_MAP <= va < START_KERNEL_MAP + (1 << 30):
+            return False
+        pfn = (va - img.text + img.phys_start) >> 12
+        return 0 <= pfn < self.k.max_pfn_mapped
 
     def _within_image(self, va: int) -> bool:
         img = self.k.profile.image
@@ -292,6 +301,8 @@ class Cpa:
             pgt.ram64[base + i] = (pfn << 12) | prot
         if self._within_direct_map(address):
             self.k.split_page_count(level)
+        elif self._virt_addr_valid_highmap(address):
+            self.k.split_page_count(level, highmap=True)
         pgt.set(slot, table | pgt.prot.KERNPG_TABLE)
         # Flush before changing the new PTEs (the TLB application note).
         self.k.flush_tlb_all()

@@ -51,6 +51,9 @@ from .vmalloc import Vmalloc, VmFlags
 __all__ = ["Kernel", "KernelError", "SystemState"]
 
 MiB, GiB = 1 << 20, 1 << 30
+#: ptp_classifier_init's filter JITed at boot: a few hundred bytes, so it
+#: lands in a bpf_prog_pack (its exact size does not matter: one chunk run).
+PTP_CLASSIFIER_JIT_BYTES = 512
 #: Size of ``struct page`` on x86-64.
 STRUCT_PAGE_SIZE = 64
 #: The brk pgt_buf: INIT_PGT_BUF_SIZE (arch/x86/mm/init.c).
@@ -85,6 +88,7 @@ class Kernel:
         }
         self._unmapped: dict[int, int] = {}   # pfn -> order, allocated with GFP_UNMAPPED
         self._policy_alloc = self._policy_free = None
+        self.highmap_counted = [0, 0, 0, 0, 0]
         self._validator_code: int | None = None
         self._validator_out = 0
         self.validation_generation = 0
@@ -121,6 +125,9 @@ class Kernel:
         k._boot_memblock()
         k.machine = Machine(k.max_pfn * PAGE_SIZE)
         k._boot_page_tables()
+        # What 6.1 counted twice while mapping (see pgtable.py), fixed for life.
+        k.boot_overcount = [c - r for c, r in zip(k.pgt.direct_pages_count,
+                                                  k.pgt.recount_direct_map(k.max_pfn))]
         k._boot_buddy()
         k.cpa = Cpa(k)
         k.vmalloc_area = Vmalloc(k)
@@ -130,8 +137,6 @@ class Kernel:
         k.secretmem = Secretmem(k)
         k._boot_protections()
         k.system_state = SystemState.RUNNING
-        k.boot_overcount = [c - r for c, r in zip(k.pgt.direct_pages_count,
-                                                  k.pgt.recount_direct_map(k.max_pfn))]
         k.boot_direct_pages_count = list(k.pgt.direct_pages_count)
         k.shadow.touched.clear()
         k.shadow.touched_va.clear()
@@ -153,14 +158,17 @@ class Kernel:
         self.memblock = mb
 
     def _image_page(self, offset: int) -> int:
-        """A page inside the image's .bss for the static boot tables."""
+        """A page inside the image's .data for the static boot tables
+        (init_top_pgt, level3_kernel_pgt, level2_kernel_pgt)."""
         img = self.profile.image
-        return img.pa(img.bss_start) + offset * PAGE_SIZE
+        return img.pa(img.sdata) + offset * PAGE_SIZE
 
     def _boot_page_tables(self) -> None:
         img = self.profile.image
         self.shadow = Shadow(self)
-        self._pgt_buf = [self._image_page(3 + i) for i in range(INIT_PGT_BUF_PAGES)]
+        # pgt_buf lives in .brk (early_alloc_pgt_buf).
+        brk = img.pa(img.end_of_kernel_reserve)
+        self._pgt_buf = [brk + i * PAGE_SIZE for i in range(INIT_PGT_BUF_PAGES)]
         self.max_pfn_mapped = 0
         self._mapped_lo = self._mapped_hi = 0
         root = self._image_page(0)                     # init_top_pgt
@@ -239,8 +247,23 @@ class Kernel:
         self.pgt.after_bootmem = True
 
     def _boot_protections(self) -> None:
-        """``free_initmem`` then ``mark_rodata_ro`` (init/main.c kernel_init)."""
+        """The CPA calls Linux 6.1 makes while booting on one CPU (seen with
+        ftrace on the reference kernel), in their order:
+
+        * ``idt_setup_apic_and_irq_gates``: the IDT page read-only;
+        * ``alternative_instructions``: on UP, ``free_init_pages`` of the
+          SMP-alternatives section (NX and RW, then freed);
+        * ``sock_init`` -> ``ptp_classifier_init``: a classic BPF filter is
+          JITed, which allocates the first ``bpf_prog_pack`` (RO+X);
+        * ``free_initmem``, then ``mark_rodata_ro`` (kernel_init).
+
+        ``init_real_mode`` (4K pages below 1 MiB: no split) and the
+        ``set_memory_decrypted`` calls (no-ops without memory encryption)
+        are left out."""
         img = self.profile.image
+        self.set_memory_ro(img.idt_table, 1)
+        self._free_init_pages(img.smp_locks, img.smp_locks_end)
+        self.bpf.load(PTP_CLASSIFIER_JIT_BYTES)
         self._free_kernel_image_pages(img.init_begin, img.init_end)
         start = img.text
         rodata_start = _pfn_align(img.start_rodata)
@@ -254,10 +277,9 @@ class Kernel:
         self._free_kernel_image_pages(text_end, rodata_start)
         self._free_kernel_image_pages(rodata_end, img.sdata)
 
-    def _free_kernel_image_pages(self, begin: int, end: int) -> None:
-        """``free_kernel_image_pages`` -> ``free_init_pages``: make the range
-        NX and RW (the RW reaches the direct-map alias), hand its pages to the
-        buddy allocator, and with PTI unmap the high-mapping range only."""
+    def _free_init_pages(self, begin: int, end: int) -> None:
+        """``free_init_pages``: NX and RW (the RW reaches the direct-map
+        alias), then the pages go to the buddy allocator."""
         begin, end = _page_align(begin), end & ~(PAGE_SIZE - 1)
         if end <= begin:
             return
@@ -266,8 +288,14 @@ class Kernel:
         self.set_memory_rw(begin, n)
         img = self.profile.image
         self.buddy.free_range(img.pa(begin) >> 12, img.pa(end) >> 12)
-        if self.profile.pti:
-            self.set_memory_np_noalias(begin, n)
+
+    def _free_kernel_image_pages(self, begin: int, end: int) -> None:
+        """``free_kernel_image_pages``: ``free_init_pages``, then with PTI the
+        high-mapping range is unmapped (not its direct-map alias)."""
+        self._free_init_pages(begin, end)
+        begin, end = _page_align(begin), end & ~(PAGE_SIZE - 1)
+        if self.profile.pti and end > begin:
+            self.set_memory_np_noalias(begin, (end - begin) >> 12)
 
     # -- page allocation --------------------------------------------------
 
@@ -440,11 +468,19 @@ class Kernel:
 
     # -- counters (Linux's names) ------------------------------------------
 
-    def split_page_count(self, level: int) -> None:
-        """A large direct-map page became 512 smaller ones (set_memory.c)."""
+    def split_page_count(self, level: int, highmap: bool = False) -> None:
+        """A large page became 512 smaller ones (set_memory.c).
+
+        Linux counts it when ``virt_addr_valid(address)``, which is true for
+        the high kernel mapping too: splits of the image's 2M pages change
+        DirectMap4k/2M although they are not in the direct map
+        (``highmap`` records them apart for the validator)."""
         count = self.pgt.direct_pages_count
         if count[level] == 0:
             return
+        if highmap:
+            self.highmap_counted[level] -= 1
+            self.highmap_counted[level - 1] += 512
         count[level] -= 1
         if self.system_state is SystemState.RUNNING:
             name = {PG_LEVEL_2M: "direct_map_level2_splits",

@@ -54,7 +54,11 @@ class KernelImage:
     sdata: int                   # _sdata
     init_begin: int              # __init_begin
     init_end: int                # __init_end
+    smp_locks: int               # __smp_locks (freed by alternatives on UP)
+    smp_locks_end: int           # __smp_locks_end
     bss_start: int               # __bss_start
+    idt_table: int               # idt_table (made RO by idt_setup_apic_and_irq_gates)
+    end_of_kernel_reserve: int   # __end_of_kernel_reserve (memblock reserves up to here)
     brk_end: int                 # _brk_end (after boot-time brk use)
     end: int                     # _end
 
@@ -63,19 +67,24 @@ class KernelImage:
         return va - self.text + self.phys_start
 
 
+#: Read from the running reference kernel's /proc/kallsyms (nokaslr).
 DEBIAN_6_1_IMAGE = KernelImage(
     phys_start=0x1000000,
     text=0xFFFFFFFF81000000,
-    etext=0xFFFFFFFF81E01D32,          # end of .text
+    etext=0xFFFFFFFF81E01D32,
     start_rodata=0xFFFFFFFF82000000,
-    end_rodata=0xFFFFFFFF828EA9F0,     # end of the first PT_LOAD (through .BTF_ids)
+    end_rodata=0xFFFFFFFF828EB000,
     end_rodata_hpage_align=0xFFFFFFFF82A00000,
     sdata=0xFFFFFFFF82A00000,
-    init_begin=0xFFFFFFFF83079000,
-    init_end=0xFFFFFFFF8330F000,       # .data_nosave follows initmem
+    init_begin=0xFFFFFFFF83044000,
+    init_end=0xFFFFFFFF83306000,
+    smp_locks=0xFFFFFFFF83306000,
+    smp_locks_end=0xFFFFFFFF8330F000,
     bss_start=0xFFFFFFFF83310000,
-    brk_end=0xFFFFFFFF84430000,        # .brk reserved in full (upper bound of use)
-    end=0xFFFFFFFF84600000,
+    idt_table=0xFFFFFFFF83313000,
+    end_of_kernel_reserve=0xFFFFFFFF84400000,
+    brk_end=0xFFFFFFFF84430000,        # __brk_base + the brk reserved in full (bound of use)
+    end=0xFFFFFFFF84430000,
 )
 
 

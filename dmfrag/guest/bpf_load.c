@@ -1,0 +1,42 @@
+/* Load N BPF socket-filter programs of K instructions ("r0 = 0" repeated,
+ * then "exit"), keep them loaded, then print how many loaded.
+ * Usage: bpf_load N [K]   (K >= 2, default 2: like a tiny sockex1). */
+#include <linux/bpf.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/resource.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+int main(int argc, char **argv)
+{
+    int n = argc > 1 ? atoi(argv[1]) : 1;
+    int k = argc > 2 ? atoi(argv[2]) : 2;
+    if (k < 2) k = 2;
+    struct rlimit rl = { .rlim_cur = n + 64, .rlim_max = n + 64 };
+    if (setrlimit(RLIMIT_NOFILE, &rl) != 0) perror("setrlimit");
+    struct bpf_insn *insns = calloc(k, sizeof(*insns));
+    for (int i = 0; i < k - 1; i++) {
+        insns[i].code = BPF_ALU64 | BPF_MOV | BPF_K;   /* r0 = 0 */
+        insns[i].dst_reg = 0;
+    }
+    insns[k - 1].code = BPF_JMP | BPF_EXIT;
+    char license[] = "GPL";
+    int loaded = 0;
+    for (int i = 0; i < n; i++) {
+        union bpf_attr attr;
+        memset(&attr, 0, sizeof(attr));
+        attr.prog_type = BPF_PROG_TYPE_SOCKET_FILTER;
+        attr.insn_cnt = k;
+        attr.insns = (unsigned long)insns;
+        attr.license = (unsigned long)license;
+        int fd = syscall(__NR_bpf, BPF_PROG_LOAD, &attr, sizeof(attr));
+        if (fd < 0) { perror("BPF_PROG_LOAD"); break; }
+        loaded++;
+    }
+    printf("bpf_load: %d programs of %d instructions loaded\n", loaded, k);
+    fflush(stdout);
+    if (argc > 3) pause();     /* keep them: the caller snapshots, then kills */
+    return 0;
+}

@@ -1,0 +1,303 @@
+"""A real Linux kernel in the loop: boot Debian's 6.1 build under QEMU (TCG)
+with a given RAM size, run a workload in a busybox initramfs, and collect
+``/proc/meminfo`` and ``/proc/vmstat`` at named points plus the boot log.
+
+Everything comes from Debian's packages: ``qemu-system-x86``,
+``busybox-static`` and ``cpio`` installed with apt, the kernel package
+fetched with ``apt-get download`` into a cache folder and unpacked there.
+The guest helpers (BPF program loading through the ``bpf`` syscall,
+``memfd_secret``) are C sources in ``dmfrag/guest`` built statically with
+the host's gcc.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import os
+import re
+import shutil
+import stat
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+__all__ = ["RealKernel", "RealRun", "RealKernelError", "KERNEL_PACKAGE", "WORKLOAD_STEPS",
+           "cache_dir"]
+
+KERNEL_PACKAGE = "linux-image-6.1.0-56-amd64"
+KERNEL_VERSION = "6.1.0-56-amd64"
+TOOLS = {"qemu-system-x86_64": "qemu-system-x86", "busybox": "busybox-static",
+         "cpio": "cpio", "gcc": "gcc", "apt-get": "apt", "dpkg-deb": "dpkg"}
+HELPERS = ("bpf_load", "secretmem")
+#: Modules of the package loaded by the `modules` workload (small filesystems
+#: with no dependencies, as in linux-6.1-under-qemu.md).
+MODULES = ("bfs", "efs", "minix", "qnx4", "sysv")
+_GUEST_SRC = Path(__file__).resolve().parent / "guest"
+
+
+class RealKernelError(RuntimeError):
+    """The real-kernel harness cannot run: says what is missing or what failed."""
+
+
+def cache_dir() -> Path:
+    base = os.environ.get("DMFRAG_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "dmfrag")
+    return Path(base)
+
+
+@dataclass
+class RealRun:
+    ram: str
+    workload: tuple[str, ...]
+    snapshots: dict[str, dict[str, dict[str, int]]] = field(default_factory=dict)
+    boot_log: str = ""
+    trace: str = ""
+    console: str = ""
+    symbols: dict[str, int] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def meminfo(self, point: str) -> dict[str, int]:
+        return self.snapshots[point]["meminfo"]
+
+    def vmstat(self, point: str) -> dict[str, int]:
+        return self.snapshots[point]["vmstat"]
+
+    def e820_lines(self) -> str:
+        return "\n".join(line for line in self.boot_log.splitlines() if "e820" in line)
+
+
+#: The workload steps, as the guest's shell runs them. Each step ends with a
+#: snapshot named after it; "boot" is always first.
+WORKLOAD_STEPS: dict[str, list[str]] = {
+    "modules": [f"insmod /lib/modules/{m}.ko" for m in MODULES]
+               + ["snap modules"] + [f"rmmod {m}" for m in MODULES] + ["snap modules-removed"],
+    "bpf": ["/bin/bpf_load 2048 2 hold > /dev/console &", "BPF=$!", "sleep 2", "snap bpf",
+            "kill $BPF", "sleep 1", "snap bpf-freed"],
+    "secretmem": ["/bin/secretmem 4096 hold > /dev/console &", "SEC=$!", "sleep 2",
+                  "snap secretmem", "kill $SEC", "sleep 1", "snap secretmem-freed"],
+    # Not workloads: diagnostics for investigating the model against Linux.
+    "symbols": ["echo 0 > /proc/sys/kernel/kptr_restrict", "echo '@@SYMS'",
+                "grep -E ' (_text|_etext|__start_rodata|__end_rodata|__end_rodata_hpage_align|"
+                "_sdata|__init_begin|__init_end|__bss_start|__bss_stop|__brk_base|_brk_end|_end|"
+                "idt_table|__smp_locks|__smp_locks_end|__split_large_page|split_large_page|"
+                "__change_page_attr_set_clr|__change_page_attr|cpa_process_alias|"
+                "__end_of_kernel_reserve|__start_ro_after_init|__end_ro_after_init)$' /proc/kallsyms",
+                "echo '@@END'"],
+    # page sizes of the direct map from a module calling lookup_address
+    # (DMFRAG_PTWALK_KO names the built module; end_pa is set by the caller).
+    "ptwalk": ["insmod /lib/modules/ptwalk.ko end_pa=$END_PA brk_end_addr=0xffffffff82a2cce0", "dmesg | grep '@@PT' > /dev/console"],
+    # dump the ftrace buffer (boot with ftrace=... options).
+    "trace": ["mount -t tracefs tracefs /sys/kernel/tracing", "echo '@@TRACE'",
+              "cat /sys/kernel/tracing/trace", "echo '@@END'"],
+}
+
+_INIT = """#!/bin/busybox sh
+/bin/busybox --install -s /bin
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+snap() {{
+  echo "@@SNAP $1"
+  cat /proc/meminfo
+  echo "@@VMSTAT"
+  cat /proc/vmstat
+  echo "@@END"
+}}
+snap boot
+{steps}
+echo "@@DMESG"
+dmesg
+echo "@@END"
+echo "@@DONE"
+poweroff -f
+"""
+
+
+class RealKernel:
+    def __init__(self, cache: Path | None = None, *, install: bool = False):
+        self.cache = Path(cache) if cache else cache_dir()
+        self.install = install
+
+    # -- set-up -------------------------------------------------------------
+
+    def check_tools(self) -> None:
+        missing = {tool: pkg for tool, pkg in TOOLS.items() if shutil.which(tool) is None}
+        if missing and self.install and os.geteuid() == 0:
+            pkgs = sorted(set(missing.values()))
+            subprocess.run(["apt-get", "update", "-qq"], check=False, capture_output=True)
+            r = subprocess.run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", *pkgs],
+                               capture_output=True, text=True,
+                               env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
+            if r.returncode:
+                raise RealKernelError(f"apt-get install {' '.join(pkgs)} failed:\n{r.stderr[-2000:]}")
+            missing = {t: p for t, p in TOOLS.items() if shutil.which(t) is None}
+        if missing:
+            pkgs = " ".join(sorted(set(missing.values())))
+            raise RealKernelError(
+                f"missing {', '.join(sorted(missing))}: install them with "
+                f"`apt-get install {pkgs}` (or pass install=True / --install as root)")
+        busybox = shutil.which("busybox")
+        out = subprocess.run(["file", "-L", busybox], capture_output=True, text=True).stdout \
+            if shutil.which("file") else "statically linked"
+        if "dynamically linked" in out:
+            raise RealKernelError("busybox is dynamically linked: install busybox-static")
+
+    def kernel_dir(self) -> Path:
+        """The unpacked kernel package (downloaded once into the cache)."""
+        root = self.cache / KERNEL_PACKAGE
+        vmlinuz = root / "boot" / f"vmlinuz-{KERNEL_VERSION}"
+        if vmlinuz.exists():
+            return root
+        self.cache.mkdir(parents=True, exist_ok=True)
+        debs = list(self.cache.glob(f"{KERNEL_PACKAGE}_*.deb"))
+        if not debs:
+            r = subprocess.run(["apt-get", "download", KERNEL_PACKAGE], cwd=self.cache,
+                               capture_output=True, text=True)
+            if r.returncode:
+                if "Unable to locate" in r.stderr or "E:" in r.stderr:
+                    subprocess.run(["apt-get", "update", "-qq"], capture_output=True)
+                    r = subprocess.run(["apt-get", "download", KERNEL_PACKAGE], cwd=self.cache,
+                                       capture_output=True, text=True)
+                if r.returncode:
+                    raise RealKernelError(f"apt-get download {KERNEL_PACKAGE} failed: "
+                                          f"{r.stderr.strip()[-500:]}")
+            debs = list(self.cache.glob(f"{KERNEL_PACKAGE}_*.deb"))
+        tmp = root.with_suffix(".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        subprocess.run(["dpkg-deb", "-x", str(debs[0]), str(tmp)], check=True)
+        shutil.rmtree(root, ignore_errors=True)
+        tmp.rename(root)
+        return root
+
+    def helpers(self) -> dict[str, Path]:
+        """Static guest helpers, built once per source change."""
+        out = {}
+        build = self.cache / "helpers"
+        build.mkdir(parents=True, exist_ok=True)
+        for name in HELPERS:
+            src = _GUEST_SRC / f"{name}.c"
+            exe = build / name
+            if not exe.exists() or exe.stat().st_mtime < src.stat().st_mtime:
+                r = subprocess.run(["gcc", "-static", "-O2", "-o", str(exe), str(src)],
+                                   capture_output=True, text=True)
+                if r.returncode:
+                    raise RealKernelError(f"building guest helper {name} failed:\n{r.stderr}")
+            out[name] = exe
+        return out
+
+    def module_path(self, name: str) -> Path:
+        root = self.kernel_dir() / "lib" / "modules" / KERNEL_VERSION / "kernel"
+        found = list(root.rglob(f"{name}.ko"))
+        if not found:
+            raise RealKernelError(f"module {name}.ko is not in {KERNEL_PACKAGE}")
+        return found[0]
+
+    # -- initramfs ----------------------------------------------------------
+
+    def build_initramfs(self, workload: tuple[str, ...], dest: Path) -> Path:
+        """A gzip'd newc cpio: busybox, the helpers, module files, /init."""
+        for w in workload:
+            if w not in WORKLOAD_STEPS:
+                raise RealKernelError(f"unknown workload {w!r}; known: {', '.join(WORKLOAD_STEPS)}")
+        steps = "\n".join(line for w in workload for line in WORKLOAD_STEPS[w])
+        root = dest.with_suffix(".d")
+        shutil.rmtree(root, ignore_errors=True)
+        for d in ("bin", "proc", "sys", "dev", "lib/modules"):
+            (root / d).mkdir(parents=True, exist_ok=True)
+        shutil.copy(shutil.which("busybox"), root / "bin" / "busybox")
+        for name, exe in self.helpers().items():
+            shutil.copy(exe, root / "bin" / name)
+        if "ptwalk" in workload:
+            shutil.copy(os.environ["DMFRAG_PTWALK_KO"], root / "lib" / "modules" / "ptwalk.ko")
+        if "modules" in workload:
+            for m in MODULES:
+                shutil.copy(self.module_path(m), root / "lib" / "modules" / f"{m}.ko")
+        init = root / "init"
+        init.write_text(_INIT.format(steps=steps))
+        init.chmod(init.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
+        files = sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+        r = subprocess.run(["cpio", "-o", "-H", "newc", "--quiet"], cwd=root,
+                           input="\n".join(files).encode(), capture_output=True)
+        if r.returncode:
+            raise RealKernelError(f"cpio failed: {r.stderr.decode()[-500:]}")
+        dest.write_bytes(gzip.compress(r.stdout, compresslevel=1))
+        shutil.rmtree(root, ignore_errors=True)
+        return dest
+
+    # -- boot ---------------------------------------------------------------
+
+    def run(self, ram: str = "8G", workload: tuple[str, ...] | list[str] = (),
+            append: str = "", timeout: float = 180.0) -> RealRun:
+        """Boot with ``-m RAM``, run the workload, return the snapshots."""
+        workload = tuple(workload)
+        self.check_tools()
+        kdir = self.kernel_dir()
+        work = self.cache / "runs"
+        work.mkdir(parents=True, exist_ok=True)
+        initrd = self.build_initramfs(workload, work / f"initrd-{os.getpid()}-{'-'.join(workload) or 'boot'}.gz")
+        cmd = ["qemu-system-x86_64", "-accel", "tcg", "-cpu", "max", "-m", ram, "-smp", "1",
+               "-nographic", "-no-reboot", "-kernel", str(kdir / "boot" / f"vmlinuz-{KERNEL_VERSION}"),
+               "-initrd", str(initrd), "-append",
+               f"console=ttyS0 nokaslr secretmem.enable=1 panic=-1 {append}".strip()]
+        t0 = time.monotonic()
+        try:
+            r = subprocess.run(cmd, capture_output=True, timeout=timeout, stdin=subprocess.DEVNULL)
+        except subprocess.TimeoutExpired as exc:
+            out = (exc.stdout or b"").decode(errors="replace")
+            raise RealKernelError(f"the guest did not finish within {timeout:.0f} s (killed); "
+                                  f"last output:\n{out[-1500:]}") from None
+        finally:
+            initrd.unlink(missing_ok=True)
+        out = r.stdout.decode(errors="replace")
+        if "@@DONE" not in out:
+            raise RealKernelError(f"the guest stopped before its workload finished "
+                                  f"(qemu exit {r.returncode}); last output:\n{out[-2000:]}")
+        run = RealRun(ram, workload, seconds=time.monotonic() - t0, console=out)
+        _parse(out, run)
+        return run
+
+
+_KV = re.compile(r"^(\w+):?\s+(\d+)")
+
+
+def _parse(out: str, run: RealRun) -> None:
+    lines = out.replace("\r", "").splitlines()
+    i = 0
+    while i < len(lines):
+        line = lines[i]
+        if line.startswith("@@SNAP "):
+            name = line.split(None, 1)[1].strip()
+            meminfo, vmstat, cur = {}, {}, None
+            cur = meminfo
+            i += 1
+            while i < len(lines) and not lines[i].startswith("@@END"):
+                if lines[i].startswith("@@VMSTAT"):
+                    cur = vmstat
+                elif m := _KV.match(lines[i]):
+                    cur[m.group(1)] = int(m.group(2))
+                i += 1
+            run.snapshots[name] = {"meminfo": meminfo, "vmstat": vmstat}
+        elif line.startswith("@@SYMS"):
+            i += 1
+            while i < len(lines) and not lines[i].startswith("@@END"):
+                parts = lines[i].split()
+                if len(parts) >= 3:
+                    run.symbols[parts[2]] = int(parts[0], 16)
+                i += 1
+        elif line.startswith("@@TRACE"):
+            buf = io.StringIO()
+            i += 1
+            while i < len(lines) and not lines[i].startswith("@@END"):
+                buf.write(lines[i] + "\n")
+                i += 1
+            run.trace = buf.getvalue()
+        elif line.startswith("@@DMESG"):
+            buf = io.StringIO()
+            i += 1
+            while i < len(lines) and not lines[i].startswith("@@END"):
+                buf.write(lines[i] + "\n")
+                i += 1
+            run.boot_log = buf.getvalue()
+        i += 1
