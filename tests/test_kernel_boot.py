@@ -38,17 +38,27 @@ def test_meminfo_8g_by_hand(k8):
     6.1's top-down steps map [9G-2M,9G), then [8.5G,9G-2M), then the rest:
     each step after the first finds the 1G page at 8G already mapped and
     counts it again (phys_pud_init: "if (!after_bootmem) pages++"): 1G = 8.
-    Boot protections (free_kernel_image_pages of the text/rodata and
-    rodata/data gaps) make their direct-map aliases RW again inside the RO
-    image alias: 2M pages at 0x1e00000 and 0x2800000 split: 4k += 1024,
-    2M -= 2."""
+
+    Boot CPA calls (as ftrace shows them on the reference kernel):
+    * IDT read-only: image-mapping 2M page 0xffffffff83200000 and its alias
+      at 0x3200000 split;
+    * the first bpf_prog_pack (ptp_classifier_init): 512 pages from pfn
+      0x100002 (the Normal zone's first free pages after two table pages):
+      the 1G page at 4G splits (1G -1, 2M +512), then 2M pages at 4G and 4G+2M;
+    * free_initmem: image page 0xffffffff83000000 splits;
+    * mark_rodata_ro: NX from _etext splits image page 0xffffffff81e00000;
+      the freed text/rodata and rodata/data gaps split image page
+      0xffffffff82800000 and the aliases at 0x1e00000 and 0x2800000.
+    Image-mapping splits count in DirectMap too (virt_addr_valid): 9 splits
+    of 2M into 4K in all: 4k = 992 + 9*512, 2M = 1022 + 512 - 9, 1G = 8 - 1."""
     mi = k8.meminfo()
-    assert mi["DirectMap4k"] == (992 + 1024) * 4 == 8064
-    assert mi["DirectMap2M"] == (1022 - 2) * 2048 == 2088960
-    assert mi["DirectMap1G"] == 8 * 1048576
-    # The tables themselves hold 6 1G leaves: the 2 extra are the re-count.
-    assert k8.pgt.recount_direct_map(k8.max_pfn) == [0, 2016, 1020, 6, 0]
+    assert mi["DirectMap4k"] == (992 + 9 * 512) * 4 == 22400
+    assert mi["DirectMap2M"] == (1022 + 512 - 9) * 2048 == 3123200
+    assert mi["DirectMap1G"] == 7 * 1048576
+    # The direct-map tables hold 5 1G leaves; the extra 2 are the re-count.
     assert k8.boot_overcount == [0, 0, 0, 2, 0]
+    assert k8.highmap_counted == [0, 4 * 512, -4, 0, 0]
+    assert k8.pgt.recount_direct_map(k8.max_pfn) == [0, 992 + 5 * 512, 1022 + 512 - 5, 5, 0]
     # Boot splits are not vmstat events (system_state was SYSTEM_BOOTING).
     assert k8.vmstat()["direct_map_level2_splits"] == 0
 
@@ -60,8 +70,9 @@ def test_page_sizes_at_chosen_addresses(k8):
         0x40000000: 3, 0x7FFFF000: 3,                        # [1G,2G): 1G
         0x80000000: 2, 0xBFC00000: 2,                        # [2G,3G) is not all RAM: 2M
         0xBFE00000: 1, 0xBFFDF000: 1,                        # tail below the reserved 128K
-        4 * GiB: 3, 8 * GiB + 0x1234000: 3,                  # above 4G: 1G
-        0x1E00000: 1, 0x1E02000: 1, 0x2800000: 1,            # split by the boot protections
+        5 * GiB: 3, 8 * GiB + 0x1234000: 3,                  # above 4G: 1G
+        4 * GiB: 1, 4 * GiB + 0x3FF000: 1, 4 * GiB + 0x400000: 2,  # the boot BPF pack
+        0x1E00000: 1, 0x1E02000: 1, 0x2800000: 1, 0x3200000: 1,  # boot protections, IDT
         0x1C00000: 2, 0x2A00000: 2,                          # image alias, not split
     }
     for pa, level in expect.items():
@@ -100,10 +111,12 @@ def test_protections_of_the_image_alias(k8):
 
 
 @pytest.mark.parametrize("ram, want", [
-    # 3G: RAM ends at 0xbffe0000 -> no 1G block above; nothing re-counted.
-    ("3G", {"DirectMap4k": 8064, "DirectMap2M": 2088960, "DirectMap1G": 1048576}),
-    # 4G: the only 1G page above 4G is counted three times (steps 1, 2, 3).
-    ("4G", {"DirectMap4k": 8064, "DirectMap2M": 2088960, "DirectMap1G": 4 * 1048576}),
+    # 3G: no RAM above 4G: nothing re-counted; the BPF pack comes from DMA32
+    # (pfns 0x4802-0x4a01: 2M pages at 0x4800000 and 0x4a00000): 9 splits.
+    ("3G", {"DirectMap4k": 22400, "DirectMap2M": (1022 - 9) * 2048, "DirectMap1G": 1048576}),
+    # 4G: the only 1G page above 4G is counted three times (steps 1, 2, 3),
+    # then split by the BPF pack as at 8G.
+    ("4G", {"DirectMap4k": 22400, "DirectMap2M": 3123200, "DirectMap1G": 3 * 1048576}),
 ])
 def test_other_sizes(ram, want):
     k = Kernel.boot(ram=ram)
@@ -117,7 +130,9 @@ def test_boot_from_a_pasted_boot_log():
     protections split)."""
     text = (DATA / "dmesg-e820-example.log").read_text()
     k = Kernel.boot(e820=text)
-    split = {0x1E00000, 0x2800000}
+    # What the boot CPA calls split (see test_meminfo_8g_by_hand): the image
+    # aliases, the IDT alias, and the BPF pack at the start of the Normal zone.
+    split = {0x1E00000, 0x2800000, 0x3200000, 4 * GiB, 4 * GiB + 2 * MiB}
     sizes = {"4k": 1, "2M": 2, "1G": 3}
     import re
     for line in text.splitlines():
@@ -128,6 +143,8 @@ def test_boot_from_a_pasted_boot_log():
         for pa in (lo, (lo + hi) // 2 & ~0xFFF, hi - 4096):
             if pa & ~(2 * MiB - 1) in split or not k.e820.is_region_memory(pa, 4096) and size == 1:
                 continue
+            if size == 3 and pa >> 30 == 4:     # the 1G page at 4G was split by the pack
+                size = 2
             assert level_at(k, pa) == size, (line, hex(pa))
 
 
