@@ -1,25 +1,37 @@
 # Each target sets itself up: a virtual environment in .venv, the project
 # installed editable with its test extra (which compiles emu/_native.c).
+# `make test` also installs, as root, the Debian packages the real-kernel
+# tests need (qemu-system-x86, busybox-static, cpio); without root they skip.
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+DEBS   := qemu-system-x86 busybox-static cpio
 
-.PHONY: demo test bench clean
+.PHONY: demo test bench realkernel-deps clean
 
 $(STAMP): pyproject.toml setup.py emu/_native.c
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[test]'
 	touch $(STAMP)
 
+realkernel-deps:
+	@if [ "$$(id -u)" = 0 ] && ! command -v qemu-system-x86_64 >/dev/null; then \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+	  apt-get install -y -qq --no-install-recommends $(DEBS) >/dev/null; fi
+
 demo: $(STAMP)
 	$(PY) -m dmfrag.demo
 
-test: $(STAMP)
+test: $(STAMP) realkernel-deps
 	$(PY) -m pytest -q
 
 bench: $(STAMP)
 	$(PY) bench/emu_bench.py
+	$(PY) bench/kernel_bench.py
+	$(PY) bench/page_alloc_bench.py
+	$(PY) bench/validate_bench.py
+	$(PY) bench/realkernel_bench.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info emu/*.so .pytest_cache .hypothesis

@@ -137,10 +137,13 @@ class E820Table:
         t._set(0xF0000, 0x100000, E820Type.RESERVED)
         t._set(0x100000, low - 128 * KiB, E820Type.RAM)
         t._set(low - 128 * KiB, low, E820Type.RESERVED)
-        t._set(0xFEFFC000, 0xFF000000, E820Type.RESERVED)
         t._set(0xFFFC0000, 1 << 32, E820Type.RESERVED)
         if size > low:
             t._set(4 * GiB, 4 * GiB + size - low, E820Type.RAM)
+        # The kernel's own edit at boot (e820__memory_setup -> trim_bios_range
+        # keeps the first page reserved): "e820: update [mem 0x00000000-0x00000fff]
+        # usable ==> reserved".
+        t.update(0, 0x1000, E820Type.RAM, E820Type.RESERVED)
         return t
 
     def _add_checked(self, start: int, last: int, type_: E820Type) -> None:

@@ -61,7 +61,7 @@ def test_split_mem_range_by_hand():
 
 def test_qemu_layout_matches_the_reference_kernel_maps():
     t = E820Table.qemu_pc("8G")
-    assert t.ram_ranges() == [(0, 0x9F000), (0x100000, 0xBFFE0000), (4 * GiB, 9 * GiB)]
+    assert t.ram_ranges() == [(0x1000, 0x9F000), (0x100000, 0xBFFE0000), (4 * GiB, 9 * GiB)]
     assert E820Table.qemu_pc("2G").ram_ranges()[-1] == (0x100000, 2 * GiB - 128 * 1024)
 
 
