@@ -23,8 +23,14 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["RealKernel", "RealRun", "RealKernelError", "KERNEL_PACKAGE", "WORKLOAD_STEPS",
-           "cache_dir"]
+__all__ = [
+    "KERNEL_PACKAGE",
+    "WORKLOAD_STEPS",
+    "RealKernel",
+    "RealKernelError",
+    "RealRun",
+    "cache_dir",
+]
 
 KERNEL_PACKAGE = "linux-image-6.1.0-56-amd64"
 KERNEL_VERSION = "6.1.0-56-amd64"

@@ -255,7 +255,9 @@ class Kernel:
           SMP-alternatives section (NX and RW, then freed);
         * ``sock_init`` -> ``ptp_classifier_init``: a classic BPF filter is
           JITed, which allocates the first ``bpf_prog_pack`` (RO+X);
-        * ``free_initmem``, then ``mark_rodata_ro`` (kernel_init).
+        * ``free_initmem``: ``mem_encrypt_free_decrypted_mem`` frees the unused
+          part of ``.bss..decrypted`` (NX+RW on a partial 2M image page: a
+          split), then the init sections; then ``mark_rodata_ro``.
 
         ``init_real_mode`` (4K pages below 1 MiB: no split) and the
         ``set_memory_decrypted`` calls (no-ops without memory encryption)
@@ -264,6 +266,7 @@ class Kernel:
         self.set_memory_ro(img.idt_table, 1)
         self._free_init_pages(img.smp_locks, img.smp_locks_end)
         self.bpf.load(PTP_CLASSIFIER_JIT_BYTES)
+        self._free_init_pages(img.bss_decrypted_unused, img.end_bss_decrypted)
         self._free_kernel_image_pages(img.init_begin, img.init_end)
         start = img.text
         rodata_start = _pfn_align(img.start_rodata)

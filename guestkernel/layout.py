@@ -58,6 +58,8 @@ class KernelImage:
     smp_locks_end: int           # __smp_locks_end
     bss_start: int               # __bss_start
     idt_table: int               # idt_table (made RO by idt_setup_apic_and_irq_gates)
+    bss_decrypted_unused: int    # __start_bss_decrypted_unused (freed by free_initmem)
+    end_bss_decrypted: int       # __end_bss_decrypted
     end_of_kernel_reserve: int   # __end_of_kernel_reserve (memblock reserves up to here)
     brk_end: int                 # _brk_end (after boot-time brk use)
     end: int                     # _end
@@ -82,6 +84,8 @@ DEBIAN_6_1_IMAGE = KernelImage(
     smp_locks_end=0xFFFFFFFF8330F000,
     bss_start=0xFFFFFFFF83310000,
     idt_table=0xFFFFFFFF83313000,
+    bss_decrypted_unused=0xFFFFFFFF84203000,
+    end_bss_decrypted=0xFFFFFFFF84400000,   # .bss..decrypted is PMD-aligned
     end_of_kernel_reserve=0xFFFFFFFF84400000,
     brk_end=0xFFFFFFFF84430000,        # __brk_base + the brk reserved in full (bound of use)
     end=0xFFFFFFFF84430000,

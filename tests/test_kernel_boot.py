@@ -45,19 +45,21 @@ def test_meminfo_8g_by_hand(k8):
     * the first bpf_prog_pack (ptp_classifier_init): 512 pages from pfn
       0x100002 (the Normal zone's first free pages after two table pages):
       the 1G page at 4G splits (1G -1, 2M +512), then 2M pages at 4G and 4G+2M;
-    * free_initmem: image page 0xffffffff83000000 splits;
+    * free_initmem: the unused .bss..decrypted (image page 0xffffffff84200000)
+      and the init sections (image page 0xffffffff83000000) split;
     * mark_rodata_ro: NX from _etext splits image page 0xffffffff81e00000;
       the freed text/rodata and rodata/data gaps split image page
       0xffffffff82800000 and the aliases at 0x1e00000 and 0x2800000.
-    Image-mapping splits count in DirectMap too (virt_addr_valid): 9 splits
-    of 2M into 4K in all: 4k = 992 + 9*512, 2M = 1022 + 512 - 9, 1G = 8 - 1."""
+    Image-mapping splits count in DirectMap too (virt_addr_valid): 10 splits
+    of 2M into 4K in all: 4k = 992 + 10*512, 2M = 1022 + 512 - 10, 1G = 8 - 1.
+    (Linux shows 4k 24448 and 1G 6291456 here: see calibrate.KNOWN_DIFFERENCES.)"""
     mi = k8.meminfo()
-    assert mi["DirectMap4k"] == (992 + 9 * 512) * 4 == 22400
-    assert mi["DirectMap2M"] == (1022 + 512 - 9) * 2048 == 3123200
+    assert mi["DirectMap4k"] == (992 + 10 * 512) * 4 == 24448
+    assert mi["DirectMap2M"] == (1022 + 512 - 10) * 2048
     assert mi["DirectMap1G"] == 7 * 1048576
     # The direct-map tables hold 5 1G leaves; the extra 2 are the re-count.
     assert k8.boot_overcount == [0, 0, 0, 2, 0]
-    assert k8.highmap_counted == [0, 4 * 512, -4, 0, 0]
+    assert k8.highmap_counted == [0, 5 * 512, -5, 0, 0]
     assert k8.pgt.recount_direct_map(k8.max_pfn) == [0, 992 + 5 * 512, 1022 + 512 - 5, 5, 0]
     # Boot splits are not vmstat events (system_state was SYSTEM_BOOTING).
     assert k8.vmstat()["direct_map_level2_splits"] == 0
@@ -112,11 +114,12 @@ def test_protections_of_the_image_alias(k8):
 
 @pytest.mark.parametrize("ram, want", [
     # 3G: no RAM above 4G: nothing re-counted; the BPF pack comes from DMA32
-    # (pfns 0x4802-0x4a01: 2M pages at 0x4800000 and 0x4a00000): 9 splits.
-    ("3G", {"DirectMap4k": 22400, "DirectMap2M": (1022 - 9) * 2048, "DirectMap1G": 1048576}),
+    # (pfns 0x4802-0x4a01: 2M pages at 0x4800000 and 0x4a00000): 10 splits.
+    # These equal what Linux 6.1 reports for 3G (and 2G, 4G) exactly.
+    ("3G", {"DirectMap4k": 24448, "DirectMap2M": 2072576, "DirectMap1G": 1048576}),
     # 4G: the only 1G page above 4G is counted three times (steps 1, 2, 3),
     # then split by the BPF pack as at 8G.
-    ("4G", {"DirectMap4k": 22400, "DirectMap2M": 3123200, "DirectMap1G": 3 * 1048576}),
+    ("4G", {"DirectMap4k": 24448, "DirectMap2M": 3121152, "DirectMap1G": 3 * 1048576}),
 ])
 def test_other_sizes(ram, want):
     k = Kernel.boot(ram=ram)

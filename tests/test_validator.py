@@ -100,8 +100,8 @@ def test_catches_a_counter_not_updated():
     k.set_memory_4k(PAGE_OFFSET + PA2M, 1)
     k.policy.collapse_2m(k, PA2M)
     with pytest.raises(ValidationError, match=r"\[counters\] DirectMap4k disagrees with the "
-                       r"live tables: expected 5600 pages \(recount 3552 \+ boot re-count 0 "
-                       r"\+ image-mapping splits 2048\), CPU/tables gave 6112 pages"):
+                       r"live tables: expected 6112 pages \(recount 3552 \+ boot re-count 0 "
+                       r"\+ image-mapping splits 2560\), CPU/tables gave 6624 pages"):
         k.validate("full")
 
 
