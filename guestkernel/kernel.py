@@ -45,7 +45,7 @@ from .page_alloc import AllocationError, BuddyAllocator, ZoneType
 from .pgtable import PG_LEVEL_1G, PG_LEVEL_2M, PG_LEVEL_4K, KernelPageTables
 from .policy import Policy, get_policy
 from .shadow import Shadow
-from .users import BpfJit, ModuleLoader, Secretmem
+from .users import BpfJit, ModuleLoader, ProtectedPageTables, Secretmem
 from .vmalloc import Vmalloc, VmFlags
 
 __all__ = ["Kernel", "KernelError", "SystemState"]
@@ -135,6 +135,7 @@ class Kernel:
         k.modules = ModuleLoader(k)
         k.bpf = BpfJit(k)
         k.secretmem = Secretmem(k)
+        k.pgtable_protect = ProtectedPageTables(k)
         k._boot_protections()
         k.system_state = SystemState.RUNNING
         k.boot_direct_pages_count = list(k.pgt.direct_pages_count)
@@ -458,6 +459,8 @@ class Kernel:
         return self.vmalloc.vmalloc_node_range(
             size, start=self.profile.modules_vaddr, end=self.profile.modules_end,
             flags=VmFlags.FLUSH_RESET_PERMS, caller="module_alloc").addr
+
+    execmem_alloc = module_alloc   # the 6.10+ name of the same allocation
 
     def alloc_insn_page(self) -> int:
         """kprobes/ftrace: one module_alloc page made RO+X."""

@@ -216,3 +216,28 @@ class GuestMemfd(Secretmem):
 
     def populate(self, nr_pages: int) -> list[int]:
         return [self.fault() for _ in range(nr_pages)]
+
+
+class ProtectedPageTables:
+    """Page-table pages that a protection scheme (PKS-protected page tables,
+    "read-only page tables" RFCs) keeps read-only in the direct map: each
+    table page is allocated (``GFP_PGTABLE``) and its direct-map alias made
+    RO; it is made RW again before it is freed."""
+
+    def __init__(self, kernel: "Kernel"):
+        self.k = kernel
+        self.pages: set[int] = set()
+
+    def alloc(self) -> int:
+        k = self.k
+        pfn = k.alloc_pages(int(G.GFP_PGTABLE), 0)
+        k.set_memory_ro(k.pfn_to_virt(pfn), 1)
+        self.pages.add(pfn)
+        return pfn
+
+    def free(self, pfn: int) -> None:
+        if pfn not in self.pages:
+            raise UsersError(f"pgtable: pfn {pfn:#x} is not a protected table page")
+        self.pages.remove(pfn)
+        self.k.set_memory_rw(self.k.pfn_to_virt(pfn), 1)
+        self.k.free_pages(pfn, 0)

@@ -17,7 +17,7 @@ from guestkernel import E820Table
 
 pytestmark = pytest.mark.realkernel
 
-SIZES = ("2G", "4G", "8G")
+SIZES = ("2G", "3G", "4G", "8G")
 DIRECT = ("DirectMap4k", "DirectMap2M", "DirectMap1G")
 
 
@@ -66,7 +66,7 @@ def test_direct_map_1g_equals_real_up_to_4g(boots):
 
 
 @pytest.mark.parametrize("ram", [
-    "2G", "4G",
+    "2G", "3G", "4G",
     pytest.param("8G", marks=pytest.mark.xfail(strict=True, reason=KNOWN_DIFFERENCES[0])),
 ])
 def test_boot_meminfo_equals_real(boots, ram):

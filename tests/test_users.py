@@ -142,3 +142,19 @@ def test_ptdump_format(k):
     ranges = [line.split()[0].split("-") for line in out if line.startswith("0x")]
     for (a0, a1), (b0, _b1) in zip(ranges, ranges[1:]):
         assert a1 == b0 or int(a1, 16) == 0xFFFF880000000000 and int(b0, 16) == 0xFFFF880000000000
+
+
+def test_protected_page_tables_are_ro_in_the_direct_map(k):
+    pfn = k.pgtable_protect.alloc()
+    va = k.pfn_to_virt(pfn)
+    entry, level = k.lookup_address(va)
+    assert level == 1 and not entry & F.RW
+    with pytest.raises(PageFault) as exc:
+        k.machine.translate(va, "w")
+    assert exc.value.error_code == PfErr.P | PfErr.W
+    assert int(k.machine.ram64[pfn * 512]) == 0            # GFP_PGTABLE zeroes it
+    k.pgtable_protect.free(pfn)
+    assert k.machine.translate(va, "w") == pfn << 12
+    with pytest.raises(UsersError):
+        k.pgtable_protect.free(pfn)
+    counters_match_tables(k)
