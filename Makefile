@@ -28,6 +28,7 @@ test: $(STAMP) realkernel-deps
 
 bench: $(STAMP)
 	$(PY) bench/emu_bench.py
+	$(PY) bench/tlb.py
 	$(PY) bench/kernel_bench.py
 	$(PY) bench/page_alloc_bench.py
 	$(PY) bench/validate_bench.py
