@@ -35,3 +35,72 @@ def random_loads(base: int, size: int, count: int, seed: int = 1) -> str:
         dec rcx
         jnz next
     """
+
+
+def pointer_chase(nodes: list[int], rounds: int) -> str:
+    """Follow a ring of pointers ``rounds`` times. ``nodes`` are the virtual
+    addresses of the objects; :func:`link_ring` writes the ring into RAM.
+    Ends with the last node's address in rax."""
+    if not nodes or rounds <= 0:
+        raise ValueError("pointer_chase needs nodes and a positive round count")
+    return f"""
+        mov rax, {nodes[0]:#x}
+        mov rcx, {rounds * len(nodes)}
+    chase:
+        mov rax, [rax]
+        dec rcx
+        jnz chase
+    """
+
+
+def link_ring(write_qword, nodes: list[int], translate) -> None:
+    """Write node i's pointer to node i+1 (the last to the first) through
+    ``translate(va) -> pa`` and ``write_qword(pa, value)``."""
+    for i, va in enumerate(nodes):
+        write_qword(translate(va), nodes[(i + 1) % len(nodes)])
+
+
+def stream_copy(table_va: int, npages: int, rounds: int = 1) -> str:
+    """Copy ``npages`` pages: the table at ``table_va`` holds (src, dst)
+    virtual page addresses, 16 bytes per pair; each page moves with
+    ``rep movsq`` (512 quadwords)."""
+    if npages <= 0 or rounds <= 0:
+        raise ValueError("stream_copy needs pages and rounds")
+    return f"""
+        mov r9, {rounds}
+    again:
+        mov r8, {table_va:#x}
+        mov r10, {npages}
+    page:
+        mov rsi, [r8]
+        mov rdi, [r8 + 8]
+        mov rcx, 512
+        rep movsq
+        add r8, 16
+        dec r10
+        jnz page
+        dec r9
+        jnz again
+    """
+
+
+def fetch_chain_stub(next_va: int) -> str:
+    """The code planted at the start of each text page for :func:`fetch_chain`:
+    jump to the next page."""
+    return f"mov rax, {next_va:#x}\njmp rax"
+
+
+def fetch_chain(first_va: int, back_label_va: int, rounds: int) -> str:
+    """Jump through a chain of text pages (each holding
+    :func:`fetch_chain_stub`; the last jumps to ``back_label_va``, the
+    address of this program's ``back`` label) ``rounds`` times: instruction
+    fetch across module text."""
+    return f"""
+        mov r9, {rounds}
+    top:
+        mov rax, {first_va:#x}
+        jmp rax
+    back:
+        dec r9
+        jnz top
+    """

@@ -224,7 +224,7 @@ class ProtectedPageTables:
     table page is allocated (``GFP_PGTABLE``) and its direct-map alias made
     RO; it is made RW again before it is freed."""
 
-    def __init__(self, kernel: "Kernel"):
+    def __init__(self, kernel: Kernel):
         self.k = kernel
         self.pages: set[int] = set()
 

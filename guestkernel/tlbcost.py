@@ -1,0 +1,108 @@
+"""What fragmentation costs: run an access kernel over pages the guest kernel
+allocated, addressed through its direct map, with the TLB model attached;
+run the same on a reference kernel booted from the same memory map whose
+direct map is unfragmented (same RAM, same frames, same program), and
+report both side by side."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from emu import kernels
+from emu.tlb import TlbModel
+
+from .layout import PAGE_SIZE
+
+if TYPE_CHECKING:
+    from .kernel import Kernel
+
+__all__ = ["KERNELS", "reference_kernel", "tlb_cost"]
+
+KERNELS = ("random", "chase", "stream")
+
+
+def reference_kernel(k: Kernel) -> Kernel:
+    """The same e820 and profile, just booted: the unfragmented reference."""
+    from .kernel import Kernel
+    return Kernel.boot(e820=k.e820, gbpages=k.gbpages, profile=k.profile)
+
+
+def _program(k: Kernel, kind: str, pfns: list[int], rounds: int, seed: int) -> str:
+    vas = [k.pfn_to_virt(p) for p in pfns]
+    m = k.machine
+    if kind == "random":
+        # a dependent load per page, pages in a seeded random order
+        return kernels.pointer_chase(_shuffled(vas, seed), rounds)
+    if kind == "chase":
+        nodes = [va + 64 * ((i * 7) % 64) for i, va in enumerate(vas)]  # slab-like objects
+        return kernels.pointer_chase(nodes, rounds)
+    if kind == "stream":
+        half = len(vas) // 2
+        table_pa = pfns[0] * PAGE_SIZE
+        pairs = list(zip(vas[1:half + 1], vas[half + 1:]))
+        for i, (s, d) in enumerate(pairs[: PAGE_SIZE // 16]):
+            m.ram64[(table_pa >> 3) + 2 * i] = s
+            m.ram64[(table_pa >> 3) + 2 * i + 1] = d
+        return kernels.stream_copy(vas[0], min(len(pairs), PAGE_SIZE // 16), rounds)
+    raise ValueError(f"unknown access kernel {kind!r}; known: {', '.join(KERNELS)}")
+
+
+def _shuffled(vas: list[int], seed: int) -> list[int]:
+    import random
+    out = list(vas)
+    random.Random(seed).shuffle(out)
+    return out
+
+
+def _prepare(k: Kernel, kind: str, pfns: list[int], rounds: int, seed: int) -> str:
+    prog = _program(k, kind, pfns, rounds, seed)
+    if kind in ("random", "chase"):
+        nodes = (_shuffled([k.pfn_to_virt(p) for p in pfns], seed) if kind == "random" else
+                 [k.pfn_to_virt(p) + 64 * ((i * 7) % 64) for i, p in enumerate(pfns)])
+        kernels.link_ring(lambda pa, v: k.machine.ram64.__setitem__(pa >> 3, v), nodes,
+                          lambda va: va - k.pfn_to_virt(0))
+    return prog
+
+
+def _run(k: Kernel, prog: str, preset: str) -> dict[str, float]:
+    code = k.validator_code_page()
+    m = k.machine
+    m.tlb = TlbModel(preset)
+    try:
+        m.flush_tlb()
+        r = m.run(prog, at=code, count_insns=False, max_insns=None,
+                  regs={"rsp": k.pfn_to_virt(k.validator_out_pfn) + PAGE_SIZE})
+    finally:
+        m.tlb = None
+    if r.status.value != "completed":
+        raise RuntimeError(f"access kernel stopped: {r.status.value} {r.fault}")
+    return r.tlb
+
+
+def tlb_cost(k: Kernel, pfns: list[int], kind: str = "chase", *, rounds: int = 4,
+             preset: str = "skylake", seed: int = 1, reference: Kernel | None = None) -> dict:
+    """Side-by-side TLB cost of one access kernel on ``k`` and on the
+    unfragmented reference (booted here unless given)."""
+    if not pfns:
+        raise ValueError("tlb_cost needs a working set of pages")
+    ref = reference or reference_kernel(k)
+    out = {}
+    for name, kern in (("state", k), ("reference", ref)):
+        prog = _prepare(kern, kind, pfns, rounds, seed)
+        st = _run(kern, prog, preset)
+        acc = st["data_accesses"] or 1
+        out[name] = {
+            "dtlb_walks_per_kilo_access": 1000.0 * (st["dtlb_load_misses.walk_completed"]
+                                                    + st["dtlb_store_misses.walk_completed"]) / acc,
+            "walks_4k": st["dtlb_load_misses.walk_completed_4k"] + st["dtlb_store_misses.walk_completed_4k"],
+            "walks_2m": st["dtlb_load_misses.walk_completed_2m_4m"] + st["dtlb_store_misses.walk_completed_2m_4m"],
+            "walks_1g": st["dtlb_load_misses.walk_completed_1g"] + st["dtlb_store_misses.walk_completed_1g"],
+            "stlb_hits": st["dtlb_load_misses.stlb_hit"] + st["dtlb_store_misses.stlb_hit"],
+            "walk_mem_refs": st["walk_mem_refs"],
+            "est_walk_cycles": st["est_walk_cycles"],
+            "data_accesses": acc,
+        }
+    ref_cycles = out["reference"]["est_walk_cycles"] or 1
+    out["walk_cycles_vs_reference"] = out["state"]["est_walk_cycles"] / ref_cycles
+    out["kernel"], out["preset"], out["pages"] = kind, preset, len(pfns)
+    return out
