@@ -84,23 +84,24 @@ def stream_copy(table_va: int, npages: int, rounds: int = 1) -> str:
     """
 
 
-def fetch_chain_stub(next_va: int) -> str:
+def fetch_chain_stub(next_va: int | None) -> str:
     """The code planted at the start of each text page for :func:`fetch_chain`:
-    jump to the next page."""
+    jump to the next page; the last page returns."""
+    if next_va is None:
+        return "ret"
     return f"mov rax, {next_va:#x}\njmp rax"
 
 
-def fetch_chain(first_va: int, back_label_va: int, rounds: int) -> str:
-    """Jump through a chain of text pages (each holding
-    :func:`fetch_chain_stub`; the last jumps to ``back_label_va``, the
-    address of this program's ``back`` label) ``rounds`` times: instruction
-    fetch across module text."""
+def fetch_chain(first_va: int, rounds: int) -> str:
+    """Call into a chain of text pages (each holding :func:`fetch_chain_stub`)
+    ``rounds`` times: instruction fetch across module text. Needs a stack."""
+    if rounds <= 0:
+        raise ValueError("fetch_chain needs a positive round count")
     return f"""
         mov r9, {rounds}
     top:
         mov rax, {first_va:#x}
-        jmp rax
-    back:
+        call rax
         dec r9
         jnz top
     """

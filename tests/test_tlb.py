@@ -207,3 +207,33 @@ def test_cost_report_fragmented_vs_reference():
     assert rep["walk_cycles_vs_reference"] > 100
     stream = tlb_cost(k, pfns, "stream", rounds=1)
     assert stream["state"]["walks_4k"] > stream["reference"]["walks_4k"]
+
+
+def test_instruction_fetch_across_module_text():
+    from emu.asm import assemble
+    from guestkernel import Kernel
+    k = Kernel.boot(ram="2G")
+    pages = 40
+    mod = k.modules.load_module("big", text=pages * 4096)
+    vas = [mod.base + i * 4096 for i in range(pages)]
+    for i, va in enumerate(vas):
+        stub = assemble(kernels_stub(vas[i + 1] if i + 1 < pages else None), va)
+        pa = k.machine.translate(va, "x")
+        k.machine.ram[pa: pa + len(stub)] = list(stub)
+    from emu.kernels import fetch_chain
+    code = k.validator_code_page()
+    k.machine.tlb = TlbModel("skylake")
+    r = k.machine.run(fetch_chain(vas[0], 3), at=code, count_insns=False, max_insns=None,
+                      regs={"rsp": k.pfn_to_virt(k.validator_out_pfn) + 4096})
+    c = k.machine.tlb.counters()
+    k.machine.tlb = None
+    assert r.status.value == "completed", r.fault
+    # 40 text pages + the code page: one ITLB walk each on the first round,
+    # then the 128-entry 4K ITLB holds them all.
+    assert c["walk_4k_fetch"] == pages + 1
+    assert c["fetches"] >= 3 * pages
+
+
+def kernels_stub(next_va):
+    from emu.kernels import fetch_chain_stub
+    return fetch_chain_stub(next_va)
