@@ -68,6 +68,9 @@ class CpaData:
     pfn: int = 0
     #: outcomes seen, for tests and tracing: (address, level, SplitOutcome)
     decisions: list[tuple[int, int, SplitOutcome]] = field(default_factory=list)
+    #: direct-map PFNs whose 4K entry this request (or its aliases) rewrote:
+    #: where a merging policy looks for tables to collapse
+    changed: list[int] = field(default_factory=list)
 
     def addr(self, i: int) -> int:
         if self.flags & CpaFlags.ARRAY:
@@ -223,6 +226,8 @@ class Cpa:
                 if old != new:
                     pgt.set(slot, new)
                     cpa.flags |= CpaFlags.FLUSHTLB
+                    if self._within_direct_map(address):
+                        cpa.changed.append(pfn)
                 cpa.numpages = 1
                 return
             outcome = self.should_split_large_page(slot, level, address, cpa)
@@ -323,6 +328,7 @@ class Cpa:
             cpa.force_flush_all = True
             self._change_page_attr_set_clr(alias, False)
             cpa.decisions.extend(alias.decisions)
+            cpa.changed.extend(alias.changed)
             cpa.flags |= alias.flags & CpaFlags.FLUSHTLB
         if not self._within_image(vaddr) and self._pfn_in_highmap(pfn):
             img = profile.image

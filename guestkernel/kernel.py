@@ -94,6 +94,11 @@ class Kernel:
         self.validation_generation = 0
         self._in_debug_vm = False
         self.debug_vm = False
+        #: what module_alloc/execmem asks of the page allocator (a policy may
+        #: add GFP_UNMAPPED, as the 2022 RFC does)
+        self.execmem_gfp = int(G.GFP_KERNEL)
+        #: secretmem takes GFP_UNMAPPED pages instead of unmapping them itself
+        self.secretmem_unmapped = False
 
     # -- boot -------------------------------------------------------------
 
@@ -428,7 +433,10 @@ class Kernel:
         return self.cpa.change_page_attr_set_clr(addr, numpages, 0, int(F.RW | F.NX))
 
     def set_memory_4k(self, addr: int, numpages: int) -> CpaData:
-        return self.cpa.change_page_attr_set_clr(addr, numpages, 0, 0, force_split=True)
+        """Split to 4K and mark the entries so that no collapse undoes it
+        (6.15's _PAGE_KERNEL_4K, a software bit here: collapse.KERNEL_4K)."""
+        from .collapse import KERNEL_4K
+        return self.cpa.change_page_attr_set_clr(addr, numpages, KERNEL_4K, 0, force_split=True)
 
     def set_direct_map_invalid_noflush(self, pfn: int) -> CpaData:
         """Clear P and RW of one page's direct-map entry, no alias, no flush."""
@@ -458,7 +466,7 @@ class Kernel:
         """arch/x86/kernel/module.c: a module-area vmalloc with VM_FLUSH_RESET_PERMS."""
         return self.vmalloc.vmalloc_node_range(
             size, start=self.profile.modules_vaddr, end=self.profile.modules_end,
-            flags=VmFlags.FLUSH_RESET_PERMS, caller="module_alloc").addr
+            gfp=self.execmem_gfp, flags=VmFlags.FLUSH_RESET_PERMS, caller="module_alloc").addr
 
     execmem_alloc = module_alloc   # the 6.10+ name of the same allocation
 

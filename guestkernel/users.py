@@ -84,7 +84,8 @@ class ModuleLoader:
         k = self.k
         area = k.vmalloc.vmalloc_node_range(
             (t + r + a + d) * PAGE_SIZE, start=k.profile.modules_vaddr,
-            end=k.profile.modules_end, flags=VmFlags.FLUSH_RESET_PERMS, caller=f"module {name}")
+            end=k.profile.modules_end, gfp=k.execmem_gfp, flags=VmFlags.FLUSH_RESET_PERMS,
+            caller=f"module {name}")
         base = area.addr
         mod = Module(name, area, t, r, a, d)
         # complete_formation: module_enable_ro(mod, false), _nx, _x.
@@ -125,17 +126,21 @@ class _Pack:
 class BpfJit:
     """``bpf_jit_binary_pack_alloc`` / ``bpf_prog_pack_free``."""
 
-    def __init__(self, kernel: Kernel, use_pack: bool = True):
+    def __init__(self, kernel: Kernel, use_pack: bool = True, huge_pack: bool = False):
         self.k = kernel
         self.use_pack = use_pack
+        #: packs backed by one 2M page (module_alloc_huge, 6.2+): their
+        #: direct-map alias changes as a whole 2M page, without a split
+        self.huge_pack = huge_pack
         self.packs: list[_Pack] = []
         self.progs: dict[int, BpfProg] = {}
 
     def _module_alloc_rox(self, size: int) -> VmStruct:
         k = self.k
+        huge = VmFlags.ALLOW_HUGE_VMAP if self.huge_pack and size >= BPF_PROG_PACK_SIZE else VmFlags(0)
         area = k.vmalloc.vmalloc_node_range(size, start=k.profile.modules_vaddr,
-                                            end=k.profile.modules_end,
-                                            flags=VmFlags.FLUSH_RESET_PERMS, caller="bpf")
+                                            end=k.profile.modules_end, gfp=k.execmem_gfp,
+                                            flags=VmFlags.FLUSH_RESET_PERMS | huge, caller="bpf")
         k.set_memory_ro(area.addr, area.size // PAGE_SIZE)
         k.set_memory_x(area.addr, area.size // PAGE_SIZE)
         return area
@@ -193,12 +198,16 @@ class Secretmem:
         self.pages: set[int] = set()
 
     def fault(self) -> int:
-        """secretmem_fault: allocate a page, unmap it from the direct map."""
+        """secretmem_fault: allocate a page, unmap it from the direct map
+        (with ``GFP_UNMAPPED`` when the policy serves it: the 2022 RFC)."""
         k = self.k
-        pfn = k.alloc_pages(int(G.GFP_HIGHUSER | G.GFP_ZERO), 0)
-        k.set_direct_map_invalid_noflush(pfn)
-        va = k.pfn_to_virt(pfn)
-        k.flush_tlb_kernel_range(va, va + PAGE_SIZE)
+        if k.secretmem_unmapped:
+            pfn = k.alloc_pages(int(G.GFP_HIGHUSER | G.GFP_ZERO | G.GFP_UNMAPPED), 0)
+        else:
+            pfn = k.alloc_pages(int(G.GFP_HIGHUSER | G.GFP_ZERO), 0)
+            k.set_direct_map_invalid_noflush(pfn)
+            va = k.pfn_to_virt(pfn)
+            k.flush_tlb_kernel_range(va, va + PAGE_SIZE)
         self.pages.add(pfn)
         return pfn
 
@@ -207,7 +216,8 @@ class Secretmem:
         if pfn not in self.pages:
             raise UsersError(f"secretmem: pfn {pfn:#x} is not a secret page")
         self.pages.remove(pfn)
-        self.k.set_direct_map_default_noflush(pfn)
+        if not self.k.secretmem_unmapped:
+            self.k.set_direct_map_default_noflush(pfn)
         self.k.free_pages(pfn, 0)
 
 
@@ -230,7 +240,7 @@ class ProtectedPageTables:
 
     def alloc(self) -> int:
         k = self.k
-        pfn = k.alloc_pages(int(G.GFP_PGTABLE), 0)
+        pfn = k.alloc_pages(int(G.GFP_PGTABLE | G.GFP_PTE_MAPPED), 0)
         k.set_memory_ro(k.pfn_to_virt(pfn), 1)
         self.pages.add(pfn)
         return pfn

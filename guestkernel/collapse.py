@@ -1,0 +1,121 @@
+"""Merging split direct-map tables back into large pages.
+
+The rule of Linux 6.15's ``cpa_collapse_large_pages`` (and of the 2022
+``cpa-merge`` RFCs): a PTE table collapses into a 2M leaf when its first
+frame is 2M-aligned, all 512 entries are present with identical flags and
+contiguous frames, and none is marked 4K-only (``set_memory_4k``); then the
+PMD table above collapses into a 1G leaf (with gbpages) when all 512 PMD
+entries are 2M leaves with identical flags and contiguous frames. The new
+entry is installed, the TLB flushed, and only then the old table freed.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from emu import pagetable as pt
+from emu.pagetable import PteFlags as F
+
+from .layout import PAGE_OFFSET, PMD_SIZE, PUD_SIZE
+
+if TYPE_CHECKING:
+    from .kernel import Kernel
+
+__all__ = ["collapse_direct_map", "KERNEL_4K"]
+
+#: The marker set_memory_4k leaves on entries it split (never collapse them):
+#: a software bit, as 6.15's _PAGE_KERNEL_4K is.
+KERNEL_4K = int(F.SW2)
+_HW = np.uint64(int(F.A | F.D))
+_ADDR = np.uint64(pt.ADDR_MASK)
+
+
+def _pmd_slot_of(k: "Kernel", va: int) -> tuple[int, int] | None:
+    """(slot of the PMD entry covering va, slot of the PUD entry) if the PMD
+    entry points to a PTE table."""
+    pgt = k.pgt
+    table = pgt.root
+    slots = []
+    for level in (4, 3, 2):
+        slot = pgt.slot(table, pt.table_index(va, level))
+        entry = pgt.get(slot)
+        if not entry & F.P or (level < 4 and entry & F.PS):
+            return None
+        slots.append(slot)
+        table = entry & pt.ADDR_MASK
+    return slots[2], slots[1]
+
+
+def _try_pmd(k: "Kernel", pmd_slot: int, region_pa: int) -> bool:
+    pgt = k.pgt
+    table = pgt.get(pmd_slot) & pt.ADDR_MASK
+    ptes = k.machine.ram64[table >> 3: (table >> 3) + 512]
+    flags = ptes & ~_ADDR & ~_HW
+    first = int(ptes[0])
+    if not first & F.P or int(flags[0]) & KERNEL_4K:
+        return False
+    if (first & pt.ADDR_MASK) != region_pa or (region_pa & (PMD_SIZE - 1)):
+        return False
+    if not np.all(flags == flags[0]):
+        return False
+    frames = ptes & _ADDR
+    if not np.array_equal(frames, np.uint64(region_pa) + np.arange(512, dtype=np.uint64) * np.uint64(4096)):
+        return False
+    large = pt.large_flags_from_4k(int(flags[0]))
+    pgt.set(pmd_slot, region_pa | large)
+    k.collapse_page_count(2)
+    k.flush_tlb_all()
+    _free_table(k, table)
+    return True
+
+
+def _free_table(k: "Kernel", table: int) -> None:
+    """Free an unlinked table page: a buddy page goes back to the buddy, a
+    boot-time (memblock) one is handed over as free_reserved_page does."""
+    k.pgt.table_pages.discard(table)
+    pfn = table >> 12
+    if k.buddy.allocated_order(pfn) == 0:
+        k.buddy.free_pages(pfn, 0)
+    else:
+        k.buddy.free_range(pfn, pfn + 1)
+
+
+def _try_pud(k: "Kernel", pud_slot: int, region_pa: int) -> bool:
+    pgt = k.pgt
+    if not k.gbpages or region_pa & (PUD_SIZE - 1):
+        return False
+    table = pgt.get(pud_slot) & pt.ADDR_MASK
+    pmds = k.machine.ram64[table >> 3: (table >> 3) + 512]
+    flags = pmds & ~_ADDR & ~_HW
+    if not np.all(flags == flags[0]) or not int(flags[0]) & F.PS or not int(flags[0]) & F.P:
+        return False
+    frames = pmds & _ADDR & ~np.uint64(int(F.PAT_LARGE))
+    if not np.array_equal(frames, np.uint64(region_pa) + np.arange(512, dtype=np.uint64) * np.uint64(PMD_SIZE)):
+        return False
+    pgt.set(pud_slot, region_pa | int(flags[0]) | (int(pmds[0]) & F.PAT_LARGE))
+    k.collapse_page_count(3)
+    k.flush_tlb_all()
+    _free_table(k, table)
+    return True
+
+
+def collapse_direct_map(k: "Kernel", pfns) -> tuple[int, int]:
+    """Try to collapse the direct-map tables covering ``pfns``; returns
+    (2M collapses, 1G collapses)."""
+    n2 = n1 = 0
+    regions = sorted({int(p) >> 9 for p in pfns})
+    for r in regions:
+        pa = r << 21
+        if pa >= k.max_pfn << 12:
+            continue
+        found = _pmd_slot_of(k, PAGE_OFFSET + pa)
+        if found is None:
+            continue
+        pmd_slot, pud_slot = found
+        if _try_pmd(k, pmd_slot, pa):
+            n2 += 1
+            if _try_pud(k, pud_slot, pa & ~(PUD_SIZE - 1)):
+                n1 += 1
+    return n2, n1
