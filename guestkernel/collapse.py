@@ -23,7 +23,7 @@ from .layout import PAGE_OFFSET, PMD_SIZE, PUD_SIZE
 if TYPE_CHECKING:
     from .kernel import Kernel
 
-__all__ = ["collapse_direct_map", "KERNEL_4K"]
+__all__ = ["KERNEL_4K", "collapse_direct_map"]
 
 #: The marker set_memory_4k leaves on entries it split (never collapse them):
 #: a software bit, as 6.15's _PAGE_KERNEL_4K is.
@@ -32,7 +32,7 @@ _HW = np.uint64(int(F.A | F.D))
 _ADDR = np.uint64(pt.ADDR_MASK)
 
 
-def _pmd_slot_of(k: "Kernel", va: int) -> tuple[int, int] | None:
+def _pmd_slot_of(k: Kernel, va: int) -> tuple[int, int] | None:
     """(slot of the PMD entry covering va, slot of the PUD entry) if the PMD
     entry points to a PTE table."""
     pgt = k.pgt
@@ -48,7 +48,7 @@ def _pmd_slot_of(k: "Kernel", va: int) -> tuple[int, int] | None:
     return slots[2], slots[1]
 
 
-def _try_pmd(k: "Kernel", pmd_slot: int, region_pa: int) -> bool:
+def _try_pmd(k: Kernel, pmd_slot: int, region_pa: int) -> bool:
     pgt = k.pgt
     table = pgt.get(pmd_slot) & pt.ADDR_MASK
     ptes = k.machine.ram64[table >> 3: (table >> 3) + 512]
@@ -71,7 +71,7 @@ def _try_pmd(k: "Kernel", pmd_slot: int, region_pa: int) -> bool:
     return True
 
 
-def _free_table(k: "Kernel", table: int) -> None:
+def _free_table(k: Kernel, table: int) -> None:
     """Free an unlinked table page: a buddy page goes back to the buddy, a
     boot-time (memblock) one is handed over as free_reserved_page does."""
     k.pgt.table_pages.discard(table)
@@ -82,7 +82,7 @@ def _free_table(k: "Kernel", table: int) -> None:
         k.buddy.free_range(pfn, pfn + 1)
 
 
-def _try_pud(k: "Kernel", pud_slot: int, region_pa: int) -> bool:
+def _try_pud(k: Kernel, pud_slot: int, region_pa: int) -> bool:
     pgt = k.pgt
     if not k.gbpages or region_pa & (PUD_SIZE - 1):
         return False
@@ -101,7 +101,7 @@ def _try_pud(k: "Kernel", pud_slot: int, region_pa: int) -> bool:
     return True
 
 
-def collapse_direct_map(k: "Kernel", pfns) -> tuple[int, int]:
+def collapse_direct_map(k: Kernel, pfns) -> tuple[int, int]:
     """Try to collapse the direct-map tables covering ``pfns``; returns
     (2M collapses, 1G collapses)."""
     n2 = n1 = 0

@@ -149,6 +149,7 @@ class Kernel:
         # Call a policy's page hooks only if it overrides them (the hot path).
         k._policy_alloc = pol.alloc_pages if type(pol).alloc_pages is not Policy.alloc_pages else None
         k._policy_free = pol.free_pages if type(pol).free_pages is not Policy.free_pages else None
+        k.policy_name = pol.name
         pol.attach(k)
         return k
 
@@ -246,6 +247,7 @@ class Kernel:
                   ZoneType.DMA32: (min(dma, self.max_pfn), min(dma32, self.max_pfn)),
                   ZoneType.NORMAL: (min(dma32, self.max_pfn), self.max_pfn)}
         self.buddy = BuddyAllocator(self.max_pfn, zone_bounds=bounds)
+        self.policy.setup_buddy(self.buddy)
         for lo, hi in self.memblock.free_ranges():
             lo, hi = -(-lo // PAGE_SIZE), hi // PAGE_SIZE
             if lo < hi:

@@ -1180,6 +1180,17 @@ class BuddyAllocator:
         block = self._find_block(pfn)
         return block is not None and block[2] == _PG_BUDDY
 
+    def split_allocated(self, pfn: int, order: int) -> None:
+        """``split_page``: an allocated block of ``order`` becomes 2^order
+        allocated order-0 pages, each freed on its own."""
+        if not 0 <= pfn < self.max_pfn:
+            raise ValueError(f"pfn {pfn:#x} out of range")
+        v = self._state[pfn]
+        kind = v & _KIND_MASK
+        if kind not in (_PG_ALLOC, _PG_ALLOC_MOVABLE) or v & _ORDER_MASK != order:
+            raise BadFreeError(f"split_page({pfn:#x}, {order}): not an allocated block of that order")
+        self._state_np[pfn: pfn + (1 << order)] = kind
+
     def in_pcp(self, pfn: int) -> bool:
         """Whether ``pfn`` heads a block sitting on a per-cpu list (freed by
         its user, not yet back in the buddy)."""

@@ -40,6 +40,10 @@ class Policy:
                               f"known: {sorted(self.defaults) or 'none'}")
         self.tunables = {**self.defaults, **tunables}
 
+    def setup_buddy(self, buddy) -> None:
+        """Called when the buddy allocator is built, before any allocation:
+        the place to register a migrate type."""
+
     def attach(self, kernel: Kernel) -> None:
         """Called once the kernel has booted."""
 
@@ -64,7 +68,7 @@ class Policy:
 
 
 _REGISTRY: dict[str, type[Policy]] = {}
-_HOOKS = ("attach", "alloc_pages", "free_pages", "shrink", "cpa_before", "cpa_after")
+_HOOKS = ("setup_buddy", "attach", "alloc_pages", "free_pages", "shrink", "cpa_before", "cpa_after")
 
 
 def register_policy(cls: type[Policy]) -> type[Policy]:
@@ -98,9 +102,54 @@ def policy_names() -> list[str]:
     return sorted(_REGISTRY)
 
 
+class ComposedPolicy(Policy):
+    """``a+b``: grouping and merging compose. Page hooks go to the parts in
+    order (the first that serves or takes a page wins); shrinkers and CPA
+    hooks run for every part."""
+
+    def __init__(self, parts: list[Policy]):
+        super().__init__()
+        self.parts = parts
+        self.name = "+".join(p.name for p in parts)
+
+    def setup_buddy(self, buddy) -> None:
+        for p in self.parts:
+            p.setup_buddy(buddy)
+
+    def attach(self, kernel) -> None:
+        for p in self.parts:
+            p.attach(kernel)
+
+    def alloc_pages(self, kernel, gfp, order):
+        for p in self.parts:
+            pfn = p.alloc_pages(kernel, gfp, order)
+            if pfn is not None:
+                return pfn
+        return None
+
+    def free_pages(self, kernel, pfn, order):
+        return any(p.free_pages(kernel, pfn, order) for p in self.parts)
+
+    def shrink(self, kernel, nr_pages):
+        return sum(p.shrink(kernel, nr_pages) for p in self.parts)
+
+    def cpa_before(self, kernel, cpa):
+        for p in self.parts:
+            p.cpa_before(kernel, cpa)
+
+    def cpa_after(self, kernel, cpa):
+        for p in self.parts:
+            p.cpa_after(kernel, cpa)
+
+
 def get_policy(name: str | Policy, **tunables) -> Policy:
     if isinstance(name, Policy):
         return name
+    if isinstance(name, str) and "+" in name:
+        if tunables:
+            raise PolicyError("tunables cannot be given to a composed policy; build the parts "
+                              "and pass ComposedPolicy([...])")
+        return ComposedPolicy([get_policy(part) for part in name.split("+")])
     _discover()
     try:
         cls = _REGISTRY[name]

@@ -5,6 +5,6 @@ Importing this package registers the in-tree policies with
 ``dmfrag.policies``.
 """
 
-from . import baseline
+from . import baseline, grouping, merge
 
-__all__ = ["baseline"]
+__all__ = ["baseline", "grouping", "merge"]

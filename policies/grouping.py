@@ -1,0 +1,297 @@
+"""Grouping policies: keep the pages that need PTE-level (or no) direct-map
+entries together, so that few large pages are split.
+
+``pte-mapped-cache`` (Mike Rapoport, RFC, Aug 2021): ``GFP_PTE_MAPPED``
+requests are served from an order-0 cache of pages whose direct map is
+already PTE-mapped. An empty cache is refilled by taking one 2M (order-9)
+block from the buddy allocator and splitting its direct-map mapping once
+(``set_memory_4k``); when no 2M block is free, a single page is taken and
+split instead. The shrinker returns free cached pages to the buddy
+allocator. Choice where the RFC is silent: the shrinker runs when an
+allocation fails (the kernel's reclaim path), and returns whole cached
+blocks first.
+
+``migrate-unmapped`` (Rapoport, RFC, Jan 2022): a ``MIGRATE_UNMAPPED``
+migrate type. ``GFP_UNMAPPED`` requests come from its free lists; when they
+are empty a whole pageblock is stolen (an order-9 allocation of any type),
+remapped at PTE level, and its pages moved to the UNMAPPED lists. Pages
+leave the direct map when allocated and come back when freed; when a whole
+pageblock is free again its PMD is restored (collapse) and the block
+returns to the MOVABLE type. Module allocations and secretmem use
+``GFP_UNMAPPED`` under this policy, as in the RFC's series.
+
+``unmapped-alloc`` (Rapoport, LSF/MM 2023): a separate cache of 2M pages,
+each removed from the direct map as a whole (one PMD rewritten: no 2M
+split), itself a small buddy allocator that serves orders 0..9; a shrinker
+maps free 2M pages back and returns them.
+
+``per-user-caches`` (Gorman/Hocko/Edgecombe review): slab-like order-0
+caches per user kind (page tables, execmem, secretmem), each refilled in
+batches from one global ``unmapped-alloc`` cache.
+
+``prog-pack``: small executable images share 2M chunks backed by one 2M
+page each (``bpf_prog_pack`` with ``module_alloc_huge``, the execmem ROX
+cache): their direct-map alias changes as whole 2M pages.
+"""
+
+from __future__ import annotations
+
+from guestkernel import gfp as G
+from guestkernel.collapse import collapse_direct_map
+from guestkernel.layout import PAGE_OFFSET
+from guestkernel.page_alloc import AllocationError, MigrateType
+from guestkernel.policy import Policy, register_policy
+
+_UNMAPPED = int(G.GFP_UNMAPPED)
+
+
+def _split_direct_map(k, pfn: int, n: int) -> None:
+    """Map [pfn, pfn+n) at PTE level: a forced split with no attribute
+    change and no 4K-only mark (the RFCs' remap, collapsible later)."""
+    k.cpa.change_page_attr_set_clr(PAGE_OFFSET + pfn * 4096, n, 0, 0, force_split=True)
+
+_PTE_MAPPED = int(G.GFP_PTE_MAPPED)
+_PLAIN = ~(_UNMAPPED | _PTE_MAPPED)
+
+
+@register_policy
+class PteMappedCache(Policy):
+    name = "pte-mapped-cache"
+    defaults = {"max_cached": 4096}
+
+    def attach(self, kernel) -> None:
+        self.cache: list[int] = []
+        self.handed: set[int] = set()
+
+    def _refill(self, k, gfp: int) -> None:
+        try:
+            pfn = k.buddy.alloc_pages(gfp & _PLAIN, 9)
+            n = 512
+        except AllocationError:
+            pfn = k.buddy.alloc_pages(gfp & _PLAIN, 0)
+            n = 1
+        _split_direct_map(k, pfn, n)
+        if n == 512:
+            k.buddy.split_allocated(pfn, 9)   # split_page(): hand it out page by page
+        self.cache.extend(range(pfn, pfn + n))
+
+    def alloc_pages(self, kernel, gfp: int, order: int) -> int | None:
+        if not gfp & _PTE_MAPPED or order:
+            return None
+        if not self.cache:
+            self._refill(kernel, gfp)
+        pfn = self.cache.pop()
+        self.handed.add(pfn)
+        return pfn
+
+    def free_pages(self, kernel, pfn: int, order: int) -> bool:
+        if pfn not in self.handed:
+            return False
+        self.handed.remove(pfn)
+        if len(self.cache) >= self.tunables["max_cached"]:
+            kernel.buddy.free_pages(pfn, 0)
+        else:
+            self.cache.append(pfn)
+        return True
+
+    def shrink(self, kernel, nr_pages: int) -> int:
+        freed = 0
+        while self.cache and freed < nr_pages:
+            kernel.buddy.free_pages(self.cache.pop(), 0)
+            freed += 1
+        return freed
+
+
+@register_policy
+class MigrateUnmapped(Policy):
+    name = "migrate-unmapped"
+
+    def setup_buddy(self, buddy) -> None:
+        self.mt = buddy.register_migratetype("UNMAPPED")
+
+    def attach(self, kernel) -> None:
+        self.blocks: dict[int, int] = {}      # pageblock pfn -> pages allocated from it
+        kernel.execmem_gfp |= _UNMAPPED
+        kernel.secretmem_unmapped = True
+
+    def _steal_pageblock(self, k, gfp: int) -> None:
+        pfn = k.buddy.alloc_pages(gfp & _PLAIN, 9)
+        _split_direct_map(k, pfn, 512)                 # remap at PTE level
+        k.buddy.set_pageblock_migratetype(pfn, self.mt)
+        k.buddy.free_pages(pfn, 9)                      # its pages join the UNMAPPED lists
+        self.blocks[pfn] = 0
+
+    def alloc_pages(self, kernel, gfp: int, order: int) -> int | None:
+        if not gfp & _UNMAPPED:
+            return None
+        k = kernel
+        try:
+            pfn = k.buddy.alloc_pages(gfp & _PLAIN, order, migratetype=self.mt)
+        except AllocationError:
+            self._steal_pageblock(k, gfp)
+            pfn = k.buddy.alloc_pages(gfp & _PLAIN, order, migratetype=self.mt)
+        for i in range(1 << order):
+            k.set_direct_map_invalid_noflush(pfn + i)
+        va = k.pfn_to_virt(pfn)
+        k.flush_tlb_kernel_range(va, va + (4096 << order))
+        self.blocks[pfn & ~511] = self.blocks.get(pfn & ~511, 0) + (1 << order)
+        return pfn
+
+    def free_pages(self, kernel, pfn: int, order: int) -> bool:
+        block = pfn & ~511
+        if block not in self.blocks or kernel.buddy.get_pageblock_migratetype(pfn) != self.mt:
+            return False
+        k = kernel
+        for i in range(1 << order):
+            k.set_direct_map_default_noflush(pfn + i)
+        k.buddy.free_pages(pfn, order)
+        self.blocks[block] -= 1 << order
+        if self.blocks[block] == 0 and k.buddy.nr_free(order=9, mt=self.mt) and k.buddy.is_free(block):
+            # The whole pageblock is free: restore its PMD, give it back.
+            del self.blocks[block]
+            k.buddy.move_freepages_block(block, int(MigrateType.MOVABLE))
+            k.buddy.set_pageblock_migratetype(block, int(MigrateType.MOVABLE))
+            collapse_direct_map(k, [block])
+        return True
+
+
+class _ChunkBuddy:
+    """A buddy allocator over one 2M chunk (orders 0..9), free lists as sets."""
+
+    def __init__(self, base: int):
+        self.base = base
+        self.free = {o: set() for o in range(10)}
+        self.free[9].add(base)
+        self.used: dict[int, int] = {}
+
+    def alloc(self, order: int) -> int | None:
+        o = next((o for o in range(order, 10) if self.free[o]), None)
+        if o is None:
+            return None
+        pfn = min(self.free[o])
+        self.free[o].remove(pfn)
+        while o > order:
+            o -= 1
+            self.free[o].add(pfn + (1 << o))
+        self.used[pfn] = order
+        return pfn
+
+    def release(self, pfn: int) -> None:
+        order = self.used.pop(pfn)
+        while order < 9:
+            buddy = self.base + ((pfn - self.base) ^ (1 << order))
+            if buddy not in self.free[order]:
+                break
+            self.free[order].remove(buddy)
+            pfn = min(pfn, buddy)
+            order += 1
+        self.free[order].add(pfn)
+
+    @property
+    def empty(self) -> bool:
+        return not self.used
+
+
+@register_policy
+class UnmappedAlloc(Policy):
+    name = "unmapped-alloc"
+    defaults = {"keep_free_chunks": 1}
+
+    def attach(self, kernel) -> None:
+        self.chunks: dict[int, _ChunkBuddy] = {}
+        kernel.execmem_gfp |= _UNMAPPED
+        kernel.secretmem_unmapped = True
+
+    def _new_chunk(self, k, gfp: int) -> _ChunkBuddy:
+        pfn = k.buddy.alloc_pages(gfp & _PLAIN, 9)
+        k.set_memory_np(PAGE_OFFSET + pfn * 4096, 512)    # one 2M entry, not split
+        chunk = self.chunks[pfn] = _ChunkBuddy(pfn)
+        return chunk
+
+    def alloc_unmapped(self, k, gfp: int, order: int) -> int:
+        for chunk in self.chunks.values():
+            pfn = chunk.alloc(order)
+            if pfn is not None:
+                return pfn
+        return self._new_chunk(k, gfp).alloc(order)
+
+    def alloc_pages(self, kernel, gfp: int, order: int) -> int | None:
+        if not gfp & _UNMAPPED or order > 9:
+            return None
+        return self.alloc_unmapped(kernel, gfp, order)
+
+    def free_pages(self, kernel, pfn: int, order: int) -> bool:
+        chunk = self.chunks.get(pfn & ~511)
+        if chunk is None or pfn not in chunk.used:
+            return False
+        chunk.release(pfn)
+        empties = [c for c in self.chunks.values() if c.empty]
+        if len(empties) > self.tunables["keep_free_chunks"]:
+            self._return_chunk(kernel, empties[-1])
+        return True
+
+    def _return_chunk(self, k, chunk: _ChunkBuddy) -> None:
+        k.set_memory_p(PAGE_OFFSET + chunk.base * 4096, 512)
+        del self.chunks[chunk.base]
+        k.buddy.free_pages(chunk.base, 9)
+
+    def shrink(self, kernel, nr_pages: int) -> int:
+        freed = 0
+        for chunk in [c for c in self.chunks.values() if c.empty]:
+            if freed >= nr_pages:
+                break
+            self._return_chunk(kernel, chunk)
+            freed += 512
+        return freed
+
+
+@register_policy
+class PerUserCaches(UnmappedAlloc):
+    name = "per-user-caches"
+    defaults = {"keep_free_chunks": 1, "batch": 16}
+
+    def attach(self, kernel) -> None:
+        super().attach(kernel)
+        self.user_cache: dict[str, list[int]] = {"pagetable": [], "execmem": [], "secretmem": []}
+        self.owner: dict[int, str] = {}
+
+    @staticmethod
+    def _user(gfp: int) -> str:
+        if gfp & _PTE_MAPPED:
+            return "pagetable"
+        if gfp & G.GFP_ZERO:
+            return "secretmem"
+        return "execmem"
+
+    def alloc_pages(self, kernel, gfp: int, order: int) -> int | None:
+        if not gfp & (_UNMAPPED | _PTE_MAPPED) or order:
+            return None
+        user = self._user(gfp)
+        cache = self.user_cache[user]
+        if not cache:
+            for _ in range(self.tunables["batch"]):
+                cache.append(self.alloc_unmapped(kernel, gfp, 0))
+        pfn = cache.pop()
+        self.owner[pfn] = user
+        if gfp & _PTE_MAPPED:
+            kernel.set_direct_map_default_noflush(pfn)   # page tables stay mapped, 4K
+        return pfn
+
+    def free_pages(self, kernel, pfn: int, order: int) -> bool:
+        user = self.owner.pop(pfn, None)
+        if user is None:
+            return False
+        if user == "pagetable":
+            kernel.set_direct_map_invalid_noflush(pfn)
+            kernel.flush_tlb_kernel_range(kernel.pfn_to_virt(pfn), kernel.pfn_to_virt(pfn + 1))
+        self.user_cache[user].append(pfn)
+        return True
+
+
+@register_policy
+class ProgPack(Policy):
+    name = "prog-pack"
+
+    def attach(self, kernel) -> None:
+        kernel.bpf.use_pack = True
+        kernel.bpf.huge_pack = True
