@@ -33,6 +33,7 @@ bench: $(STAMP)
 	$(PY) bench/page_alloc_bench.py
 	$(PY) bench/validate_bench.py
 	$(PY) bench/realkernel_bench.py
+	$(PY) bench/policies_report.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info emu/*.so .pytest_cache .hypothesis
