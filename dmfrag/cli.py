@@ -8,6 +8,7 @@ unknown names), 3 a missing external tool or package.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -43,9 +44,240 @@ def _calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+RESULT_VERSION = 1
+
+
+def _metadata(args: argparse.Namespace) -> dict:
+    import platform
+    from importlib.metadata import version
+    vers = {}
+    for pkg in ("dmfrag", "unicorn", "capstone", "numpy"):
+        try:
+            vers[pkg] = version(pkg)
+        except Exception:  # noqa: BLE001 - metadata is informative only
+            vers[pkg] = None
+    return {"result_version": RESULT_VERSION, "versions": vers, "python": platform.python_version(),
+            "config": {k: v for k, v in vars(args).items() if k != "func"}}
+
+
+def _boot_args(args) -> dict:
+    if getattr(args, "e820", None):
+        try:
+            return {"e820": Path(args.e820).read_text(), "ram": None}
+        except OSError as exc:
+            raise _Usage(f"cannot read --e820 {args.e820!r}: {exc.strerror}") from None
+    return {"ram": args.ram}
+
+
+class _Usage(Exception):
+    """Bad input: exit 2 with the message."""
+
+
+def _run_one(args, policy: str):
+    from guestkernel.kernel import KernelError
+
+    from .workloads import run_workload
+    boot = _boot_args(args)
+    try:
+        return run_workload(args.workload, ram=boot["ram"], e820=boot.get("e820"), policy=policy,
+                            seed=args.seed, scale=args.scale)
+    except (ValueError, MemoryError, KernelError) as exc:
+        raise _Usage(str(exc)) from None
+
+
+def _result(args, d) -> dict:
+    k = d.kernel
+    out = {"meminfo": k.meminfo(), "vmstat": k.vmstat(), "policy": k.policy_name,
+           "workload": args.workload, "seed": args.seed, "calls": len(d.lines) - 1}
+    if getattr(args, "tlb", None):
+        from guestkernel.tlbcost import tlb_cost
+        pfns = _working_set(k)
+        out["tlb"] = tlb_cost(k, pfns, "chase", preset=args.tlb) if pfns else None
+    out.update(_metadata(args))
+    return out
+
+
+def _working_set(k, n: int = 2048) -> list[int]:
+    """Allocated kernel pages to measure over: the first n allocated pfns
+    above 16 MiB that the direct map still maps."""
+    import numpy as np
+
+    from guestkernel.shadow import S_MAPPED, S_P
+    d = k.shadow.direct
+    cand = np.flatnonzero(((d & S_MAPPED) != 0) & ((d & S_P) != 0))
+    cand = cand[cand >= 4096]
+    picked = [int(p) for p in cand if k.buddy.allocated_order(int(p)) is not None][:n]
+    return picked
+
+
+def _cmd_run(args) -> int:
+    d = _run_one(args, args.policy)
+    res = _result(args, d)
+    if args.record:
+        Path(args.record).write_text("\n".join(d.lines) + "\n")
+    if args.json:
+        print(json.dumps(res, sort_keys=True))
+    else:
+        mi, vm = res["meminfo"], res["vmstat"]
+        print(f"{args.workload} on {res['policy']} ({res['calls']} calls): DirectMap4k "
+              f"{mi['DirectMap4k']} kB, 2M {mi['DirectMap2M']} kB, 1G {mi['DirectMap1G']} kB; "
+              f"splits {vm['direct_map_level2_splits']}/{vm['direct_map_level3_splits']} "
+              f"(2M/1G), collapses {vm['direct_map_level2_collapses']}/"
+              f"{vm['direct_map_level3_collapses']}")
+    if args.validate:
+        d.kernel.validate("full")
+    return 0
+
+
+def _policies(spec: str) -> list[str]:
+    from guestkernel.policy import policy_names
+    names = [p for p in policy_names() if not p.startswith("test-")]
+    if spec == "all":
+        return names
+    out = [p.strip() for p in spec.split(",") if p.strip()]
+    for p in out:
+        for part in p.split("+"):
+            if part not in names:
+                raise _Usage(f"unknown policy {part!r}; known: {', '.join(names)}")
+    return out
+
+
+def _cmd_compare(args) -> int:
+    rows = []
+    for pol in _policies(args.policies):
+        d = _run_one(args, pol)
+        res = _result(args, d)
+        mi, vm = res["meminfo"], res["vmstat"]
+        rows.append({"policy": pol, "DirectMap4k": mi["DirectMap4k"], "DirectMap2M": mi["DirectMap2M"],
+                     "DirectMap1G": mi["DirectMap1G"],
+                     "level2_splits": vm["direct_map_level2_splits"],
+                     "level3_splits": vm["direct_map_level3_splits"],
+                     "level2_collapses": vm["direct_map_level2_collapses"],
+                     "level3_collapses": vm["direct_map_level3_collapses"]})
+        if res.get("tlb"):
+            rows[-1]["walk_cycles_vs_reference"] = round(res["tlb"]["walk_cycles_vs_reference"], 3)
+    cols = list(rows[0])
+    if args.json:
+        print(json.dumps({"rows": rows, **_metadata(args)}, sort_keys=True))
+    else:
+        widths = [max(len(c), *(len(str(r[c])) for r in rows)) for c in cols]
+        print("  ".join(c.rjust(w) for c, w in zip(cols, widths)))
+        for r in rows:
+            print("  ".join(str(r[c]).rjust(w) for c, w in zip(cols, widths)))
+    if args.csv:
+        import csv
+        with open(args.csv, "w", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=cols)
+            w.writeheader()
+            w.writerows(rows)
+    return 0
+
+
+def _cmd_validate(args) -> int:
+    from guestkernel.validate import ValidationError
+    d = _run_one(args, args.policy)
+    try:
+        stats = d.kernel.validate(args.mode)
+    except ValidationError as exc:
+        print(f"dmfrag validate: FAILED: {exc}", file=sys.stderr)
+        return 1
+    print(f"valid: {stats['translated']} pages translated, {stats['table_pages']} table pages, "
+          f"{stats.get('executed', 0)} pages loaded by guest code")
+    return 0
+
+
+def _cmd_meminfo(args) -> int:
+    d = _run_one(args, args.policy)
+    for key, val in d.kernel.meminfo().items():
+        print(f"{key + ':':<16}{val:>10} kB" if key != "PageTables" or True else "")
+    return 0
+
+
+def _cmd_ptdump(args) -> int:
+    d = _run_one(args, args.policy)
+    sys.stdout.write(d.kernel.ptdump())
+    return 0
+
+
+def _cmd_trace(args) -> int:
+    from .workloads import TraceError, replay
+    if args.trace_cmd == "record":
+        d = _run_one(args, args.policy)
+        Path(args.output).write_text("\n".join(d.lines) + "\n")
+        print(f"recorded {len(d.lines) - 1} calls to {args.output}")
+        return 0
+    try:
+        lines = Path(args.file).read_text().splitlines()
+    except OSError as exc:
+        raise _Usage(f"cannot read trace {args.file!r}: {exc.strerror}") from None
+    try:
+        d, err = replay(lines, policy=args.policy)
+    except TraceError as exc:
+        raise _Usage(str(exc)) from None
+    res = {"meminfo": d.kernel.meminfo(), "vmstat": d.kernel.vmstat(),
+           "replayed_calls": len(d.lines) - 1, "error": str(err) if err else None}
+    print(json.dumps(res, sort_keys=True))
+    if err:
+        print(f"dmfrag trace replay: {err} (state up to that line kept and reported)",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+def _workload_args(p) -> None:
+    from .workloads import WORKLOADS
+    p.add_argument("--workload", required=True, choices=sorted(WORKLOADS), metavar="W",
+                   help=f"one of: {', '.join(sorted(WORKLOADS))}")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--ram", default="4G", help="guest RAM with QEMU's PC layout (default 4G)")
+    g.add_argument("--e820", help="a boot log with BIOS-e820 lines (your machine)")
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--scale", type=float, default=1.0, help="workload size factor")
+
+
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="dmfrag", description="Direct-map fragmentation lab.")
+    ap = argparse.ArgumentParser(
+        prog="dmfrag", description="Direct-map fragmentation lab.",
+        epilog="Exit codes: 0 success; 1 the check failed (validation, replay error, "
+               "--strict difference); 2 bad input; 3 a missing external tool.")
     sub = ap.add_subparsers(dest="cmd", required=True)
+    run = sub.add_parser("run", help="run one workload on one policy")
+    _workload_args(run)
+    run.add_argument("--policy", default="baseline")
+    run.add_argument("--tlb", metavar="PRESET", help="also price the run in TLB misses")
+    run.add_argument("--json", action="store_true", help="print the result as JSON")
+    run.add_argument("--record", metavar="FILE", help="write the trace (JSON Lines)")
+    run.add_argument("--validate", action="store_true", help="full validation at the end")
+    run.set_defaults(func=_cmd_run)
+    cmp_ = sub.add_parser("compare", help="one workload on several policies, one table")
+    _workload_args(cmp_)
+    cmp_.add_argument("--policies", default="all", help="'all' or a comma-separated list")
+    cmp_.add_argument("--tlb", metavar="PRESET")
+    cmp_.add_argument("--json", action="store_true")
+    cmp_.add_argument("--csv", metavar="FILE", help="also write the table as CSV")
+    cmp_.set_defaults(func=_cmd_compare)
+    val = sub.add_parser("validate", help="run a workload and validate against the CPU")
+    _workload_args(val)
+    val.add_argument("--policy", default="baseline")
+    val.add_argument("--mode", choices=("full", "sample"), default="full")
+    val.set_defaults(func=_cmd_validate)
+    for name, fn, helptext in (("meminfo", _cmd_meminfo, "meminfo after a workload"),
+                               ("ptdump", _cmd_ptdump, "the page tables after a workload")):
+        p = sub.add_parser(name, help=helptext)
+        _workload_args(p)
+        p.add_argument("--policy", default="baseline")
+        p.set_defaults(func=fn)
+    tr = sub.add_parser("trace", help="record or replay a trace")
+    trs = tr.add_subparsers(dest="trace_cmd", required=True)
+    rec = trs.add_parser("record", help="run a workload and write its trace")
+    _workload_args(rec)
+    rec.add_argument("--policy", default="baseline")
+    rec.add_argument("-o", "--output", required=True)
+    rec.set_defaults(func=_cmd_trace)
+    rep = trs.add_parser("replay", help="replay a trace (optionally on another policy)")
+    rep.add_argument("file")
+    rep.add_argument("--policy", default=None)
+    rep.set_defaults(func=_cmd_trace)
     cal = sub.add_parser("calibrate", help="run a real Linux 6.1 and the model side by side",
                          description="Boot Debian's Linux 6.1 under QEMU with the given RAM, run "
                                      "the workload, run the same in the model, and compare "
@@ -60,7 +292,11 @@ def main(argv: list[str] | None = None) -> int:
     cal.add_argument("--strict", action="store_true", help="exit 1 if real and model differ")
     cal.set_defaults(func=_calibrate)
     args = ap.parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except _Usage as exc:
+        print(f"dmfrag {args.cmd}: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -8,12 +8,12 @@ import sys
 import textwrap
 
 import pytest
+from helpers import counters_match_tables
 
 from emu.pagetable import PteFlags as F
 from guestkernel import PAGE_OFFSET, Kernel
 from guestkernel import gfp as G
 from guestkernel.policy import Policy, PolicyError, get_policy, policy_names, register_policy
-from helpers import counters_match_tables
 from policies.oracle import OracleTracker, lower_bound
 
 PA2M = 0x3000_0000
