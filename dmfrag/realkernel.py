@@ -13,7 +13,6 @@ the host's gcc.
 from __future__ import annotations
 
 import gzip
-import io
 import os
 import re
 import shutil
@@ -285,25 +284,23 @@ def _parse(out: str, run: RealRun) -> None:
                     cur[m.group(1)] = int(m.group(2))
                 i += 1
             run.snapshots[name] = {"meminfo": meminfo, "vmstat": vmstat}
-        elif line.startswith("@@SYMS"):
-            i += 1
-            while i < len(lines) and not lines[i].startswith("@@END"):
-                parts = lines[i].split()
-                if len(parts) >= 3:
-                    run.symbols[parts[2]] = int(parts[0], 16)
-                i += 1
-        elif line.startswith("@@TRACE"):
-            buf = io.StringIO()
-            i += 1
-            while i < len(lines) and not lines[i].startswith("@@END"):
-                buf.write(lines[i] + "\n")
-                i += 1
-            run.trace = buf.getvalue()
-        elif line.startswith("@@DMESG"):
-            buf = io.StringIO()
-            i += 1
-            while i < len(lines) and not lines[i].startswith("@@END"):
-                buf.write(lines[i] + "\n")
-                i += 1
-            run.boot_log = buf.getvalue()
+        elif line.startswith(("@@SYMS", "@@TRACE", "@@DMESG")):
+            i, body = _block(lines, i + 1)
+            if line.startswith("@@SYMS"):
+                for sym in body:
+                    parts = sym.split()
+                    if len(parts) >= 3:
+                        run.symbols[parts[2]] = int(parts[0], 16)
+            elif line.startswith("@@TRACE"):
+                run.trace = "".join(b + "\n" for b in body)
+            else:
+                run.boot_log = "".join(b + "\n" for b in body)
         i += 1
+
+
+def _block(lines: list[str], i: int) -> tuple[int, list[str]]:
+    """The lines from ``i`` up to the next @@END; returns (index of @@END, lines)."""
+    start = i
+    while i < len(lines) and not lines[i].startswith("@@END"):
+        i += 1
+    return i, lines[start:i]
