@@ -21,7 +21,7 @@ realkernel-deps:
 	  apt-get install -y -qq --no-install-recommends $(DEBS) >/dev/null; fi
 
 demo: $(STAMP)
-	$(PY) -m dmfrag.cli compare --workload mixed --policies all --ram 4G --tlb skylake --csv compare.csv
+	$(PY) -m dmfrag.cli compare --workload mixed --policies all --ram 4G --tlb skylake --csv compare.csv --plots plots
 
 test: $(STAMP) realkernel-deps
 	$(PY) -m pytest -q

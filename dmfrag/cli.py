@@ -142,9 +142,20 @@ def _policies(spec: str) -> list[str]:
     return out
 
 
+def _progress(items, label: str):
+    """A rich progress bar on stderr (quiet when not a terminal)."""
+    from rich.progress import Progress
+    with Progress(transient=True, disable=not sys.stderr.isatty()) as prog:
+        task = prog.add_task(label, total=len(items))
+        for it in items:
+            yield it
+            prog.advance(task)
+
+
 def _cmd_compare(args) -> int:
     rows = []
-    for pol in _policies(args.policies):
+    series = {}
+    for pol in _progress(_policies(args.policies), f"compare {args.workload}"):
         d = _run_one(args, pol)
         res = _result(args, d)
         mi, vm = res["meminfo"], res["vmstat"]
@@ -156,6 +167,8 @@ def _cmd_compare(args) -> int:
                      "level3_collapses": vm["direct_map_level3_collapses"]})
         if res.get("tlb"):
             rows[-1]["walk_cycles_vs_reference"] = round(res["tlb"]["walk_cycles_vs_reference"], 3)
+        rows[-1]["oracle_min_2m_splits"] = d.oracle.bound()["min_2m_splits"]
+        series[pol] = {"samples": d.samples, "row": rows[-1]}
     cols = list(rows[0])
     if args.json:
         print(json.dumps({"rows": rows, **_metadata(args)}, sort_keys=True))
@@ -170,6 +183,10 @@ def _cmd_compare(args) -> int:
             w = csv.DictWriter(fh, fieldnames=cols)
             w.writeheader()
             w.writerows(rows)
+    if args.plots:
+        from .plots import plot_compare
+        for path in plot_compare(series, args.plots):
+            print(f"plot: {path}", file=sys.stderr)
     return 0
 
 
@@ -224,6 +241,55 @@ def _cmd_trace(args) -> int:
     return 0
 
 
+def _cmd_sweep(args) -> int:
+    from .sweep import SweepError, cells, load_sweep, run_sweep
+    try:
+        cfg = load_sweep(args.config)
+    except SweepError as exc:
+        raise _Usage(str(exc)) from None
+    from rich.progress import Progress
+    grid = cells(cfg)
+    with Progress(transient=True, disable=not sys.stderr.isatty()) as prog:
+        task = prog.add_task("sweep", total=len(grid))
+        results = run_sweep(cfg, workers=args.workers, scheduler=args.scheduler,
+                            progress=lambda: prog.advance(task))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "sweep.json").write_text(json.dumps({"results": results, **_metadata(args)},
+                                               sort_keys=True, indent=1))
+    import csv
+    with open(out / "sweep.csv", "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(results[0]))
+        w.writeheader()
+        w.writerows(results)
+    print(f"{len(results)} cells: {out / 'sweep.json'}, {out / 'sweep.csv'}")
+    return 0
+
+
+def _cmd_bench(args) -> int:
+    import subprocess
+    bench = Path(__file__).resolve().parent.parent / "bench"
+    scripts = sorted(bench.glob("*.py")) if bench.is_dir() else []
+    if not scripts:
+        raise _Usage("no bench/ scripts next to the package (run from a source checkout)")
+    figures = {}
+    for script in scripts:
+        if args.only and script.stem not in args.only.split(","):
+            continue
+        r = subprocess.run([sys.executable, str(script), "--json"], capture_output=True,
+                           text=True, check=False)
+        figures[script.stem] = (json.loads(r.stdout.strip().splitlines()[-1]) if r.returncode == 0
+                                else {"error": r.stderr.strip()[-500:]})
+    if args.json:
+        print(json.dumps(figures, sort_keys=True))
+    else:
+        for name, fig in figures.items():
+            print(f"{name}:")
+            for key, val in fig.items():
+                print(f"  {key:<32} {val:.4g}" if isinstance(val, float) else f"  {key:<32} {val}")
+    return 0
+
+
 def _workload_args(p) -> None:
     from .workloads import WORKLOADS
     p.add_argument("--workload", required=True, choices=sorted(WORKLOADS), metavar="W",
@@ -255,6 +321,7 @@ def main(argv: list[str] | None = None) -> int:
     cmp_.add_argument("--tlb", metavar="PRESET")
     cmp_.add_argument("--json", action="store_true")
     cmp_.add_argument("--csv", metavar="FILE", help="also write the table as CSV")
+    cmp_.add_argument("--plots", metavar="DIR", help="write PNG plots into DIR")
     cmp_.set_defaults(func=_cmd_compare)
     val = sub.add_parser("validate", help="run a workload and validate against the CPU")
     _workload_args(val)
@@ -267,6 +334,16 @@ def main(argv: list[str] | None = None) -> int:
         _workload_args(p)
         p.add_argument("--policy", default="baseline")
         p.set_defaults(func=fn)
+    sw = sub.add_parser("sweep", help="a grid of workloads x policies x seeds x RAM sizes")
+    sw.add_argument("config", help="the grid as TOML (see dmfrag.sweep)")
+    sw.add_argument("--workers", type=int, default=None, help="local processes (default: CPUs)")
+    sw.add_argument("--scheduler", help="a Dask scheduler address (tcp://...) instead")
+    sw.add_argument("--out", default="sweep-out", help="directory for sweep.json and sweep.csv")
+    sw.set_defaults(func=_cmd_sweep)
+    be = sub.add_parser("bench", help="gather every bench/ script's figures")
+    be.add_argument("--only", help="comma-separated script names (e.g. tlb,emu_bench)")
+    be.add_argument("--json", action="store_true")
+    be.set_defaults(func=_cmd_bench)
     tr = sub.add_parser("trace", help="record or replay a trace")
     trs = tr.add_subparsers(dest="trace_cmd", required=True)
     rec = trs.add_parser("record", help="run a workload and write its trace")

@@ -120,6 +120,17 @@ class Driver:
     lines: list[str] = field(default_factory=list)
     handles: dict[str, int] = field(default_factory=dict)
     counter: int = 0
+    #: every ``sample_every`` calls: (call index, DirectMap4k, 2M, 1G kB,
+    #: level-2 splits, level-2 collapses) -- the time series the plots draw
+    sample_every: int = 100
+    samples: list[tuple[int, int, int, int, int, int]] = field(default_factory=list)
+    oracle: object = None
+
+    def sample(self) -> None:
+        mi, vm = self.kernel.meminfo(), self.kernel.vmstat_counters
+        self.samples.append((len(self.lines), mi["DirectMap4k"], mi["DirectMap2M"],
+                             mi["DirectMap1G"], vm["direct_map_level2_splits"],
+                             vm["direct_map_level2_collapses"]))
 
     def call(self, op: str, **args):
         """Execute ``op`` and record it; returns the handle name (or None)."""
@@ -135,6 +146,8 @@ class Driver:
             self.handles[name] = ret
             rec["ret"] = name
         self.lines.append(json.dumps(rec, sort_keys=True))
+        if len(self.lines) % self.sample_every == 0:
+            self.sample()
         return name
 
     def drop(self, name: str) -> None:
@@ -300,11 +313,15 @@ def run_workload(workload: str, *, ram: str | None = "4G", e820: str | None = No
         raise ValueError("scale must be positive")
     k = kernel or Kernel.boot(ram=None if e820 else ram, e820=e820, policy=policy)
     d = Driver(k)
+    from policies.oracle import OracleTracker
+    d.oracle = OracleTracker(k)
     boot = {"e820": e820} if e820 else {"ram": ram}
     d.lines.append(json.dumps({"format": TRACE_FORMAT, "version": TRACE_VERSION, "boot": boot,
                                "policy": policy, "workload": workload, "seed": seed,
                                "scale": scale}, sort_keys=True))
+    d.sample()
     WORKLOADS[workload](d, random.Random(seed), scale)
+    d.sample()
     return d
 
 

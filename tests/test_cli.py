@@ -88,3 +88,43 @@ def test_bad_input_is_one_clear_line(capsys, argv, code, msg):
         got = exc.code
     _, err = capsys.readouterr()
     assert got == code and msg in err
+
+
+def test_sweep_local_pool_and_dask_agree(tmp_path):
+    from distributed import Client, LocalCluster
+
+    from dmfrag.sweep import load_sweep, run_sweep
+    cfg_path = tmp_path / "s.toml"
+    cfg_path.write_text('workloads = ["secretmem", "pagetables"]\npolicies = ["baseline", '
+                        '"migrate-unmapped"]\nseeds = [1]\nram = ["1G"]\nscale = 0.1\n')
+    cfg = load_sweep(cfg_path)
+    local = run_sweep(cfg, workers=2)
+    with LocalCluster(n_workers=2, processes=True, threads_per_worker=1,
+                      dashboard_address=None) as cluster:
+        remote = run_sweep(cfg, scheduler=cluster.scheduler_address)
+    assert local == remote
+    assert [(r["workload"], r["policy"]) for r in local] == [
+        ("secretmem", "baseline"), ("secretmem", "migrate-unmapped"),
+        ("pagetables", "baseline"), ("pagetables", "migrate-unmapped")]
+
+
+@pytest.mark.parametrize("text, msg", [
+    ("workloads = [", "malformed TOML"),
+    ('workloads = ["nope"]\npolicies = ["baseline"]\nseeds = [1]\nram = ["1G"]', "unknown workload 'nope'"),
+    ('workloads = ["boot"]\npolicies = ["baseline"]\nseeds = [1]', "missing key 'ram'"),
+    ('workloads = ["boot"]\npolicies = ["x"]\nseeds = [1]\nram = ["1G"]', "unknown policy 'x'"),
+])
+def test_sweep_bad_config(tmp_path, capsys, text, msg):
+    p = tmp_path / "bad.toml"
+    p.write_text(text)
+    code, _, err = run(capsys, "sweep", str(p), "--out", str(tmp_path / "o"))
+    assert code == 2 and msg in err
+
+
+def test_compare_writes_plots(tmp_path, capsys):
+    code, _, err = run(capsys, "compare", "--workload", "secretmem", *TINY,
+                       "--policies", "baseline,unmapped-alloc", "--plots", str(tmp_path))
+    assert code == 0
+    pngs = sorted(p.name for p in tmp_path.glob("*.png"))
+    assert pngs == ["directmap_over_time.png", "splits_over_time.png", "tlb_and_oracle.png"]
+    assert all((tmp_path / p).read_bytes()[:4] == b"\x89PNG" for p in pngs)
