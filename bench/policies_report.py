@@ -2,9 +2,11 @@
 
 1. "Boot plus several bpftrace runs" (Rapoport, 2022 RFC cover letter:
    module_alloc with __GFP_UNMAPPED cut direct-map splits from several tens
-   to a single digit): 6 runs of 25 BPF programs of mixed sizes, each
-   JITed into its own module_alloc (5.17: no bpf_prog_pack), with page
-   cache / anonymous churn in between.
+   to a single digit): the `boot` workload (slab-like churn that scatters
+   free unmovable pages, then the ~100 modules of a real machine), then 6
+   runs of 25 BPF programs of mixed sizes, each JITed into its own
+   module_alloc (5.17: no bpf_prog_pack), with page cache / anonymous churn
+   in between.
 2. 8 GB guest, 2048 sockex1-sized BPF programs (A. Lu, Nov 2022: v5.17
    grew DirectMap4k from 87,900 kB to 1,654,620 kB and lost 3 of 5 1G
    pages; v6.1's bpf_prog_pack made no splits): without packs, with 6.1's
@@ -31,11 +33,13 @@ def splits(k: Kernel) -> int:
 
 
 def bpftrace_runs(policy: str, seed: int = 7) -> dict:
+    from dmfrag.workloads import Driver, wl_boot
     k = Kernel.boot(ram="8G", policy=policy)
     k.bpf.use_pack = False
     rng = random.Random(seed)
     held: list[tuple[int, int]] = []
     s0, m0 = splits(k), k.meminfo()
+    wl_boot(Driver(k), rng, 1.0)          # slab churn, then the machine's modules load
     for _ in range(6):
         for _ in range(3000):
             if held and rng.random() < 0.45:
@@ -53,8 +57,10 @@ def bpftrace_runs(policy: str, seed: int = 7) -> dict:
 
 
 def sockex1(policy: str, pack: bool) -> dict:
+    from dmfrag.workloads import Driver, wl_boot
     k = Kernel.boot(ram="8G", policy=policy)
     k.bpf.use_pack = pack or policy == "prog-pack"
+    wl_boot(Driver(k), random.Random(11), 1.0)     # a booted distribution, as in the test
     s0, m0 = splits(k), k.meminfo()
     for _ in range(2048):
         k.bpf.load(64)

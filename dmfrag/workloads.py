@@ -182,9 +182,20 @@ def _module_split(size: int) -> tuple[int, int, int, int]:
 # -- the workloads ----------------------------------------------------------------
 
 def wl_boot(d: Driver, rng: random.Random, scale: float) -> None:
-    """Boot and the early kernel allocations that follow it (slab, page tables)."""
-    for _ in range(int(200 * scale)):
-        d.call("alloc_pages", gfp="GFP_KERNEL", order=rng.choice([0, 0, 1, 2]))
+    """A distribution's boot after the kernel's own: slab-like unmovable
+    allocations of which most are freed again in random order (their free
+    pages end up scattered over many pageblocks, as on a system that has run
+    a while), then the machine's modules load (the real /proc/modules sizes
+    in dmfrag/data)."""
+    slab = []
+    for _ in range(int(20000 * scale)):
+        slab.append(d.call("alloc_pages", gfp="GFP_KERNEL", order=0))
+    rng.shuffle(slab)
+    for h in slab[: int(len(slab) * 0.6)]:
+        d.call("free_pages", page=h, order=0)
+    for i, (name, size) in enumerate(MODULE_SIZES[: max(1, int(len(MODULE_SIZES) * min(1.0, scale)))]):
+        t, r, a, da = _module_split(size)
+        d.call("load_module", name=f"{name}.boot{i}", text=t, rodata=r, ro_after_init=a, data=da)
 
 
 def wl_bpftrace_runs(d: Driver, rng: random.Random, scale: float) -> None:

@@ -91,7 +91,7 @@ def test_bad_input_is_one_clear_line(capsys, argv, code, msg):
 
 
 def test_sweep_local_pool_and_dask_agree(tmp_path):
-    from distributed import Client, LocalCluster
+    from distributed import LocalCluster
 
     from dmfrag.sweep import load_sweep, run_sweep
     cfg_path = tmp_path / "s.toml"
