@@ -56,6 +56,8 @@ MiB, GiB = 1 << 20, 1 << 30
 PTP_CLASSIFIER_JIT_BYTES = 512
 #: Size of ``struct page`` on x86-64.
 STRUCT_PAGE_SIZE = 64
+#: Pages per memory section (SECTION_SIZE_BITS 27: 128 MiB).
+SECTION_PAGES = 1 << 15
 #: The brk pgt_buf: INIT_PGT_BUF_SIZE (arch/x86/mm/init.c).
 INIT_PGT_BUF_PAGES = 6
 
@@ -236,12 +238,17 @@ class Kernel:
                                               self._mapped_hi, "page table")
 
     def _boot_buddy(self) -> None:
-        # The struct page array (vmemmap), from memblock, per RAM range.
-        for lo, hi in self.e820.ram_ranges():
-            size = ((hi - lo) // PAGE_SIZE) * STRUCT_PAGE_SIZE
-            size = -(-size // PMD_SIZE) * PMD_SIZE
-            self.memblock.phys_alloc_range(size, PMD_SIZE, 0, self.max_pfn * PAGE_SIZE,
-                                           f"struct pages for [{lo:#x}, {hi:#x})")
+        end = self.max_pfn * PAGE_SIZE
+        # NODE_DATA(0) (initmem_init -> alloc_node_data): top-down, first.
+        self.memblock.phys_alloc_range(self.profile.node_data_bytes, 64, 0, end, "NODE_DATA(0)")
+        # The sparse vmemmap buffer (sparse_init_nid -> sparse_buffer_init):
+        # one PMD-aligned block holding 2 MiB of struct pages per present
+        # 128 MiB section, top-down.
+        sections = {pfn >> 15 for lo, hi in self.e820.ram_ranges()
+                    for pfn in range(lo >> 12, hi >> 12, 1 << 15)}
+        sections |= {((hi >> 12) - 1) >> 15 for lo, hi in self.e820.ram_ranges()}
+        self.memblock.phys_alloc_range(len(sections) * (SECTION_PAGES * STRUCT_PAGE_SIZE), PMD_SIZE,
+                                       0, end, "sparse vmemmap buffer")
         dma, dma32 = 16 * MiB >> 12, 4 * GiB >> 12
         bounds = {ZoneType.DMA: (0, min(dma, self.max_pfn)),
                   ZoneType.DMA32: (min(dma, self.max_pfn), min(dma32, self.max_pfn)),

@@ -106,6 +106,9 @@ class KernelProfile:
     pti: bool = True
     #: CPA alias processing masks NX on the direct map (6.2+ with set_memory_rox)
     alias_masks_nx: bool = False
+    #: sizeof(pg_data_t) as allocated for NODE_DATA(0) (the reference kernel
+    #: prints "NODE_DATA(0) allocated [mem 0x23ffd3000-0x23fffdfff]")
+    node_data_bytes: int = 0x2B000
     notes: tuple[str, ...] = field(default_factory=tuple)
 
 
