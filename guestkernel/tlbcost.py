@@ -27,23 +27,26 @@ def reference_kernel(k: Kernel) -> Kernel:
     return Kernel.boot(e820=k.e820, gbpages=k.gbpages, profile=k.profile)
 
 
-def _program(k: Kernel, kind: str, pfns: list[int], rounds: int, seed: int) -> str:
+def _prepare(k: Kernel, kind: str, pfns: list[int], rounds: int, seed: int) -> str:
+    """Write the data the access kernel walks into RAM; return its program."""
     vas = [k.pfn_to_virt(p) for p in pfns]
-    m = k.machine
-    if kind == "random":
-        # a dependent load per page, pages in a seeded random order
-        return kernels.pointer_chase(_shuffled(vas, seed), rounds)
-    if kind == "chase":
-        nodes = [va + 64 * ((i * 7) % 64) for i, va in enumerate(vas)]  # slab-like objects
+    ram64 = k.machine.ram64
+    if kind in ("random", "chase"):
+        if kind == "random":   # a dependent load per page, pages in a seeded random order
+            nodes = _shuffled(vas, seed)
+        else:                  # slab-like objects at varying offsets, in address order
+            nodes = [va + 64 * ((i * 7) % 64) for i, va in enumerate(vas)]
+        kernels.link_ring(lambda pa, v: ram64.__setitem__(pa >> 3, v), nodes,
+                          lambda va: va - k.pfn_to_virt(0))
         return kernels.pointer_chase(nodes, rounds)
     if kind == "stream":
         half = len(vas) // 2
-        table_pa = pfns[0] * PAGE_SIZE
-        pairs = list(zip(vas[1:half + 1], vas[half + 1:]))
-        for i, (s, d) in enumerate(pairs[: PAGE_SIZE // 16]):
-            m.ram64[(table_pa >> 3) + 2 * i] = s
-            m.ram64[(table_pa >> 3) + 2 * i + 1] = d
-        return kernels.stream_copy(vas[0], min(len(pairs), PAGE_SIZE // 16), rounds)
+        table = (pfns[0] * PAGE_SIZE) >> 3
+        pairs = list(zip(vas[1:half + 1], vas[half + 1:]))[: PAGE_SIZE // 16]
+        for i, (src, dst) in enumerate(pairs):
+            ram64[table + 2 * i] = src
+            ram64[table + 2 * i + 1] = dst
+        return kernels.stream_copy(vas[0], len(pairs), rounds)
     raise ValueError(f"unknown access kernel {kind!r}; known: {', '.join(KERNELS)}")
 
 
@@ -52,16 +55,6 @@ def _shuffled(vas: list[int], seed: int) -> list[int]:
     out = list(vas)
     random.Random(seed).shuffle(out)
     return out
-
-
-def _prepare(k: Kernel, kind: str, pfns: list[int], rounds: int, seed: int) -> str:
-    prog = _program(k, kind, pfns, rounds, seed)
-    if kind in ("random", "chase"):
-        nodes = (_shuffled([k.pfn_to_virt(p) for p in pfns], seed) if kind == "random" else
-                 [k.pfn_to_virt(p) + 64 * ((i * 7) % 64) for i, p in enumerate(pfns)])
-        kernels.link_ring(lambda pa, v: k.machine.ram64.__setitem__(pa >> 3, v), nodes,
-                          lambda va: va - k.pfn_to_virt(0))
-    return prog
 
 
 def _run(k: Kernel, prog: str, preset: str) -> dict[str, float]:
