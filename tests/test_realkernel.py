@@ -38,9 +38,31 @@ def boots(rk):
         pytest.fail(str(exc))
 
 
+WORKLOAD = ("modules", "bpf", "secretmem")
+
+
 @pytest.fixture(scope="module")
 def workload_run(rk):
-    return rk.run("8G", ("modules", "bpf", "secretmem"))
+    return rk.run("8G", WORKLOAD)
+
+
+@pytest.fixture(scope="module")
+def workload_run_2g(rk):
+    return rk.run("2G", WORKLOAD)
+
+
+def test_workload_equals_real_at_every_step_on_2g(rk, workload_run_2g):
+    """2G guest: the five modules of the package (real section sizes), 2048
+    BPF programs, 4096 secretmem pages: DirectMap4k/2M/1G and both split
+    counters equal Linux's after every step."""
+    real = workload_run_2g
+    model = run_model(real.e820_lines(), WORKLOAD, rk)
+    assert list(model) == list(real.snapshots)
+    for point in real.snapshots:
+        for key in DIRECT:
+            assert model[point]["meminfo"][key] == real.meminfo(point)[key], (point, key)
+        for key in ("direct_map_level2_splits", "direct_map_level3_splits"):
+            assert model[point]["vmstat"][key] == real.vmstat(point)[key], (point, key)
 
 
 @pytest.mark.parametrize("ram", SIZES)
