@@ -98,15 +98,23 @@ def _result(args, d) -> dict:
 
 
 def _working_set(k, n: int = 2048) -> list[int]:
-    """Allocated kernel pages to measure over: the first n allocated pfns
-    above 16 MiB that the direct map still maps."""
+    """The kernel's own memory to measure over: up to n allocated pages in
+    unmovable pageblocks (slab, page tables, module data...), mapped in the
+    direct map, spread evenly over RAM."""
     import numpy as np
 
+    from guestkernel.page_alloc import MigrateType
     from guestkernel.shadow import S_MAPPED, S_P
     d = k.shadow.direct
     cand = np.flatnonzero(((d & S_MAPPED) != 0) & ((d & S_P) != 0))
     cand = cand[cand >= 4096]
-    picked = [int(p) for p in cand if k.buddy.allocated_order(int(p)) is not None][:n]
+    b = k.buddy
+    picked = [int(p) for p in cand
+              if b.allocated_order(int(p)) is not None
+              and b.get_pageblock_migratetype(int(p)) == int(MigrateType.UNMOVABLE)]
+    if len(picked) > n:
+        step = len(picked) / n
+        picked = [picked[int(i * step)] for i in range(n)]
     return picked
 
 

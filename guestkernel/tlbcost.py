@@ -27,10 +27,18 @@ def reference_kernel(k: Kernel) -> Kernel:
     return Kernel.boot(e820=k.e820, gbpages=k.gbpages, profile=k.profile)
 
 
-def _prepare(k: Kernel, kind: str, pfns: list[int], rounds: int, seed: int) -> str:
-    """Write the data the access kernel walks into RAM; return its program."""
+def _prepare(k: Kernel, kind: str, pfns: list[int], rounds: int, seed: int,
+             saved: dict[int, int]) -> str:
+    """Write the data the access kernel walks into RAM (remembering, in
+    ``saved``, what each written qword held); return its program."""
     vas = [k.pfn_to_virt(p) for p in pfns]
-    ram64 = k.machine.ram64
+    real = k.machine.ram64
+
+    class _Saving:
+        def __setitem__(self, slot, value):
+            saved.setdefault(slot, int(real[slot]))
+            real[slot] = value
+    ram64 = _Saving()
     if kind in ("random", "chase"):
         if kind == "random":   # a dependent load per page, pages in a seeded random order
             nodes = _shuffled(vas, seed)
@@ -79,10 +87,26 @@ def tlb_cost(k: Kernel, pfns: list[int], kind: str = "chase", *, rounds: int = 4
     if not pfns:
         raise ValueError("tlb_cost needs a working set of pages")
     ref = reference or reference_kernel(k)
+    # The program writes into the pages it walks: never into page tables or
+    # the validator's own pages, and what it overwrote is put back after.
+    k.validator_code_page()
+    ref.validator_code_page()
+    avoid = {pa >> 12 for kern in (k, ref) for pa in kern.pgt.table_pages}
+    avoid |= {kern.validator_out_pfn for kern in (k, ref)}
+    avoid |= {p for kern in (k, ref)
+              for p in kern.vmalloc.find_area(kern.validator_code_page()).pfns()}
+    pfns = [p for p in pfns if p not in avoid]
+    if len(pfns) < 2:
+        raise ValueError("tlb_cost needs at least two pages that are not page tables")
     out = {}
     for name, kern in (("state", k), ("reference", ref)):
-        prog = _prepare(kern, kind, pfns, rounds, seed)
-        st = _run(kern, prog, preset)
+        saved: dict[int, int] = {}
+        try:
+            prog = _prepare(kern, kind, pfns, rounds, seed, saved)
+            st = _run(kern, prog, preset)
+        finally:
+            for slot, value in saved.items():
+                kern.machine.ram64[slot] = value
         acc = st["data_accesses"] or 1
         out[name] = {
             "dtlb_walks_per_kilo_access": 1000.0 * (st["dtlb_load_misses.walk_completed"]
