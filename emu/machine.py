@@ -36,6 +36,7 @@ import ctypes
 import enum
 import errno as _errno
 import mmap
+import os
 import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -219,7 +220,7 @@ def _host_mmap(size: int) -> int:
         err = ctypes.get_errno()
         raise ValueError(
             f"cannot reserve {size:#x} bytes ({size / 2**30:.1f} GiB) of host address space "
-            f"for guest RAM: {_errno.errorcode.get(err, err)} ({__import__('os').strerror(err)})")
+            f"for guest RAM: {_errno.errorcode.get(err, err)} ({os.strerror(err)})")
     return addr
 
 

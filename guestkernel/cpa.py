@@ -78,9 +78,6 @@ class CpaData:
         return self.vaddr[0] + i * PAGE_SIZE
 
 
-_PAT_BITS = int(F.PAT)
-
-
 class Cpa:
     """CPA over one kernel's page tables."""
 
@@ -153,14 +150,22 @@ class Cpa:
         checkalias = (cpa.mask_set | cpa.mask_clr) != int(F.NX)
         if flags & CpaFlags.NO_CHECK_ALIAS:
             checkalias = False
-        self.k.shadow.apply(cpa, checkalias)
-        self.k.policy.cpa_before(self.k, cpa)
+        return self.apply(cpa, checkalias, flush=True)
+
+    def apply(self, cpa: CpaData, checkalias: bool, *, flush: bool) -> CpaData:
+        """Run a checked request: record it in the shadow, the policy's
+        before/after hooks around the page-table work, the flush when due
+        (``flush=False`` for the ``_noflush`` entry points: the caller
+        flushes), and CONFIG_DEBUG_VM's validation."""
+        k = self.k
+        k.shadow.apply(cpa, checkalias)
+        k.policy.cpa_before(k, cpa)
         self._change_page_attr_set_clr(cpa, checkalias)
-        if cpa.flags & CpaFlags.FLUSHTLB:
+        if flush and cpa.flags & CpaFlags.FLUSHTLB:
             self.cpa_flush(cpa)
-        self.k.policy.cpa_after(self.k, cpa)
-        if self.k.debug_vm:
-            self.k._debug_vm()
+        k.policy.cpa_after(k, cpa)
+        if k.debug_vm:
+            k._debug_vm()
         return cpa
 
     def _check_request(self, addrs: list[int], numpages: int, flags: CpaFlags) -> None:
@@ -183,7 +188,7 @@ class Cpa:
                 if found is None or found[0] == 0:
                     raise CpaError(f"{va:#x} is not mapped (in a request for "
                                    f"[{start:#x}, {end:#x}))")
-                entry, level = found
+                _entry, level = found
                 size = pt.level_size(level)
                 va = (va & ~(size - 1)) + size
 

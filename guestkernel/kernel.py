@@ -137,8 +137,7 @@ class Kernel:
                                                   k.pgt.recount_direct_map(k.max_pfn))]
         k._boot_buddy()
         k.cpa = Cpa(k)
-        k.vmalloc_area = Vmalloc(k)
-        k.vmalloc = k.vmalloc_area
+        k.vmalloc = Vmalloc(k)
         k.modules = ModuleLoader(k)
         k.bpf = BpfJit(k)
         k.secretmem = Secretmem(k)
@@ -298,7 +297,7 @@ class Kernel:
     def _free_init_pages(self, begin: int, end: int) -> None:
         """``free_init_pages``: NX and RW (the RW reaches the direct-map
         alias), then the pages go to the buddy allocator."""
-        begin, end = _page_align(begin), end & ~(PAGE_SIZE - 1)
+        begin, end = _inner_pages(begin, end)
         if end <= begin:
             return
         n = (end - begin) >> 12
@@ -311,7 +310,7 @@ class Kernel:
         """``free_kernel_image_pages``: ``free_init_pages``, then with PTI the
         high-mapping range is unmapped (not its direct-map alias)."""
         self._free_init_pages(begin, end)
-        begin, end = _page_align(begin), end & ~(PAGE_SIZE - 1)
+        begin, end = _inner_pages(begin, end)
         if self.profile.pti and end > begin:
             self.set_memory_np_noalias(begin, (end - begin) >> 12)
 
@@ -461,13 +460,7 @@ class Kernel:
         va = self.pfn_to_virt(pfn)
         cpa = CpaData([va], 1, set_, clr)
         self.cpa._check_request([va], 1, CpaFlags(0))
-        self.shadow.apply(cpa, False)
-        self.policy.cpa_before(self, cpa)
-        self.cpa._change_page_attr_set_clr(cpa, False)
-        self.policy.cpa_after(self, cpa)
-        if self.debug_vm:
-            self._debug_vm()
-        return cpa
+        return self.cpa.apply(cpa, False, flush=False)
 
     # -- kernel users of CPA (see users.py) --------------------------------
 
@@ -582,7 +575,9 @@ def _pfn_align(va: int) -> int:
     return -(-va // PAGE_SIZE) * PAGE_SIZE
 
 
-_page_align = _pfn_align
+def _inner_pages(begin: int, end: int) -> tuple[int, int]:
+    """The whole pages inside [begin, end) (free_init_pages' alignment)."""
+    return _pfn_align(begin), end & ~(PAGE_SIZE - 1)
 
 
 def _e820_from(e820, ram) -> E820Table:

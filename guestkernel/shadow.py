@@ -33,22 +33,13 @@ S_P, S_RW, S_NX, S_PWT, S_PCD, S_PAT, S_MAPPED = 1, 2, 4, 8, 16, 32, 64
 _ATTR = S_P | S_RW | S_NX | S_PWT | S_PCD | S_PAT
 
 
+_TO_SHADOW = ((F.P, S_P), (F.RW, S_RW), (F.NX, S_NX), (F.PWT, S_PWT), (F.PCD, S_PCD),
+              (F.PAT, S_PAT))
+
+
 def to_shadow(prot: int) -> int:
     """Entry flags (4K format) -> shadow bits."""
-    out = 0
-    if prot & F.P:
-        out |= S_P
-    if prot & F.RW:
-        out |= S_RW
-    if prot & F.NX:
-        out |= S_NX
-    if prot & F.PWT:
-        out |= S_PWT
-    if prot & F.PCD:
-        out |= S_PCD
-    if prot & F.PAT:
-        out |= S_PAT
-    return out
+    return sum(bit for flag, bit in _TO_SHADOW if prot & flag)
 
 
 def _masks(cpa_set: int, cpa_clr: int) -> tuple[int, int]:

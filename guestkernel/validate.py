@@ -211,8 +211,7 @@ def _compare(k: Kernel, vas: np.ndarray, pfns: np.ndarray, bits: np.ndarray, wha
             raise ValidationError(
                 "translation", f"{what}: {access!r} access", va=va,
                 expected=f"{'allowed' if want[i] else 'fault'} ({_bits_str(int(bits[i]))})",
-                actual=f"{'allowed' if ok[i] else 'fault'}"
-                       + (f" (leaf {_leaf(k, va)})" if True else ""))
+                actual=f"{'allowed' if ok[i] else 'fault'} (leaf {_leaf(k, va)})")
         wrong = np.flatnonzero(ok & (pas != pfns * np.uint64(PAGE_SIZE)))
         if len(wrong):
             i = int(wrong[0])
