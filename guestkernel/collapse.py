@@ -11,7 +11,7 @@ entry is installed, the TLB flushed, and only then the old table freed.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import numpy as np
 
@@ -19,11 +19,26 @@ from emu import pagetable as pt
 from emu.pagetable import PteFlags as F
 
 from .layout import PAGE_OFFSET, PMD_SIZE, PUD_SIZE
+from .pgtable import KernelPageTables
 
-if TYPE_CHECKING:
-    from .kernel import Kernel
+__all__ = ["KERNEL_4K", "CollapseContext", "collapse_direct_map"]
 
-__all__ = ["KERNEL_4K", "collapse_direct_map"]
+
+class _Flush(Protocol):
+    def flush_tlb_all(self) -> None: ...
+
+
+class CollapseContext(Protocol):
+    """What a collapse needs (``guestkernel.cpa.Cpa`` is one): the tables,
+    the accounting, the flush and a way to free an unlinked table page."""
+
+    pgt: KernelPageTables
+    tlb: _Flush
+    gbpages: bool
+    max_pfn: int
+
+    def collapse_page_count(self, level: int) -> None: ...
+    def free_pgtable_page(self, pa: int) -> None: ...
 
 #: The marker set_memory_4k leaves on entries it split (never collapse them):
 #: a software bit, as 6.15's _PAGE_KERNEL_4K is.
@@ -32,7 +47,7 @@ _HW = np.uint64(int(F.A | F.D))
 _ADDR = np.uint64(pt.ADDR_MASK)
 
 
-def _pmd_slot_of(k: Kernel, va: int) -> tuple[int, int] | None:
+def _pmd_slot_of(k: CollapseContext, va: int) -> tuple[int, int] | None:
     """(slot of the PMD entry covering va, slot of the PUD entry) if the PMD
     entry points to a PTE table."""
     pgt = k.pgt
@@ -48,10 +63,10 @@ def _pmd_slot_of(k: Kernel, va: int) -> tuple[int, int] | None:
     return slots[2], slots[1]
 
 
-def _try_pmd(k: Kernel, pmd_slot: int, region_pa: int) -> bool:
+def _try_pmd(k: CollapseContext, pmd_slot: int, region_pa: int) -> bool:
     pgt = k.pgt
     table = pgt.get(pmd_slot) & pt.ADDR_MASK
-    ptes = k.machine.ram64[table >> 3: (table >> 3) + 512]
+    ptes = pgt.ram64[table >> 3: (table >> 3) + 512]
     flags = ptes & ~_ADDR & ~_HW
     first = int(ptes[0])
     if not first & F.P or int(flags[0]) & KERNEL_4K:
@@ -66,28 +81,17 @@ def _try_pmd(k: Kernel, pmd_slot: int, region_pa: int) -> bool:
     large = pt.large_flags_from_4k(int(flags[0]))
     pgt.set(pmd_slot, region_pa | large)
     k.collapse_page_count(2)
-    k.flush_tlb_all()
-    _free_table(k, table)
+    k.tlb.flush_tlb_all()
+    k.free_pgtable_page(table)
     return True
 
 
-def _free_table(k: Kernel, table: int) -> None:
-    """Free an unlinked table page: a buddy page goes back to the buddy, a
-    boot-time (memblock) one is handed over as free_reserved_page does."""
-    k.pgt.table_pages.discard(table)
-    pfn = table >> 12
-    if k.buddy.allocated_order(pfn) == 0:
-        k.buddy.free_pages(pfn, 0)
-    else:
-        k.buddy.free_range(pfn, pfn + 1)
-
-
-def _try_pud(k: Kernel, pud_slot: int, region_pa: int) -> bool:
+def _try_pud(k: CollapseContext, pud_slot: int, region_pa: int) -> bool:
     pgt = k.pgt
     if not k.gbpages or region_pa & (PUD_SIZE - 1):
         return False
     table = pgt.get(pud_slot) & pt.ADDR_MASK
-    pmds = k.machine.ram64[table >> 3: (table >> 3) + 512]
+    pmds = pgt.ram64[table >> 3: (table >> 3) + 512]
     flags = pmds & ~_ADDR & ~_HW
     if not np.all(flags == flags[0]) or not int(flags[0]) & F.PS or not int(flags[0]) & F.P:
         return False
@@ -96,12 +100,12 @@ def _try_pud(k: Kernel, pud_slot: int, region_pa: int) -> bool:
         return False
     pgt.set(pud_slot, region_pa | int(flags[0]) | (int(pmds[0]) & F.PAT_LARGE))
     k.collapse_page_count(3)
-    k.flush_tlb_all()
-    _free_table(k, table)
+    k.tlb.flush_tlb_all()
+    k.free_pgtable_page(table)
     return True
 
 
-def collapse_direct_map(k: Kernel, pfns) -> tuple[int, int]:
+def collapse_direct_map(k: CollapseContext, pfns) -> tuple[int, int]:
     """Try to collapse the direct-map tables covering ``pfns``; returns
     (2M collapses, 1G collapses)."""
     n2 = n1 = 0

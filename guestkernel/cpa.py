@@ -15,22 +15,26 @@ per page up to ``tlb_single_page_flush_ceiling`` pages, else everything.
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 from emu import pagetable as pt
 from emu.pagetable import PteFlags as F
 
+from . import collapse
 from .layout import PAGE_OFFSET, PAGE_SIZE, START_KERNEL_MAP
-from .pgtable import PG_LEVEL_1G, PG_LEVEL_2M, PG_LEVEL_4K
+from .pgtable import PG_LEVEL_1G, PG_LEVEL_2M, PG_LEVEL_4K, KernelPageTables
+from .shadow import Shadow
+from .tlbflush import TLB_SINGLE_PAGE_FLUSH_CEILING, TlbFlush
+from .versions import KernelVersion
 
-if TYPE_CHECKING:
-    from .kernel import Kernel
+__all__ = ["TLB_SINGLE_PAGE_FLUSH_CEILING", "Cpa", "CpaData", "CpaError", "CpaFlags",
+           "CpaObserver", "SplitOutcome"]
 
-__all__ = ["TLB_SINGLE_PAGE_FLUSH_CEILING", "Cpa", "CpaData", "CpaError", "CpaFlags"]
-
-#: arch/x86/mm/tlb.c: above this many pages a range flush becomes a full flush.
-TLB_SINGLE_PAGE_FLUSH_CEILING = 33
+#: The software bit set_memory_4k leaves on the entries it split (6.15's
+#: _PAGE_KERNEL_4K): no collapse undoes them.
+KERNEL_4K = collapse.KERNEL_4K
+_ROX_CLR = int(F.RW | F.NX)
 
 
 class CpaError(ValueError):
@@ -78,42 +82,200 @@ class CpaData:
         return self.vaddr[0] + i * PAGE_SIZE
 
 
-class Cpa:
-    """CPA over one kernel's page tables."""
+#: Called with a request before it runs, or after it and its flush.
+CpaObserver = Callable[[CpaData], None]
 
-    def __init__(self, kernel: Kernel):
-        self.k = kernel
+
+class Cpa:
+    """CPA over the kernel's page tables.
+
+    It owns the whole request: checking it before anything changes, the
+    shadow record the validator checks against, the page-table work, split
+    and collapse accounting (``direct_pages_count`` and vmstat), the table
+    pages a split needs (through ``alloc_pgtable_page``, the kernel's
+    ``alloc_pages(GFP_KERNEL, 0)``) and the flush. Observers (a policy's
+    hooks, CONFIG_DEBUG_VM, the oracle) are told before and after each
+    request; none of them is called by name."""
+
+    def __init__(self, *, pgt: KernelPageTables, shadow: Shadow, version: KernelVersion,
+                 max_pfn: int, tlb: TlbFlush, vmstat: dict[str, int],
+                 alloc_pgtable_page: Callable[[str], int],
+                 free_pgtable_page: Callable[[int], None], gbpages: bool) -> None:
+        self.pgt = pgt
+        self.shadow = shadow
+        self.version = version
+        self.image = version.image
+        self.max_pfn = max_pfn
+        #: RAM below this is in the direct map (all of it once booted)
+        self.max_pfn_mapped = max_pfn
+        self.tlb = tlb
+        self.vmstat = vmstat
+        self.gbpages = gbpages
+        self.alloc_pgtable_page = alloc_pgtable_page
+        self.free_pgtable_page = free_pgtable_page
+        for name in ("direct_map_level2_splits", "direct_map_level3_splits",
+                     "direct_map_level2_collapses", "direct_map_level3_collapses"):
+            vmstat.setdefault(name, 0)
+        #: mark_rodata_ro has run: static_protections keep text/rodata RO
         self.kernel_set_to_readonly = False
+        #: system_state == SYSTEM_RUNNING: splits are counted in vmstat
+        self.system_running = False
+        #: splits of the image mapping counted in direct_pages_count (x86's
+        #: virt_addr_valid accepts image addresses), per level
+        self.highmap_counted = [0, 0, 0, 0, 0]
+        self._before: list[CpaObserver] = []
+        self._after: list[CpaObserver] = []
+
+    def add_observer(self, *, before: CpaObserver | None = None,
+                     after: CpaObserver | None = None) -> None:
+        """Be called with every request before it runs and/or after its flush."""
+        if before is not None:
+            self._before.append(before)
+        if after is not None:
+            self._after.append(after)
+
+    def remove_observer(self, fn: CpaObserver) -> None:
+        for lst in (self._before, self._after):
+            if fn in lst:
+                lst.remove(fn)
 
     # -- helpers ------------------------------------------------------------
 
+    def pfn_to_virt(self, pfn: int) -> int:
+        return PAGE_OFFSET + pfn * PAGE_SIZE
+
     def _within_direct_map(self, va: int) -> bool:
-        return PAGE_OFFSET <= va < PAGE_OFFSET + self.k.max_pfn_mapped * PAGE_SIZE
+        return PAGE_OFFSET <= va < PAGE_OFFSET + self.max_pfn_mapped * PAGE_SIZE
 
     def _virt_addr_valid_highmap(self, va: int) -> bool:
         """x86 ``__virt_addr_valid`` accepts the kernel image mapping (below
         KERNEL_IMAGE_SIZE) when its frame is RAM: splits there are counted."""
-        img = self.k.profile.image
+        img = self.image
         if not START_KERNEL_MAP <= va < START_KERNEL_MAP + (1 << 30):
             return False
         pfn = (va - img.text + img.phys_start) >> 12
-        return 0 <= pfn < self.k.max_pfn_mapped
+        return 0 <= pfn < self.max_pfn_mapped
 
     def _within_image(self, va: int) -> bool:
-        img = self.k.profile.image
+        img = self.image
         return img.text <= va < img.brk_end
 
     def _pfn_in_highmap(self, pfn: int) -> bool:
-        img = self.k.profile.image
+        img = self.image
         lo, hi = img.pa(img.text) >> 12, img.pa(img.brk_end) >> 12
         return lo <= pfn < hi
+
+    # -- the entry points (set_memory.c) -----------------------------------
+
+    def set_memory_ro(self, addr: int, numpages: int) -> CpaData:
+        return self.change_page_attr_set_clr(addr, numpages, 0, int(F.RW))
+
+    def set_memory_rw(self, addr: int, numpages: int) -> CpaData:
+        return self.change_page_attr_set_clr(addr, numpages, int(F.RW), 0)
+
+    def set_memory_x(self, addr: int, numpages: int) -> CpaData:
+        return self.change_page_attr_set_clr(addr, numpages, 0, int(F.NX))
+
+    def set_memory_nx(self, addr: int, numpages: int) -> CpaData:
+        return self.change_page_attr_set_clr(addr, numpages, int(F.NX), 0)
+
+    def set_memory_np(self, addr: int, numpages: int) -> CpaData:
+        return self.change_page_attr_set_clr(addr, numpages, 0, int(F.P))
+
+    def set_memory_np_noalias(self, addr: int, numpages: int) -> CpaData:
+        return self.change_page_attr_set_clr(addr, numpages, 0, int(F.P),
+                                             in_flag=CpaFlags.NO_CHECK_ALIAS)
+
+    def set_memory_p(self, addr: int, numpages: int) -> CpaData:
+        return self.change_page_attr_set_clr(addr, numpages, int(F.P), 0)
+
+    def set_memory_rox(self, addr: int, numpages: int) -> CpaData:
+        """6.2+: read-only and executable in one request; on a kernel that
+        collapses (6.15+) the direct map is collapsed after it."""
+        return self.change_page_attr_set_clr(addr, numpages, 0, _ROX_CLR)
+
+    def set_memory_4k(self, addr: int, numpages: int) -> CpaData:
+        """Split to 4K and mark the entries so that no collapse undoes it."""
+        return self.change_page_attr_set_clr(addr, numpages, KERNEL_4K, 0, force_split=True)
+
+    def split_to_4k(self, pfn: int, nr_pages: int) -> CpaData:
+        """Map direct-map [pfn, pfn+nr_pages) at PTE level with no attribute
+        change and no 4K-only mark (the grouping RFCs' remap; a collapse may
+        undo it later)."""
+        return self.change_page_attr_set_clr(self.pfn_to_virt(pfn), nr_pages, 0, 0,
+                                             force_split=True)
+
+    def set_direct_map_invalid_noflush(self, pfn: int) -> CpaData:
+        """Clear P and RW of one page's direct-map entry, no alias, no flush."""
+        return self._set_pages(pfn, 0, int(F.P | F.RW))
+
+    def set_direct_map_default_noflush(self, pfn: int) -> CpaData:
+        """Set P and RW of one page's direct-map entry, no alias, no flush."""
+        return self._set_pages(pfn, int(F.P | F.RW), 0)
+
+    def _set_pages(self, pfn: int, set_: int, clr: int) -> CpaData:
+        if isinstance(pfn, bool) or not isinstance(pfn, int) or not 0 <= pfn < self.max_pfn:
+            raise CpaError(f"pfn {pfn!r} is outside [0, {self.max_pfn:#x})")
+        va = self.pfn_to_virt(pfn)
+        self._check_request([va], 1, CpaFlags(0))
+        return self.apply(CpaData([va], 1, set_, clr), False, flush=False)
+
+    def remove_from_direct_map(self, pfn: int, nr_pages: int = 1) -> None:
+        """Take [pfn, pfn+nr_pages) out of the direct map and flush them
+        (``set_direct_map_invalid_noflush`` per page, then one
+        ``flush_tlb_kernel_range``), as secretmem and the grouping RFCs do."""
+        for i in range(nr_pages):
+            self.set_direct_map_invalid_noflush(pfn + i)
+        self.tlb.flush_tlb_kernel_range(self.pfn_to_virt(pfn), self.pfn_to_virt(pfn + nr_pages))
+
+    def restore_direct_map(self, pfn: int, nr_pages: int = 1) -> None:
+        """Put [pfn, pfn+nr_pages) back (``set_direct_map_default_noflush``:
+        making a page present needs no flush)."""
+        for i in range(nr_pages):
+            self.set_direct_map_default_noflush(pfn + i)
+
+    def collapse_large_pages(self, pfns) -> tuple[int, int]:
+        """Collapse the direct-map tables covering ``pfns`` where the 6.15
+        rule allows (see :mod:`guestkernel.collapse`); (2M, 1G) collapses."""
+        return collapse.collapse_direct_map(self, pfns)
+
+    # -- counters (Linux's names) ------------------------------------------
+
+    def split_page_count(self, level: int, highmap: bool = False) -> None:
+        """A large page became 512 smaller ones (set_memory.c).
+
+        Linux counts it when ``virt_addr_valid(address)``, which is true for
+        the high kernel mapping too: splits of the image's 2M pages change
+        DirectMap4k/2M although they are not in the direct map
+        (``highmap`` records them apart for the validator)."""
+        count = self.pgt.direct_pages_count
+        if count[level] == 0:
+            return
+        if highmap:
+            self.highmap_counted[level] -= 1
+            self.highmap_counted[level - 1] += 512
+        count[level] -= 1
+        if self.system_running:
+            name = {PG_LEVEL_2M: "direct_map_level2_splits",
+                    PG_LEVEL_1G: "direct_map_level3_splits"}[level]
+            self.vmstat[name] += 1
+        count[level - 1] += 512
+
+    def collapse_page_count(self, level: int) -> None:
+        """512 entries became one large page (6.15 ``collapse_page_count``)."""
+        count = self.pgt.direct_pages_count
+        count[level - 1] -= 512
+        count[level] += 1
+        name = {PG_LEVEL_2M: "direct_map_level2_collapses",
+                PG_LEVEL_1G: "direct_map_level3_collapses"}[level]
+        self.vmstat[name] += 1
 
     # -- static protections (6.1 static_protections) ---------------------------
 
     def static_protections(self, prot: int, start: int, pfn: int, npg: int, lpsize: int) -> int:
         if not prot & F.P:
             return prot
-        img = self.k.profile.image
+        img = self.image
         end = start + npg * PAGE_SIZE - 1
         forbidden = 0
         # Text NX: never make kernel text (high mapping) non-executable.
@@ -124,7 +286,7 @@ class Cpa:
         if lpsize != npg * PAGE_SIZE or start & (lpsize - 1 if lpsize else 0):
             if (self.kernel_set_to_readonly and start <= img.end_rodata_hpage_align - 1
                     and end >= img.text):
-                found = self.k.pgt.lookup_address(start)
+                found = self.pgt.lookup_address(start)
                 if found is not None and found[1] != PG_LEVEL_4K:
                     forbidden |= int(F.RW)
         # Rodata RO (by PFN: covers the direct-map alias too).
@@ -153,19 +315,21 @@ class Cpa:
         return self.apply(cpa, checkalias, flush=True)
 
     def apply(self, cpa: CpaData, checkalias: bool, *, flush: bool) -> CpaData:
-        """Run a checked request: record it in the shadow, the policy's
-        before/after hooks around the page-table work, the flush when due
-        (``flush=False`` for the ``_noflush`` entry points: the caller
-        flushes), and CONFIG_DEBUG_VM's validation."""
-        k = self.k
-        k.shadow.apply(cpa, checkalias)
-        k.policy.cpa_before(k, cpa)
+        """Run a checked request: record it in the shadow, the observers
+        around the page-table work, the flush when due (``flush=False`` for
+        the ``_noflush`` entry points: the caller flushes), and on a kernel
+        that collapses, the collapse after ``set_memory_rox``."""
+        self.shadow.apply(cpa, checkalias, kernel_ro=self.kernel_set_to_readonly)
+        for fn in self._before:
+            fn(cpa)
         self._change_page_attr_set_clr(cpa, checkalias)
         if flush and cpa.flags & CpaFlags.FLUSHTLB:
             self.cpa_flush(cpa)
-        k.policy.cpa_after(k, cpa)
-        if k.debug_vm:
-            k._debug_vm()
+        if (self.version.collapse_after_rox and cpa.changed and cpa.mask_set == 0
+                and cpa.mask_clr == _ROX_CLR):
+            self.collapse_large_pages(cpa.changed)
+        for fn in self._after:
+            fn(cpa)
         return cpa
 
     def _check_request(self, addrs: list[int], numpages: int, flags: CpaFlags) -> None:
@@ -184,7 +348,7 @@ class Cpa:
                 raise CpaError(f"range at {start:#x} of {span} pages is not canonical")
             va, end = start, start + span * PAGE_SIZE
             while va < end:
-                found = self.k.pgt.lookup_address(va)
+                found = self.pgt.lookup_address(va)
                 if found is None or found[0] == 0:
                     raise CpaError(f"{va:#x} is not mapped (in a request for "
                                    f"[{start:#x}, {end:#x}))")
@@ -209,7 +373,7 @@ class Cpa:
 
     def _change_page_attr(self, cpa: CpaData, primary: bool) -> None:
         address = cpa.addr(cpa.curpage)
-        pgt = self.k.pgt
+        pgt = self.pgt
         while True:
             found = pgt.lookup_slot(address)
             if found is None or pgt.get(found[0]) == 0:
@@ -246,7 +410,7 @@ class Cpa:
                                 cpa: CpaData) -> SplitOutcome:
         if cpa.force_split:
             return SplitOutcome.SPLIT
-        pgt = self.k.pgt
+        pgt = self.pgt
         old = pgt.get(slot)
         old_prot = (old & ~pt.ADDR_MASK) | (old & F.PAT_LARGE)
         old_pfn = pt.entry_addr(old, level) >> 12
@@ -283,12 +447,12 @@ class Cpa:
     def split_large_page(self, cpa: CpaData, slot: int, level: int, address: int) -> None:
         """Allocate an order-0 page for the new table (``alloc_pages(GFP_KERNEL,
         0)``) and install it (``__split_large_page``)."""
-        table = self.k.alloc_pgtable_page("cpa split")
+        table = self.alloc_pgtable_page("cpa split")
         self.__split_large_page(cpa, slot, level, address, table)
 
     def __split_large_page(self, cpa: CpaData, slot: int, level: int, address: int,
                            table: int) -> None:
-        pgt = self.k.pgt
+        pgt = self.pgt
         old = pgt.get(slot)
         if level == PG_LEVEL_2M:
             ref_prot = pt.pat_large_to_4k((old & ~pt.ADDR_MASK) | (old & F.PAT_LARGE))
@@ -310,25 +474,24 @@ class Cpa:
                 prot = self.static_protections(ref_prot, lpaddr + i * lpinc, pfn, 1, 0)
             pgt.ram64[base + i] = (pfn << 12) | prot
         if self._within_direct_map(address):
-            self.k.split_page_count(level)
+            self.split_page_count(level)
         elif self._virt_addr_valid_highmap(address):
-            self.k.split_page_count(level, highmap=True)
+            self.split_page_count(level, highmap=True)
         pgt.set(slot, table | pgt.prot.KERNPG_TABLE)
         # Flush before changing the new PTEs (the TLB application note).
-        self.k.flush_tlb_all()
+        self.tlb.flush_tlb_all()
 
     def _process_alias(self, cpa: CpaData) -> None:
         pfn = cpa.pfn
-        if not (0 <= pfn < self.k.max_pfn_mapped):
+        if not (0 <= pfn < self.max_pfn_mapped):
             return
         vaddr = cpa.addr(cpa.curpage)
-        profile = self.k.profile
         if not self._within_direct_map(vaddr):
             laddr = PAGE_OFFSET + (pfn << 12)
             alias = CpaData([laddr], cpa.numpages, cpa.mask_set, cpa.mask_clr,
                             flags=cpa.flags & ~(CpaFlags.ARRAY | CpaFlags.PAGES_ARRAY),
                             force_split=cpa.force_split)
-            if profile.alias_masks_nx:
+            if self.version.alias_masks_nx:
                 alias.mask_clr &= ~int(F.NX)
             cpa.force_flush_all = True
             self._change_page_attr_set_clr(alias, False)
@@ -336,7 +499,7 @@ class Cpa:
             cpa.changed.extend(alias.changed)
             cpa.flags |= alias.flags & CpaFlags.FLUSHTLB
         if not self._within_image(vaddr) and self._pfn_in_highmap(pfn):
-            img = profile.image
+            img = self.image
             hva = img.text + ((pfn << 12) - img.phys_start)
             alias = CpaData([hva], cpa.numpages, cpa.mask_set, cpa.mask_clr,
                             flags=cpa.flags & ~(CpaFlags.ARRAY | CpaFlags.PAGES_ARRAY),
@@ -348,8 +511,8 @@ class Cpa:
 
     def cpa_flush(self, cpa: CpaData) -> None:
         """Per-page INVLPG up to the ceiling, else a full flush."""
-        if cpa.force_flush_all or cpa.numpages > TLB_SINGLE_PAGE_FLUSH_CEILING:
-            self.k.flush_tlb_all()
+        if cpa.force_flush_all or self.tlb.is_full(cpa.numpages):
+            self.tlb.flush_tlb_all()
         else:
             for i in range(cpa.numpages):
-                self.k.flush_tlb_one_kernel(cpa.addr(i))
+                self.tlb.flush_tlb_one_kernel(cpa.addr(i))

@@ -1,31 +1,29 @@
-"""The x86-64 kernel address map (4-level paging, no KASLR) and kernel
-profiles: the facts about one kernel build the model needs.
+"""The x86-64 kernel address map (4-level paging, no KASLR) and the kernel
+image layouts the version records (:mod:`guestkernel.versions`) use.
 
-Debian's 6.1 build (the reference kernel, ``linux-image-6.1.0-56-amd64``)
-is the default profile. Its image layout below was read from the ELF
-program and section headers of its vmlinux (``readelf -lS`` on the image
-unpacked from the package's vmlinuz); ``CONFIG_RANDOMIZE_BASE=y`` makes
-``KERNEL_IMAGE_SIZE`` 1 GiB, so modules start at ``0xffffffffc0000000``.
+Debian's 6.1 build (the reference kernel, ``linux-image-6.1.0-56-amd64``):
+its image layout below was read from the ELF program and section headers of
+its vmlinux (``readelf -lS`` on the image unpacked from the package's
+vmlinuz); ``CONFIG_RANDOMIZE_BASE=y`` makes ``KERNEL_IMAGE_SIZE`` 1 GiB, so
+modules start at ``0xffffffffc0000000``.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 __all__ = [
-    "DEFAULT_PROFILE",
+    "DEBIAN_6_1_IMAGE",
     "PAGE_OFFSET",
     "PAGE_SHIFT",
     "PAGE_SIZE",
     "PMD_SIZE",
-    "PROFILES",
     "PUD_SIZE",
     "START_KERNEL_MAP",
     "VMALLOC_END",
     "VMALLOC_START",
     "VMEMMAP_START",
     "KernelImage",
-    "KernelProfile",
 ]
 
 PAGE_SHIFT = 12
@@ -90,37 +88,3 @@ DEBIAN_6_1_IMAGE = KernelImage(
     brk_end=0xFFFFFFFF84430000,        # __brk_base + the brk reserved in full (bound of use)
     end=0xFFFFFFFF84430000,
 )
-
-
-@dataclass(frozen=True)
-class KernelProfile:
-    """What differs between kernel versions/builds that the model follows."""
-
-    name: str
-    image: KernelImage
-    #: memory_map_top_down step rule (see memory_mapping.STEP_RULES)
-    step_rule: str
-    modules_vaddr: int
-    modules_end: int
-    #: PTI: the kernel clears _PAGE_GLOBAL from its mappings (__default_kernel_pte_mask)
-    pti: bool = True
-    #: CPA alias processing masks NX on the direct map (6.2+ with set_memory_rox)
-    alias_masks_nx: bool = False
-    #: sizeof(pg_data_t) as allocated for NODE_DATA(0) (the reference kernel
-    #: prints "NODE_DATA(0) allocated [mem 0x23ffd3000-0x23fffdfff]")
-    node_data_bytes: int = 0x2B000
-    notes: tuple[str, ...] = field(default_factory=tuple)
-
-
-PROFILES: dict[str, KernelProfile] = {
-    "debian-6.1": KernelProfile(
-        name="debian-6.1", image=DEBIAN_6_1_IMAGE, step_rule="linux-6.1",
-        modules_vaddr=0xFFFFFFFFC0000000, modules_end=0xFFFFFFFFFF000000,
-        pti=True,
-        notes=("Debian linux-image-6.1.0-56-amd64 (6.1.192) under QEMU TCG, nokaslr",)),
-    "linux-3.13": KernelProfile(
-        name="linux-3.13", image=DEBIAN_6_1_IMAGE, step_rule="linux-3.13",
-        modules_vaddr=0xFFFFFFFFA0000000, modules_end=0xFFFFFFFFFF000000, pti=False,
-        notes=("step rule of 3.9-4.x; image layout borrowed from 6.1",)),
-}
-DEFAULT_PROFILE = "debian-6.1"

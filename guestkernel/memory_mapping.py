@@ -3,7 +3,8 @@
 ``init_mem_mapping`` maps the ISA range [0, 1 MiB) first, then all RAM up to
 ``max_pfn`` *top-down in steps* (``memory_map_top_down``): the first step is
 the 2 MiB block at the top of RAM, and each step after that grows by a
-factor (2^5 up to Linux 4.x, 2^8 = ``PMD_SHIFT - PAGE_SHIFT - 1`` since).
+factor (2^5 in 3.x, 2^8 = ``PMD_SHIFT - PAGE_SHIFT - 1`` since 4.0: each
+rule is a :class:`guestkernel.versions.StepRule`).
 Each step is cut by the RAM ranges of memblock, and each piece goes through
 ``init_memory_mapping`` -> ``split_mem_range``: a 4K head up to the first
 2 MiB boundary, 2M up to the first 1 GiB boundary, 1G for the aligned middle
@@ -22,6 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .e820 import E820Table
+from .versions import STEP_RULES, StepRule
 
 __all__ = ["ISA_END_ADDRESS", "MapRange", "init_mem_mapping", "split_mem_range"]
 
@@ -123,26 +125,17 @@ def split_mem_range(start: int, end: int, e820: E820Table, *, gbpages: bool = Tr
     return [MapRange(s, e, _size_of(mask)) for s, e, mask in merged]
 
 
-#: How ``memory_map_top_down`` grows its step, per kernel version:
-#: (shift, rule). Linux 3.9-4.x: ``step_size <<= STEP_SIZE_SHIFT`` (5) when
-#: the step just mapped more than everything before it. Since 4.x
-#: (``get_new_step_size``): ``<<= PMD_SHIFT - PAGE_SHIFT - 1`` (8) once the
-#: total mapped reaches the step.
-STEP_RULES = {"linux-6.1": (8, "total"), "linux-3.13": (5, "new")}
-
-
-def init_mem_mapping(e820: E820Table, *, gbpages: bool = True, kernel: str = "linux-6.1",
+def init_mem_mapping(e820: E820Table, *, gbpages: bool = True,
+                     step_rule: StepRule = STEP_RULES["4.0"],
                      top_block: int | None = None) -> list[list[MapRange]]:
     """The ``init_memory_mapping`` calls of boot, in order, each as its
     ``split_mem_range`` result.
 
-    ``kernel`` selects the step rule (:data:`STEP_RULES`). ``top_block`` is where ``memblock_phys_alloc_range(PMD_SIZE,
-    PMD_SIZE, ...)`` found the first 2 MiB block, top-down; by default the
-    highest 2M-aligned block that is all RAM."""
-    try:
-        shift, rule = STEP_RULES[kernel]
-    except KeyError:
-        raise ValueError(f"unknown kernel profile {kernel!r}; known: {', '.join(STEP_RULES)}") from None
+    ``step_rule`` is the kernel's (:data:`guestkernel.versions.STEP_RULES`).
+    ``top_block`` is where ``memblock_phys_alloc_range(PMD_SIZE, PMD_SIZE,
+    ...)`` found the first 2 MiB block, top-down; by default the highest
+    2M-aligned block that is all RAM."""
+    shift = step_rule.shift
     end = e820.max_pfn * PAGE_SIZE
     calls = [split_mem_range(0, ISA_END_ADDRESS, e820, gbpages=gbpages)]
     if top_block is None:
@@ -161,14 +154,14 @@ def init_mem_mapping(e820: E820Table, *, gbpages: bool = True, kernel: str = "li
         calls.extend(pieces)
         new = sum(r.end - r.start for call in pieces for r in call)
         last_start = start
-        if rule == "new":
-            if new > mapped:
-                step <<= shift
-            mapped += new
-        else:
+        if step_rule.grow_when_total:
             mapped += new
             if mapped >= step:
                 step <<= shift
+        else:
+            if new > mapped:
+                step <<= shift
+            mapped += new
     if real_end < end:
         calls.extend(_init_range_memory_mapping(real_end, end, e820, gbpages))
     return calls

@@ -2,24 +2,33 @@
 
 A policy decides how ``GFP_UNMAPPED``/``GFP_PTE_MAPPED`` requests (and any
 other it wants) are served and freed, what happens under memory pressure,
-and what it does around a CPA call. Every hook has a default that behaves as
-mainline Linux does, so ``baseline`` overrides nothing. Policies live in the
-``policies`` package or in any distribution that declares an entry point in
-the group ``dmfrag.policies``; the kernel finds them by name here without
-importing them by name.
+what GFP each CPA user asks for, and what it does around a CPA call. Every
+hook has a default that behaves as mainline Linux does, so ``baseline``
+overrides nothing. A policy changes the kernel only through these hooks and
+the declared fields below (and the kernel's public API inside them).
+
+Policies are found only through the entry-point group ``dmfrag.policies``
+(the in-tree ones are declared in this project's ``pyproject.toml``, as any
+other distribution would declare its own); this module never imports a
+policy by name. :func:`register_policy` also registers a class directly
+(tests do, for planted-bug policies).
 """
 
 from __future__ import annotations
 
-from importlib import import_module
 from importlib.metadata import entry_points
 from typing import TYPE_CHECKING, ClassVar
 
 if TYPE_CHECKING:
+    from .api import KernelApi
     from .cpa import CpaData
-    from .kernel import Kernel
+    from .page_alloc import BuddyAllocator
 
-__all__ = ["Policy", "PolicyError", "get_policy", "policy_names", "register_policy"]
+__all__ = ["ENTRY_POINT_GROUP", "ComposedPolicy", "Policy", "PolicyError", "get_policy",
+           "policy_names", "register_policy"]
+
+#: The entry-point group policies are declared in.
+ENTRY_POINT_GROUP = "dmfrag.policies"
 
 
 class PolicyError(ValueError):
@@ -32,6 +41,10 @@ class Policy:
     name: ClassVar[str] = ""
     #: tunables with defaults; a subclass lists its own
     defaults: ClassVar[dict[str, object]] = {}
+    #: declared field: BPF images share 2 MiB packs backed by one 2M page
+    #: each (bpf_prog_pack with module_alloc_huge), even on a kernel whose
+    #: record has no bpf_prog_pack
+    prog_pack: ClassVar[bool] = False
 
     def __init__(self, **tunables):
         unknown = set(tunables) - set(self.defaults)
@@ -40,35 +53,44 @@ class Policy:
                               f"known: {sorted(self.defaults) or 'none'}")
         self.tunables = {**self.defaults, **tunables}
 
-    def setup_buddy(self, buddy) -> None:
+    def setup_buddy(self, buddy: BuddyAllocator) -> None:
         """Called when the buddy allocator is built, before any allocation:
         the place to register a migrate type."""
 
-    def attach(self, kernel: Kernel) -> None:
+    def attach(self, kernel: KernelApi) -> None:
         """Called once the kernel has booted."""
 
-    def alloc_pages(self, kernel: Kernel, gfp: int, order: int) -> int | None:
+    def user_gfp(self, user: str, gfp: int) -> int:
+        """The GFP a CPA user asks of the page allocator: ``user`` is
+        "execmem" (modules, BPF, ftrace/kprobe pages), "secretmem" (and
+        guest_memfd) or "pgtable"; ``gfp`` is mainline's. A grouping policy
+        adds GFP_UNMAPPED or GFP_PTE_MAPPED here; a user asked for
+        GFP_UNMAPPED leaves the unmapping to the allocator."""
+        return gfp
+
+    def alloc_pages(self, kernel: KernelApi, gfp: int, order: int) -> int | None:
         """Serve a request the policy cares about and return its PFN, or None
         to let the buddy allocator serve it."""
         return None
 
-    def free_pages(self, kernel: Kernel, pfn: int, order: int) -> bool:
+    def free_pages(self, kernel: KernelApi, pfn: int, order: int) -> bool:
         """Take back pages it handed out; True when it did."""
         return False
 
-    def shrink(self, kernel: Kernel, nr_pages: int) -> int:
+    def shrink(self, kernel: KernelApi, nr_pages: int) -> int:
         """Memory pressure: give back up to ``nr_pages`` pages; returns how many."""
         return 0
 
-    def cpa_before(self, kernel: Kernel, cpa: CpaData) -> None:
+    def cpa_before(self, kernel: KernelApi, cpa: CpaData) -> None:
         """Before a CPA request runs."""
 
-    def cpa_after(self, kernel: Kernel, cpa: CpaData) -> None:
+    def cpa_after(self, kernel: KernelApi, cpa: CpaData) -> None:
         """After a CPA request and its flush."""
 
 
 _REGISTRY: dict[str, type[Policy]] = {}
-_HOOKS = ("setup_buddy", "attach", "alloc_pages", "free_pages", "shrink", "cpa_before", "cpa_after")
+_HOOKS = ("setup_buddy", "attach", "user_gfp", "alloc_pages", "free_pages", "shrink",
+          "cpa_before", "cpa_after")
 
 
 def register_policy(cls: type[Policy]) -> type[Policy]:
@@ -89,12 +111,22 @@ def register_policy(cls: type[Policy]) -> type[Policy]:
 
 
 def _discover() -> None:
-    import_module("policies")  # the in-tree plugins register themselves on import
-    for ep in entry_points(group="dmfrag.policies"):
-        if ep.name not in _REGISTRY:
+    """Load every policy declared in the entry-point group (once each)."""
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        if ep.name in _REGISTRY:
+            continue
+        try:
             obj = ep.load()
-            if isinstance(obj, type) and issubclass(obj, Policy):
-                register_policy(obj)
+        except Exception as exc:  # a broken plugin is named, not a traceback
+            raise PolicyError(f"policy plugin {ep.name!r} ({ep.value}) failed to load: "
+                              f"{type(exc).__name__}: {exc}") from exc
+        if not (isinstance(obj, type) and issubclass(obj, Policy)):
+            raise PolicyError(f"policy plugin {ep.name!r} ({ep.value}) is not a subclass of "
+                              "guestkernel.policy.Policy")
+        if obj.name != ep.name:
+            raise PolicyError(f"policy plugin {ep.name!r} ({ep.value}) names itself "
+                              f"{obj.name!r}; the entry point and the class must agree")
+        register_policy(obj)
 
 
 def policy_names() -> list[str]:
@@ -111,6 +143,7 @@ class ComposedPolicy(Policy):
         super().__init__()
         self.parts = parts
         self.name = "+".join(p.name for p in parts)
+        self.prog_pack = any(p.prog_pack for p in parts)
 
     def setup_buddy(self, buddy) -> None:
         for p in self.parts:
@@ -119,6 +152,11 @@ class ComposedPolicy(Policy):
     def attach(self, kernel) -> None:
         for p in self.parts:
             p.attach(kernel)
+
+    def user_gfp(self, user, gfp):
+        for p in self.parts:
+            gfp = p.user_gfp(user, gfp)
+        return gfp
 
     def alloc_pages(self, kernel, gfp, order):
         for p in self.parts:

@@ -21,7 +21,7 @@ from emu.pagetable import PteFlags as F
 from .layout import PAGE_OFFSET, START_KERNEL_MAP, VMALLOC_START, VMEMMAP_START
 
 if TYPE_CHECKING:
-    from .kernel import Kernel
+    from .api import KernelApi as Kernel
 
 __all__ = ["ptdump"]
 

@@ -21,11 +21,10 @@ import numpy as np
 
 from emu.pagetable import PteFlags as F
 
-from .layout import PAGE_OFFSET, PAGE_SIZE
+from .layout import PAGE_OFFSET, PAGE_SIZE, KernelImage
 
 if TYPE_CHECKING:
     from .cpa import CpaData
-    from .kernel import Kernel
 
 __all__ = ["S_MAPPED", "S_NX", "S_P", "S_RW", "Shadow"]
 
@@ -47,9 +46,16 @@ def _masks(cpa_set: int, cpa_clr: int) -> tuple[int, int]:
 
 
 class Shadow:
-    def __init__(self, kernel: Kernel):
-        self.k = kernel
-        self.direct = np.zeros(kernel.max_pfn, dtype=np.uint8)
+    """The expectation for ``max_pfn`` pages of RAM, a kernel image and the
+    vmalloc space; ``alias_masks_nx``: the kernel's alias rule (see
+    :class:`guestkernel.versions.KernelVersion`)."""
+
+    def __init__(self, max_pfn: int, image: KernelImage, alias_masks_nx: bool) -> None:
+        self.max_pfn = max_pfn
+        self.img = image
+        self.alias_masks_nx = alias_masks_nx
+        self.kernel_ro = False
+        self.direct = np.zeros(max_pfn, dtype=np.uint8)
         self.vmap: dict[int, tuple[int, int]] = {}      # va page -> (pfn, bits)
         self.image: dict[int, int] = {}                  # high-map va page -> bits
         # Pages changed since the last validation, oldest first (dicts keep
@@ -85,20 +91,21 @@ class Shadow:
 
     # -- CPA requests -------------------------------------------------------
 
-    def apply(self, cpa: CpaData, checkalias: bool) -> None:
+    def apply(self, cpa: CpaData, checkalias: bool, *, kernel_ro: bool) -> None:
         """Record what the request asks of every page it names and of the
-        aliases the kernel changes with it (set_memory.c's alias rules)."""
-        k = self.k
+        aliases the kernel changes with it (set_memory.c's alias rules);
+        ``kernel_ro``: mark_rodata_ro has run."""
+        self.kernel_ro = kernel_ro
         sset, sclr = _masks(cpa.mask_set, cpa.mask_clr)
-        img = k.profile.image
+        img = self.img
         for i in range(cpa.numpages):
             va = cpa.addr(i)
             pfn = self._apply_one(va, sset, sclr)
             if not checkalias or pfn is None:
                 continue
-            in_direct = PAGE_OFFSET <= va < PAGE_OFFSET + k.max_pfn_mapped * PAGE_SIZE
-            if not in_direct and 0 <= pfn < k.max_pfn_mapped:
-                aclr = sclr & ~S_NX if k.profile.alias_masks_nx else sclr
+            in_direct = PAGE_OFFSET <= va < PAGE_OFFSET + self.max_pfn * PAGE_SIZE
+            if not in_direct and 0 <= pfn < self.max_pfn:
+                aclr = sclr & ~S_NX if self.alias_masks_nx else sclr
                 self._apply_one(PAGE_OFFSET + pfn * PAGE_SIZE, sset, aclr)
             in_image = img.text <= va < img.brk_end
             hlo, hhi = img.pa(img.text) >> 12, img.pa(img.brk_end) >> 12
@@ -107,8 +114,7 @@ class Shadow:
 
     def _apply_one(self, va: int, sset: int, sclr: int) -> int | None:
         """Apply to one virtual page; returns its PFN (None if unmapped)."""
-        k = self.k
-        if PAGE_OFFSET <= va < PAGE_OFFSET + k.max_pfn * PAGE_SIZE:
+        if PAGE_OFFSET <= va < PAGE_OFFSET + self.max_pfn * PAGE_SIZE:
             pfn = (va - PAGE_OFFSET) >> 12
             old = int(self.direct[pfn])
             if not old & S_MAPPED:
@@ -124,7 +130,7 @@ class Shadow:
             self._touch_va(va)
             return pfn
         if va in self.image:
-            img = k.profile.image
+            img = self.img
             pfn = (va - img.text + img.phys_start) >> 12
             self.image[va] = self._static((self.image[va] & ~sclr) | sset, va, pfn) | S_MAPPED
             self._touch_va(va)
@@ -136,9 +142,8 @@ class Shadow:
         kernel is read-only; kernel text never NX."""
         if not bits & S_P:
             return bits & _ATTR
-        k = self.k
-        img = k.profile.image
-        if k.cpa.kernel_set_to_readonly:
+        img = self.img
+        if self.kernel_ro:
             lo, hi = img.pa(img.start_rodata) >> 12, img.pa(img.end_rodata) >> 12
             if lo <= pfn < hi:
                 bits &= ~S_RW
@@ -148,8 +153,7 @@ class Shadow:
 
     def expected(self, va: int) -> tuple[int, int] | None:
         """(pfn, bits) the model expects at ``va``, or None if unmapped."""
-        k = self.k
-        if PAGE_OFFSET <= va < PAGE_OFFSET + k.max_pfn * PAGE_SIZE:
+        if PAGE_OFFSET <= va < PAGE_OFFSET + self.max_pfn * PAGE_SIZE:
             pfn = (va - PAGE_OFFSET) >> 12
             bits = int(self.direct[pfn])
             return (pfn, bits) if bits & S_MAPPED else None
@@ -157,6 +161,6 @@ class Shadow:
         if page in self.vmap:
             return self.vmap[page]
         if page in self.image:
-            img = k.profile.image
+            img = self.img
             return (page - img.text + img.phys_start) >> 12, self.image[page]
         return None

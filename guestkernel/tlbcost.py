@@ -6,15 +6,11 @@ report both side by side."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from emu import kernels
 from emu.tlb import TlbModel
 
+from .kernel import Kernel
 from .layout import PAGE_SIZE
-
-if TYPE_CHECKING:
-    from .kernel import Kernel
 
 __all__ = ["KERNELS", "reference_kernel", "tlb_cost"]
 
@@ -23,7 +19,6 @@ KERNELS = ("random", "chase", "stream")
 
 def reference_kernel(k: Kernel) -> Kernel:
     """The same e820 and profile, just booted: the unfragmented reference."""
-    from .kernel import Kernel
     return Kernel.boot(e820=k.e820, gbpages=k.gbpages, profile=k.profile)
 
 

@@ -21,28 +21,35 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 from . import gfp as G
+from .cpa import Cpa
 from .layout import PAGE_SIZE
-from .vmalloc import VmFlags, VmStruct
-
-if TYPE_CHECKING:
-    from .kernel import Kernel
+from .versions import KernelVersion
+from .vmalloc import PageAllocator, Vmalloc, VmFlags, VmStruct
 
 __all__ = [
     "BpfJit",
     "BpfProg",
+    "Execmem",
     "GuestMemfd",
     "Module",
     "ModuleLoader",
+    "ProtectedPageTables",
     "Secretmem",
+    "UserGfp",
     "UsersError",
 ]
 
 BPF_PROG_PACK_SIZE = 2 << 20
 BPF_PROG_CHUNK_SIZE = 64
+
+#: What GFP a user asks of the page allocator: (user name, mainline GFP) ->
+#: GFP; a policy may add GFP_UNMAPPED (the 2022 RFC does for modules and
+#: secretmem). Users: "execmem", "secretmem", "pgtable".
+UserGfp = Callable[[str, int], int]
 
 
 class UsersError(ValueError):
@@ -68,9 +75,47 @@ class Module:
         return self.area.addr
 
 
+class Execmem:
+    """``module_alloc`` (``execmem_alloc`` since 6.10): a module-area vmalloc
+    with ``VM_FLUSH_RESET_PERMS``, pages taken with the GFP the policy gives
+    the "execmem" user; and how the kernel makes it read-only+executable
+    (``set_memory_rox`` where the version has it, else RO then X)."""
+
+    def __init__(self, vmalloc: Vmalloc, cpa: Cpa, version: KernelVersion,
+                 user_gfp: UserGfp) -> None:
+        self.vmalloc = vmalloc
+        self.cpa = cpa
+        self.version = version
+        self.user_gfp = user_gfp
+
+    def module_alloc(self, size: int, *, huge: bool = False, caller: str = "module_alloc"
+                     ) -> VmStruct:
+        flags = VmFlags.FLUSH_RESET_PERMS | (VmFlags.ALLOW_HUGE_VMAP if huge else VmFlags(0))
+        return self.vmalloc.vmalloc_node_range(
+            size, start=self.version.modules_vaddr, end=self.version.modules_end,
+            gfp=self.user_gfp("execmem", int(G.GFP_KERNEL)), flags=flags, caller=caller)
+
+    def make_rox(self, addr: int, numpages: int, user: str) -> None:
+        """Read-only then executable, or one ``set_memory_rox`` on kernels
+        whose ``user`` calls it."""
+        if user in self.version.set_memory_rox_users:
+            self.cpa.set_memory_rox(addr, numpages)
+        else:
+            self.cpa.set_memory_ro(addr, numpages)
+            self.cpa.set_memory_x(addr, numpages)
+
+    def alloc_insn_page(self) -> int:
+        """kprobes/ftrace: one module_alloc page made RO+X."""
+        addr = self.module_alloc(PAGE_SIZE, caller="insn page").addr
+        self.make_rox(addr, 1, "execmem")
+        return addr
+
+
 class ModuleLoader:
-    def __init__(self, kernel: Kernel):
-        self.k = kernel
+    def __init__(self, execmem: Execmem, cpa: Cpa, vmalloc: Vmalloc) -> None:
+        self.execmem = execmem
+        self.cpa = cpa
+        self.vmalloc = vmalloc
         self.modules: dict[str, Module] = {}
 
     def load_module(self, name: str, text: int, rodata: int = 0, ro_after_init: int = 0,
@@ -81,23 +126,20 @@ class ModuleLoader:
         if min(text, rodata, ro_after_init, data) < 0 or text <= 0:
             raise UsersError(f"module {name!r}: section sizes must be >= 0, text > 0")
         t, r, a, d = _pages(text), _pages(rodata), _pages(ro_after_init), _pages(data)
-        k = self.k
-        area = k.vmalloc.vmalloc_node_range(
-            (t + r + a + d) * PAGE_SIZE, start=k.profile.modules_vaddr,
-            end=k.profile.modules_end, gfp=k.execmem_gfp, flags=VmFlags.FLUSH_RESET_PERMS,
-            caller=f"module {name}")
+        cpa = self.cpa
+        area = self.execmem.module_alloc((t + r + a + d) * PAGE_SIZE, caller=f"module {name}")
         base = area.addr
         mod = Module(name, area, t, r, a, d)
         # complete_formation: module_enable_ro(mod, false), _nx, _x.
-        k.set_memory_ro(base, t)
+        cpa.set_memory_ro(base, t)
         if r:
-            k.set_memory_ro(base + t * PAGE_SIZE, r)
+            cpa.set_memory_ro(base + t * PAGE_SIZE, r)
         if r or a or d:
-            k.set_memory_nx(base + t * PAGE_SIZE, r + a + d)
-        k.set_memory_x(base, t)
+            cpa.set_memory_nx(base + t * PAGE_SIZE, r + a + d)
+        cpa.set_memory_x(base, t)
         # do_init_module: module_enable_ro(mod, true).
         if a:
-            k.set_memory_ro(base + (t + r) * PAGE_SIZE, a)
+            cpa.set_memory_ro(base + (t + r) * PAGE_SIZE, a)
         self.modules[name] = mod
         return mod
 
@@ -106,7 +148,7 @@ class ModuleLoader:
             mod = self.modules.pop(name)
         except KeyError:
             raise UsersError(f"module {name!r} is not loaded") from None
-        self.k.vmalloc.vfree(mod.base)
+        self.vmalloc.vfree(mod.base)
         mod.live = False
 
 
@@ -126,8 +168,10 @@ class _Pack:
 class BpfJit:
     """``bpf_jit_binary_pack_alloc`` / ``bpf_prog_pack_free``."""
 
-    def __init__(self, kernel: Kernel, use_pack: bool = True, huge_pack: bool = False):
-        self.k = kernel
+    def __init__(self, execmem: Execmem, vmalloc: Vmalloc, use_pack: bool = True,
+                 huge_pack: bool = False) -> None:
+        self.execmem = execmem
+        self.vmalloc = vmalloc
         self.use_pack = use_pack
         #: packs backed by one 2M page (module_alloc_huge, 6.2+): their
         #: direct-map alias changes as a whole 2M page, without a split
@@ -136,13 +180,9 @@ class BpfJit:
         self.progs: dict[int, BpfProg] = {}
 
     def _module_alloc_rox(self, size: int) -> VmStruct:
-        k = self.k
-        huge = VmFlags.ALLOW_HUGE_VMAP if self.huge_pack and size >= BPF_PROG_PACK_SIZE else VmFlags(0)
-        area = k.vmalloc.vmalloc_node_range(size, start=k.profile.modules_vaddr,
-                                            end=k.profile.modules_end, gfp=k.execmem_gfp,
-                                            flags=VmFlags.FLUSH_RESET_PERMS | huge, caller="bpf")
-        k.set_memory_ro(area.addr, area.size // PAGE_SIZE)
-        k.set_memory_x(area.addr, area.size // PAGE_SIZE)
+        huge = self.huge_pack and size >= BPF_PROG_PACK_SIZE
+        area = self.execmem.module_alloc(size, huge=huge, caller="bpf")
+        self.execmem.make_rox(area.addr, area.size // PAGE_SIZE, "bpf")
         return area
 
     def load(self, size: int) -> BpfProg:
@@ -179,7 +219,7 @@ class BpfJit:
         except KeyError:
             raise UsersError(f"bpf: no program at {addr:#x}") from None
         if prog.pack is None:
-            self.k.vmalloc.vfree(prog.addr)
+            self.vmalloc.vfree(prog.addr)
             return
         pack = next(p for p in self.packs if p.base == prog.pack)
         pos = (prog.addr - pack.base) // BPF_PROG_CHUNK_SIZE
@@ -187,27 +227,25 @@ class BpfJit:
         pack.used[pos: pos + n] = bytes(n)
         if not any(pack.used):
             self.packs.remove(pack)
-            self.k.vmalloc.vfree(pack.base)
+            self.vmalloc.vfree(pack.base)
 
 
 class Secretmem:
     """``memfd_secret``: pages leave the direct map one at a time."""
 
-    def __init__(self, kernel: Kernel):
-        self.k = kernel
+    def __init__(self, pages: PageAllocator, cpa: Cpa, user_gfp: UserGfp) -> None:
+        self.page_alloc = pages
+        self.cpa = cpa
+        self.user_gfp = user_gfp
         self.pages: set[int] = set()
 
     def fault(self) -> int:
         """secretmem_fault: allocate a page, unmap it from the direct map
-        (with ``GFP_UNMAPPED`` when the policy serves it: the 2022 RFC)."""
-        k = self.k
-        if k.secretmem_unmapped:
-            pfn = k.alloc_pages(int(G.GFP_HIGHUSER | G.GFP_ZERO | G.GFP_UNMAPPED), 0)
-        else:
-            pfn = k.alloc_pages(int(G.GFP_HIGHUSER | G.GFP_ZERO), 0)
-            k.set_direct_map_invalid_noflush(pfn)
-            va = k.pfn_to_virt(pfn)
-            k.flush_tlb_kernel_range(va, va + PAGE_SIZE)
+        (unless the policy serves it with ``GFP_UNMAPPED``: the 2022 RFC)."""
+        gfp = self.user_gfp("secretmem", int(G.GFP_HIGHUSER | G.GFP_ZERO))
+        pfn = self.page_alloc.alloc_pages(gfp, 0)
+        if not gfp & G.GFP_UNMAPPED:
+            self.cpa.remove_from_direct_map(pfn, 1)
         self.pages.add(pfn)
         return pfn
 
@@ -216,9 +254,9 @@ class Secretmem:
         if pfn not in self.pages:
             raise UsersError(f"secretmem: pfn {pfn:#x} is not a secret page")
         self.pages.remove(pfn)
-        if not self.k.secretmem_unmapped:
-            self.k.set_direct_map_default_noflush(pfn)
-        self.k.free_pages(pfn, 0)
+        if not self.user_gfp("secretmem", 0) & G.GFP_UNMAPPED:
+            self.cpa.restore_direct_map(pfn, 1)
+        self.page_alloc.free_pages(pfn, 0)
 
 
 class GuestMemfd(Secretmem):
@@ -234,14 +272,16 @@ class ProtectedPageTables:
     table page is allocated (``GFP_PGTABLE``) and its direct-map alias made
     RO; it is made RW again before it is freed."""
 
-    def __init__(self, kernel: Kernel):
-        self.k = kernel
+    def __init__(self, pages: PageAllocator, cpa: Cpa, user_gfp: UserGfp) -> None:
+        self.page_alloc = pages
+        self.cpa = cpa
+        self.user_gfp = user_gfp
         self.pages: set[int] = set()
 
     def alloc(self) -> int:
-        k = self.k
-        pfn = k.alloc_pages(int(G.GFP_PGTABLE | G.GFP_PTE_MAPPED), 0)
-        k.set_memory_ro(k.pfn_to_virt(pfn), 1)
+        pfn = self.page_alloc.alloc_pages(
+            self.user_gfp("pgtable", int(G.GFP_PGTABLE | G.GFP_PTE_MAPPED)), 0)
+        self.cpa.set_memory_ro(self.cpa.pfn_to_virt(pfn), 1)
         self.pages.add(pfn)
         return pfn
 
@@ -249,5 +289,5 @@ class ProtectedPageTables:
         if pfn not in self.pages:
             raise UsersError(f"pgtable: pfn {pfn:#x} is not a protected table page")
         self.pages.remove(pfn)
-        self.k.set_memory_rw(self.k.pfn_to_virt(pfn), 1)
-        self.k.free_pages(pfn, 0)
+        self.cpa.set_memory_rw(self.cpa.pfn_to_virt(pfn), 1)
+        self.page_alloc.free_pages(pfn, 0)

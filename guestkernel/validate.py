@@ -40,7 +40,7 @@ from .layout import PAGE_OFFSET, PAGE_SIZE
 from .shadow import S_MAPPED, S_NX, S_P, S_RW
 
 if TYPE_CHECKING:
-    from .kernel import Kernel
+    from .api import KernelApi as Kernel
 
 __all__ = ["ValidationError", "validate"]
 

@@ -16,17 +16,23 @@ from __future__ import annotations
 import bisect
 import enum
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from emu import pagetable as pt
 
 from . import gfp as G
+from .cpa import Cpa
 from .layout import PAGE_SIZE, PMD_SIZE, VMALLOC_END, VMALLOC_START
 
-if TYPE_CHECKING:
-    from .kernel import Kernel
+__all__ = ["PageAllocator", "VmFlags", "VmStruct", "Vmalloc", "VmallocError"]
 
-__all__ = ["VmFlags", "VmStruct", "Vmalloc", "VmallocError"]
+
+class PageAllocator(Protocol):
+    """The kernel's page allocator as its users call it (``Kernel`` is one:
+    the policy's routing and GFP_UNMAPPED handling included)."""
+
+    def alloc_pages(self, gfp: int, order: int = 0) -> int: ...
+    def free_pages(self, pfn: int, order: int = 0) -> None: ...
 
 
 class VmallocError(MemoryError):
@@ -60,8 +66,14 @@ class VmStruct:
 
 
 class Vmalloc:
-    def __init__(self, kernel: Kernel):
-        self.k = kernel
+    """The vmalloc space: areas, their page tables (through CPA's
+    ``pgt``), their pages (from ``pages``) and the shadow record."""
+
+    def __init__(self, pages: PageAllocator, cpa: Cpa) -> None:
+        self.page_alloc = pages
+        self.cpa = cpa
+        self.pgt = cpa.pgt
+        self.shadow = cpa.shadow
         self._busy: list[tuple[int, int]] = []      # sorted (start, end incl. guard)
         self.areas: dict[int, VmStruct] = {}
 
@@ -99,25 +111,25 @@ class Vmalloc:
             size = -(-size // PMD_SIZE) * PMD_SIZE
             align = max(align, PMD_SIZE)
         addr = self._find_range(size, align, start, end)
-        prot = self.k.pgt.prot.PAGE_KERNEL if prot is None else prot
+        prot = self.pgt.prot.PAGE_KERNEL if prot is None else prot
         pages: list[int] = []
         try:
             for _ in range(size >> (12 + order)):
-                pages.append(self.k.alloc_pages(gfp, order))
+                pages.append(self.page_alloc.alloc_pages(gfp, order))
         except MemoryError:
             for p in pages:
-                self.k.free_pages(p, order)
+                self.page_alloc.free_pages(p, order)
             raise
         area = VmStruct(addr, size, VmFlags.ALLOC | flags, pages, order, caller)
         bisect.insort(self._busy, (addr, addr + size + PAGE_SIZE))
         self.areas[addr] = area
         self._map(area, prot)
-        self.k.shadow.map_vmalloc(addr, area.pfns(), prot)
+        self.shadow.map_vmalloc(addr, area.pfns(), prot)
         return area
 
     def _map(self, area: VmStruct, prot: int) -> None:
         """``vmap_pages_range``: PTEs (or PMD leaves) in the kernel tables."""
-        pgt = self.k.pgt
+        pgt = self.pgt
         level = 2 if area.page_order == 9 else 1
         step = pt.level_size(level)
         for i, pfn in enumerate(area.pages):
@@ -129,7 +141,7 @@ class Vmalloc:
     def _walk_alloc(self, va: int, level: int) -> int:
         """Slot of the entry at ``level`` for ``va``, allocating tables
         (``pte_alloc_kernel`` & co) on the way."""
-        pgt = self.k.pgt
+        pgt = self.pgt
         table = pgt.root
         for lvl in range(4, level, -1):
             slot = pgt.slot(table, pt.table_index(va, lvl))
@@ -155,27 +167,27 @@ class Vmalloc:
 
     def vfree(self, addr: int) -> None:
         area = self.find_area(addr)     # a bad address raises before anything changes
-        k = self.k
+        cpa = self.cpa
         if area.flags & VmFlags.FLUSH_RESET_PERMS:
             pfns = area.pfns()
             for pfn in pfns:
-                k.set_direct_map_invalid_noflush(pfn)
-            lo = min(k.pfn_to_virt(min(pfns)), area.addr)
-            hi = max(k.pfn_to_virt(max(pfns) + 1), area.addr + area.size)
+                cpa.set_direct_map_invalid_noflush(pfn)
+            lo = min(cpa.pfn_to_virt(min(pfns)), area.addr)
+            hi = max(cpa.pfn_to_virt(max(pfns) + 1), area.addr + area.size)
             # _vm_unmap_aliases: one flush over the union of both ranges.
-            k.flush_tlb_kernel_range(lo, hi)
+            cpa.tlb.flush_tlb_kernel_range(lo, hi)
             for pfn in pfns:
-                k.set_direct_map_default_noflush(pfn)
+                cpa.set_direct_map_default_noflush(pfn)
         self._unmap(area)
-        k.shadow.unmap_vmalloc(area.addr, area.size // PAGE_SIZE)
-        k.flush_tlb_kernel_range(area.addr, area.addr + area.size)
+        self.shadow.unmap_vmalloc(area.addr, area.size // PAGE_SIZE)
+        cpa.tlb.flush_tlb_kernel_range(area.addr, area.addr + area.size)
         for p in area.pages:
-            k.free_pages(p, area.page_order)
+            self.page_alloc.free_pages(p, area.page_order)
         del self.areas[addr]
         self._busy.remove((area.addr, area.addr + area.size + PAGE_SIZE))
 
     def _unmap(self, area: VmStruct) -> None:
-        pgt = self.k.pgt
+        pgt = self.pgt
         level = 2 if area.page_order == 9 else 1
         step = pt.level_size(level)
         for i in range(len(area.pages)):

@@ -37,21 +37,23 @@ cache): their direct-map alias changes as whole 2M pages.
 from __future__ import annotations
 
 from guestkernel import gfp as G
-from guestkernel.collapse import collapse_direct_map
 from guestkernel.layout import PAGE_OFFSET
 from guestkernel.page_alloc import AllocationError, MigrateType
 from guestkernel.policy import Policy, register_policy
 
 _UNMAPPED = int(G.GFP_UNMAPPED)
-
-
-def _split_direct_map(k, pfn: int, n: int) -> None:
-    """Map [pfn, pfn+n) at PTE level: a forced split with no attribute
-    change and no 4K-only mark (the RFCs' remap, collapsible later)."""
-    k.cpa.change_page_attr_set_clr(PAGE_OFFSET + pfn * 4096, n, 0, 0, force_split=True)
-
 _PTE_MAPPED = int(G.GFP_PTE_MAPPED)
 _PLAIN = ~(_UNMAPPED | _PTE_MAPPED)
+
+
+class _UnmappedUsers:
+    """Mixin: module/BPF/ftrace memory (execmem) and secretmem ask for
+    ``GFP_UNMAPPED`` pages, as in the 2022 RFC's series."""
+
+    def user_gfp(self, user: str, gfp: int) -> int:
+        if user in ("execmem", "secretmem"):
+            return gfp | _UNMAPPED
+        return gfp
 
 
 @register_policy
@@ -70,7 +72,7 @@ class PteMappedCache(Policy):
         except AllocationError:
             pfn = k.buddy.alloc_pages(gfp & _PLAIN, 0)
             n = 1
-        _split_direct_map(k, pfn, n)
+        k.cpa.split_to_4k(pfn, n)
         if n == 512:
             k.buddy.split_allocated(pfn, 9)   # split_page(): hand it out page by page
         self.cache.extend(range(pfn, pfn + n))
@@ -103,7 +105,7 @@ class PteMappedCache(Policy):
 
 
 @register_policy
-class MigrateUnmapped(Policy):
+class MigrateUnmapped(_UnmappedUsers, Policy):
     name = "migrate-unmapped"
 
     def setup_buddy(self, buddy) -> None:
@@ -111,12 +113,10 @@ class MigrateUnmapped(Policy):
 
     def attach(self, kernel) -> None:
         self.blocks: dict[int, int] = {}      # pageblock pfn -> pages allocated from it
-        kernel.execmem_gfp |= _UNMAPPED
-        kernel.secretmem_unmapped = True
 
     def _steal_pageblock(self, k, gfp: int) -> None:
         pfn = k.buddy.alloc_pages(gfp & _PLAIN, 9)
-        _split_direct_map(k, pfn, 512)                 # remap at PTE level
+        k.cpa.split_to_4k(pfn, 512)                    # remap at PTE level
         k.buddy.set_pageblock_migratetype(pfn, self.mt)
         k.buddy.free_pages(pfn, 9)                      # its pages join the UNMAPPED lists
         self.blocks[pfn] = 0
@@ -130,10 +130,7 @@ class MigrateUnmapped(Policy):
         except AllocationError:
             self._steal_pageblock(k, gfp)
             pfn = k.buddy.alloc_pages(gfp & _PLAIN, order, migratetype=self.mt)
-        for i in range(1 << order):
-            k.set_direct_map_invalid_noflush(pfn + i)
-        va = k.pfn_to_virt(pfn)
-        k.flush_tlb_kernel_range(va, va + (4096 << order))
+        k.cpa.remove_from_direct_map(pfn, 1 << order)
         self.blocks[pfn & ~511] = self.blocks.get(pfn & ~511, 0) + (1 << order)
         return pfn
 
@@ -142,8 +139,7 @@ class MigrateUnmapped(Policy):
         if block not in self.blocks or kernel.buddy.get_pageblock_migratetype(pfn) != self.mt:
             return False
         k = kernel
-        for i in range(1 << order):
-            k.set_direct_map_default_noflush(pfn + i)
+        k.cpa.restore_direct_map(pfn, 1 << order)
         k.buddy.free_pages(pfn, order)
         self.blocks[block] -= 1 << order
         if self.blocks[block] == 0 and k.buddy.nr_free(order=9, mt=self.mt) and k.buddy.is_free(block):
@@ -151,7 +147,7 @@ class MigrateUnmapped(Policy):
             del self.blocks[block]
             k.buddy.move_freepages_block(block, int(MigrateType.MOVABLE))
             k.buddy.set_pageblock_migratetype(block, int(MigrateType.MOVABLE))
-            collapse_direct_map(k, [block])
+            k.cpa.collapse_large_pages([block])
         return True
 
 
@@ -193,14 +189,12 @@ class _ChunkBuddy:
 
 
 @register_policy
-class UnmappedAlloc(Policy):
+class UnmappedAlloc(_UnmappedUsers, Policy):
     name = "unmapped-alloc"
     defaults = {"keep_free_chunks": 1}
 
     def attach(self, kernel) -> None:
         self.chunks: dict[int, _ChunkBuddy] = {}
-        kernel.execmem_gfp |= _UNMAPPED
-        kernel.secretmem_unmapped = True
 
     def _new_chunk(self, k, gfp: int) -> _ChunkBuddy:
         pfn = k.buddy.alloc_pages(gfp & _PLAIN, 9)
@@ -282,8 +276,7 @@ class PerUserCaches(UnmappedAlloc):
         if user is None:
             return False
         if user == "pagetable":
-            kernel.set_direct_map_invalid_noflush(pfn)
-            kernel.flush_tlb_kernel_range(kernel.pfn_to_virt(pfn), kernel.pfn_to_virt(pfn + 1))
+            kernel.cpa.remove_from_direct_map(pfn, 1)
         self.user_cache[user].append(pfn)
         return True
 
@@ -291,7 +284,4 @@ class PerUserCaches(UnmappedAlloc):
 @register_policy
 class ProgPack(Policy):
     name = "prog-pack"
-
-    def attach(self, kernel) -> None:
-        kernel.bpf.use_pack = True
-        kernel.bpf.huge_pack = True
+    prog_pack = True

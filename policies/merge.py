@@ -11,13 +11,12 @@ with numpy gives the same decisions.
 rule, but only after ``set_memory_rox``, and never for entries
 ``set_memory_4k`` marked.
 
-Both use :mod:`guestkernel.collapse`.
+Both use ``Cpa.collapse_large_pages`` (:mod:`guestkernel.collapse`).
 """
 
 from __future__ import annotations
 
 from emu.pagetable import PteFlags as F
-from guestkernel.collapse import collapse_direct_map
 from guestkernel.policy import Policy, register_policy
 
 
@@ -27,7 +26,7 @@ class CpaMerge(Policy):
 
     def cpa_after(self, kernel, cpa) -> None:
         if cpa.changed:
-            collapse_direct_map(kernel, cpa.changed)
+            kernel.cpa.collapse_large_pages(cpa.changed)
 
 
 @register_policy
@@ -37,4 +36,4 @@ class CpaCollapse(Policy):
 
     def cpa_after(self, kernel, cpa) -> None:
         if cpa.changed and cpa.mask_set == 0 and cpa.mask_clr == self._ROX:
-            collapse_direct_map(kernel, cpa.changed)
+            kernel.cpa.collapse_large_pages(cpa.changed)

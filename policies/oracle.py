@@ -35,20 +35,21 @@ def pte_level_pages(kernel) -> int:
 
 
 class OracleTracker:
-    """Samples :func:`pte_level_pages` after every CPA call of ``kernel``
-    (wraps the policy's ``cpa_after``), from the moment it is created."""
+    """Samples :func:`pte_level_pages` after every CPA call of ``kernel``,
+    from the moment it is created: an observer of the kernel's CPA (not a
+    policy; it changes nothing). :meth:`detach` stops it."""
 
     def __init__(self, kernel):
         self.k = kernel
         self.baseline = pte_level_pages(kernel)   # what boot left (ISA range, image)
         self.peak = 0
-        pol = kernel.policy
-        inner = pol.cpa_after
+        kernel.cpa.add_observer(after=self._after)
 
-        def cpa_after(k, cpa, _inner=inner):
-            _inner(k, cpa)
-            self.sample()
-        pol.cpa_after = cpa_after
+    def _after(self, _cpa) -> None:
+        self.sample()
+
+    def detach(self) -> None:
+        self.k.cpa.remove_observer(self._after)
 
     def sample(self) -> None:
         self.peak = max(self.peak, pte_level_pages(self.k) - self.baseline)

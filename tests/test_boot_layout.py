@@ -9,6 +9,7 @@ import pytest
 
 from guestkernel.e820 import E820Error, E820Table, E820Type, parse_size
 from guestkernel.memory_mapping import init_mem_mapping, split_mem_range
+from guestkernel.versions import STEP_RULES
 
 # A copy of ../shared/data/dmesg-e820-example.log (a real 3.13 boot log).
 DATA = Path(__file__).resolve().parent / "data"
@@ -39,7 +40,7 @@ def test_page_sizes_equal_what_linux_3_13_printed():
     want = [line.strip() for line in text.splitlines()
             if re.match(r"\s*\[mem 0x[0-9a-f]+-0x[0-9a-f]+\] page", line)]
     t = E820Table.from_dmesg(text)
-    got = [str(r) for call in init_mem_mapping(t, kernel="linux-3.13") for r in call]
+    got = [str(r) for call in init_mem_mapping(t, step_rule=STEP_RULES["3.9"]) for r in call]
     assert got == want
 
 

@@ -11,11 +11,11 @@ from emu import PageFault
 from emu.pagetable import PfErr
 from emu.pagetable import PteFlags as F
 from guestkernel import PAGE_OFFSET, E820Error, Kernel, KernelError
-from guestkernel.layout import PROFILES
+from guestkernel.versions import VERSIONS
 
 GiB, MiB = 1 << 30, 1 << 20
 DATA = Path(__file__).resolve().parent / "data"
-IMG = PROFILES["debian-6.1"].image
+IMG = VERSIONS["6.1"].image
 
 
 @pytest.fixture(scope="module")

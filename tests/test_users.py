@@ -103,7 +103,7 @@ def test_secretmem_pages_leave_the_direct_map(k):
 
 
 def test_guest_memfd_and_insn_pages(k):
-    gm = GuestMemfd(k)
+    gm = k.guest_memfd
     pfns = gm.populate(16)
     assert all(not k.lookup_address(k.pfn_to_virt(p))[0] & F.P for p in pfns)
     page = k.alloc_insn_page()

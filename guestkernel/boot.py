@@ -1,0 +1,342 @@
+"""Booting the guest kernel: the named steps, in the order Linux runs them.
+
+``boot`` follows x86-64 ``setup_arch`` -> ``start_kernel`` ->
+``kernel_init`` as far as the direct map is concerned:
+
+1. :func:`e820__memory_setup`: the memory map, from a pasted boot log or
+   QEMU's PC layout for a RAM size; a log's ``Linux version`` line picks the
+   kernel record when none is given;
+2. :func:`e820__memblock_setup`: memblock from e820, the first 1 MiB and the
+   kernel image reserved;
+3. :func:`init_mem_mapping`: the high kernel mapping of the image with 2M
+   pages (``head_64.S`` + ``cleanup_highmap``), then the direct map top-down
+   in steps, tables from the brk ``pgt_buf`` and then memblock, counted in
+   ``direct_pages_count`` the way the kernel counts them, and the
+   ``init_memory_mapping:`` lines the kernel logs;
+4. :func:`mem_init`: ``NODE_DATA(0)`` and the sparse vmemmap buffer from
+   memblock, zones DMA/DMA32/Normal, and everything memblock did not
+   reserve handed to the buddy allocator (``memblock_free_all``);
+5. the running kernel's subsystems (:class:`guestkernel.kernel.Kernel`);
+6. :func:`boot_cpa_calls`: the CPA calls the kernel makes while booting
+   (its record's ``boot_cpa``), before ``system_state = SYSTEM_RUNNING``
+   (so vmstat does not count their splits).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from emu import Machine
+from emu import pagetable as pt
+
+from .cpa import Cpa
+from .e820 import E820Table, parse_size
+from .layout import PAGE_SIZE, PMD_SIZE, START_KERNEL_MAP
+from .memblock import Memblock
+from .memory_mapping import init_mem_mapping as plan_mem_mapping
+from .page_alloc import BuddyAllocator, ZoneType
+from .pgtable import PG_LEVEL_1G, PG_LEVEL_2M, KernelPageTables
+from .policy import Policy
+from .shadow import Shadow
+from .users import BpfJit
+from .versions import BootCpaCall, KernelVersion, get_version, version_from_boot_log
+
+__all__ = [
+    "BootError",
+    "BootTables",
+    "boot_cpa_calls",
+    "e820__memblock_setup",
+    "e820__memory_setup",
+    "init_mem_mapping",
+    "mem_init",
+    "select_version",
+]
+
+MiB, GiB = 1 << 20, 1 << 30
+#: ptp_classifier_init's filter JITed at boot: a few hundred bytes, so it
+#: lands in a bpf_prog_pack (its exact size does not matter: one chunk run).
+PTP_CLASSIFIER_JIT_BYTES = 512
+#: Size of ``struct page`` on x86-64.
+STRUCT_PAGE_SIZE = 64
+#: Pages per memory section (SECTION_SIZE_BITS 27: 128 MiB).
+SECTION_PAGES = 1 << 15
+#: The brk pgt_buf: INIT_PGT_BUF_SIZE (arch/x86/mm/init.c).
+INIT_PGT_BUF_PAGES = 6
+
+
+class BootError(RuntimeError):
+    """The kernel cannot boot on this input; nothing was built."""
+
+
+# -- 1. the memory map ------------------------------------------------------
+
+
+def e820__memory_setup(e820: str | Path | E820Table | None, ram: str | int | None
+                       ) -> tuple[E820Table, str | None]:
+    """The e820 table and the boot log's text (None when the map did not
+    come from a log). ``e820`` wins over ``ram``; with neither, ``ram``
+    gives QEMU's PC layout for that size."""
+    if isinstance(e820, E820Table):
+        return e820, None
+    if isinstance(e820, Path) or (isinstance(e820, str) and "\n" not in e820
+                                  and "BIOS-e820" not in e820):
+        path = Path(e820)
+        try:
+            text = path.read_text()
+        except OSError as exc:
+            raise BootError(f"cannot read the e820 boot log {str(path)!r}: {exc.strerror}") from None
+        return E820Table.from_dmesg(text), text
+    if isinstance(e820, str):
+        return E820Table.from_dmesg(e820), e820
+    if e820 is not None:
+        raise BootError(f"e820 must be a boot log's text, a path or an E820Table, not "
+                        f"{type(e820).__name__}")
+    if ram is None:
+        raise BootError("give ram= (e.g. '8G') or e820=")
+    parse_size(ram)
+    return E820Table.qemu_pc(ram), None
+
+
+def select_version(profile: str | KernelVersion | None, log: str | None
+                   ) -> tuple[KernelVersion, str]:
+    """The kernel record to follow and why: the one asked for, else the
+    one the boot log's ``Linux version`` line names (nearest known), else
+    the default (6.1)."""
+    if profile is not None:
+        v = get_version(profile)
+        return v, f"kernel {v.name} (asked for)"
+    if log is not None:
+        found = version_from_boot_log(log)
+        if found is not None:
+            return found
+        v = get_version("6.1")
+        return v, "boot log names no kernel version: using the 6.1 record"
+    v = get_version("6.1")
+    return v, "kernel 6.1 (default)"
+
+
+# -- 2. memblock --------------------------------------------------------------
+
+
+def e820__memblock_setup(e820: E820Table, version: KernelVersion) -> Memblock:
+    """memblock from e820 with the early reservations (x86/setup)."""
+    img = version.image
+    mb = Memblock(e820)
+    end = img.pa(img.end)
+    if not mb.is_region_memory(img.phys_start, end - img.phys_start):
+        raise BootError(f"the kernel image [{img.phys_start:#x}, {end:#x}) is not in RAM "
+                        "in this memory map")
+    mb.reserve(0, 1 << 20, "first 1M (x86/setup: always reserved)")
+    mb.reserve(img.phys_start, end - img.phys_start, "kernel image")
+    return mb
+
+
+# -- 3. the kernel's page tables ------------------------------------------------
+
+
+@dataclass
+class BootTables:
+    """What ``init_mem_mapping`` leaves behind."""
+
+    pgt: KernelPageTables
+    shadow: Shadow
+    #: each init_memory_mapping call's ranges, in the order mapped
+    calls: list = field(default_factory=list)
+    #: what the kernel counted twice while mapping, per level (fixed for life)
+    boot_overcount: list[int] = field(default_factory=list)
+    #: the lines the kernel logs (3.x prints them; 6.1 made them pr_debug)
+    log: list[str] = field(default_factory=list)
+
+
+class _EarlyTableAlloc:
+    """``alloc_low_page`` before the buddy allocator: the brk ``pgt_buf``
+    first, then memblock top-down inside what is already mapped."""
+
+    def __init__(self, memblock: Memblock, brk: int) -> None:
+        self.memblock = memblock
+        self.pgt_buf = [brk + i * PAGE_SIZE for i in range(INIT_PGT_BUF_PAGES)]
+        self.mapped_lo = self.mapped_hi = 0
+
+    def add_pfn_range_mapped(self, start: int, end: int) -> None:
+        if self.mapped_hi == 0:
+            self.mapped_lo, self.mapped_hi = start, end
+        else:
+            self.mapped_lo = min(self.mapped_lo, start)
+            self.mapped_hi = max(self.mapped_hi, end)
+
+    def __call__(self, why: str) -> int:
+        if self.pgt_buf:
+            return self.pgt_buf.pop(0)
+        if self.mapped_hi <= self.mapped_lo:
+            raise BootError("boot page tables: pgt_buf exhausted before anything was mapped")
+        return self.memblock.phys_alloc_range(PAGE_SIZE, PAGE_SIZE, self.mapped_lo,
+                                              self.mapped_hi, "page table")
+
+
+def _no_free_at_boot(pa: int) -> None:
+    raise BootError(f"boot page tables: table page {pa:#x} freed before the buddy allocator")
+
+
+def init_mem_mapping(machine: Machine, e820: E820Table, memblock: Memblock,
+                     version: KernelVersion, gbpages: bool) -> BootTables:
+    """The high kernel mapping, then the direct map (arch/x86/mm/init.c)."""
+    img = version.image
+    max_pfn = e820.max_pfn
+    shadow = Shadow(max_pfn, img, version.alias_masks_nx)
+    alloc = _EarlyTableAlloc(memblock, img.pa(img.end_of_kernel_reserve))
+    # init_top_pgt, level3_kernel_pgt, level2_kernel_pgt live in the image's .data.
+    root, pud, pmd = (img.pa(img.sdata) + i * PAGE_SIZE for i in range(3))
+    ram = machine.ram
+    for page in (root, pud, pmd):
+        ram[page: page + PAGE_SIZE] = 0
+    pgt = KernelPageTables(machine, root, alloc, _no_free_at_boot, pti=version.pti)
+    pgt.table_pages |= {pud, pmd}
+    kp = pgt.prot
+    # init_top_pgt[511] -> level3_kernel_pgt[510] -> level2_kernel_pgt, 2M
+    # pages over the image (cleanup_highmap keeps [_text, roundup(_brk_end, PMD_SIZE))).
+    pgt.set(pgt.slot(root, pt.table_index(START_KERNEL_MAP, 4)), pud | kp.KERNPG_TABLE)
+    pgt.set(pgt.slot(pud, pt.table_index(START_KERNEL_MAP, 3)), pmd | kp.KERNPG_TABLE)
+    lo = img.text & ~(PMD_SIZE - 1)
+    hi = -(-img.brk_end // PMD_SIZE) * PMD_SIZE
+    for va in range(lo, hi, PMD_SIZE):
+        pgt.set(pgt.slot(pmd, pt.table_index(va, 2)),
+                (va - START_KERNEL_MAP) | kp.PAGE_KERNEL_LARGE_EXEC)
+    shadow.map_image(lo, hi, kp.PAGE_KERNEL_EXEC)
+    # The direct map, from the top block memblock finds (memory_map_top_down).
+    end = max_pfn * PAGE_SIZE
+    top = memblock.phys_alloc_range(PMD_SIZE, PMD_SIZE, 1 << 20, end, "probe")
+    memblock.free(top, PMD_SIZE)
+    calls = plan_mem_mapping(e820, gbpages=gbpages, step_rule=version.step_rule, top_block=top)
+    log = ["Using GB pages for direct mapping"] if gbpages else []
+    for call in calls:
+        log.append(f"init_memory_mapping: [mem {call[0].start:#010x}-{call[-1].end - 1:#010x}]")
+        for r in call:
+            log.append(str(r))
+            mask = {PAGE_SIZE: 0, PMD_SIZE: 1 << PG_LEVEL_2M,
+                    1 << 30: (1 << PG_LEVEL_2M) | (1 << PG_LEVEL_1G)}[r.page_size]
+            pgt.kernel_physical_mapping_init(r.start, r.end, mask, e820)
+            shadow.map_direct(r.start >> 12, r.end >> 12, kp.PAGE_KERNEL)
+        alloc.add_pfn_range_mapped(call[0].start, call[-1].end)
+    machine.cr3 = root
+    # What the kernel counted twice while mapping (see pgtable.py), fixed for life.
+    overcount = [c - r for c, r in zip(pgt.direct_pages_count, pgt.recount_direct_map(max_pfn))]
+    return BootTables(pgt, shadow, calls, overcount, log)
+
+
+# -- 4. the page allocator ----------------------------------------------------------
+
+
+def mem_init(e820: E820Table, memblock: Memblock, version: KernelVersion,
+             policy: Policy) -> BuddyAllocator:
+    """The last memblock allocations, the zones, and memblock_free_all."""
+    max_pfn = e820.max_pfn
+    end = max_pfn * PAGE_SIZE
+    # NODE_DATA(0) (initmem_init -> alloc_node_data): top-down, first.
+    memblock.phys_alloc_range(version.node_data_bytes, 64, 0, end, "NODE_DATA(0)")
+    # The sparse vmemmap buffer (sparse_init_nid -> sparse_buffer_init): one
+    # PMD-aligned block holding 2 MiB of struct pages per present 128 MiB
+    # section, top-down.
+    sections = {pfn >> 15 for lo, hi in e820.ram_ranges()
+                for pfn in range(lo >> 12, hi >> 12, SECTION_PAGES)}
+    sections |= {((hi >> 12) - 1) >> 15 for lo, hi in e820.ram_ranges()}
+    memblock.phys_alloc_range(len(sections) * (SECTION_PAGES * STRUCT_PAGE_SIZE), PMD_SIZE,
+                              0, end, "sparse vmemmap buffer")
+    dma, dma32 = 16 * MiB >> 12, 4 * GiB >> 12
+    bounds = {ZoneType.DMA: (0, min(dma, max_pfn)),
+              ZoneType.DMA32: (min(dma, max_pfn), min(dma32, max_pfn)),
+              ZoneType.NORMAL: (min(dma32, max_pfn), max_pfn)}
+    buddy = BuddyAllocator(max_pfn, zone_bounds=bounds)
+    policy.setup_buddy(buddy)
+    for lo, hi in memblock.free_ranges():
+        lo, hi = -(-lo // PAGE_SIZE), hi // PAGE_SIZE
+        if lo < hi:
+            buddy.free_range(lo, hi)
+    return buddy
+
+
+# -- 6. the boot-time CPA calls -------------------------------------------------------
+
+
+def _pfn_align(va: int) -> int:
+    return -(-va // PAGE_SIZE) * PAGE_SIZE
+
+
+def _inner_pages(begin: int, end: int) -> tuple[int, int]:
+    """The whole pages inside [begin, end) (free_init_pages' alignment)."""
+    return _pfn_align(begin), end & ~(PAGE_SIZE - 1)
+
+
+def _free_init_pages(cpa: Cpa, buddy: BuddyAllocator, version: KernelVersion, begin: int,
+                     end: int) -> None:
+    """``free_init_pages``: NX and RW (the RW reaches the direct-map alias),
+    then the pages go to the buddy allocator."""
+    begin, end = _inner_pages(begin, end)
+    if end <= begin:
+        return
+    n = (end - begin) >> 12
+    cpa.set_memory_nx(begin, n)
+    cpa.set_memory_rw(begin, n)
+    img = version.image
+    buddy.free_range(img.pa(begin) >> 12, img.pa(end) >> 12)
+
+
+def _free_kernel_image_pages(cpa: Cpa, buddy: BuddyAllocator, version: KernelVersion,
+                             begin: int, end: int) -> None:
+    """``free_kernel_image_pages``: ``free_init_pages``, then with PTI the
+    high-mapping range is unmapped (not its direct-map alias)."""
+    _free_init_pages(cpa, buddy, version, begin, end)
+    begin, end = _inner_pages(begin, end)
+    if version.pti and end > begin:
+        cpa.set_memory_np_noalias(begin, (end - begin) >> 12)
+
+
+def _mark_rodata_ro(cpa: Cpa, buddy: BuddyAllocator, version: KernelVersion) -> None:
+    img = version.image
+    start = img.text
+    rodata_start = _pfn_align(img.start_rodata)
+    end = img.end_rodata_hpage_align
+    text_end = _pfn_align(img.etext)
+    rodata_end = _pfn_align(img.end_rodata)
+    cpa.set_memory_ro(start, (end - start) >> 12)
+    cpa.kernel_set_to_readonly = True
+    all_end = -(-img.brk_end // PMD_SIZE) * PMD_SIZE
+    cpa.set_memory_nx(text_end, (all_end - text_end) >> 12)
+    _free_kernel_image_pages(cpa, buddy, version, text_end, rodata_start)
+    _free_kernel_image_pages(cpa, buddy, version, rodata_end, img.sdata)
+
+
+def boot_cpa_calls(cpa: Cpa, buddy: BuddyAllocator, bpf: BpfJit, version: KernelVersion
+                   ) -> None:
+    """The CPA calls of boot, in the record's order (found with ftrace on
+    the reference kernel):
+
+    * ``idt_setup_apic_and_irq_gates``: the IDT page read-only;
+    * ``alternative_instructions``: on UP, ``free_init_pages`` of the
+      SMP-alternatives section (NX and RW, then freed);
+    * ``sock_init`` -> ``ptp_classifier_init``: a classic BPF filter is
+      JITed, which allocates the first ``bpf_prog_pack`` (RO+X) where the
+      kernel has packs;
+    * ``free_initmem``: ``mem_encrypt_free_decrypted_mem`` frees the unused
+      part of ``.bss..decrypted`` (NX+RW on a partial 2M image page: a
+      split), then the init sections; then ``mark_rodata_ro``.
+
+    ``init_real_mode`` (4K pages below 1 MiB: no split) and the
+    ``set_memory_decrypted`` calls (no-ops without memory encryption) are
+    left out."""
+    img = version.image
+    for call in version.boot_cpa:
+        if call is BootCpaCall.IDT_RO:
+            cpa.set_memory_ro(img.idt_table, 1)
+        elif call is BootCpaCall.FREE_SMP_ALTERNATIVES:
+            _free_init_pages(cpa, buddy, version, img.smp_locks, img.smp_locks_end)
+        elif call is BootCpaCall.PTP_CLASSIFIER_BPF:
+            bpf.load(PTP_CLASSIFIER_JIT_BYTES)
+        elif call is BootCpaCall.FREE_BSS_DECRYPTED:
+            _free_init_pages(cpa, buddy, version, img.bss_decrypted_unused, img.end_bss_decrypted)
+        elif call is BootCpaCall.FREE_INITMEM:
+            _free_kernel_image_pages(cpa, buddy, version, img.init_begin, img.init_end)
+        elif call is BootCpaCall.MARK_RODATA_RO:
+            _mark_rodata_ro(cpa, buddy, version)
+        else:  # pragma: no cover - a new BootCpaCall member must be handled here
+            raise AssertionError(f"boot CPA call {call} has no handler")

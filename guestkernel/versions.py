@@ -1,0 +1,230 @@
+"""Kernel versions as data: one record per kernel the model follows.
+
+Every behaviour that differs between the kernels the model knows lives in
+one :class:`KernelVersion` record, and code asks the record ("does this
+kernel pack BPF programs?", "which step rule maps the direct map?"); no
+code compares version numbers.
+
+The records and where each fact comes from:
+
+* ``3.13``: the Ubuntu 3.13 machine of ``tests/data/dmesg-e820-example.log``
+  (its ``[mem ...] page`` lines pin the step rule). Only the boot-time
+  direct map is modelled faithfully; the image layout is borrowed from the
+  6.1 build (3.13 kernels did not print theirs).
+* ``5.10``: Debian's ``linux-image-5.10.0-32-amd64`` (5.10.223). No
+  ``bpf_prog_pack`` (5.18), no secretmem (5.14), no ``direct_map_*``
+  vmstat counters (5.16).
+* ``6.1``: Debian's ``linux-image-6.1.0-56-amd64`` (6.1.192), the reference
+  every boot figure of the model is tested against.
+* ``7.2``: Debian's ``linux-binary-7.2.13+deb14-amd64`` (7.2.13): BPF packs
+  and execmem made read-only+executable with ``set_memory_rox``, whose CPA
+  collapses split direct-map pages again (6.15), and vmstat's
+  ``direct_map_level{2,3}_collapses``.
+
+The image layouts of 5.10 and 7.2 are not yet read from their builds (they
+borrow 6.1's, which the record's ``notes`` say); the direct map's boot
+figures do not depend on them except through the boot-time CPA calls.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from dataclasses import dataclass, field
+
+from .layout import DEBIAN_6_1_IMAGE, KernelImage
+
+__all__ = [
+    "DEFAULT_VERSION",
+    "STEP_RULES",
+    "VERSIONS",
+    "BootCpaCall",
+    "KernelVersion",
+    "StepRule",
+    "VersionError",
+    "get_version",
+    "version_from_boot_log",
+]
+
+
+class VersionError(ValueError):
+    """An unknown kernel version name, or a boot log naming no known kernel."""
+
+
+@dataclass(frozen=True)
+class StepRule:
+    """How ``memory_map_top_down`` (arch/x86/mm/init.c) grows its step.
+
+    ``shift``: the step grows by ``2**shift``; ``grow_when_total``: grow once
+    the total mapped reaches the step (``mapped_ram_size >= step_size``),
+    else when the range just mapped exceeds everything mapped before it
+    (``new_mapped_ram_size > mapped_ram_size``)."""
+
+    name: str
+    shift: int
+    grow_when_total: bool
+    history: str
+
+
+#: The rules, oldest first.
+STEP_RULES: dict[str, StepRule] = {
+    # v3.9 ("x86, mm: setup page table in top-down"): STEP_SIZE_SHIFT 5,
+    # inline. v3.13 moved it into get_new_step_size() (Yinghai Lu, with the
+    # movable-node series) unchanged: same shift, same condition.
+    "3.9": StepRule("3.9", 5, False,
+                    "3.9-3.x: step <<= 5 when the new range exceeds all mapped before "
+                    "(get_new_step_size() from 3.13, same rule)"),
+    # Jan Beulich, "x86: Fix step size adjustment during initial memory
+    # mapping" (2015): get_new_step_size() shifts by PMD_SHIFT - PAGE_SHIFT - 1
+    # and the caller grows once the total mapped reaches the step.
+    "4.0": StepRule("4.0", 8, True,
+                    "4.0+: step <<= PMD_SHIFT - PAGE_SHIFT - 1 once the total mapped "
+                    "reaches the step"),
+}
+
+
+class BootCpaCall(enum.Enum):
+    """The CPA calls a kernel makes while booting (one CPU), found with
+    ftrace on the reference kernels; run in the record's order."""
+
+    #: idt_setup_apic_and_irq_gates: the IDT page read-only
+    IDT_RO = "idt_ro"
+    #: alternative_instructions on UP: free_init_pages of .smp_locks
+    FREE_SMP_ALTERNATIVES = "free_smp_alternatives"
+    #: sock_init -> ptp_classifier_init: a classic BPF filter JITed
+    PTP_CLASSIFIER_BPF = "ptp_classifier_bpf"
+    #: free_initmem -> mem_encrypt_free_decrypted_mem: unused .bss..decrypted
+    FREE_BSS_DECRYPTED = "free_bss_decrypted"
+    #: free_initmem: the init sections
+    FREE_INITMEM = "free_initmem"
+    #: mark_rodata_ro: text+rodata RO, the rest NX, the gaps freed
+    MARK_RODATA_RO = "mark_rodata_ro"
+
+
+_ALL_BOOT_CPA = tuple(BootCpaCall)
+
+
+@dataclass(frozen=True)
+class KernelVersion:
+    """What the model follows for one kernel (build)."""
+
+    name: str
+    #: (major, minor) for picking the nearest record from a boot log
+    release: tuple[int, int]
+    #: the Debian package this record was measured on, or ""
+    package: str
+    image: KernelImage
+    step_rule: StepRule
+    modules_vaddr: int
+    modules_end: int
+    #: PTI: the kernel clears _PAGE_GLOBAL from its mappings
+    pti: bool
+    #: sizeof(pg_data_t) as allocated for NODE_DATA(0)
+    node_data_bytes: int
+    #: boot-time CPA calls, in order
+    boot_cpa: tuple[BootCpaCall, ...]
+    #: bpf_prog_pack (5.18+): small JIT images share 2 MiB packs
+    bpf_prog_pack: bool
+    bpf_prog_pack_size: int = 2 << 20
+    bpf_prog_chunk_size: int = 64
+    #: CPA alias processing leaves NX alone on the direct map (6.2+, when
+    #: set_memory_rox arrived: the alias of executable memory stays NX)
+    alias_masks_nx: bool = False
+    #: users that make their memory RO+X with one set_memory_rox call (6.2+)
+    set_memory_rox_users: frozenset[str] = frozenset()
+    #: cpa_collapse_large_pages after set_memory_rox (6.15)
+    collapse_after_rox: bool = False
+    #: the execmem ROX cache (6.14+): executable memory from a cache of
+    #: 2M pages kept RO+X
+    execmem_rox_cache: bool = False
+    #: memfd_secret (5.14+)
+    secretmem: bool = True
+    #: the direct_map_* counters /proc/vmstat prints on this kernel
+    vmstat_counters: tuple[str, ...] = ()
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+    def has_vmstat(self, counter: str) -> bool:
+        return counter in self.vmstat_counters
+
+
+_SPLITS = ("direct_map_level2_splits", "direct_map_level3_splits")
+_COLLAPSES = ("direct_map_level2_collapses", "direct_map_level3_collapses")
+_MODULES_1G_IMAGE = (0xFFFFFFFFC0000000, 0xFFFFFFFFFF000000)   # KERNEL_IMAGE_SIZE 1 GiB (KASLR builds)
+
+VERSIONS: dict[str, KernelVersion] = {
+    "3.13": KernelVersion(
+        name="3.13", release=(3, 13), package="", image=DEBIAN_6_1_IMAGE,
+        step_rule=STEP_RULES["3.9"], modules_vaddr=0xFFFFFFFFA0000000,
+        modules_end=0xFFFFFFFFFF000000, pti=False, node_data_bytes=0x2B000,
+        boot_cpa=(BootCpaCall.FREE_INITMEM, BootCpaCall.MARK_RODATA_RO),
+        bpf_prog_pack=False, secretmem=False,
+        notes=(("Ubuntu 3.13.0-55: step rule and boot page sizes from its boot log; image "
+               "layout borrowed from the 6.1 build"),)),
+    "5.10": KernelVersion(
+        name="5.10", release=(5, 10), package="linux-image-5.10.0-32-amd64",
+        image=DEBIAN_6_1_IMAGE, step_rule=STEP_RULES["4.0"],
+        modules_vaddr=_MODULES_1G_IMAGE[0], modules_end=_MODULES_1G_IMAGE[1], pti=True,
+        node_data_bytes=0x2B000,
+        boot_cpa=(BootCpaCall.IDT_RO, BootCpaCall.FREE_SMP_ALTERNATIVES,
+                  BootCpaCall.PTP_CLASSIFIER_BPF, BootCpaCall.FREE_BSS_DECRYPTED,
+                  BootCpaCall.FREE_INITMEM, BootCpaCall.MARK_RODATA_RO),
+        bpf_prog_pack=False, secretmem=False,
+        notes=(("Debian 5.10.223; image layout borrowed from the 6.1 build (not yet read "
+               "from 5.10's)"),)),
+    "6.1": KernelVersion(
+        name="6.1", release=(6, 1), package="linux-image-6.1.0-56-amd64",
+        image=DEBIAN_6_1_IMAGE, step_rule=STEP_RULES["4.0"],
+        modules_vaddr=_MODULES_1G_IMAGE[0], modules_end=_MODULES_1G_IMAGE[1], pti=True,
+        node_data_bytes=0x2B000, boot_cpa=_ALL_BOOT_CPA, bpf_prog_pack=True,
+        vmstat_counters=_SPLITS,
+        notes=("Debian linux-image-6.1.0-56-amd64 (6.1.192) under QEMU TCG, nokaslr",)),
+    "7.2": KernelVersion(
+        name="7.2", release=(7, 2), package="linux-binary-7.2.13+deb14-amd64",
+        image=DEBIAN_6_1_IMAGE, step_rule=STEP_RULES["4.0"],
+        modules_vaddr=_MODULES_1G_IMAGE[0], modules_end=_MODULES_1G_IMAGE[1], pti=True,
+        node_data_bytes=0x2B000, boot_cpa=_ALL_BOOT_CPA, bpf_prog_pack=True,
+        alias_masks_nx=True, set_memory_rox_users=frozenset({"bpf", "execmem"}),
+        collapse_after_rox=True, execmem_rox_cache=True,
+        vmstat_counters=_SPLITS + _COLLAPSES,
+        notes=(("Debian 7.2.13; image layout borrowed from the 6.1 build (not yet read "
+               "from 7.2's)"),)),
+}
+DEFAULT_VERSION = "6.1"
+
+#: Names the model accepted before versions were records.
+_ALIASES = {"debian-6.1": "6.1", "linux-6.1": "6.1", "linux-3.13": "3.13",
+            "debian-5.10": "5.10", "debian-7.2": "7.2"}
+
+
+def get_version(name: str | KernelVersion) -> KernelVersion:
+    """The record for ``name`` ("6.1", "5.10", ...)."""
+    if isinstance(name, KernelVersion):
+        return name
+    key = _ALIASES.get(name, name) if isinstance(name, str) else None
+    try:
+        return VERSIONS[key]  # type: ignore[index]
+    except KeyError:
+        raise VersionError(f"unknown kernel profile {name!r}; known: "
+                           f"{', '.join(VERSIONS)}") from None
+
+
+_LINUX_VERSION = re.compile(r"Linux version (\d+)\.(\d+)")
+
+
+def version_from_boot_log(text: str) -> tuple[KernelVersion, str] | None:
+    """The record nearest to the kernel a boot log names in its
+    ``Linux version X.Y...`` line, with a sentence saying what was chosen;
+    None when the log has no such line.
+
+    Nearest means: the newest record not newer than the logged kernel (the
+    rules in force then), or the oldest record for an older kernel."""
+    m = _LINUX_VERSION.search(text)
+    if m is None:
+        return None
+    logged = (int(m.group(1)), int(m.group(2)))
+    ordered = sorted(VERSIONS.values(), key=lambda v: v.release)
+    older = [v for v in ordered if v.release <= logged]
+    chosen = older[-1] if older else ordered[0]
+    how = "exact" if chosen.release == logged else "nearest"
+    return chosen, (f"boot log names Linux {logged[0]}.{logged[1]}: using the {chosen.name} "
+                    f"record ({how}; step rule {chosen.step_rule.name})")
