@@ -78,7 +78,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from .gfp import GFP, gfp_migratetype_index, gfp_zone_index
+from ..gfp import GFP, gfp_migratetype_index, gfp_zone_index
 
 __all__ = [
     "MAX_ORDER",
