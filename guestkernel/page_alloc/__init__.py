@@ -38,12 +38,12 @@ Representation (no Python object per page):
 
 - ``_state``: one byte per pfn. ``0`` for a page that is not the head of a
   block (a tail, a reserved page never freed to the buddy, a hole); else
-  ``kind | order`` with kind ``_PG_BUDDY`` (head of a free block: PageBuddy),
-  ``_PG_ALLOC`` / ``_PG_ALLOC_MOVABLE`` (head of an allocated block, the latter
-  standing in for PageLRU/__PageMovable), ``_PG_PCP`` (head of a block on a
-  pcp list). A numpy array read through a memoryview, which indexes as fast
-  as a bytearray; it is calloc'ed, so holes cost no memory and RAM one byte a
-  page (268 MB for 1 TiB).
+  ``kind | order`` with kind (``types.PG_*``) ``PG_BUDDY`` (head of a free
+  block: PageBuddy), ``PG_ALLOC`` / ``PG_ALLOC_MOVABLE`` (head of an allocated
+  block, the latter standing in for PageLRU/__PageMovable), ``PG_PCP`` (head
+  of a block on a pcp list). A numpy array read through a memoryview, which
+  indexes as fast as a bytearray; it is calloc'ed, so holes cost no memory
+  and RAM one byte a page (268 MB for 1 TiB).
 - ``_pageblock_mt``: one byte per 2 MiB pageblock (``get_pfnblock_migratetype``).
 - free lists: one ``OrderedDict {pfn: None}`` per (zone, order, migratetype):
   its *last* entry is the kernel list's head, so ``add_to_free_list`` is an
