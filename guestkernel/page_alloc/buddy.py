@@ -1,0 +1,319 @@
+"""The buddy core, and ``BuddyAllocator`` assembled from the package's parts.
+
+Mirrors, from ``mm/page_alloc.c``:
+
+- taking a block off the free lists: ``__rmqueue_smallest`` and ``expand``;
+- putting one back: ``free_one_page`` (``_free_one_page_locked``) and
+  ``__free_one_page`` with ``__find_buddy_pfn`` and ``buddy_merge_likely``;
+- the free lists: ``add_to_free_list(_tail)``, ``move_to_free_list``,
+  ``del_page_from_free_list`` (``_free_list_of``);
+- the pageblock bits: ``get_pfnblock_migratetype``, ``set_pageblock_migratetype``
+  (with the ``nr_isolate_pageblock`` accounting of ``set_migratetype_isolate``);
+- ``build_all_zonelists``' ``page_group_by_mobility_disabled`` and
+  ``memmap_init``'s pageblock types (``BuddyAllocator.__init__``).
+
+``BuddyAllocator`` is one class whose methods come from one mixin per seam of
+``mm/page_alloc.c``, each in its own module; the mixins share the allocator's
+state (``self._state``, ``self.zones`` ...) and call each other's private
+methods, as the static functions of ``page_alloc.c`` do:
+
+- ``AllocMixin`` (alloc.py): ``__alloc_pages``, ``get_page_from_freelist``,
+  ``rmqueue``, ``__free_pages``;
+- ``PcpMixin`` (pcp.py): the per-CPU lists;
+- ``FallbackMixin`` (fallback.py): fallback, stealing, ``move_freepages_block``,
+  the high-atomic reserve;
+- ``MemblockMixin`` (memblock.py): ``memblock_free_all`` (``free_range``);
+- ``ZoneMixin`` (zone.py): zone lookups, watermarks, pcp batch and high;
+- ``QueryMixin`` (query.py): read-only views;
+- ``CheckMixin`` (check.py): the invariant check.
+
+The buddy core itself is in the class body below.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from .alloc import AllocMixin
+from .check import CheckMixin
+from .fallback import FALLBACKS, FallbackMixin
+from .memblock import MemblockMixin
+from .pcp import PcpMixin
+from .query import QueryMixin
+from .types import (
+    HIGHATOMIC,
+    ISOLATE,
+    KIND_MASK,
+    MAX_MIGRATETYPES,
+    MAX_ORDER,
+    MAX_ORDER_NR_PAGES,
+    MIGRATE_PCPTYPES,
+    MOVABLE,
+    ORDER_MASK,
+    PAGE_ALLOC_COSTLY_ORDER,
+    PAGEBLOCK_NR_PAGES,
+    PAGEBLOCK_ORDER,
+    PG_BUDDY,
+    UNMOVABLE,
+    ZONE_NAMES,
+    BuddyInvariantError,
+    MigrateType,
+    ZoneType,
+    migratetype_is_mergeable,
+)
+from .zone import Zone, ZoneMixin
+
+__all__ = ["BuddyAllocator"]
+
+# x86-64: ZONE_DMA below MAX_DMA_PFN (16 MiB), ZONE_DMA32 below MAX_DMA32_PFN (4 GiB).
+_X86_ZONE_LIMITS = {ZoneType.DMA: (0, 0x1000), ZoneType.DMA32: (0x1000, 0x100000),
+                    ZoneType.NORMAL: (0x100000, None)}
+
+
+class BuddyAllocator(AllocMixin, PcpMixin, FallbackMixin, MemblockMixin, ZoneMixin,
+                     QueryMixin, CheckMixin):
+    """The zoned buddy allocator of one node, with one CPU's pagesets.
+
+    ``zone_bounds`` maps each ZoneType to ``(start_pfn, end_pfn)``; a zone
+    with an empty range is absent. By default the x86-64 boundaries clipped
+    to ``max_pfn``. Nothing is free until ``free_range`` hands memory over
+    (``memblock_free_all``); pages never handed over count as reserved.
+    """
+
+    def __init__(self, max_pfn: int,
+                 zone_bounds: Mapping[ZoneType, tuple[int, int]] | None = None, *,
+                 page_group_by_mobility_disabled: bool | None = None,
+                 pcp_high_orders: bool = True) -> None:
+        if max_pfn <= 0:
+            raise ValueError(f"max_pfn must be positive, not {max_pfn}")
+        self.max_pfn = max_pfn
+        if zone_bounds is None:
+            zone_bounds = {zt: (lo, max_pfn if hi is None else min(hi, max_pfn))
+                           for zt, (lo, hi) in _X86_ZONE_LIMITS.items()}
+        self._mt_names: list[str] = [m.name for m in MigrateType]
+        self._fallbacks: list[tuple[int, ...]] = list(FALLBACKS)
+        self.zones: list[Zone] = []
+        prev_end = 0
+        for zt in ZoneType:
+            lo, hi = zone_bounds.get(zt, (0, 0))
+            if hi <= lo:
+                continue
+            if lo < prev_end or hi > max_pfn:
+                raise ValueError(f"zone {ZONE_NAMES[zt]} [{lo:#x}, {hi:#x}) overlaps a lower "
+                                 f"zone or ends beyond max_pfn {max_pfn:#x}")
+            self.zones.append(Zone(zt, lo, hi, len(self._mt_names)))
+            prev_end = hi
+        unknown = set(zone_bounds) - set(ZoneType)
+        if unknown:
+            raise ValueError(f"unknown zone types {unknown}")
+        self._zone_by_type: dict[int, Zone] = {int(z.type): z for z in self.zones}
+        self._zones_desc = sorted(self.zones, key=lambda z: -z.start_pfn)
+        if page_group_by_mobility_disabled is None:
+            # build_all_zonelists: too few pages to group pageblocks by mobility.
+            present = sum(z.spanned_pages for z in self.zones)
+            page_group_by_mobility_disabled = present < PAGEBLOCK_NR_PAGES * len(MigrateType)
+        self.page_group_by_mobility_disabled = page_group_by_mobility_disabled
+        self._pcp_allowed = [o == 0 or (pcp_high_orders and (o <= PAGE_ALLOC_COSTLY_ORDER
+                                                             or o == PAGEBLOCK_ORDER))
+                             for o in range(MAX_ORDER)]
+
+        padded = -(-max_pfn // MAX_ORDER_NR_PAGES) * MAX_ORDER_NR_PAGES
+        self._state_np = np.zeros(padded, dtype=np.uint8)
+        self._state = memoryview(self._state_np)
+        # memmap_init: every pageblock starts MOVABLE (set_pageblock_migratetype
+        # turns that into UNMOVABLE when grouping by mobility is disabled).
+        boot_mt = UNMOVABLE if page_group_by_mobility_disabled else MOVABLE
+        self._pageblock_np = np.full(padded >> PAGEBLOCK_ORDER, boot_mt, dtype=np.uint8)
+        self._pageblock_mt = memoryview(self._pageblock_np)
+        self._handed: list[list[int]] = []   # sorted disjoint [start, end) given to the buddy
+        self._ac_cache: dict[int, tuple] = {}
+        self._allocated_once = False
+        self.min_free_kbytes = 0
+        self._setup_per_zone_wmarks()
+
+    # ------------------------------------------------------------------ types
+
+    def register_migratetype(self, name: str, fallbacks: Sequence[int] = ()) -> int:
+        """Add a migratetype (e.g. Rapoport's MIGRATE_UNMAPPED) and return its
+        number. ``fallbacks`` are the types it may steal from, in order. Only
+        before the first allocation."""
+        if self._allocated_once:
+            raise RuntimeError("register_migratetype after the first allocation")
+        if name in self._mt_names:
+            raise ValueError(f"migratetype {name!r} already registered")
+        if len(self._mt_names) >= MAX_MIGRATETYPES:
+            raise ValueError(f"at most {MAX_MIGRATETYPES} migratetypes")
+        mt = len(self._mt_names)
+        for f in fallbacks:
+            if not 0 <= f < mt or f in (HIGHATOMIC, ISOLATE):
+                raise ValueError(f"bad fallback migratetype {f} for {name!r}")
+        self._mt_names.append(name)
+        self._fallbacks.append(tuple(int(f) for f in fallbacks))
+        for zone in self.zones:
+            for area in zone.free_area:
+                area.append(OrderedDict())
+        self._ac_cache.clear()
+        return mt
+
+    @property
+    def nr_migratetypes(self) -> int:
+        return len(self._mt_names)
+
+    def migratetype_name(self, mt: int) -> str:
+        return self._mt_names[mt]
+
+    def _check_migratetype(self, mt: int) -> int:
+        if not 0 <= mt < len(self._mt_names):
+            raise ValueError(f"unknown migratetype {mt}")
+        return int(mt)
+
+    # ------------------------------------------------------------------ buddy core
+
+    def _rmqueue_smallest(self, zone: Zone, order: int, mt: int) -> int:
+        """``__rmqueue_smallest``: the head of the smallest non-empty list of the
+        type, split down to ``order`` by ``_expand``."""
+        fa = zone.free_area
+        for current_order in range(order, MAX_ORDER):
+            d = fa[current_order][mt]
+            if d:
+                pfn = d.popitem()[0]             # get_page_from_free_area + del_page_from_free_list
+                self._state[pfn] = 0
+                zone.free_pages -= 1 << order    # __mod_zone_freepage_state
+                if current_order > order:
+                    self._expand(zone, pfn, order, current_order, mt)
+                return pfn
+        return -1
+
+    def _expand(self, zone: Zone, pfn: int, low: int, high: int, mt: int) -> None:
+        """``expand``: split a 2**high block down to 2**low, putting each upper
+        half at the head of the free list of ``mt``."""
+        st = self._state
+        fa = zone.free_area
+        size = 1 << high
+        while high > low:
+            high -= 1
+            size >>= 1
+            fa[high][mt][pfn + size] = None
+            st[pfn + size] = PG_BUDDY | high
+
+    def _free_one_page_locked(self, zone: Zone, pfn: int, order: int, mt: int) -> None:
+        """``free_one_page``: with isolated pageblocks about, trust the pageblock."""
+        if zone.nr_isolate_pageblock or mt == ISOLATE:
+            mt = self._pageblock_mt[pfn >> PAGEBLOCK_ORDER]
+        self._state[pfn] = 0
+        self._free_one_page(zone, pfn, order, mt)
+
+    def _free_one_page(self, zone: Zone, pfn: int, order: int, mt: int,
+                       fpi_to_tail: bool = False) -> None:
+        """``__free_one_page``: merge with the buddy while it is free, of the
+        same order, in the zone and (at pageblock order and above) not of an
+        unmergeable, different type; then add the block to the list of ``mt``,
+        at the tail when the next-higher buddy is free (``buddy_merge_likely``)."""
+        st = self._state
+        pbmt = self._pageblock_mt
+        fa = zone.free_area
+        zstart, zend = zone.start_pfn, zone.end_pfn
+        zone.free_pages += 1 << order
+        buddy_pfn = pfn
+        while order < MAX_ORDER - 1:
+            buddy_pfn = pfn ^ (1 << order)           # __find_buddy_pfn
+            if st[buddy_pfn] != PG_BUDDY | order or not zstart <= buddy_pfn < zend:
+                break
+            if order >= PAGEBLOCK_ORDER:
+                buddy_mt = pbmt[buddy_pfn >> PAGEBLOCK_ORDER]
+                if mt != buddy_mt and not (migratetype_is_mergeable(mt)
+                                           and migratetype_is_mergeable(buddy_mt)):
+                    break
+            del self._free_list_of(zone, buddy_pfn, order)[buddy_pfn]
+            st[buddy_pfn] = 0
+            pfn &= buddy_pfn
+            order += 1
+        st[pfn] = PG_BUDDY | order                   # set_buddy_order
+        if fpi_to_tail:
+            to_tail = True
+        elif order >= MAX_ORDER - 2:
+            to_tail = False
+        else:
+            # buddy_merge_likely: if the block's parent has a free buddy, this
+            # block is likely to merge soon; keep it away from allocations.
+            higher = buddy_pfn & pfn
+            hb = higher ^ (1 << (order + 1))
+            to_tail = st[hb] == PG_BUDDY | (order + 1) and zstart <= hb < zend
+        d = fa[order][mt]
+        d[pfn] = None
+        if to_tail:
+            d.move_to_end(pfn, last=False)
+
+    # ------------------------------------------------------------------ free lists
+
+    def _free_list_of(self, zone: Zone, pfn: int, order: int) -> OrderedDict[int, None]:
+        """The free list holding the free head ``pfn`` (the kernel unlinks a
+        list_head without knowing the list; here the pageblock's type is the
+        first guess)."""
+        area = zone.free_area[order]
+        d = area[self._pageblock_mt[pfn >> PAGEBLOCK_ORDER]]
+        if pfn in d:
+            return d
+        for d in area:
+            if pfn in d:
+                return d
+        raise BuddyInvariantError(f"free list membership: free head {pfn:#x} order {order} "
+                                  f"is on no free list of zone {zone.name}")
+
+    def _move_to_free_list(self, zone: Zone, pfn: int, order: int, mt: int) -> None:
+        """``move_to_free_list``: ``list_move_tail`` to the list of ``mt``."""
+        del self._free_list_of(zone, pfn, order)[pfn]
+        d = zone.free_area[order][mt]
+        d[pfn] = None
+        d.move_to_end(pfn, last=False)
+
+    def _find_block(self, pfn: int) -> tuple[int, int, int] | None:
+        """(head pfn, order, kind) of the block containing ``pfn``, or None."""
+        st = self._state
+        for o in range(MAX_ORDER):
+            head = pfn & ~((1 << o) - 1)
+            v = st[head]
+            if v and v & ORDER_MASK >= o:
+                return head, v & ORDER_MASK, v & KIND_MASK
+        return None
+
+    # ------------------------------------------------------------------ pageblocks
+
+    def get_pageblock_migratetype(self, pfn: int) -> int:
+        """``get_pfnblock_migratetype``."""
+        if not 0 <= pfn < self.max_pfn:
+            raise ValueError(f"pfn {pfn:#x} out of range")
+        return self._pageblock_mt[pfn >> PAGEBLOCK_ORDER]
+
+    def set_pageblock_migratetype(self, pfn: int, mt: int) -> None:
+        """``set_pageblock_migratetype``: only the pageblock bits; free pages stay
+        on their lists (use ``move_freepages_block``)."""
+        self.page_zone(pfn)
+        self._set_pageblock_migratetype(pfn, self._check_migratetype(mt))
+
+    def _set_pageblock_migratetype(self, pfn: int, mt: int) -> None:
+        if self.page_group_by_mobility_disabled and mt < MIGRATE_PCPTYPES:
+            mt = UNMOVABLE
+        i = pfn >> PAGEBLOCK_ORDER
+        old = self._pageblock_mt[i]
+        if old != mt:
+            if old == ISOLATE or mt == ISOLATE:
+                self._pageblock_zone(i).nr_isolate_pageblock += 1 if mt == ISOLATE else -1
+            self._pageblock_mt[i] = mt
+
+    def _pageblock_zone(self, pageblock: int) -> Zone:
+        """The zone a pageblock's counters belong to: the zone of its first pfn,
+        else the lowest zone overlapping it."""
+        start = pageblock << PAGEBLOCK_ORDER
+        end = start + PAGEBLOCK_NR_PAGES
+        for zone in self.zones:
+            if zone.zone_spans_pfn(start):
+                return zone
+        for zone in self.zones:
+            if zone.start_pfn < end and start < zone.end_pfn:
+                return zone
+        raise ValueError(f"pageblock at {start:#x} overlaps no zone")
+

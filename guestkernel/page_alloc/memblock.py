@@ -1,0 +1,113 @@
+"""Handing boot memory to the buddy: ``memblock_free_all``.
+
+Mirrors ``__free_pages_memory`` (``mm/memblock.c``) and, from
+``mm/page_alloc.c``, ``memblock_free_pages`` -> ``__free_pages_core``, which
+frees each block with ``FPI_TO_TAIL`` and adds it to ``zone->managed_pages``;
+then ``init_per_zone_wmark_min`` recomputes the watermarks (``zone.py``).
+
+``MemblockMixin`` holds the allocator's methods of this seam (see ``buddy.py``);
+it uses ``_free_one_page`` (buddy core) and ``_setup_per_zone_wmarks`` (zone).
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections import OrderedDict
+
+import numpy as np
+
+from .types import MAX_ORDER, MAX_ORDER_NR_PAGES, PAGEBLOCK_ORDER, PG_BUDDY
+from .zone import Zone
+
+__all__ = ["MemblockMixin"]
+
+
+class MemblockMixin:
+    """``memblock_free_all`` for the allocator: ``free_range``."""
+
+    max_pfn: int
+    zones: list[Zone]
+    _handed: list[list[int]]
+    _state_np: np.ndarray
+    _pageblock_np: np.ndarray
+    _pageblock_mt: memoryview
+
+    def free_range(self, start_pfn: int, end_pfn: int) -> None:
+        """``memblock_free_all`` for [start_pfn, end_pfn): hand the pages to the
+        buddy as the largest aligned blocks (``__free_pages_memory`` ->
+        ``memblock_free_pages`` -> ``__free_pages_core``), placed at the tail of
+        the free lists (FPI_TO_TAIL) and merged with free neighbours. Then the
+        watermarks, lowmem reserves and pcp sizes are recomputed."""
+        if not 0 <= start_pfn <= end_pfn <= self.max_pfn:
+            raise ValueError(f"range [{start_pfn:#x}, {end_pfn:#x}) not within "
+                             f"[0, {self.max_pfn:#x})")
+        if start_pfn == end_pfn:
+            return
+        i = bisect.bisect_right(self._handed, [start_pfn, float("inf")])
+        for s, e in self._handed[max(i - 1, 0):i + 1]:
+            if s < end_pfn and start_pfn < e:
+                raise ValueError(f"[{start_pfn:#x}, {end_pfn:#x}) overlaps pages already "
+                                 f"given to the buddy [{s:#x}, {e:#x})")
+        covered = sum(max(0, min(end_pfn, z.end_pfn) - max(start_pfn, z.start_pfn))
+                      for z in self.zones)
+        if covered != end_pfn - start_pfn:
+            raise ValueError(f"[{start_pfn:#x}, {end_pfn:#x}) is not entirely inside zones")
+        for zone in self.zones:
+            s, e = max(start_pfn, zone.start_pfn), min(end_pfn, zone.end_pfn)
+            if s < e:
+                self._free_pages_memory(zone, s, e)
+        self._handed.insert(i, [start_pfn, end_pfn])
+        merged: list[list[int]] = []
+        for s, e in self._handed:
+            if merged and merged[-1][1] == s:
+                merged[-1][1] = e
+            else:
+                merged.append([s, e])
+        self._handed = merged
+        self._setup_per_zone_wmarks()
+
+    def _free_pages_memory(self, zone: Zone, start: int, end: int) -> None:
+        """``__free_pages_memory``: largest aligned blocks, in increasing pfn order;
+        the run of whole MAX_ORDER blocks is filled with slice assignments."""
+        mask = MAX_ORDER_NR_PAGES - 1
+        while start < end and start & mask:
+            start += self._free_pages_core(zone, start, end)
+        mid_end = max(start, end & ~mask)
+        if mid_end > start:
+            self._free_max_order_blocks(zone, start, mid_end)
+            start = mid_end
+        while start < end:
+            start += self._free_pages_core(zone, start, end)
+
+    def _free_pages_core(self, zone: Zone, start: int, end: int) -> int:
+        """``__free_pages_core`` of the largest aligned block at ``start``; returns its size."""
+        order = min(MAX_ORDER - 1, (start & -start).bit_length() - 1 if start else MAX_ORDER - 1)
+        while start + (1 << order) > end:
+            order -= 1
+        zone.managed_pages += 1 << order
+        self._free_one_page(zone, start, order, self._pageblock_mt[start >> PAGEBLOCK_ORDER],
+                            fpi_to_tail=True)
+        return 1 << order
+
+    def _free_max_order_blocks(self, zone: Zone, start: int, end: int) -> None:
+        """``__free_one_page`` of each MAX_ORDER-1 block in [start, end) with
+        FPI_TO_TAIL, vectorised: such blocks have no buddy to merge with."""
+        top = MAX_ORDER - 1
+        n = (end - start) >> top
+        self._state_np[start:end:MAX_ORDER_NR_PAGES] = PG_BUDDY | top
+        heads = np.arange(start, end, MAX_ORDER_NR_PAGES, dtype=np.int64)
+        mts = self._pageblock_np[start >> PAGEBLOCK_ORDER:end >> PAGEBLOCK_ORDER:
+                                 1 << (top - PAGEBLOCK_ORDER)]
+        area = zone.free_area[top]
+        groups = ([(int(mts[0]), heads)] if mts.min() == mts.max()
+                  else [(int(mt), heads[mts == mt]) for mt in np.unique(mts)])
+        for mt, sel in groups:
+            # The kernel list gets sel[0], sel[1], ... appended at its tail; the
+            # OrderedDict keeps the list's tail first, so the new blocks go in
+            # front of the old entries, highest pfn first.
+            new = OrderedDict.fromkeys(sel[::-1].tolist())
+            if area[mt]:
+                new.update(area[mt])
+            area[mt] = new
+        zone.managed_pages += n << top
+        zone.free_pages += n << top

@@ -1,0 +1,165 @@
+"""The per-CPU page lists (pcp) of the one CPU modelled.
+
+Mirrors, from ``mm/page_alloc.c``:
+
+- allocation: ``rmqueue_pcplist`` / ``__rmqueue_pcplist`` and ``rmqueue_bulk``;
+- freeing: ``free_unref_page`` / ``free_unref_page_commit``, ``nr_pcp_free``
+  (with the ``free_factor`` heuristic) and ``free_pcppages_bulk``;
+- ``drain_pages`` / ``drain_pages_zone`` (``drain_all_pages`` of one CPU).
+
+A pcp list is a ``deque`` of ``pfn << 4 | pcppage_migratetype`` whose left end
+is the kernel list's head. ``PcpMixin`` holds the allocator's methods of this
+seam (see ``buddy.py``); it uses ``__rmqueue`` (``_rmqueue_inner``, alloc.py),
+``__free_one_page`` / ``free_one_page`` (buddy core) and ``_resolve_zone`` (zone).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+from .types import (
+    HIGHATOMIC,
+    MIGRATE_PCPTYPES,
+    MOVABLE,
+    NR_PCP_LISTS,
+    PAGE_ALLOC_COSTLY_ORDER,
+    PAGEBLOCK_ORDER,
+    PG_PCP,
+    ZoneType,
+    order_to_pindex,
+    pindex_to_order,
+)
+from .zone import PerCpuPages, Zone
+
+__all__ = ["PcpMixin"]
+
+
+class PcpMixin:
+    """The allocator's per-CPU pagesets: refill, free, drain."""
+
+    _state: memoryview
+    _pageblock_mt: memoryview
+
+    # ------------------------------------------------------------------ allocation
+
+    def _rmqueue_pcplist(self, zone: Zone, order: int, mt: int, alloc_flags: int) -> int:
+        """``rmqueue_pcplist`` / ``__rmqueue_pcplist``: take the head of the pcp
+        list, refilling an empty list with ``batch`` (scaled down by order)
+        blocks from the buddy."""
+        pcp = zone.pcp
+        lst = pcp.lists[order_to_pindex(mt, order)]
+        if not lst:
+            batch = pcp.batch
+            if batch > 1:
+                batch = max(batch >> order, 2)
+            alloced = self._rmqueue_bulk(zone, order, batch, lst, mt, alloc_flags)
+            pcp.count += alloced << order
+            if not lst:
+                return -1
+        pcp.free_factor >>= 1
+        pcp.count -= 1 << order
+        return lst.popleft() >> 4
+
+    def _rmqueue_bulk(self, zone: Zone, order: int, count: int, lst: deque[int], mt: int,
+                      alloc_flags: int) -> int:
+        """``rmqueue_bulk``: up to ``count`` blocks from the buddy to the pcp
+        list's tail, in the physical order expand() produced them."""
+        st = self._state
+        code = PG_PCP | order
+        rmqueue = self._rmqueue_inner
+        n = 0
+        while n < count:
+            pfn = rmqueue(zone, order, mt, alloc_flags)
+            if pfn < 0:
+                break
+            st[pfn] = code
+            lst.append(pfn << 4 | mt)    # set_pcppage_migratetype(page, mt)
+            n += 1
+        return n
+
+    # ------------------------------------------------------------------ freeing
+
+    def _free_unref_page(self, zone: Zone, pfn: int, order: int, mt: int) -> None:
+        """``free_unref_page`` of a pcp order: HIGHATOMIC pages go on the MOVABLE
+        list (so those areas come back); ISOLATE (and registered types) bypass
+        the pcp. Then ``free_unref_page_commit``: onto the list's head, and a
+        drain of ``nr_pcp_free`` pages once ``high`` is reached."""
+        list_mt = mt
+        if mt >= MIGRATE_PCPTYPES:
+            if mt != HIGHATOMIC:
+                self._free_one_page_locked(zone, pfn, order, mt)
+                return
+            list_mt = MOVABLE
+        # free_unref_page_commit
+        pcp = zone.pcp
+        pindex = order_to_pindex(list_mt, order)
+        pcp.lists[pindex].appendleft(pfn << 4 | mt)
+        self._state[pfn] = PG_PCP | order
+        pcp.count += 1 << order
+        # High-order non-THP pages freed without allocations in between are
+        # drained at once: they would fragment otherwise.
+        free_high = pcp.free_factor and order and order <= PAGE_ALLOC_COSTLY_ORDER
+        high = 0 if free_high else pcp.high
+        if pcp.count >= high:
+            self._free_pcppages_bulk(zone, self._nr_pcp_free(pcp, high, pcp.batch, free_high),
+                                     pcp, pindex)
+
+    @staticmethod
+    def _nr_pcp_free(pcp: PerCpuPages, high: int, batch: int, free_high: bool) -> int:
+        """``nr_pcp_free``: how many pages to drain, doubling while frees go on
+        without allocations."""
+        if free_high:
+            return pcp.count
+        if high < batch:
+            return 1
+        min_nr_free = batch
+        max_nr_free = high - batch
+        batch <<= pcp.free_factor
+        if batch < max_nr_free:
+            pcp.free_factor += 1
+        return min(max(batch, min_nr_free), max_nr_free)
+
+    def _free_pcppages_bulk(self, zone: Zone, count: int, pcp: PerCpuPages, pindex: int
+                            ) -> None:
+        """``free_pcppages_bulk``: round-robin over the pcp lists, starting with
+        ``pindex``, from each list's tail, to ``__free_one_page``."""
+        count = min(pcp.count, count)
+        min_pindex, max_pindex = 0, NR_PCP_LISTS - 1
+        pindex -= 1
+        isolated_pageblocks = zone.nr_isolate_pageblock > 0
+        lists = pcp.lists
+        st = self._state
+        pbmt = self._pageblock_mt
+        free_one = self._free_one_page
+        while count > 0:
+            while True:
+                pindex += 1
+                if pindex > max_pindex:
+                    pindex = min_pindex
+                lst = lists[pindex]
+                if lst:
+                    break
+                if pindex == max_pindex:
+                    max_pindex -= 1
+                if pindex == min_pindex:
+                    min_pindex += 1
+            order = pindex_to_order(pindex)
+            nr_pages = 1 << order
+            while True:
+                x = lst.pop()
+                pfn, mt = x >> 4, x & 0xF
+                count -= nr_pages
+                pcp.count -= nr_pages
+                if isolated_pageblocks:
+                    mt = pbmt[pfn >> PAGEBLOCK_ORDER]
+                st[pfn] = 0
+                free_one(zone, pfn, order, mt)
+                if count <= 0 or not lst:
+                    break
+
+    def drain_pages(self, zone: Zone | ZoneType | int | None = None) -> None:
+        """``drain_all_pages`` (or ``drain_pages_zone`` of one zone): return every
+        pcp page to the buddy."""
+        for z in self._resolve_zone(zone):
+            if z.pcp.count:
+                self._free_pcppages_bulk(z, z.pcp.count, z.pcp, 0)
