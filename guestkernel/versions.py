@@ -43,6 +43,8 @@ __all__ = [
     "StepRule",
     "VersionError",
     "get_version",
+    "nearest_version",
+    "step_rule_for",
     "version_from_boot_log",
 ]
 
@@ -61,6 +63,8 @@ class StepRule:
     (``new_mapped_ram_size > mapped_ram_size``)."""
 
     name: str
+    #: the first release with this rule
+    since: tuple[int, int]
     shift: int
     grow_when_total: bool
     history: str
@@ -71,13 +75,13 @@ STEP_RULES: dict[str, StepRule] = {
     # v3.9 ("x86, mm: setup page table in top-down"): STEP_SIZE_SHIFT 5,
     # inline. v3.13 moved it into get_new_step_size() (Yinghai Lu, with the
     # movable-node series) unchanged: same shift, same condition.
-    "3.9": StepRule("3.9", 5, False,
+    "3.9": StepRule("3.9", (3, 9), 5, False,
                     "3.9-3.x: step <<= 5 when the new range exceeds all mapped before "
                     "(get_new_step_size() from 3.13, same rule)"),
     # Jan Beulich, "x86: Fix step size adjustment during initial memory
     # mapping" (2015): get_new_step_size() shifts by PMD_SHIFT - PAGE_SHIFT - 1
     # and the caller grows once the total mapped reaches the step.
-    "4.0": StepRule("4.0", 8, True,
+    "4.0": StepRule("4.0", (4, 0), 8, True,
                     "4.0+: step <<= PMD_SHIFT - PAGE_SHIFT - 1 once the total mapped "
                     "reaches the step"),
 }
@@ -211,20 +215,33 @@ def get_version(name: str | KernelVersion) -> KernelVersion:
 _LINUX_VERSION = re.compile(r"Linux version (\d+)\.(\d+)")
 
 
-def version_from_boot_log(text: str) -> tuple[KernelVersion, str] | None:
-    """The record nearest to the kernel a boot log names in its
-    ``Linux version X.Y...`` line, with a sentence saying what was chosen;
-    None when the log has no such line.
+def step_rule_for(release: tuple[int, int]) -> StepRule:
+    """The step rule in force in ``release`` (the oldest rule for a kernel
+    older than every rule: top-down stepping arrived in 3.9)."""
+    rules = sorted(STEP_RULES.values(), key=lambda r: r.since)
+    in_force = [r for r in rules if r.since <= release]
+    return in_force[-1] if in_force else rules[0]
 
-    Nearest means: the newest record not newer than the logged kernel (the
-    rules in force then), or the oldest record for an older kernel."""
+
+def nearest_version(release: tuple[int, int]) -> KernelVersion:
+    """The record to follow for a kernel the model may not know: among the
+    records with the step rule in force in ``release``, the newest not newer
+    than it, else the oldest newer one."""
+    rule = step_rule_for(release)
+    same = sorted((v for v in VERSIONS.values() if v.step_rule == rule), key=lambda v: v.release)
+    older = [v for v in same if v.release <= release]
+    return older[-1] if older else same[0]
+
+
+def version_from_boot_log(text: str) -> tuple[KernelVersion, str] | None:
+    """The record for the kernel a boot log names in its ``Linux version
+    X.Y...`` line (:func:`nearest_version`), with a sentence saying what was
+    chosen; None when the log has no such line."""
     m = _LINUX_VERSION.search(text)
     if m is None:
         return None
     logged = (int(m.group(1)), int(m.group(2)))
-    ordered = sorted(VERSIONS.values(), key=lambda v: v.release)
-    older = [v for v in ordered if v.release <= logged]
-    chosen = older[-1] if older else ordered[0]
+    chosen = nearest_version(logged)
     how = "exact" if chosen.release == logged else "nearest"
     return chosen, (f"boot log names Linux {logged[0]}.{logged[1]}: using the {chosen.name} "
                     f"record ({how}; step rule {chosen.step_rule.name})")

@@ -132,7 +132,7 @@ def test_boot_from_a_pasted_boot_log():
     the log printed has that page size (except the 2M pages the boot
     protections split)."""
     text = (DATA / "dmesg-e820-example.log").read_text()
-    k = Kernel.boot(e820=text)
+    k = Kernel.boot(e820=text, profile="6.1")
     # What the boot CPA calls split (see test_meminfo_8g_by_hand): the image
     # aliases, the IDT alias, and the BPF pack at the start of the Normal zone.
     split = {0x1E00000, 0x2800000, 0x3200000, 4 * GiB, 4 * GiB + 2 * MiB}
