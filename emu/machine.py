@@ -92,7 +92,10 @@ CPU_MODELS: dict[str, int] = {
     "epyc": X.UC_CPU_X86_EPYC,
     "epyc-rome": X.UC_CPU_X86_EPYC_ROME,
 }
-_CPU_NAMES = {v: k for k, v in CPU_MODELS.items()}
+#: Every x86 model Unicorn knows, by QEMU's name (for an attached Uc).
+_CPU_NAMES = {getattr(X, n): n.removeprefix("UC_CPU_X86_").lower().replace("_", "-")
+              for n in dir(X) if n.startswith("UC_CPU_X86_") and n != "UC_CPU_X86_ENDING"}
+_CPU_NAMES.update({v: k for k, v in CPU_MODELS.items()})
 
 #: ``Machine(ram_bytes)`` puts its service pages at the top of the 40-bit
 #: physical address space; the largest guest RAM leaves 2 MiB below them.
@@ -333,6 +336,7 @@ class Machine:
             tlb.detach(self)
         self._in_stub = True
         try:
+            self._exc.reset()  # the stub's own #PF must not become a #DF
             self._uc.reg_write(X.UC_X86_REG_RDI, va)
             self._uc.reg_write(X.UC_X86_REG_RSI, stub_va)
             self._emu_start(self._svc.stub_entry_va(slot), 0)
@@ -529,6 +533,7 @@ class Machine:
         self._max_faults = max_faults
         self._stop_status = None
         self._fault_pending = False
+        self._exc.reset()  # a user's own emu_start may have left a fault undelivered
         counter = self._counter
         counter.count = 0
         counter.hit_limit = 0
@@ -618,6 +623,19 @@ class Machine:
             return
         self._on_exception(intno, rip)
         uc.emu_stop()
+
+    def take_fault(self, intno: int) -> Fault:
+        """For a user's ``UC_HOOK_INTR`` callback during their own
+        ``uc.emu_start``: the exception the CPU just raised (vector
+        ``intno``) as a :class:`Fault`, with CR2, the access and the CPU's
+        own error code for a #PF; and what delivering it would do to the
+        CPU (QEMU's double-fault tracking is reset, so the next #PF is not
+        promoted to #DF). The machine does this itself for its own runs.
+        The hook still decides how to go on (``uc.emu_stop()``, or fix the
+        tables and return to retry)."""
+        fault = self._describe_fault(intno, self._uc.reg_read(X.UC_X86_REG_RIP))
+        self._exc.reset()
+        return fault
 
     def _on_exception(self, intno: int, rip: int) -> None:
         """Record a guest exception; what happens next is decided once
