@@ -114,6 +114,16 @@ _PROT = {Access.READ: 1, Access.WRITE: 2, Access.EXEC: 4}
 #: (a Uc may outlive its Machine: ``uc = Machine(...).uc``).
 _UC_MEMORY: weakref.WeakKeyDictionary[Uc, list[object]] = weakref.WeakKeyDictionary()
 
+def _delete_native_hooks(uc: Uc, handles: set[int]) -> None:
+    """Run when a machine is collected while its Uc lives on: native hooks
+    point into memory of their owners (a TLB model's context), which goes
+    with the machine."""
+    uch = ctypes.c_void_p(uc_handle(uc))
+    for handle in list(handles):
+        uclib.uc_hook_del(uch, ctypes.c_size_t(handle))
+    handles.clear()
+
+
 #: uc_cb_hookintr_t: void (*)(uc_engine *uc, uint32_t intno, void *user_data)
 _INTR_CB = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_uint32, ctypes.c_void_p)
 
@@ -173,6 +183,8 @@ class Machine:
         self.ram_bytes = len(ram)
         self.maxphyaddr = MAXPHYADDR
         self._native_hooks: set[int] = set()
+        # Holds uc, not the machine: uc stays valid until this has run.
+        weakref.finalize(self, _delete_native_hooks, uc, self._native_hooks)
         self._lib = native()
         self._translate_fn = fnptr(uclib.uc_vmem_translate)
         self._pa = ctypes.c_uint64()

@@ -149,6 +149,29 @@ def test_the_tlb_model_counts_the_users_own_run(cls):
     assert t.counters()["loads"] == 0
 
 
+def test_dropping_the_machine_unhooks_the_model():
+    """The user keeps only the Uc: the model's native hooks, which point
+    into the model's memory, go with the machine."""
+    uc, m, _buf, code = setup("bytearray")
+    m.tlb = TlbModel("skylake")
+    del m
+    gc.collect()
+    assert user_run(uc, code) == N * (N + 1) // 2
+
+
+def test_one_model_observes_one_machine():
+    _uc, m1, _buf1, _code = setup("bytearray")
+    _uc2, m2, _buf2, _code2 = setup("mmap")
+    t = TlbModel("skylake")
+    m1.tlb = t
+    with pytest.raises(ValueError, match="another machine"):
+        m2.tlb = t
+    assert m2.tlb is None
+    m1.tlb = None
+    m2.tlb = t
+    assert m2.tlb is t
+
+
 def test_the_c_model_and_the_python_twin_agree_on_a_user_run():
     runs = []
     for cls in (TlbModel, PyTlb):
