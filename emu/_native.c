@@ -56,7 +56,7 @@ size_t dmfrag_translate_many(void *uc, uc_vmem_translate_fn translate,
 }
 
 /* ------------------------------------------------------------------------
- * TLB model (see emu/tlb.py for the semantics and the pure-Python twin).
+ * TLB model (see emu/tlb/ for the semantics and the pure-Python twin).
  *
  * Structures are generic set-associative caches (ChampSim style): a tag is
  * the virtual address shifted by the structure's page shift; LRU uses a
@@ -80,7 +80,7 @@ struct tlb_struct {
     uint8_t *global;
 };
 
-/* Counters, indexed as emu/tlb.py COUNTERS lists them. */
+/* Counters, indexed as emu/tlb/counters.py COUNTERS lists them. */
 enum {
     C_LOADS, C_STORES, C_FETCHES,
     C_L1_MISS_LOAD, C_L1_MISS_STORE, C_L1_MISS_FETCH,
@@ -104,6 +104,7 @@ struct tlb_model {
     const uint64_t *ram64;
     uint64_t ram_qwords;
     uint64_t cr3;
+    uint64_t ram_first;                 /* qword index of ram64[0]: RAM's physical base / 8 */
 };
 
 static inline uint64_t xs64(uint64_t *s) { uint64_t x = *s; x ^= x << 13; x ^= x >> 7; x ^= x << 17; *s = x; return x; }
@@ -194,8 +195,8 @@ static int tlb_walk(struct tlb_model *m, uint64_t va, int *global, uint32_t *ref
     for (int level = 4; level >= 1; level--) {
         uint64_t idx = (va >> (12 + 9 * (level - 1))) & 511;
         uint64_t slot = (table >> 3) + idx;
-        if (slot >= m->ram_qwords) return 0;
-        uint64_t e = m->ram64[slot];
+        if (slot < m->ram_first || slot - m->ram_first >= m->ram_qwords) return 0;
+        uint64_t e = m->ram64[slot - m->ram_first];
         if (level <= start) n++;
         if (!(e & 1)) return 0;
         int leaf = level == 1 || (level <= 3 && (e & 0x80));

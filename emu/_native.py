@@ -13,7 +13,7 @@ from functools import cache
 
 from unicorn.unicorn_py3.unicorn import uclib
 
-__all__ = ["UC_HOOK_CB", "InsnCounter", "native", "uclib"]
+__all__ = ["UC_HOOK_CB", "InsnCounter", "fnptr", "native", "uc_handle", "uclib"]
 
 
 class InsnCounter(ctypes.Structure):
@@ -48,3 +48,11 @@ def native() -> ctypes.CDLL:
 def fnptr(func) -> int:
     """Address of a C function exported by a ctypes library."""
     return ctypes.cast(func, ctypes.c_void_p).value
+
+
+def uc_handle(uc) -> int:
+    """The ``uc_engine *`` behind a ``unicorn.Uc``, for calling ``libunicorn``
+    directly (``uc_vmem_translate``, native hooks). The binding keeps it in
+    ``Uc._uch`` and offers no public accessor: this is the one place that
+    reads it."""
+    return uc._uch.value

@@ -19,15 +19,20 @@ _TABLE_FLAGS = PteFlags.P | PteFlags.RW
 
 
 class PageTableBuilder:
-    """Builds 4-level tables in ``machine.ram``, table pages taken from
-    ``[pool_start, pool_end)``. ``root`` is the PML4's physical address."""
+    """Builds 4-level tables in ``machine.ram``, table pages taken from the
+    physical range ``[pool_start, pool_end)``. ``root`` is the PML4's
+    physical address. Guest RAM may start at a physical address other than
+    0 (``machine.ram_base``, for an attached Unicorn)."""
 
     def __init__(self, machine, pool_start: int, pool_end: int):
         if pool_start % pt.PAGE_SIZE or pool_end % pt.PAGE_SIZE or pool_end <= pool_start:
             raise ValueError("the table pool must be a non-empty page-aligned range")
-        if pool_end > machine.ram_bytes:
-            raise ValueError(f"table pool end {pool_end:#x} is beyond guest RAM")
+        base = machine.ram_base
+        if pool_start < base or pool_end > base + machine.ram_bytes:
+            raise ValueError(f"table pool [{pool_start:#x}, {pool_end:#x}) is outside guest "
+                             f"RAM [{base:#x}, {base + machine.ram_bytes:#x})")
         self.m = machine
+        self._first = base >> 3    # ram64 index of physical address 0 is -_first
         self._next = pool_start
         self._end = pool_end
         self.tables: list[int] = []
@@ -37,7 +42,7 @@ class PageTableBuilder:
         if self._next >= self._end:
             raise MemoryError("page-table pool exhausted")
         pa, self._next = self._next, self._next + pt.PAGE_SIZE
-        self.m.ram[pa: pa + pt.PAGE_SIZE] = 0
+        self.m.ram64[(pa >> 3) - self._first: ((pa + pt.PAGE_SIZE) >> 3) - self._first] = 0
         self.tables.append(pa)
         return pa
 
@@ -46,7 +51,7 @@ class PageTableBuilder:
         creating missing intermediate tables (level 4 is the PML4)."""
         table = self.root
         for lvl in range(4, level, -1):
-            slot = (table >> 3) + pt.table_index(va, lvl)
+            slot = (table >> 3) - self._first + pt.table_index(va, lvl)
             entry = int(self.m.ram64[slot])
             if not entry & PteFlags.P:
                 new = self._alloc_table()
@@ -76,7 +81,7 @@ class PageTableBuilder:
             first = pt.table_index(cur, level)
             n = min(512 - first, (size - done) // page_size)
             frames = pa + done + np.arange(n, dtype=np.uint64) * np.uint64(page_size)
-            slot = (table >> 3) + first
+            slot = (table >> 3) - self._first + first
             self.m.ram64[slot: slot + n] = frames | np.uint64(leaf)
             done += n * page_size
             assert n * page_size <= span
@@ -85,7 +90,7 @@ class PageTableBuilder:
         """(index into ``machine.ram64``, level) of the leaf entry mapping ``va``."""
         table = self.root
         for lvl in (4, 3, 2, 1):
-            slot = (table >> 3) + pt.table_index(va, lvl)
+            slot = (table >> 3) - self._first + pt.table_index(va, lvl)
             entry = int(self.m.ram64[slot])
             if not entry & PteFlags.P:
                 raise ValueError(f"{va:#x} is not mapped (level {lvl} entry not present)")

@@ -1,9 +1,11 @@
 """The emulated x86-64 machine: guest RAM, a Unicorn CPU with paging on.
 
-Guest physical memory is one anonymous ``MAP_NORESERVE`` host mapping handed
-to Unicorn with ``mem_map_ptr`` and exposed as numpy arrays, so page tables
-are written by Python straight into what the CPU walks. A guest costs only the
-host pages it touches.
+Guest physical memory is host memory handed to Unicorn with ``mem_map_ptr``
+and exposed as numpy arrays, so page tables are written by Python straight
+into what the CPU walks. ``Machine(ram_bytes)`` makes its own Unicorn
+instance over an anonymous ``MAP_NORESERVE`` mapping (a guest costs only the
+host pages it touches); :func:`attach` drives a Unicorn instance and a RAM
+buffer the user already has.
 
 What the machine adds on top of Unicorn (DESIGN.md section 7):
 
@@ -11,50 +13,37 @@ What the machine adds on top of Unicorn (DESIGN.md section 7):
   ctypes because the binding lacks it).
 * ``invlpg`` executes a real INVLPG: Unicorn has no per-page flush API, so the
   machine borrows a not-present PML4 slot of the current tables for one
-  instant, maps there a stub page of its own (outside guest RAM) ending in
-  ``invlpg [rdi]; invlpg [rsi]``, and runs it. The stub invalidates the
-  target and its own page; the next fetch falls off the end of the stub
-  into a not-present page and the #PF stops the run, so no translation of the
-  stub survives. The slot is then restored. Only if all 512 PML4 slots are
-  present does ``invlpg`` fall back to a full flush (an over-flush is
-  architecturally allowed, INVLPG "may" invalidate more).
-* Unicorn hands an exception to its interrupt hook and never delivers it
-  through the guest IDT, so the error code the CPU computed is not pushed
-  anywhere, and QEMU's double-fault tracking (``old_exception``) is never
-  reset: the next #PF would be promoted to #DF. Both live in the CPU state
-  that ``uc_context_save`` copies. At construction the machine raises known
-  faults in its own pages and finds, by their values, where the error code
-  and ``old_exception`` sit in that copy (a calibration that fails loudly if
-  Unicorn's layout changes). Each fault then reports the CPU's own error
-  code, and ``old_exception`` is reset after each fault as a delivered
-  exception would reset it.
+  instant, maps there a stub page of its own (outside guest RAM, see
+  :mod:`emu.service`) ending in ``invlpg [rdi]; invlpg [rsi]``, and runs it.
+  The stub invalidates the target and its own page; the next fetch falls off
+  the end of the stub into a not-present page and the #PF stops the run, so
+  no translation of the stub survives. The slot is then restored. Only if
+  all 512 PML4 slots are present does ``invlpg`` fall back to a full flush
+  (an over-flush is architecturally allowed, INVLPG "may" invalidate more).
+* Each fault reports the CPU's own error code, and QEMU's double-fault
+  tracking is reset after it as a delivered exception would reset it
+  (:mod:`emu.cpustate`).
+* A public hook API (:meth:`Machine.hook_add`, :meth:`Machine.hook_add_native`,
+  :meth:`Machine.hook_del`) through which the TLB model, or anyone, observes
+  the CPU.
+
+The machine's interrupt hook and instruction counter are installed only
+while the machine runs code itself (``run``, ``resume``, ``invlpg``, the
+calibration at construction): a user's own ``uc.emu_start`` on an attached
+``Uc`` behaves as plain Unicorn does. A TLB model assigned to ``m.tlb``
+hooks the CPU from assignment to removal, so it counts those runs too.
 """
 
 from __future__ import annotations
 
 import ctypes
-import enum
-import errno as _errno
-import mmap
-import os
 import weakref
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Mapping
 
 import numpy as np
-from unicorn import (
-    UC_ARCH_X86,
-    UC_HOOK_CODE,
-    UC_HOOK_INTR,
-    UC_MODE_64,
-    UC_PROT_ALL,
-    Uc,
-    UcError,
-)
+from unicorn import UC_ARCH_X86, UC_HOOK_CODE, UC_HOOK_INTR, UC_MODE_64, UC_PROT_ALL, Uc, UcError
 from unicorn import x86_const as X
 from unicorn.unicorn_const import (
-    UC_CTL_IO_WRITE,
-    UC_CTL_TLB_FLUSH,
     UC_ERR_FETCH_UNMAPPED,
     UC_ERR_INSN_INVALID,
     UC_ERR_READ_UNMAPPED,
@@ -62,18 +51,36 @@ from unicorn.unicorn_const import (
 )
 
 from . import pagetable as pt
-from ._native import InsnCounter, fnptr, native, uclib
+from ._native import InsnCounter, fnptr, native, uc_handle, uclib
 from .asm import assemble, disasm, disasm_one
-from .pagetable import Access, PfErr, PteFlags
+from .cpustate import MAXPHYADDR, enable_paging, flush_cpu_tlb
+from .faults import (
+    AttachError,
+    Fault,
+    FaultAction,
+    FaultHandler,
+    MachineError,
+    PageFault,
+    RunResult,
+    RunStatus,
+)
+from .hostmem import HostMapping, buffer_view
+from .pagetable import Access, PfErr
+from .service import SVC_SIZE, ServicePages, borrow_slot, place
 
 __all__ = [
     "CPU_MODELS",
+    "MAXPHYADDR",
+    "MAX_RAM_BYTES",
+    "AttachError",
     "Fault",
+    "FaultAction",
     "Machine",
     "MachineError",
     "PageFault",
     "RunResult",
     "RunStatus",
+    "attach",
 ]
 
 #: CPU models offered (QEMU's names); the TLB preset follows the family.
@@ -85,165 +92,54 @@ CPU_MODELS: dict[str, int] = {
     "epyc": X.UC_CPU_X86_EPYC,
     "epyc-rome": X.UC_CPU_X86_EPYC_ROME,
 }
+#: Every x86 model Unicorn knows, by QEMU's name (for an attached Uc).
+_CPU_NAMES = {getattr(X, n): n.removeprefix("UC_CPU_X86_").lower().replace("_", "-")
+              for n in dir(X) if n.startswith("UC_CPU_X86_") and n != "UC_CPU_X86_ENDING"}
+_CPU_NAMES.update({v: k for k, v in CPU_MODELS.items()})
 
-# Control-register bits (SDM 2.5).
-CR0_PE, CR0_WP, CR0_PG = 1 << 0, 1 << 16, 1 << 31
-CR4_PAE, CR4_PGE = 1 << 5, 1 << 7
-MSR_EFER = 0xC0000080
-EFER_LME, EFER_LMA, EFER_NXE = 1 << 8, 1 << 10, 1 << 11
-
-#: The machine's own pages (stub code and tables) sit at the top of the
-#: emulated CPU's 40-bit physical address space, outside guest RAM.
-MAXPHYADDR = 40
-_SVC_PAGES = 8
-_SVC_SIZE = _SVC_PAGES * pt.PAGE_SIZE
-_SVC_BASE = (1 << MAXPHYADDR) - _SVC_SIZE
-#: Largest guest RAM: leave 2 MiB below the service pages.
-MAX_RAM_BYTES = _SVC_BASE - (2 << 20)
-# Service page roles (offsets in pages from _SVC_BASE).
-_SVC_ROOT, _SVC_PDPT, _SVC_PD, _SVC_PT, _SVC_CODE, _SVC_DATA = range(6)
-#: PML4 slots borrowed for the stub, Linux's hypervisor hole (0xffff8000...
-#: to 0xffff87ff...) first: nothing of the kernel model lives there.
-_BORROW_ORDER = tuple(range(0x100, 0x110)) + tuple(range(0x110, 0x200)) + tuple(range(0x100))
+#: ``Machine(ram_bytes)`` puts its service pages at the top of the 40-bit
+#: physical address space; the largest guest RAM leaves 2 MiB below them.
+_OWN_SVC_BASE = (1 << MAXPHYADDR) - SVC_SIZE
+MAX_RAM_BYTES = _OWN_SVC_BASE - (2 << 20)
 
 _GPRS = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp", "rsp",
          "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15", "rip", "rflags")
 _REG_IDS: dict[str, int] = {name: getattr(X, f"UC_X86_REG_{name.upper()}") for name in _GPRS}
 
-#: Exception vectors by name, for messages.
-_VECTORS = {0: "#DE", 1: "#DB", 3: "#BP", 6: "#UD", 8: "#DF", 13: "#GP", 14: "#PF", 17: "#AC"}
-
 _EMPTY_PML4 = np.zeros(512, np.uint64)
 _UNMAPPED_ERRORS = (UC_ERR_READ_UNMAPPED, UC_ERR_WRITE_UNMAPPED, UC_ERR_FETCH_UNMAPPED)
+_PROT = {Access.READ: 1, Access.WRITE: 2, Access.EXEC: 4}
 
-# The uc_ctl code for UC_CTL_TLB_FLUSH (unicorn.h: UC_CTL_WRITE(UC_CTL_TLB_FLUSH, 0)).
-_UC_CTL_TLB_FLUSH = UC_CTL_TLB_FLUSH | (0 << 26) | (UC_CTL_IO_WRITE << 30)
+#: Host memory a machine mapped into a Uc, kept as long as that Uc lives
+#: (a Uc may outlive its Machine: ``uc = Machine(...).uc``).
+_UC_MEMORY: weakref.WeakKeyDictionary[Uc, list[object]] = weakref.WeakKeyDictionary()
 
-
-class MachineError(RuntimeError):
-    """The machine cannot do what was asked (its state is unchanged)."""
-
-
-class PageFault(Exception):
-    """#PF: ``va`` cannot be accessed as ``access``; ``error_code`` as the CPU pushes it."""
-
-    def __init__(self, va: int, access: str | Access, error_code: int):
-        self.va = va
-        self.access = Access.parse(access)
-        self.error_code = PfErr(error_code)
-        super().__init__(
-            f"#PF at {va:#x} on {self.access.name.lower()} "
-            f"(error code {int(error_code):#x}: {_describe_pf(self.error_code)})")
+def _delete_native_hooks(uc: Uc, handles: set[int]) -> None:
+    """Run when a machine is collected while its Uc lives on: native hooks
+    point into memory of their owners (a TLB model's context), which goes
+    with the machine."""
+    uch = ctypes.c_void_p(uc_handle(uc))
+    for handle in list(handles):
+        uclib.uc_hook_del(uch, ctypes.c_size_t(handle))
+    handles.clear()
 
 
-def _describe_pf(code: PfErr) -> str:
-    if code & PfErr.RSVD:
-        cause = "reserved bit set"
-    elif code & PfErr.P:
-        cause = "protection violation"
-    else:
-        cause = "not present"
-    kind = "fetch" if code & PfErr.ID else ("write" if code & PfErr.W else "read")
-    return f"{cause}, {kind}, {'user' if code & PfErr.U else 'supervisor'}"
-
-
-class RunStatus(enum.Enum):
-    COMPLETED = "completed"   # reached the end of the code (or the `until` address)
-    HALTED = "halted"         # executed HLT
-    FAULTED = "faulted"       # stopped at a fault (see RunResult.faults)
-    MAX_INSNS = "max_insns"   # the instruction budget ran out (a guest that never stops)
-    MAX_FAULTS = "max_faults"  # a fault handler kept resuming into faults
-
-
-@dataclass(frozen=True)
-class Fault:
-    """An exception raised by guest code."""
-
-    vector: int                  # 14 for #PF
-    rip: int                     # the faulting instruction (it did not complete)
-    insn: str                    # its disassembly, or '?' if its bytes are unreadable
-    cr2: int | None = None       # #PF only: the faulting linear address
-    access: Access | None = None  # #PF only
-    error_code: PfErr | None = None  # #PF only: the CPU's own error code
-
-    @property
-    def name(self) -> str:
-        return _VECTORS.get(self.vector, f"vector {self.vector}")
-
-    def __str__(self) -> str:
-        if self.vector == 14:
-            return (f"#PF at rip {self.rip:#x} ({self.insn}): cr2 {self.cr2:#x}, "
-                    f"{self.access.name.lower()}, error code {int(self.error_code):#x} "
-                    f"({_describe_pf(self.error_code)})")
-        return f"{self.name} at rip {self.rip:#x} ({self.insn})"
-
-
-#: What a fault handler tells run() to do next.
-class FaultAction(enum.Enum):
-    STOP = "stop"      # end the run with status FAULTED
-    RETRY = "retry"    # re-execute the faulting instruction (the handler fixed the tables)
-    SKIP = "skip"      # continue after the faulting instruction
-
-
-@dataclass
-class RunResult:
-    status: RunStatus
-    insns: int | None                  # instructions completed (None if not counted)
-    faults: list[Fault] = field(default_factory=list)
-    regs: dict[str, int] = field(default_factory=dict)
-    tlb: object | None = None          # TLB statistics when a TLB model was attached
-
-    @property
-    def rip(self) -> int:
-        return self.regs["rip"]
-
-    @property
-    def fault(self) -> Fault | None:
-        return self.faults[-1] if self.faults else None
-
-
-FaultHandler = Callable[[Fault], "FaultAction | str | None"]
-
-
-#: Linux MAP_NORESERVE (the mmap module lacks the constant before Python 3.13).
-_MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000)
-
-
-def _host_mmap(size: int) -> int:
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.mmap.restype = ctypes.c_void_p
-    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
-                          ctypes.c_int, ctypes.c_long]
-    flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_NORESERVE
-    addr = libc.mmap(None, size, mmap.PROT_READ | mmap.PROT_WRITE, flags, -1, 0)
-    if addr in (None, ctypes.c_void_p(-1).value):
-        err = ctypes.get_errno()
-        raise ValueError(
-            f"cannot reserve {size:#x} bytes ({size / 2**30:.1f} GiB) of host address space "
-            f"for guest RAM: {_errno.errorcode.get(err, err)} ({os.strerror(err)})")
-    return addr
-
-
-def _host_munmap(addr: int, size: int) -> None:
-    libc = ctypes.CDLL(None)
-    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-    libc.munmap(addr, size)
-
-
-def _ram_view(addr: int, size: int) -> np.ndarray:
-    return np.ctypeslib.as_array((ctypes.c_uint8 * size).from_address(addr))
+#: uc_cb_hookintr_t: void (*)(uc_engine *uc, uint32_t intno, void *user_data)
+_INTR_CB = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_uint32, ctypes.c_void_p)
 
 
 class Machine:
     """An x86-64 CPU in long mode with paging on, over ``ram_bytes`` of guest RAM.
 
     Attributes:
-        ram: guest physical memory as a zero-copy ``uint8`` array.
+        ram: guest physical memory as a zero-copy ``uint8`` array
+            (``ram[i]`` is physical address ``ram_base + i``).
         ram64: the same memory as ``uint64`` (page-table entries).
+        ram_base: physical address of ``ram[0]`` (0 unless attached elsewhere).
+        ram_bytes: size of guest RAM.
         cpu: the CPU model name.
         maxphyaddr: physical-address width of the CPU (bits).
-        uc: the underlying ``unicorn.Uc`` (for experts; bypassing the machine's
-            methods can break its invariants).
+        stats: counts of CR3 loads, flushes and INVLPGs.
     """
 
     def __init__(self, ram_bytes: int, cpu: str = "skylake-server"):
@@ -259,167 +155,165 @@ class Machine:
                 f"{MAX_RAM_BYTES:#x} ({MAX_RAM_BYTES / 2**30:.0f} GiB)")
         if cpu not in CPU_MODELS:
             raise ValueError(f"unknown cpu {cpu!r}; known: {', '.join(CPU_MODELS)}")
-        self.cpu = cpu
-        self.ram_bytes = ram_bytes
-        self.maxphyaddr = MAXPHYADDR
-        total = ram_bytes + _SVC_SIZE
-        base = _host_mmap(total)
-        self._finalizer = weakref.finalize(self, _host_munmap, base, total)
-        host = _ram_view(base, total)
-        self.ram = host[:ram_bytes]
-        self.ram64 = self.ram.view(np.uint64)
-        self._svc = host[ram_bytes:]
-        self._svc64 = self._svc.view(np.uint64)
+        # One host mapping: guest RAM, then the service pages.
+        host = HostMapping(ram_bytes + SVC_SIZE)
         try:
-            self.uc = Uc(UC_ARCH_X86, UC_MODE_64)
-            self.uc.ctl_set_cpu_model(CPU_MODELS[cpu])
-            self.uc.mem_map_ptr(0, ram_bytes, UC_PROT_ALL, base)
-            self.uc.mem_map_ptr(_SVC_BASE, _SVC_SIZE, UC_PROT_ALL, base + ram_bytes)
+            uc = Uc(UC_ARCH_X86, UC_MODE_64)
+            uc.ctl_set_cpu_model(CPU_MODELS[cpu])
+            uc.mem_map_ptr(0, ram_bytes, UC_PROT_ALL, host.addr)
         except UcError as exc:
-            self._finalizer()
+            host.release()
             raise ValueError(f"Unicorn refused a guest of {ram_bytes:#x} bytes: {exc}") from None
-        self._uch = self.uc._uch
-        self.uc.hook_add(UC_HOOK_INTR, self._hook_intr)
-        self._build_service_tables()
-        self._enable_paging()
-        self._in_stub = False
-        self._calibrating = False
-        self._calibrate_cpu_state()
-        self._counter = InsnCounter()
-        self._counter.stop = fnptr(uclib.uc_emu_stop)
-        self._counter_hook: int | None = None
+        self._setup(uc, host.array[:ram_bytes], 0, cpu, _OWN_SVC_BASE,
+                    host.array[ram_bytes:], host.addr + ram_bytes, host)
+
+    def _setup(self, uc: Uc, ram: np.ndarray, ram_base: int, cpu: str, svc_base: int,
+               svc_host: np.ndarray, svc_addr: int, host: object) -> None:
+        """Take over ``uc`` (whose RAM is mapped): service pages, paging,
+        calibration. ``host`` is whatever keeps the host memory alive; it
+        lives as long as ``uc`` does."""
+        _UC_MEMORY.setdefault(uc, []).append(host)
+        self._uc = uc
+        self._uch = ctypes.c_void_p(uc_handle(uc))
+        self._host = host
+        self.cpu = cpu
+        self.ram = ram
+        self.ram64 = ram.view(np.uint64)
+        self.ram_base = ram_base
+        self.ram_bytes = len(ram)
+        self.maxphyaddr = MAXPHYADDR
+        self._native_hooks: set[int] = set()
+        # Holds uc, not the machine: uc stays valid until this has run.
+        weakref.finalize(self, _delete_native_hooks, uc, self._native_hooks)
         self._lib = native()
         self._translate_fn = fnptr(uclib.uc_vmem_translate)
         self._pa = ctypes.c_uint64()
+        self._intr_cb = _INTR_CB(self._intr_entry)
+        self._intr_error: BaseException | None = None
+        self._counter = InsnCounter()
+        self._counter.stop = fnptr(uclib.uc_emu_stop)
+        self._in_stub = False
         # Per-run state read by the interrupt hook.
         self._run_faults: list[Fault] = []
-        self._on_fault: FaultHandler | None = None
+        self._on_fault: FaultHandler | FaultAction = FaultAction.STOP
         self._max_faults = 0
-        self.tlb = None  # a TLB model attaches here (emu.tlb)
+        self._stop_status: RunStatus | None = None
+        self._fault_pending = False
+        self._tlb = None
         self.stats = {"invlpg": 0, "invlpg_full_fallback": 0, "flush_tlb": 0, "cr3_loads": 0}
-
-    # -- set-up ---------------------------------------------------------
-
-    def _svc_pa(self, page: int) -> int:
-        return _SVC_BASE + page * pt.PAGE_SIZE
-
-    def _build_service_tables(self) -> None:
-        """The stub chain PDPT -> PD -> PT -> pages, linked into a PML4 slot
-        only while the machine runs code of its own.
-
-        PT[0] is the code page (RX): calibration code at its start, and at its
-        very end ``invlpg [rdi]; invlpg [rsi]``. PT[1] is not present, so the
-        fetch after the stub faults and ends the run. PT[2] is a RW+NX data
-        page, PT[3] a read-only one, PT[4] has a reserved bit set: the
-        calibration faults on them."""
-        q = self._svc64
-        tbl = PteFlags.P | PteFlags.RW
-        q[_SVC_PDPT * 512] = self._svc_pa(_SVC_PD) | tbl
-        q[_SVC_PD * 512] = self._svc_pa(_SVC_PT) | tbl
-        ptb = _SVC_PT * 512
-        q[ptb + 0] = self._svc_pa(_SVC_CODE) | PteFlags.P
-        q[ptb + 2] = self._svc_pa(_SVC_DATA) | tbl | PteFlags.NX
-        q[ptb + 3] = self._svc_pa(_SVC_DATA) | PteFlags.P | PteFlags.NX
-        q[ptb + 4] = self._svc_pa(_SVC_DATA) | tbl | PteFlags.NX | (1 << (MAXPHYADDR + 1))
-        stub = bytes([0x0F, 0x01, 0x3F, 0x0F, 0x01, 0x3E])  # invlpg [rdi]; invlpg [rsi]
-        self._stub_off = pt.PAGE_SIZE - len(stub)
-        self._svc_write(_SVC_CODE, self._stub_off, stub)
-
-    def _svc_write(self, page: int, offset: int, data: bytes) -> None:
-        start = page * pt.PAGE_SIZE + offset
-        self._svc[start: start + len(data)] = np.frombuffer(data, np.uint8)
-
-    def _calibrate_cpu_state(self) -> None:
-        """Find the #PF error code and ``old_exception`` in Unicorn's saved CPU
-        state by raising faults whose error codes are known (SDM 4.7)."""
-        va = pt.canonical(_BORROW_ORDER[0] << 39)
-        page = pt.PAGE_SIZE
-        cases = [  # (code, rbx, expected error code)
-            ("mov rax, [rbx]", va + 1 * page, 0x00),   # read, not present
-            ("mov [rbx], rax", va + 1 * page, 0x02),   # write, not present
-            ("mov [rbx], rax", va + 3 * page, 0x03),   # write, read-only
-            ("jmp rbx", va + 2 * page, 0x11),          # fetch, NX
-            ("mov rax, [rbx]", va + 4 * page, 0x09),   # read, reserved bit
-            ("jmp rbx", va + 1 * page, 0x10),          # fetch, not present
-        ]
-        slot = _SVC_ROOT * 512 + _BORROW_ORDER[0]
-        self._svc64[slot] = (
-            self._svc_pa(_SVC_PDPT) | PteFlags.P | PteFlags.RW)
-        clean = self.uc.context_save()
-        clean_raw = np.frombuffer(ctypes.string_at(clean.context, clean.size), np.int32)
-        seen = []
         try:
-            for text, rbx, _ in cases:
-                self._svc_write(_SVC_CODE, 0, assemble(text, va))
-                self.uc.ctl_flush_tb()
-                self.uc.reg_write(X.UC_X86_REG_RBX, rbx)
-                self._calibrating = True
-                self.uc.emu_start(va, va + self._stub_off)
-                ctx = self.uc.context_save()
-                seen.append(np.frombuffer(ctypes.string_at(ctx.context, ctx.size), np.int32).copy())
-                self.uc.context_restore(clean)
-        finally:
-            self._calibrating = False
-            self._svc64[slot] = 0
-            uclib.uc_ctl(self._uch, _UC_CTL_TLB_FLUSH)
-        snaps = np.stack(seen)
-        expected = np.array([c[2] for c in cases], np.int32)[:, None]
-        err_at = np.flatnonzero((snaps == expected).all(axis=0))
-        old_at = np.flatnonzero((clean_raw == -1) & (snaps == 14).all(axis=0))
-        if len(err_at) != 1 or len(old_at) != 1:
-            raise MachineError(
-                "cannot locate the #PF error code and old_exception in Unicorn's saved CPU "
-                f"state (candidates: {len(err_at)}, {len(old_at)}); this Unicorn build's "
-                "layout differs from 2.1.x")
-        self._err_off = int(err_at[0]) * 4
-        self._old_exc_off = int(old_at[0]) * 4
+            self._svc = ServicePages(uc, svc_base, svc_host, svc_addr)
+        except UcError as exc:
+            raise MachineError(f"cannot map the machine's service pages at {svc_base:#x}: "
+                               f"{exc}") from None
+        enable_paging(uc, self._svc.root)
+        self._exc = self._svc.calibrate(uc)
 
-    def _cpu_error_code(self) -> int:
-        """The error code of the exception the CPU just raised."""
-        ctx = self.uc.context_save()
-        return ctypes.c_int32.from_address(ctx.context.value + self._err_off).value
+    # -- the Unicorn instance and hooks -------------------------------------
 
-    def _reset_exception_state(self) -> None:
-        """Do what delivering the exception would: old_exception = -1, so the
-        next fault is not taken for a fault during delivery (#DF)."""
-        ctx = self.uc.context_save()
-        ctypes.c_int32.from_address(ctx.context.value + self._old_exc_off).value = -1
-        self.uc.context_restore(ctx)
+    @property
+    def uc(self) -> Uc:
+        """The ``unicorn.Uc`` this machine drives. Use it freely to read and
+        write registers, run code and add hooks; writing CR3 or the paging
+        control registers behind the machine's back bypasses its TLB model
+        and its checks (use :attr:`cr3`, :meth:`flush_tlb`, :meth:`invlpg`)."""
+        return self._uc
 
-    def _enable_paging(self) -> None:
-        uc = self.uc
-        uc.reg_write(X.UC_X86_REG_CR3, self._svc_pa(_SVC_ROOT))  # an empty PML4
-        uc.reg_write(X.UC_X86_REG_CR4, uc.reg_read(X.UC_X86_REG_CR4) | CR4_PAE | CR4_PGE)
-        uc.reg_write(X.UC_X86_REG_MSR, (MSR_EFER, EFER_LME | EFER_LMA | EFER_NXE))
-        uc.reg_write(X.UC_X86_REG_CR0, uc.reg_read(X.UC_X86_REG_CR0) | CR0_PE | CR0_PG | CR0_WP)
+    @property
+    def uc_handle(self) -> int:
+        """The raw ``uc_engine *`` (for C code calling ``libunicorn``)."""
+        return self._uch.value
+
+    @property
+    def service_base(self) -> int:
+        """Physical address of the machine's own 32 KiB of service pages
+        (outside guest RAM; see :mod:`emu.service`)."""
+        return self._svc.base
+
+    def hook_add(self, kind: int, callback, begin: int = 1, end: int = 0,
+                 user_data: object = None) -> int:
+        """Add a Python hook (``unicorn.Uc.hook_add``'s callback signatures:
+        e.g. ``callback(uc, address, size, user_data)`` for ``UC_HOOK_CODE``).
+        Active for every emulation of this CPU, the machine's and the user's,
+        until :meth:`hook_del`. ``begin > end`` means every address."""
+        return self._uc.hook_add(kind, callback, user_data, begin, end)
+
+    def hook_add_native(self, kind: int, cfunc, user_data: int | None = None,
+                        begin: int = 1, end: int = 0) -> int:
+        """Add a C callback (a ctypes function of a loaded library, a ctypes
+        ``CFUNCTYPE`` object, or an address) with a raw ``user_data`` pointer:
+        no Python runs on the hot path. The caller keeps ``cfunc`` and what
+        ``user_data`` points to alive until :meth:`hook_del`."""
+        ptr = cfunc if isinstance(cfunc, int) else fnptr(cfunc)
+        handle = ctypes.c_size_t()
+        status = uclib.uc_hook_add(self._uch, ctypes.byref(handle), kind, ctypes.c_void_p(ptr),
+                                   ctypes.c_void_p(user_data or 0),
+                                   ctypes.c_uint64(begin), ctypes.c_uint64(end))
+        if status:
+            raise MachineError(f"uc_hook_add failed: {UcError(status)}")
+        self._native_hooks.add(handle.value)
+        return handle.value
+
+    def hook_del(self, handle: int) -> None:
+        """Remove a hook added by :meth:`hook_add` or :meth:`hook_add_native`."""
+        if handle in self._native_hooks:
+            status = uclib.uc_hook_del(self._uch, ctypes.c_size_t(handle))
+            if status:
+                raise MachineError(f"uc_hook_del failed: {UcError(status)}")
+            self._native_hooks.discard(handle)
+        else:
+            self._uc.hook_del(handle)
+
+    # -- the TLB model ------------------------------------------------------
+
+    @property
+    def tlb(self):
+        """The TLB model observing this CPU (``emu.tlb.TlbModel`` or
+        ``PyTlb``), or None. Assigning one attaches it (it hooks the CPU, so
+        it counts every emulation from then on, a user's own ``emu_start``
+        included); assigning None or another model detaches the old one."""
+        return self._tlb
+
+    @tlb.setter
+    def tlb(self, model) -> None:
+        if model is self._tlb:
+            return
+        if self._tlb is not None:
+            old, self._tlb = self._tlb, None
+            old.detach(self)
+        if model is not None:
+            model.attach(self)
+            self._tlb = model
 
     # -- control registers and TLB ---------------------------------------
 
     @property
     def cr3(self) -> int:
-        return self.uc.reg_read(X.UC_X86_REG_CR3)
+        return self._uc.reg_read(X.UC_X86_REG_CR3)
 
     @cr3.setter
     def cr3(self, pa: int) -> None:
         """Load CR3. Unicorn drops every cached translation, global ones too
         (architecturally allowed); a TLB model keeps global entries."""
         pa = int(pa)
-        if pa % pt.PAGE_SIZE or not 0 <= pa < self.ram_bytes:
+        end = self.ram_base + self.ram_bytes
+        if pa % pt.PAGE_SIZE or not self.ram_base <= pa < end:
             raise ValueError(f"CR3 {pa:#x} must be a page-aligned address inside guest RAM "
-                             f"[0, {self.ram_bytes:#x})")
-        self.uc.reg_write(X.UC_X86_REG_CR3, pa)
+                             f"[{self.ram_base:#x}, {end:#x})")
+        self._uc.reg_write(X.UC_X86_REG_CR3, pa)
         self.stats["cr3_loads"] += 1
-        if self.tlb is not None:
-            self.tlb.load_cr3(pa)
+        if self._tlb is not None:
+            self._tlb.load_cr3(pa)
 
     def flush_tlb(self) -> None:
         """Drop every cached translation, global ones included."""
-        status = uclib.uc_ctl(self._uch, _UC_CTL_TLB_FLUSH)
-        if status:
-            raise MachineError(f"uc_ctl(UC_CTL_TLB_FLUSH) failed: {UcError(status)}")
+        try:
+            flush_cpu_tlb(self._uc)
+        except UcError as exc:
+            raise MachineError(f"uc_ctl(UC_CTL_TLB_FLUSH) failed: {exc}") from None
         self.stats["flush_tlb"] += 1
-        if self.tlb is not None:
-            self.tlb.flush_all()
+        if self._tlb is not None:
+            self._tlb.flush_all()
 
     def invlpg(self, va: int) -> None:
         """Execute INVLPG ``va``: drop the cached translation of its page."""
@@ -427,40 +321,46 @@ class Machine:
         if not pt.is_canonical(va):
             raise ValueError(f"invlpg: {va:#x} is not a canonical address")
         self.stats["invlpg"] += 1
-        if self.tlb is not None:
-            self.tlb.invlpg(va)
+        if self._tlb is not None:
+            self._tlb.invlpg(va)
         root = self.cr3 & pt.ADDR_MASK
-        if root == self._svc_pa(_SVC_ROOT):
+        if root == self._svc.root:
             return  # the machine's own empty PML4: nothing can be cached
-        pml4 = self.ram64[root >> 3: (root >> 3) + 512]
-        present = (pml4 & np.uint64(PteFlags.P)).astype(bool)
-        slot = next((s for s in _BORROW_ORDER if not present[s]), None)
+        first = (root - self.ram_base) >> 3
+        pml4 = self.ram64[first: first + 512]
+        slot = borrow_slot(pml4)
         if slot is None:
             self.stats["invlpg_full_fallback"] += 1
-            uclib.uc_ctl(self._uch, _UC_CTL_TLB_FLUSH)
+            flush_cpu_tlb(self._uc)
             return
         stub_va = pt.canonical(slot << 39)
         saved_entry = int(pml4[slot])
         regs = (X.UC_X86_REG_RIP, X.UC_X86_REG_RDI, X.UC_X86_REG_RSI, X.UC_X86_REG_CR2)
-        saved = [self.uc.reg_read(r) for r in regs]
-        pml4[slot] = self._svc_pa(_SVC_PDPT) | PteFlags.P | PteFlags.RW
+        saved = [self._uc.reg_read(r) for r in regs]
+        pml4[slot] = self._svc.stub_pml4e
         counter = self._counter
         # A handler may call invlpg mid-run: the stub's own instructions
-        # must not count against the guest's.
+        # must not count against the guest's, nor in the TLB model.
         kept = (counter.count, counter.limit, counter.hit_limit, counter.last_rip)
         counter.limit = 0
+        tlb = self._tlb
+        if tlb is not None:
+            tlb.detach(self)
         self._in_stub = True
         try:
-            self.uc.reg_write(X.UC_X86_REG_RDI, va)
-            self.uc.reg_write(X.UC_X86_REG_RSI, stub_va)
-            self.uc.emu_start(stub_va + self._stub_off, 0)
+            self._exc.reset()  # the stub's own #PF must not become a #DF
+            self._uc.reg_write(X.UC_X86_REG_RDI, va)
+            self._uc.reg_write(X.UC_X86_REG_RSI, stub_va)
+            self._emu_start(self._svc.stub_entry_va(slot), 0)
         finally:
             self._in_stub = False
             counter.count, counter.limit, counter.hit_limit, counter.last_rip = kept
             pml4[slot] = saved_entry
-            self._reset_exception_state()
+            self._exc.reset()
             for r, v in zip(regs, saved):
-                self.uc.reg_write(r, v)
+                self._uc.reg_write(r, v)
+            if tlb is not None:
+                tlb.attach(self)
 
     # -- address translation ----------------------------------------------
 
@@ -474,12 +374,11 @@ class Machine:
         va = int(va)
         if not pt.is_canonical(va):
             raise ValueError(f"{va:#x} is not a canonical address (the CPU raises #GP)")
-        prot = {Access.READ: 1, Access.WRITE: 2, Access.EXEC: 4}[acc]
-        status = uclib.uc_vmem_translate(self._uch, ctypes.c_uint64(va), prot,
+        status = uclib.uc_vmem_translate(self._uch, ctypes.c_uint64(va), _PROT[acc],
                                          ctypes.byref(self._pa))
         if status == 0:
             return self._pa.value
-        self._reset_exception_state()  # the CPU's probe walk raised a #PF internally
+        self._exc.reset()  # the CPU's probe walk raised a #PF internally
         code = self._error_code(va, acc)
         if code is None:
             raise MachineError(
@@ -494,24 +393,34 @@ class Machine:
         vas = np.ascontiguousarray(vas, dtype=np.uint64)
         pas = np.zeros_like(vas)
         status = np.zeros(len(vas), dtype=np.uint8)
-        prot = {Access.READ: 1, Access.WRITE: 2, Access.EXEC: 4}[acc]
         ok = self._lib.dmfrag_translate_many(self._uch, self._translate_fn, vas.ctypes.data,
-                                             pas.ctypes.data, status.ctypes.data, len(vas), prot)
+                                             pas.ctypes.data, status.ctypes.data, len(vas),
+                                             _PROT[acc])
         if ok != len(vas):
-            self._reset_exception_state()
+            self._exc.reset()
         return pas, status == 0
 
     def walk(self, va: int, access: str | Access = "r") -> pt.WalkResult | pt.WalkFault:
         """Software walk of the current tables (for cross-checks, page size, flags)."""
-        if self.cr3 & pt.ADDR_MASK == self._svc_pa(_SVC_ROOT):
+        if self.cr3 & pt.ADDR_MASK == self._svc.root:
             return pt.walk(_EMPTY_PML4, 0, int(va), access, maxphyaddr=self.maxphyaddr)
-        return pt.walk(self.ram64, self.cr3, int(va), access, maxphyaddr=self.maxphyaddr)
+        return pt.walk(self.ram64, self.cr3, int(va), access, maxphyaddr=self.maxphyaddr,
+                       ram_base=self.ram_base)
 
     def _error_code(self, va: int, access: Access) -> PfErr | None:
         res = self.walk(va, access)
         return res.error_code if isinstance(res, pt.WalkFault) else None
 
-    # -- virtual memory access (through the software walk) ---------------------
+    # -- physical and virtual memory access ---------------------------------
+
+    def phys(self, pa: int, size: int) -> np.ndarray:
+        """A zero-copy ``uint8`` view of guest RAM at physical ``[pa, pa+size)``
+        (raises :class:`MachineError` outside guest RAM)."""
+        off = int(pa) - self.ram_base
+        if off < 0 or off + size > self.ram_bytes:
+            raise MachineError(f"physical range {pa:#x}+{size:#x} is outside guest RAM "
+                               f"[{self.ram_base:#x}, {self.ram_base + self.ram_bytes:#x})")
+        return self.ram[off: off + size]
 
     def read_virt(self, va: int, size: int) -> bytes:
         """Read ``size`` bytes at ``va`` through the CPU's walk (page by page)."""
@@ -519,14 +428,24 @@ class Machine:
         while size > 0:
             pa = self.translate(va, "r")
             n = min(size, pt.PAGE_SIZE - (va & (pt.PAGE_SIZE - 1)))
-            self._check_ram(pa, n)
-            out += self.ram[pa: pa + n].tobytes()
+            out += self.phys(pa, n).tobytes()
             va, size = va + n, size - n
         return bytes(out)
 
-    def _check_ram(self, pa: int, n: int) -> None:
-        if pa + n > self.ram_bytes:
-            raise MachineError(f"physical range {pa:#x}+{n:#x} is outside guest RAM")
+    def read_virt_exec(self, va: int, size: int) -> bytes:
+        """Read instruction bytes at ``va`` (stops at the first unfetchable page)."""
+        out = bytearray()
+        while size > 0:
+            n = min(size, pt.PAGE_SIZE - (va & (pt.PAGE_SIZE - 1)))
+            try:
+                pa = self.translate(va, "x")
+            except PageFault:
+                if not out:
+                    raise
+                break
+            out += self.phys(pa, n).tobytes()
+            va, size = va + n, size - n
+        return bytes(out)
 
     # -- execution ------------------------------------------------------
 
@@ -571,16 +490,15 @@ class Machine:
                 pa = self.translate(va, "x")
             except PageFault as exc:
                 raise MachineError(f"run: code at {va:#x} is not mapped executable ({exc})") from None
-            self._check_ram(pa, n)
-            chunks.append((pa, code[off: off + n]))
+            chunks.append((self.phys(pa, n), code[off: off + n]))
             va, off = va + n, off + n
-        for pa, chunk in chunks:
-            self.ram[pa: pa + len(chunk)] = np.frombuffer(chunk, np.uint8)
+        for view, chunk in chunks:
+            view[:] = np.frombuffer(chunk, np.uint8)
         # Writes through numpy bypass QEMU's self-modifying-code tracking:
         # drop translated blocks so the CPU executes what is in RAM now.
-        self.uc.ctl_flush_tb()
+        self._uc.ctl_flush_tb()
         for name, value in reg_values.items():
-            self.uc.reg_write(_REG_IDS[name], value)
+            self._uc.reg_write(_REG_IDS[name], value)
         end = at + len(code) if until is None else int(until)
         return self._execute(at, end, max_insns, on_fault, max_faults, count_insns)
 
@@ -590,7 +508,7 @@ class Machine:
         """Continue from the current RIP (after a run stopped) up to ``until``."""
         if isinstance(on_fault, str):
             on_fault = FaultAction(on_fault)
-        return self._execute(self.uc.reg_read(X.UC_X86_REG_RIP), int(until), max_insns,
+        return self._execute(self._uc.reg_read(X.UC_X86_REG_RIP), int(until), max_insns,
                              on_fault, max_faults, count_insns)
 
     @staticmethod
@@ -607,60 +525,75 @@ class Machine:
             out[key] = value & ((1 << 64) - 1)
         return out
 
+    def _emu_start(self, begin: int, end: int) -> None:
+        """``uc.emu_start`` with the machine's interrupt hook in place (only
+        for the machine's own runs: a user's emulation sees plain Unicorn).
+        An exception raised by the hook is re-raised here."""
+        hook = self.hook_add_native(UC_HOOK_INTR, self._intr_cb, 0)
+        try:
+            self._uc.emu_start(begin, end)
+        finally:
+            self.hook_del(hook)
+            error, self._intr_error = self._intr_error, None
+        if error is not None:
+            raise error
+
     def _execute(self, begin: int, end: int, max_insns: int | None, on_fault,
                  max_faults: int, count_insns: bool) -> RunResult:
         self._run_faults = []
         self._on_fault = on_fault
         self._max_faults = max_faults
-        self._stop_status: RunStatus | None = None
+        self._stop_status = None
         self._fault_pending = False
+        self._exc.reset()  # a user's own emu_start may have left a fault undelivered
         counter = self._counter
         counter.count = 0
         counter.hit_limit = 0
         counter.limit = max_insns or 0
+        counter_hook = None
         if count_insns:
-            self._install_counter()
-        else:
-            self._remove_counter()
-        if self.tlb is not None:
-            self.tlb.attach_run(self)
+            counter_hook = self.hook_add_native(UC_HOOK_CODE, self._lib.dmfrag_count_insn,
+                                                ctypes.addressof(counter))
+        if self._tlb is not None:
+            self._tlb.forget_code()  # a run writes fresh code: decoded operands may be stale
         pc = begin
         try:
             while True:
                 try:
-                    self.uc.emu_start(pc, end)
+                    self._emu_start(pc, end)
                 except UcError as exc:
                     if exc.errno in _UNMAPPED_ERRORS:
-                        rip_now = self.uc.reg_read(X.UC_X86_REG_RIP)
+                        rip_now = self._uc.reg_read(X.UC_X86_REG_RIP)
                         raise MachineError(
                             f"guest code at rip {rip_now:#x} reached a physical address "
-                            f"outside guest RAM [0, {self.ram_bytes:#x}) through its page "
+                            f"outside guest RAM [{self.ram_base:#x}, "
+                            f"{self.ram_base + self.ram_bytes:#x}) through its page "
                             f"tables ({exc})") from None
                     if exc.errno != UC_ERR_INSN_INVALID:
                         raise
                     # Unicorn ends the run on #UD instead of calling the
                     # interrupt hook: treat it as the fault it is.
-                    self._on_exception(6, self.uc.reg_read(X.UC_X86_REG_RIP))
+                    self._on_exception(6, self._uc.reg_read(X.UC_X86_REG_RIP))
                 if not self._fault_pending:
                     break
                 self._fault_pending = False
-                self._reset_exception_state()
+                self._exc.reset()
                 action = self._decide()
                 if action is FaultAction.STOP:
                     break
-                pc = self.uc.reg_read(X.UC_X86_REG_RIP)
+                pc = self._uc.reg_read(X.UC_X86_REG_RIP)
                 if action is FaultAction.SKIP:
                     pc += self._insn_size(pc)
-                    self.uc.reg_write(X.UC_X86_REG_RIP, pc)
+                    self._uc.reg_write(X.UC_X86_REG_RIP, pc)
                 if pc == end:
                     break
         finally:
             if self._fault_pending:  # a handler raised before the reset
                 self._fault_pending = False
-                self._reset_exception_state()
-            if self.tlb is not None:
-                self.tlb.detach_run(self)
-        rip = self.uc.reg_read(X.UC_X86_REG_RIP)
+                self._exc.reset()
+            if counter_hook is not None:
+                self.hook_del(counter_hook)
+        rip = self._uc.reg_read(X.UC_X86_REG_RIP)
         if self._stop_status is not None:
             status = self._stop_status
         elif counter.hit_limit:
@@ -669,43 +602,29 @@ class Machine:
             status = RunStatus.COMPLETED
         else:
             status = RunStatus.HALTED
-        regs = {name: self.uc.reg_read(_REG_IDS[name]) for name in _GPRS}
+        regs = {name: self._uc.reg_read(_REG_IDS[name]) for name in _GPRS}
         insns = int(counter.count) if count_insns else None
         if insns is not None:
             # A faulting instruction was counted when it started but did not
             # complete; a faulting fetch never started one.
             insns -= sum(1 for f in self._run_faults if f.access is not Access.EXEC)
         return RunResult(status, insns, list(self._run_faults), regs,
-                         self.tlb.stats() if self.tlb is not None else None)
-
-    def _install_counter(self) -> None:
-        if self._counter_hook is None:
-            self._counter_hook = self._hook_add_native(
-                UC_HOOK_CODE, self._lib.dmfrag_count_insn, ctypes.addressof(self._counter))
-
-    def _remove_counter(self) -> None:
-        if self._counter_hook is not None:
-            uclib.uc_hook_del(self._uch, ctypes.c_size_t(self._counter_hook))
-            self._counter_hook = None
-
-    def _hook_add_native(self, kind: int, func, user_data: int, begin: int = 1,
-                         end: int = 0) -> int:
-        """Register a C callback with Unicorn (no Python on the hot path)."""
-        handle = ctypes.c_size_t()
-        status = uclib.uc_hook_add(self._uch, ctypes.byref(handle), kind,
-                                   ctypes.c_void_p(fnptr(func)), ctypes.c_void_p(user_data),
-                                   ctypes.c_uint64(begin), ctypes.c_uint64(end))
-        if status:
-            raise MachineError(f"uc_hook_add failed: {UcError(status)}")
-        return handle.value
+                         self._tlb.stats() if self._tlb is not None else None)
 
     # -- faults ---------------------------------------------------------
 
-    def _hook_intr(self, uc: Uc, intno: int, _user) -> None:
+    def _intr_entry(self, _uch, intno: int, _user) -> None:
+        """The C-level interrupt callback: an exception must not unwind
+        through Unicorn, so it is kept for :meth:`_emu_start` to raise."""
+        try:
+            self._hook_intr(intno)
+        except BaseException as exc:  # noqa: BLE001 - re-raised by _emu_start
+            self._intr_error = exc
+            uclib.uc_emu_stop(self._uch)
+
+    def _hook_intr(self, intno: int) -> None:
+        uc = self._uc
         rip = uc.reg_read(X.UC_X86_REG_RIP)
-        if self._calibrating:
-            uc.emu_stop()
-            return
         if self._in_stub:
             cr2 = uc.reg_read(X.UC_X86_REG_CR2)
             stub_next = (rip & ~(pt.PAGE_SIZE - 1))
@@ -716,6 +635,19 @@ class Machine:
             return
         self._on_exception(intno, rip)
         uc.emu_stop()
+
+    def take_fault(self, intno: int) -> Fault:
+        """For a user's ``UC_HOOK_INTR`` callback during their own
+        ``uc.emu_start``: the exception the CPU just raised (vector
+        ``intno``) as a :class:`Fault`, with CR2, the access and the CPU's
+        own error code for a #PF; and what delivering it would do to the
+        CPU (QEMU's double-fault tracking is reset, so the next #PF is not
+        promoted to #DF). The machine does this itself for its own runs.
+        The hook still decides how to go on (``uc.emu_stop()``, or fix the
+        tables and return to retry)."""
+        fault = self._describe_fault(intno, self._uc.reg_read(X.UC_X86_REG_RIP))
+        self._exc.reset()
+        return fault
 
     def _on_exception(self, intno: int, rip: int) -> None:
         """Record a guest exception; what happens next is decided once
@@ -744,22 +676,6 @@ class Machine:
         except (PageFault, MachineError):
             return None
 
-    def read_virt_exec(self, va: int, size: int) -> bytes:
-        """Read instruction bytes at ``va`` (stops at the first unfetchable page)."""
-        out = bytearray()
-        while size > 0:
-            n = min(size, pt.PAGE_SIZE - (va & (pt.PAGE_SIZE - 1)))
-            try:
-                pa = self.translate(va, "x")
-            except PageFault:
-                if not out:
-                    raise
-                break
-            self._check_ram(pa, n)
-            out += self.ram[pa: pa + n].tobytes()
-            va, size = va + n, size - n
-        return bytes(out)
-
     def _insn_size(self, rip: int) -> int:
         raw = self._insn_bytes(rip)
         insn = disasm_one(raw, rip) if raw else None
@@ -773,8 +689,8 @@ class Machine:
         text = f"{insn.mnemonic} {insn.op_str}".strip() if insn else "?"
         if intno != 14:
             return Fault(intno, rip, text)
-        cr2 = self.uc.reg_read(X.UC_X86_REG_CR2)
-        code = PfErr(self._cpu_error_code() & 0x1F)
+        cr2 = self._uc.reg_read(X.UC_X86_REG_CR2)
+        code = PfErr(self._exc.error_code() & 0x1F)
         if code & PfErr.ID:
             access = Access.EXEC
         else:
@@ -788,5 +704,81 @@ class Machine:
         return disasm(self.read_virt_exec(va, 15 * count), va, count)
 
     def __repr__(self) -> str:
-        return (f"Machine(ram_bytes={self.ram_bytes:#x} ({self.ram_bytes / 2**30:g} GiB), "
-                f"cpu={self.cpu!r}, cr3={self.cr3:#x})")
+        where = f", ram_base={self.ram_base:#x}" if self.ram_base else ""
+        return (f"Machine(ram_bytes={self.ram_bytes:#x} ({self.ram_bytes / 2**30:g} GiB)"
+                f"{where}, cpu={self.cpu!r}, cr3={self.cr3:#x})")
+
+
+# -- attaching to a user's Unicorn instance ---------------------------------
+
+def _check_backing(uc: Uc, ram: np.ndarray, base: int) -> None:
+    """``ram`` must be what ``uc`` sees at ``[base, base+len(ram))``: covered
+    by its regions, and a byte flipped in the buffer reads back through
+    Unicorn (first and last page; restored at once)."""
+    end = base + len(ram) - 1
+    covered = base
+    for begin, last, _perms in sorted(uc.mem_regions()):
+        if begin <= covered <= last:
+            covered = last + 1
+        if covered > end:
+            break
+    if covered <= end:
+        raise AttachError(f"guest RAM [{base:#x}, {end + 1:#x}) is not mapped in this Uc "
+                          f"(map it first: uc.mem_map_ptr({base:#x}, {len(ram):#x}, "
+                          f"UC_PROT_ALL, address of the buffer))")
+    for off in (0, len(ram) - 1):
+        before = int(ram[off])
+        ram[off] = before ^ 0xA5
+        try:
+            seen = uc.mem_read(base + off, 1)[0]
+        finally:
+            ram[off] = before
+        if seen != before ^ 0xA5:
+            raise AttachError(f"the buffer is not the memory this Uc maps at {base + off:#x} "
+                              f"(map it with uc.mem_map_ptr and the buffer's address)")
+
+
+def attach(uc: Uc, ram: object, *, base: int = 0) -> Machine:
+    """Drive a Unicorn instance the caller made: paging on, as :class:`Machine`.
+
+    ``uc`` is a ``Uc(UC_ARCH_X86, UC_MODE_64)``; ``ram`` a writable buffer
+    (an ``mmap``, a ``bytearray``, a numpy array: a whole number of 4 KiB
+    pages) that the caller mapped at physical ``base`` with
+    ``uc.mem_map_ptr`` (UC_PROT_ALL). ``m.ram``/``m.ram64`` view that buffer
+    (zero-copy; ``m.ram[0]`` is physical ``base``). The machine maps its
+    32 KiB of service pages in the highest free gap of ``uc``'s physical
+    memory below ``1 << 40`` (:attr:`Machine.service_base`); map nothing
+    there later. CR3 starts at the machine's empty root table; the other
+    registers are kept. The CPU model is whatever the caller set.
+
+    Raises :class:`AttachError` (a ValueError), before changing anything
+    of ``uc``, for another architecture or mode, a buffer that is read-only
+    or not what ``uc`` maps at ``base``, or RAM beyond the CPU's 40-bit
+    physical addresses.
+    """
+    if not isinstance(uc, Uc):
+        raise AttachError(f"attach needs a unicorn.Uc, not {type(uc).__name__}")
+    arch, mode = uc.ctl_get_arch(), uc.ctl_get_mode()
+    if arch != UC_ARCH_X86 or mode != UC_MODE_64:
+        raise AttachError(f"attach needs an x86-64 Uc (UC_ARCH_X86, UC_MODE_64), not arch "
+                          f"{arch}, mode {mode}")
+    view = buffer_view(ram)
+    if isinstance(base, bool) or not isinstance(base, (int, np.integer)):
+        raise AttachError(f"base must be an integer, not {type(base).__name__}")
+    base = int(base)
+    if base < 0 or base % pt.PAGE_SIZE:
+        raise AttachError(f"base {base:#x} must be a page-aligned physical address")
+    if base + len(view) > 1 << MAXPHYADDR:
+        raise AttachError(f"guest RAM [{base:#x}, {base + len(view):#x}) goes beyond the "
+                          f"CPU's {MAXPHYADDR}-bit physical addresses")
+    _check_backing(uc, view, base)
+    try:
+        svc_base = place(uc.mem_regions())
+    except MachineError as exc:
+        raise AttachError(str(exc)) from None
+    model = uc.ctl_get_cpu_model()
+    cpu = _CPU_NAMES.get(model, f"model {model}")
+    svc = HostMapping(SVC_SIZE)
+    m = Machine.__new__(Machine)
+    m._setup(uc, view, base, cpu, svc_base, svc.array, svc.addr, svc)
+    return m

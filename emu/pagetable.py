@@ -262,8 +262,11 @@ def _rsvd_mask(level: int, leaf: bool, maxphyaddr: int, nxe: bool) -> int:
 
 
 def walk(ram64: np.ndarray, cr3: int, va: int, access: str | Access = "r", *,
-         maxphyaddr: int = 40, nxe: bool = True, user: bool = False) -> WalkResult | WalkFault:
+         maxphyaddr: int = 40, nxe: bool = True, user: bool = False,
+         ram_base: int = 0) -> WalkResult | WalkFault:
     """Walk the 4-level tables at ``cr3`` in ``ram64`` (RAM as uint64) for ``va``.
+
+    ``ram64[0]`` holds physical address ``ram_base`` (RAM need not start at 0).
 
     Supervisor accesses (CPL 0) with CR0.WP set, no SMEP/SMAP, no protection
     keys: the configuration :class:`emu.Machine` runs. The checks run in the
@@ -285,8 +288,8 @@ def walk(ram64: np.ndarray, cr3: int, va: int, access: str | Access = "r", *,
     entries: list[int] = []
     writable = executable = usr = True
     for level in (4, 3, 2, 1):
-        slot = (table >> 3) + table_index(va, level)
-        if slot >= len(ram64):
+        slot = ((table - ram_base) >> 3) + table_index(va, level)
+        if not 0 <= slot < len(ram64):
             raise ValueError(f"walk of {va:#x} reads a level-{level} table at "
                              f"{table:#x}, outside guest RAM")
         entry = int(ram64[slot])
