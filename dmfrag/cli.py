@@ -44,20 +44,9 @@ def _calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
-RESULT_VERSION = 1
-
-
 def _metadata(args: argparse.Namespace) -> dict:
-    import platform
-    from importlib.metadata import version
-    vers = {}
-    for pkg in ("dmfrag", "unicorn", "capstone", "numpy"):
-        try:
-            vers[pkg] = version(pkg)
-        except Exception:  # noqa: BLE001 - metadata is informative only
-            vers[pkg] = None
-    return {"result_version": RESULT_VERSION, "versions": vers, "python": platform.python_version(),
-            "config": {k: v for k, v in vars(args).items() if k != "func"}}
+    from .results import metadata
+    return metadata({k: v for k, v in vars(args).items() if k != "func"})
 
 
 def _boot_args(args) -> dict:
@@ -86,36 +75,9 @@ def _run_one(args, policy: str):
 
 
 def _result(args, d) -> dict:
-    k = d.kernel
-    out = {"meminfo": k.meminfo(), "vmstat": k.vmstat(), "policy": k.policy_name,
-           "workload": args.workload, "seed": args.seed, "calls": len(d.lines) - 1}
-    if getattr(args, "tlb", None):
-        from guestkernel.tlbcost import tlb_cost
-        pfns = _working_set(k)
-        out["tlb"] = tlb_cost(k, pfns, "chase", preset=args.tlb) if pfns else None
-    out.update(_metadata(args))
-    return out
-
-
-def _working_set(k, n: int = 2048) -> list[int]:
-    """The kernel's own memory to measure over: up to n allocated pages in
-    unmovable pageblocks (slab, page tables, module data...), mapped in the
-    direct map, spread evenly over RAM."""
-    import numpy as np
-
-    from guestkernel.page_alloc import MigrateType
-    from guestkernel.shadow import S_MAPPED, S_P
-    d = k.shadow.direct
-    cand = np.flatnonzero(((d & S_MAPPED) != 0) & ((d & S_P) != 0))
-    cand = cand[cand >= 4096]
-    b = k.buddy
-    picked = [int(p) for p in cand
-              if b.allocated_order(int(p)) is not None
-              and b.get_pageblock_migratetype(int(p)) == int(MigrateType.UNMOVABLE)]
-    if len(picked) > n:
-        step = len(picked) / n
-        picked = [picked[int(i * step)] for i in range(n)]
-    return picked
+    from .results import run_result
+    return run_result(d, workload=args.workload, seed=args.seed, tlb=getattr(args, "tlb", None),
+                      config={k: v for k, v in vars(args).items() if k != "func"})
 
 
 def _cmd_run(args) -> int:
@@ -161,21 +123,13 @@ def _progress(items, label: str):
 
 
 def _cmd_compare(args) -> int:
+    from .results import compare_row
     rows = []
     series = {}
     for pol in _progress(_policies(args.policies), f"compare {args.workload}"):
         d = _run_one(args, pol)
         res = _result(args, d)
-        mi, vm = res["meminfo"], res["vmstat"]
-        rows.append({"policy": pol, "DirectMap4k": mi["DirectMap4k"], "DirectMap2M": mi["DirectMap2M"],
-                     "DirectMap1G": mi["DirectMap1G"],
-                     "level2_splits": vm["direct_map_level2_splits"],
-                     "level3_splits": vm["direct_map_level3_splits"],
-                     "level2_collapses": vm["direct_map_level2_collapses"],
-                     "level3_collapses": vm["direct_map_level3_collapses"]})
-        if res.get("tlb"):
-            rows[-1]["walk_cycles_vs_reference"] = round(res["tlb"]["walk_cycles_vs_reference"], 3)
-        rows[-1]["oracle_min_2m_splits"] = d.oracle.bound()["min_2m_splits"]
+        rows.append(compare_row(pol, d, res))
         series[pol] = {"samples": d.samples, "row": rows[-1]}
     cols = list(rows[0])
     if args.json:

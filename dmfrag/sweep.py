@@ -66,24 +66,11 @@ def cells(cfg: dict) -> list[dict]:
 
 def run_cell(cell: dict) -> dict:
     """One grid cell (a pure function: picklable for pools and Dask)."""
+    from .results import sweep_row
     from .workloads import run_workload
     d = run_workload(cell["workload"], ram=cell["ram"], policy=cell["policy"], seed=cell["seed"],
                      scale=cell["scale"])
-    k = d.kernel
-    mi, vm = k.meminfo(), k.vmstat()
-    out = {**cell, "DirectMap4k": mi["DirectMap4k"], "DirectMap2M": mi["DirectMap2M"],
-           "DirectMap1G": mi["DirectMap1G"], "level2_splits": vm["direct_map_level2_splits"],
-           "level3_splits": vm["direct_map_level3_splits"],
-           "level2_collapses": vm["direct_map_level2_collapses"],
-           "oracle_min_2m_splits": d.oracle.bound()["min_2m_splits"]}
-    if cell.get("tlb"):
-        from guestkernel.tlbcost import tlb_cost
-
-        from .cli import _working_set
-        pfns = _working_set(k, 1024)
-        out["walk_cycles_vs_reference"] = (tlb_cost(k, pfns, "chase", preset=cell["tlb"])
-                                           ["walk_cycles_vs_reference"] if pfns else None)
-    return out
+    return sweep_row(cell, d)
 
 
 def run_sweep(cfg: dict, *, workers: int | None = None, scheduler: str | None = None,
