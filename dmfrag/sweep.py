@@ -35,7 +35,7 @@ def load_sweep(path: str | Path) -> dict:
         raise SweepError(f"{path}: malformed TOML: {exc}") from None
     from guestkernel.policy import policy_names
 
-    from .workloads import WORKLOADS
+    from .registry import model_names
     known = {"workloads", "policies", "seeds", "ram", "scale", "tlb"}
     if set(cfg) - known:
         raise SweepError(f"unknown keys {sorted(set(cfg) - known)}; known: {sorted(known)}")
@@ -47,7 +47,8 @@ def load_sweep(path: str | Path) -> dict:
     for key in ("workloads", "policies", "seeds", "ram"):
         if not isinstance(cfg[key], list) or not cfg[key]:
             raise SweepError(f"{key!r} must be a non-empty list")
-    bad = [w for w in cfg["workloads"] if w not in WORKLOADS]
+    models = model_names()
+    bad = [w for w in cfg["workloads"] if w not in models]
     if bad:
         raise SweepError(f"unknown workload {bad[0]!r}")
     names = set(policy_names())
