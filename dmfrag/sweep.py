@@ -55,6 +55,12 @@ def load_sweep(path: str | Path) -> dict:
     bad = [p for p in cfg["policies"] for part in p.split("+") if part not in names]
     if bad:
         raise SweepError(f"unknown policy {bad[0]!r}")
+    if cfg.get("tlb") is not None:
+        from emu.tlb import TlbConfigError, preset
+        try:
+            preset(cfg["tlb"])
+        except TlbConfigError as exc:
+            raise SweepError(str(exc)) from None
     return cfg
 
 

@@ -84,6 +84,9 @@ def test_compare_validate_meminfo_ptdump(tmp_path, capsys):
     (["run", "--workload", "boot", "--ram", "32M"], 2, "not in RAM"),
     (["run", "--workload", "boot", "--e820", "/nonexistent"], 2, "cannot read --e820"),
     (["trace", "replay", "/nonexistent.jsonl"], 2, "cannot read trace"),
+    (["run", "--workload", "boot", "--ram", "1G", "--tlb", "nope"], 2,
+     "unknown TLB preset 'nope'; known: skylake"),
+    (["compare", "--workload", "boot", "--ram", "1G", "--tlb", "nope"], 2, "unknown TLB preset"),
 ])
 def test_bad_input_is_one_clear_line(capsys, argv, code, msg):
     try:
@@ -117,6 +120,8 @@ def test_sweep_local_pool_and_dask_agree(tmp_path):
     ('workloads = ["nope"]\npolicies = ["baseline"]\nseeds = [1]\nram = ["1G"]', "unknown workload 'nope'"),
     ('workloads = ["boot"]\npolicies = ["baseline"]\nseeds = [1]', "missing key 'ram'"),
     ('workloads = ["boot"]\npolicies = ["x"]\nseeds = [1]\nram = ["1G"]', "unknown policy 'x'"),
+    ('workloads = ["boot"]\npolicies = ["baseline"]\nseeds = [1]\nram = ["1G"]\ntlb = "x"',
+     "unknown TLB preset 'x'"),
 ])
 def test_sweep_bad_config(tmp_path, capsys, text, msg):
     p = tmp_path / "bad.toml"

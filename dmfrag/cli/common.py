@@ -16,7 +16,8 @@ if TYPE_CHECKING:
     from ..workloads import Driver
 
 __all__ = ["EXIT_OK", "EXIT_PROBLEM", "EXIT_TOOL", "EXIT_USAGE", "ToolMissing", "UsageError",
-           "add_workload_args", "boot_args", "config", "policies", "progress", "run_one"]
+           "add_workload_args", "boot_args", "check_tlb_preset", "config", "policies", "progress",
+           "run_one"]
 
 #: the work ran and found nothing wrong
 EXIT_OK = 0
@@ -95,6 +96,17 @@ def policies(spec: str) -> list[str]:
             if part not in names:
                 raise UsageError(f"unknown policy {part!r}; known: {', '.join(names)}")
     return out
+
+
+def check_tlb_preset(name: str | None) -> None:
+    """An unknown --tlb preset is bad input, found before the run (not a
+    traceback after it)."""
+    if name:
+        from emu.tlb import TlbConfigError, preset
+        try:
+            preset(name)
+        except TlbConfigError as exc:
+            raise UsageError(str(exc)) from None
 
 
 def progress(items: list[T], label: str) -> Iterator[T]:

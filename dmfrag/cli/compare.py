@@ -7,7 +7,15 @@ import argparse
 import json
 import sys
 
-from .common import EXIT_OK, add_workload_args, config, policies, progress, run_one
+from .common import (
+    EXIT_OK,
+    add_workload_args,
+    check_tlb_preset,
+    config,
+    policies,
+    progress,
+    run_one,
+)
 
 __all__ = ["add_parser", "main"]
 
@@ -26,6 +34,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 def main(args: argparse.Namespace) -> int:
     from ..results import compare_row, metadata, run_result
+    check_tlb_preset(args.tlb)
     rows = []
     series = {}
     cfg = config(args)

@@ -7,7 +7,7 @@ import argparse
 import json
 from pathlib import Path
 
-from .common import EXIT_OK, add_workload_args, config, run_one
+from .common import EXIT_OK, add_workload_args, check_tlb_preset, config, run_one
 
 __all__ = ["add_parser", "main"]
 
@@ -26,6 +26,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 def main(args: argparse.Namespace) -> int:
     from ..results import run_result
+    check_tlb_preset(args.tlb)
     d = run_one(args, args.policy)
     res = run_result(d, workload=args.workload, seed=args.seed, tlb=args.tlb, config=config(args))
     if args.record:
