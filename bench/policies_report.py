@@ -33,7 +33,9 @@ def splits(k: Kernel) -> int:
 
 
 def bpftrace_runs(policy: str, seed: int = 7) -> dict:
-    from dmfrag.workloads import Driver, wl_boot
+    from dmfrag.registry import model_driver
+    from dmfrag.workloads import Driver
+    wl_boot = model_driver("boot")
     k = Kernel.boot(ram="8G", policy=policy)
     k.bpf.use_pack = False
     rng = random.Random(seed)
@@ -57,7 +59,9 @@ def bpftrace_runs(policy: str, seed: int = 7) -> dict:
 
 
 def sockex1(policy: str, pack: bool) -> dict:
-    from dmfrag.workloads import Driver, wl_boot
+    from dmfrag.registry import model_driver
+    from dmfrag.workloads import Driver
+    wl_boot = model_driver("boot")
     k = Kernel.boot(ram="8G", policy=policy)
     k.bpf.use_pack = pack or policy == "prog-pack"
     wl_boot(Driver(k), random.Random(11), 1.0)     # a booted distribution, as in the test

@@ -2,9 +2,11 @@
 workload, side by side.
 
 The real side is :mod:`dmfrag.realkernel`. The model boots from the e820
-lines the real kernel printed and runs the same steps: the package's module
-files loaded with their actual section sizes (read with pyelftools, laid out
-as kernel/module/main.c ``layout_sections`` does), the same number of BPF
+lines the real kernel printed and runs the same steps (each workload's
+model counterpart, declared with its guest steps in :mod:`dmfrag.registry`):
+the package's module files loaded with their actual section sizes (read with
+pyelftools, laid out as kernel/module/main.c ``layout_sections`` does), the
+same number of BPF
 programs, the same secretmem pages. Both report DirectMap4k/2M/1G and the
 split counters at every snapshot point.
 """
@@ -13,11 +15,11 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from guestkernel import Kernel
 
-from .realkernel import MODULES, RealKernel, RealRun
+from .realkernel import RealKernel, RealRun
+from .registry import calibration, module_layout
 
 __all__ = ["KEYS", "KNOWN_DIFFERENCES", "Comparison", "calibrate", "module_layout", "run_model"]
 
@@ -28,51 +30,19 @@ KEYS = ("DirectMap4k", "DirectMap2M", "DirectMap1G", "direct_map_level2_splits",
 #: (ftrace stack traces of every CPA call at boot, and a module walking the
 #: reference kernel's direct map and image mapping with lookup_address).
 KNOWN_DIFFERENCES = (
-    "Above 4 GiB of RAM, Linux splits one more 1G page at boot (the top one): the first "
+    ("Above 4 GiB of RAM, Linux splits one more 1G page at boot (the top one): the first "
     "bpf_prog_pack (ptp_classifier_init) takes 512 order-0 pages, and in Linux part of "
     "them come from free fragments near the top of RAM (e.g. 0x237a00000 on 8G) left "
     "between memblock's top-down boot allocations (NODE_DATA at the very top, the "
     "sparse memmap buffer, percpu, page tables) and shaped by deferred struct-page "
     "init; the model's memblock and buddy hand-over leave no such fragment there. "
     "Effect at 6G and 8G: DirectMap1G -1 GiB, DirectMap2M +1 GiB (at 16G also one more "
-    "2M split in Linux, not investigated yet).",
-    "Page placement after boot differs for the same reason above 2G, so module pages "
+    "2M split in Linux, not investigated yet)."),
+    ("Page placement after boot differs for the same reason above 2G, so module pages "
     "fall into other 2M regions: at 4G the five modules split one 2M page in Linux and "
     "none in the model; at 8G modules +2 real vs +0 model, secretmem +6 vs +8. (At 2G "
-    "every step of the module/BPF/secretmem workload equals Linux.)",
+    "every step of the module/BPF/secretmem workload equals Linux.)"),
 )
-
-BPF_JIT_BYTES = 64   # a 2-instruction program: prologue, body, epilogue in one chunk
-SECRETMEM_PAGES = 4096
-
-
-def module_layout(path: str | Path) -> dict[str, int]:
-    """Core and init section sizes of a .ko as ``layout_sections`` groups
-    them (text, rodata, ro_after_init, data; init text/data apart), each
-    category page-aligned (STRICT_MODULE_RWX). ``__versions`` and
-    ``.modinfo`` lose SHF_ALLOC at load; the kallsyms tables join core data."""
-    from elftools.elf.elffile import ELFFile
-
-    SHF_WRITE, SHF_ALLOC, SHF_EXEC = 0x1, 0x2, 0x4
-    out = {"text": 0, "rodata": 0, "ro_after_init": 0, "data": 0, "init_text": 0, "init_data": 0}
-    with open(path, "rb") as fh:
-        elf = ELFFile(fh)
-        for sec in elf.iter_sections():
-            flags, name, size = sec["sh_flags"], sec.name, sec["sh_size"]
-            if name in ("__versions", ".modinfo") or not flags & SHF_ALLOC:
-                if name in (".symtab", ".strtab"):
-                    out["data"] += size
-                continue
-            init = name.startswith(".init")
-            if flags & SHF_EXEC:
-                out["init_text" if init else "text"] += size
-            elif name == ".data..ro_after_init":
-                out["ro_after_init"] += size
-            elif flags & SHF_WRITE:
-                out["init_data" if init else "data"] += size
-            else:
-                out["init_data" if init else "rodata"] += size
-    return out
 
 
 def _snap(k: Kernel) -> dict[str, dict[str, int]]:
@@ -81,43 +51,20 @@ def _snap(k: Kernel) -> dict[str, dict[str, int]]:
 
 def run_model(e820: str, workload: tuple[str, ...], real: RealKernel | None = None
               ) -> dict[str, dict[str, dict[str, int]]]:
-    """Boot the model from ``e820`` (boot-log text) and run the workload."""
+    """Boot the model from ``e820`` (boot-log text) and run the workload:
+    each guest workload's model counterpart from the registry (diagnostics
+    have none and are skipped; a name the guest cannot run is a ValueError)."""
     k = Kernel.boot(e820=e820)
     snaps = {"boot": _snap(k)}
+
+    def snap(point: str) -> None:
+        snaps[point] = _snap(k)
+
+    module_path = (real or RealKernel()).module_path
     for w in workload:
-        if w == "modules":
-            rk = real or RealKernel()
-            for m in MODULES:
-                lay = module_layout(rk.module_path(m))
-                k.modules.load_module(m, lay["text"], lay["rodata"], lay["ro_after_init"],
-                                      lay["data"])
-                if lay["init_text"] or lay["init_data"]:
-                    # The init layout: its own module_alloc, RO+X text, freed
-                    # (vfree with reset perms) once the module's init returned.
-                    init = k.module_alloc(lay["init_text"] + lay["init_data"] or 4096)
-                    tp = -(-lay["init_text"] // 4096)
-                    if tp:
-                        k.set_memory_ro(init, tp)
-                        k.set_memory_x(init, tp)
-                    k.vfree(init)
-            snaps["modules"] = _snap(k)
-            for m in MODULES:
-                k.modules.delete_module(m)
-            snaps["modules-removed"] = _snap(k)
-        elif w == "bpf":
-            progs = [k.bpf.load(BPF_JIT_BYTES) for _ in range(2048)]
-            snaps["bpf"] = _snap(k)
-            for p in progs:
-                k.bpf.free(p.addr)
-            snaps["bpf-freed"] = _snap(k)
-        elif w == "secretmem":
-            pages = [k.secretmem.fault() for _ in range(SECRETMEM_PAGES)]
-            snaps["secretmem"] = _snap(k)
-            for pfn in pages:
-                k.secretmem.free(pfn)
-            snaps["secretmem-freed"] = _snap(k)
-        elif w not in ("trace", "symbols", "ptwalk"):
-            raise ValueError(f"unknown workload {w!r}")
+        counterpart = calibration(w)
+        if counterpart is not None:
+            counterpart(k, snap, module_path)
     return snaps
 
 

@@ -8,6 +8,8 @@ fetched with ``apt-get download`` into a cache folder and unpacked there.
 The guest helpers (BPF program loading through the ``bpf`` syscall,
 ``memfd_secret``) are C sources in ``dmfrag/guest`` built statically with
 the host's gcc.
+
+The workloads' shell steps are declared in :mod:`dmfrag.registry`.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from .registry import MODULES, UnknownWorkload, guest_names, guest_steps
 
 __all__ = [
     "KERNEL_PACKAGE",
@@ -36,9 +40,6 @@ KERNEL_VERSION = "6.1.0-56-amd64"
 TOOLS = {"qemu-system-x86_64": "qemu-system-x86", "busybox": "busybox-static",
          "cpio": "cpio", "gcc": "gcc", "apt-get": "apt", "dpkg-deb": "dpkg"}
 HELPERS = ("bpf_load", "secretmem")
-#: Modules of the package loaded by the `modules` workload (small filesystems
-#: with no dependencies, as in linux-6.1-under-qemu.md).
-MODULES = ("bfs", "efs", "minix", "qnx4", "sysv")
 _GUEST_SRC = Path(__file__).resolve().parent / "guest"
 
 
@@ -73,30 +74,10 @@ class RealRun:
         return "\n".join(line for line in self.boot_log.splitlines() if "e820" in line)
 
 
-#: The workload steps, as the guest's shell runs them. Each step ends with a
-#: snapshot named after it; "boot" is always first.
-WORKLOAD_STEPS: dict[str, list[str]] = {
-    "modules": [f"insmod /lib/modules/{m}.ko" for m in MODULES]
-               + ["snap modules"] + [f"rmmod {m}" for m in MODULES] + ["snap modules-removed"],
-    "bpf": ["/bin/bpf_load 2048 2 hold > /dev/console &", "BPF=$!", "sleep 2", "snap bpf",
-            "kill $BPF", "sleep 1", "snap bpf-freed"],
-    "secretmem": ["/bin/secretmem 4096 hold > /dev/console &", "SEC=$!", "sleep 2",
-                  "snap secretmem", "kill $SEC", "sleep 1", "snap secretmem-freed"],
-    # Not workloads: diagnostics for investigating the model against Linux.
-    "symbols": ["echo 0 > /proc/sys/kernel/kptr_restrict", "echo '@@SYMS'",
-                "grep -E ' (_text|_etext|__start_rodata|__end_rodata|__end_rodata_hpage_align|"
-                "_sdata|__init_begin|__init_end|__bss_start|__bss_stop|__brk_base|_brk_end|_end|"
-                "idt_table|__smp_locks|__smp_locks_end|__split_large_page|split_large_page|"
-                "__change_page_attr_set_clr|__change_page_attr|cpa_process_alias|"
-                "__end_of_kernel_reserve|__start_ro_after_init|__end_ro_after_init)$' /proc/kallsyms",
-                "echo '@@END'"],
-    # page sizes of the direct map from a module calling lookup_address
-    # (DMFRAG_PTWALK_KO names the built module; end_pa is set by the caller).
-    "ptwalk": ["insmod /lib/modules/ptwalk.ko end_pa=$END_PA brk_end_addr=0xffffffff82a2cce0", "dmesg | grep '@@PT' > /dev/console"],
-    # dump the ftrace buffer (boot with ftrace=... options).
-    "trace": ["mount -t tracefs tracefs /sys/kernel/tracing", "echo '@@TRACE'",
-              "cat /sys/kernel/tracing/trace", "echo '@@END'"],
-}
+#: name -> the guest's shell lines, derived from :data:`dmfrag.registry.REGISTRY`
+#: (the one list of workloads); kept for importers of this name. Each step
+#: ends with a snapshot named after it; "boot" is always first.
+WORKLOAD_STEPS: dict[str, list[str]] = {name: list(guest_steps(name)) for name in guest_names()}
 
 _INIT = """#!/bin/busybox sh
 /bin/busybox --install -s /bin
@@ -134,7 +115,7 @@ class RealKernel:
             subprocess.run(["apt-get", "update", "-qq"], check=False, capture_output=True)
             r = subprocess.run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", *pkgs],
                                capture_output=True, text=True,
-                               env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
+                               env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"}, check=False)
             if r.returncode:
                 raise RealKernelError(f"apt-get install {' '.join(pkgs)} failed:\n{r.stderr[-2000:]}")
             missing = {t: p for t, p in TOOLS.items() if shutil.which(t) is None}
@@ -144,8 +125,8 @@ class RealKernel:
                 f"missing {', '.join(sorted(missing))}: install them with "
                 f"`apt-get install {pkgs}` (or pass install=True / --install as root)")
         busybox = shutil.which("busybox")
-        out = subprocess.run(["file", "-L", busybox], capture_output=True, text=True).stdout \
-            if shutil.which("file") else "statically linked"
+        out = subprocess.run(["file", "-L", busybox], capture_output=True, text=True,
+                             check=False).stdout if shutil.which("file") else "statically linked"
         if "dynamically linked" in out:
             raise RealKernelError("busybox is dynamically linked: install busybox-static")
 
@@ -159,12 +140,12 @@ class RealKernel:
         debs = list(self.cache.glob(f"{KERNEL_PACKAGE}_*.deb"))
         if not debs:
             r = subprocess.run(["apt-get", "download", KERNEL_PACKAGE], cwd=self.cache,
-                               capture_output=True, text=True)
+                               capture_output=True, text=True, check=False)
             if r.returncode:
                 if "Unable to locate" in r.stderr or "E:" in r.stderr:
-                    subprocess.run(["apt-get", "update", "-qq"], capture_output=True)
+                    subprocess.run(["apt-get", "update", "-qq"], capture_output=True, check=False)
                     r = subprocess.run(["apt-get", "download", KERNEL_PACKAGE], cwd=self.cache,
-                                       capture_output=True, text=True)
+                                       capture_output=True, text=True, check=False)
                 if r.returncode:
                     raise RealKernelError(f"apt-get download {KERNEL_PACKAGE} failed: "
                                           f"{r.stderr.strip()[-500:]}")
@@ -186,7 +167,7 @@ class RealKernel:
             exe = build / name
             if not exe.exists() or exe.stat().st_mtime < src.stat().st_mtime:
                 r = subprocess.run(["gcc", "-static", "-O2", "-o", str(exe), str(src)],
-                                   capture_output=True, text=True)
+                                   capture_output=True, text=True, check=False)
                 if r.returncode:
                     raise RealKernelError(f"building guest helper {name} failed:\n{r.stderr}")
             out[name] = exe
@@ -203,10 +184,10 @@ class RealKernel:
 
     def build_initramfs(self, workload: tuple[str, ...], dest: Path) -> Path:
         """A gzip'd newc cpio: busybox, the helpers, module files, /init."""
-        for w in workload:
-            if w not in WORKLOAD_STEPS:
-                raise RealKernelError(f"unknown workload {w!r}; known: {', '.join(WORKLOAD_STEPS)}")
-        steps = "\n".join(line for w in workload for line in WORKLOAD_STEPS[w])
+        try:
+            steps = "\n".join(line for w in workload for line in guest_steps(w))
+        except UnknownWorkload as exc:
+            raise RealKernelError(str(exc)) from None
         root = dest.with_suffix(".d")
         shutil.rmtree(root, ignore_errors=True)
         for d in ("bin", "proc", "sys", "dev", "lib/modules"):
@@ -224,7 +205,7 @@ class RealKernel:
         init.chmod(init.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
         files = sorted(str(p.relative_to(root)) for p in root.rglob("*"))
         r = subprocess.run(["cpio", "-o", "-H", "newc", "--quiet"], cwd=root,
-                           input="\n".join(files).encode(), capture_output=True)
+                           input="\n".join(files).encode(), capture_output=True, check=False)
         if r.returncode:
             raise RealKernelError(f"cpio failed: {r.stderr.decode()[-500:]}")
         dest.write_bytes(gzip.compress(r.stdout, compresslevel=1))
@@ -248,7 +229,8 @@ class RealKernel:
                f"console=ttyS0 nokaslr secretmem.enable=1 panic=-1 {append}".strip()]
         t0 = time.monotonic()
         try:
-            r = subprocess.run(cmd, capture_output=True, timeout=timeout, stdin=subprocess.DEVNULL)
+            r = subprocess.run(cmd, capture_output=True, timeout=timeout, stdin=subprocess.DEVNULL,
+                               check=False)
         except subprocess.TimeoutExpired as exc:
             out = (exc.stdout or b"").decode(errors="replace")
             raise RealKernelError(f"the guest did not finish within {timeout:.0f} s (killed); "

@@ -35,7 +35,7 @@ def load_sweep(path: str | Path) -> dict:
         raise SweepError(f"{path}: malformed TOML: {exc}") from None
     from guestkernel.policy import policy_names
 
-    from .workloads import WORKLOADS
+    from .registry import model_names
     known = {"workloads", "policies", "seeds", "ram", "scale", "tlb"}
     if set(cfg) - known:
         raise SweepError(f"unknown keys {sorted(set(cfg) - known)}; known: {sorted(known)}")
@@ -47,13 +47,20 @@ def load_sweep(path: str | Path) -> dict:
     for key in ("workloads", "policies", "seeds", "ram"):
         if not isinstance(cfg[key], list) or not cfg[key]:
             raise SweepError(f"{key!r} must be a non-empty list")
-    bad = [w for w in cfg["workloads"] if w not in WORKLOADS]
+    models = model_names()
+    bad = [w for w in cfg["workloads"] if w not in models]
     if bad:
         raise SweepError(f"unknown workload {bad[0]!r}")
     names = set(policy_names())
     bad = [p for p in cfg["policies"] for part in p.split("+") if part not in names]
     if bad:
         raise SweepError(f"unknown policy {bad[0]!r}")
+    if cfg.get("tlb") is not None:
+        from emu.tlb import TlbConfigError, preset
+        try:
+            preset(cfg["tlb"])
+        except TlbConfigError as exc:
+            raise SweepError(str(exc)) from None
     return cfg
 
 
@@ -66,24 +73,11 @@ def cells(cfg: dict) -> list[dict]:
 
 def run_cell(cell: dict) -> dict:
     """One grid cell (a pure function: picklable for pools and Dask)."""
+    from .results import sweep_row
     from .workloads import run_workload
     d = run_workload(cell["workload"], ram=cell["ram"], policy=cell["policy"], seed=cell["seed"],
                      scale=cell["scale"])
-    k = d.kernel
-    mi, vm = k.meminfo(), k.vmstat()
-    out = {**cell, "DirectMap4k": mi["DirectMap4k"], "DirectMap2M": mi["DirectMap2M"],
-           "DirectMap1G": mi["DirectMap1G"], "level2_splits": vm["direct_map_level2_splits"],
-           "level3_splits": vm["direct_map_level3_splits"],
-           "level2_collapses": vm["direct_map_level2_collapses"],
-           "oracle_min_2m_splits": d.oracle.bound()["min_2m_splits"]}
-    if cell.get("tlb"):
-        from guestkernel.tlbcost import tlb_cost
-
-        from .cli import _working_set
-        pfns = _working_set(k, 1024)
-        out["walk_cycles_vs_reference"] = (tlb_cost(k, pfns, "chase", preset=cell["tlb"])
-                                           ["walk_cycles_vs_reference"] if pfns else None)
-    return out
+    return sweep_row(cell, d)
 
 
 def run_sweep(cfg: dict, *, workers: int | None = None, scheduler: str | None = None,

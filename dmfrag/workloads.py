@@ -13,6 +13,9 @@ Trace format, version 1 (one JSON object per line):
   "workload": "...", "seed": N}``;
 * every other line, one call: ``{"op": NAME, "args": {...}}`` plus
   ``"ret": "hN"`` when it returns a handle (``"rets": [...]`` for several).
+
+The workloads themselves (what each one calls) are declared in
+:mod:`dmfrag.registry`; this module runs and records them.
 """
 
 from __future__ import annotations
@@ -20,10 +23,11 @@ from __future__ import annotations
 import json
 import random
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from guestkernel import Kernel
 from guestkernel import gfp as G
+
+from .registry import MODULE_SIZES, model_driver, model_names
 
 __all__ = ["MODULE_SIZES", "WORKLOADS", "Driver", "TraceError", "replay", "run_workload"]
 
@@ -154,163 +158,11 @@ class Driver:
         self.handles.pop(name, None)
 
 
-# -- module sizes from the real data ------------------------------------------------
-
-def _module_sizes() -> list[tuple[str, int]]:
-    here = Path(__file__).resolve().parent / "data" / "proc-modules-ryzen-5.15.txt"
-    out = []
-    for line in here.read_text().splitlines():
-        parts = line.split()
-        if len(parts) >= 2 and parts[1].isdigit():
-            out.append((parts[0], int(parts[1])))
-    return out
-
-
-MODULE_SIZES = _module_sizes()
-
-
-def _module_split(size: int) -> tuple[int, int, int, int]:
-    """A /proc/modules size split as typical modules are: ~55% text, ~25%
-    rodata, ~3% ro_after_init, the rest data (choice: the file gives only
-    totals)."""
-    text = max(4096, int(size * 0.55))
-    rodata = int(size * 0.25)
-    roai = int(size * 0.03)
-    return text, rodata, roai, max(0, size - text - rodata - roai)
-
-
 # -- the workloads ----------------------------------------------------------------
 
-def wl_boot(d: Driver, rng: random.Random, scale: float) -> None:
-    """A distribution's boot after the kernel's own: slab-like unmovable
-    allocations of which most are freed again in random order (their free
-    pages end up scattered over many pageblocks, as on a system that has run
-    a while), then the machine's modules load (the real /proc/modules sizes
-    in dmfrag/data)."""
-    slab = []
-    for _ in range(int(20000 * scale)):
-        slab.append(d.call("alloc_pages", gfp="GFP_KERNEL", order=0))
-    rng.shuffle(slab)
-    for h in slab[: int(len(slab) * 0.6)]:
-        d.call("free_pages", page=h, order=0)
-    for i, (name, size) in enumerate(MODULE_SIZES[: max(1, int(len(MODULE_SIZES) * min(1.0, scale)))]):
-        t, r, a, da = _module_split(size)
-        d.call("load_module", name=f"{name}.boot{i}", text=t, rodata=r, ro_after_init=a, data=da)
-
-
-def wl_bpftrace_runs(d: Driver, rng: random.Random, scale: float) -> None:
-    for _ in range(max(1, int(5 * scale))):
-        progs = [d.call("bpf_load", size=rng.choice([150, 600, 2500, 8000])) for _ in range(20)]
-        for p in progs:
-            d.call("bpf_free", prog=p)
-
-
-def wl_sockex1(d: Driver, rng: random.Random, scale: float) -> None:
-    for _ in range(int(2048 * scale)):
-        d.call("bpf_load", size=64)
-
-
-def wl_module_churn(d: Driver, rng: random.Random, scale: float) -> None:
-    loaded: list[str] = []
-    mods = MODULE_SIZES
-    for i in range(int(60 * scale)):
-        if loaded and rng.random() < 0.4:
-            d.call("delete_module", name=loaded.pop(rng.randrange(len(loaded))))
-        else:
-            name, size = mods[rng.randrange(len(mods))]
-            uname = f"{name}.{i}"
-            t, r, a, da = _module_split(size)
-            d.call("load_module", name=uname, text=t, rodata=r, ro_after_init=a, data=da)
-            loaded.append(uname)
-
-
-def wl_secretmem(d: Driver, rng: random.Random, scale: float) -> None:
-    pages = [d.call("secretmem_fault") for _ in range(int(1024 * scale))]
-    rng.shuffle(pages)
-    for p in pages[: len(pages) // 2]:
-        d.call("secretmem_free", page=p)
-
-
-def wl_guest_memfd(d: Driver, rng: random.Random, scale: float) -> None:
-    for _ in range(int(512 * scale)):
-        d.call("secretmem_fault")
-
-
-def wl_ftrace_kprobes(d: Driver, rng: random.Random, scale: float) -> None:
-    for _ in range(int(64 * scale)):
-        d.call("insn_page")
-
-
-def wl_vfree_reset_perms(d: Driver, rng: random.Random, scale: float) -> None:
-    areas = []
-    for _ in range(int(80 * scale)):
-        areas.append(d.call("vmalloc", pages=rng.choice([1, 2, 4, 16]), reset_perms=True))
-        if rng.random() < 0.5:
-            d.call("vfree", addr=areas.pop(rng.randrange(len(areas))))
-
-
-def wl_pagetables(d: Driver, rng: random.Random, scale: float) -> None:
-    held = []
-    for _ in range(int(300 * scale)):
-        if held and rng.random() < 0.3:
-            d.call("pgtable_free", page=held.pop(rng.randrange(len(held))))
-        else:
-            held.append(d.call("pgtable_alloc"))
-
-
-def _churn(d: Driver, rng: random.Random, held: list, n: int) -> None:
-    """Page-cache and anonymous churn: movable pages come and go."""
-    for _ in range(n):
-        if held and rng.random() < 0.47:
-            h, o = held.pop(rng.randrange(len(held)))
-            d.call("free_pages", page=h, order=o)
-        else:
-            o = rng.choice([0, 0, 0, 0, 1, 2, 3])
-            g = "GFP_HIGHUSER_MOVABLE" if rng.random() < 0.8 else "GFP_KERNEL"
-            held.append((d.call("alloc_pages", gfp=g, order=o), o))
-
-
-def wl_mixed(d: Driver, rng: random.Random, scale: float) -> None:
-    """All of the above interleaved with background page-cache/anon churn that
-    grows to fill most of RAM: the condition under which grouping matters."""
-    k = d.kernel
-    held: list = []
-    free_pages = k.buddy.nr_free()
-    target = int(free_pages * 0.7)
-    steps = [wl_module_churn, wl_bpftrace_runs, wl_secretmem, wl_vfree_reset_perms,
-             wl_pagetables, wl_ftrace_kprobes]
-    fill_orders = 0
-    while fill_orders < target:
-        o = 9 if target - fill_orders > 4096 else 0
-        held.append((d.call("alloc_pages", gfp="GFP_HIGHUSER_MOVABLE", order=o), o))
-        fill_orders += 1 << o
-    # punch holes: free a fraction of the fill so that kernel allocations land among them
-    rng.shuffle(held)
-    for _ in range(len(held) // 3):
-        h, o = held.pop()
-        d.call("free_pages", page=h, order=o)
-    # small kernel and user allocations interleaved: unmovable pages end up
-    # spread over many pageblocks, as slab and page tables do on a busy system
-    small: list = []
-    for _ in range(int(6000 * scale)):
-        g = "GFP_KERNEL" if rng.random() < 0.5 else "GFP_HIGHUSER_MOVABLE"
-        small.append((d.call("alloc_pages", gfp=g, order=0), 0))
-    rng.shuffle(small)
-    for _ in range(len(small) // 2):
-        h, o = small.pop()
-        d.call("free_pages", page=h, order=o)
-    held.extend(small)
-    for step in steps:
-        _churn(d, rng, held, int(400 * scale))
-        step(d, rng, scale * 0.5)
-
-
-WORKLOADS = {
-    "boot": wl_boot, "bpftrace-runs": wl_bpftrace_runs, "sockex1": wl_sockex1,
-    "module-churn": wl_module_churn, "secretmem": wl_secretmem, "guest-memfd": wl_guest_memfd,
-    "ftrace-kprobes": wl_ftrace_kprobes, "vfree-reset-perms": wl_vfree_reset_perms,
-    "pagetables": wl_pagetables, "mixed": wl_mixed,
-}
+#: name -> model driver, derived from :data:`dmfrag.registry.REGISTRY` (the
+#: one list of workloads); kept for importers of this name.
+WORKLOADS = {name: model_driver(name) for name in model_names()}
 
 
 def run_workload(workload: str, *, ram: str | None = "4G", e820: str | None = None,
@@ -318,8 +170,7 @@ def run_workload(workload: str, *, ram: str | None = "4G", e820: str | None = No
                  kernel: Kernel | None = None) -> Driver:
     """Boot (unless given a kernel) and run one workload; returns the driver
     (kernel, trace lines, handles)."""
-    if workload not in WORKLOADS:
-        raise ValueError(f"unknown workload {workload!r}; known: {', '.join(WORKLOADS)}")
+    driver = model_driver(workload)      # an unknown name: ValueError listing the known
     if scale <= 0:
         raise ValueError("scale must be positive")
     k = kernel or Kernel.boot(ram=None if e820 else ram, e820=e820, policy=policy)
@@ -331,7 +182,7 @@ def run_workload(workload: str, *, ram: str | None = "4G", e820: str | None = No
                                "policy": policy, "workload": workload, "seed": seed,
                                "scale": scale}, sort_keys=True))
     d.sample()
-    WORKLOADS[workload](d, random.Random(seed), scale)
+    driver(d, random.Random(seed), scale)
     d.sample()
     return d
 

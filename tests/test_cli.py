@@ -3,7 +3,11 @@ record/replay, and bad input."""
 
 from __future__ import annotations
 
+import ast
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -80,6 +84,9 @@ def test_compare_validate_meminfo_ptdump(tmp_path, capsys):
     (["run", "--workload", "boot", "--ram", "32M"], 2, "not in RAM"),
     (["run", "--workload", "boot", "--e820", "/nonexistent"], 2, "cannot read --e820"),
     (["trace", "replay", "/nonexistent.jsonl"], 2, "cannot read trace"),
+    (["run", "--workload", "boot", "--ram", "1G", "--tlb", "nope"], 2,
+     "unknown TLB preset 'nope'; known: skylake"),
+    (["compare", "--workload", "boot", "--ram", "1G", "--tlb", "nope"], 2, "unknown TLB preset"),
 ])
 def test_bad_input_is_one_clear_line(capsys, argv, code, msg):
     try:
@@ -113,6 +120,8 @@ def test_sweep_local_pool_and_dask_agree(tmp_path):
     ('workloads = ["nope"]\npolicies = ["baseline"]\nseeds = [1]\nram = ["1G"]', "unknown workload 'nope'"),
     ('workloads = ["boot"]\npolicies = ["baseline"]\nseeds = [1]', "missing key 'ram'"),
     ('workloads = ["boot"]\npolicies = ["x"]\nseeds = [1]\nram = ["1G"]', "unknown policy 'x'"),
+    ('workloads = ["boot"]\npolicies = ["baseline"]\nseeds = [1]\nram = ["1G"]\ntlb = "x"',
+     "unknown TLB preset 'x'"),
 ])
 def test_sweep_bad_config(tmp_path, capsys, text, msg):
     p = tmp_path / "bad.toml"
@@ -122,9 +131,97 @@ def test_sweep_bad_config(tmp_path, capsys, text, msg):
 
 
 def test_compare_writes_plots(tmp_path, capsys):
-    code, _, err = run(capsys, "compare", "--workload", "secretmem", *TINY,
-                       "--policies", "baseline,unmapped-alloc", "--plots", str(tmp_path))
+    code, _, _ = run(capsys, "compare", "--workload", "secretmem", *TINY,
+                     "--policies", "baseline,unmapped-alloc", "--plots", str(tmp_path))
     assert code == 0
     pngs = sorted(p.name for p in tmp_path.glob("*.png"))
     assert pngs == ["directmap_over_time.png", "splits_over_time.png", "tlb_and_oracle.png"]
     assert all((tmp_path / p).read_bytes()[:4] == b"\x89PNG" for p in pngs)
+
+
+def test_python_dash_m_runs_the_same_cli():
+    r = subprocess.run([sys.executable, "-m", "dmfrag.cli", "run", "--workload", "bogus"],
+                       capture_output=True, text=True, check=False)
+    assert r.returncode == 2 and "invalid choice: 'bogus'" in r.stderr
+
+
+def test_missing_tool_exits_3_with_one_line(capsys, monkeypatch):
+    import dmfrag.calibrate
+    from dmfrag.realkernel import RealKernelError
+
+    def missing(*_a, **_k):
+        raise RealKernelError("missing qemu-system-x86_64: install it")
+    monkeypatch.setattr(dmfrag.calibrate, "calibrate", missing)
+    code, _, err = run(capsys, "calibrate", "--workload", "bpf")
+    assert code == 3 and err == "dmfrag calibrate: missing qemu-system-x86_64: install it\n"
+    code, _, err = run(capsys, "calibrate", "--workload", "bpf,boot")
+    assert code == 2 and "unknown workload 'boot'; known: bpf, modules, ptwalk" in err
+
+
+def test_registry_faces_agree():
+    """Model names are what run accepts, guest names what calibrate accepts;
+    a guest workload's model counterpart takes the snapshots its shell steps
+    take."""
+    from dmfrag import registry
+    from dmfrag.calibrate import run_model
+    from dmfrag.realkernel import WORKLOAD_STEPS
+    from dmfrag.workloads import WORKLOADS
+    assert list(WORKLOADS) == registry.model_names()
+    assert list(WORKLOAD_STEPS) == ["modules", "bpf", "secretmem", "symbols", "ptwalk", "trace"]
+    for w in registry.REGISTRY.values():
+        assert w.model or w.guest_steps
+        assert (w.calibration is None) == (w.guest_steps is None or w.diagnostic)
+    e820 = (Path(__file__).parent / "data" / "dmesg-e820-example.log").read_text()
+    snaps = run_model(e820, ("bpf", "secretmem", "trace"))
+    taken = [line.split()[1] for w in ("bpf", "secretmem")
+             for line in registry.guest_steps(w) if line.startswith("snap ")]
+    assert list(snaps) == ["boot", *taken]
+    with pytest.raises(ValueError, match="unknown workload 'mixed'"):
+        run_model(e820, ("mixed",))
+
+
+def _dmfrag_imports(path: Path, pkg: str) -> list[tuple[str, list[str]]]:
+    """(module, names) for every dmfrag import in a file, relative ones resolved."""
+    out = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            base = pkg.split(".")
+            mod = ".".join(base[: len(base) - node.level + 1] + ([node.module] if node.module
+                                                                 else [])) \
+                if node.level else node.module or ""
+            if mod.startswith("dmfrag"):
+                names = [a.name for a in node.names]
+                subs = [f"{mod}.{n}" for n in names
+                        if (path.parent / f"{n}.py").exists() and not node.module]
+                out.extend((s, []) for s in subs)
+                out.append((mod, [] if subs else names))
+        elif isinstance(node, ast.Import):
+            out.extend((a.name, []) for a in node.names if a.name.startswith("dmfrag"))
+    return out
+
+
+def test_no_import_cycles_and_no_private_names_across_dmfrag_modules():
+    root = Path(__file__).resolve().parent.parent / "dmfrag"
+    graph: dict[str, set[str]] = {}
+    for path in root.rglob("*.py"):
+        rel = path.relative_to(root.parent).with_suffix("")
+        mod = ".".join(rel.parts[:-1] if rel.name == "__init__" else rel.parts)
+        pkg = mod if rel.name == "__init__" else mod.rsplit(".", 1)[0]
+        graph[mod] = set()
+        for target, names in _dmfrag_imports(path, pkg):
+            assert not [n for n in names if n.startswith("_")], (mod, target, names)
+            if target != mod:
+                graph[mod].add(target)
+    state: dict[str, int] = {}
+
+    def visit(m: str, stack: list[str]) -> None:
+        if state.get(m) == 1:
+            raise AssertionError(f"import cycle: {' -> '.join([*stack, m])}")
+        if state.get(m) == 2 or m not in graph:
+            return
+        state[m] = 1
+        for t in sorted(graph[m]):
+            visit(t, [*stack, m])
+        state[m] = 2
+    for m in sorted(graph):
+        visit(m, [])

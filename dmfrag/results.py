@@ -1,0 +1,127 @@
+"""The result records ``dmfrag`` writes: one place for their fields, so the
+CLI commands and the sweep workers produce the same rows, and for the
+metadata every versioned result carries.
+
+These records are a public contract (outside tools read them); their fields
+are described in docs/results.md. A field's name, type or meaning changes
+only with :data:`RESULT_VERSION`.
+"""
+
+from __future__ import annotations
+
+import platform
+from collections.abc import Mapping
+from importlib.metadata import version
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from guestkernel import Kernel
+
+    from .workloads import Driver, TraceError
+
+__all__ = ["RESULT_VERSION", "compare_row", "metadata", "replay_result", "run_result",
+           "sweep_row", "working_set"]
+
+#: The version of every JSON result carrying :func:`metadata`
+#: (``run --json``, ``compare --json``, ``sweep.json``).
+RESULT_VERSION = 1
+
+#: Packages whose versions a result records (they decide its numbers).
+_VERSIONED = ("dmfrag", "unicorn", "capstone", "numpy")
+
+
+def metadata(config: Mapping[str, Any]) -> dict:
+    """What makes a result reproducible: the result version, the versions of
+    the packages that computed it, Python's, and the configuration (the
+    command's arguments) that asked for it."""
+    vers = {}
+    for pkg in _VERSIONED:
+        try:
+            vers[pkg] = version(pkg)
+        except Exception:  # noqa: BLE001 - metadata is informative only
+            vers[pkg] = None
+    return {"result_version": RESULT_VERSION, "versions": vers,
+            "python": platform.python_version(), "config": dict(config)}
+
+
+def working_set(k: Kernel, n: int = 2048) -> list[int]:
+    """The kernel's own memory to measure over: up to n allocated pages in
+    unmovable pageblocks (slab, page tables, module data...), mapped in the
+    direct map, spread evenly over RAM. The TLB price of fragmentation is
+    paid by the kernel touching its own data, not by user pages."""
+    import numpy as np
+
+    from guestkernel.page_alloc import MigrateType
+    from guestkernel.shadow import S_MAPPED, S_P
+    d = k.shadow.direct
+    cand = np.flatnonzero(((d & S_MAPPED) != 0) & ((d & S_P) != 0))
+    cand = cand[cand >= 4096]
+    b = k.buddy
+    picked = [int(p) for p in cand
+              if b.allocated_order(int(p)) is not None
+              and b.get_pageblock_migratetype(int(p)) == int(MigrateType.UNMOVABLE)]
+    if len(picked) > n:
+        step = len(picked) / n
+        picked = [picked[int(i * step)] for i in range(n)]
+    return picked
+
+
+def _tlb(k: Kernel, preset: str, n: int) -> dict | None:
+    """The TLB cost of the kernel's working set (None when it is empty)."""
+    from guestkernel.tlbcost import tlb_cost
+    pfns = working_set(k, n)
+    return tlb_cost(k, pfns, "chase", preset=preset) if pfns else None
+
+
+def run_result(d: Driver, *, workload: str, seed: int, tlb: str | None,
+               config: Mapping[str, Any]) -> dict:
+    """The result of ``dmfrag run`` (and the per-policy record ``compare``
+    builds its row from): the kernel's meminfo and vmstat after the
+    workload, what ran, the TLB cost when asked, and :func:`metadata`."""
+    k = d.kernel
+    out = {"meminfo": k.meminfo(), "vmstat": k.vmstat(), "policy": k.policy_name,
+           "workload": workload, "seed": seed, "calls": len(d.lines) - 1}
+    if tlb:
+        out["tlb"] = _tlb(k, tlb, 2048)
+    out.update(metadata(config))
+    return out
+
+
+def compare_row(policy: str, d: Driver, res: dict) -> dict:
+    """One row of ``dmfrag compare``: ``res`` is the policy's
+    :func:`run_result`. The key order is the table's and the CSV's column
+    order."""
+    mi, vm = res["meminfo"], res["vmstat"]
+    row = {"policy": policy, "DirectMap4k": mi["DirectMap4k"], "DirectMap2M": mi["DirectMap2M"],
+           "DirectMap1G": mi["DirectMap1G"],
+           "level2_splits": vm["direct_map_level2_splits"],
+           "level3_splits": vm["direct_map_level3_splits"],
+           "level2_collapses": vm["direct_map_level2_collapses"],
+           "level3_collapses": vm["direct_map_level3_collapses"]}
+    if res.get("tlb"):
+        row["walk_cycles_vs_reference"] = round(res["tlb"]["walk_cycles_vs_reference"], 3)
+    row["oracle_min_2m_splits"] = d.oracle.bound()["min_2m_splits"]
+    return row
+
+
+def sweep_row(cell: Mapping[str, Any], d: Driver) -> dict:
+    """One row of ``sweep.json``/``sweep.csv``: the grid cell, then the
+    counters after its run. The key order is the CSV's column order."""
+    k = d.kernel
+    mi, vm = k.meminfo(), k.vmstat()
+    out = {**cell, "DirectMap4k": mi["DirectMap4k"], "DirectMap2M": mi["DirectMap2M"],
+           "DirectMap1G": mi["DirectMap1G"], "level2_splits": vm["direct_map_level2_splits"],
+           "level3_splits": vm["direct_map_level3_splits"],
+           "level2_collapses": vm["direct_map_level2_collapses"],
+           "oracle_min_2m_splits": d.oracle.bound()["min_2m_splits"]}
+    if cell.get("tlb"):
+        cost = _tlb(k, cell["tlb"], 1024)
+        out["walk_cycles_vs_reference"] = cost["walk_cycles_vs_reference"] if cost else None
+    return out
+
+
+def replay_result(d: Driver, err: TraceError | None) -> dict:
+    """The JSON line of ``dmfrag trace replay``: the state after the replay
+    (up to the first bad line, if any) and the error that stopped it."""
+    return {"meminfo": d.kernel.meminfo(), "vmstat": d.kernel.vmstat(),
+            "replayed_calls": len(d.lines) - 1, "error": str(err) if err else None}
