@@ -80,6 +80,7 @@ def run_result(d: Driver, *, workload: str, seed: int, tlb: str | None,
     workload, what ran, the TLB cost when asked, and :func:`metadata`."""
     k = d.kernel
     out = {"meminfo": k.meminfo(), "vmstat": k.vmstat(), "policy": k.policy_name,
+           "kernel": k.profile.name, "kernel_reason": k.profile_reason,
            "workload": workload, "seed": seed, "calls": len(d.lines) - 1}
     if tlb:
         out["tlb"] = _tlb(k, tlb, 2048)

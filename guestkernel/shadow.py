@@ -15,7 +15,7 @@ kernel image: dicts keyed by virtual page (their sizes are not set by RAM).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import numpy as np
 
@@ -23,8 +23,15 @@ from emu.pagetable import PteFlags as F
 
 from .layout import PAGE_OFFSET, PAGE_SIZE, KernelImage
 
-if TYPE_CHECKING:
-    from .cpa import CpaData
+
+class CpaRequest(Protocol):
+    """What the shadow reads of a CPA request (``cpa.CpaData`` is one)."""
+
+    numpages: int
+    mask_set: int
+    mask_clr: int
+
+    def addr(self, i: int) -> int: ...
 
 __all__ = ["S_MAPPED", "S_NX", "S_P", "S_RW", "Shadow"]
 
@@ -91,7 +98,7 @@ class Shadow:
 
     # -- CPA requests -------------------------------------------------------
 
-    def apply(self, cpa: CpaData, checkalias: bool, *, kernel_ro: bool) -> None:
+    def apply(self, cpa: CpaRequest, checkalias: bool, *, kernel_ro: bool) -> None:
         """Record what the request asks of every page it names and of the
         aliases the kernel changes with it (set_memory.c's alias rules);
         ``kernel_ro``: mark_rodata_ro has run."""

@@ -118,7 +118,7 @@ def test_the_tlb_model_counts_the_users_own_run(cls):
     uc, m, _buf, code = setup("mmap")
     m.tlb = cls("skylake")
     assert user_run(uc, code) == N * (N + 1) // 2
-    c = m.tlb.counters()
+    c = m.tlb.raw_counters()
     # N distinct 4K pages, each loaded once: N loads, N L1 misses, N walks;
     # one block on one code page: one fetch, one ITLB walk.
     assert (c["loads"], c["l1_miss_load"], c["walk_load"], c["walk_4k_load"]) == (N, N, N, N)
@@ -127,26 +127,27 @@ def test_the_tlb_model_counts_the_users_own_run(cls):
     # The walk into the data pages shares its PML4E/PDPTE/PDE after the
     # first: 4 entries, then 1 (PDE cache hit) each; the code walk reads 4.
     assert c["walk_mem_refs"] == 4 + (N - 1) * 1 + 4
-    s = m.tlb.stats()
+    s = m.tlb.counters()
+    assert s == m.tlb.stats()
     assert s["dtlb_load_misses.walk_completed"] == N
     assert s["dtlb_load_misses.walk_completed_4k"] == N
     assert s["itlb_misses.walk_completed"] == 1
     # A second run hits in the L1 DTLB everywhere.
     m.tlb.reset_counters()
     user_run(uc, code)
-    c = m.tlb.counters()
+    c = m.tlb.raw_counters()
     assert (c["loads"], c["walk_load"], c["l1_miss_load"]) == (N, 0, 0)
     # m.invlpg reaches the model; the stub run itself is not counted.
     m.tlb.reset_counters()
     m.invlpg(DM + DATA_OFF)
-    assert m.tlb.counters()["fetches"] == 0
+    assert m.tlb.raw_counters()["fetches"] == 0
     user_run(uc, code)
-    assert m.tlb.counters()["walk_load"] == 1
+    assert m.tlb.raw_counters()["walk_load"] == 1
     # Detached: the user's runs are no longer counted.
     t, m.tlb = m.tlb, None
     t.reset_counters()
     user_run(uc, code)
-    assert t.counters()["loads"] == 0
+    assert t.raw_counters()["loads"] == 0
 
 
 def test_dropping_the_machine_unhooks_the_model():
@@ -179,7 +180,7 @@ def test_the_c_model_and_the_python_twin_agree_on_a_user_run():
         m.tlb = cls("skylake")
         user_run(uc, code)
         m.run("mov rax, [rbx]\nmov [rbx + 8], rax", at=CODE, regs={"rbx": DM + 3 * MiB})
-        runs.append(m.tlb.counters())
+        runs.append(m.tlb.raw_counters())
     assert runs[0] == runs[1]
 
 
@@ -193,7 +194,7 @@ def test_ram_at_a_physical_base_other_than_zero():
     assert m.phys(base + DATA_OFF, 8).view(np.uint64)[0] == 1
     m.tlb = TlbModel("skylake")
     user_run(uc, code)
-    c = m.tlb.counters()
+    c = m.tlb.raw_counters()
     assert (c["walk_load"], c["walk_faults"], c["walk_mem_refs"]) == (N, 0, 4 + N - 1 + 4)
     with pytest.raises(ValueError, match="inside guest RAM"):
         m.cr3 = 0

@@ -225,3 +225,16 @@ def test_no_import_cycles_and_no_private_names_across_dmfrag_modules():
         state[m] = 2
     for m in sorted(graph):
         visit(m, [])
+
+
+def test_run_says_which_kernel_record_it_followed(capsys):
+    """A pasted boot log picks its kernel's record, and run says so."""
+    log = Path(__file__).parent / "data" / "dmesg-e820-example.log"
+    code, out, _err = run(capsys, "run", "--workload", "boot", "--e820", str(log),
+                          "--scale", "0.05", "--json")
+    assert code == 0
+    res = json.loads(out)
+    assert res["kernel"] == "3.13"
+    assert res["kernel_reason"].startswith("boot log names Linux 3.13: using the 3.13 record")
+    code, out, _err = run(capsys, "run", "--workload", "boot", "--ram", "2G", "--scale", "0.05")
+    assert code == 0 and out.splitlines()[-1] == "kernel 6.1 (default)"

@@ -51,13 +51,13 @@ def test_reach_of_the_l1_dtlb(m, cls):
     # the second pass hits everywhere.
     t = model(m, cls)
     sweep(t, V4K, 4096, 64)
-    c = t.counters()
+    c = t.raw_counters()
     assert (c["loads"], c["walk_load"], c["walk_4k_load"], c["l1_miss_load"]) == (128, 64, 64, 64)
     # 80 pages: each set gets 5 in a cyclic order, LRU misses every time in
     # L1, and the 1536-entry STLB serves the second pass.
     t = model(m, cls)
     sweep(t, V4K, 4096, 80)
-    c = t.counters()
+    c = t.raw_counters()
     assert (c["walk_load"], c["l1_miss_load"], c["stlb_hit_load"]) == (80, 160, 80)
 
 
@@ -65,12 +65,12 @@ def test_reach_of_the_l1_dtlb(m, cls):
 def test_2m_strides_and_a_1g_sweep(m, cls):
     t = model(m, cls)
     sweep(t, V2M, 2 * MiB, 32)                 # the 32-entry 2M DTLB holds them all
-    c = t.counters()
+    c = t.raw_counters()
     assert (c["walk_load"], c["walk_2m_load"], c["l1_miss_load"]) == (32, 32, 32)
     assert c["walk_mem_refs"] == 3 + 31 * 1    # PML4E, PDPTE, PDE; then PDPTE cache hits
     t = model(m, cls)
     sweep(t, V1G, 4096 * 25, 10000, passes=1)  # one 1G page serves the whole sweep
-    c = t.counters()
+    c = t.raw_counters()
     assert (c["walk_load"], c["walk_1g_load"], c["loads"]) == (1, 1, 10000)
 
 
@@ -112,7 +112,7 @@ def test_two_virtual_addresses_of_one_frame_are_two_entries(m):
     assert r.regs["rax"] == r.regs["rcx"]          # the same frame
     assert (V2M + 2 * MiB) >> 21 in [v for v, lv in t.entries("dtlb_2m")]
     assert (V4K + 2 * MiB) >> 12 in [v for v, lv in t.entries("dtlb_4k")]
-    c = t.counters()
+    c = t.raw_counters()
     assert (c["walk_2m_load"], c["walk_4k_load"]) == (1, 1)
 
 
@@ -123,22 +123,22 @@ def test_invalidation(m):
     t.access(V1G + 12345)                          # global (G set on the 1G leaf)
     t.invlpg(V2M + 2 * MiB - 8)                    # inside the 2M page: dropped
     t.access(V2M)
-    assert t.counters()["walk_2m_load"] == 2
+    assert t.raw_counters()["walk_2m_load"] == 2
     t.load_cr3(m.cr3)                              # non-global entries go
     t.access(V4K)
     t.access(V1G)
-    c = t.counters()
+    c = t.raw_counters()
     assert (c["walk_4k_load"], c["walk_1g_load"]) == (2, 1)
     t.flush_all()
     t.access(V1G)
-    assert t.counters()["walk_1g_load"] == 2
+    assert t.raw_counters()["walk_1g_load"] == 2
 
 
 def test_a_faulting_walk_fills_nothing(m):
     t = model(m)
     t.access(V4K + 128 * MiB)                      # not mapped
     t.access(V4K + 128 * MiB)
-    c = t.counters()
+    c = t.raw_counters()
     assert (c["walk_load"], c["walk_faults"]) == (2, 2)
 
 
@@ -154,7 +154,7 @@ def test_c_and_python_paths_agree_on_a_run(m):
             r = m.run(prog, at=CODE, count_insns=False, max_insns=None,
                       regs={"rsp": V4K + MiB, "rsi": V4K + 0x1FFC, "rdi": V4K + 0x5FFC})
             assert r.status.value == "completed", r.fault
-            got.append(m.tlb.counters())
+            got.append(m.tlb.raw_counters())
         finally:
             m.tlb = None
     assert got[0] == got[1]
@@ -225,7 +225,7 @@ def test_instruction_fetch_across_module_text():
     k.machine.tlb = TlbModel("skylake")
     r = k.machine.run(fetch_chain(vas[0], 3), at=code, count_insns=False, max_insns=None,
                       regs={"rsp": k.pfn_to_virt(k.validator_out_pfn) + 4096})
-    c = k.machine.tlb.counters()
+    c = k.machine.tlb.raw_counters()
     k.machine.tlb = None
     assert r.status.value == "completed", r.fault
     # 40 text pages + the code page: one ITLB walk each on the first round,

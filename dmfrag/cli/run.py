@@ -40,6 +40,7 @@ def main(args: argparse.Namespace) -> int:
               f"splits {vm['direct_map_level2_splits']}/{vm['direct_map_level3_splits']} "
               f"(2M/1G), collapses {vm['direct_map_level2_collapses']}/"
               f"{vm['direct_map_level3_collapses']}")
+        print(res["kernel_reason"])
     if args.validate:
         d.kernel.validate("full")
     return EXIT_OK

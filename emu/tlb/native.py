@@ -62,8 +62,9 @@ class _HookCtx(ctypes.Structure):
 class TlbModel:
     """The C TLB model, attached to a :class:`emu.Machine` (``m.tlb = ...``).
 
-    ``counters()`` gives the raw model counters (:data:`emu.tlb.COUNTERS`),
-    ``stats()`` what a run reports in ``RunResult.tlb`` (perf names)."""
+    ``counters()`` (= ``stats()``) gives what a run reports in
+    ``RunResult.tlb`` (perf names), ``raw_counters()`` the raw model
+    counters (:data:`emu.tlb.COUNTERS`)."""
 
     def __init__(self, config: TlbConfig | str = "skylake"):
         cfg = preset(config) if isinstance(config, str) else config
@@ -183,15 +184,22 @@ class TlbModel:
 
     # -- results -------------------------------------------------------------
 
-    def counters(self) -> dict[str, int]:
+    def raw_counters(self) -> dict[str, int]:
+        """The model's raw event counts (:data:`emu.tlb.counters.COUNTERS`)."""
         return {name: int(self._model.counters[i]) for i, name in enumerate(COUNTERS)}
+
+    def counters(self) -> dict[str, float]:
+        """What a run reports, as ``RunResult.tlb`` has it: perf's event
+        names, the raw counts as ``model.*``, walk memory references and the
+        cycle estimate (the same dict as :meth:`stats`)."""
+        return self.stats()
 
     def reset_counters(self) -> None:
         for i in range(len(COUNTERS)):
             self._model.counters[i] = 0
 
     def stats(self) -> dict[str, float]:
-        return stats(self.counters(), self.config)
+        return stats(self.raw_counters(), self.config)
 
     def entries(self, name: str) -> list[tuple[int, int]]:
         """(virtual page number, level) of the valid entries of one structure."""

@@ -244,11 +244,18 @@ class PyTlb:
                     if t.tag[base + w] == want:
                         t.tag[base + w] = 0
 
-    def counters(self) -> dict[str, int]:
+    def raw_counters(self) -> dict[str, int]:
+        """The model's raw event counts (:data:`emu.tlb.counters.COUNTERS`)."""
         return dict(self.c)
+
+    def counters(self) -> dict[str, float]:
+        """What a run reports, as ``RunResult.tlb`` has it: perf's event
+        names, the raw counts as ``model.*``, walk memory references and the
+        cycle estimate (the same dict as :meth:`stats`)."""
+        return self.stats()
 
     def reset_counters(self) -> None:
         self.c = dict.fromkeys(COUNTERS, 0)
 
     def stats(self) -> dict[str, float]:
-        return stats(self.counters(), self.config)
+        return stats(self.raw_counters(), self.config)
