@@ -158,3 +158,21 @@ def test_protected_page_tables_are_ro_in_the_direct_map(k):
     with pytest.raises(UsersError):
         k.pgtable_protect.free(pfn)
     counters_match_tables(k)
+
+
+def test_failed_vmalloc_gives_back_every_page_it_took():
+    """A vmalloc larger than free memory fails as a MemoryError
+    (AllocationError is one) and its rollback frees the pages it took: free
+    pages, table pages and the validator agree with before."""
+    from guestkernel import Kernel
+    from guestkernel.page_alloc import AllocationError
+    k = Kernel.boot(ram="1G")
+    def free_pages() -> int:        # the free lists and the per-CPU lists
+        return k.buddy.nr_free() + k.buddy.nr_pcp_pages()
+    free, tables, areas = free_pages(), set(k.pgt.table_pages), dict(k.vmalloc.areas)
+    assert issubclass(AllocationError, MemoryError)
+    with pytest.raises(MemoryError, match="page allocation failure"):
+        k.vmalloc.vmalloc_node_range((free + 1) * 4096)
+    assert free_pages() == free
+    assert set(k.pgt.table_pages) == tables and k.vmalloc.areas == areas
+    k.validate("full")

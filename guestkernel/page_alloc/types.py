@@ -113,8 +113,11 @@ UNMOVABLE, MOVABLE, RECLAIMABLE, HIGHATOMIC, ISOLATE = (int(m) for m in MigrateT
 ZONE_NAMES = {ZoneType.DMA: "DMA", ZoneType.DMA32: "DMA32", ZoneType.NORMAL: "Normal"}
 
 
-class AllocationError(Exception):
+class AllocationError(MemoryError):
     """``alloc_pages`` found no page (the kernel returns NULL). Nothing changed.
+
+    A ``MemoryError``: callers that roll back on a failed allocation (vmalloc,
+    and through it module and BPF loads) catch it as one.
 
     Raised as ``AllocationError(gfp, order, reason)``; callers above the buddy
     may also raise it with a message alone (``gfp`` and ``order`` are then None)."""
