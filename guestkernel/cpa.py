@@ -123,6 +123,9 @@ class Cpa:
         #: splits of the image mapping counted in direct_pages_count (x86's
         #: virt_addr_valid accepts image addresses), per level
         self.highmap_counted = [0, 0, 0, 0, 0]
+        #: direct-map splits Linux does not count because the level's
+        #: counter had already reached 0 (split_page_count returns early)
+        self.uncounted_splits = [0, 0, 0, 0, 0]
         self._before: list[CpaObserver] = []
         self._after: list[CpaObserver] = []
 
@@ -250,6 +253,10 @@ class Cpa:
         (``highmap`` records them apart for the validator)."""
         count = self.pgt.direct_pages_count
         if count[level] == 0:
+            # Linux returns here: once image splits (counted too) have taken
+            # a level's counter to 0, later splits change nothing.
+            if not highmap:
+                self.uncounted_splits[level] += 1
             return
         if highmap:
             self.highmap_counted[level] -= 1
