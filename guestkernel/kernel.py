@@ -391,8 +391,13 @@ class Kernel:
     def validator_code_page(self) -> int:
         """An executable page in the module area for the validator's probes."""
         if self._validator_code is None:
-            self._validator_code = self.alloc_insn_page()
-            self._validator_out = self.alloc_pages(int(G.GFP_KERNEL), 0)
+            code = self.alloc_insn_page()
+            try:
+                out = self.alloc_pages(int(G.GFP_KERNEL), 0)
+            except MemoryError:
+                self.vfree(code)
+                raise
+            self._validator_code, self._validator_out = code, out
         return self._validator_code
 
     @property

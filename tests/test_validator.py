@@ -156,3 +156,22 @@ def test_set_memory_4k_over_the_whole_direct_map_counts_as_linux_does():
         24448 + 1012 * 2048, 0, 0)
     assert k.highmap_counted[1] == 27 * 512 and k.cpa.uncounted_splits[2] == 27
     k.validate("full")
+
+
+def test_validate_after_an_oom_runs_every_check_it_can():
+    """The first validate() after the guest ran out of memory has no page for
+    its probe code: it says the execution check was skipped instead of
+    raising, and every other check runs."""
+    from guestkernel.gfp import GFP_KERNEL
+    k = Kernel.boot(ram="1G")
+    held = []
+    with pytest.raises(MemoryError, match="page allocation failure: order:0"):
+        while True:
+            held.append(k.alloc_pages(GFP_KERNEL, 0))
+    stats = k.validate("full")
+    assert stats["execution_skipped"] == 1 and stats["executed"] == 0
+    assert stats["translated"] > 200_000
+    for _ in range(2048):           # above the watermark again
+        k.free_pages(held.pop(), 0)
+    stats = k.validate("full")
+    assert "execution_skipped" not in stats and stats["executed"] > 0
