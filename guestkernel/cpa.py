@@ -126,6 +126,7 @@ class Cpa:
         #: direct-map splits Linux does not count because the level's
         #: counter had already reached 0 (split_page_count returns early)
         self.uncounted_splits = [0, 0, 0, 0, 0]
+        self._new_tables: list[int] = []      # table pages the running request took
         self._before: list[CpaObserver] = []
         self._after: list[CpaObserver] = []
 
@@ -326,10 +327,10 @@ class Cpa:
         around the page-table work, the flush when due (``flush=False`` for
         the ``_noflush`` entry points: the caller flushes), and on a kernel
         that collapses, the collapse after ``set_memory_rox``."""
-        self.shadow.apply(cpa, checkalias, kernel_ro=self.kernel_set_to_readonly)
         for fn in self._before:
             fn(cpa)
-        self._change_page_attr_set_clr(cpa, checkalias)
+        self._change_page_attr_set_clr_or_undo(cpa, checkalias)
+        self.shadow.apply(cpa, checkalias, kernel_ro=self.kernel_set_to_readonly)
         if flush and cpa.flags & CpaFlags.FLUSHTLB:
             self.cpa_flush(cpa)
         if (self.version.collapse_after_rox and cpa.changed and cpa.mask_set == 0
@@ -338,6 +339,39 @@ class Cpa:
         for fn in self._after:
             fn(cpa)
         return cpa
+
+    def _change_page_attr_set_clr_or_undo(self, cpa: CpaData, checkalias: bool) -> None:
+        """The page-table work of a request, all or nothing: when a split
+        finds no page for its table (guest OOM), every entry written is put
+        back, the tables it took are freed, the counters restored and the
+        TLB flushed, and the MemoryError propagates. (Linux returns -ENOMEM
+        with the pages before the failure changed; the model refuses to
+        leave a half-done request behind, so the shadow, recorded only after
+        success, and the tables never disagree.)"""
+        pgt = self.pgt
+        journal: list[tuple[int, int]] = []
+        saved = (list(pgt.direct_pages_count), dict(self.vmstat), list(self.highmap_counted),
+                 list(self.uncounted_splits))
+        self._new_tables = []
+        pgt.journal = journal
+        try:
+            self._change_page_attr_set_clr(cpa, checkalias)
+        except MemoryError:
+            pgt.journal = None
+            pgt.undo(journal)
+            for table in self._new_tables:
+                self.free_pgtable_page(table)
+            pgt.direct_pages_count[:] = saved[0]
+            self.vmstat.update(saved[1])
+            self.highmap_counted[:] = saved[2]
+            self.uncounted_splits[:] = saved[3]
+            # No translation of an undone entry may survive (not counted:
+            # the failed request leaves no trace in vmstat).
+            self.tlb.cpu.flush_tlb()
+            raise
+        finally:
+            pgt.journal = None
+            self._new_tables = []
 
     def _check_request(self, addrs: list[int], numpages: int, flags: CpaFlags) -> None:
         """Refuse what Linux would WARN about or fail on half-way, before
@@ -455,6 +489,7 @@ class Cpa:
         """Allocate an order-0 page for the new table (``alloc_pages(GFP_KERNEL,
         0)``) and install it (``__split_large_page``)."""
         table = self.alloc_pgtable_page("cpa split")
+        self._new_tables.append(table)
         self.__split_large_page(cpa, slot, level, address, table)
 
     def __split_large_page(self, cpa: CpaData, slot: int, level: int, address: int,

@@ -69,6 +69,9 @@ class KernelPageTables:
         #: physical addresses of every linked table page (PML4 included)
         self.table_pages: set[int] = {root}
         self.after_bootmem = False
+        #: while not None, every set() records (slot, old value) here, so a
+        #: request that fails half-way can be undone (Cpa.apply)
+        self.journal: list[tuple[int, int]] | None = None
 
     # -- entries --------------------------------------------------------
 
@@ -80,7 +83,14 @@ class KernelPageTables:
         return int(self.ram64[slot])
 
     def set(self, slot: int, value: int) -> None:
+        if self.journal is not None:
+            self.journal.append((slot, int(self.ram64[slot])))
         self.ram64[slot] = value & ((1 << 64) - 1)
+
+    def undo(self, journal: list[tuple[int, int]]) -> None:
+        """Put back every entry ``journal`` recorded, newest first."""
+        for slot, old in reversed(journal):
+            self.ram64[slot] = old
 
     def _new_table(self, why: str) -> int:
         pa = self.alloc_table(why)

@@ -1,0 +1,103 @@
+"""Failed kernel operations leave the model as it was (issue: failure paths).
+
+Each test makes an operation fail (the guest out of memory, or one page
+short at a chosen point) and checks what a kernel developer would: the
+error, then counters, tables, free pages and the CPU's view with
+``validate("full")``."""
+
+from __future__ import annotations
+
+import pytest
+
+from guestkernel import PAGE_OFFSET, Kernel
+from guestkernel.gfp import GFP_KERNEL
+from guestkernel.page_alloc import AllocationError
+
+GiB = 1 << 30
+
+
+def _state(k: Kernel, *vas: int) -> tuple:
+    b = k.buddy
+    return (k.meminfo(), k.vmstat(), b.nr_free() + b.nr_pcp_pages(), set(k.pgt.table_pages),
+            [k.lookup_address(va) for va in vas], list(k.cpa.highmap_counted))
+
+
+def _exhaust(k: Kernel) -> list[int]:
+    held = []
+    with pytest.raises(MemoryError):
+        while True:
+            held.append(k.alloc_pages(GFP_KERNEL, 0))
+    return held
+
+
+def _fail_on_table(k: Kernel, nth: int) -> list[int]:
+    """Make the nth page-table page CPA asks for fail as a guest OOM."""
+    taken: list[int] = []
+    real = k.cpa.alloc_pgtable_page
+
+    def alloc(why: str) -> int:
+        if len(taken) + 1 == nth:
+            raise AllocationError(GFP_KERNEL, 0, "injected: no page for the table")
+        taken.append(real(why))
+        return taken[-1]
+    k.cpa.alloc_pgtable_page = alloc
+    return taken
+
+
+def test_cpa_split_without_a_page_changes_nothing():
+    """set_memory_ro inside a 2M page of an exhausted guest: the split finds
+    no page; the entry, the counters and the shadow stay as they were (the
+    shadow once said RO while the tables stayed RW)."""
+    k = Kernel.boot(ram="1G")
+    va = PAGE_OFFSET + 0x30000000
+    _exhaust(k)
+    before = _state(k, va)
+    with pytest.raises(MemoryError, match="page allocation failure: order:0"):
+        k.set_memory_ro(va, 1)
+    assert _state(k, va) == before
+    assert k.lookup_address(va)[1] == 2
+    k.validate("full")
+
+
+def test_cpa_fails_half_way_through_a_1g_split_and_undoes_the_first_half():
+    """A page inside a 1G mapping needs two tables (1G -> 2M -> 4K): the
+    first is taken and linked, the second is not to be had. The 1G entry
+    comes back, the first table goes back to the allocator, the counters and
+    vmstat are as before, and no stale translation survives."""
+    k = Kernel.boot(ram="4G")
+    va = PAGE_OFFSET + GiB + 5 * 4096
+    assert k.lookup_address(va)[1] == 3
+    before = _state(k, va, va + (2 << 20))
+    taken = _fail_on_table(k, 2)
+    with pytest.raises(MemoryError, match="injected"):
+        k.set_memory_ro(va, 1)
+    assert len(taken) == 1 and taken[0] not in k.pgt.table_pages
+    assert _state(k, va, va + (2 << 20)) == before
+    assert k.machine.translate(va, "w") == GiB + 5 * 4096     # still writable, by the CPU
+    k.validate("full")
+    # With memory again, the same request succeeds and splits as Linux does.
+    k.cpa.alloc_pgtable_page = k.alloc_pgtable_page
+    k.set_memory_ro(va, 1)
+    assert k.lookup_address(va)[1] == 1
+    assert k.vmstat()["direct_map_level3_splits"] == 1
+    assert k.vmstat()["direct_map_level2_splits"] == 1
+    k.validate("full")
+
+
+def test_failed_alias_split_of_a_module_page_undoes_the_module_mapping_change():
+    """A request on a vmalloc address changes the page, then its direct-map
+    alias; when the alias split fails, the vmalloc PTE is put back too."""
+    k = Kernel.boot(ram="2G")
+    for _ in range(1000):           # a page whose direct-map alias is in a 2M page
+        area = k.vmalloc.vmalloc_node_range(4096)
+        pfn = area.pages[0]
+        if k.lookup_address(k.pfn_to_virt(pfn))[1] == 2:
+            break
+    assert k.lookup_address(k.pfn_to_virt(pfn))[1] == 2
+    before = _state(k, area.addr, k.pfn_to_virt(pfn))
+    _fail_on_table(k, 1)
+    with pytest.raises(MemoryError, match="injected"):
+        k.set_memory_ro(area.addr, 1)
+    assert _state(k, area.addr, k.pfn_to_virt(pfn)) == before
+    k.machine.translate(area.addr, "w")
+    k.validate("full")
