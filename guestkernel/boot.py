@@ -65,7 +65,7 @@ SECTION_PAGES = 1 << 15
 INIT_PGT_BUF_PAGES = 6
 
 
-class BootError(RuntimeError):
+class BootError(ValueError):
     """The kernel cannot boot on this input; nothing was built."""
 
 

@@ -28,6 +28,8 @@ import enum
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
+
 from emu import Machine
 
 from . import gfp as G
@@ -44,6 +46,7 @@ from .cpa import Cpa, CpaData
 from .e820 import E820Table
 from .layout import PAGE_OFFSET, PAGE_SIZE
 from .memblock import Memblock
+from .owner import PageOwner
 from .page_alloc import AllocationError, BuddyAllocator
 from .pgtable import PG_LEVEL_1G, PG_LEVEL_2M, PG_LEVEL_4K, KernelPageTables
 from .policy import Policy, get_policy
@@ -63,8 +66,11 @@ _GFP_ZERO = int(G.GFP_ZERO)
 _NOT_POLICY_GFP = ~int(G.GFP_UNMAPPED | G.GFP_PTE_MAPPED)
 
 
-class KernelError(RuntimeError):
-    """A kernel operation that cannot be done as asked; nothing changed."""
+class KernelError(ValueError):
+    """A request the kernel refuses (bad input, a page freed through the
+    wrong path, an unknown kernel version); nothing changed. Guest
+    out-of-memory is ``guestkernel.page_alloc.AllocationError``, a
+    ``MemoryError``."""
 
 
 class SystemState(enum.Enum):
@@ -124,6 +130,8 @@ class Kernel:
         self.guest_memfd: GuestMemfd = GuestMemfd(self, self.cpa, self.user_gfp)
         self.pgtable_protect: ProtectedPageTables = ProtectedPageTables(self, self.cpa,
                                                                         self.user_gfp)
+        #: who each allocated page is for (owner.py): freed through that path only
+        self.page_owner: np.ndarray = np.zeros(self.max_pfn, dtype=np.uint8)
         #: pfn -> order of pages allocated with GFP_UNMAPPED by the buddy path
         self._unmapped: dict[int, int] = {}
         self._validator_code: int | None = None
@@ -203,16 +211,18 @@ class Kernel:
             return self.policy.user_gfp(user, gfp)
         return gfp
 
-    def alloc_pages(self, gfp: int, order: int = 0) -> int:
+    def alloc_pages(self, gfp: int, order: int = 0, *, owner: PageOwner = PageOwner.NONE
+                    ) -> int:
         """Allocate 2^order pages; returns the first PFN.
 
         The policy sees the request first (when it overrides the hook); what
         it declines comes from the buddy allocator. ``GFP_UNMAPPED`` pages
         leave the direct map (and come back at free); ``GFP_ZERO`` pages are
-        zeroed."""
+        zeroed. ``owner`` (a CPA user) is recorded: only the same owner may
+        free the pages. No page: ``AllocationError`` (a ``MemoryError``)."""
         gfp = int(gfp)
         if order.__class__ is not int or not 0 <= order <= 10:
-            raise AllocationError(f"order must be 0..10, not {order!r}")
+            raise KernelError(f"alloc_pages: order must be 0..10, not {order!r}")
         pfn = self._policy_alloc(self, gfp, order) if self._policy_alloc else None
         if pfn is None:
             buddy_gfp = gfp & _NOT_POLICY_GFP
@@ -228,12 +238,25 @@ class Kernel:
         if gfp & _GFP_ZERO:
             pa = pfn * PAGE_SIZE
             self.machine.ram[pa: pa + (PAGE_SIZE << order)] = 0
+        if owner:
+            self.page_owner[pfn: pfn + (1 << order)] = owner
         if self.debug_vm:
             self._debug_vm()
         return pfn
 
-    def free_pages(self, pfn: int, order: int = 0) -> None:
+    def free_pages(self, pfn: int, order: int = 0, *, owner: PageOwner = PageOwner.NONE
+                   ) -> None:
+        """Free what ``alloc_pages`` gave; a page of another owner (a secret
+        page, a vmalloc page, a page table) is refused, naming its owner."""
+        if pfn.__class__ is int and 0 <= pfn < self.max_pfn:
+            have = self.page_owner[pfn]
+            if have != owner:
+                have = PageOwner(int(have))
+                raise KernelError(f"free_pages({pfn:#x}, {order}): the page belongs to "
+                                  f"{have.name.lower()}; free it through {have.free_path}")
         if self._policy_free and self._policy_free(self, pfn, order):
+            if owner:
+                self.page_owner[pfn: pfn + (1 << order)] = 0
             return
         if self._unmapped:
             unmapped = self._unmapped.get(pfn)
@@ -242,6 +265,8 @@ class Kernel:
         else:
             unmapped = None
         self.buddy.free_pages(pfn, order)   # raises on a bad free, before any change below
+        if owner:
+            self.page_owner[pfn: pfn + (1 << order)] = 0
         if unmapped is not None:
             del self._unmapped[pfn]
             self.cpa.restore_direct_map(pfn, 1 << order)
@@ -255,6 +280,7 @@ class Kernel:
         pa = pfn * PAGE_SIZE
         self.machine.ram[pa: pa + PAGE_SIZE] = 0
         self.pgt.table_pages.add(pa)
+        self.page_owner[pfn] = PageOwner.PAGE_TABLE
         return pa
 
     def free_pgtable_page(self, pa: int) -> None:
@@ -262,6 +288,7 @@ class Kernel:
         a boot-time (memblock) one is handed over as free_reserved_page does."""
         self.pgt.table_pages.discard(pa)
         pfn = pa >> 12
+        self.page_owner[pfn] = PageOwner.NONE
         if self.buddy.allocated_order(pfn) == 0:
             self.buddy.free_pages(pfn, 0)
         else:

@@ -27,10 +27,12 @@ from dataclasses import dataclass, field
 from . import gfp as G
 from .cpa import Cpa
 from .layout import PAGE_SIZE
+from .owner import PageOwner
 from .versions import KernelVersion
 from .vmalloc import PageAllocator, Vmalloc, VmFlags, VmStruct
 
 __all__ = [
+    "AreaSetup",
     "BpfJit",
     "BpfProg",
     "Execmem",
@@ -58,6 +60,45 @@ class UsersError(ValueError):
 
 def _pages(nbytes: int) -> int:
     return -(-nbytes // PAGE_SIZE)
+
+
+_CpaCall = Callable[[int, int], object]
+
+
+class AreaSetup:
+    """Protect a fresh execmem area step by step, all or nothing.
+
+    Each :meth:`step` runs a CPA call and remembers what undoes its effect
+    on the direct-map aliases (the area itself is freed: an NX-only change,
+    which never reaches the alias, needs no undo). When a step runs out of
+    guest memory (a split finds no table page; CPA has already undone that
+    step), the steps done are undone newest first (they only rewrite entries
+    their own splits made 4K: no allocation), the area
+    is freed without the vm_reset_perms pass (its aliases are back to their
+    defaults, and that pass could itself need table pages), and the
+    MemoryError propagates. The splits the done steps made stay, as they
+    would in Linux, which never merges them back."""
+
+    def __init__(self, vmalloc: Vmalloc, area: VmStruct) -> None:
+        self.vmalloc = vmalloc
+        self.area = area
+        self._undo: list[tuple[_CpaCall, int, int]] = []
+
+    def step(self, do: _CpaCall, undo: _CpaCall | None, addr: int, numpages: int) -> None:
+        do(addr, numpages)
+        if undo is not None:
+            self._undo.append((undo, addr, numpages))
+
+    def __enter__(self) -> AreaSetup:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if exc_type is not None and issubclass(exc_type, MemoryError):
+            for undo, addr, numpages in reversed(self._undo):
+                undo(addr, numpages)
+            self.area.flags &= ~VmFlags.FLUSH_RESET_PERMS
+            self.vmalloc.vfree(self.area.addr)
+        return False
 
 
 @dataclass
@@ -95,20 +136,27 @@ class Execmem:
             size, start=self.version.modules_vaddr, end=self.version.modules_end,
             gfp=self.user_gfp("execmem", int(G.GFP_KERNEL)), flags=flags, caller=caller)
 
-    def make_rox(self, addr: int, numpages: int, user: str) -> None:
+    def make_rox(self, setup: AreaSetup, addr: int, numpages: int, user: str) -> None:
         """Read-only then executable, or one ``set_memory_rox`` on kernels
         whose ``user`` calls it."""
+        cpa = self.cpa
         if user in self.version.set_memory_rox_users:
-            self.cpa.set_memory_rox(addr, numpages)
+            setup.step(cpa.set_memory_rox, cpa.set_memory_rw, addr, numpages)
         else:
-            self.cpa.set_memory_ro(addr, numpages)
-            self.cpa.set_memory_x(addr, numpages)
+            setup.step(cpa.set_memory_ro, cpa.set_memory_rw, addr, numpages)
+            setup.step(cpa.set_memory_x, None, addr, numpages)
+
+    def alloc_rox(self, size: int, *, huge: bool = False, user: str = "execmem",
+                  caller: str = "module_alloc") -> VmStruct:
+        """module_alloc made RO+X, all or nothing."""
+        area = self.module_alloc(size, huge=huge, caller=caller)
+        with AreaSetup(self.vmalloc, area) as setup:
+            self.make_rox(setup, area.addr, area.size // PAGE_SIZE, user)
+        return area
 
     def alloc_insn_page(self) -> int:
         """kprobes/ftrace: one module_alloc page made RO+X."""
-        addr = self.module_alloc(PAGE_SIZE, caller="insn page").addr
-        self.make_rox(addr, 1, "execmem")
-        return addr
+        return self.alloc_rox(PAGE_SIZE, caller="insn page").addr
 
 
 class ModuleLoader:
@@ -130,16 +178,17 @@ class ModuleLoader:
         area = self.execmem.module_alloc((t + r + a + d) * PAGE_SIZE, caller=f"module {name}")
         base = area.addr
         mod = Module(name, area, t, r, a, d)
-        # complete_formation: module_enable_ro(mod, false), _nx, _x.
-        cpa.set_memory_ro(base, t)
-        if r:
-            cpa.set_memory_ro(base + t * PAGE_SIZE, r)
-        if r or a or d:
-            cpa.set_memory_nx(base + t * PAGE_SIZE, r + a + d)
-        cpa.set_memory_x(base, t)
-        # do_init_module: module_enable_ro(mod, true).
-        if a:
-            cpa.set_memory_ro(base + (t + r) * PAGE_SIZE, a)
+        with AreaSetup(self.vmalloc, area) as setup:
+            # complete_formation: module_enable_ro(mod, false), _nx, _x.
+            setup.step(cpa.set_memory_ro, cpa.set_memory_rw, base, t)
+            if r:
+                setup.step(cpa.set_memory_ro, cpa.set_memory_rw, base + t * PAGE_SIZE, r)
+            if r or a or d:
+                setup.step(cpa.set_memory_nx, None, base + t * PAGE_SIZE, r + a + d)
+            setup.step(cpa.set_memory_x, None, base, t)
+            # do_init_module: module_enable_ro(mod, true).
+            if a:
+                setup.step(cpa.set_memory_ro, cpa.set_memory_rw, base + (t + r) * PAGE_SIZE, a)
         self.modules[name] = mod
         return mod
 
@@ -181,9 +230,7 @@ class BpfJit:
 
     def _module_alloc_rox(self, size: int) -> VmStruct:
         huge = self.huge_pack and size >= BPF_PROG_PACK_SIZE
-        area = self.execmem.module_alloc(size, huge=huge, caller="bpf")
-        self.execmem.make_rox(area.addr, area.size // PAGE_SIZE, "bpf")
-        return area
+        return self.execmem.alloc_rox(size, huge=huge, user="bpf", caller="bpf")
 
     def load(self, size: int) -> BpfProg:
         """JIT a program whose image is ``size`` bytes."""
@@ -233,6 +280,8 @@ class BpfJit:
 class Secretmem:
     """``memfd_secret``: pages leave the direct map one at a time."""
 
+    OWNER = PageOwner.SECRETMEM
+
     def __init__(self, pages: PageAllocator, cpa: Cpa, user_gfp: UserGfp) -> None:
         self.page_alloc = pages
         self.cpa = cpa
@@ -243,7 +292,7 @@ class Secretmem:
         """secretmem_fault: allocate a page, unmap it from the direct map
         (unless the policy serves it with ``GFP_UNMAPPED``: the 2022 RFC)."""
         gfp = self.user_gfp("secretmem", int(G.GFP_HIGHUSER | G.GFP_ZERO))
-        pfn = self.page_alloc.alloc_pages(gfp, 0)
+        pfn = self.page_alloc.alloc_pages(gfp, 0, owner=self.OWNER)
         if not gfp & G.GFP_UNMAPPED:
             self.cpa.remove_from_direct_map(pfn, 1)
         self.pages.add(pfn)
@@ -256,11 +305,13 @@ class Secretmem:
         self.pages.remove(pfn)
         if not self.user_gfp("secretmem", 0) & G.GFP_UNMAPPED:
             self.cpa.restore_direct_map(pfn, 1)
-        self.page_alloc.free_pages(pfn, 0)
+        self.page_alloc.free_pages(pfn, 0, owner=self.OWNER)
 
 
 class GuestMemfd(Secretmem):
     """KVM ``guest_memfd`` without direct map: same protocol, many pages at once."""
+
+    OWNER = PageOwner.GUEST_MEMFD
 
     def populate(self, nr_pages: int) -> list[int]:
         return [self.fault() for _ in range(nr_pages)]
@@ -280,7 +331,8 @@ class ProtectedPageTables:
 
     def alloc(self) -> int:
         pfn = self.page_alloc.alloc_pages(
-            self.user_gfp("pgtable", int(G.GFP_PGTABLE | G.GFP_PTE_MAPPED)), 0)
+            self.user_gfp("pgtable", int(G.GFP_PGTABLE | G.GFP_PTE_MAPPED)), 0,
+            owner=PageOwner.PROTECTED_PGTABLE)
         self.cpa.set_memory_ro(self.cpa.pfn_to_virt(pfn), 1)
         self.pages.add(pfn)
         return pfn
@@ -290,4 +342,4 @@ class ProtectedPageTables:
             raise UsersError(f"pgtable: pfn {pfn:#x} is not a protected table page")
         self.pages.remove(pfn)
         self.cpa.set_memory_rw(self.cpa.pfn_to_virt(pfn), 1)
-        self.page_alloc.free_pages(pfn, 0)
+        self.page_alloc.free_pages(pfn, 0, owner=PageOwner.PROTECTED_PGTABLE)

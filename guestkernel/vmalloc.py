@@ -23,20 +23,34 @@ from emu import pagetable as pt
 from . import gfp as G
 from .cpa import Cpa
 from .layout import PAGE_SIZE, PMD_SIZE, VMALLOC_END, VMALLOC_START
+from .owner import PageOwner
 
-__all__ = ["PageAllocator", "VmFlags", "VmStruct", "Vmalloc", "VmallocError"]
+__all__ = ["PageAllocator", "VmFlags", "VmStruct", "Vmalloc", "VmallocBadRequest", "VmallocError",
+           "VmallocNoSpace"]
 
 
 class PageAllocator(Protocol):
     """The kernel's page allocator as its users call it (``Kernel`` is one:
     the policy's routing and GFP_UNMAPPED handling included)."""
 
-    def alloc_pages(self, gfp: int, order: int = 0) -> int: ...
-    def free_pages(self, pfn: int, order: int = 0) -> None: ...
+    def alloc_pages(self, gfp: int, order: int = 0, *, owner: PageOwner = PageOwner.NONE
+                    ) -> int: ...
+    def free_pages(self, pfn: int, order: int = 0, *, owner: PageOwner = PageOwner.NONE
+                   ) -> None: ...
 
 
-class VmallocError(MemoryError):
-    """No room in the address range, or a bad vfree; nothing changed."""
+class VmallocError(Exception):
+    """A vmalloc or vfree that could not be done; nothing changed."""
+
+
+class VmallocNoSpace(VmallocError, MemoryError):
+    """No room for the area in the address range (a MemoryError, as the
+    kernel's NULL from vmalloc is an out-of-memory condition)."""
+
+
+class VmallocBadRequest(VmallocError, ValueError):
+    """A bad size, a vfree of an address that starts no area, or a range
+    under a large mapping."""
 
 
 class VmFlags(enum.IntFlag):
@@ -91,7 +105,7 @@ class Vmalloc:
             if cur + need <= min(nxt, end):
                 return cur
             if i >= len(self._busy) or nxt >= end:
-                raise VmallocError(f"vmalloc: no {size:#x} bytes free in [{start:#x}, {end:#x})")
+                raise VmallocNoSpace(f"vmalloc: no {size:#x} bytes free in [{start:#x}, {end:#x})")
             cur = -(-self._busy[i][1] // align) * align
             i += 1
 
@@ -103,7 +117,7 @@ class Vmalloc:
                            caller: str = "") -> VmStruct:
         """``__vmalloc_node_range``: returns the new area."""
         if not isinstance(size, int) or size <= 0:
-            raise VmallocError(f"vmalloc: bad size {size!r}")
+            raise VmallocBadRequest(f"vmalloc: bad size {size!r}")
         size = -(-size // PAGE_SIZE) * PAGE_SIZE
         huge = bool(flags & VmFlags.ALLOW_HUGE_VMAP) and size >= PMD_SIZE
         order = 9 if huge else 0
@@ -115,10 +129,10 @@ class Vmalloc:
         pages: list[int] = []
         try:
             for _ in range(size >> (12 + order)):
-                pages.append(self.page_alloc.alloc_pages(gfp, order))
+                pages.append(self.page_alloc.alloc_pages(gfp, order, owner=PageOwner.VMALLOC))
         except MemoryError:
             for p in pages:
-                self.page_alloc.free_pages(p, order)
+                self.page_alloc.free_pages(p, order, owner=PageOwner.VMALLOC)
             raise
         area = VmStruct(addr, size, VmFlags.ALLOC | flags, pages, order, caller)
         bisect.insort(self._busy, (addr, addr + size + PAGE_SIZE))
@@ -149,7 +163,7 @@ class Vmalloc:
             if entry == 0:
                 table = pgt.populate(slot, "vmalloc")
             elif entry & pt.PteFlags.PS:
-                raise VmallocError(f"vmalloc: {va:#x} lies under a large mapping")
+                raise VmallocBadRequest(f"vmalloc: {va:#x} lies under a large mapping")
             else:
                 table = entry & pt.ADDR_MASK
         return pgt.slot(table, pt.table_index(va, level))
@@ -158,7 +172,7 @@ class Vmalloc:
         try:
             return self.areas[addr]
         except KeyError:
-            raise VmallocError(f"vfree({addr:#x}): not the start of a vmalloc area") from None
+            raise VmallocBadRequest(f"vfree({addr:#x}): not the start of a vmalloc area") from None
 
     def set_vm_flush_reset_perms(self, addr: int) -> None:
         self.find_area(addr).flags |= VmFlags.FLUSH_RESET_PERMS
@@ -182,7 +196,7 @@ class Vmalloc:
         self.shadow.unmap_vmalloc(area.addr, area.size // PAGE_SIZE)
         cpa.tlb.flush_tlb_kernel_range(area.addr, area.addr + area.size)
         for p in area.pages:
-            self.page_alloc.free_pages(p, area.page_order)
+            self.page_alloc.free_pages(p, area.page_order, owner=PageOwner.VMALLOC)
         del self.areas[addr]
         self._busy.remove((area.addr, area.addr + area.size + PAGE_SIZE))
 

@@ -101,3 +101,88 @@ def test_failed_alias_split_of_a_module_page_undoes_the_module_mapping_change():
     assert _state(k, area.addr, k.pfn_to_virt(pfn)) == before
     k.machine.translate(area.addr, "w")
     k.validate("full")
+
+
+@pytest.mark.parametrize("fail_at", [1, 2])     # the load splits two 2M pages
+def test_failed_module_load_gives_back_its_area_and_pages(fail_at):
+    """The nth table page a module load's CPA calls need is not to be had:
+    the load raises MemoryError, the module is not loaded, its area and
+    pages are gone, every alias it changed is RW again (validate checks the
+    CPU's view against that), and the name can be loaded later. Splits made
+    by the steps that succeeded stay (Linux never merges them back)."""
+    k = Kernel.boot(ram="2G")
+    areas, mods = dict(k.vmalloc.areas), dict(k.modules.modules)
+    _fail_on_table(k, fail_at)
+    with pytest.raises(MemoryError, match="injected"):
+        k.modules.load_module("big", text=3 << 20, rodata=2 << 20, data=1 << 20)
+    assert k.vmalloc.areas == areas and k.modules.modules == mods
+    assert not (k.page_owner == 1).sum() - sum(len(a.pfns()) for a in areas.values())
+    k.validate("full")
+    k.cpa.alloc_pgtable_page = k.alloc_pgtable_page
+    mod = k.modules.load_module("big", text=3 << 20, rodata=2 << 20, data=1 << 20)
+    assert mod.live
+    k.validate("full")
+
+
+def test_failed_bpf_load_on_a_kernel_without_packs():
+    """5.10 gives each program its own module_alloc (the first 499 land in
+    already split 2M pages); the one whose alias needs a split that fails
+    leaves no area behind, and the programs before it stay loaded."""
+    k = Kernel.boot(ram="2G", profile="5.10")
+    areas = dict(k.vmalloc.areas)
+    _fail_on_table(k, 1)
+    with pytest.raises(MemoryError, match="injected"):
+        for _ in range(600):
+            k.bpf.load(4096)
+    assert len(k.bpf.progs) == 1 + 499          # the boot filter (ptp_classifier) + 499
+    assert set(k.vmalloc.areas) == set(areas) | set(k.bpf.progs)
+    k.validate("full")
+
+
+@pytest.mark.parametrize("user", ["secretmem", "guest_memfd", "pgtable_protect", "vmalloc",
+                                  "page table"])
+def test_freeing_a_page_through_the_wrong_path_is_refused_with_its_owner(user):
+    """A secret page (or a vmalloc page, a protected or live page table) freed
+    with free_pages would go back to the allocator unmapped or read-only,
+    and the next GFP_KERNEL user would fault: refused, naming the owner and
+    the right path; nothing changes."""
+    from guestkernel.kernel import KernelError
+    k = Kernel.boot(ram="1G")
+    if user == "vmalloc":
+        pfn, owner, path = k.vmalloc.vmalloc_node_range(4096).pages[0], "vmalloc", "vfree"
+    elif user == "page table":
+        k.set_memory_ro(PAGE_OFFSET + 0x30000000, 1)          # a split: a new PTE table
+        pfn = k.pgt.lookup_slot(PAGE_OFFSET + 0x30000000)[0] >> 9
+        owner, path = "page_table", "page-table code"
+    elif user == "pgtable_protect":
+        pfn, owner, path = k.pgtable_protect.alloc(), "protected_pgtable", "pgtable_protect.free"
+    else:
+        pfn = getattr(k, user).fault()
+        owner, path = user, f"{user}.free"
+    before = _state(k, k.pfn_to_virt(pfn))
+    with pytest.raises(KernelError, match=f"free_pages\\({pfn:#x}, 0\\): the page belongs to "
+                                          f"{owner}; free it through .*{path}"):
+        k.free_pages(pfn, 0)
+    assert _state(k, k.pfn_to_virt(pfn)) == before
+    k.validate("full")
+
+
+def test_error_classes_users_can_catch():
+    from guestkernel.boot import BootError
+    from guestkernel.cpa import CpaError
+    from guestkernel.kernel import KernelError
+    from guestkernel.page_alloc import BadFreeError
+    from guestkernel.users import UsersError
+    from guestkernel.vmalloc import VmallocBadRequest, VmallocNoSpace
+    assert issubclass(AllocationError, MemoryError) and issubclass(VmallocNoSpace, MemoryError)
+    for bad in (KernelError, BootError, CpaError, BadFreeError, UsersError, VmallocBadRequest):
+        assert issubclass(bad, ValueError), bad
+    k = Kernel.boot(ram="1G")
+    with pytest.raises(KernelError, match="order must be 0..10"):
+        k.alloc_pages(GFP_KERNEL, 11)
+    with pytest.raises(MemoryError) as err:
+        k.alloc_pages(GFP_KERNEL, 10)          # 4 MiB: the 1G guest has no free order-10 block
+        k.alloc_pages(GFP_KERNEL, 10)
+        while True:
+            k.alloc_pages(GFP_KERNEL, 10)
+    assert err.value.order == 10 and err.value.gfp == GFP_KERNEL
