@@ -227,9 +227,17 @@ class Cpa:
     def remove_from_direct_map(self, pfn: int, nr_pages: int = 1) -> None:
         """Take [pfn, pfn+nr_pages) out of the direct map and flush them
         (``set_direct_map_invalid_noflush`` per page, then one
-        ``flush_tlb_kernel_range``), as secretmem and the grouping RFCs do."""
-        for i in range(nr_pages):
-            self.set_direct_map_invalid_noflush(pfn + i)
+        ``flush_tlb_kernel_range``), as secretmem and the grouping RFCs do.
+        All or nothing: when a page's split finds no table page, the pages
+        already taken out are put back (they are 4K now: no allocation) and
+        the MemoryError propagates."""
+        done = 0
+        try:
+            for done in range(nr_pages):
+                self.set_direct_map_invalid_noflush(pfn + done)
+        except MemoryError:
+            self.restore_direct_map(pfn, done)
+            raise
         self.tlb.flush_tlb_kernel_range(self.pfn_to_virt(pfn), self.pfn_to_virt(pfn + nr_pages))
 
     def restore_direct_map(self, pfn: int, nr_pages: int = 1) -> None:

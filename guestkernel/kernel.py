@@ -233,7 +233,11 @@ class Kernel:
                     raise
                 pfn = self.buddy.alloc_pages(buddy_gfp, order)
             if gfp & _GFP_UNMAPPED:
-                self.cpa.remove_from_direct_map(pfn, 1 << order)
+                try:
+                    self.cpa.remove_from_direct_map(pfn, 1 << order)
+                except MemoryError:
+                    self.buddy.free_pages(pfn, order)
+                    raise
                 self._unmapped[pfn] = order
         if gfp & _GFP_ZERO:
             pa = pfn * PAGE_SIZE

@@ -294,7 +294,11 @@ class Secretmem:
         gfp = self.user_gfp("secretmem", int(G.GFP_HIGHUSER | G.GFP_ZERO))
         pfn = self.page_alloc.alloc_pages(gfp, 0, owner=self.OWNER)
         if not gfp & G.GFP_UNMAPPED:
-            self.cpa.remove_from_direct_map(pfn, 1)
+            try:
+                self.cpa.remove_from_direct_map(pfn, 1)
+            except MemoryError:
+                self.page_alloc.free_pages(pfn, 0, owner=self.OWNER)
+                raise
         self.pages.add(pfn)
         return pfn
 
@@ -333,7 +337,11 @@ class ProtectedPageTables:
         pfn = self.page_alloc.alloc_pages(
             self.user_gfp("pgtable", int(G.GFP_PGTABLE | G.GFP_PTE_MAPPED)), 0,
             owner=PageOwner.PROTECTED_PGTABLE)
-        self.cpa.set_memory_ro(self.cpa.pfn_to_virt(pfn), 1)
+        try:
+            self.cpa.set_memory_ro(self.cpa.pfn_to_virt(pfn), 1)
+        except MemoryError:
+            self.page_alloc.free_pages(pfn, 0, owner=PageOwner.PROTECTED_PGTABLE)
+            raise
         self.pages.add(pfn)
         return pfn
 

@@ -185,7 +185,14 @@ class Vmalloc:
         if area.flags & VmFlags.FLUSH_RESET_PERMS:
             pfns = area.pfns()
             for pfn in pfns:
-                cpa.set_direct_map_invalid_noflush(pfn)
+                try:
+                    cpa.set_direct_map_invalid_noflush(pfn)
+                except MemoryError:
+                    # vm_reset_perms ignores what set_direct_map_* return: a
+                    # page whose invalidation needs a split it cannot get is
+                    # still under a large page, whose attributes it has
+                    # never left (the default): nothing to reset.
+                    pass
             lo = min(cpa.pfn_to_virt(min(pfns)), area.addr)
             hi = max(cpa.pfn_to_virt(max(pfns) + 1), area.addr + area.size)
             # _vm_unmap_aliases: one flush over the union of both ranges.

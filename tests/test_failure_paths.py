@@ -186,3 +186,58 @@ def test_error_classes_users_can_catch():
         while True:
             k.alloc_pages(GFP_KERNEL, 10)
     assert err.value.order == 10 and err.value.gfp == GFP_KERNEL
+
+
+def _page_in_2m(k: Kernel, alloc) -> int:
+    """Allocate with ``alloc`` until a page's direct-map entry is a 2M leaf."""
+    for _ in range(2000):
+        pfn = alloc()
+        if k.lookup_address(k.pfn_to_virt(pfn))[1] == 2:
+            return pfn
+    raise AssertionError("no page under a 2M mapping")
+
+
+def test_failed_secretmem_fault_gives_the_page_back():
+    k = Kernel.boot(ram="2G")
+    _page_in_2m(k, lambda: k.alloc_pages(GFP_KERNEL, 0))   # the pcp now serves 2M-mapped pages
+    pages = set(k.secretmem.pages)
+    _fail_on_table(k, 1)
+    with pytest.raises(MemoryError, match="injected"):
+        for _ in range(600):
+            k.secretmem.fault()
+    assert k.secretmem.pages >= pages
+    fresh = k.secretmem.pages - pages
+    assert all(k.lookup_address(k.pfn_to_virt(p)) is None or
+               k.lookup_address(k.pfn_to_virt(p))[0] & 1 == 0 for p in fresh)
+    assert (k.page_owner == 2).sum() == len(k.secretmem.pages)
+    k.validate("full")
+
+
+def test_gfp_unmapped_alloc_across_two_2m_pages_is_all_or_nothing():
+    """An order-10 GFP_UNMAPPED block spans two 2M pages: the first is split
+    and its pages unmapped, the second split finds no page: the first 512
+    pages are mapped again and the block goes back to the allocator."""
+    from guestkernel.gfp import GFP_UNMAPPED
+    k = Kernel.boot(ram="2G")
+    before = _state(k)
+    taken = _fail_on_table(k, 2)
+    with pytest.raises(MemoryError, match="injected"):
+        k.alloc_pages(GFP_KERNEL | GFP_UNMAPPED, 10)
+    assert len(taken) == 1                 # the first 2M page's split stays, as in Linux
+    after = _state(k)
+    assert after[0]["DirectMap2M"] == before[0]["DirectMap2M"] - 2048
+    assert after[2] == before[2] - 1                # only the table page is gone
+    k.validate("full")
+
+
+def test_vfree_with_reset_perms_under_oom_still_frees_the_area():
+    """vm_reset_perms ignores what set_direct_map_* return (Linux): a module
+    unloaded when no table page is to be had still goes away, and every
+    alias is mapped RW again."""
+    k = Kernel.boot(ram="2G")
+    k.modules.load_module("m", text=5 << 20, data=1 << 20)
+    areas = len(k.vmalloc.areas)
+    _fail_on_table(k, 1)
+    k.modules.delete_module("m")
+    assert len(k.vmalloc.areas) == areas - 1 and "m" not in k.modules.modules
+    k.validate("full")
