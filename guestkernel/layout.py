@@ -13,7 +13,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 __all__ = [
+    "DEBIAN_5_10_IMAGE",
     "DEBIAN_6_1_IMAGE",
+    "DEBIAN_7_2_IMAGE",
     "PAGE_OFFSET",
     "PAGE_SHIFT",
     "PAGE_SIZE",
@@ -87,4 +89,49 @@ DEBIAN_6_1_IMAGE = KernelImage(
     end_of_kernel_reserve=0xFFFFFFFF84400000,
     brk_end=0xFFFFFFFF84430000,        # __brk_base + the brk reserved in full (bound of use)
     end=0xFFFFFFFF84430000,
+)
+
+#: Debian's 5.10.223 (linux-image-5.10.0-32-amd64), read from its
+#: /proc/kallsyms under QEMU (nokaslr); brk_end as for 6.1: the brk in full.
+DEBIAN_5_10_IMAGE = KernelImage(
+    phys_start=0x1000000,
+    text=0xFFFFFFFF81000000,
+    etext=0xFFFFFFFF81C01F42,
+    start_rodata=0xFFFFFFFF81E00000,
+    end_rodata=0xFFFFFFFF82574000,
+    end_rodata_hpage_align=0xFFFFFFFF82600000,
+    sdata=0xFFFFFFFF82600000,
+    init_begin=0xFFFFFFFF82C11000,
+    init_end=0xFFFFFFFF82EAE000,
+    smp_locks=0xFFFFFFFF82EAE000,
+    smp_locks_end=0xFFFFFFFF82EB6000,
+    bss_start=0xFFFFFFFF82EB7000,
+    idt_table=0xFFFFFFFF82EBA000,
+    bss_decrypted_unused=0xFFFFFFFF83E03000,
+    end_bss_decrypted=0xFFFFFFFF84000000,
+    end_of_kernel_reserve=0xFFFFFFFF84000000,
+    brk_end=0xFFFFFFFF8402C000,
+    end=0xFFFFFFFF8402C000,
+)
+
+#: Debian's 7.2.13 (linux-binary-7.2.13+deb14-amd64), read the same way.
+DEBIAN_7_2_IMAGE = KernelImage(
+    phys_start=0x1000000,
+    text=0xFFFFFFFF81000000,
+    etext=0xFFFFFFFF822CA8E0,
+    start_rodata=0xFFFFFFFF82400000,
+    end_rodata=0xFFFFFFFF83163000,
+    end_rodata_hpage_align=0xFFFFFFFF83200000,
+    sdata=0xFFFFFFFF83200000,
+    init_begin=0xFFFFFFFF839B9000,
+    init_end=0xFFFFFFFF83E43000,
+    smp_locks=0xFFFFFFFF83E43000,
+    smp_locks_end=0xFFFFFFFF83E4F000,
+    bss_start=0xFFFFFFFF83E50000,
+    idt_table=0xFFFFFFFF83E54000,
+    bss_decrypted_unused=0xFFFFFFFF84005000,
+    end_bss_decrypted=0xFFFFFFFF84200000,
+    end_of_kernel_reserve=0xFFFFFFFF84200000,
+    brk_end=0xFFFFFFFF84230000,
+    end=0xFFFFFFFF84230000,
 )

@@ -114,3 +114,34 @@ def test_set_memory_rox_collapses_only_where_the_kernel_does(profile, collapses)
     assert k.vmstat()["direct_map_level2_collapses"] == collapses
     assert k.lookup_address(va)[1] == (2 if collapses else 1)
     k.validate("full")
+
+
+#: Boot /proc/meminfo of Debian's kernels under QEMU TCG (-cpu max, nokaslr,
+#: a busybox initramfs), measured on this project's machines (kB).
+REAL_BOOT = {
+    ("5.10", "3G"): (22400, 2074624, 1048576),
+    ("5.10", "8G"): (22400, 3123200, 7340032),
+    ("7.2", "3G"): (22400, 2074624, 1048576),
+    ("7.2", "8G"): (22400, 3123200, 7340032),
+}
+
+
+def _boot_meminfo(profile: str, ram: str) -> tuple[int, int, int]:
+    mi = Kernel.boot(ram=ram, profile=profile).meminfo()
+    return mi["DirectMap4k"], mi["DirectMap2M"], mi["DirectMap1G"]
+
+
+@pytest.mark.parametrize("ram", ["3G", "8G"])
+def test_5_10_boot_meminfo_equals_linux_5_10(ram):
+    assert _boot_meminfo("5.10", ram) == REAL_BOOT[("5.10", ram)]
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "7.2: the model's boot splits one 2M page more than Debian's 7.2.13 (DirectMap4k 24448 "
+    "vs 22400 kB). Its image layout (kallsyms) and boot CPA calls (ftrace) are in the "
+    "record; a huge (2M-backed) bpf_prog_pack gives 20352, one split too few, so the "
+    "difference is elsewhere: needs a walk of the real 7.2 direct map (ptwalk built "
+    "against its headers)."))
+@pytest.mark.parametrize("ram", ["3G", "8G"])
+def test_7_2_boot_meminfo_equals_linux_7_2(ram):
+    assert _boot_meminfo("7.2", ram) == REAL_BOOT[("7.2", ram)]
