@@ -48,13 +48,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except UsageError as exc:
-        code, msg = EXIT_USAGE, str(exc)
+        code, msg, caught = EXIT_USAGE, str(exc), exc
     except ToolMissing as exc:
-        code, msg = EXIT_TOOL, str(exc)
-    except KeyboardInterrupt:
-        code, msg = EXIT_PROBLEM, "interrupted"
+        code, msg, caught = EXIT_TOOL, str(exc), exc
+    except KeyboardInterrupt as exc:
+        code, msg, caught = EXIT_PROBLEM, "interrupted", exc
     except Exception as exc:  # noqa: BLE001 - one line, never a traceback (unless --debug)
         from ..workloads import WorkloadError  # imported late: it loads the whole model
+        caught = exc
         if isinstance(exc, WorkloadError):
             code, msg = EXIT_PROBLEM, f"workload {getattr(args, 'workload', '?')}: {exc}"
         else:
@@ -62,5 +63,5 @@ def main(argv: list[str] | None = None) -> int:
                                        f"(dmfrag --debug {args.cmd} ... shows the traceback)")
     print(f"dmfrag {args.cmd}: {msg}", file=sys.stderr)
     if args.debug:
-        traceback.print_exc()
+        traceback.print_exception(caught)
     return code
