@@ -187,5 +187,9 @@ def _collect(futures: list, results: list, progress, cancel) -> None:
         except CellError as exc:
             cancel(futures[i + 1:])
             raise CellError(str(exc), exc.cell, results) from None
+        except Exception as exc:  # noqa: BLE001 - a worker that died: the finished cells stay
+            cancel(futures[i + 1:])
+            raise CellError(f"cell {i + 1}: the worker failed: {type(exc).__name__}: {exc}",
+                            None, results) from None
         if progress:
             progress()
