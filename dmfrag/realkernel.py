@@ -5,6 +5,11 @@ with a given RAM size, run a workload in a busybox initramfs, and collect
 Everything comes from Debian's packages: ``qemu-system-x86``,
 ``busybox-static`` and ``cpio`` installed with apt, the kernel package
 fetched with ``apt-get download`` into a cache folder and unpacked there.
+The kernel package is pinned to one version (:data:`KERNEL_PACKAGE_VERSION`)
+and its file checked against the SHA256 apt's own metadata gives for that
+version (``apt-cache show PKG=VERSION``) every time it is used, cached or
+not; it is unpacked into a fresh temporary folder and renamed into place,
+so two runs at once never see a half-unpacked kernel.
 The guest helpers (BPF program loading through the ``bpf`` syscall,
 ``memfd_secret``) are C sources in ``dmfrag/guest`` built statically with
 the host's gcc.
@@ -15,11 +20,13 @@ The workloads' shell steps are declared in :mod:`dmfrag.registry`.
 from __future__ import annotations
 
 import gzip
+import hashlib
 import os
 import re
 import shutil
 import stat
 import subprocess
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +35,7 @@ from .registry import MODULES, UnknownWorkload, guest_names, guest_steps
 
 __all__ = [
     "KERNEL_PACKAGE",
+    "KERNEL_PACKAGE_VERSION",
     "WORKLOAD_STEPS",
     "RealKernel",
     "RealKernelError",
@@ -36,7 +44,11 @@ __all__ = [
 ]
 
 KERNEL_PACKAGE = "linux-image-6.1.0-56-amd64"
+#: the package's exact Debian version: the one the calibration was made on
+KERNEL_PACKAGE_VERSION = "6.1.192-2"
 KERNEL_VERSION = "6.1.0-56-amd64"
+#: written into the unpacked folder: which package file it came from
+_STAMP = ".dmfrag-package"
 TOOLS = {"qemu-system-x86_64": "qemu-system-x86", "busybox": "busybox-static",
          "cpio": "cpio", "gcc": "gcc", "apt-get": "apt", "dpkg-deb": "dpkg"}
 HELPERS = ("bpf_load", "secretmem")
@@ -131,31 +143,83 @@ class RealKernel:
             raise RealKernelError("busybox is dynamically linked: install busybox-static")
 
     def kernel_dir(self) -> Path:
-        """The unpacked kernel package (downloaded once into the cache)."""
+        """The unpacked kernel package (downloaded once into the cache,
+        its hash checked against apt's metadata, unpacked atomically)."""
         root = self.cache / KERNEL_PACKAGE
         vmlinuz = root / "boot" / f"vmlinuz-{KERNEL_VERSION}"
-        if vmlinuz.exists():
-            return root
         self.cache.mkdir(parents=True, exist_ok=True)
-        debs = list(self.cache.glob(f"{KERNEL_PACKAGE}_*.deb"))
-        if not debs:
-            r = subprocess.run(["apt-get", "download", KERNEL_PACKAGE], cwd=self.cache,
-                               capture_output=True, text=True, check=False)
+        sha = self._expected_sha256()
+        stamp = f"{KERNEL_PACKAGE}={KERNEL_PACKAGE_VERSION} sha256:{sha}"
+        if vmlinuz.exists() and _read(root / _STAMP) == stamp:
+            return root
+        deb = self._verified_deb(sha)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{KERNEL_PACKAGE}.", dir=self.cache))
+        try:
+            r = subprocess.run(["dpkg-deb", "-x", str(deb), str(tmp)], capture_output=True,
+                               text=True, check=False)
             if r.returncode:
-                if "Unable to locate" in r.stderr or "E:" in r.stderr:
-                    subprocess.run(["apt-get", "update", "-qq"], capture_output=True, check=False)
-                    r = subprocess.run(["apt-get", "download", KERNEL_PACKAGE], cwd=self.cache,
-                                       capture_output=True, text=True, check=False)
-                if r.returncode:
-                    raise RealKernelError(f"apt-get download {KERNEL_PACKAGE} failed: "
-                                          f"{r.stderr.strip()[-500:]}")
-            debs = list(self.cache.glob(f"{KERNEL_PACKAGE}_*.deb"))
-        tmp = root.with_suffix(".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        subprocess.run(["dpkg-deb", "-x", str(debs[0]), str(tmp)], check=True)
-        shutil.rmtree(root, ignore_errors=True)
-        tmp.rename(root)
+                raise RealKernelError(f"dpkg-deb -x {deb.name} failed: {r.stderr.strip()[-500:]}")
+            (tmp / _STAMP).write_text(stamp)
+            if root.exists():             # an older or unchecked unpack: move it aside first
+                old = Path(tempfile.mkdtemp(prefix=f".{KERNEL_PACKAGE}.old.", dir=self.cache))
+                try:
+                    os.replace(root, old / "k")
+                except OSError:
+                    pass                  # another run moved it first
+                shutil.rmtree(old, ignore_errors=True)
+            try:
+                os.rename(tmp, root)
+            except OSError:
+                # another run put its unpack in place between the two renames
+                if not (vmlinuz.exists() and _read(root / _STAMP) == stamp):
+                    raise RealKernelError(f"cannot put the unpacked kernel at {root}") from None
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
         return root
+
+    def _expected_sha256(self) -> str:
+        """The SHA256 apt's metadata gives for the pinned package version."""
+        spec = f"{KERNEL_PACKAGE}={KERNEL_PACKAGE_VERSION}"
+        r = subprocess.run(["apt-cache", "show", spec], capture_output=True, text=True,
+                           check=False)
+        if r.returncode or "SHA256:" not in r.stdout:
+            subprocess.run(["apt-get", "update", "-qq"], capture_output=True, check=False)
+            r = subprocess.run(["apt-cache", "show", spec], capture_output=True, text=True,
+                               check=False)
+        m = re.search(r"^SHA256:\s*([0-9a-f]{64})\s*$", r.stdout, re.MULTILINE)
+        if r.returncode or m is None:
+            raise RealKernelError(f"apt knows no {spec} with a SHA256 (apt-cache show: "
+                                  f"{(r.stderr or r.stdout).strip()[-300:] or 'nothing'}); the "
+                                  f"package cannot be checked, so it is not used")
+        return m.group(1)
+
+    def _verified_deb(self, sha: str) -> Path:
+        """The pinned package file in the cache, its SHA256 checked; fetched
+        with ``apt-get download PKG=VERSION`` when absent or wrong."""
+        deb = self.cache / f"{KERNEL_PACKAGE}_{KERNEL_PACKAGE_VERSION}_amd64.deb"
+        if deb.exists() and _sha256(deb) == sha:
+            return deb
+        spec = f"{KERNEL_PACKAGE}={KERNEL_PACKAGE_VERSION}"
+        tmp = Path(tempfile.mkdtemp(prefix=".download.", dir=self.cache))
+        try:
+            r = subprocess.run(["apt-get", "download", spec], cwd=tmp, capture_output=True,
+                               text=True, check=False)
+            if r.returncode:
+                subprocess.run(["apt-get", "update", "-qq"], capture_output=True, check=False)
+                r = subprocess.run(["apt-get", "download", spec], cwd=tmp, capture_output=True,
+                                   text=True, check=False)
+            got = list(tmp.glob("*.deb"))
+            if r.returncode or len(got) != 1:
+                raise RealKernelError(f"apt-get download {spec} failed: "
+                                      f"{r.stderr.strip()[-500:]}")
+            digest = _sha256(got[0])
+            if digest != sha:
+                raise RealKernelError(f"apt-get download {spec}: SHA256 {digest} is not the "
+                                      f"{sha} apt's metadata gives; not used")
+            os.replace(got[0], deb)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return deb
 
     def helpers(self) -> dict[str, Path]:
         """Static guest helpers, built once per source change."""
@@ -239,11 +303,29 @@ class RealKernel:
             initrd.unlink(missing_ok=True)
         out = r.stdout.decode(errors="replace")
         if "@@DONE" not in out:
+            err = r.stderr.decode(errors="replace").strip()
             raise RealKernelError(f"the guest stopped before its workload finished "
-                                  f"(qemu exit {r.returncode}); last output:\n{out[-2000:]}")
+                                  f"(qemu exit {r.returncode})"
+                                  + (f"; qemu said: {err[-1500:]}" if err else "")
+                                  + (f"; last output:\n{out[-2000:]}" if out.strip() else ""))
         run = RealRun(ram, workload, seconds=time.monotonic() - t0, console=out)
         _parse(out, run)
         return run
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _read(path: Path) -> str | None:
+    try:
+        return path.read_text()
+    except OSError:
+        return None
 
 
 _KV = re.compile(r"^(\w+):?\s+(\d+)")

@@ -123,6 +123,8 @@ def sweep_row(cell: Mapping[str, Any], d: Driver) -> dict:
 
 def replay_result(d: Driver, err: TraceError | None) -> dict:
     """The JSON line of ``dmfrag trace replay``: the state after the replay
-    (up to the first bad line, if any) and the error that stopped it."""
+    (up to the first bad line, if any), the error that stopped it and what
+    the replay warned about (e.g. a version-1 trace has no trailer)."""
     return {"meminfo": d.kernel.meminfo(), "vmstat": d.kernel.vmstat(),
-            "replayed_calls": len(d.lines) - 1, "error": str(err) if err else None}
+            "replayed_calls": len(d.lines) - 1, "error": str(err) if err else None,
+            "warnings": list(d.warnings)}

@@ -6,13 +6,22 @@ and records it. Calls that return something (a PFN, an address) get a
 handle (``"h7"``); later calls name the handle, so a trace replays on any
 policy (the pages differ, the calls do not).
 
-Trace format, version 1 (one JSON object per line):
+Trace format, version 2 (one JSON object per line):
 
-* line 1, the header: ``{"format": "dmfrag-trace", "version": 1, "boot":
-  {"ram": "8G"} | {"e820": "<boot log text>"}, "policy": "...",
-  "workload": "...", "seed": N}``;
-* every other line, one call: ``{"op": NAME, "args": {...}}`` plus
-  ``"ret": "hN"`` when it returns a handle (``"rets": [...]`` for several).
+* line 1, the header: ``{"format": "dmfrag-trace", "version": 2, "boot":
+  {"ram": "8G"} | {"e820": "<e820 lines>"}, "policy": "...",
+  "workload": "...", "seed": N, "scale": F}``. ``e820`` holds the boot
+  log's ``BIOS-e820``/``e820:`` lines and its ``Linux version`` line (which
+  picks the kernel record), nothing else: a trace is data, it carries the
+  map itself and never names a file to read;
+* then one line per call: ``{"op": NAME, "args": {...}}`` plus
+  ``"ret": "hN"`` when it returns a handle;
+* the last line, the trailer: ``{"end": N}``, N the number of call lines.
+  A trace cut short at a line boundary has no trailer (or a wrong count)
+  and its replay says so, instead of passing for a complete one.
+
+Version 1 (no trailer, ``e820`` the whole boot log) is still read; its
+replay warns that completeness cannot be checked.
 
 The workloads themselves (what each one calls) are declared in
 :mod:`dmfrag.registry`; this module runs and records them.
@@ -21,6 +30,7 @@ The workloads themselves (what each one calls) are declared in
 from __future__ import annotations
 
 import json
+import math
 import random
 from dataclasses import dataclass, field
 
@@ -29,9 +39,12 @@ from guestkernel import gfp as G
 
 from .registry import MODULE_SIZES, model_driver, model_names
 
-__all__ = ["MODULE_SIZES", "WORKLOADS", "Driver", "TraceError", "replay", "run_workload"]
+__all__ = ["MODULE_SIZES", "TRACE_VERSION", "WORKLOADS", "Driver", "TraceError", "WorkloadError",
+           "e820_lines", "replay", "run_workload", "trace_text"]
 
-TRACE_FORMAT, TRACE_VERSION = "dmfrag-trace", 1
+TRACE_FORMAT, TRACE_VERSION = "dmfrag-trace", 2
+#: versions replay still reads (1: no trailer)
+READ_VERSIONS = (1, 2)
 
 
 class TraceError(ValueError):
@@ -40,6 +53,30 @@ class TraceError(ValueError):
     def __init__(self, line_no: int, fld: str, message: str):
         super().__init__(f"trace line {line_no}: field {fld!r}: {message}")
         self.line_no, self.field = line_no, fld
+
+
+class WorkloadError(RuntimeError):
+    """A call of a running workload failed for lack of a resource (the guest
+    ran out of memory): names the call by its number and what it was doing.
+    ``driver`` holds the state reached (the calls before it), so the caller
+    can still report it rather than lose the run."""
+
+    def __init__(self, call_no: int, op: str, args: dict, cause: BaseException,
+                 driver: Driver):
+        shown = ", ".join(f"{k}={v!r}" for k, v in args.items())
+        super().__init__(f"call {call_no} ({op}({shown})) failed: "
+                         f"{type(cause).__name__}: {cause}")
+        self.call_no, self.op, self.cause, self.driver = call_no, op, cause, driver
+
+
+def e820_lines(log: str) -> str:
+    """What of a boot log a trace keeps: the ``BIOS-e820``/``e820:`` lines
+    (the map and the kernel's edits of it) and the ``Linux version`` line
+    (it picks the kernel record); the rest of a log (command line, device
+    names, ...) is not the trace's business."""
+    keep = [ln for ln in log.splitlines()
+            if "BIOS-e820" in ln or "e820: " in ln or "Linux version" in ln]
+    return "".join(ln + "\n" for ln in keep)
 
 
 # -- the calls --------------------------------------------------------------------
@@ -129,6 +166,8 @@ class Driver:
     sample_every: int = 100
     samples: list[tuple[int, int, int, int, int, int]] = field(default_factory=list)
     oracle: object = None
+    #: what a replay noticed but did not stop for (e.g. a version-1 trace)
+    warnings: list[str] = field(default_factory=list)
 
     def sample(self) -> None:
         mi, vm = self.kernel.meminfo(), self.kernel.vmstat_counters
@@ -141,7 +180,10 @@ class Driver:
         real = dict(args)
         for a in HANDLE_ARGS.get(op, ()):
             real[a] = self.handles[args[a]]
-        ret = OPS[op](self.kernel, **real)
+        try:
+            ret = OPS[op](self.kernel, **real)
+        except MemoryError as exc:
+            raise WorkloadError(len(self.lines), op, args, exc, self) from exc
         rec = {"op": op, "args": args}
         name = None
         if ret is not None:
@@ -169,15 +211,20 @@ def run_workload(workload: str, *, ram: str | None = "4G", e820: str | None = No
                  policy: str = "baseline", seed: int = 1, scale: float = 1.0,
                  kernel: Kernel | None = None) -> Driver:
     """Boot (unless given a kernel) and run one workload; returns the driver
-    (kernel, trace lines, handles)."""
+    (kernel, trace lines, handles). ``e820`` is a boot log's text: the run
+    boots from its :func:`e820_lines`, which the trace keeps. A call that
+    runs out of guest memory raises :class:`WorkloadError` (the driver so
+    far in it); a bad name, size or map fails before any work."""
     driver = model_driver(workload)      # an unknown name: ValueError listing the known
-    if scale <= 0:
-        raise ValueError("scale must be positive")
-    k = kernel or Kernel.boot(ram=None if e820 else ram, e820=e820, policy=policy)
+    if not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
+        raise ValueError(f"scale must be a positive finite number, not {scale!r}")
+    if e820 is not None:
+        e820 = e820_lines(e820)
+    k = kernel or Kernel.boot(ram=None if e820 is not None else ram, e820=e820, policy=policy)
     d = Driver(k)
     from policies.oracle import OracleTracker
     d.oracle = OracleTracker(k)
-    boot = {"e820": e820} if e820 else {"ram": ram}
+    boot = {"e820": e820} if e820 is not None else {"ram": ram}
     d.lines.append(json.dumps({"format": TRACE_FORMAT, "version": TRACE_VERSION, "boot": boot,
                                "policy": policy, "workload": workload, "seed": seed,
                                "scale": scale}, sort_keys=True))
@@ -187,9 +234,50 @@ def run_workload(workload: str, *, ram: str | None = "4G", e820: str | None = No
     return d
 
 
+def trace_text(d: Driver, error: BaseException | None = None) -> str:
+    """The trace file of a run: its lines and the ``{"end": N}`` trailer;
+    a run that stopped early (``error``) says why in the trailer
+    (``"error"``), so its replay does not pass for a complete workload."""
+    end: dict = {"end": len(d.lines) - 1}
+    if error is not None:
+        end["error"] = str(error)
+    return "".join(ln + "\n" for ln in d.lines) + json.dumps(end, sort_keys=True) + "\n"
+
+
+def _boot_from_header(head: dict, policy: str | None) -> Kernel:
+    """Boot what a trace header asks for; anything wrong in it is a
+    :class:`TraceError` naming the field (the header is input: bad input,
+    never a traceback). The header's ``e820`` is text, never a file name."""
+    from guestkernel.policy import get_policy
+    boot = head.get("boot")
+    if not isinstance(boot, dict) or len(set(boot) & {"ram", "e820"}) != 1:
+        raise TraceError(1, "boot", "must be {\"ram\": SIZE} or {\"e820\": LINES}")
+    if "ram" in boot:
+        fld, ram, e820 = "boot.ram", boot["ram"], None
+        if isinstance(ram, bool) or not isinstance(ram, (str, int)):
+            raise TraceError(1, fld, f"must be a size such as \"2G\", not {ram!r}")
+    else:
+        fld, ram, e820 = "boot.e820", None, boot["e820"]
+        if not isinstance(e820, str):
+            raise TraceError(1, fld, f"must be the e820 lines as a string, not {e820!r}")
+    pol = policy if policy is not None else head.get("policy", "baseline")
+    try:
+        get_policy(pol)
+    except (ValueError, TypeError) as exc:
+        raise TraceError(1, "policy", str(exc)) from None
+    from guestkernel.kernel import KernelError
+    try:
+        return Kernel.boot(ram=ram, e820=e820, policy=pol)
+    except (ValueError, MemoryError, KernelError) as exc:
+        raise TraceError(1, fld, str(exc)) from None
+
+
 def replay(lines, *, policy: str | None = None) -> tuple[Driver, TraceError | None]:
-    """Replay a trace. A malformed line stops the replay: the driver (kernel
-    and state up to that line) is returned with the error, not lost."""
+    """Replay a trace. A bad header is a :class:`TraceError` (raised: there
+    is no state yet). A malformed call line, or a missing or wrong trailer,
+    stops the replay: the driver (kernel and state up to that line) is
+    returned with the error, not lost. A version-1 trace (no trailer) adds a
+    warning to ``driver.warnings``."""
     it = iter(enumerate(lines, start=1))
     try:
         no, first = next(it)
@@ -199,44 +287,72 @@ def replay(lines, *, policy: str | None = None) -> tuple[Driver, TraceError | No
         head = json.loads(first)
     except ValueError as exc:
         raise TraceError(1, "format", f"not JSON ({exc})") from None
+    if not isinstance(head, dict):
+        raise TraceError(1, "format", f"the header must be a JSON object, not {first.strip()!r}")
     if head.get("format") != TRACE_FORMAT:
         raise TraceError(1, "format", f"expected {TRACE_FORMAT!r}")
-    if head.get("version") != TRACE_VERSION:
-        raise TraceError(1, "version", f"unsupported version {head.get('version')!r}")
-    boot = head.get("boot")
-    if not isinstance(boot, dict) or not ("ram" in boot or "e820" in boot):
-        raise TraceError(1, "boot", "needs 'ram' or 'e820'")
-    k = Kernel.boot(ram=boot.get("ram"), e820=boot.get("e820"),
-                    policy=policy or head.get("policy", "baseline"))
+    version = head.get("version")
+    if isinstance(version, bool) or version not in READ_VERSIONS:
+        raise TraceError(1, "version", f"unsupported version {version!r} (this dmfrag reads "
+                                       f"{', '.join(map(str, READ_VERSIONS))})")
+    k = _boot_from_header(head, policy)
     d = Driver(k)
+    if version == 1:
+        d.warnings.append("version-1 trace: it has no trailer, so a trace cut short cannot be "
+                          "told from a complete one")
     d.lines.append(first if policy is None else json.dumps({**head, "policy": policy}, sort_keys=True))
     rename: dict[str, str] = {}
+    calls, end_seen, last = 0, None, 1
     for no, line in it:
         if not line.strip():
             continue
+        last = no
         try:
             rec = json.loads(line)
         except ValueError as exc:
             return d, TraceError(no, "line", f"not JSON ({exc})")
+        if not isinstance(rec, dict):
+            return d, TraceError(no, "line", f"must be a JSON object, not {line.strip()!r}")
+        if end_seen is not None:
+            return d, TraceError(no, "line", f"after the trailer of line {end_seen}")
+        if version >= 2 and "end" in rec:
+            n = rec["end"]
+            if isinstance(n, bool) or not isinstance(n, int) or n != calls:
+                return d, TraceError(no, "end", f"the trailer says {n!r} calls, the trace "
+                                                f"holds {calls}")
+            end_seen = no
+            if rec.get("error"):
+                d.warnings.append(f"the recorded run stopped after {calls} calls: {rec['error']}")
+            continue
         op = rec.get("op")
-        if op not in OPS:
+        if not isinstance(op, str) or op not in OPS:
             return d, TraceError(no, "op", f"unknown op {op!r}")
         args = rec.get("args")
         if not isinstance(args, dict):
             return d, TraceError(no, "args", "must be an object")
         args = dict(args)
         for a in HANDLE_ARGS.get(op, ()):
-            if args.get(a) not in rename:
-                return d, TraceError(no, f"args.{a}", f"unknown handle {args.get(a)!r}")
-            args[a] = rename[args[a]]
+            h = args.get(a)
+            if not isinstance(h, str) or h not in rename:
+                return d, TraceError(no, f"args.{a}", f"unknown handle {h!r}")
+            args[a] = rename[h]
         try:
             got = d.call(op, **args)
         except TypeError as exc:
             return d, TraceError(no, "args", str(exc))
+        except WorkloadError as exc:
+            return d, TraceError(no, "op", f"{op} failed: {type(exc.cause).__name__}: "
+                                           f"{exc.cause}")
         except (ValueError, KeyError, MemoryError) as exc:
             return d, TraceError(no, "op", f"{op} failed: {exc}")
+        calls += 1
         if "ret" in rec:
             if got is None:
                 return d, TraceError(no, "ret", f"{op} returns nothing")
+            if not isinstance(rec["ret"], str):
+                return d, TraceError(no, "ret", f"must be a handle name, not {rec['ret']!r}")
             rename[rec["ret"]] = got
+    if version >= 2 and end_seen is None:
+        return d, TraceError(last + 1, "end", f"no trailer {{\"end\": N}}: the trace ends after "
+                                              f"{calls} calls, cut short")
     return d, None

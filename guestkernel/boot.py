@@ -31,7 +31,7 @@ from emu import Machine
 from emu import pagetable as pt
 
 from .cpa import Cpa
-from .e820 import E820Table, parse_size
+from .e820 import E820Table
 from .layout import PAGE_SIZE, PMD_SIZE, START_KERNEL_MAP
 from .memblock import Memblock
 from .memory_mapping import init_mem_mapping as plan_mem_mapping
@@ -76,26 +76,50 @@ def e820__memory_setup(e820: str | Path | E820Table | None, ram: str | int | Non
                        ) -> tuple[E820Table, str | None]:
     """The e820 table and the boot log's text (None when the map did not
     come from a log). ``e820`` wins over ``ram``; with neither, ``ram``
-    gives QEMU's PC layout for that size."""
+    gives QEMU's PC layout for that size.
+
+    ``e820`` is a boot log's text (a ``str``, always: never taken as a file
+    name, so text that happens to be one line is not opened), a
+    :class:`pathlib.Path` to read one from, or an :class:`E820Table`. The
+    map must fit the emulated CPU's physical address space
+    (``emu.machine.MAX_RAM_BYTES``): checked here, before anything is
+    built, so the error names the limit and not a failed allocation."""
+    from emu.machine import MAX_RAM_BYTES
+    log: str | None = None
     if isinstance(e820, E820Table):
-        return e820, None
-    if isinstance(e820, Path) or (isinstance(e820, str) and "\n" not in e820
-                                  and "BIOS-e820" not in e820):
-        path = Path(e820)
+        table = e820
+    elif isinstance(e820, Path):
         try:
-            text = path.read_text()
+            log = e820.read_text()
         except OSError as exc:
-            raise BootError(f"cannot read the e820 boot log {str(path)!r}: {exc.strerror}") from None
-        return E820Table.from_dmesg(text), text
-    if isinstance(e820, str):
-        return E820Table.from_dmesg(e820), e820
-    if e820 is not None:
-        raise BootError(f"e820 must be a boot log's text, a path or an E820Table, not "
-                        f"{type(e820).__name__}")
-    if ram is None:
+            raise BootError(f"cannot read the e820 boot log {str(e820)!r}: {exc.strerror}") from None
+        except UnicodeDecodeError:
+            raise BootError(f"the e820 boot log {str(e820)!r} is not text (UTF-8)") from None
+        if not log:
+            raise BootError(f"the e820 boot log {str(e820)!r} is empty")
+        table = E820Table.from_dmesg(log)
+    elif isinstance(e820, str):
+        log = e820
+        table = E820Table.from_dmesg(e820)
+    elif e820 is not None:
+        raise BootError(f"e820 must be a boot log's text (str), a pathlib.Path or an E820Table, "
+                        f"not {type(e820).__name__}")
+    elif ram is None:
         raise BootError("give ram= (e.g. '8G') or e820=")
-    parse_size(ram)
-    return E820Table.qemu_pc(ram), None
+    else:
+        table = E820Table.qemu_pc(ram)
+    end = table.max_pfn * PAGE_SIZE
+    if end > MAX_RAM_BYTES:
+        # QEMU's layout puts RAM beyond 3 GiB above 4 GiB: 1 GiB more address space.
+        most = (MAX_RAM_BYTES - GiB) // MiB
+        from_ram = e820 is None
+        where = f"RAM {ram!r} in QEMU's PC layout" if from_ram else "the e820 map's RAM"
+        hint = f"; a RAM size is at most {most}M" if from_ram else ""
+        raise BootError(f"{where} ends at {end:#x}, beyond the emulated CPU's limit: guest RAM "
+                        f"must end at or below {MAX_RAM_BYTES:#x} ({MAX_RAM_BYTES / GiB:.3f} GiB: "
+                        f"40-bit physical addresses less the machine's service pages and "
+                        f"2 MiB){hint}")
+    return table, log
 
 
 def select_version(profile: str | KernelVersion | None, log: str | None

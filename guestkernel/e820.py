@@ -5,15 +5,26 @@ An :class:`E820Table` is built from a pasted boot log (the kernel's own
 ``e820: remove`` adjustments, in log order; every other line is ignored) or
 from a RAM size, as QEMU lays out a PC (what the reference kernel of
 ``../shared/data/linux-6.1-under-qemu.md`` was booted on).
+
+Both print formats are read: the classic one (``usable``, ``reserved``,
+``ACPI data``...) and the one of newer kernels (7.x), which names RAM
+``System RAM``, prints other ranges under names such as ``device reserved``
+and adds ``BIOS-e820: [gap ...]`` lines; in a log of that format RAM is
+``System RAM`` and every other name is reserved, and gap lines are ignored.
+
+A log holds one boot: a second ``Linux version`` line, or a ``BIOS-e820``
+table that starts over, is refused (:class:`E820Error` says where), because
+the two maps would otherwise be merged into one that no machine had.
 """
 
 from __future__ import annotations
 
 import enum
+import itertools
 import re
 from dataclasses import dataclass
 
-__all__ = ["E820Entry", "E820Error", "E820Table", "E820Type", "parse_size"]
+__all__ = ["E820Entry", "E820Error", "E820Table", "E820Type", "parse_size", "sanitize"]
 
 KiB, MiB, GiB, TiB = 1 << 10, 1 << 20, 1 << 30, 1 << 40
 
@@ -23,7 +34,7 @@ class E820Error(ValueError):
 
 
 class E820Type(enum.Enum):
-    """Types as the kernel prints them (``e820_type_to_string``)."""
+    """Types as the kernel prints them (``e820_print_type``)."""
 
     RAM = "usable"
     RESERVED = "reserved"
@@ -44,6 +55,37 @@ class E820Type(enum.Enum):
         if text.startswith("type "):
             return cls.RESERVED  # unknown firmware types are reserved to the kernel
         raise E820Error(f"unknown e820 type {text!r}")
+
+    @property
+    def number(self) -> int:
+        """The firmware's type number (``enum e820_type``,
+        arch/x86/include/asm/e820/types.h): what decides overlaps."""
+        return _TYPE_NUMBERS[self]
+
+
+_TYPE_NUMBERS = {E820Type.RAM: 1, E820Type.RESERVED: 2, E820Type.ACPI: 3, E820Type.NVS: 4,
+                 E820Type.UNUSABLE: 5, E820Type.PMEM: 7, E820Type.PRAM: 12,
+                 E820Type.SOFT_RESERVED: 0xEFFFFFFF, E820Type.RESERVED_KERN: 128}
+#: the names newer kernels (7.x) print for RAM in their BIOS-e820 table
+_NEW_RAM_NAMES = ("System RAM",)
+
+
+def _parse_bios_type(text: str, new_format: bool) -> tuple[E820Type, int]:
+    """A BIOS-e820 line's type and its firmware number. ``type N`` keeps its
+    number N for overlaps and is reserved to the kernel; in the 7.x format
+    ``System RAM`` is RAM and any other name is reserved."""
+    text = text.strip()
+    if m := re.fullmatch(r"type (\d+)", text):
+        return E820Type.RESERVED, int(m.group(1))
+    if new_format and text in _NEW_RAM_NAMES:
+        return E820Type.RAM, 1
+    try:
+        t = E820Type.parse(text)
+    except E820Error:
+        if not new_format:
+            raise
+        t = E820Type.RESERVED
+    return t, t.number
 
 
 @dataclass(frozen=True, order=True)
@@ -78,10 +120,33 @@ def parse_size(size: str | int) -> int:
 
 
 _MEM = r"\[mem (0x[0-9a-fA-F]+)-(0x[0-9a-fA-F]+)\]"
-_BIOS = re.compile(r"(?:BIOS-e820|BIOS-provided physical RAM map.*)?\bBIOS-e820:\s*" + _MEM + r"\s+(.+?)\s*$")
+_BIOS = re.compile(r"(?:BIOS-e820|BIOS-provided physical RAM map.*)?\bBIOS-e820:\s*" + _MEM
+                   + r"\s+(?:\d+(?:\.\d+)?\s*[KMGTP]i?B\s+)?(.+?)\s*$")  # 7.x: optional size
 _UPDATE = re.compile(r"\be820: update " + _MEM + r"\s+(.+?)\s+==>\s+(.+?)\s*$")
 _REMOVE = re.compile(r"\be820: remove " + _MEM + r"\s+(.+?)\s*$")
 _TIMESTAMP = re.compile(r"^\s*(<\d+>)?\s*\[\s*\d+\.\d+\]\s*")
+_LINUX_VERSION = re.compile(r"\bLinux version \d")
+
+
+def sanitize(entries: list[tuple[int, int, E820Type, int]]) -> list[E820Entry]:
+    """Overlapping firmware ranges made disjoint the way Linux does it
+    (``sanitize_e820_table``, now ``e820__update_table``, in
+    arch/x86/kernel/e820.c): at every address the entry with the larger type
+    number wins, "larger value takes precedence -- 1=usable, 2,3,4,4+=
+    unusable"; so RAM never wins over anything else, whatever the order of
+    the lines. ``entries``: (start, end, type, firmware type number)."""
+    points = sorted({p for s, e, _t, _n in entries for p in (s, e)})
+    out: list[E820Entry] = []
+    for lo, hi in itertools.pairwise(points):
+        cover = [(n, t) for s, e, t, n in entries if s <= lo and hi <= e]
+        if not cover:
+            continue
+        _n, t = max(cover, key=lambda c: c[0])
+        if out and out[-1].end == lo and out[-1].type is t:
+            out[-1] = E820Entry(out[-1].start, hi, t)
+        else:
+            out.append(E820Entry(lo, hi, t))
+    return out
 
 
 class E820Table:
@@ -96,27 +161,52 @@ class E820Table:
 
     @classmethod
     def from_dmesg(cls, text: str) -> E820Table:
-        """The map the kernel ended up with, from its boot log."""
-        table = cls()
-        seen_bios = False
-        for no, raw in enumerate(text.splitlines(), start=1):
+        """The map the kernel ended up with, from its boot log: the
+        ``BIOS-e820`` table (overlaps resolved as :func:`sanitize` does),
+        then the ``e820: update`` / ``e820: remove`` edits in log order."""
+        if not isinstance(text, str):
+            raise E820Error(f"the boot log must be text (str), not {type(text).__name__}")
+        lines = text.splitlines()
+        bios_types = [m.group(3).strip() for ln in lines
+                      if (m := _BIOS.search(_TIMESTAMP.sub("", ln)))]
+        new_format = any(t in _NEW_RAM_NAMES for t in bios_types)
+        versions = [no for no, raw in enumerate(lines, start=1) if _LINUX_VERSION.search(raw)]
+        if len(versions) > 1:
+            raise E820Error(f"the boot log holds more than one boot ('Linux version' at lines "
+                            f"{', '.join(map(str, versions))}): keep only the lines of one boot")
+        bios: list[tuple[int, int, E820Type, int]] = []
+        table: E820Table | None = None
+        last_start = -1
+        for no, raw in enumerate(lines, start=1):
             line = _TIMESTAMP.sub("", raw)
             try:
                 if m := _BIOS.search(line):
                     start, last = int(m.group(1), 16), int(m.group(2), 16)
-                    table._add_checked(start, last, E820Type.parse(m.group(3)))
-                    seen_bios = True
-                elif m := _UPDATE.search(line):
-                    start, last = int(m.group(1), 16), int(m.group(2), 16)
-                    table.update(start, last + 1, E820Type.parse(m.group(3)),
-                                 E820Type.parse(m.group(4)))
-                elif m := _REMOVE.search(line):
-                    start, last = int(m.group(1), 16), int(m.group(2), 16)
-                    table.remove(start, last + 1, E820Type.parse(m.group(3)))
+                    if table is not None or start <= last_start:
+                        raise E820Error("the BIOS-e820 table starts over here: the log holds "
+                                        "more than one boot; keep only the lines of one boot")
+                    if last < start:
+                        raise E820Error(f"range end {last:#x} before its start {start:#x}")
+                    t, num = _parse_bios_type(m.group(3), new_format)
+                    bios.append((start, last + 1, t, num))
+                    last_start = start
+                elif (m := _UPDATE.search(line)) or _REMOVE.search(line):
+                    if table is None:
+                        table = cls(sanitize(bios))
+                    if m:
+                        start, last = int(m.group(1), 16), int(m.group(2), 16)
+                        table.update(start, last + 1, E820Type.parse(m.group(3)),
+                                     E820Type.parse(m.group(4)))
+                    else:
+                        m = _REMOVE.search(line)
+                        start, last = int(m.group(1), 16), int(m.group(2), 16)
+                        table.remove(start, last + 1, E820Type.parse(m.group(3)))
             except E820Error as exc:
                 raise E820Error(f"boot log line {no}: {exc}: {raw.strip()!r}") from None
-        if not seen_bios:
+        if not bios:
             raise E820Error("no 'BIOS-e820: [mem ...] type' lines in the boot log")
+        if table is None:
+            table = cls(sanitize(bios))
         if not table.ram_ranges():
             raise E820Error("the boot log's e820 map has no usable RAM")
         return table
@@ -145,11 +235,6 @@ class E820Table:
         # usable ==> reserved".
         t.update(0, 0x1000, E820Type.RAM, E820Type.RESERVED)
         return t
-
-    def _add_checked(self, start: int, last: int, type_: E820Type) -> None:
-        if last < start:
-            raise E820Error(f"range end {last:#x} before its start {start:#x}")
-        self._set(start, last + 1, type_)
 
     # -- the kernel's edits (e820__range_update / e820__range_remove) ------
 

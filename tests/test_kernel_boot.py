@@ -157,7 +157,7 @@ def test_bad_boot_input():
     with pytest.raises(KernelError, match="unknown kernel profile"):
         Kernel.boot(ram="1G", profile="linux-9.9")
     with pytest.raises(KernelError, match="cannot read the e820 boot log"):
-        Kernel.boot(e820="/nonexistent/dmesg.log")
+        Kernel.boot(e820=Path("/nonexistent/dmesg.log"))
     with pytest.raises(KernelError, match="not in RAM"):
         Kernel.boot(ram="32M")   # the 6.1 image needs RAM up to 70 MiB
     from guestkernel.policy import PolicyError

@@ -8,7 +8,7 @@ import argparse
 from pathlib import Path
 
 from ..registry import guest_names
-from .common import EXIT_OK, EXIT_PROBLEM, ToolMissing, UsageError
+from .common import EXIT_OK, EXIT_PROBLEM, ToolMissing, UsageError, check_boot, check_output_file
 
 __all__ = ["add_parser", "main"]
 
@@ -31,8 +31,16 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> int:
+    """Inputs (--json's directory, --ram, --timeout, the workloads) are
+    checked before QEMU starts: a bad --ram is bad input (2), not a QEMU
+    failure (3)."""
     from ..calibrate import calibrate
     from ..realkernel import RealKernelError
+    check_output_file(args.json, "--json")
+    check_boot(args.ram)
+    if not args.timeout > 0 or args.timeout == float("inf"):
+        raise UsageError(f"--timeout must be a finite number of seconds above 0, not "
+                         f"{args.timeout}")
 
     workload = tuple(w for w in args.workload.split(",") if w)
     known = guest_names()

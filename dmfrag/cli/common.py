@@ -5,6 +5,8 @@ command (bad input there is the user's, exit 2, never a traceback)."""
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,8 +18,9 @@ if TYPE_CHECKING:
     from ..workloads import Driver
 
 __all__ = ["EXIT_OK", "EXIT_PROBLEM", "EXIT_TOOL", "EXIT_USAGE", "ToolMissing", "UsageError",
-           "add_workload_args", "boot_args", "check_tlb_preset", "config", "policies", "progress",
-           "run_one"]
+           "add_workload_args", "boot_args", "check_output_dir", "check_output_file",
+           "check_policy", "check_run_args", "check_scale", "check_tlb_preset", "config",
+           "policies", "progress", "read_text", "run_one"]
 
 #: the work ran and found nothing wrong
 EXIT_OK = 0
@@ -43,8 +46,8 @@ class ToolMissing(Exception):
 
 def config(args: argparse.Namespace) -> dict:
     """The command's arguments as results record them (every option, not
-    the dispatch function)."""
-    return {k: v for k, v in vars(args).items() if k != "func"}
+    the dispatch function nor the global --debug)."""
+    return {k: v for k, v in vars(args).items() if k not in ("func", "debug")}
 
 
 def add_workload_args(p: argparse.ArgumentParser) -> None:
@@ -54,24 +57,115 @@ def add_workload_args(p: argparse.ArgumentParser) -> None:
                    help=f"one of: {', '.join(names)}")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--ram", default="4G", help="guest RAM with QEMU's PC layout (default 4G)")
-    g.add_argument("--e820", help="a boot log with BIOS-e820 lines (your machine)")
+    g.add_argument("--e820", metavar="FILE",
+                   help="a boot log file with BIOS-e820 lines (your machine); always a path")
     p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--scale", type=float, default=1.0, help="workload size factor")
+    p.add_argument("--scale", type=float, default=1.0, help="workload size factor (> 0)")
+
+
+def read_text(path: str, what: str) -> str:
+    """A file's text for ``what`` (an option or argument name); anything
+    that makes it unreadable is bad input, said in one line."""
+    try:
+        text = Path(path).read_text()
+    except IsADirectoryError:
+        raise UsageError(f"cannot read {what} {path!r}: it is a directory") from None
+    except OSError as exc:
+        raise UsageError(f"cannot read {what} {path!r}: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise UsageError(f"cannot read {what} {path!r}: not UTF-8 text (byte "
+                         f"{exc.object[exc.start]:#04x} at offset {exc.start})") from None
+    if not text.strip():
+        raise UsageError(f"cannot read {what} {path!r}: the file is empty")
+    return text
 
 
 def boot_args(args: argparse.Namespace) -> dict:
-    """How to boot: ``{"ram": ...}`` or the text of the --e820 boot log."""
-    if getattr(args, "e820", None):
-        try:
-            return {"e820": Path(args.e820).read_text(), "ram": None}
-        except OSError as exc:
-            raise UsageError(f"cannot read --e820 {args.e820!r}: {exc.strerror}") from None
+    """How to boot: ``{"ram": ...}`` or the text of the --e820 file (always
+    a path, read here: the API below takes the text)."""
+    if getattr(args, "e820", None) is not None:
+        return {"e820": read_text(args.e820, "--e820"), "ram": None}
     return {"ram": args.ram}
+
+
+def check_scale(scale: object, what: str = "--scale") -> None:
+    """A workload size factor: a finite number above 0 (inf, nan, 0 and
+    negatives would run forever, nothing, or crash mid-run)."""
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) \
+            or not math.isfinite(scale) or scale <= 0:
+        raise UsageError(f"{what} must be a finite number above 0, not {scale!r}")
+
+
+def check_policy(name: object, what: str = "--policy") -> None:
+    """A registered policy (or an ``a+b`` combination) before any work."""
+    from guestkernel.policy import get_policy
+    if not isinstance(name, str) or not name:
+        raise UsageError(f"{what} must be a policy name, not {name!r}")
+    try:
+        get_policy(name)
+    except (ValueError, TypeError) as exc:
+        raise UsageError(f"{what}: {exc}") from None
+
+
+def check_boot(ram: object = None, e820: str | None = None, what: str = "--ram") -> None:
+    """The memory map a run would boot, built and checked (sizes, layout,
+    the emulated CPU's RAM limit) without booting: bad input is found before
+    any work."""
+    from guestkernel.boot import BootError, e820__memory_setup
+    try:
+        e820__memory_setup(e820, None if e820 is not None else ram)
+    except (ValueError, BootError) as exc:
+        raise UsageError(f"{'--e820' if e820 is not None else what}: {exc}") from None
+
+
+def check_run_args(args: argparse.Namespace, pols: list[str]) -> dict:
+    """Every input of a model run checked before any work: --scale, the
+    policies, the memory map (--ram or the --e820 file). Returns
+    :func:`boot_args`."""
+    check_scale(args.scale)
+    for p in pols:
+        check_policy(p)
+    boot = boot_args(args)
+    check_boot(boot["ram"], boot.get("e820"))
+    return boot
+
+
+def check_output_file(path: str | None, what: str) -> None:
+    """A file the command will write, checked before the work: not a
+    directory, in a directory that exists and can be written."""
+    if path is None:
+        return
+    p = Path(path)
+    if p.is_dir():
+        raise UsageError(f"{what} {path!r} is a directory, not a file")
+    parent = p.parent
+    if not parent.is_dir():
+        raise UsageError(f"{what} {path!r}: directory {str(parent)!r} does not exist")
+    if not os.access(parent, os.W_OK) or (p.exists() and not os.access(p, os.W_OK)):
+        raise UsageError(f"{what} {path!r}: not writable")
+
+
+def check_output_dir(path: str | None, what: str) -> None:
+    """A directory the command will write into, checked (and created, with
+    its parents) before the work: a file there is an error."""
+    if path is None:
+        return
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise UsageError(f"{what} {path!r} is a file, not a directory")
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"{what} {path!r}: cannot create it: {exc.strerror}") from None
+    if not os.access(p, os.W_OK):
+        raise UsageError(f"{what} {path!r}: not writable")
 
 
 def run_one(args: argparse.Namespace, policy: str) -> Driver:
     """Boot and run the command's workload on ``policy``. A memory map or
-    size the kernel rejects is bad input."""
+    size the kernel rejects is bad input; a workload running out of guest
+    memory is not (it raises :class:`dmfrag.workloads.WorkloadError`, exit
+    1, with the state reached)."""
     from guestkernel.kernel import KernelError
 
     from ..workloads import run_workload
@@ -85,12 +179,15 @@ def run_one(args: argparse.Namespace, policy: str) -> Driver:
 
 def policies(spec: str) -> list[str]:
     """``all`` (every policy but the test ones) or a comma-separated list;
-    a combination joins names with ``+``."""
+    a combination joins names with ``+``. An empty list is bad input."""
     from guestkernel.policy import policy_names
     names = [p for p in policy_names() if not p.startswith("test-")]
     if spec == "all":
         return names
     out = [p.strip() for p in spec.split(",") if p.strip()]
+    if not out:
+        raise UsageError(f"--policies {spec!r} names no policy; give 'all' or a comma-separated "
+                         f"list of: {', '.join(names)}")
     for p in out:
         for part in p.split("+"):
             if part not in names:

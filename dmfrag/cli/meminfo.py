@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from .common import EXIT_OK, add_workload_args, run_one
+from .common import EXIT_OK, add_workload_args, check_run_args, run_one
 
 __all__ = ["add_parser", "main"]
 
@@ -19,6 +19,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> int:
+    check_run_args(args, [args.policy])
     d = run_one(args, args.policy)
     for key, val in d.kernel.meminfo().items():
         print(f"{key + ':':<16}{val:>10} kB")

@@ -5,9 +5,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
-from .common import EXIT_OK, add_workload_args, check_tlb_preset, config, run_one
+from .common import (
+    EXIT_OK,
+    EXIT_PROBLEM,
+    add_workload_args,
+    check_output_file,
+    check_run_args,
+    check_tlb_preset,
+    config,
+    run_one,
+)
 
 __all__ = ["add_parser", "main"]
 
@@ -25,22 +35,44 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> int:
+    """Every input is checked before the run (the output file first); a
+    workload that runs out of guest memory still reports the state it
+    reached (``completed: false`` and ``error`` in the JSON) and exits 1."""
     from ..results import run_result
+    from ..workloads import WorkloadError, trace_text
+    check_output_file(args.record, "--record")
     check_tlb_preset(args.tlb)
-    d = run_one(args, args.policy)
+    check_run_args(args, [args.policy])
+    error = None
+    try:
+        d = run_one(args, args.policy)
+    except WorkloadError as exc:
+        d, error = exc.driver, exc
     res = run_result(d, workload=args.workload, seed=args.seed, tlb=args.tlb, config=config(args))
+    res["completed"], res["error"] = error is None, str(error) if error else None
     if args.record:
-        Path(args.record).write_text("\n".join(d.lines) + "\n")
+        Path(args.record).write_text(trace_text(d, error))
     if args.json:
         print(json.dumps(res, sort_keys=True))
     else:
         mi, vm = res["meminfo"], res["vmstat"]
-        print(f"{args.workload} on {res['policy']} ({res['calls']} calls): DirectMap4k "
+        print(f"{args.workload} on {res['policy']} ({res['calls']} calls"
+              f"{'' if error is None else ', stopped'}): DirectMap4k "
               f"{mi['DirectMap4k']} kB, 2M {mi['DirectMap2M']} kB, 1G {mi['DirectMap1G']} kB; "
               f"splits {vm['direct_map_level2_splits']}/{vm['direct_map_level3_splits']} "
               f"(2M/1G), collapses {vm['direct_map_level2_collapses']}/"
               f"{vm['direct_map_level3_collapses']}")
         print(res["kernel_reason"])
+    if error is not None:
+        kept = f"; the trace of the calls before it is in {args.record}" if args.record else ""
+        print(f"dmfrag run: workload {args.workload}: {error} (state up to it reported{kept})",
+              file=sys.stderr)
+        return EXIT_PROBLEM
     if args.validate:
-        d.kernel.validate("full")
+        from guestkernel.validate import ValidationError
+        try:
+            d.kernel.validate("full")
+        except ValidationError as exc:
+            print(f"dmfrag run: validation FAILED: {exc}", file=sys.stderr)
+            return EXIT_PROBLEM
     return EXIT_OK

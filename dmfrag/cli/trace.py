@@ -1,6 +1,7 @@
 """``dmfrag trace record|replay``: a workload's calls as a versioned JSON
 Lines trace, and the trace replayed (optionally on another policy). A bad
-line stops the replay but keeps and reports the state up to it."""
+line, or a missing or wrong trailer (a trace cut short), stops the replay
+but keeps and reports the state up to it."""
 
 from __future__ import annotations
 
@@ -9,7 +10,17 @@ import json
 import sys
 from pathlib import Path
 
-from .common import EXIT_OK, EXIT_PROBLEM, UsageError, add_workload_args, run_one
+from .common import (
+    EXIT_OK,
+    EXIT_PROBLEM,
+    UsageError,
+    add_workload_args,
+    check_output_file,
+    check_policy,
+    check_run_args,
+    read_text,
+    run_one,
+)
 
 __all__ = ["add_parser", "main"]
 
@@ -34,9 +45,21 @@ def main(args: argparse.Namespace) -> int:
 
 
 def record(args: argparse.Namespace) -> int:
-    d = run_one(args, args.policy)
-    Path(args.output).write_text("\n".join(d.lines) + "\n")
+    """A run that stops early (out of guest memory) still writes the trace
+    of the calls before it, its trailer saying why; exit 1."""
+    from ..workloads import WorkloadError, trace_text
+    check_output_file(args.output, "-o/--output")
+    check_run_args(args, [args.policy])
+    try:
+        d, error = run_one(args, args.policy), None
+    except WorkloadError as exc:
+        d, error = exc.driver, exc
+    Path(args.output).write_text(trace_text(d, error))
     print(f"recorded {len(d.lines) - 1} calls to {args.output}")
+    if error is not None:
+        print(f"dmfrag trace record: workload {args.workload}: {error} (the calls before it are "
+              f"recorded)", file=sys.stderr)
+        return EXIT_PROBLEM
     return EXIT_OK
 
 
@@ -44,14 +67,15 @@ def replay(args: argparse.Namespace) -> int:
     from ..results import replay_result
     from ..workloads import TraceError
     from ..workloads import replay as replay_trace
-    try:
-        lines = Path(args.file).read_text().splitlines()
-    except OSError as exc:
-        raise UsageError(f"cannot read trace {args.file!r}: {exc.strerror}") from None
+    if args.policy is not None:
+        check_policy(args.policy)
+    lines = read_text(args.file, "trace").splitlines()
     try:
         d, err = replay_trace(lines, policy=args.policy)
     except TraceError as exc:
         raise UsageError(str(exc)) from None
+    for w in d.warnings:
+        print(f"dmfrag trace replay: warning: {w}", file=sys.stderr)
     print(json.dumps(replay_result(d, err), sort_keys=True))
     if err:
         print(f"dmfrag trace replay: {err} (state up to that line kept and reported)",

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .common import EXIT_OK, EXIT_PROBLEM, add_workload_args, run_one
+from .common import EXIT_OK, EXIT_PROBLEM, add_workload_args, check_run_args, run_one
 
 __all__ = ["add_parser", "main"]
 
@@ -22,6 +22,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 def main(args: argparse.Namespace) -> int:
     from guestkernel.validate import ValidationError
+    check_run_args(args, [args.policy])
     d = run_one(args, args.policy)
     try:
         stats = d.kernel.validate(args.mode)
