@@ -191,6 +191,7 @@ def test_ram_the_host_cannot_reserve():
     # Within the CPU's reach but beyond what this process may reserve: lower
     # the address-space limit in a child so that the failure is certain.
     script = textwrap.dedent("""
+        import resource
         from emu import Machine
         resource.setrlimit(resource.RLIMIT_AS, (8 << 30, 8 << 30))
         try:
