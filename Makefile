@@ -26,14 +26,17 @@ demo: $(STAMP)
 test: $(STAMP) realkernel-deps
 	$(PY) -m pytest -q
 
+# `make bench BENCH_FLAGS=--smoke` runs each script at its tiny size (what
+# tests/test_bench.py checks in `make test`); `BENCH_FLAGS=--json` for figures.
+BENCH_FLAGS ?=
 bench: $(STAMP)
-	$(PY) bench/emu_bench.py
-	$(PY) bench/tlb.py
-	$(PY) bench/kernel_bench.py
-	$(PY) bench/page_alloc_bench.py
-	$(PY) bench/validate_bench.py
-	$(PY) bench/realkernel_bench.py
-	$(PY) bench/policies_report.py
+	$(PY) bench/emu_bench.py $(BENCH_FLAGS)
+	$(PY) bench/tlb.py $(BENCH_FLAGS)
+	$(PY) bench/kernel_bench.py $(BENCH_FLAGS)
+	$(PY) bench/page_alloc_bench.py $(BENCH_FLAGS)
+	$(PY) bench/validate_bench.py $(BENCH_FLAGS)
+	$(PY) bench/realkernel_bench.py $(BENCH_FLAGS)
+	$(PY) bench/policies_report.py $(BENCH_FLAGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info emu/*.so .pytest_cache .hypothesis

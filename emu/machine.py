@@ -463,7 +463,8 @@ class Machine:
         faulting instruction and go on: handy for probing many addresses in
         one run) or a callable given each :class:`Fault` that returns a
         :class:`FaultAction` (``RETRY`` after fixing the tables). Every fault
-        is in the result. ``count_insns=False`` runs with no hook at all
+        is in the result. An instruction that cannot be fetched (or decoded)
+        cannot be skipped: ``"skip"`` stops the run there, status FAULTED. ``count_insns=False`` runs with no hook at all
         (full speed; ``insns`` is then None and ``max_insns`` is not enforced).
 
         Exceptions raised inside callbacks stop emulation and are re-raised.
@@ -557,10 +558,12 @@ class Machine:
         if self._tlb is not None:
             self._tlb.forget_code()  # a run writes fresh code: decoded operands may be stale
         pc = begin
+        split: int | None = None  # a stop short of ``end`` (see _fetch_fault_origin)
+        last_split: tuple[int, int] | None = None
         try:
             while True:
                 try:
-                    self._emu_start(pc, end)
+                    self._emu_start(pc, end if split is None else split)
                 except UcError as exc:
                     if exc.errno in _UNMAPPED_ERRORS:
                         rip_now = self._uc.reg_read(X.UC_X86_REG_RIP)
@@ -574,16 +577,42 @@ class Machine:
                     # Unicorn ends the run on #UD instead of calling the
                     # interrupt hook: treat it as the fault it is.
                     self._on_exception(6, self._uc.reg_read(X.UC_X86_REG_RIP))
+                if split is not None:
+                    # The instructions before the unfetchable one have run (or
+                    # stopped early: a fault of theirs, HLT, the budget). Their
+                    # block ends in an exit at ``split``: drop it, so that no
+                    # later pass through it stops there.
+                    self._uc.ctl_remove_cache(pc, split)
+                    reached, split = self._uc.reg_read(X.UC_X86_REG_RIP) == split, None
+                    if reached and not self._fault_pending and not counter.hit_limit:
+                        pc = self._uc.reg_read(X.UC_X86_REG_RIP)
+                        continue  # on to the unfetchable instruction itself
                 if not self._fault_pending:
                     break
                 self._fault_pending = False
                 self._exc.reset()
+                fault = self._run_faults[-1]
+                origin = self._fetch_fault_origin(fault)
+                if origin is not None and (fault.rip, origin) != last_split:
+                    # Not a fault yet: run what precedes the instruction QEMU
+                    # could not fetch, stopping in front of it. (The same
+                    # split twice in a row would be no progress: the report
+                    # then stands.)
+                    self._run_faults.pop()
+                    pc, split = fault.rip, origin
+                    last_split = (pc, split)
+                    continue
+                last_split = None
                 action = self._decide()
                 if action is FaultAction.STOP:
                     break
                 pc = self._uc.reg_read(X.UC_X86_REG_RIP)
                 if action is FaultAction.SKIP:
-                    pc += self._insn_size(pc)
+                    size = self._insn_size(pc)
+                    if size is None:  # nothing to skip: an instruction that cannot be fetched
+                        self._stop_status = RunStatus.FAULTED
+                        break
+                    pc += size
                     self._uc.reg_write(X.UC_X86_REG_RIP, pc)
                 if pc == end:
                     break
@@ -676,21 +705,55 @@ class Machine:
         except (PageFault, MachineError):
             return None
 
-    def _insn_size(self, rip: int) -> int:
+    def _insn_size(self, rip: int) -> int | None:
+        """Length of the instruction at ``rip``; None if it cannot be fetched
+        whole or decoded."""
         raw = self._insn_bytes(rip)
         insn = disasm_one(raw, rip) if raw else None
-        if insn is None:
-            raise MachineError(f"cannot skip the instruction at {rip:#x}: it cannot be decoded")
-        return insn.size
+        return insn.size if insn is not None else None
+
+    def _fetch_fault_origin(self, fault: Fault) -> int | None:
+        """Where an instruction-fetch fault reported at ``fault.rip`` really
+        arises, when that is a later instruction.
+
+        QEMU translates a block of instructions before it runs any of them;
+        a fetch fault while translating a later instruction of the block
+        (one whose bytes reach into a page that cannot be fetched) abandons
+        the whole block: RIP is the block's first instruction and none of
+        its instructions ran. A real CPU retires the instructions before
+        the unfetchable one. Decoding forward from RIP finds it: the first
+        instruction that cannot be fetched whole. None when that is the one
+        at RIP (the fault is as reported), or when the decoder cannot follow
+        the code (the report then stands as QEMU made it)."""
+        if fault.vector != 14 or fault.access is not Access.EXEC:
+            return None
+        rip, cr2 = fault.rip, fault.cr2
+        if not rip < cr2 <= rip + 2 * pt.PAGE_SIZE:  # a block spans at most two pages
+            return None
+        addr = rip
+        while addr < cr2:
+            raw = self._insn_bytes(addr)
+            insn = disasm_one(raw, addr) if raw else None
+            if insn is None:
+                if raw is not None and len(raw) == 15:
+                    return None  # all its bytes fetchable: an opcode the decoder lacks
+                break
+            addr += insn.size
+        return addr if rip < addr <= cr2 else None
 
     def _describe_fault(self, intno: int, rip: int) -> Fault:
+        # CR2 and the error code first: reading the instruction's bytes walks
+        # the tables with the CPU's probe, which raises (and records) a #PF
+        # of its own when they reach an unfetchable page.
+        if intno == 14:
+            cr2 = self._uc.reg_read(X.UC_X86_REG_CR2)
+            code = PfErr(self._exc.error_code() & 0x1F)
         raw = self._insn_bytes(rip)
         insn = disasm_one(raw, rip) if raw else None
         text = f"{insn.mnemonic} {insn.op_str}".strip() if insn else "?"
         if intno != 14:
             return Fault(intno, rip, text)
-        cr2 = self._uc.reg_read(X.UC_X86_REG_CR2)
-        code = PfErr(self._exc.error_code() & 0x1F)
+        self._uc.reg_write(X.UC_X86_REG_CR2, cr2)
         if code & PfErr.ID:
             access = Access.EXEC
         else:

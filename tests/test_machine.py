@@ -17,7 +17,7 @@ from emu import (
     RunStatus,
 )
 from emu.builder import PageTableBuilder
-from emu.pagetable import PfErr
+from emu.pagetable import Access, PfErr
 from emu.pagetable import PteFlags as F
 
 DM = 0xFFFF888000000000          # where these tests map RAM
@@ -284,3 +284,112 @@ def test_256_gib_guest_costs_only_touched_pages():
     out = subprocess.run([sys.executable, "-c", script], check=False, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert int(out.stdout.strip()) < 300, f"max RSS {out.stdout.strip()} MiB"
+
+
+# -- an instruction fetch that crosses into an unmapped page ------------------
+# QEMU translates a block of instructions before running any of them; a
+# fetch fault while translating a later instruction must not undo the
+# instructions before it (they retire on a real CPU).
+
+MOV_RCX_IMM64 = bytes.fromhex("48b9") + (0x1122334455667788).to_bytes(8, "little")  # 10 bytes
+PAGE_END = CODE + 0x1000          # CODE's next page is not mapped
+
+
+@pytest.mark.parametrize("first, stored", [("mov qword ptr [rbx], rax", 0xDEADBEEF),
+                                           ("mov rdx, qword ptr [rbx]", None)])
+@pytest.mark.parametrize("mode", ["stop", "skip", "retry"])
+def test_straddling_fetch_fault_after_a_memory_access(m, first, stored, mode):
+    from emu.asm import assemble
+    head = assemble(first, 0)
+    cut = 4                                   # bytes of the straddler in CODE's page
+    at = PAGE_END - cut - len(head)
+    straddler = PAGE_END - cut
+    m.ram64[0x5000 // 8] = 0x77
+    fixes = []
+
+    def fix(fault):                           # map the next page, retry the fetch
+        fixes.append(fault)
+        m.builder.map(PAGE_END, (10 << 20) + 0x1000, 0x1000, 0x1000, F.P)
+        m.ram[(10 << 20) + 0x1000: (10 << 20) + 0x1000 + 10 - cut] = list(MOV_RCX_IMM64[cut:])
+        return FaultAction.RETRY
+
+    on_fault = fix if mode == "retry" else mode
+    r = m.run(head + MOV_RCX_IMM64[:cut], at=at, until=PAGE_END + 10 - cut,
+              regs={"rbx": DM + 0x5000, "rax": 0xDEADBEEF, "rdx": 0, "rcx": 0},
+              on_fault=on_fault)
+    f = r.faults[0]
+    assert (f.vector, f.rip, f.cr2, f.access, f.error_code) == (
+        14, straddler, PAGE_END, Access.EXEC, PfErr.ID)
+    if stored is not None:                    # the store retired before the fetch fault
+        assert int(m.ram64[0x5000 // 8]) == stored
+    else:                                     # so did the load
+        assert r.regs["rdx"] == 0x77
+    if mode == "retry":
+        assert fixes == [f]
+        assert r.status is RunStatus.COMPLETED and r.insns == 2
+        assert r.regs["rcx"] == 0x1122334455667788
+    else:
+        # The straddler cannot be decoded, so it cannot be skipped: the run
+        # stops at it in both modes, with what ran before it kept.
+        assert r.status is RunStatus.FAULTED and r.faults == [f]
+        assert r.insns == 1 and r.rip == straddler
+
+
+def test_fetch_fault_at_the_start_of_the_next_page(m):
+    """The same with an instruction that starts exactly on the unmapped page."""
+    from emu.asm import assemble
+    code = assemble("nop", 0) * 3 + assemble("mov qword ptr [rbx], rax", 0)
+    at = PAGE_END - len(code)
+    r = m.run(code, at=at, until=PAGE_END + 1, regs={"rbx": DM + 0x5000, "rax": 5})
+    assert r.status is RunStatus.FAULTED and r.insns == 4 and r.rip == PAGE_END
+    assert (r.fault.rip, r.fault.cr2, r.fault.error_code) == (PAGE_END, PAGE_END, PfErr.ID)
+    assert int(m.ram64[0x5000 // 8]) == 5
+
+
+def test_blocks_split_at_a_fetch_fault_leave_no_early_exit(m):
+    """The block run up to the straddler must not stop there again when a
+    loop comes back through it after the handler mapped the next page."""
+    from emu.asm import assemble
+    body = assemble("inc rdx\nmov qword ptr [rbx], rdx", 0)
+    cut = 4
+    at = PAGE_END - cut - len(body)
+    tail = MOV_RCX_IMM64[cut:] + assemble(f"cmp rdx, 5\njne {at:#x}", PAGE_END + 10 - cut)
+    seen = []
+
+    def fix(fault):
+        seen.append(fault.rip)
+        m.builder.map(PAGE_END, (10 << 20) + 0x1000, 0x1000, 0x1000, F.P)
+        m.ram[(10 << 20) + 0x1000: (10 << 20) + 0x1000 + len(tail)] = list(tail)
+        return FaultAction.RETRY
+
+    r = m.run(body + MOV_RCX_IMM64[:cut], at=at, until=PAGE_END + len(tail),
+              regs={"rbx": DM + 0x5000, "rdx": 0}, on_fault=fix)
+    assert seen == [PAGE_END - cut]
+    assert r.status is RunStatus.COMPLETED and r.regs["rdx"] == 5 and r.insns == 25
+    assert int(m.ram64[0x5000 // 8]) == 5
+
+
+@pytest.mark.parametrize("count_insns", [True, False])
+def test_a_fault_before_the_straddler_comes_first(m, count_insns):
+    """A store that faults ahead of an unfetchable instruction is the fault
+    the CPU takes; skipping it leads on to the fetch fault."""
+    from emu.asm import assemble
+    ro = DM + 0x2000
+    m.ram64[pte_slot(m, ro)] = 0x2000 | F.P | F.NX
+    m.flush_tlb()
+    head = assemble("inc rcx\nmov qword ptr [rbx], rax", 0)
+    at = PAGE_END - 4 - len(head)
+    code = head + MOV_RCX_IMM64[:4]
+    r = m.run(code, at=at, regs={"rbx": ro, "rcx": 0}, count_insns=count_insns)
+    assert r.status is RunStatus.FAULTED and r.regs["rcx"] == 1 and r.rip == at + 3
+    assert (r.fault.rip, r.fault.cr2, r.fault.error_code) == (at + 3, ro, PfErr.P | PfErr.W)
+    assert r.insns == (1 if count_insns else None)
+    # Reading the store's bytes (they end at the unmapped page) must not
+    # change what the fault reports, nor the CPU's CR2.
+    from unicorn import x86_const as X
+    assert m.uc.reg_read(X.UC_X86_REG_CR2) == ro
+    r = m.run(code, at=at, regs={"rbx": ro, "rcx": 0}, on_fault="skip", count_insns=count_insns)
+    assert r.status is RunStatus.FAULTED and r.rip == PAGE_END - 4
+    assert [(f.rip, f.access) for f in r.faults] == [(at + 3, Access.WRITE),
+                                                     (PAGE_END - 4, Access.EXEC)]
+    assert r.insns == (1 if count_insns else None)

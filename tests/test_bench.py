@@ -1,0 +1,146 @@
+"""Every benchmark script runs, at a smoke size, and prints its figures.
+
+Each ``bench/*.py`` is run as ``make bench`` runs it (its own process) with
+``--smoke --json``: it must exit 0 and print one JSON object holding the
+figures the script is for, with sane values. The numbers of a smoke run are
+not measurements (sizes are tiny); what is checked is that nothing in a
+script broke unnoticed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+
+
+def run_smoke(script: str, timeout: float = 120) -> dict:
+    r = subprocess.run([sys.executable, str(BENCH / script), "--smoke", "--json"],
+                       capture_output=True, text=True, timeout=timeout, cwd=BENCH.parent,
+                       check=False)
+    assert r.returncode == 0, f"{script} exited {r.returncode}:\n{r.stderr[-3000:]}"
+    lines = r.stdout.strip().splitlines()
+    assert len(lines) == 1, f"{script} --json must print one line, printed:\n{r.stdout}"
+    fig = json.loads(lines[0])
+    assert fig.pop("smoke") is True
+    return fig
+
+
+def positive(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > 0
+
+
+def count(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
+def check_emu(f: dict) -> None:
+    for key in ("bare_loads_per_s", "counted_loads_per_s", "bare_1g_loads_per_s",
+                "construct_1GiB_s", "construct_256GiB_s", "max_rss_MiB"):
+        assert positive(f.pop(key)), key
+    ratio = f.pop("counted_vs_bare_ratio")
+    assert positive(ratio)
+    assert f == {}
+
+
+def check_tlb(f: dict) -> None:
+    bare, modelled = f.pop("bare_loads_per_s"), f.pop("tlb_loads_per_s")
+    assert positive(bare) and positive(modelled)
+    assert f.pop("tlb_vs_bare_ratio") == pytest.approx(modelled / bare)
+    assert f.pop("preset") == "skylake"
+    walks, hits, refs = f.pop("dtlb_load_walks"), f.pop("stlb_hits"), f.pop("walk_mem_refs")
+    assert count(walks) and count(hits) and count(refs)
+    # 20,000 random loads over 1 GiB of 4K pages: nearly all miss both levels.
+    assert 0 < walks + hits <= 20_000 and walks > hits and refs >= walks
+    assert f == {}
+
+
+def check_kernel(f: dict) -> None:
+    assert f.pop("ram") == "4G"
+    for key in ("boot_s", "boot_max_rss_MiB", "alloc_free_pairs_per_s", "split_cpa_per_s",
+                "max_rss_MiB"):
+        assert positive(f.pop(key)), key
+    assert 1 <= f.pop("level2_splits") <= 20    # one RO page in each of 20 2M pages
+    assert f == {}
+
+
+def check_page_alloc(f: dict) -> None:
+    for key in ("order0_pairs_per_s", "order0_burst1000_pairs_per_s", "order3_pairs_per_s",
+                "order3_burst1000_pairs_per_s", "build_1TiB_s", "check_1TiB_s", "max_rss_MiB"):
+        assert positive(f.pop(key)), key
+    assert isinstance(f.pop("build_1TiB_rss_MiB"), (int, float))
+    pages = f.pop("managed_1TiB_pages")
+    assert count(pages) and 0.99 * (1 << 28) < pages < 1 << 28
+    assert f == {}
+
+
+def check_validate(f: dict) -> None:
+    assert f.pop("ram") == "2G"
+    for key in ("boot_s", "split_s", "validate_full_s", "pages_translated", "DirectMap4k_kB"):
+        assert positive(f.pop(key)), key
+    # Split to 4K everywhere: nothing larger is left.
+    assert f.pop("DirectMap2M_kB") == 0 and f.pop("DirectMap1G_kB") == 0
+    assert f == {}
+
+
+def check_realkernel(f: dict) -> None:
+    if "skipped" in f:
+        pytest.skip(f["skipped"])
+    assert f.pop("ram") == "2G" and f.pop("workload") == ["secretmem"]
+    for key in ("real_boot_s", "real_workload_s", "model_boot_s", "model_workload_s"):
+        assert positive(f.pop(key)), key
+    assert positive(f.pop("workload_speedup"))
+    assert f == {}
+
+
+def check_policies(f: dict) -> None:
+    from guestkernel.policy import policy_names
+    pols = [p for p in policy_names() if not p.startswith("test-")]
+    runs = f.pop("bpftrace_runs")
+    assert list(runs) == [*pols, "migrate-unmapped+cpa-merge"]
+    for r in runs.values():
+        assert count(r["splits"]) and isinstance(r["DirectMap4k_delta_kB"], int)
+        assert r["DirectMap4k_delta_kB"] % 4 == 0
+    no_pack = f.pop("sockex1_no_pack")
+    assert list(no_pack) == ["baseline", "migrate-unmapped", "unmapped-alloc", "prog-pack"]
+    for r in no_pack.values():
+        assert count(r["splits"])
+        assert len(r["DirectMap4k_kB"]) == 2 and all(count(x) for x in r["DirectMap4k_kB"])
+        assert len(r["DirectMap1G_pages"]) == 2 and all(count(x) for x in r["DirectMap1G_pages"])
+        assert r["DirectMap1G_pages"][0] <= 8       # an 8G guest
+    assert count(f.pop("sockex1_6_1_pack")["splits"])
+    assert f == {}
+
+
+VALIDATE_XFAIL = pytest.mark.xfail(
+    strict=True, raises=AssertionError,
+    reason="set_memory_4k over the whole direct map: counters vs validator disagree "
+           "(image alias), being fixed in guestkernel")
+
+SCRIPTS: dict[str, tuple[Callable[[dict], None], tuple]] = {
+    "emu_bench.py": (check_emu, ()),
+    "tlb.py": (check_tlb, ()),
+    "kernel_bench.py": (check_kernel, ()),
+    "page_alloc_bench.py": (check_page_alloc, ()),
+    "validate_bench.py": (check_validate, (VALIDATE_XFAIL,)),
+    "realkernel_bench.py": (check_realkernel, (pytest.mark.realkernel,)),
+    "policies_report.py": (check_policies, ()),
+}
+
+
+def test_every_bench_script_has_a_smoke_check():
+    assert sorted(p.name for p in BENCH.glob("*.py")) == sorted(SCRIPTS)
+
+
+@pytest.mark.parametrize("script", [pytest.param(s, marks=marks, id=s.removesuffix(".py"))
+                                    for s, (_, marks) in SCRIPTS.items()])
+def test_bench_smoke(script):
+    check, _ = SCRIPTS[script]
+    check(run_smoke(script, timeout=300 if script == "realkernel_bench.py" else 120))
