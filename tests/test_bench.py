@@ -119,17 +119,12 @@ def check_policies(f: dict) -> None:
     assert f == {}
 
 
-VALIDATE_XFAIL = pytest.mark.xfail(
-    strict=True, raises=AssertionError,
-    reason="set_memory_4k over the whole direct map: counters vs validator disagree "
-           "(image alias), being fixed in guestkernel")
-
 SCRIPTS: dict[str, tuple[Callable[[dict], None], tuple]] = {
     "emu_bench.py": (check_emu, ()),
     "tlb.py": (check_tlb, ()),
     "kernel_bench.py": (check_kernel, ()),
     "page_alloc_bench.py": (check_page_alloc, ()),
-    "validate_bench.py": (check_validate, (VALIDATE_XFAIL,)),
+    "validate_bench.py": (check_validate, ()),
     "realkernel_bench.py": (check_realkernel, (pytest.mark.realkernel,)),
     "policies_report.py": (check_policies, ()),
 }
