@@ -150,8 +150,8 @@ class Kernel:
              **policy_tunables) -> Kernel:
         """Boot a guest kernel (the steps of :mod:`guestkernel.boot`).
 
-        ``e820`` (a boot log's text, a path to one, or an E820Table) wins
-        over ``ram``; with neither, ``ram`` gives QEMU's PC layout for that
+        ``e820`` (a boot log's text as a ``str``, a ``pathlib.Path`` to one,
+        or an E820Table; a ``str`` is never taken as a path) wins over ``ram``; with neither, ``ram`` gives QEMU's PC layout for that
         size. ``profile`` names the kernel record ("6.1", "5.10", "7.2",
         "3.13"); with none, a boot log's ``Linux version`` line picks the
         nearest, else 6.1 (``k.profile_reason`` says which and why).
