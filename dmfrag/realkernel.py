@@ -1,11 +1,18 @@
-"""A real Linux kernel in the loop: boot Debian's 6.1 build under QEMU (TCG)
-with a given RAM size, run a workload in a busybox initramfs, and collect
-``/proc/meminfo`` and ``/proc/vmstat`` at named points plus the boot log.
+"""Real Linux kernels in the loop: boot one of Debian's 5.10, 6.1 and 7.2
+builds under QEMU (TCG) with a given RAM size, run a workload in a busybox
+initramfs, and collect ``/proc/meminfo`` and ``/proc/vmstat`` at named
+points plus the boot log.
 
 Everything comes from Debian's packages: ``qemu-system-x86``,
 ``busybox-static`` and ``cpio`` installed with apt, the kernel package
 fetched with ``apt-get download`` into a cache folder and unpacked there.
-The kernel package is pinned to one version (:data:`KERNEL_PACKAGE_VERSION`)
+6.1 comes from the machine's own suite (bookworm); 5.10 (bullseye) and 7.2
+(sid) through a sources list of the project's own, in the cache, naming
+that suite on the archive the machine's apt already uses (read from its
+sources: no host is written in this code), passed to apt with
+``-o Dir::Etc::sourcelist=... -o Dir::Etc::sourceparts=- -o
+Dir::State::Lists=...``.
+Each kernel package is pinned to one version (:data:`KERNELS`)
 and its file checked against the SHA256 apt's own metadata gives for that
 version (``apt-cache show PKG=VERSION``) every time it is used, cached or
 not; it is unpacked into a fresh temporary folder and renamed into place,
@@ -34,19 +41,57 @@ from pathlib import Path
 from .registry import MODULES, UnknownWorkload, guest_names, guest_steps
 
 __all__ = [
+    "DEFAULT_KERNEL",
+    "KERNELS",
     "KERNEL_PACKAGE",
     "KERNEL_PACKAGE_VERSION",
     "WORKLOAD_STEPS",
+    "KernelPackage",
     "RealKernel",
     "RealKernelError",
     "RealRun",
     "cache_dir",
 ]
 
-KERNEL_PACKAGE = "linux-image-6.1.0-56-amd64"
-#: the package's exact Debian version: the one the calibration was made on
-KERNEL_PACKAGE_VERSION = "6.1.192-2"
-KERNEL_VERSION = "6.1.0-56-amd64"
+
+
+@dataclass(frozen=True)
+class KernelPackage:
+    """One Debian kernel build: its package pinned to an exact version."""
+
+    #: the name of its record in guestkernel.versions ("5.10", "6.1", "7.2")
+    name: str
+    package: str
+    #: the package's exact Debian version: the one the model was checked on
+    version: str
+    #: the Debian suite it comes from; None: the machine's own apt sources
+    suite: str | None
+    #: ``uname -r``
+    release: str
+    #: the kernel image inside the package
+    vmlinuz: str
+    #: where its modules are inside the package (None: in another package)
+    modules: str | None
+
+
+KERNELS: dict[str, KernelPackage] = {
+    "5.10": KernelPackage("5.10", "linux-image-5.10.0-32-amd64", "5.10.223-1", "bullseye",
+                          "5.10.0-32-amd64", "boot/vmlinuz-5.10.0-32-amd64",
+                          "lib/modules/5.10.0-32-amd64/kernel"),
+    "6.1": KernelPackage("6.1", "linux-image-6.1.0-56-amd64", "6.1.192-2", None,
+                         "6.1.0-56-amd64", "boot/vmlinuz-6.1.0-56-amd64",
+                         "lib/modules/6.1.0-56-amd64/kernel"),
+    # 7.2's image package holds only the kernel; its modules are in
+    # linux-modules-7.2.13+deb14-amd64 (compressed .ko.xz), not fetched yet.
+    "7.2": KernelPackage("7.2", "linux-binary-7.2.13+deb14-amd64", "7.2.13-1", "sid",
+                         "7.2.13+deb14-amd64", "usr/lib/modules/7.2.13+deb14-amd64/vmlinuz",
+                         None),
+}
+DEFAULT_KERNEL = "6.1"
+# The 6.1 package's names, as earlier releases of this module exported them.
+KERNEL_PACKAGE = KERNELS["6.1"].package
+KERNEL_PACKAGE_VERSION = KERNELS["6.1"].version
+KERNEL_VERSION = KERNELS["6.1"].release
 #: written into the unpacked folder: which package file it came from
 _STAMP = ".dmfrag-package"
 TOOLS = {"qemu-system-x86_64": "qemu-system-x86", "busybox": "busybox-static",
@@ -69,6 +114,8 @@ def cache_dir() -> Path:
 class RealRun:
     ram: str
     workload: tuple[str, ...]
+    #: the kernel that ran (a key of KERNELS)
+    kernel: str = DEFAULT_KERNEL
     snapshots: dict[str, dict[str, dict[str, int]]] = field(default_factory=dict)
     boot_log: str = ""
     trace: str = ""
@@ -113,10 +160,59 @@ poweroff -f
 """
 
 
+def _machine_archive() -> str:
+    """The Debian archive URI the machine's own apt sources use (the first
+    source with the ``main`` component that is not a security archive)."""
+    entries: list[tuple[str, str, str]] = []      # (uri, suites, components)
+    d = Path("/etc/apt/sources.list.d")
+    for f in sorted(d.glob("*.sources")) if d.is_dir() else []:
+        for block in _read(f).split("\n\n") if _read(f) else []:
+            fields = dict(re.findall(r"^(\w[\w-]*):\s*(.*)$", block, re.MULTILINE))
+            if fields.get("Enabled", "yes").lower() != "no" and "URIs" in fields:
+                entries.append((fields["URIs"].split()[0], fields.get("Suites", ""),
+                                fields.get("Components", "")))
+    for f in [Path("/etc/apt/sources.list"), *(sorted(d.glob("*.list")) if d.is_dir() else [])]:
+        for line in (_read(f) or "").splitlines():
+            m = re.match(r"^deb\s+(?:\[[^]]*\]\s+)?(\S+)\s+(\S+)\s+(.*)$", line.strip())
+            if m:
+                entries.append((m.group(1), m.group(2), m.group(3)))
+    for uri, suites, components in entries:
+        if "main" in components.split() and "security" not in suites and "debian" in uri:
+            return uri
+    raise RealKernelError("found no Debian archive with 'main' in the machine's apt sources "
+                          "(/etc/apt/sources.list, /etc/apt/sources.list.d): cannot fetch "
+                          "kernels of other suites")
+
+
 class RealKernel:
-    def __init__(self, cache: Path | None = None, *, install: bool = False):
+    def __init__(self, cache: Path | None = None, *, install: bool = False,
+                 kernel: str = DEFAULT_KERNEL):
         self.cache = Path(cache) if cache else cache_dir()
         self.install = install
+        try:
+            self.spec = KERNELS[kernel]
+        except KeyError:
+            raise RealKernelError(f"no real kernel {kernel!r}; known: "
+                                  f"{', '.join(KERNELS)}") from None
+
+    # -- apt -------------------------------------------------------------------
+
+    def _apt(self, *args: str) -> list[str]:
+        """An apt command line for this kernel's suite: the machine's own
+        sources, or a sources list of the cache's naming the suite."""
+        cmd, rest = args[0], list(args[1:])
+        suite = self.spec.suite
+        if suite is None:
+            return [cmd, *rest]
+        base = self.cache / f"apt-{suite}"
+        (base / "lists" / "partial").mkdir(parents=True, exist_ok=True)
+        src = base / "sources.list"
+        if not src.exists():
+            keyring = Path("/usr/share/keyrings/debian-archive-keyring.gpg")
+            signed = f"[signed-by={keyring}] " if keyring.exists() else ""
+            src.write_text(f"deb {signed}{_machine_archive()} {suite} main\n")
+        return [cmd, "-o", f"Dir::Etc::sourcelist={src}", "-o", "Dir::Etc::sourceparts=-",
+                "-o", f"Dir::State::Lists={base / 'lists'}", *rest]
 
     # -- set-up -------------------------------------------------------------
 
@@ -145,15 +241,16 @@ class RealKernel:
     def kernel_dir(self) -> Path:
         """The unpacked kernel package (downloaded once into the cache,
         its hash checked against apt's metadata, unpacked atomically)."""
-        root = self.cache / KERNEL_PACKAGE
-        vmlinuz = root / "boot" / f"vmlinuz-{KERNEL_VERSION}"
+        spec = self.spec
+        root = self.cache / spec.package
+        vmlinuz = root / spec.vmlinuz
         self.cache.mkdir(parents=True, exist_ok=True)
         sha = self._expected_sha256()
-        stamp = f"{KERNEL_PACKAGE}={KERNEL_PACKAGE_VERSION} sha256:{sha}"
+        stamp = f"{spec.package}={spec.version} sha256:{sha}"
         if vmlinuz.exists() and _read(root / _STAMP) == stamp:
             return root
         deb = self._verified_deb(sha)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{KERNEL_PACKAGE}.", dir=self.cache))
+        tmp = Path(tempfile.mkdtemp(prefix=f".{spec.package}.", dir=self.cache))
         try:
             r = subprocess.run(["dpkg-deb", "-x", str(deb), str(tmp)], capture_output=True,
                                text=True, check=False)
@@ -161,7 +258,7 @@ class RealKernel:
                 raise RealKernelError(f"dpkg-deb -x {deb.name} failed: {r.stderr.strip()[-500:]}")
             (tmp / _STAMP).write_text(stamp)
             if root.exists():             # an older or unchecked unpack: move it aside first
-                old = Path(tempfile.mkdtemp(prefix=f".{KERNEL_PACKAGE}.old.", dir=self.cache))
+                old = Path(tempfile.mkdtemp(prefix=f".{spec.package}.old.", dir=self.cache))
                 try:
                     os.replace(root, old / "k")
                 except OSError:
@@ -179,13 +276,14 @@ class RealKernel:
 
     def _expected_sha256(self) -> str:
         """The SHA256 apt's metadata gives for the pinned package version."""
-        spec = f"{KERNEL_PACKAGE}={KERNEL_PACKAGE_VERSION}"
-        r = subprocess.run(["apt-cache", "show", spec], capture_output=True, text=True,
+        spec = f"{self.spec.package}={self.spec.version}"
+        r = subprocess.run(self._apt("apt-cache", "show", spec), capture_output=True, text=True,
                            check=False)
         if r.returncode or "SHA256:" not in r.stdout:
-            subprocess.run(["apt-get", "update", "-qq"], capture_output=True, check=False)
-            r = subprocess.run(["apt-cache", "show", spec], capture_output=True, text=True,
-                               check=False)
+            subprocess.run(self._apt("apt-get", "update", "-qq"), capture_output=True,
+                           check=False)
+            r = subprocess.run(self._apt("apt-cache", "show", spec), capture_output=True,
+                               text=True, check=False)
         m = re.search(r"^SHA256:\s*([0-9a-f]{64})\s*$", r.stdout, re.MULTILINE)
         if r.returncode or m is None:
             raise RealKernelError(f"apt knows no {spec} with a SHA256 (apt-cache show: "
@@ -196,18 +294,19 @@ class RealKernel:
     def _verified_deb(self, sha: str) -> Path:
         """The pinned package file in the cache, its SHA256 checked; fetched
         with ``apt-get download PKG=VERSION`` when absent or wrong."""
-        deb = self.cache / f"{KERNEL_PACKAGE}_{KERNEL_PACKAGE_VERSION}_amd64.deb"
+        deb = self.cache / f"{self.spec.package}_{self.spec.version}_amd64.deb"
         if deb.exists() and _sha256(deb) == sha:
             return deb
-        spec = f"{KERNEL_PACKAGE}={KERNEL_PACKAGE_VERSION}"
+        spec = f"{self.spec.package}={self.spec.version}"
         tmp = Path(tempfile.mkdtemp(prefix=".download.", dir=self.cache))
         try:
-            r = subprocess.run(["apt-get", "download", spec], cwd=tmp, capture_output=True,
-                               text=True, check=False)
+            r = subprocess.run(self._apt("apt-get", "download", spec), cwd=tmp,
+                               capture_output=True, text=True, check=False)
             if r.returncode:
-                subprocess.run(["apt-get", "update", "-qq"], capture_output=True, check=False)
-                r = subprocess.run(["apt-get", "download", spec], cwd=tmp, capture_output=True,
-                                   text=True, check=False)
+                subprocess.run(self._apt("apt-get", "update", "-qq"), capture_output=True,
+                               check=False)
+                r = subprocess.run(self._apt("apt-get", "download", spec), cwd=tmp,
+                                   capture_output=True, text=True, check=False)
             got = list(tmp.glob("*.deb"))
             if r.returncode or len(got) != 1:
                 raise RealKernelError(f"apt-get download {spec} failed: "
@@ -238,10 +337,14 @@ class RealKernel:
         return out
 
     def module_path(self, name: str) -> Path:
-        root = self.kernel_dir() / "lib" / "modules" / KERNEL_VERSION / "kernel"
+        if self.spec.modules is None:
+            raise RealKernelError(f"the {self.spec.name} kernel's modules are not in "
+                                  f"{self.spec.package} (a separate package this harness does "
+                                  "not fetch yet): the 'modules' workload needs 5.10 or 6.1")
+        root = self.kernel_dir() / self.spec.modules
         found = list(root.rglob(f"{name}.ko"))
         if not found:
-            raise RealKernelError(f"module {name}.ko is not in {KERNEL_PACKAGE}")
+            raise RealKernelError(f"module {name}.ko is not in {self.spec.package}")
         return found[0]
 
     # -- initramfs ----------------------------------------------------------
@@ -288,7 +391,7 @@ class RealKernel:
         work.mkdir(parents=True, exist_ok=True)
         initrd = self.build_initramfs(workload, work / f"initrd-{os.getpid()}-{'-'.join(workload) or 'boot'}.gz")
         cmd = ["qemu-system-x86_64", "-accel", "tcg", "-cpu", "max", "-m", ram, "-smp", "1",
-               "-nographic", "-no-reboot", "-kernel", str(kdir / "boot" / f"vmlinuz-{KERNEL_VERSION}"),
+               "-nographic", "-no-reboot", "-kernel", str(kdir / self.spec.vmlinuz),
                "-initrd", str(initrd), "-append",
                f"console=ttyS0 nokaslr secretmem.enable=1 panic=-1 {append}".strip()]
         t0 = time.monotonic()
@@ -308,7 +411,8 @@ class RealKernel:
                                   f"(qemu exit {r.returncode})"
                                   + (f"; qemu said: {err[-1500:]}" if err else "")
                                   + (f"; last output:\n{out[-2000:]}" if out.strip() else ""))
-        run = RealRun(ram, workload, seconds=time.monotonic() - t0, console=out)
+        run = RealRun(ram, workload, kernel=self.spec.name, seconds=time.monotonic() - t0,
+                      console=out)
         _parse(out, run)
         return run
 

@@ -126,5 +126,6 @@ def replay_result(d: Driver, err: TraceError | None) -> dict:
     (up to the first bad line, if any), the error that stopped it and what
     the replay warned about (e.g. a version-1 trace has no trailer)."""
     return {"meminfo": d.kernel.meminfo(), "vmstat": d.kernel.vmstat(),
+            "kernel": d.kernel.profile.name,
             "replayed_calls": len(d.lines) - 1, "error": str(err) if err else None,
             "warnings": list(d.warnings)}

@@ -10,6 +10,7 @@ Config (TOML)::
     ram = ["2G", "4G"]
     scale = 0.5          # optional
     tlb = "skylake"      # optional: also price each cell in TLB misses
+    kernels = ["6.1", "5.10"]   # optional (default ["6.1"]): the kernel records to follow
 
 Every cell is checked when the config is loaded (names, sizes, the RAM
 limit, the scale), before any runs: a typo in the last cell does not cost
@@ -79,6 +80,13 @@ def _check_cells(cfg: dict) -> None:
     tlb = cfg.get("tlb")
     if tlb is not None and not isinstance(tlb, str):
         raise SweepError(f"'tlb' must be a preset name, not {tlb!r}")
+    from guestkernel.versions import VERSIONS
+    kernels = cfg.get("kernels", ["6.1"])
+    if not isinstance(kernels, list) or not kernels:
+        raise SweepError("'kernels' must be a non-empty list")
+    bad = [v for v in kernels if v not in VERSIONS]
+    if bad:
+        raise SweepError(f"'kernels': unknown kernel {bad[0]!r}; known: {', '.join(VERSIONS)}")
 
 
 def load_sweep(path: str | Path) -> dict:
@@ -96,7 +104,7 @@ def load_sweep(path: str | Path) -> dict:
     from guestkernel.policy import policy_names
 
     from .registry import model_names
-    known = {"workloads", "policies", "seeds", "ram", "scale", "tlb"}
+    known = {"workloads", "policies", "seeds", "ram", "scale", "tlb", "kernels"}
     if set(cfg) - known:
         raise SweepError(f"unknown keys {sorted(set(cfg) - known)}; known: {sorted(known)}")
     for key in ("workloads", "policies", "seeds", "ram"):
@@ -126,10 +134,11 @@ def load_sweep(path: str | Path) -> dict:
 
 
 def cells(cfg: dict) -> list[dict]:
-    return [{"workload": w, "policy": p, "seed": s, "ram": r, "scale": cfg.get("scale", 1.0),
-             "tlb": cfg.get("tlb")}
-            for w, p, s, r in itertools.product(cfg["workloads"], cfg["policies"], cfg["seeds"],
-                                                cfg["ram"])]
+    return [{"workload": w, "policy": p, "seed": s, "ram": r, "kernel": kern,
+             "scale": cfg.get("scale", 1.0), "tlb": cfg.get("tlb")}
+            for kern, w, p, s, r in itertools.product(cfg.get("kernels", ["6.1"]),
+                                                      cfg["workloads"], cfg["policies"],
+                                                      cfg["seeds"], cfg["ram"])]
 
 
 def run_cell(cell: dict) -> dict:
@@ -140,15 +149,16 @@ def run_cell(cell: dict) -> dict:
     from .workloads import run_workload
     try:
         d = run_workload(cell["workload"], ram=cell["ram"], policy=cell["policy"],
-                         seed=cell["seed"], scale=cell["scale"])
+                         seed=cell["seed"], scale=cell["scale"], profile=cell.get("kernel"))
         return sweep_row(cell, d)
     except Exception as exc:  # noqa: BLE001 - reported with the cell, never lost in a worker
         raise CellError(f"cell {_cell_name(cell)}: {type(exc).__name__}: {exc}", cell) from None
 
 
 def _cell_name(cell: dict) -> str:
+    kernel = cell.get("kernel", "6.1")
     return (f"workload={cell['workload']} policy={cell['policy']} seed={cell['seed']} "
-            f"ram={cell['ram']}")
+            f"ram={cell['ram']}" + (f" kernel={kernel}" if kernel != "6.1" else ""))
 
 
 def run_sweep(cfg: dict, *, workers: int | None = None, scheduler: str | None = None,

@@ -209,7 +209,7 @@ WORKLOADS = {name: model_driver(name) for name in model_names()}
 
 def run_workload(workload: str, *, ram: str | None = "4G", e820: str | None = None,
                  policy: str = "baseline", seed: int = 1, scale: float = 1.0,
-                 kernel: Kernel | None = None) -> Driver:
+                 kernel: Kernel | None = None, profile: str | None = None) -> Driver:
     """Boot (unless given a kernel) and run one workload; returns the driver
     (kernel, trace lines, handles). ``e820`` is a boot log's text: the run
     boots from its :func:`e820_lines`, which the trace keeps. A call that
@@ -220,14 +220,15 @@ def run_workload(workload: str, *, ram: str | None = "4G", e820: str | None = No
         raise ValueError(f"scale must be a positive finite number, not {scale!r}")
     if e820 is not None:
         e820 = e820_lines(e820)
-    k = kernel or Kernel.boot(ram=None if e820 is not None else ram, e820=e820, policy=policy)
+    k = kernel or Kernel.boot(ram=None if e820 is not None else ram, e820=e820, policy=policy,
+                              profile=profile)
     d = Driver(k)
     from policies.oracle import OracleTracker
     d.oracle = OracleTracker(k)
     boot = {"e820": e820} if e820 is not None else {"ram": ram}
     d.lines.append(json.dumps({"format": TRACE_FORMAT, "version": TRACE_VERSION, "boot": boot,
-                               "policy": policy, "workload": workload, "seed": seed,
-                               "scale": scale}, sort_keys=True))
+                               "kernel": k.profile.name, "policy": policy, "workload": workload,
+                               "seed": seed, "scale": scale}, sort_keys=True))
     d.sample()
     driver(d, random.Random(seed), scale)
     d.sample()
@@ -244,7 +245,7 @@ def trace_text(d: Driver, error: BaseException | None = None) -> str:
     return "".join(ln + "\n" for ln in d.lines) + json.dumps(end, sort_keys=True) + "\n"
 
 
-def _boot_from_header(head: dict, policy: str | None) -> Kernel:
+def _boot_from_header(head: dict, policy: str | None, kernel: str | None = None) -> Kernel:
     """Boot what a trace header asks for; anything wrong in it is a
     :class:`TraceError` naming the field (the header is input: bad input,
     never a traceback). The header's ``e820`` is text, never a file name."""
@@ -266,13 +267,21 @@ def _boot_from_header(head: dict, policy: str | None) -> Kernel:
     except (ValueError, TypeError) as exc:
         raise TraceError(1, "policy", str(exc)) from None
     from guestkernel.kernel import KernelError
+    profile = kernel if kernel is not None else head.get("kernel")
+    if profile is not None:
+        from guestkernel.versions import VersionError, get_version
+        try:
+            get_version(profile)
+        except (VersionError, TypeError) as exc:
+            raise TraceError(1, "kernel", str(exc)) from None
     try:
-        return Kernel.boot(ram=ram, e820=e820, policy=pol)
+        return Kernel.boot(ram=ram, e820=e820, policy=pol, profile=profile)
     except (ValueError, MemoryError, KernelError) as exc:
         raise TraceError(1, fld, str(exc)) from None
 
 
-def replay(lines, *, policy: str | None = None) -> tuple[Driver, TraceError | None]:
+def replay(lines, *, policy: str | None = None, kernel: str | None = None
+           ) -> tuple[Driver, TraceError | None]:
     """Replay a trace. A bad header is a :class:`TraceError` (raised: there
     is no state yet). A malformed call line, or a missing or wrong trailer,
     stops the replay: the driver (kernel and state up to that line) is
@@ -295,7 +304,7 @@ def replay(lines, *, policy: str | None = None) -> tuple[Driver, TraceError | No
     if isinstance(version, bool) or version not in READ_VERSIONS:
         raise TraceError(1, "version", f"unsupported version {version!r} (this dmfrag reads "
                                        f"{', '.join(map(str, READ_VERSIONS))})")
-    k = _boot_from_header(head, policy)
+    k = _boot_from_header(head, policy, kernel)
     d = Driver(k)
     if version == 1:
         d.warnings.append("version-1 trace: it has no trailer, so a trace cut short cannot be "

@@ -126,7 +126,10 @@ class Kernel:
         self.execmem: Execmem = Execmem(self.vmalloc, self.cpa, version, self.user_gfp)
         self.modules: ModuleLoader = ModuleLoader(self.execmem, self.cpa, self.vmalloc)
         self.bpf: BpfJit = BpfJit(self.execmem, self.vmalloc, use_pack=version.bpf_prog_pack)
-        self.secretmem: Secretmem = Secretmem(self, self.cpa, self.user_gfp)
+        self.secretmem: Secretmem = Secretmem(
+            self, self.cpa, self.user_gfp,
+            None if version.secretmem else
+            f"secretmem: Linux {version.name} has no memfd_secret (it arrived in 5.14)")
         self.guest_memfd: GuestMemfd = GuestMemfd(self, self.cpa, self.user_gfp)
         self.pgtable_protect: ProtectedPageTables = ProtectedPageTables(self, self.cpa,
                                                                         self.user_gfp)

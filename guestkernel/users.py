@@ -282,15 +282,20 @@ class Secretmem:
 
     OWNER = PageOwner.SECRETMEM
 
-    def __init__(self, pages: PageAllocator, cpa: Cpa, user_gfp: UserGfp) -> None:
+    def __init__(self, pages: PageAllocator, cpa: Cpa, user_gfp: UserGfp,
+                 unavailable: str | None = None) -> None:
         self.page_alloc = pages
         self.cpa = cpa
         self.user_gfp = user_gfp
+        #: None, or why this kernel has no such user (e.g. 5.10: no memfd_secret)
+        self.unavailable = unavailable
         self.pages: set[int] = set()
 
     def fault(self) -> int:
         """secretmem_fault: allocate a page, unmap it from the direct map
         (unless the policy serves it with ``GFP_UNMAPPED``: the 2022 RFC)."""
+        if self.unavailable:
+            raise UsersError(self.unavailable)
         gfp = self.user_gfp("secretmem", int(G.GFP_HIGHUSER | G.GFP_ZERO))
         pfn = self.page_alloc.alloc_pages(gfp, 0, owner=self.OWNER)
         if not gfp & G.GFP_UNMAPPED:

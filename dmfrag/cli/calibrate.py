@@ -1,5 +1,5 @@
-"""``dmfrag calibrate``: boot the real Linux 6.1 under QEMU and the model on
-the same memory map, run the same guest workload on both, and compare them
+"""``dmfrag calibrate``: boot a real Linux (5.10, 6.1 or 7.2) under QEMU and
+the model following that kernel's record on the same memory map, run the same guest workload on both, and compare them
 (see :mod:`dmfrag.calibrate`)."""
 
 from __future__ import annotations
@@ -14,10 +14,14 @@ __all__ = ["add_parser", "main"]
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    p = sub.add_parser("calibrate", help="run a real Linux 6.1 and the model side by side",
-                       description="Boot Debian's Linux 6.1 under QEMU with the given RAM, run "
-                                   "the workload, run the same in the model, and compare "
+    from ..realkernel import DEFAULT_KERNEL, KERNELS
+    p = sub.add_parser("calibrate", help="run a real Linux and the model side by side",
+                       description="Boot one of Debian's Linux kernels under QEMU with the "
+                                   "given RAM, run the workload, run the same in the model "
+                                   "(following that kernel's record), and compare "
                                    "DirectMap4k/2M/1G and the split counters at each point.")
+    p.add_argument("--kernel", choices=sorted(KERNELS), default=DEFAULT_KERNEL,
+                   help=f"the real kernel (default {DEFAULT_KERNEL})")
     p.add_argument("--ram", default="8G", help="guest RAM, e.g. 2G, 8G (default 8G)")
     p.add_argument("--workload", default="modules,bpf,secretmem",
                    help="comma-separated: modules, bpf, secretmem (default: all)")
@@ -48,10 +52,12 @@ def main(args: argparse.Namespace) -> int:
     if bad:
         raise UsageError(f"unknown workload {bad[0]!r}; known: {', '.join(sorted(known))}")
     try:
-        comp = calibrate(args.ram, workload, install=args.install, timeout=args.timeout)
+        comp = calibrate(args.ram, workload, install=args.install, timeout=args.timeout,
+                         kernel=args.kernel)
     except RealKernelError as exc:
         raise ToolMissing(str(exc)) from None
-    print(f"RAM {args.ram}, workload {','.join(workload) or '(boot only)'}: real kernel "
+    print(f"Linux {args.kernel}, RAM {args.ram}, workload {','.join(workload) or '(boot only)'}: "
+          f"real kernel "
           f"{comp.real_seconds:.1f} s, model {comp.model_seconds:.1f} s")
     print(comp.table())
     print("\nKnown differences (not yet modelled):")

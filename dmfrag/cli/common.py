@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from ..workloads import Driver
 
 __all__ = ["EXIT_OK", "EXIT_PROBLEM", "EXIT_TOOL", "EXIT_USAGE", "ToolMissing", "UsageError",
-           "add_workload_args", "boot_args", "check_output_dir", "check_output_file",
+           "add_kernel_arg", "add_workload_args", "boot_args", "check_output_dir", "check_output_file",
            "check_policy", "check_run_args", "check_scale", "check_tlb_preset", "config",
            "policies", "progress", "read_text", "run_one"]
 
@@ -61,6 +61,15 @@ def add_workload_args(p: argparse.ArgumentParser) -> None:
                    help="a boot log file with BIOS-e820 lines (your machine); always a path")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--scale", type=float, default=1.0, help="workload size factor (> 0)")
+    add_kernel_arg(p)
+
+
+def add_kernel_arg(p: argparse.ArgumentParser, help_default: str = "6.1, or the --e820 "
+                   "log's kernel") -> None:
+    """--kernel: the kernel record the model follows (guestkernel.versions)."""
+    from guestkernel.versions import VERSIONS
+    p.add_argument("--kernel", choices=list(VERSIONS), default=None,
+                   help=f"the kernel the model follows (default {help_default})")
 
 
 def read_text(path: str, what: str) -> str:
@@ -172,7 +181,7 @@ def run_one(args: argparse.Namespace, policy: str) -> Driver:
     boot = boot_args(args)
     try:
         return run_workload(args.workload, ram=boot["ram"], e820=boot.get("e820"), policy=policy,
-                            seed=args.seed, scale=args.scale)
+                            seed=args.seed, scale=args.scale, profile=args.kernel)
     except (ValueError, MemoryError, KernelError) as exc:
         raise UsageError(str(exc)) from None
 

@@ -14,6 +14,7 @@ from .common import (
     EXIT_OK,
     EXIT_PROBLEM,
     UsageError,
+    add_kernel_arg,
     add_workload_args,
     check_output_file,
     check_policy,
@@ -36,6 +37,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     rep = trs.add_parser("replay", help="replay a trace (optionally on another policy)")
     rep.add_argument("file")
     rep.add_argument("--policy", default=None)
+    add_kernel_arg(rep, "the trace header's kernel")
     rep.set_defaults(func=main)
     return p
 
@@ -71,7 +73,7 @@ def replay(args: argparse.Namespace) -> int:
         check_policy(args.policy)
     lines = read_text(args.file, "trace").splitlines()
     try:
-        d, err = replay_trace(lines, policy=args.policy)
+        d, err = replay_trace(lines, policy=args.policy, kernel=args.kernel)
     except TraceError as exc:
         raise UsageError(str(exc)) from None
     for w in d.warnings:

@@ -16,6 +16,10 @@ int main(int argc, char **argv)
     if (k < 2) k = 2;
     struct rlimit rl = { .rlim_cur = n + 64, .rlim_max = n + 64 };
     if (setrlimit(RLIMIT_NOFILE, &rl) != 0) perror("setrlimit");
+    /* Before 5.11 BPF memory is charged to RLIMIT_MEMLOCK (64 KiB by
+     * default: about 16 programs); lift it so that 5.10 loads all N. */
+    struct rlimit ml = { .rlim_cur = RLIM_INFINITY, .rlim_max = RLIM_INFINITY };
+    if (setrlimit(RLIMIT_MEMLOCK, &ml) != 0) perror("setrlimit memlock");
     struct bpf_insn *insns = calloc(k, sizeof(*insns));
     for (int i = 0; i < k - 1; i++) {
         insns[i].code = BPF_ALU64 | BPF_MOV | BPF_K;   /* r0 = 0 */
