@@ -195,12 +195,14 @@ class E820Table:
                         table = cls(sanitize(bios))
                     if m:
                         start, last = int(m.group(1), 16), int(m.group(2), 16)
-                        table.update(start, last + 1, E820Type.parse(m.group(3)),
-                                     E820Type.parse(m.group(4)))
+                        # 7.x names the types in its edits too ("System RAM ==>
+                        # device reserved"): the same names as its table.
+                        table.update(start, last + 1, _parse_bios_type(m.group(3), new_format)[0],
+                                     _parse_bios_type(m.group(4), new_format)[0])
                     else:
                         m = _REMOVE.search(line)
                         start, last = int(m.group(1), 16), int(m.group(2), 16)
-                        table.remove(start, last + 1, E820Type.parse(m.group(3)))
+                        table.remove(start, last + 1, _parse_bios_type(m.group(3), new_format)[0])
             except E820Error as exc:
                 raise E820Error(f"boot log line {no}: {exc}: {raw.strip()!r}") from None
         if not bios:

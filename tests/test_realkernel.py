@@ -148,7 +148,8 @@ def other_boots(rk):
 @pytest.mark.parametrize("kern", [
     "5.10",
     pytest.param("7.2", marks=pytest.mark.xfail(
-        strict=True, reason="7.2: " + KNOWN_DIFFERENCES_BY_KERNEL["7.2"][0])),
+        strict=True, raises=AssertionError,
+        reason="7.2: " + KNOWN_DIFFERENCES_BY_KERNEL["7.2"][0])),
 ])
 def test_other_kernels_boot_meminfo_equals_the_model_on_their_record(other_boots, kern):
     """The model boots from the e820 map the real kernel printed (7.2's in
