@@ -152,12 +152,6 @@ def test_split_of_a_1g_page_keeps_pat_large_in_its_2m_leaves(k):
     counters_match_tables(k)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "guestkernel/collapse.py _try_pud compares the 512 PMD entries' flags without bit 12 "
-    "(PAT_LARGE sits inside ADDR_MASK and is masked out of both the flags and the frames), "
-    "so 2M leaves that differ only in their PAT bit collapse into one 1G leaf carrying "
-    "entry 0's PAT: a WC/WT 2M region silently becomes WB. Linux's collapse compares "
-    "pmd_pgprot(), which includes _PAGE_PAT_LARGE."))
 def test_1g_collapse_keeps_a_2m_leafs_pat_bit():
     k = Kernel.boot(ram="6G", policy="cpa-merge")
     va1g = PAGE_OFFSET + 5 * GiB
