@@ -256,9 +256,11 @@ class Kernel:
         """Free what ``alloc_pages`` gave; a page of another owner (a secret
         page, a vmalloc page, a page table) is refused, naming its owner."""
         if pfn.__class__ is int and 0 <= pfn < self.max_pfn:
-            have = self.page_owner[pfn]
+            # int() first: comparing a numpy scalar with an IntEnum makes
+            # numpy probe the enum's attributes (the hot path of every free).
+            have = int(self.page_owner[pfn])
             if have != owner:
-                have = PageOwner(int(have))
+                have = PageOwner(have)
                 raise KernelError(f"free_pages({pfn:#x}, {order}): the page belongs to "
                                   f"{have.name.lower()}; free it through {have.free_path}")
         if self._policy_free and self._policy_free(self, pfn, order):
