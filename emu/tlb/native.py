@@ -22,6 +22,7 @@ from ..asm import disasm_one
 from .config import TlbConfig, layout, preset
 from .counters import COUNTERS, stats
 from .decode import describe, read_code
+from .observer import MachineObserver
 
 __all__ = ["TlbModel"]
 
@@ -59,7 +60,7 @@ class _HookCtx(ctypes.Structure):
                 ("table_mask", ctypes.c_uint64)]
 
 
-class TlbModel:
+class TlbModel(MachineObserver):
     """The C TLB model, attached to a :class:`emu.Machine` (``m.tlb = ...``).
 
     ``counters()`` (= ``stats()``) gives what a run reports in
@@ -93,8 +94,7 @@ class TlbModel:
             for j, v in enumerate(vals):
                 arr[j] = v
         self._nstructs = len(structs)
-        self._machine = None
-        self._hooks: list[int] = []
+        MachineObserver.__init__(self)
         self._desc = (_Desc * 4096)()
         self._ctx = _HookCtx()
         self._ctx.table = ctypes.addressof(self._desc)
@@ -110,13 +110,7 @@ class TlbModel:
 
     def attach(self, m) -> None:
         """Start observing machine ``m``'s CPU (``m.tlb = self`` calls this)."""
-        if self._machine is not None and self._machine is not m:
-            raise ValueError("this TLB model is attached to another machine; detach it "
-                             "there first (machine.tlb = None)")
-        if self._machine is not m:
-            self.forget_code()
-        self._machine = m
-        self.prime(m)
+        self._claim(m)
         self._ctx.uc = m.uc_handle
         self._ctx.reg_read = fnptr(uclib.uc_reg_read)
         ctx = ctypes.addressof(self._ctx)
@@ -124,13 +118,6 @@ class TlbModel:
             m.hook_add_native(UC_HOOK_MEM_READ | UC_HOOK_MEM_WRITE, self._lib.dmfrag_tlb_mem_hook, ctx),
             m.hook_add_native(UC_HOOK_BLOCK, self._lib.dmfrag_tlb_block_hook, ctx),
         ]
-
-    def detach(self, m) -> None:
-        """Stop observing ``m`` (its hooks go; entries and counters stay)."""
-        for h in self._hooks:
-            m.hook_del(h)
-        self._hooks = []
-        self._machine = None
 
     def forget_code(self) -> None:
         """Drop the operand descriptions decoded per RIP: code was rewritten

@@ -17,6 +17,7 @@ from ..asm import disasm_one
 from .config import Structure, TlbConfig, layout, preset
 from .counters import COUNTERS, stats
 from .decode import describe, read_code
+from .observer import MachineObserver
 
 __all__ = ["PyTlb"]
 
@@ -31,7 +32,7 @@ class _PyStruct:
     rng: int = 0
 
 
-class PyTlb:
+class PyTlb(MachineObserver):
     """The same model in Python (slow; for checking the C path)."""
 
     def __init__(self, config: TlbConfig | str = "skylake"):
@@ -47,8 +48,7 @@ class PyTlb:
         self.ram64 = None
         self.ram_first = 0          # qword index of ram64[0] (RAM's physical base / 8)
         self.cr3 = 0
-        self._machine = None
-        self._hooks: list[int] = []
+        MachineObserver.__init__(self)
         self._decoded: dict[int, tuple] = {}
 
     def _lookup(self, idx: int, va: int) -> int:
@@ -161,22 +161,9 @@ class PyTlb:
 
     def attach(self, m) -> None:
         """Start observing machine ``m``'s CPU (``m.tlb = self`` calls this)."""
-        if self._machine is not None and self._machine is not m:
-            raise ValueError("this TLB model is attached to another machine; detach it "
-                             "there first (machine.tlb = None)")
-        if self._machine is not m:
-            self.forget_code()
-        self._machine = m
-        self.prime(m)
+        self._claim(m)
         self._hooks = [m.hook_add(UC_HOOK_MEM_READ | UC_HOOK_MEM_WRITE, self._mem_hook),
                        m.hook_add(UC_HOOK_BLOCK, self._block_hook)]
-
-    def detach(self, m) -> None:
-        """Stop observing ``m`` (its hooks go; entries and counters stay)."""
-        for h in self._hooks:
-            m.hook_del(h)
-        self._hooks = []
-        self._machine = None
 
     def forget_code(self) -> None:
         """Drop the operand descriptions decoded per RIP (code was rewritten)."""
