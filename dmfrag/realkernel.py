@@ -96,7 +96,7 @@ KERNEL_VERSION = KERNELS["6.1"].release
 _STAMP = ".dmfrag-package"
 TOOLS = {"qemu-system-x86_64": "qemu-system-x86", "busybox": "busybox-static",
          "cpio": "cpio", "gcc": "gcc", "apt-get": "apt", "dpkg-deb": "dpkg"}
-HELPERS = ("bpf_load", "secretmem")
+HELPERS = ("bpf_load", "secretmem", "age")
 _GUEST_SRC = Path(__file__).resolve().parent / "guest"
 
 
