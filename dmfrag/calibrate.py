@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from guestkernel import Kernel
 
 from .realkernel import RealKernel, RealRun
-from .registry import REGISTRY, calibration, module_layout, parse_steps
+from .registry import REGISTRY, calibration, guest_steps, module_layout, parse_steps
 
 __all__ = ["KEYS", "KNOWN_DIFFERENCES", "KNOWN_DIFFERENCES_BY_KERNEL", "Comparison", "calibrate",
            "module_layout", "run_model"]
@@ -78,6 +78,7 @@ def run_model(e820: str, workload: tuple[str, ...], real: RealKernel | None = No
     module_path = (real or RealKernel()).module_path
     driver = None
     for w in workload:
+        guest_steps(w)      # a name the guest cannot run: UnknownWorkload (a ValueError)
         if w in REGISTRY and REGISTRY[w].guest_steps is not None:
             counterpart = calibration(w)
             if counterpart is not None:

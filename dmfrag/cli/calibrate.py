@@ -62,6 +62,9 @@ def main(args: argparse.Namespace) -> int:
                 raise UsageError(str(exc)) from None
             raise UsageError(f"unknown workload {w!r}; known: {', '.join(sorted(known))}, "
                              f"age:N, bpf:N[:K], secretmem:N, bpftrace[:R]") from None
+    if "boot" in workload[1:]:
+        raise UsageError(f"--workload {args.workload!r}: boot is where every run starts: "
+                         f"only first")
     if len(set(workload)) != len(workload):
         raise UsageError(f"--workload {args.workload!r}: a step given twice (each step's "
                          f"snapshot is named after it)")

@@ -73,9 +73,13 @@ def add_workload_args(p: argparse.ArgumentParser) -> None:
 def workload_spec(spec: str) -> str:
     """``--workload``: a model workload's name, or a step list read now (a
     bad one is a usage error, exit 2, before any work)."""
-    from ..registry import UnknownWorkload, is_single, parse_steps
+    from ..registry import REGISTRY, STEP_KINDS, UnknownWorkload, is_single, parse_steps
     if is_single(spec):
         return spec
+    if ":" not in spec and "," not in spec and spec not in REGISTRY and spec not in STEP_KINDS:
+        raise argparse.ArgumentTypeError(
+            f"invalid choice: {spec!r} (choose from {', '.join(sorted(model_names()))}; or a "
+            f"step list such as age:8000,bpf:2048, see --help)")
     try:
         parse_steps(spec)
     except UnknownWorkload as exc:
