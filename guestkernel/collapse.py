@@ -92,13 +92,16 @@ def _try_pud(k: CollapseContext, pud_slot: int, region_pa: int) -> bool:
         return False
     table = pgt.get(pud_slot) & pt.ADDR_MASK
     pmds = pgt.ram64[table >> 3: (table >> 3) + 512]
-    flags = pmds & ~_ADDR & ~_HW
+    # A 2M leaf's PAT bit is bit 12, inside the address field: compare it
+    # with the flags (pmd_pgprot() includes _PAGE_PAT_LARGE), not the frame.
+    pat = np.uint64(int(F.PAT_LARGE))
+    flags = (pmds & ~_ADDR & ~_HW) | (pmds & pat)
     if not np.all(flags == flags[0]) or not int(flags[0]) & F.PS or not int(flags[0]) & F.P:
         return False
-    frames = pmds & _ADDR & ~np.uint64(int(F.PAT_LARGE))
+    frames = pmds & _ADDR & ~pat
     if not np.array_equal(frames, np.uint64(region_pa) + np.arange(512, dtype=np.uint64) * np.uint64(PMD_SIZE)):
         return False
-    pgt.set(pud_slot, region_pa | int(flags[0]) | (int(pmds[0]) & F.PAT_LARGE))
+    pgt.set(pud_slot, region_pa | int(flags[0]))
     k.collapse_page_count(3)
     k.tlb.flush_tlb_all()
     k.free_pgtable_page(table)

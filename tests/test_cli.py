@@ -174,8 +174,7 @@ def test_registry_faces_agree():
         assert w.model or w.guest_steps
         assert (w.calibration is None) == (w.guest_steps is None or w.diagnostic)
     e820 = (Path(__file__).parent / "data" / "dmesg-e820-example.log").read_text()
-    # the example log is a 3.13 boot (no memfd_secret): follow 6.1's record
-    snaps = run_model(e820, ("bpf", "secretmem", "trace"), kernel="6.1")
+    snaps = run_model(e820, ("bpf", "secretmem", "trace"), kernel="6.1")   # 3.13: no secretmem
     taken = [line.split()[1] for w in ("bpf", "secretmem")
              for line in registry.guest_steps(w) if line.startswith("snap ")]
     assert list(snaps) == ["boot", *taken]

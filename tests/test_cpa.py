@@ -11,7 +11,7 @@ import pytest
 from helpers import counters_match_tables
 
 from emu import PageFault, RunStatus
-from emu.pagetable import PfErr
+from emu.pagetable import ADDR_MASK, HW_MANAGED, PfErr
 from emu.pagetable import PteFlags as F
 from guestkernel import PAGE_OFFSET, Kernel
 from guestkernel.cpa import CpaError, SplitOutcome
@@ -89,17 +89,78 @@ def test_1g_split_keeps_2m_leaves(k):
     assert k.machine.translate(PAGE_OFFSET + 5 * GiB + 0x200000 * 7 + 8) == 5 * GiB + 0x200000 * 7 + 8
 
 
-def test_split_moves_the_pat_bit(k):
-    va = PAGE_OFFSET + 0x1000_0000
-    slot, level = k.pgt.lookup_slot(va)
-    assert level == 2
-    k.pgt.set(slot, k.pgt.get(slot) | int(F.PAT_LARGE))   # a WC/WT-like large page
+def set_pat_large(k: Kernel, va: int, level: int) -> int:
+    """Mark the large direct-map leaf mapping ``va`` WC/WT-like (PAT index
+    bit, bit 12 of a 2M/1G leaf); return its flags (bits outside 51:12)."""
+    slot, found = k.pgt.lookup_slot(va)
+    assert found == level
+    entry = k.pgt.get(slot) | int(F.PAT_LARGE)
+    k.pgt.set(slot, entry)
     k.machine.flush_tlb()
-    k.set_memory_4k(va, 1)
-    for off in (0, 0x1000, 0x1FF000):
-        entry, level = k.lookup_address(va + off)
-        assert level == 1 and entry & F.PAT and not entry & (1 << 12) & ~((1 << 52) - 4096)
-        assert (entry & ((1 << 52) - 4096)) == 0x1000_0000 + off   # bit 12 is address again
+    return entry & ~ADDR_MASK & ~int(HW_MANAGED)
+
+
+def assert_ptes_of_split_2m(k: Kernel, va2m: int, pa2m: int, large_flags: int, ro_va: int):
+    """All 512 PTEs that replaced the 2M leaf at ``va2m``: PAT in bit 7 (no
+    PS there), bit 12 nothing but the frame's lowest bit (the frames run
+    contiguously from ``pa2m``), every other flag the large page's (RW
+    cleared only on ``ro_va``, the page the CPA call asked for)."""
+    want = large_flags & ~int(F.PS) | int(F.PAT)
+    for i in range(512):
+        va = va2m + i * 4096
+        entry, level = k.lookup_address(va)
+        assert level == 1, hex(va)
+        assert entry & ADDR_MASK == pa2m + i * 4096, (i, hex(entry))   # bit 12 == i & 1
+        flags = entry & ~ADDR_MASK & ~int(HW_MANAGED)
+        assert flags == (want & ~int(F.RW) if va == ro_va else want), (i, hex(entry))
+    # The CPU's walk agrees: an even page translates to an even frame.
+    for i in (0, 1, 2, 511):
+        assert k.machine.translate(va2m + i * 4096 + 8) == pa2m + i * 4096 + 8
+
+
+def test_split_of_a_2m_page_moves_the_pat_bit(k):
+    va2m, pa2m = PAGE_OFFSET + 0x1000_0000, 0x1000_0000
+    large = set_pat_large(k, va2m, 2)
+    assert large & F.PS and large & F.RW and large & F.P
+    ro_va = va2m + 0x3000                                # odd page: bit 12 of its frame set
+    k.set_memory_ro(ro_va, 1)
+    assert k.vmstat()["direct_map_level2_splits"] == 1
+    assert_ptes_of_split_2m(k, va2m, pa2m, large, ro_va)
+    counters_match_tables(k)
+
+
+def test_split_of_a_1g_page_keeps_pat_large_in_its_2m_leaves(k):
+    """1G -> 512 x 2M: PAT stays in bit 12 (still large leaves); then the
+    2M leaf holding the page -> 512 x 4K: PAT moves to bit 7."""
+    va1g, pa1g = PAGE_OFFSET + 5 * GiB, 5 * GiB
+    large = set_pat_large(k, va1g, 3)
+    ro_va = va1g + 7 * 2 * MiB + 0x5000
+    k.set_memory_ro(ro_va, 1)
+    assert k.vmstat()["direct_map_level3_splits"] == 1
+    assert k.vmstat()["direct_map_level2_splits"] == 1
+    for j in range(512):
+        va = va1g + j * 2 * MiB
+        if j == 7:
+            continue
+        entry, level = k.lookup_address(va)
+        assert level == 2, j
+        # bits 51:12 hold the 2M frame and PAT_LARGE, bits 20:13 reserved (0)
+        assert entry & ADDR_MASK == (pa1g + j * 2 * MiB) | int(F.PAT_LARGE), (j, hex(entry))
+        assert entry & ~ADDR_MASK & ~int(HW_MANAGED) == large, (j, hex(entry))
+        assert k.machine.translate(va + 0x1000 + 8) == pa1g + j * 2 * MiB + 0x1000 + 8
+    assert_ptes_of_split_2m(k, va1g + 7 * 2 * MiB, pa1g + 7 * 2 * MiB, large, ro_va)
+    counters_match_tables(k)
+
+
+def test_1g_collapse_keeps_a_2m_leafs_pat_bit():
+    k = Kernel.boot(ram="6G", policy="cpa-merge")
+    va1g = PAGE_OFFSET + 5 * GiB
+    page = va1g + 7 * 2 * MiB + 0x5000
+    k.set_memory_ro(page, 1)                              # 1G -> 2M leaves, one -> 4K
+    set_pat_large(k, va1g + 3 * 2 * MiB, 2)               # one 2M leaf WC/WT-like
+    k.set_memory_rw(page, 1)                              # the 4K table merges back
+    entry, level = k.lookup_address(va1g + 3 * 2 * MiB)
+    assert level == 2 and entry & F.PAT_LARGE, (level, hex(entry))
 
 
 def test_flush_ceiling(k):
@@ -140,7 +201,7 @@ def test_random_ranges_like_cpa_test(k):
         k.set_memory_np(PAGE_OFFSET + pa, n)
         done.append((pa, n))
         for i in (0, n // 2, n - 1):
-            entry, level = k.lookup_address(PAGE_OFFSET + pa + i * 4096)
+            entry, _ = k.lookup_address(PAGE_OFFSET + pa + i * 4096)
             assert not entry & F.P
             with pytest.raises(PageFault):
                 k.machine.translate(PAGE_OFFSET + pa + i * 4096)

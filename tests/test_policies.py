@@ -106,21 +106,74 @@ def test_pte_mapped_cache_splits_one_2m_block_for_many_tables():
     k.validate("full")
 
 
+BLOCK = 512   # pages per 2M page
+
+
+def direct_map_2m_blocks_at_4k(k: Kernel) -> set[int]:
+    """First pfns of the 2M blocks of RAM the direct map maps with 4K PTEs."""
+    out = set()
+    for block in range(0, k.max_pfn, BLOCK):
+        found = k.lookup_address(k.pfn_to_virt(block))
+        if found is not None and found[0] & F.P and found[1] == 1:
+            out.add(block)
+    return out
+
+
+def load_bpf(k: Kernel, n: int, size: int) -> dict[str, int]:
+    """Load ``n`` programs of ``size`` bytes; return the direct-map splits
+    they made and the 2M blocks their pages newly took to 4K."""
+    s0, at4k = dict(k.vmstat()), direct_map_2m_blocks_at_4k(k)
+    bpf_areas0 = {a for a, area in k.vmalloc.areas.items() if area.caller == "bpf"}
+    progs = [k.bpf.load(size) for _ in range(n)]
+    v = k.vmstat()
+    new_areas = [area for a, area in k.vmalloc.areas.items()
+                 if area.caller == "bpf" and a not in bpf_areas0]
+    blocks = {pfn & ~(BLOCK - 1) for area in new_areas for pfn in area.pfns()}
+    return {"l2": v["direct_map_level2_splits"] - s0["direct_map_level2_splits"],
+            "l3": v["direct_map_level3_splits"] - s0["direct_map_level3_splits"],
+            "new_blocks": len(blocks - at4k), "areas": len(new_areas),
+            "packs": len({p.pack for p in progs} - {None})}
+
+
+# 3000 images of 1 KiB: 2.9 MiB, more than the boot-time pack (2 MiB, with
+# ptp_classifier's program in it) holds: new packs must be allocated.
+NPROGS, PROG_SIZE = 3000, 1024
+
+
 def test_prog_pack_packs_bpf_without_splits():
-    """8 GB guest, 2048 sockex1-sized programs (A. Lu, Nov 2022): with
-    prog-pack (2M packs backed by 2M pages) no split; without packing every
-    program's page is made RO+X on its own."""
-    k = Kernel.boot(ram="8G", policy="prog-pack")
-    s0 = dict(k.vmstat())
-    progs = [k.bpf.load(64) for _ in range(2048)]
-    assert k.vmstat()["direct_map_level2_splits"] == s0["direct_map_level2_splits"]
-    assert len({p.pack for p in progs}) == 1
-    b = Kernel.boot(ram="8G")
-    b.bpf.use_pack = False
-    for _ in range(2048):
-        b.bpf.load(64)
-    assert len(b.vmalloc.areas) == 2048 + 1
-    counters_match_tables(b)
+    """8 GB guest, 3000 JIT images (A. Lu, Nov 2022). prog-pack: new packs
+    are one 2M page each, made RO+X as a whole 2M leaf: no split at all.
+    5.10 (no bpf_prog_pack): every program has its own page made RO+X, its
+    direct-map alias splits the 2M page holding it, once per 2M block.
+    6.1 mainline: packs of 512 order-0 pages, whose aliases split too."""
+    pp = Kernel.boot(ram="8G", policy="prog-pack")
+    got = load_bpf(pp, NPROGS, PROG_SIZE)
+    assert got["packs"] >= 2 and got["areas"] == got["packs"] - 1   # the boot pack + new ones
+    assert (got["l2"], got["l3"]) == (0, 0), got
+    for pack in {p.pack for p in pp.bpf.progs.values()} - {pp.bpf.packs[0].base}:
+        area = pp.vmalloc.areas[pack]
+        assert area.page_order == 9                      # backed by one 2M page
+        alias = pp.pfn_to_virt(area.pages[0])
+        entry, level = pp.lookup_address(alias)
+        assert level == 2 and not entry & F.RW           # RO as a whole 2M leaf
+    counters_match_tables(pp)
+
+    nopack = Kernel.boot(ram="8G", profile="5.10", policy="baseline")
+    assert not nopack.bpf.use_pack
+    got = load_bpf(nopack, NPROGS, PROG_SIZE)
+    assert got["areas"] == NPROGS and got["packs"] == 0   # one area per program
+    # One split per 2M block its pages newly took to 4K (5 in the model
+    # today: 3000 pages, some in blocks already at 4K).
+    assert got["l2"] == got["new_blocks"] > 0, got
+    assert got["l3"] == 0, got
+    counters_match_tables(nopack)
+
+    mainline = Kernel.boot(ram="8G")
+    assert mainline.bpf.use_pack and not mainline.bpf.huge_pack
+    got = load_bpf(mainline, NPROGS, PROG_SIZE)
+    assert got["areas"] == got["packs"] - 1 >= 1, got     # a non-huge pack: 512 order-0 pages
+    assert got["l2"] == got["new_blocks"] >= 1, got
+    counters_match_tables(mainline)
 
 
 def test_composition_and_tunables():

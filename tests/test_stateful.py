@@ -1,58 +1,164 @@
-"""Random sequences of kernel operations on a small guest, validated after
-every step, for every registered policy (policies added later are covered
-automatically). A failure is printed by hypothesis as a replayable list of
-calls on the state machine."""
+"""Random sequences of kernel operations on a 6 GiB guest with 1G pages,
+validated after every step, for every registered policy (policies added
+later are covered automatically). A failure is printed by hypothesis as a
+replayable list of calls on the state machine.
+
+Protections live across steps: ``protect`` makes pages (one page of a block,
+or the whole block) RO, not present, NX, executable or RO+X and keeps them
+that way in the ``protected`` bundle; only ``unprotect``, a later step,
+restores them. Movable pages come from the top of RAM, inside 1G pages, so
+protecting one page there splits a 1G page (and ``cpa-merge`` and
+``cpa-collapse`` can put it back together). Every step ends with a sampled
+validation (the pages touched since the last one, plus a sample, by the
+CPU's own walk), every example with a full one.
+
+Runtime: the hypothesis profiles of ``tests/conftest.py`` ("ci" by default,
+``--hypothesis-profile=long`` for a long run).
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import hypothesis.strategies as st
 import pytest
-from hypothesis import HealthCheck, settings
-from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+from hypothesis import settings
+from hypothesis.stateful import (
+    Bundle,
+    RuleBasedStateMachine,
+    consumes,
+    initialize,
+    invariant,
+    multiple,
+    precondition,
+    rule,
+)
 
+from emu import PageFault
 from guestkernel import Kernel
 from guestkernel import gfp as G
 from guestkernel.page_alloc import AllocationError
 from guestkernel.policy import policy_names
 
 POLICIES = [p for p in policy_names() if not p.startswith("test-")]
-GFPS = [G.GFP_KERNEL, G.GFP_HIGHUSER_MOVABLE, G.GFP_KERNEL | G.GFP_ZERO, G.GFP_DMA32,
-        G.GFP_KERNEL | G.GFP_UNMAPPED]
+#: QEMU's -m 6G: 1G leaves at [1G,2G), [5G,6G), [6G,7G) after boot
+RAM = "6G"
+#: GFP_UNMAPPED has its own rule (alloc_unmapped)
+GFPS = [G.GFP_KERNEL, G.GFP_HIGHUSER_MOVABLE, G.GFP_KERNEL | G.GFP_ZERO, G.GFP_DMA32]
+#: up to order 4, and whole 2M blocks
+ORDERS = st.integers(0, 4) | st.just(9)
+#: a protection and the calls that undo it (the direct map's default is RW+NX)
+PROTECT = {"ro": ("rw",), "np": ("p",), "nx": (), "x": ("nx",), "rox": ("rw", "nx")}
+#: what the CPU must allow on a page under each protection: read, write, fetch
+ALLOWS = {"ro": "r", "np": "", "nx": "rw", "x": "rwx", "rox": "rx", None: "rw"}
+
+
+@dataclass(frozen=True)
+class Block:
+    pfn: int
+    order: int
+
+
+@dataclass(frozen=True)
+class Protected:
+    block: Block
+    first: int                # first page protected, relative to the block
+    npages: int
+    op: str
+
+
+#: what the examples did, per policy: a test of the test (1G pages were hit)
+SEEN: dict[str, dict[str, int]] = {}
 
 
 def machine_for(policy: str):
+    seen = SEEN.setdefault(policy, {"level3_splits": 0, "level3_collapses": 0,
+                                    "level2_collapses": 0, "protected": 0, "examples": 0})
+
     class KernelOps(RuleBasedStateMachine):
-        @initialize()
-        def boot(self):
-            self.k = Kernel.boot(ram="1G", policy=policy)
-            self.pages: list[tuple[int, int]] = []
+        blocks = Bundle("blocks")          # held, mapped as the direct map's default
+        unmapped = Bundle("unmapped")      # held, GFP_UNMAPPED (its owner never remaps it)
+        protected = Bundle("protected")
+
+        @initialize(target=protected, op=st.sampled_from(["ro", "np", "x", "rox"]))
+        def boot_and_split_a_1g_page(self, op):
+            """Boot, then protect one movable page: it comes from the top of
+            RAM, inside a 1G page, which the call splits (1G -> 2M -> 4K);
+            and one page of a 2M block."""
+            self.k = Kernel.boot(ram=RAM, policy=policy)
             self.areas: list[int] = []
             self.secrets: list[int] = []
             self.modules: list[str] = []
+            self.live: set[Protected] = set()
             self.steps = 0
+            seen["examples"] += 1
+            block = Block(self.k.alloc_pages(G.GFP_HIGHUSER_MOVABLE, 0), 0)
+            va = self.k.pfn_to_virt(block.pfn)
+            assert self.k.lookup_address(va)[1] == 3
+            p = self._protect(block, op, 0, 1)
+            assert self.k.lookup_address(va)[1] == 1
+            assert self.k.vmstat()["direct_map_level3_splits"] == 1
+            # and a whole 2M block with one page protected (its 2M page split)
+            block = Block(self.k.alloc_pages(G.GFP_KERNEL, 9), 9)
+            q = self._protect(block, op, 3, 1)
+            assert self.k.lookup_address(self.k.pfn_to_virt(block.pfn))[1] == 1
+            return multiple(p, q)
 
-        @rule(order=st.integers(0, 4), gfp=st.sampled_from(GFPS))
-        def alloc_pages(self, order, gfp):
+        def _alloc(self, gfp, order):
             try:
-                self.pages.append((self.k.alloc_pages(gfp, order), order))
+                return Block(self.k.alloc_pages(gfp, order), order)
             except AllocationError:
-                pass
+                return multiple()
 
-        @precondition(lambda self: self.pages)
-        @rule(i=st.integers(0, 1 << 16))
-        def free_pages(self, i):
-            pfn, order = self.pages.pop(i % len(self.pages))
-            self.k.free_pages(pfn, order)
+        @rule(target=blocks, order=ORDERS, gfp=st.sampled_from(GFPS))
+        def alloc_pages(self, order, gfp):
+            return self._alloc(gfp, order)
 
-        @precondition(lambda self: self.pages)
-        @rule(i=st.integers(0, 1 << 16), op=st.sampled_from(["ro", "rw", "np", "p", "4k", "nx"]))
-        def set_memory(self, i, op):
-            pfn, order = self.pages[i % len(self.pages)]
-            getattr(self.k, f"set_memory_{op}")(self.k.pfn_to_virt(pfn), 1 << order)
-            if op == "np":   # a user that unmaps its page maps it back before freeing
-                self.k.set_memory_p(self.k.pfn_to_virt(pfn), 1 << order)
-            if op == "ro":
-                self.k.set_memory_rw(self.k.pfn_to_virt(pfn), 1 << order)
+        @rule(target=unmapped, order=ORDERS)
+        def alloc_unmapped(self, order):
+            return self._alloc(G.GFP_KERNEL | G.GFP_UNMAPPED, order)
+
+        @rule(block=consumes(blocks) | consumes(unmapped))
+        def free_pages(self, block):
+            self.k.free_pages(block.pfn, block.order)
+
+        def _protect(self, block, op, first, npages):
+            getattr(self.k, f"set_memory_{op}")(self.k.pfn_to_virt(block.pfn + first), npages)
+            seen["protected"] += 1
+            p = Protected(block, first, npages, op)
+            self.live.add(p)
+            return p
+
+        def _unprotect(self, p):
+            for undo in PROTECT[p.op]:
+                getattr(self.k, f"set_memory_{undo}")(
+                    self.k.pfn_to_virt(p.block.pfn + p.first), p.npages)
+            self.live.remove(p)
+
+        @rule(target=protected, block=consumes(blocks), op=st.sampled_from(sorted(PROTECT)),
+              whole=st.booleans(), at=st.integers(0, 1 << 16))
+        def protect(self, block, op, whole, at):
+            n = 1 << block.order
+            first, npages = (0, n) if whole else (at % n, 1)
+            return self._protect(block, op, first, npages)
+
+        @rule(target=protected, p=consumes(protected))
+        def make_block_code(self, p):
+            """The user of a block it protected part of makes all of it code
+            (RO+X, as BPF and module loads do; 6.15 collapses after it)."""
+            self._unprotect(p)
+            return self._protect(p.block, "rox", 0, 1 << p.block.order)
+
+        @rule(target=blocks, p=consumes(protected))
+        def unprotect(self, p):
+            self._unprotect(p)
+            return p.block
+
+        @rule(block=blocks, op=st.sampled_from(["rw", "nx", "4k"]))
+        def set_memory_same(self, block, op):
+            """Calls that leave a held, unprotected block as it is (or only
+            mark it 4K-only): no change a later step has to undo."""
+            getattr(self.k, f"set_memory_{op}")(self.k.pfn_to_virt(block.pfn), 1 << block.order)
 
         @rule(pages=st.integers(1, 40), reset=st.booleans())
         def vmalloc(self, pages, reset):
@@ -87,10 +193,41 @@ def machine_for(policy: str):
         def delete_module(self, i):
             self.k.modules.delete_module(self.modules.pop(i % len(self.modules)))
 
+        def _check_cpu(self, block, first, npages, op):
+            """The CPU's own answer for the first, a middle and the last page
+            (not the model's record of what it asked for)."""
+            for i in sorted({first, first + npages // 2, first + npages - 1}):
+                va, pa = self.k.pfn_to_virt(block.pfn + i), (block.pfn + i) << 12
+                for access in "rwx":
+                    try:
+                        got = self.k.machine.translate(va, access)
+                    except PageFault:
+                        got = None
+                    want = pa if access in ALLOWS[op] else None
+                    assert got == want, (op, hex(va), access, got)
+
+        @invariant()
+        def protections_hold(self):
+            for p in self.live:
+                self._check_cpu(p.block, p.first, p.npages, p.op)
+
         @invariant()
         def validates(self):
             self.steps += 1
             self.k.validate("sample", sample=64, seed=self.steps, execution=self.steps % 4 == 0)
+
+        def teardown(self):
+            k = getattr(self, "k", None)
+            if k is None:
+                return
+            k.validate("full")
+            for p in list(self.live):       # what a later step would have undone
+                self._unprotect(p)
+                self._check_cpu(p.block, p.first, p.npages, None)
+            k.validate("sample", sample=64, seed=-1)
+            v = k.vmstat()
+            for key in ("level3_splits", "level3_collapses", "level2_collapses"):
+                seen[key] += v[f"direct_map_{key}"]
 
     KernelOps.__name__ = f"KernelOps_{policy.replace('-', '_')}"
     return KernelOps
@@ -98,8 +235,12 @@ def machine_for(policy: str):
 
 @pytest.mark.parametrize("policy", POLICIES)
 def test_random_operations_validate(policy):
+    SEEN.pop(policy, None)
     machine = machine_for(policy)
-    machine.TestCase.settings = settings(
-        max_examples=12, stateful_step_count=12, deadline=None,
-        suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+    machine.TestCase.settings = settings()      # the loaded profile (tests/conftest.py)
     machine.TestCase().runTest()
+    # The examples did what this test is for: protections, 1G splits, merges.
+    seen = SEEN[policy]
+    assert seen["protected"] and seen["level3_splits"], seen
+    if policy == "cpa-merge":     # restoring the 1G page's protection merges it back
+        assert seen["level2_collapses"] and seen["level3_collapses"], seen
