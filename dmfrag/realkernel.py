@@ -321,18 +321,22 @@ class RealKernel:
         return deb
 
     def helpers(self) -> dict[str, Path]:
-        """Static guest helpers, built once per source change."""
+        """Static guest helpers, built once per source: the binary's name
+        carries the source's hash, so checkouts with different sources
+        sharing one cache never run each other's helper."""
         out = {}
         build = self.cache / "helpers"
         build.mkdir(parents=True, exist_ok=True)
         for name in HELPERS:
             src = _GUEST_SRC / f"{name}.c"
-            exe = build / name
-            if not exe.exists() or exe.stat().st_mtime < src.stat().st_mtime:
-                r = subprocess.run(["gcc", "-static", "-O2", "-o", str(exe), str(src)],
+            exe = build / f"{name}-{hashlib.sha256(src.read_bytes()).hexdigest()[:16]}"
+            if not exe.exists():
+                tmp = build / f".{exe.name}.{os.getpid()}"
+                r = subprocess.run(["gcc", "-static", "-O2", "-o", str(tmp), str(src)],
                                    capture_output=True, text=True, check=False)
                 if r.returncode:
                     raise RealKernelError(f"building guest helper {name} failed:\n{r.stderr}")
+                os.replace(tmp, exe)
             out[name] = exe
         return out
 
