@@ -138,15 +138,11 @@ class RealRun:
 #: ends with a snapshot named after it; "boot" is always first.
 WORKLOAD_STEPS: dict[str, list[str]] = {name: list(guest_steps(name)) for name in guest_names()}
 
-# `dmesg -n 1`: from here on the kernel prints only emergencies on the
-# console, so a late message (e.g. "tsc: Refined TSC clocksource") never lands
-# inside a line of the snapshots or of the dmesg dump (the log keeps it).
 _INIT = """#!/bin/busybox sh
 /bin/busybox --install -s /bin
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
-dmesg -n 1
 snap() {{
   echo "@@SNAP $1"
   cat /proc/meminfo
