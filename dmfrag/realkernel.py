@@ -143,6 +143,9 @@ _INIT = """#!/bin/busybox sh
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
+# Kernel messages stay in the ring buffer (dumped at the end) instead of
+# landing on the console in the middle of a snapshot or of that dump.
+dmesg -n 1
 snap() {{
   echo "@@SNAP $1"
   cat /proc/meminfo
