@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from guestkernel import Kernel
 
 from .realkernel import RealKernel, RealRun
-from .registry import calibration, module_layout
+from .registry import REGISTRY, calibration, guest_steps, module_layout, parse_steps
 
 __all__ = ["KEYS", "KNOWN_DIFFERENCES", "KNOWN_DIFFERENCES_BY_KERNEL", "Comparison", "calibrate",
            "module_layout", "run_model"]
@@ -76,10 +76,27 @@ def run_model(e820: str, workload: tuple[str, ...], real: RealKernel | None = No
         snaps[point] = _snap(k)
 
     module_path = (real or RealKernel()).module_path
+    driver = None
     for w in workload:
-        counterpart = calibration(w)
-        if counterpart is not None:
-            counterpart(k, snap, module_path)
+        guest_steps(w)      # a name the guest cannot run: UnknownWorkload (a ValueError)
+        if w in REGISTRY and REGISTRY[w].guest_steps is not None:
+            counterpart = calibration(w)
+            if counterpart is not None:
+                counterpart(k, snap, module_path)
+            continue
+        # a step of the list grammar (age:N, bpf:N:K, bpftrace, ...): its
+        # model face, through a Driver, seeded as the guest's helper is
+        import random
+
+        from .registry import AGE_GUEST_SEED, run_steps
+        from .workloads import Driver
+        if driver is None:
+            driver = Driver(k)
+        steps = [s for s in parse_steps(w) if s.name != "boot"]
+        driver.points.clear()
+        run_steps(driver, random.Random(AGE_GUEST_SEED), 1.0, steps)
+        for p in driver.points[1:]:                      # [0] is run_steps' own "boot"
+            snaps[p["point"]] = {"meminfo": p["meminfo"], "vmstat": p["vmstat"]}
     return snaps
 
 

@@ -96,7 +96,7 @@ KERNEL_VERSION = KERNELS["6.1"].release
 _STAMP = ".dmfrag-package"
 TOOLS = {"qemu-system-x86_64": "qemu-system-x86", "busybox": "busybox-static",
          "cpio": "cpio", "gcc": "gcc", "apt-get": "apt", "dpkg-deb": "dpkg"}
-HELPERS = ("bpf_load", "secretmem")
+HELPERS = ("bpf_load", "secretmem", "age")
 _GUEST_SRC = Path(__file__).resolve().parent / "guest"
 
 
@@ -143,6 +143,9 @@ _INIT = """#!/bin/busybox sh
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
+# Kernel messages stay in the ring buffer (dumped at the end) instead of
+# landing on the console in the middle of a snapshot or of that dump.
+dmesg -n 1
 snap() {{
   echo "@@SNAP $1"
   cat /proc/meminfo
@@ -321,18 +324,22 @@ class RealKernel:
         return deb
 
     def helpers(self) -> dict[str, Path]:
-        """Static guest helpers, built once per source change."""
+        """Static guest helpers, built once per source: the binary's name
+        carries the source's hash, so checkouts with different sources
+        sharing one cache never run each other's helper."""
         out = {}
         build = self.cache / "helpers"
         build.mkdir(parents=True, exist_ok=True)
         for name in HELPERS:
             src = _GUEST_SRC / f"{name}.c"
-            exe = build / name
-            if not exe.exists() or exe.stat().st_mtime < src.stat().st_mtime:
-                r = subprocess.run(["gcc", "-static", "-O2", "-o", str(exe), str(src)],
+            exe = build / f"{name}-{hashlib.sha256(src.read_bytes()).hexdigest()[:16]}"
+            if not exe.exists():
+                tmp = build / f".{exe.name}.{os.getpid()}"
+                r = subprocess.run(["gcc", "-static", "-O2", "-o", str(tmp), str(src)],
                                    capture_output=True, text=True, check=False)
                 if r.returncode:
                     raise RealKernelError(f"building guest helper {name} failed:\n{r.stderr}")
+                os.replace(tmp, exe)
             out[name] = exe
         return out
 

@@ -38,19 +38,30 @@ if TYPE_CHECKING:
 
 __all__ = [
     "MODULES",
+    "MODULE_LAYOUTS",
     "MODULE_SIZES",
     "REGISTRY",
+    "STEP_KINDS",
+    "BadWorkload",
     "Calibration",
     "ModelDriver",
     "Recorder",
+    "Step",
+    "StepKind",
     "UnknownWorkload",
     "Workload",
+    "bpf_jit_bytes",
     "calibration",
     "guest_names",
     "guest_steps",
+    "is_single",
     "model_driver",
     "model_names",
     "module_layout",
+    "needs_secretmem",
+    "parse_steps",
+    "run_steps",
+    "step_driver",
 ]
 
 
@@ -61,6 +72,8 @@ class Recorder(Protocol):
     kernel: Kernel
 
     def call(self, op: str, **args: object) -> str | None: ...
+
+    def snap(self, point: str) -> None: ...
 
 
 #: ``fn(recorder, rng, scale)``: issue the workload's calls, seeded by rng
@@ -153,9 +166,13 @@ def wl_sockex1(d: Recorder, rng: random.Random, scale: float) -> None:
 
 
 def wl_module_churn(d: Recorder, rng: random.Random, scale: float) -> None:
+    _module_churn(d, rng, int(60 * scale))
+
+
+def _module_churn(d: Recorder, rng: random.Random, n: int) -> None:
     loaded: list[str] = []
     mods = MODULE_SIZES
-    for i in range(int(60 * scale)):
+    for i in range(n):
         if loaded and rng.random() < 0.4:
             d.call("delete_module", name=loaded.pop(rng.randrange(len(loaded))))
         else:
@@ -409,17 +426,30 @@ def guest_names() -> list[str]:
 def model_driver(name: str) -> ModelDriver:
     """The model driver of ``name``; unknown names list the model's."""
     w = REGISTRY.get(name)
-    if w is None or w.model is None:
-        raise UnknownWorkload(name, model_names())
-    return w.model
+    if w is not None and w.model is not None:
+        return w.model
+    if w is None and isinstance(name, str) and (":" in name or "," in name
+                                                or name in STEP_KINDS):
+        return step_driver(name)
+    if w is not None and (w.calibration is not None or name == "boot"):
+        return step_driver(name)
+    raise UnknownWorkload(name, model_names())
 
 
 def guest_steps(name: str) -> tuple[str, ...]:
     """The guest's shell lines for ``name``; unknown names list the guest's."""
     w = REGISTRY.get(name)
-    if w is None or w.guest_steps is None:
-        raise UnknownWorkload(name, guest_names())
-    return w.guest_steps
+    if w is not None and w.guest_steps is not None:
+        return w.guest_steps
+    if isinstance(name, str) and (":" in name or name in STEP_KINDS or name == "boot"):
+        (s,) = parse_steps(name) if "," not in name else (None,)
+        if s is not None:
+            if s.kind is None:
+                return ()                                  # boot: the first snapshot
+            if s.kind.guest is None:
+                raise UnknownWorkload(f"{name} (model only: no guest counterpart)")
+            return (*s.kind.guest(*s.args), f"snap {s.text}")
+    raise UnknownWorkload(name, guest_names())
 
 
 def calibration(name: str) -> Calibration | None:
@@ -429,3 +459,302 @@ def calibration(name: str) -> Calibration | None:
     if w is None or w.guest_steps is None:
         raise UnknownWorkload(name)
     return w.calibration
+
+
+# -- step lists: parameterized workloads, run in order, a snapshot after each -----------
+
+#: The five modules' section sizes as :func:`module_layout` reads them from
+#: each package (text, rodata, ro_after_init, data, init_text, init_data):
+#: what a model run's ``modules`` step loads without the package at hand
+#: (calibrate reads the files themselves). 7.2's modules are not fetched:
+#: its model run uses 6.1's sizes.
+MODULE_LAYOUTS: dict[str, dict[str, tuple[int, int, int, int, int, int]]] = {
+    "5.10": {"bfs": (6975, 4994, 0, 6710, 102, 0), "efs": (5251, 5317, 0, 6343, 114, 0),
+             "minix": (20229, 9624, 0, 10108, 102, 0), "qnx4": (3120, 3565, 0, 4898, 116, 0),
+             "sysv": (19862, 11103, 0, 10565, 141, 0)},
+    "6.1": {"bfs": (6929, 4906, 0, 6625, 97, 8), "efs": (5163, 5337, 0, 6163, 109, 8),
+            "minix": (21609, 9538, 0, 10643, 97, 8), "qnx4": (3029, 3572, 0, 4771, 111, 8),
+            "sysv": (21099, 10954, 0, 10923, 135, 8)},
+}
+
+
+def bpf_jit_bytes(insns: int) -> int:
+    """The x86-64 JIT image of ``bpf_load``'s program of ``insns``
+    instructions (``insns - 1`` times ``r0 = 0``, then ``exit``): 64 bytes
+    for the 2-instruction program (prologue, one move, epilogue: the
+    calibrated size) plus 2 bytes per further ``r0 = 0`` (``emit_mov_imm32``
+    emits ``xor eax, eax`` for an immediate 0). The image lands in whole
+    pages on 5.10 (``bpf_jit_binary_alloc``) and in 64-byte chunks of a
+    ``bpf_prog_pack`` from 5.18 on."""
+    return BPF_JIT_BYTES + 2 * (insns - 2)
+
+
+#: one ``bpftrace`` run: (programs, instructions) loaded together, then
+#: unloaded (28 programs of mixed sizes, as a bpftrace script's probes)
+BPFTRACE_RUN = ((8, 16), (8, 64), (6, 256), (4, 1024), (2, 4096))
+#: the seed the guest's ``age`` helper is given (calibrate has no --seed)
+AGE_GUEST_SEED = 1
+#: pages of one pipe filled with 64 KiB
+PIPE_PAGES = 16
+
+
+class BadWorkload(UnknownWorkload):
+    """A workload list that cannot be read (a bad step, a bad number):
+    the message says which step and why."""
+
+    def __init__(self, message: str):
+        ValueError.__init__(self, message)
+        self.name, self.known = message, None
+
+
+@dataclass(frozen=True)
+class StepKind:
+    """A parameterized step: ``NAME:A[:B]``."""
+
+    name: str
+    #: parameter names; those after ``required`` are optional
+    params: tuple[str, ...]
+    required: int
+    defaults: tuple[int, ...]
+    summary: str
+    #: ``fn(recorder, rng, *args)``: the model's calls (snapshot taken after)
+    model: Callable[..., None]
+    #: ``fn(*args) -> shell lines`` (the ``snap`` line is added after), or
+    #: None: model only
+    guest: Callable[..., list[str]] | None = None
+    #: smallest value per parameter
+    minimum: tuple[int, ...] = (1,)
+
+
+def st_age(d: Recorder, rng: random.Random, n: int) -> None:
+    """``age:N``: N pipes, each filled with 64 KiB (16 order-0 pages of
+    ``GFP_HIGHUSER | __GFP_ACCOUNT``: unmovable, as ``pipe_write`` asks),
+    then a seeded random half (N // 2) closed, their pages freed. The slab
+    the pipes need (pipe_inode_info, the pipe_buffer array, two files:
+    ~1.7 KiB unmovable; inode and dentry: ~0.8 KiB reclaimable) is modelled
+    as one ``GFP_KERNEL`` page per 2 pipes and one reclaimable page per 5,
+    taken as the pipes are created and kept when they close (the freed
+    objects leave their slab pages partly used)."""
+    pipes = []
+    for i in range(n):
+        if i % 2 == 0:
+            d.call("alloc_pages", gfp="GFP_KERNEL", order=0)
+        if i % 5 == 0:
+            d.call("alloc_pages", gfp="GFP_KERNEL|GFP_RECLAIMABLE", order=0)
+        pipes.append([d.call("alloc_pages", gfp="GFP_HIGHUSER|GFP_ACCOUNT", order=0)
+                      for _ in range(PIPE_PAGES)])
+    for i in sorted(rng.sample(range(n), n // 2)):
+        for h in pipes[i]:
+            d.call("free_pages", page=h, order=0)
+
+
+def st_bpf(d: Recorder, rng: random.Random, n: int, k: int) -> None:
+    """``bpf:N[:K]``: N programs of K instructions (default 2) JIT-ed and
+    held (image size: :func:`bpf_jit_bytes`)."""
+    for _ in range(n):
+        d.call("bpf_load", size=bpf_jit_bytes(k))
+
+
+def st_secretmem(d: Recorder, rng: random.Random, n: int) -> None:
+    """``secretmem:N``: N pages of memfd_secret faulted and held."""
+    for _ in range(n):
+        d.call("secretmem_fault")
+
+
+def st_bpftrace(d: Recorder, rng: random.Random, runs: int) -> None:
+    """``bpftrace[:R]``: R runs (default 5), each loading the programs of
+    :data:`BPFTRACE_RUN` together, then unloading them all."""
+    for _ in range(runs):
+        progs = [d.call("bpf_load", size=bpf_jit_bytes(k))
+                 for n, k in BPFTRACE_RUN for _ in range(n)]
+        for p in progs:
+            d.call("bpf_free", prog=p)
+
+
+def st_vfree_reset(d: Recorder, rng: random.Random, n: int) -> None:
+    """``vfree-reset:N``: N vmalloc areas (1, 2, 4 or 16 pages) made
+    read-only with VM_FLUSH_RESET_PERMS; each is freed again with
+    probability 1/2 (model only)."""
+    areas = []
+    for _ in range(n):
+        areas.append(d.call("vmalloc", pages=rng.choice([1, 2, 4, 16]), reset_perms=True))
+        if rng.random() < 0.5:
+            d.call("vfree", addr=areas.pop(rng.randrange(len(areas))))
+
+
+def st_module_churn(d: Recorder, rng: random.Random, n: int) -> None:
+    """``module-churn:N``: N load-or-remove steps over the real module sizes
+    (model only)."""
+    _module_churn(d, rng, n)
+
+
+def _g_age(n: int) -> list[str]:
+    return [f"/bin/age {n} {AGE_GUEST_SEED} > /dev/console"]
+
+
+def _g_bpf(n: int, k: int) -> list[str]:
+    return [f"/bin/bpf_load {n} {k} bg > /dev/console"]
+
+
+def _g_secretmem(n: int) -> list[str]:
+    return [f"/bin/secretmem {n} bg > /dev/console"]
+
+
+def _g_bpftrace(runs: int) -> list[str]:
+    out = []
+    for _ in range(runs):
+        pids = []
+        for j, (n, k) in enumerate(BPFTRACE_RUN):
+            out.append(f"T{j}=$(/bin/bpf_load {n} {k} bg)")
+            pids.append(f"$T{j}")
+        out.append(f"kill {' '.join(pids)}")
+    return [*out, "sleep 1"]
+
+
+STEP_KINDS: Mapping[str, StepKind] = MappingProxyType({s.name: s for s in (
+    StepKind("age", ("N",), 1, (), "N pipes filled with 64 KiB, a seeded half closed",
+             st_age, _g_age),
+    StepKind("bpf", ("N", "K"), 1, (2,), "N BPF programs of K instructions (default 2), held",
+             st_bpf, _g_bpf, minimum=(1, 2)),
+    StepKind("secretmem", ("N",), 1, (), "N memfd_secret pages, held", st_secretmem,
+             _g_secretmem),
+    StepKind("bpftrace", ("R",), 0, (5,),
+             "R runs (default 5) of 28 programs of mixed sizes, loaded then unloaded",
+             st_bpftrace, _g_bpftrace),
+    StepKind("vfree-reset", ("N",), 1, (), "N read-only vmalloc areas, half freed (model only)",
+             st_vfree_reset),
+    StepKind("module-churn", ("N",), 1, (), "N module loads/removals (model only)",
+             st_module_churn),
+)})
+
+
+@dataclass(frozen=True)
+class Step:
+    """One step of a workload list: a parameterized step (``kind``) or a
+    registry workload by its bare name (``kind`` None)."""
+
+    #: as written: the snapshot point of a parameterized step
+    text: str
+    name: str
+    args: tuple[int, ...] = ()
+    kind: StepKind | None = None
+
+
+def _bad(spec: str, part: str, why: str) -> BadWorkload:
+    return BadWorkload(f"workload {spec!r}: step {part!r}: {why}. Grammar: STEP[,STEP...], "
+                       f"STEP one of boot, modules, bpf, secretmem, age:N, bpf:N[:K], "
+                       f"secretmem:N, bpftrace[:R], vfree-reset:N, module-churn:N, or a model "
+                       f"workload ({', '.join(model_names())})")
+
+
+def parse_steps(spec: str) -> list[Step]:
+    """Read a workload list (``age:8000,bpf:2048``); anything wrong is one
+    :class:`BadWorkload` naming the step, before any work."""
+    if not isinstance(spec, str) or not spec.strip():
+        raise _bad(str(spec), str(spec), "empty")
+    steps: list[Step] = []
+    seen: set[str] = set()
+    for i, part in enumerate(p.strip() for p in spec.split(",")):
+        if not part:
+            raise _bad(spec, part, "empty step")
+        name, *vals = part.split(":")
+        kind = STEP_KINDS.get(name)
+        if not vals and name in REGISTRY and (REGISTRY[name].model or
+                                              REGISTRY[name].calibration):
+            if name == "boot" and i:
+                raise _bad(spec, part, "boot is where every run starts: only first")
+            step = Step(part, name)
+        elif kind is None:
+            raise _bad(spec, part, f"unknown workload {name!r}")
+        else:
+            if not kind.required <= len(vals) <= len(kind.params):
+                want = name + "".join(f":{p}" for p in kind.params[:kind.required]) + "".join(
+                    f"[:{p}]" for p in kind.params[kind.required:])
+                raise _bad(spec, part, f"the form is {want}")
+            args = []
+            for j, v in enumerate(vals):
+                low = kind.minimum[j] if j < len(kind.minimum) else 1
+                if not v.isdigit() or int(v) < low:
+                    raise _bad(spec, part, f"{kind.params[j]} must be an integer >= {low}, "
+                                           f"not {v!r}")
+                args.append(int(v))
+            args.extend(kind.defaults[len(args) - kind.required:])
+            step = Step(part, name, tuple(args), kind)
+        if step.text in seen:
+            raise _bad(spec, part, "given twice (each step's snapshot is named after it)")
+        seen.add(step.text)
+        steps.append(step)
+    return steps
+
+
+def is_single(spec: str) -> bool:
+    """One of the model's named workloads, run exactly as it always ran
+    (no step list, no snapshots)."""
+    w = REGISTRY.get(spec)
+    return w is not None and w.model is not None
+
+
+def _modules_step(d: Recorder, kernel: str) -> None:
+    """The guest's ``modules`` step on a model run: the five modules with
+    the package's section sizes (:data:`MODULE_LAYOUTS`), the init layout
+    made RO+X and freed, then removed; snapshots ``modules``,
+    ``modules-removed``."""
+    lay = MODULE_LAYOUTS.get(kernel, MODULE_LAYOUTS["6.1"])
+    for m in MODULES:
+        t, r, a, da, it, idata = lay[m]
+        d.call("load_module", name=m, text=t, rodata=r, ro_after_init=a, data=da)
+        if it or idata:
+            d.call("module_init", text=it, data=idata)
+    d.snap("modules")
+    for m in MODULES:
+        d.call("delete_module", name=m)
+    d.snap("modules-removed")
+
+
+def _held_then_freed(d: Recorder, point: str, n: int, load: str, free: str, arg: str,
+                     **args: object) -> None:
+    hs = [d.call(load, **args) for _ in range(n)]
+    d.snap(point)
+    for h in hs:
+        d.call(free, **{arg: h})
+    d.snap(f"{point}-freed")
+
+
+def run_steps(d: Recorder, rng: random.Random, scale: float, steps: list[Step]) -> None:
+    """Run a step list on the model: snapshot ``boot``, then each step and
+    its snapshot(s) (a bare guest workload takes its own two, as in the
+    guest; a bare model workload one, named after it)."""
+    d.snap("boot")
+    for s in steps:
+        if s.kind is not None:
+            s.kind.model(d, rng, *s.args)
+            d.snap(s.text)
+        elif s.name == "boot":
+            continue
+        elif s.name == "modules":
+            _modules_step(d, d.kernel.profile.name)
+        elif s.name == "bpf":
+            _held_then_freed(d, "bpf", BPF_PROGS, "bpf_load", "bpf_free", "prog",
+                             size=BPF_JIT_BYTES)
+        elif s.name == "secretmem":
+            _held_then_freed(d, "secretmem", SECRETMEM_PAGES, "secretmem_fault",
+                             "secretmem_free", "page")
+        else:
+            model_driver(s.name)(d, rng, scale)
+            d.snap(s.text)
+
+
+def step_driver(spec: str) -> ModelDriver:
+    """The model driver of a workload list (checked now)."""
+    steps = parse_steps(spec)
+
+    def drive(d: Recorder, rng: random.Random, scale: float) -> None:
+        run_steps(d, rng, scale, steps)
+    return drive
+
+
+def needs_secretmem(spec: str) -> bool:
+    """Whether a workload (list) uses memfd_secret (which 5.10 has not)."""
+    if is_single(spec):
+        return False          # the model's named workloads run as they always did
+    return any(s.name == "secretmem" for s in parse_steps(spec))

@@ -82,6 +82,8 @@ def run_result(d: Driver, *, workload: str, seed: int, tlb: str | None,
     out = {"meminfo": k.meminfo(), "vmstat": k.vmstat(), "policy": k.policy_name,
            "kernel": k.profile.name, "kernel_reason": k.profile_reason,
            "workload": workload, "seed": seed, "calls": len(d.lines) - 1}
+    if d.points:
+        out["snapshots"] = list(d.points)
     if tlb:
         out["tlb"] = _tlb(k, tlb, 2048)
     out.update(metadata(config))

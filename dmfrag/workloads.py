@@ -84,7 +84,11 @@ def e820_lines(log: str) -> str:
 _GFP_NAMES = {"GFP_KERNEL": G.GFP_KERNEL, "GFP_HIGHUSER_MOVABLE": G.GFP_HIGHUSER_MOVABLE,
               "GFP_USER": G.GFP_USER, "GFP_DMA32": G.GFP_DMA32, "GFP_ATOMIC": G.GFP_ATOMIC,
               "GFP_KERNEL|GFP_UNMAPPED": G.GFP_KERNEL | G.GFP_UNMAPPED,
-              "GFP_KERNEL|GFP_ZERO": G.GFP_KERNEL | G.GFP_ZERO}
+              "GFP_KERNEL|GFP_ZERO": G.GFP_KERNEL | G.GFP_ZERO,
+              # pipe_write's buffer pages (GFP_HIGHUSER | __GFP_ACCOUNT: unmovable)
+              "GFP_HIGHUSER|GFP_ACCOUNT": G.GFP_HIGHUSER | G.GFP_ACCOUNT,
+              # a reclaimable slab's page (dentries, inodes)
+              "GFP_KERNEL|GFP_RECLAIMABLE": G.GFP_KERNEL | G.GFP_RECLAIMABLE}
 
 
 def _op_alloc_pages(k, gfp: str, order: int):
@@ -103,6 +107,17 @@ def _op_set_memory(k, kind: str, page, numpages: int):
 
 def _op_load_module(k, name: str, text: int, rodata: int, ro_after_init: int, data: int):
     k.modules.load_module(name, text, rodata, ro_after_init, data)
+
+
+def _op_module_init(k, text: int, data: int):
+    """A module's init layout: module_alloc'd, its text made RO+X, freed
+    (vfree with reset perms) once init returned."""
+    init = k.module_alloc(text + data or 4096)
+    tp = -(-text // 4096)
+    if tp:
+        k.set_memory_ro(init, tp)
+        k.set_memory_x(init, tp)
+    k.vfree(init)
 
 
 def _op_delete_module(k, name: str):
@@ -168,6 +183,13 @@ class Driver:
     oracle: object = None
     #: what a replay noticed but did not stop for (e.g. a version-1 trace)
     warnings: list[str] = field(default_factory=list)
+    #: the snapshots a step list took: ``{"point", "meminfo", "vmstat"}``
+    points: list[dict] = field(default_factory=list)
+
+    def snap(self, point: str) -> None:
+        """A named snapshot (a step list takes one after each step)."""
+        self.points.append({"point": point, "meminfo": self.kernel.meminfo(),
+                            "vmstat": self.kernel.vmstat()})
 
     def sample(self) -> None:
         mi, vm = self.kernel.meminfo(), self.kernel.vmstat_counters

@@ -154,8 +154,10 @@ def test_missing_tool_exits_3_with_one_line(capsys, monkeypatch):
     monkeypatch.setattr(dmfrag.calibrate, "calibrate", missing)
     code, _, err = run(capsys, "calibrate", "--workload", "bpf")
     assert code == 3 and err == "dmfrag calibrate: missing qemu-system-x86_64: install it\n"
+    code, _, err = run(capsys, "calibrate", "--workload", "bpf,nope")
+    assert code == 2 and "unknown workload 'nope'; known: bpf, modules, ptwalk" in err
     code, _, err = run(capsys, "calibrate", "--workload", "bpf,boot")
-    assert code == 2 and "unknown workload 'boot'; known: bpf, modules, ptwalk" in err
+    assert code == 2 and "boot is where every run starts: only first" in err
 
 
 def test_registry_faces_agree():

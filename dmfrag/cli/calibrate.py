@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..registry import guest_names
+from ..registry import UnknownWorkload, guest_names, guest_steps, needs_secretmem
 from .common import EXIT_OK, EXIT_PROBLEM, ToolMissing, UsageError, check_boot, check_output_file
 
 __all__ = ["add_parser", "main"]
@@ -24,7 +24,13 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    help=f"the real kernel (default {DEFAULT_KERNEL})")
     p.add_argument("--ram", default="8G", help="guest RAM, e.g. 2G, 8G (default 8G)")
     p.add_argument("--workload", default="modules,bpf,secretmem",
-                   help="comma-separated: modules, bpf, secretmem (default: all)")
+                   help="comma-separated steps, run in order, each ending in a snapshot "
+                        "named after it: modules, bpf, secretmem (each also takes a "
+                        "'-removed'/'-freed' snapshot), age:N (N pipes of 64 KiB, a seeded "
+                        "half closed), bpf:N[:K] (N programs of K instructions, held), "
+                        "secretmem:N (held), bpftrace[:R] (R runs of 28 programs loaded and "
+                        "unloaded); vfree-reset:N and module-churn:N are model only "
+                        "(dmfrag run); default: modules,bpf,secretmem")
     p.add_argument("--json", default="calibrate.json", help="where to write the JSON result")
     p.add_argument("--timeout", type=float, default=240.0, help="kill the guest after this")
     p.add_argument("--install", action="store_true",
@@ -46,11 +52,25 @@ def main(args: argparse.Namespace) -> int:
         raise UsageError(f"--timeout must be a finite number of seconds above 0, not "
                          f"{args.timeout}")
 
-    workload = tuple(w for w in args.workload.split(",") if w)
+    workload = tuple(w.strip() for w in args.workload.split(",") if w.strip())
     known = guest_names()
-    bad = [w for w in workload if w not in known]
-    if bad:
-        raise UsageError(f"unknown workload {bad[0]!r}; known: {', '.join(sorted(known))}")
+    for w in workload:
+        try:
+            guest_steps(w)
+        except UnknownWorkload as exc:
+            if exc.known is None and ":" in w or "model only" in str(exc):
+                raise UsageError(str(exc)) from None
+            raise UsageError(f"unknown workload {w!r}; known: {', '.join(sorted(known))}, "
+                             f"age:N, bpf:N[:K], secretmem:N, bpftrace[:R]") from None
+    if "boot" in workload[1:]:
+        raise UsageError(f"--workload {args.workload!r}: boot is where every run starts: "
+                         f"only first")
+    if len(set(workload)) != len(workload):
+        raise UsageError(f"--workload {args.workload!r}: a step given twice (each step's "
+                         f"snapshot is named after it)")
+    if args.kernel == "5.10" and any(needs_secretmem(w) or w == "secretmem"
+                                     for w in workload):
+        raise UsageError("Linux 5.10 has no memfd_secret (5.14+): no secretmem step on 5.10")
     try:
         comp = calibrate(args.ram, workload, install=args.install, timeout=args.timeout,
                          kernel=args.kernel)

@@ -53,8 +53,14 @@ def config(args: argparse.Namespace) -> dict:
 def add_workload_args(p: argparse.ArgumentParser) -> None:
     """--workload, --ram | --e820, --seed, --scale: what picks one model run."""
     names = sorted(model_names())
-    p.add_argument("--workload", required=True, choices=names, metavar="W",
-                   help=f"one of: {', '.join(names)}")
+    p.add_argument("--workload", required=True, type=workload_spec, metavar="W",
+                   help=f"one of: {', '.join(names)}; or a comma-separated step list run "
+                        f"in order, each step ending in a snapshot named after it (run --json "
+                        f"'snapshots'): boot, modules, bpf, secretmem, age:N (N pipes of "
+                        f"64 KiB, a seeded half closed), bpf:N[:K] (N BPF programs of K "
+                        f"instructions, held), secretmem:N (held), bpftrace[:R] (R runs of "
+                        f"28 programs loaded and unloaded), vfree-reset:N and module-churn:N "
+                        f"(model only), or a model workload; e.g. age:8000,bpf:2048")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--ram", default="4G", help="guest RAM with QEMU's PC layout (default 4G)")
     g.add_argument("--e820", metavar="FILE",
@@ -62,6 +68,23 @@ def add_workload_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--scale", type=float, default=1.0, help="workload size factor (> 0)")
     add_kernel_arg(p)
+
+
+def workload_spec(spec: str) -> str:
+    """``--workload``: a model workload's name, or a step list read now (a
+    bad one is a usage error, exit 2, before any work)."""
+    from ..registry import REGISTRY, STEP_KINDS, UnknownWorkload, is_single, parse_steps
+    if is_single(spec):
+        return spec
+    if ":" not in spec and "," not in spec and spec not in REGISTRY and spec not in STEP_KINDS:
+        raise argparse.ArgumentTypeError(
+            f"invalid choice: {spec!r} (choose from {', '.join(sorted(model_names()))}; or a "
+            f"step list such as age:8000,bpf:2048, see --help)")
+    try:
+        parse_steps(spec)
+    except UnknownWorkload as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return spec
 
 
 def add_kernel_arg(p: argparse.ArgumentParser, help_default: str = "6.1, or the --e820 "
@@ -132,6 +155,13 @@ def check_run_args(args: argparse.Namespace, pols: list[str]) -> dict:
     policies, the memory map (--ram or the --e820 file). Returns
     :func:`boot_args`."""
     check_scale(args.scale)
+    from ..registry import needs_secretmem
+    kernel = getattr(args, "kernel", None)
+    if kernel is not None and needs_secretmem(args.workload):
+        from guestkernel.versions import get_version
+        if not get_version(kernel).secretmem:
+            raise UsageError(f"--workload {args.workload!r}: Linux {kernel} has no memfd_secret "
+                             f"(5.14+)")
     for p in pols:
         check_policy(p)
     boot = boot_args(args)

@@ -1,11 +1,15 @@
 /* Load N BPF socket-filter programs of K instructions ("r0 = 0" repeated,
  * then "exit"), keep them loaded, then print how many loaded.
- * Usage: bpf_load N [K]   (K >= 2, default 2: like a tiny sockex1). */
+ * Usage: bpf_load N [K [hold|bg]]   (K >= 2, default 2: like a tiny sockex1).
+ * "hold": stay until killed. "bg": fork once loaded; the child holds the
+ * programs until killed, the parent prints the child's pid on stdout (the
+ * count line on stderr) and exits, so a caller waits just for the load. */
 #include <linux/bpf.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/resource.h>
+#include <fcntl.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 
@@ -38,6 +42,20 @@ int main(int argc, char **argv)
         int fd = syscall(__NR_bpf, BPF_PROG_LOAD, &attr, sizeof(attr));
         if (fd < 0) { perror("BPF_PROG_LOAD"); break; }
         loaded++;
+    }
+    if (argc > 3 && strcmp(argv[3], "bg") == 0) {
+        pid_t pid = fork();
+        if (pid < 0) { perror("fork"); return 1; }
+        if (pid > 0) {
+            fprintf(stderr, "bpf_load: %d programs of %d instructions loaded, held by pid %d\n",
+                    loaded, k, (int)pid);
+            printf("%d\n", (int)pid);
+            fflush(stdout);
+            return 0;
+        }
+        int null = open("/dev/null", O_RDWR);
+        if (null >= 0) { dup2(null, 1); dup2(null, 2); }
+        for (;;) pause();
     }
     printf("bpf_load: %d programs of %d instructions loaded\n", loaded, k);
     fflush(stdout);

@@ -1,7 +1,11 @@
 /* memfd_secret: create a secret memory area of N pages, touch every page,
- * print, then (with "free") unmap and close.  Usage: secretmem N [hold]. */
+ * print, then unmap and close.  Usage: secretmem N [hold|bg]: "hold" stays
+ * until killed; "bg" forks once the pages are touched, the child holds them
+ * (the parent prints and exits). */
 #include <stdio.h>
+#include <fcntl.h>
 #include <stdlib.h>
+#include <string.h>
 #include <sys/mman.h>
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -20,6 +24,18 @@ int main(int argc, char **argv)
     char *p = mmap(NULL, n * page, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
     if (p == MAP_FAILED) { perror("mmap"); return 1; }
     for (long i = 0; i < n; i++) p[i * page] = 1;
+    if (argc > 2 && strcmp(argv[2], "bg") == 0) {
+        pid_t pid = fork();
+        if (pid < 0) { perror("fork"); return 1; }
+        if (pid > 0) {
+            printf("secretmem: %ld pages touched, held by pid %d\n", n, (int)pid);
+            fflush(stdout);
+            return 0;
+        }
+        int null = open("/dev/null", O_RDWR);
+        if (null >= 0) { dup2(null, 1); dup2(null, 2); }
+        for (;;) pause();
+    }
     printf("secretmem: %ld pages touched\n", n);
     fflush(stdout);
     if (argc > 2) pause();

@@ -1,0 +1,165 @@
+"""Workload step lists (``age:8000,bpf:2048``): the grammar, the model's
+snapshots per step, and the same steps in a real 5.10 guest."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from dmfrag.cli import main
+from dmfrag.registry import (
+    PIPE_PAGES,
+    BadWorkload,
+    bpf_jit_bytes,
+    guest_steps,
+    model_driver,
+    parse_steps,
+)
+
+
+def cli(capsys, *argv) -> tuple[int, str, str]:
+    try:
+        code = main(list(argv))
+    except SystemExit as exc:      # argparse's own usage errors exit 2
+        code = exc.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+# -- the grammar ------------------------------------------------------------------------
+
+def test_steps_parse_with_defaults():
+    steps = parse_steps("boot,age:8000,bpf:2048,bpf:64:4,bpftrace,secretmem:10,modules,bpf")
+    assert [(s.text, s.name, s.args) for s in steps] == [
+        ("boot", "boot", ()), ("age:8000", "age", (8000,)), ("bpf:2048", "bpf", (2048, 2)),
+        ("bpf:64:4", "bpf", (64, 4)), ("bpftrace", "bpftrace", (5,)),
+        ("secretmem:10", "secretmem", (10,)), ("modules", "modules", ()), ("bpf", "bpf", ())]
+
+
+@pytest.mark.parametrize("spec, says", [
+    ("bpf:", "N must be an integer >= 1, not ''"),
+    ("bpf:x", "N must be an integer >= 1, not 'x'"),
+    ("age:-1", "N must be an integer >= 1, not '-1'"),
+    ("age:0", "N must be an integer >= 1, not '0'"),
+    ("age", "the form is age:N"),
+    ("bpf:1:1", "K must be an integer >= 2"),
+    ("bpf:1:2:3", "the form is bpf:N[:K]"),
+    ("nope", "unknown workload 'nope'"),
+    ("age:3,,bpf:2", "empty step"),
+    ("age:3,boot", "only first"),
+    ("bpf:4,bpf:4", "given twice"),
+])
+def test_bad_steps_are_one_clear_error(spec, says):
+    with pytest.raises(BadWorkload) as exc:
+        parse_steps(spec)
+    assert says in str(exc.value) and spec.split(",")[0] in str(exc.value)
+
+
+@pytest.mark.parametrize("spec", ["bpf:", "bpf:x", "age:-1", "nope", "age:1,nope:3"])
+def test_cli_bad_steps_exit_2_before_any_work(capsys, monkeypatch, spec):
+    import dmfrag.workloads
+    monkeypatch.setattr(dmfrag.workloads, "run_workload",
+                        lambda *a, **k: pytest.fail("ran"))
+    code, out, err = cli(capsys, "run", "--workload", spec, "--ram", "1G")
+    assert code == 2 and out == "" and "argument --workload" in err
+
+
+def test_calibrate_bad_steps_exit_2_before_qemu(capsys, monkeypatch, tmp_path):
+    import dmfrag.calibrate
+    monkeypatch.setattr(dmfrag.calibrate, "calibrate", lambda *a, **k: pytest.fail("ran"))
+    out = str(tmp_path / "c.json")
+    for spec, says in (("bpf:x", "N must be an integer"), ("vfree-reset:4", "model only"),
+                       ("nope", "unknown workload 'nope'"), ("bpf:2,bpf:2", "twice")):
+        code, _, err = cli(capsys, "calibrate", "--workload", spec, "--json", out)
+        assert code == 2 and says in err, (spec, err)
+    code, _, err = cli(capsys, "calibrate", "--kernel", "5.10", "--workload", "secretmem:4",
+                       "--json", out)
+    assert code == 2 and "no memfd_secret" in err
+
+
+def test_guest_steps_of_a_step():
+    assert guest_steps("age:10") == ("/bin/age 10 1 > /dev/console", "snap age:10")
+    assert guest_steps("bpf:3:7") == ("/bin/bpf_load 3 7 bg > /dev/console", "snap bpf:3:7")
+    assert guest_steps("bpftrace:1")[-1] == "snap bpftrace:1"
+    assert guest_steps("bpf")[-1] == "snap bpf-freed"          # the old step, unchanged
+    with pytest.raises(ValueError, match="model only"):
+        guest_steps("module-churn:3")
+
+
+def test_old_names_keep_their_drivers():
+    from dmfrag.registry import REGISTRY
+    for name in ("boot", "secretmem", "module-churn", "mixed"):
+        assert model_driver(name) is REGISTRY[name].model
+
+
+def test_jit_rule():
+    assert bpf_jit_bytes(2) == 64 and bpf_jit_bytes(2048) == 64 + 2 * 2046
+
+
+# -- the model --------------------------------------------------------------------------
+
+def test_run_snapshots_per_step(capsys):
+    code, out, _ = cli(capsys, "run", "--workload", "age:200,bpf:64", "--ram", "2G", "--json")
+    assert code == 0
+    res = json.loads(out)
+    snaps = res["snapshots"]
+    assert [s["point"] for s in snaps] == ["boot", "age:200", "bpf:64"]
+    boot, age, bpf = (s["meminfo"] for s in snaps)
+    # age holds 100 pipes of 16 pages, plus its slab pages (1 per 2 pipes, 1 reclaimable per
+    # 5); the freed pipes' pages may stay on the per-CPU lists (not counted free)
+    held = (100 * PIPE_PAGES + 100 + 40) * 4
+    assert held <= boot["MemFree"] - age["MemFree"] <= held + 100 * PIPE_PAGES * 4
+    # no CPA in age: the direct map as booted
+    assert age["DirectMap4k"] == boot["DirectMap4k"]
+    # 6.1: 64 tiny programs fit in the boot-time bpf_prog_pack: no new page, no split
+    assert bpf["MemFree"] == age["MemFree"] and bpf["DirectMap4k"] == age["DirectMap4k"]
+    assert res["meminfo"] == snaps[-1]["meminfo"] and res["vmstat"] == snaps[-1]["vmstat"]
+
+
+def test_run_510_bpf_splits_as_computed(capsys):
+    """5.10 has no bpf_prog_pack: each program takes a page of its own made
+    RO+X, so its direct-map alias splits the 2M pages it falls in."""
+    code, out, _ = cli(capsys, "run", "--workload", "bpf:2048", "--ram", "2G", "--kernel",
+                       "5.10", "--json")
+    assert code == 0
+    boot, bpf = json.loads(out)["snapshots"]
+    grown = bpf["meminfo"]["DirectMap4k"] - boot["meminfo"]["DirectMap4k"]
+    splits = bpf["vmstat"]["direct_map_level2_splits"] - boot["vmstat"]["direct_map_level2_splits"]
+    assert splits > 0 and grown == splits * 2048       # each split: one 2M page now 4K
+    assert bpf["meminfo"]["DirectMap2M"] == boot["meminfo"]["DirectMap2M"] - grown
+    # a page per program (an image of 64 bytes); the per-CPU lists held some of them
+    # at boot already (not counted free)
+    assert boot["meminfo"]["MemFree"] - bpf["meminfo"]["MemFree"] >= 2048 * 4 - 1024
+
+
+def test_single_names_have_no_snapshots(capsys):
+    code, out, _ = cli(capsys, "run", "--workload", "secretmem", "--ram", "1G", "--scale", "0.1",
+                       "--json")
+    assert code == 0 and "snapshots" not in json.loads(out)
+
+
+def test_run_510_refuses_secretmem_steps(capsys):
+    code, _, err = cli(capsys, "run", "--workload", "secretmem:4", "--kernel", "5.10")
+    assert code == 2 and "no memfd_secret" in err
+
+
+# -- the real 5.10 ----------------------------------------------------------------------
+
+@pytest.mark.realkernel
+def test_real_510_age_then_bpf():
+    missing = [t for t in ("qemu-system-x86_64", "busybox", "cpio", "gcc")
+               if shutil.which(t) is None]
+    if missing:
+        pytest.skip(f"missing {', '.join(missing)}")
+    from dmfrag.calibrate import calibrate
+    comp = calibrate("8G", ("age:1000", "bpf:256"), kernel="5.10", timeout=120)
+    assert list(comp.real) == ["boot", "age:1000", "bpf:256"]
+    assert list(comp.model) == ["boot", "age:1000", "bpf:256"]
+    assert comp.real["bpf:256"]["meminfo"]["DirectMap4k"] > \
+        comp.real["boot"]["meminfo"]["DirectMap4k"]
+    # age holds 500 pipes of 64 KiB: about 32 MB fewer free pages in Linux
+    assert comp.real["boot"]["meminfo"]["MemFree"] - \
+        comp.real["age:1000"]["meminfo"]["MemFree"] > 500 * PIPE_PAGES * 4
+    assert "Known differences" not in comp.table()
