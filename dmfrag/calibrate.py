@@ -49,10 +49,7 @@ KNOWN_DIFFERENCES = (
 KNOWN_DIFFERENCES_BY_KERNEL: dict[str, tuple[str, ...]] = {
     "6.1": KNOWN_DIFFERENCES,
     "5.10": (),
-    "7.2": (
-        ("At boot the model splits one 2M page more than Debian's 7.2.13 (DirectMap4k 24448 "
-         "vs 22400 kB at 3G and 8G); its image layout (kallsyms) and boot CPA calls (ftrace) "
-         "are in the record; not yet found."),),
+    "7.2": (),
 }
 
 

@@ -282,9 +282,10 @@ class Cpa:
         count = self.pgt.direct_pages_count
         count[level - 1] -= 512
         count[level] += 1
-        name = {PG_LEVEL_2M: "direct_map_level2_collapses",
-                PG_LEVEL_1G: "direct_map_level3_collapses"}[level]
-        self.vmstat[name] += 1
+        if self.system_running:        # as split_page_count: boot's are not events
+            name = {PG_LEVEL_2M: "direct_map_level2_collapses",
+                    PG_LEVEL_1G: "direct_map_level3_collapses"}[level]
+            self.vmstat[name] += 1
 
     # -- static protections (6.1 static_protections) ---------------------------
 
@@ -341,9 +342,14 @@ class Cpa:
         self.shadow.apply(cpa, checkalias, kernel_ro=self.kernel_set_to_readonly)
         if flush and cpa.flags & CpaFlags.FLUSHTLB:
             self.cpa_flush(cpa)
-        if (self.version.collapse_after_rox and cpa.changed and cpa.mask_set == 0
-                and cpa.mask_clr == _ROX_CLR):
-            self.collapse_large_pages(cpa.changed)
+        if self.version.collapse_after_rox and cpa.mask_set == 0 and cpa.mask_clr == _ROX_CLR:
+            # 6.15's cpa_collapse_large_pages walks the PMDs of the request's
+            # own range (not of the aliases it changed): a set_memory_rox on
+            # module or BPF memory collapses nothing in the direct map.
+            primary = [(cpa.addr(i) - PAGE_OFFSET) >> 12 for i in range(cpa.numpages)
+                       if self._within_direct_map(cpa.addr(i))]
+            if primary:
+                self.collapse_large_pages(primary)
         for fn in self._after:
             fn(cpa)
         return cpa

@@ -37,6 +37,7 @@ class PageAllocator(Protocol):
                     ) -> int: ...
     def free_pages(self, pfn: int, order: int = 0, *, owner: PageOwner = PageOwner.NONE
                    ) -> None: ...
+    def split_pages(self, pfn: int, order: int) -> None: ...
 
 
 class VmallocError(Exception):
@@ -88,6 +89,8 @@ class Vmalloc:
         self.cpa = cpa
         self.pgt = cpa.pgt
         self.shadow = cpa.shadow
+        #: vm_area_alloc_pages takes high orders (the kernel record says)
+        self.high_order = cpa.version.vmalloc_high_order
         self._busy: list[tuple[int, int]] = []      # sorted (start, end incl. guard)
         self.areas: dict[int, VmStruct] = {}
 
@@ -128,8 +131,11 @@ class Vmalloc:
         prot = self.pgt.prot.PAGE_KERNEL if prot is None else prot
         pages: list[int] = []
         try:
-            for _ in range(size >> (12 + order)):
-                pages.append(self.page_alloc.alloc_pages(gfp, order, owner=PageOwner.VMALLOC))
+            if self.high_order and not huge:
+                self._alloc_high_order(pages, size >> 12, gfp)
+            else:
+                for _ in range(size >> (12 + order)):
+                    pages.append(self.page_alloc.alloc_pages(gfp, order, owner=PageOwner.VMALLOC))
         except MemoryError:
             for p in pages:
                 self.page_alloc.free_pages(p, order, owner=PageOwner.VMALLOC)
@@ -140,6 +146,29 @@ class Vmalloc:
         self._map(area, prot)
         self.shadow.map_vmalloc(addr, area.pfns(), prot)
         return area
+
+    def _alloc_high_order(self, pages: list[int], nr_pages: int, gfp: int) -> None:
+        """``vm_area_alloc_pages`` of kernels that take high orders: the
+        largest order (up to a PMD's worth) that fits what is left, one
+        order lower when that fails, each block split into order-0 pages
+        (the area still maps and frees 4K pages). Appends to ``pages`` as
+        it goes, so the caller's rollback frees what was taken."""
+        alloc, split = self.page_alloc.alloc_pages, self.page_alloc.split_pages
+        left = nr_pages
+        order = min(9, left.bit_length() - 1)
+        while left:
+            order = min(order, left.bit_length() - 1)
+            try:
+                pfn = alloc(gfp, order, owner=PageOwner.VMALLOC)
+            except MemoryError:
+                if order == 0:
+                    raise
+                order -= 1
+                continue
+            if order:
+                split(pfn, order)
+            pages.extend(range(pfn, pfn + (1 << order)))
+            left -= 1 << order
 
     def _map(self, area: VmStruct, prot: int) -> None:
         """``vmap_pages_range``: PTEs (or PMD leaves) in the kernel tables."""

@@ -12,7 +12,7 @@ import shutil
 
 import pytest
 
-from dmfrag.calibrate import KNOWN_DIFFERENCES, KNOWN_DIFFERENCES_BY_KERNEL, run_model
+from dmfrag.calibrate import KNOWN_DIFFERENCES, run_model
 from dmfrag.realkernel import RealKernel, RealKernelError
 from guestkernel import E820Table
 
@@ -145,12 +145,7 @@ def other_boots(rk):
         pytest.fail(str(exc))
 
 
-@pytest.mark.parametrize("kern", [
-    "5.10",
-    pytest.param("7.2", marks=pytest.mark.xfail(
-        strict=True, raises=AssertionError,
-        reason="7.2: " + KNOWN_DIFFERENCES_BY_KERNEL["7.2"][0])),
-])
+@pytest.mark.parametrize("kern", ["5.10", "7.2"])
 def test_other_kernels_boot_meminfo_equals_the_model_on_their_record(other_boots, kern):
     """The model boots from the e820 map the real kernel printed (7.2's in
     its new 'System RAM' format), follows the kernel's own record, and its
