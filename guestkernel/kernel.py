@@ -283,14 +283,10 @@ class Kernel:
             self._debug_vm()
 
     def split_pages(self, pfn: int, order: int) -> None:
-        """``split_page``: an allocated 2^order block becomes 2^order
-        order-0 pages, each freed on its own (its owner and GFP_UNMAPPED
-        bookkeeping follow)."""
+        """``split_page``: an allocated 2^order block (of the buddy
+        allocator, not of a policy) becomes 2^order order-0 pages, each freed
+        on its own."""
         self.buddy.split_allocated(pfn, order)
-        unmapped = self._unmapped.pop(pfn, None)
-        if unmapped is not None:
-            for i in range(1 << order):
-                self._unmapped[pfn + i] = 0
 
     def alloc_pgtable_page(self, why: str = "page table") -> int:
         """An order-0 page for a kernel page table (after boot: the buddy

@@ -25,6 +25,8 @@ from .cpa import Cpa
 from .layout import PAGE_SIZE, PMD_SIZE, VMALLOC_END, VMALLOC_START
 from .owner import PageOwner
 
+_POLICY_GFP = int(G.GFP_UNMAPPED | G.GFP_PTE_MAPPED)
+
 __all__ = ["PageAllocator", "VmFlags", "VmStruct", "Vmalloc", "VmallocBadRequest", "VmallocError",
            "VmallocNoSpace"]
 
@@ -131,7 +133,9 @@ class Vmalloc:
         prot = self.pgt.prot.PAGE_KERNEL if prot is None else prot
         pages: list[int] = []
         try:
-            if self.high_order and not huge:
+            # A policy routes GFP_UNMAPPED/GFP_PTE_MAPPED requests and hands
+            # out blocks it tracks by their order: those stay order-0.
+            if self.high_order and not huge and not gfp & _POLICY_GFP:
                 self._alloc_high_order(pages, size >> 12, gfp)
             else:
                 for _ in range(size >> (12 + order)):

@@ -154,3 +154,19 @@ def test_a_real_7_2_boot_log_boots_the_7_2_record_on_its_own_map():
     assert k.profile.name == "7.2" and "exact" in k.profile_reason
     assert k.e820.ram_ranges() == Kernel.boot(ram="8G", profile="7.2").e820.ram_ranges()
     assert k.e820.ram_ranges()[0] == (4096, 0x9F000)        # page 0 reserved by the edit
+
+
+@pytest.mark.parametrize("policy", ["baseline", "migrate-unmapped", "unmapped-alloc",
+                                    "per-user-caches"])
+def test_7_2_high_order_vmalloc_under_grouping_policies(policy):
+    """7.2's vmalloc splits high-order blocks into pages; a policy's blocks
+    (GFP_UNMAPPED execmem) are tracked by their order, so those requests stay
+    order-0: a module loads and unloads cleanly under every grouping policy
+    (a split policy block was once refused at vfree as a bad free)."""
+    k = Kernel.boot(ram="2G", profile="7.2", policy=policy)
+    mod = k.modules.load_module("m", text=3 << 20, data=1 << 20)
+    if policy == "baseline":               # one 2M block, then one 1M block, split
+        pfns = mod.area.pfns()
+        assert pfns[:512] == list(range(pfns[0], pfns[0] + 512)) and pfns[0] % 512 == 0
+    k.modules.delete_module("m")
+    k.validate("full")
