@@ -59,11 +59,25 @@ def test_workload_equals_real_at_every_step_on_2g(rk, workload_run_2g):
     real = workload_run_2g
     model = run_model(real.e820_lines(), WORKLOAD, rk)
     assert list(model) == list(real.snapshots)
-    for point in real.snapshots:
-        for key in DIRECT:
-            assert model[point]["meminfo"][key] == real.meminfo(point)[key], (point, key)
-        for key in ("direct_map_level2_splits", "direct_map_level3_splits"):
-            assert model[point]["vmstat"][key] == real.vmstat(point)[key], (point, key)
+
+    def differences(run) -> list[tuple[str, str]]:
+        out = []
+        for point in run.snapshots:
+            out += [(point, key) for key in DIRECT
+                    if model[point]["meminfo"][key] != run.meminfo(point)[key]]
+            out += [(point, key) for key in ("direct_map_level2_splits",
+                                             "direct_map_level3_splits")
+                    if model[point]["vmstat"][key] != run.vmstat(point)[key]]
+        return out
+
+    diff = differences(real)
+    if diff and all(point.startswith("secretmem") for point, _key in diff):
+        # Linux itself is not deterministic here: once in a few boots the
+        # secretmem pages land so that one 2M page fewer is split (DirectMap4k
+        # 40832 instead of 42880 kB; seen since the initramfs grew). The
+        # model must equal a real run: boot once more.
+        diff = differences(rk.run("2G", WORKLOAD))
+    assert not diff, diff
 
 
 @pytest.mark.parametrize("ram", SIZES)
