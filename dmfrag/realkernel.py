@@ -147,14 +147,18 @@ mount -t devtmpfs devtmpfs /dev
 # landing on the console in the middle of a snapshot or of that dump.
 dmesg -n 1
 snap() {{
+  # a recording run (dmfrag.recorder) marks the point in the trace first
+  [ -w /sys/kernel/tracing/trace_marker ] && echo "dmfrag_snap $1" > /sys/kernel/tracing/trace_marker
   echo "@@SNAP $1"
   cat /proc/meminfo
   echo "@@VMSTAT"
   cat /proc/vmstat
   echo "@@END"
 }}
+{prologue}
 snap boot
 {steps}
+{epilogue}
 echo "@@DMESG"
 dmesg
 echo "@@END"
@@ -356,8 +360,11 @@ class RealKernel:
 
     # -- initramfs ----------------------------------------------------------
 
-    def build_initramfs(self, workload: tuple[str, ...], dest: Path) -> Path:
-        """A gzip'd newc cpio: busybox, the helpers, module files, /init."""
+    def build_initramfs(self, workload: tuple[str, ...], dest: Path, *,
+                        prologue: str = "", epilogue: str = "") -> Path:
+        """A gzip'd newc cpio: busybox, the helpers, module files, /init
+        (``prologue`` runs before the boot snapshot, ``epilogue`` after the
+        last step: a recording run's tracing set-up and read-out)."""
         try:
             steps = "\n".join(line for w in workload for line in guest_steps(w))
         except UnknownWorkload as exc:
@@ -375,7 +382,7 @@ class RealKernel:
             for m in MODULES:
                 shutil.copy(self.module_path(m), root / "lib" / "modules" / f"{m}.ko")
         init = root / "init"
-        init.write_text(_INIT.format(steps=steps))
+        init.write_text(_INIT.format(steps=steps, prologue=prologue, epilogue=epilogue))
         init.chmod(init.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
         files = sorted(str(p.relative_to(root)) for p in root.rglob("*"))
         r = subprocess.run(["cpio", "-o", "-H", "newc", "--quiet"], cwd=root,
@@ -389,18 +396,26 @@ class RealKernel:
     # -- boot ---------------------------------------------------------------
 
     def run(self, ram: str = "8G", workload: tuple[str, ...] | list[str] = (),
-            append: str = "", timeout: float = 180.0) -> RealRun:
-        """Boot with ``-m RAM``, run the workload, return the snapshots."""
+            append: str = "", timeout: float = 180.0, *, prologue: str = "",
+            epilogue: str = "", serial_file: Path | None = None) -> RealRun:
+        """Boot with ``-m RAM``, run the workload, return the snapshots.
+        ``serial_file``: the guest's second serial port (ttyS1) is written to
+        that file (a recording run sends its trace there, not to the console)."""
         workload = tuple(workload)
         self.check_tools()
         kdir = self.kernel_dir()
         work = self.cache / "runs"
         work.mkdir(parents=True, exist_ok=True)
-        initrd = self.build_initramfs(workload, work / f"initrd-{os.getpid()}-{'-'.join(workload) or 'boot'}.gz")
+        initrd = self.build_initramfs(workload, work / f"initrd-{os.getpid()}-{'-'.join(workload) or 'boot'}.gz",
+                                      prologue=prologue, epilogue=epilogue)
         cmd = ["qemu-system-x86_64", "-accel", "tcg", "-cpu", "max", "-m", ram, "-smp", "1",
                "-nographic", "-no-reboot", "-kernel", str(kdir / self.spec.vmlinuz),
                "-initrd", str(initrd), "-append",
                f"console=ttyS0 nokaslr secretmem.enable=1 panic=-1 {append}".strip()]
+        if serial_file is not None:
+            cmd[cmd.index("-nographic")] = "-display"
+            cmd[cmd.index("-no-reboot"):cmd.index("-no-reboot")] = [
+                "none", "-monitor", "none", "-serial", "stdio", "-serial", f"file:{serial_file}"]
         t0 = time.monotonic()
         try:
             r = subprocess.run(cmd, capture_output=True, timeout=timeout, stdin=subprocess.DEVNULL,

@@ -24,6 +24,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -330,8 +331,8 @@ def _mark_rodata_ro(cpa: Cpa, buddy: BuddyAllocator, version: KernelVersion) -> 
     _free_kernel_image_pages(cpa, buddy, version, rodata_end, img.sdata)
 
 
-def boot_cpa_calls(cpa: Cpa, buddy: BuddyAllocator, bpf: BpfJit, version: KernelVersion
-                   ) -> None:
+def boot_cpa_calls(cpa: Cpa, buddy: BuddyAllocator, bpf: BpfJit, version: KernelVersion,
+                   only: Callable[[BootCpaCall], bool] | None = None) -> None:
     """The CPA calls of boot, in the record's order (found with ftrace on
     the reference kernel):
 
@@ -350,6 +351,8 @@ def boot_cpa_calls(cpa: Cpa, buddy: BuddyAllocator, bpf: BpfJit, version: Kernel
     left out."""
     img = version.image
     for call in version.boot_cpa:
+        if only is not None and not only(call):
+            continue
         if call is BootCpaCall.IDT_RO:
             cpa.set_memory_ro(img.idt_table, 1)
         elif call is BootCpaCall.FREE_SMP_ALTERNATIVES:

@@ -137,6 +137,8 @@ class Kernel:
         self.page_owner: np.ndarray = np.zeros(self.max_pfn, dtype=np.uint8)
         #: pfn -> order of pages allocated with GFP_UNMAPPED by the buddy path
         self._unmapped: dict[int, int] = {}
+        #: a replay's source of page-table pfns (see alloc_pgtable_page)
+        self.pgtable_pfn_source: Callable[[], int] | None = None
         self._validator_code: int | None = None
         self._validator_out = 0
         self._in_debug_vm = False
@@ -150,7 +152,7 @@ class Kernel:
     def boot(cls, ram: str | int | None = "8G", e820: str | Path | E820Table | None = None,
              gbpages: bool = True, policy: str | Policy = "baseline",
              profile: str | KernelVersion | None = None, debug_vm: bool = False,
-             **policy_tunables) -> Kernel:
+             boot_cpa: bool = True, **policy_tunables) -> Kernel:
         """Boot a guest kernel (the steps of :mod:`guestkernel.boot`).
 
         ``e820`` (a boot log's text as a ``str``, a ``pathlib.Path`` to one,
@@ -158,7 +160,11 @@ class Kernel:
         size. ``profile`` names the kernel record ("6.1", "5.10", "7.2",
         "3.13"); with none, a boot log's ``Linux version`` line picks the
         nearest, else 6.1 (``k.profile_reason`` says which and why).
-        ``policy`` names a registered policy (tunables as keywords)."""
+        ``policy`` names a registered policy (tunables as keywords).
+        ``boot_cpa=False`` stops right after the buddy hand-over (mem_init):
+        no boot CPA call has run and the system is not running yet; a replay
+        of a recorded boot (:mod:`dmfrag.placed`) goes on from there and
+        calls :meth:`enter_running` itself."""
         try:
             table, log = e820__memory_setup(e820, ram)
             version, reason = select_version(profile, log)
@@ -177,9 +183,17 @@ class Kernel:
                 gbpages=bool(gbpages), boot_log=tables.log,
                 init_memory_mapping_calls=tables.calls, boot_overcount=tables.boot_overcount,
                 debug_vm=debug_vm)
-        boot_cpa_calls(k.cpa, k.buddy, k.bpf, version)
-        k._enter_running()
+        if boot_cpa:
+            boot_cpa_calls(k.cpa, k.buddy, k.bpf, version)
+            k._enter_running()
         return k
+
+    def enter_running(self) -> None:
+        """``system_state = SYSTEM_RUNNING`` for a kernel booted with
+        ``boot_cpa=False`` (see :meth:`_enter_running`)."""
+        if self.system_state is SystemState.RUNNING:
+            raise KernelError("the system is already running")
+        self._enter_running()
 
     def _enter_running(self) -> None:
         """``system_state = SYSTEM_RUNNING``: splits count in vmstat from
@@ -290,8 +304,15 @@ class Kernel:
 
     def alloc_pgtable_page(self, why: str = "page table") -> int:
         """An order-0 page for a kernel page table (after boot: the buddy
-        allocator, GFP_KERNEL as split_large_page asks); returns its address."""
-        pfn = self.buddy.alloc_pages(int(G.GFP_KERNEL), 0)
+        allocator, GFP_KERNEL as split_large_page asks); returns its address.
+        A replay that knows where Linux put the table sets
+        ``pgtable_pfn_source`` (a callable giving that pfn): the page is then
+        taken off the free lists there."""
+        if self.pgtable_pfn_source is not None:
+            pfn = self.pgtable_pfn_source()
+            self.buddy.take_page_off_buddy(pfn, 0)
+        else:
+            pfn = self.buddy.alloc_pages(int(G.GFP_KERNEL), 0)
         pa = pfn * PAGE_SIZE
         self.machine.ram[pa: pa + PAGE_SIZE] = 0
         self.pgt.table_pages.add(pa)

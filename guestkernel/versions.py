@@ -109,6 +109,14 @@ class BootCpaCall(enum.Enum):
     #: mark_rodata_ro: text+rodata RO, the rest NX, the gaps freed
     MARK_RODATA_RO = "mark_rodata_ro"
 
+    @property
+    def before_fs_initcall(self) -> bool:
+        """Whether the call comes before ``fs_initcall`` (start_kernel, or a
+        core initcall): before boot-time kprobe events exist, so a recorded
+        trace has no arguments for it (:mod:`dmfrag.recorder`)."""
+        return self in (BootCpaCall.IDT_RO, BootCpaCall.FREE_SMP_ALTERNATIVES,
+                        BootCpaCall.PTP_CLASSIFIER_BPF)
+
 
 _ALL_BOOT_CPA = tuple(BootCpaCall)
 

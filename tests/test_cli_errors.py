@@ -291,7 +291,7 @@ def test_a_failing_qemu_keeps_its_stderr(tmp_path, monkeypatch):
     k = rk.RealKernel(cache=tmp_path)
     monkeypatch.setattr(k, "check_tools", lambda: None)
     monkeypatch.setattr(k, "kernel_dir", lambda: tmp_path)
-    monkeypatch.setattr(k, "build_initramfs", lambda w, dest: dest)
+    monkeypatch.setattr(k, "build_initramfs", lambda w, dest, **kw: dest)
     monkeypatch.setattr(rk.subprocess, "run", lambda *a, **kw: subprocess.CompletedProcess(
         a[0], 1, b"", b"qemu-system-x86_64: -m abc: Parameter 'size' expects a non-negative number"))
     with pytest.raises(rk.RealKernelError, match=r"\(qemu exit 1\); qemu said: qemu-system-x86_64: "

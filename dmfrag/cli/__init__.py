@@ -21,13 +21,25 @@ import argparse
 import sys
 import traceback
 
-from . import bench, calibrate, compare, meminfo, ptdump, run, sweep, trace, validate
+from . import (
+    bench,
+    calibrate,
+    compare,
+    meminfo,
+    ptdump,
+    realkernel,
+    run,
+    sweep,
+    trace,
+    validate,
+)
 from .common import EXIT_PROBLEM, EXIT_TOOL, EXIT_USAGE, ToolMissing, UsageError
 
 __all__ = ["COMMANDS", "build_parser", "main"]
 
 #: The subcommand modules, in the order ``dmfrag --help`` lists them.
-COMMANDS = (run, compare, validate, meminfo, ptdump, sweep, bench, trace, calibrate)
+COMMANDS = (run, compare, validate, meminfo, ptdump, sweep, bench, trace, calibrate,
+            realkernel)
 
 
 def build_parser() -> argparse.ArgumentParser:

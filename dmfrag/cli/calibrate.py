@@ -10,7 +10,7 @@ from pathlib import Path
 from ..registry import UnknownWorkload, guest_names, guest_steps, needs_secretmem
 from .common import EXIT_OK, EXIT_PROBLEM, ToolMissing, UsageError, check_boot, check_output_file
 
-__all__ = ["add_parser", "main"]
+__all__ = ["add_parser", "main", "parse_guest_workload"]
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -52,25 +52,7 @@ def main(args: argparse.Namespace) -> int:
         raise UsageError(f"--timeout must be a finite number of seconds above 0, not "
                          f"{args.timeout}")
 
-    workload = tuple(w.strip() for w in args.workload.split(",") if w.strip())
-    known = guest_names()
-    for w in workload:
-        try:
-            guest_steps(w)
-        except UnknownWorkload as exc:
-            if exc.known is None and ":" in w or "model only" in str(exc):
-                raise UsageError(str(exc)) from None
-            raise UsageError(f"unknown workload {w!r}; known: {', '.join(sorted(known))}, "
-                             f"age:N, bpf:N[:K], secretmem:N, bpftrace[:R]") from None
-    if "boot" in workload[1:]:
-        raise UsageError(f"--workload {args.workload!r}: boot is where every run starts: "
-                         f"only first")
-    if len(set(workload)) != len(workload):
-        raise UsageError(f"--workload {args.workload!r}: a step given twice (each step's "
-                         f"snapshot is named after it)")
-    if args.kernel == "5.10" and any(needs_secretmem(w) or w == "secretmem"
-                                     for w in workload):
-        raise UsageError("Linux 5.10 has no memfd_secret (5.14+): no secretmem step on 5.10")
+    workload = parse_guest_workload(args.workload, args.kernel)
     try:
         comp = calibrate(args.ram, workload, install=args.install, timeout=args.timeout,
                          kernel=args.kernel)
@@ -89,3 +71,28 @@ def main(args: argparse.Namespace) -> int:
     if args.strict and any(r != m for _p, _k, r, m in comp.rows()):
         return EXIT_PROBLEM
     return EXIT_OK
+
+
+def parse_guest_workload(text: str, kernel: str) -> tuple[str, ...]:
+    """--workload for a real guest: known steps, boot only first, no step
+    twice, no secretmem on 5.10; else a UsageError naming the problem."""
+    workload = tuple(w.strip() for w in text.split(",") if w.strip())
+    known = guest_names()
+    for w in workload:
+        try:
+            guest_steps(w)
+        except UnknownWorkload as exc:
+            if exc.known is None and ":" in w or "model only" in str(exc):
+                raise UsageError(str(exc)) from None
+            raise UsageError(f"unknown workload {w!r}; known: {', '.join(sorted(known))}, "
+                             f"age:N, bpf:N[:K], secretmem:N, bpftrace[:R]") from None
+    if "boot" in workload[1:]:
+        raise UsageError(f"--workload {text!r}: boot is where every run starts: "
+                         f"only first")
+    if len(set(workload)) != len(workload):
+        raise UsageError(f"--workload {text!r}: a step given twice (each step's "
+                         f"snapshot is named after it)")
+    if kernel == "5.10" and any(needs_secretmem(w) or w == "secretmem"
+                                     for w in workload):
+        raise UsageError("Linux 5.10 has no memfd_secret (5.14+): no secretmem step on 5.10")
+    return workload

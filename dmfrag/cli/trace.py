@@ -37,6 +37,11 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     rep = trs.add_parser("replay", help="replay a trace (optionally on another policy)")
     rep.add_argument("file")
     rep.add_argument("--policy", default=None)
+    rep.add_argument("--placement", choices=["real"], default=None,
+                     help="for a recorded (version 3) trace: 'real' puts every allocation at "
+                          "the pfn Linux gave it (the default for such traces)")
+    rep.add_argument("--json", action="store_true",
+                     help="for a recorded trace: print the JSON result (always printed)")
     add_kernel_arg(rep, "the trace header's kernel")
     rep.set_defaults(func=main)
     return p
@@ -71,6 +76,12 @@ def replay(args: argparse.Namespace) -> int:
     from ..workloads import replay as replay_trace
     if args.policy is not None:
         check_policy(args.policy)
+    if _is_recorded(args.file):
+        return _replay_placed(args)
+    if args.placement is not None:
+        raise UsageError(f"--placement {args.placement}: {args.file} is a model trace (version "
+                         f"1 or 2); only a recorded trace (dmfrag realkernel record) has Linux's "
+                         f"placement")
     lines = read_text(args.file, "trace").splitlines()
     try:
         d, err = replay_trace(lines, policy=args.policy, kernel=args.kernel)
@@ -81,6 +92,34 @@ def replay(args: argparse.Namespace) -> int:
     print(json.dumps(replay_result(d, err), sort_keys=True))
     if err:
         print(f"dmfrag trace replay: {err} (state up to that line kept and reported)",
+              file=sys.stderr)
+        return EXIT_PROBLEM
+    return EXIT_OK
+
+
+def _is_recorded(path: str) -> bool:
+    """Whether ``path`` is a version-3 (recorded, maybe gzip'd) trace."""
+    import gzip
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(2)
+        opener = gzip.open if head == b"\x1f\x8b" else open
+        with opener(path, "rt") as fh:
+            first = fh.readline(100000)
+        return json.loads(first).get("dmfrag_trace") == 3
+    except (OSError, ValueError, AttributeError, EOFError):
+        return False
+
+
+def _replay_placed(args: argparse.Namespace) -> int:
+    from ..placed import PlacedReplayError, replay_placed
+    try:
+        res = replay_placed(args.file, policy=args.policy, kernel=args.kernel)
+    except PlacedReplayError as exc:
+        raise UsageError(str(exc)) from None
+    print(json.dumps(res.to_json(), sort_keys=True))
+    if res.error:
+        print(f"dmfrag trace replay: {res.error} (state up to that line kept and reported)",
               file=sys.stderr)
         return EXIT_PROBLEM
     return EXIT_OK

@@ -56,9 +56,13 @@ from .types import (
     PAGE_ALLOC_COSTLY_ORDER,
     PAGEBLOCK_NR_PAGES,
     PAGEBLOCK_ORDER,
+    PG_ALLOC,
+    PG_ALLOC_MOVABLE,
     PG_BUDDY,
+    PG_PCP,
     UNMOVABLE,
     ZONE_NAMES,
+    BadFreeError,
     BuddyInvariantError,
     MigrateType,
     ZoneType,
@@ -279,6 +283,66 @@ class BuddyAllocator(AllocMixin, PcpMixin, FallbackMixin, MemblockMixin, ZoneMix
             if v and v & ORDER_MASK >= o:
                 return head, v & ORDER_MASK, v & KIND_MASK
         return None
+
+    def take_page_off_buddy(self, pfn: int, order: int = 0) -> None:
+        """``take_page_off_buddy`` (mm/page_alloc.c, there for one poisoned
+        page) for a block of ``2**order``: the pages ``[pfn, pfn + 2**order)``
+        leave the free lists and the per-CPU lists and become one allocated
+        block; what else their free blocks held stays free (halved as
+        ``break_down_buddy_pages`` does). For a replay that knows where Linux
+        put a page. Raises BadFreeError, changing nothing, unless every page
+        is free."""
+        if not 0 <= order < MAX_ORDER or not 0 <= pfn or pfn + (1 << order) > self.max_pfn \
+                or pfn & ((1 << order) - 1):
+            raise BadFreeError(f"take_page_off_buddy(pfn={pfn:#x}, order={order}): not an "
+                               f"aligned block inside [0, {self.max_pfn:#x})")
+        end = pfn + (1 << order)
+        blocks = []
+        p = pfn
+        while p < end:
+            blk = self._find_block(p)
+            if blk is None or blk[2] not in (PG_BUDDY, PG_PCP):
+                what = ("reserved (never given to the buddy)" if blk is None else
+                        f"allocated (in the order-{blk[1]} block at {blk[0]:#x})")
+                raise BadFreeError(f"take_page_off_buddy(pfn={pfn:#x}, order={order}): page "
+                                   f"{p:#x} is not free: {what}")
+            blocks.append(blk)
+            p = blk[0] + (1 << blk[1])
+        st = self._state
+        mt_taken = MOVABLE
+        for head, o, kind in blocks:
+            zone = self.page_zone(head)
+            if kind == PG_BUDDY:
+                area = zone.free_area[o]
+                mt = next(i for i, d in enumerate(area) if head in d)
+                del area[mt][head]
+                zone.free_pages -= 1 << o
+            else:
+                pcp = zone.pcp
+                for lst in pcp.lists:
+                    entry = next((e for e in lst if e >> 4 == head), None)
+                    if entry is not None:
+                        lst.remove(entry)
+                        break
+                mt = entry & 15 if entry is not None else self._pageblock_mt[head >> PAGEBLOCK_ORDER]
+                pcp.count -= 1 << o
+            st[head] = 0
+            mt_taken = mt
+            while o > 0 and (head < pfn or head + (1 << o) > end):
+                o -= 1                              # break_down_buddy_pages
+                lo, hi = head, head + (1 << o)
+                keep, spare = (lo, hi) if pfn < hi else (hi, lo)
+                if not (spare + (1 << o) <= pfn or spare >= end):
+                    break                           # [pfn, end) covers both halves
+                if kind == PG_BUDDY:
+                    zone.free_area[o][mt][spare] = None
+                    st[spare] = PG_BUDDY | o
+                    zone.free_pages += 1 << o
+                else:                               # a pcp block's spare half: to the buddy
+                    self._free_one_page(zone, spare, o, mt)
+                head = keep
+        self._state_np[pfn:end] = 0
+        st[pfn] = (PG_ALLOC_MOVABLE if mt_taken == MOVABLE else PG_ALLOC) | order
 
     # ------------------------------------------------------------------ pageblocks
 

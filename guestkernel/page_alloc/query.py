@@ -51,6 +51,17 @@ class QueryMixin:
             raise ValueError(f"pfn {pfn:#x} out of range")
         return self._state[pfn] & KIND_MASK == PG_PCP
 
+    def block_of(self, pfn: int) -> tuple[int, int, str] | None:
+        """(head pfn, order, "free" | "pcp" | "allocated") of the block
+        holding ``pfn``; None for a page never given to the buddy (reserved)."""
+        if not 0 <= pfn < self.max_pfn:
+            raise ValueError(f"pfn {pfn:#x} out of range")
+        block = self._find_block(pfn)
+        if block is None:
+            return None
+        head, order, kind = block
+        return head, order, {PG_BUDDY: "free", PG_PCP: "pcp"}.get(kind, "allocated")
+
     def allocated_order(self, pfn: int) -> int | None:
         """The order of the allocated block headed by ``pfn``, else None."""
         if not 0 <= pfn < self.max_pfn:

@@ -1,0 +1,65 @@
+"""``dmfrag realkernel record``: boot a real Linux under QEMU with tracing
+from the first moment, run a workload, and write what the kernel did (every
+page allocation and free, every CPA request, the snapshots) as a gzip'd
+version-3 trace (see :mod:`dmfrag.recorder`), for ``dmfrag trace replay
+--placement real``."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from .calibrate import parse_guest_workload
+from .common import EXIT_OK, ToolMissing, UsageError, check_boot, check_output_file
+
+__all__ = ["add_parser", "main"]
+
+
+def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    from ..realkernel import DEFAULT_KERNEL, KERNELS
+    p = sub.add_parser("realkernel", help="record a real Linux kernel's events")
+    rs = p.add_subparsers(dest="realkernel_cmd", required=True)
+    rec = rs.add_parser("record", help="boot a real kernel traced, run a workload, write the trace",
+                        description="Boot one of Debian's kernels under QEMU with page "
+                                    "allocation/free tracepoints, a function-tracer marker and "
+                                    "a kprobe on every CPA pass, run the workload's steps and "
+                                    "write the events as a gzip'd JSON Lines trace.")
+    rec.add_argument("--kernel", choices=sorted(KERNELS), default=DEFAULT_KERNEL,
+                     help=f"the real kernel (default {DEFAULT_KERNEL})")
+    rec.add_argument("--ram", default="2G", help="guest RAM (default 2G)")
+    rec.add_argument("--workload", default="",
+                     help="comma-separated guest steps, each ending in a snapshot named after "
+                          "it (as for calibrate); default: boot only")
+    rec.add_argument("-o", "--output", required=True, help="the trace file (.jsonl.gz)")
+    rec.add_argument("--trace-buf-mb", type=int, default=32,
+                     help="the guest's trace buffer in MiB (trace_buf_size; default 32)")
+    rec.add_argument("--timeout", type=float, default=600.0, help="kill the guest after this")
+    rec.add_argument("--install", action="store_true",
+                     help="apt-get install missing tools (needs root)")
+    rec.set_defaults(func=main)
+    return p
+
+
+def main(args: argparse.Namespace) -> int:
+    from ..realkernel import RealKernelError
+    from ..recorder import record, write_trace
+    check_output_file(args.output, "-o/--output")
+    check_boot(args.ram)
+    if not 1 <= args.trace_buf_mb <= 4096:
+        raise UsageError(f"--trace-buf-mb must be 1..4096, not {args.trace_buf_mb}")
+    if not args.timeout > 0 or args.timeout == float("inf"):
+        raise UsageError(f"--timeout must be a finite number of seconds above 0, not "
+                         f"{args.timeout}")
+    workload = parse_guest_workload(args.workload, args.kernel)
+    try:
+        rec = record(args.kernel, args.ram, workload, trace_buf_mb=args.trace_buf_mb,
+                     timeout=args.timeout, install=args.install)
+    except RealKernelError as exc:
+        raise ToolMissing(str(exc)) from None
+    size = write_trace(rec, Path(args.output))
+    n = len(rec.events)
+    secs = rec.header["recorder"]["seconds"]
+    print(f"Linux {args.kernel}, RAM {args.ram}, workload {','.join(workload) or '(boot only)'}: "
+          f"{n} events in {secs:.1f} s ({n / secs:,.0f} events/s), {size:,} bytes "
+          f"({size / 1e6 / max(n, 1) * 1e6:.2f} MB per million events): {args.output}")
+    return EXIT_OK

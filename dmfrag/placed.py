@@ -1,0 +1,457 @@
+"""Placed replay: a recorded real kernel's trace (version 3, see
+:mod:`dmfrag.recorder`) run on the model, every allocation at the pfn Linux
+gave it and every CPA request on the addresses Linux used, so that the
+model's DirectMap4k/2M/1G and split counters can be held to Linux's at every
+snapshot, placement aside (``dmfrag trace replay T --placement real``).
+
+How each event is replayed:
+
+* ``A`` (allocation): the block is taken off the model's free lists at that
+  pfn (``take_page_off_buddy``). A page the model does not have free is a
+  bookkeeping error, named with the trace line and the pfn, and the replay
+  stops there (the state up to it is kept and reported).
+* ``F`` (free): an allocated block is freed; a free page is a page the trace
+  never saw allocated (before tracing, or by the bulk allocator: see the
+  recorder), counted in ``untraced_frees``; a page never given to the buddy
+  (memblock-reserved: the initrd, the init sections) is handed over.
+* ``C`` with arguments: a request on a direct-map or kernel-image address is
+  the model's ``change_page_attr_set_clr`` with the same range and masks
+  (``primary`` 0 is ``CPA_NO_CHECK_ALIAS``), whose alias passes the model
+  makes itself; a request on any other address (module, BPF or vmalloc
+  memory) is replayed through its alias passes, which name the direct-map
+  and image addresses Linux changed. The tables of the model's splits are
+  the pages Linux allocated inside the request (between its entry and its
+  return), in order; a split that finds none is an error.
+* ``C`` without arguments (before boot kprobes exist): the calls the
+  kernel's record knows (``BootCpaCall.before_fs_initcall``) run on the model
+  before the first event, on pages the trace never touches; a one-page
+  request right after a one-page vmalloc allocation (a trampoline or kprobe
+  instruction page: ``module_alloc`` then ``set_memory_ro``) is that page
+  made read-only; any other is counted in ``early_requests_skipped``.
+* ``S``: the model's counters beside Linux's.
+
+The system is running (splits count in vmstat) from the end of the last
+request on the kernel image before the first snapshot (mark_rodata_ro).
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+__all__ = ["COMPARED", "PlacedReplay", "PlacedReplayError", "read_trace", "replay_placed"]
+
+#: meminfo and vmstat fields a snapshot compares
+COMPARED_MEMINFO = ("DirectMap4k", "DirectMap2M", "DirectMap1G")
+COMPARED_VMSTAT = ("direct_map_level2_splits", "direct_map_level3_splits",
+                   "direct_map_level2_collapses", "direct_map_level3_collapses")
+COMPARED = COMPARED_MEMINFO + COMPARED_VMSTAT
+
+_IMAGE_START = 0xFFFFFFFF80000000
+_IMAGE_END = 0xFFFFFFFFC0000000
+#: PAGE_OFFSET with 5-level paging (Debian's 6.1 and 7.2 under ``-cpu max``
+#: run with LA57); the model's direct map is at the 4-level PAGE_OFFSET, so a
+#: recorded direct-map address is moved there (same pfn)
+_LA57_PAGE_OFFSET = 0xFF11000000000000
+_LA57_DIRECT_END = _LA57_PAGE_OFFSET + (1 << 46)
+_NX = 1 << 63
+_POOL = 256
+_RW = 1 << 1
+
+
+class PlacedReplayError(ValueError):
+    """A trace event the model's state contradicts (or a malformed trace):
+    says the line (1 = the header) and the pfn or address."""
+
+    def __init__(self, line: int, message: str):
+        super().__init__(f"trace line {line}: {message}")
+        self.line = line
+
+
+def read_trace(source: str | Path | list[str]) -> tuple[dict, list[list]]:
+    """A version-3 trace's header and events (from a path, gzip'd or not, or
+    from its lines); a missing or wrong trailer is an error."""
+    if isinstance(source, (str, Path)) and not (isinstance(source, str) and "\n" in source):
+        raw = Path(source).read_bytes()
+        text = gzip.decompress(raw).decode() if raw[:2] == b"\x1f\x8b" else raw.decode()
+        lines = text.splitlines()
+    elif isinstance(source, str):
+        lines = source.splitlines()
+    else:
+        lines = list(source)
+    if not lines:
+        raise PlacedReplayError(1, "empty trace")
+    try:
+        header = json.loads(lines[0])
+    except json.JSONDecodeError as exc:
+        raise PlacedReplayError(1, f"the header is not JSON ({exc.msg})") from None
+    if not isinstance(header, dict) or header.get("dmfrag_trace") != 3:
+        raise PlacedReplayError(1, "not a version-3 (recorded) trace: its header has no "
+                                "\"dmfrag_trace\": 3")
+    events = []
+    for n, line in enumerate(lines[1:], 2):
+        try:
+            e = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise PlacedReplayError(n, f"not JSON ({exc.msg})") from None
+        if isinstance(e, dict):
+            if e.get("end") != len(events) or n != len(lines):
+                raise PlacedReplayError(n, f"the trailer says {e.get('end')!r} events, the "
+                                        f"trace has {len(events)} (cut short or edited)")
+            return header, events
+        if not isinstance(e, list) or not e or e[0] not in ("A", "F", "C", "R", "S"):
+            raise PlacedReplayError(n, f"not an event: {line[:80]!r}")
+        events.append(e)
+    raise PlacedReplayError(len(lines), "no trailer ({\"end\": N}): the trace is cut short")
+
+
+@dataclass
+class PlacedReplay:
+    """The result: one entry per snapshot, and what the replay met."""
+
+    kernel: str
+    ram: str
+    workload: list[str]
+    snapshots: list[dict] = field(default_factory=list)
+    events: int = 0
+    untraced_frees: int = 0
+    early_requests_skipped: int = 0
+    #: splits the model made where Linux allocated no table (it had split there before)
+    unmatched_splits: int = 0
+    first_unmatched_split: str | None = None
+    #: pages Linux allocated that the model's boot kept reserved (memblock)
+    reserved_differences: int = 0
+    first_reserved_difference: str | None = None
+    error: str | None = None
+    seconds: float = 0.0
+
+    @property
+    def equal(self) -> bool:
+        return self.error is None and all(s["equal"] for s in self.snapshots)
+
+    def to_json(self) -> dict:
+        return {"kernel": self.kernel, "ram": self.ram, "workload": self.workload,
+                "placement": "real", "snapshots": self.snapshots, "events": self.events,
+                "untraced_frees": self.untraced_frees,
+                "early_requests_skipped": self.early_requests_skipped,
+                "unmatched_splits": self.unmatched_splits,
+                "first_unmatched_split": self.first_unmatched_split,
+                "reserved_differences": self.reserved_differences,
+                "first_reserved_difference": self.first_reserved_difference,
+                "equal": self.equal, "completed": self.error is None, "error": self.error}
+
+
+def _counters(meminfo: dict, vmstat: dict) -> dict[str, int]:
+    out = {k: int(meminfo[k]) for k in COMPARED_MEMINFO if k in meminfo}
+    out.update({k: int(vmstat[k]) for k in COMPARED_VMSTAT if k in vmstat})
+    return out
+
+
+class _Replayer:
+    def __init__(self, header: dict, events: list[list], policy: str | None):
+        from guestkernel import Kernel
+        self.header, self.events = header, events
+        kernel = header.get("kernel")
+        try:
+            self.k = Kernel.boot(e820=header.get("boot_log") or None,
+                                 ram=header.get("ram"), profile=kernel,
+                                 policy=policy or "baseline", boot_cpa=False)
+        except Exception as exc:  # noqa: BLE001 - a header the model cannot boot
+            raise PlacedReplayError(1, f"the model cannot boot this trace's machine: {exc}"
+                                    ) from None
+        self.consumed = bytearray(len(events))
+        self.result = PlacedReplay(kernel, header.get("ram"), list(header.get("workload", [])),
+                                   events=len(events))
+        # the whole direct-map range (64 TiB with 4-level paging): an address
+        # in it beyond max_pfn is the model's to refuse (not mapped)
+        self.direct_end = self.k.pfn_to_virt(0) + (1 << 46)
+        self.running_at = self._running_index()
+        self.span_end = -1               # the last event of the request being replayed
+        self.pool: list[int] = []
+        self.table_cursor = 0
+
+    # -- set-up ----------------------------------------------------------------
+
+    def _running_index(self) -> int:
+        """The index after which the system runs: the end of the last request
+        on the kernel image before the first snapshot."""
+        ev = self.events
+        first_snap = next((i for i, e in enumerate(ev) if e[0] == "S"), len(ev))
+        last = -1
+        for i in range(first_snap):
+            e = ev[i]
+            if e[0] == "C" and e[1] != "alias" and e[2] and _IMAGE_START <= e[2][0] < _IMAGE_END:
+                last = i
+        if last < 0:
+            return first_snap - 1
+        return self._span_end(last)
+
+    def _span_end(self, i: int) -> int:
+        """The index of the ``R`` closing the request at ``i`` (which has
+        arguments), counting nested passes; where the return probe missed
+        (5.10's kretprobes lose most returns here), the event before the
+        next request or snapshot."""
+        depth = 0
+        ev = self.events
+        for j in range(i, len(ev)):
+            e = ev[j]
+            if j > i and (e[0] == "S" or (e[0] == "C" and e[1] != "alias")):
+                return j - 1
+            if e[0] == "C" and e[2] is not None:
+                depth += 1
+            elif e[0] == "R":
+                depth -= 1
+                if depth == 0:
+                    return j
+        return len(ev) - 1
+
+    def _early_calls(self) -> None:
+        """The record's boot calls before fs_initcall, on pages the trace
+        never touches (their own pages are Linux's: traced as plain
+        allocations)."""
+        from guestkernel.boot import boot_cpa_calls
+        k, buddy = self.k, self.k.buddy
+        touched = set()
+        for e in self.events:
+            if e[0] in ("A", "F"):
+                touched.update(range(e[1], e[1] + (1 << e[2])))
+        held = []
+        for pfn in sorted(touched):
+            if pfn < k.max_pfn:
+                b = buddy.block_of(pfn)
+                if b is not None and b[2] in ("free", "pcp"):
+                    buddy.take_page_off_buddy(pfn, 0)
+                    held.append(pfn)
+        try:
+            boot_cpa_calls(k.cpa, buddy, k.bpf, k.profile, only=lambda c: c.before_fs_initcall)
+        finally:
+            for pfn in held:
+                buddy.free_pages(pfn, 0)
+        # a pool of pages the trace never touches, for tables of splits the
+        # model makes where Linux made none (see _next_table)
+        top = k.max_pfn - 1
+        while len(self.pool) < _POOL and top > 0:
+            if top not in touched:
+                b = buddy.block_of(top)
+                if b is not None and b[2] == "free":
+                    buddy.take_page_off_buddy(top, 0)
+                    self.pool.append(top)
+            top -= 1
+
+    # -- the events ------------------------------------------------------------
+
+    def _va(self, va: int) -> int:
+        """A recorded address in the model's layout (see _LA57_PAGE_OFFSET)."""
+        if _LA57_PAGE_OFFSET <= va < _LA57_DIRECT_END:
+            return self.k.pfn_to_virt((va - _LA57_PAGE_OFFSET) >> 12) | (va & 0xFFF)
+        return va
+
+    def _next_table(self) -> int:
+        """The next page Linux allocated inside the request being replayed."""
+        ev = self.events
+        j = max(self.table_cursor, self.pos + 1)
+        while j <= self.span_end:
+            e = ev[j]
+            if e[0] == "A" and e[2] == 0 and not self.consumed[j]:
+                self.consumed[j] = 1
+                self.table_cursor = j + 1
+                return e[1]
+            j += 1
+        # The model splits where Linux did not (an earlier split the model
+        # lacks, typically in the early window): a finding, not bookkeeping.
+        # The table comes from a pool of pages the trace never touches.
+        if not self.pool:
+            raise PlacedReplayError(self.pos + 2, "the model split a large page here but Linux "
+                                    "allocated no page-table page inside this request, and the "
+                                    "pool of untouched pages for such tables is empty")
+        if self.result.unmatched_splits == 0:
+            self.result.first_unmatched_split = f"line {self.pos + 2}"
+        self.result.unmatched_splits += 1
+        pfn = self.pool.pop()
+        self.k.buddy.free_pages(pfn, 0)       # taken again by alloc_pgtable_page
+        return pfn
+
+    def _alloc(self, i: int, pfn: int, order: int) -> None:
+        buddy = self.k.buddy
+        try:
+            buddy.take_page_off_buddy(pfn, order)
+            return
+        except ValueError as exc:
+            first = exc
+        end = pfn + (1 << order)
+        reserved = [p for p in range(pfn, min(end, self.k.max_pfn)) if buddy.block_of(p) is None]
+        if reserved and end <= self.k.max_pfn:
+            # Linux had these pages free at the hand-over where the model's
+            # memblock kept them: a boot-reservation difference, not a
+            # bookkeeping error; counted, named, and the pages handed over.
+            if self.result.reserved_differences == 0:
+                self.result.first_reserved_difference = f"line {i + 2}: pfn {reserved[0]:#x}"
+            self.result.reserved_differences += len(reserved)
+            for p in reserved:
+                buddy.free_range(p, p + 1)
+        try:
+            buddy.take_page_off_buddy(pfn, order)
+        except ValueError:
+            exc = first
+            raise PlacedReplayError(i + 2, f"allocation of pfn {pfn:#x} order {order}: the "
+                                    f"model's bookkeeping disagrees: {exc}") from None
+
+    def _free(self, i: int, pfn: int, order: int) -> None:
+        buddy = self.k.buddy
+        if not 0 <= pfn < self.k.max_pfn:
+            raise PlacedReplayError(i + 2, f"free of pfn {pfn:#x}: beyond max_pfn")
+        end = pfn + (1 << order)
+        p = pfn
+        while p < end:
+            b = buddy.block_of(p)
+            if b is None:                                    # memblock-reserved: hand over
+                q = p + 1
+                while q < end and buddy.block_of(q) is None:
+                    q += 1
+                buddy.free_range(p, q)
+                p = q
+                continue
+            head, o, kind = b
+            if kind in ("free", "pcp"):
+                self.result.untraced_frees += 1
+                p = head + (1 << o)
+                continue
+            if head == p and p + (1 << o) <= end:
+                buddy.free_pages(head, o)
+                p += 1 << o
+                continue
+            # an allocated block larger than (or straddling) the freed range:
+            # split_page, then free the pages inside the range
+            buddy.split_allocated(head, o)
+            for q in range(max(head, p), min(head + (1 << o), end)):
+                buddy.free_pages(q, 0)
+            p = min(head + (1 << o), end)
+
+    def _request(self, i: int, caller: str, args: list) -> None:
+        from guestkernel.cpa import CpaError, CpaFlags
+        va, npages, mset, mclr, _flags, force_split, primary = args
+        va = self._va(va)
+        direct = self.k.pfn_to_virt(0) <= va < self.direct_end
+        image = _IMAGE_START <= va < _IMAGE_END
+        self.span_end = self._span_end(i)
+        self.table_cursor = i + 1
+        self.pos = i
+        if not (direct or image):
+            return                 # its alias passes (replayed one by one) carry the change
+        in_flag = CpaFlags(0) if primary else CpaFlags.NO_CHECK_ALIAS
+        try:
+            self.k.cpa.change_page_attr_set_clr(va, npages, mset, mclr,
+                                                force_split=bool(force_split), in_flag=in_flag)
+        except (CpaError, MemoryError) as exc:
+            raise PlacedReplayError(i + 2, f"CPA request {caller} va={va:#x} numpages={npages}: "
+                                    f"{exc}") from None
+
+    def _alias(self, i: int, args: list, parent: list | None) -> None:
+        """An alias pass of a request on module/BPF/vmalloc memory."""
+        from guestkernel.cpa import CpaError, CpaFlags
+        if parent is None:
+            return
+        pva = self._va(parent[0])
+        if self.k.pfn_to_virt(0) <= pva < self.direct_end or _IMAGE_START <= pva < _IMAGE_END:
+            return                 # the model made this pass itself
+        va, npages, mset, mclr, _flags, force_split, _primary = args
+        va = self._va(va)
+        self.pos = i
+        try:
+            self.k.cpa.change_page_attr_set_clr(va, npages, mset, mclr,
+                                                force_split=bool(force_split),
+                                                in_flag=CpaFlags.NO_CHECK_ALIAS)
+        except (CpaError, MemoryError) as exc:
+            raise PlacedReplayError(i + 2, f"alias pass va={va:#x} numpages={npages}: {exc}"
+                                    ) from None
+
+    def _early_request(self, i: int) -> None:
+        """A request before kprobes: a one-page request right after a
+        one-page vmalloc allocation is that page made read-only."""
+        ev = self.events
+        prev = ev[i - 1] if i else None
+        aliases = 0
+        j = i + 1
+        while j < len(ev) and ev[j][0] == "C" and ev[j][1] == "alias":
+            aliases += 1
+            j += 1
+        # the pages the request allocated: up to the next request marker
+        end = j
+        while end < len(ev) and not (ev[end][0] == "C" and ev[end][1] != "alias") \
+                and ev[end][0] != "S":
+            end += 1
+        if (prev and prev[0] == "A" and prev[2] == 0 and "__GFP_HIGHMEM" in prev[3]
+                and aliases == 1):
+            from guestkernel.cpa import CpaError, CpaFlags
+            self.span_end, self.table_cursor, self.pos = end - 1, i + 1, i
+            try:
+                self.k.cpa.change_page_attr_set_clr(self.k.pfn_to_virt(prev[1]), 1, 0, _RW,
+                                                    in_flag=CpaFlags.NO_CHECK_ALIAS)
+            except (CpaError, MemoryError) as exc:
+                raise PlacedReplayError(i + 2, f"early one-page request on pfn {prev[1]:#x}: "
+                                        f"{exc}") from None
+        else:
+            self.result.early_requests_skipped += 1
+
+    def run(self) -> PlacedReplay:
+        k = self.k
+        self._early_calls()
+        k.pgtable_pfn_source = self._next_table
+        stack: list[list | None] = []        # the arguments of the passes open
+        top: list | None = None
+        self.pos = 0
+        try:
+            for i, e in enumerate(self.events):
+                kind = e[0]
+                if kind == "A":
+                    if not self.consumed[i]:
+                        self._alloc(i, e[1], e[2])
+                elif kind == "F":
+                    self._free(i, e[1], e[2])
+                elif kind == "C":
+                    args = e[2]
+                    if args is None:
+                        if e[1] != "alias":
+                            self._early_request(i)
+                    elif e[1] == "alias" and stack:
+                        self._alias(i, args, top)
+                        stack.append(args)
+                    else:
+                        top = args
+                        self._request(i, e[1], args)
+                        stack.append(args)
+                elif kind == "R":
+                    if stack:
+                        stack.pop()
+                elif kind == "S":
+                    self._snapshot(e)
+                if i == self.running_at:
+                    k.enter_running()
+        except PlacedReplayError as exc:
+            self.result.error = str(exc)
+        finally:
+            k.pgtable_pfn_source = None
+        return self.result
+
+    def _snapshot(self, e: list) -> None:
+        real = e[2] if len(e) > 2 and isinstance(e[2], dict) else {}
+        r = _counters(real.get("meminfo", {}), real.get("vmstat", {}))
+        m = _counters(self.k.meminfo(), self.k.vmstat())
+        m = {key: v for key, v in m.items() if key in r}
+        self.result.snapshots.append({"point": e[1], "real": r, "model": m, "equal": r == m})
+
+
+def replay_placed(source: str | Path | list[str], *, policy: str | None = None,
+                  kernel: str | None = None) -> PlacedReplay:
+    """Replay a recorded trace with Linux's placement (see the module doc);
+    ``kernel`` overrides the header's kernel record."""
+    import time
+    header, events = read_trace(source)
+    if kernel is not None:
+        header = {**header, "kernel": kernel}
+    t0 = time.perf_counter()
+    res = _Replayer(header, events, policy).run()
+    res.seconds = time.perf_counter() - t0
+    return res

@@ -1,0 +1,235 @@
+"""Record what a real Linux kernel did: every page allocation and free and
+every change_page_attr call, in order, with the meminfo/vmstat snapshots at
+their points, as a version-3 trace (``dmfrag realkernel record``).
+
+How the guest is traced (all from the kernel command line, so tracing runs
+from early boot, before any workload):
+
+* ``trace_event=kmem:mm_page_alloc,kmem:mm_page_free``: each allocation
+  (pfn, order, GFP as the kernel prints it, migratetype) and each free, from
+  ``trace_init()`` in ``start_kernel`` on;
+* ``ftrace=function ftrace_filter=__change_page_attr_set_clr``: a marker at
+  the entry of every CPA pass, from ``early_trace_init`` on. Its caller says
+  whether it is a request (``<-change_page_attr_set_clr``,
+  ``<-__set_pages_np`` ...) or an alias pass nested in one
+  (``<-__change_page_attr_set_clr``);
+* ``kprobe_event=``: the same entry with its ``struct cpa_data`` (the
+  address, numpages, mask_set, mask_clr, flags, force_split, primary), and a
+  return probe, so the pages a pass allocates (the tables of its splits) are
+  known. Boot kprobe events start at ``fs_initcall``: the few CPA calls
+  before that (the IDT, the SMP alternatives, the first BPF JIT on kernels
+  that JIT one while booting) have markers but no arguments; the replay
+  takes those from the kernel's record (:mod:`guestkernel.versions`).
+* each ``snap NAME`` of the workload writes ``dmfrag_snap NAME`` to
+  ``trace_marker`` before it reads /proc/meminfo and /proc/vmstat.
+
+Tracing stops before the buffer is read (reading allocates pages, which
+would be traced: an endless stream); the buffer goes gzip'd to the guest's
+second serial port, a file on the host. A buffer that overflowed (events
+lost) is an error naming the option to raise.
+
+What no tracepoint shows, said here and in the trace header:
+
+* allocations before ``trace_init`` (between the buddy hand-over in
+  ``mm_init`` and tracing: early slab, per-CPU and ring-buffer pages). Their
+  pages show up when freed, as frees of pages the trace never allocated;
+* the bulk allocator (``alloc_pages_bulk``, vmalloc's order-0 pages in 6.1
+  and 7.2) calls no ``mm_page_alloc``. Such a page is seen through the CPA
+  alias passes on it (their addresses are the pages' direct-map addresses)
+  and when it is freed.
+
+Trace format version 3 (JSON Lines, gzip'd): a header object, one JSON
+array per event, a trailer ``{"end": N}``. Events:
+
+* ``["A", pfn, order, gfp, migratetype]``: an allocation (``gfp`` as printed);
+* ``["F", pfn, order]``: a free;
+* ``["C", caller, args]``: a CPA pass begins; ``caller`` is ``"alias"`` for
+  a pass nested in another, else the function that asked; ``args`` is
+  ``null`` before kprobes run, else ``[va, numpages, mask_set, mask_clr,
+  flags, force_split, primary]``;
+* ``["R"]``: the pass with arguments that began last has returned;
+* ``["S", point, {"meminfo": {...}, "vmstat": {...}}]``: a snapshot.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import re
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .realkernel import DEFAULT_KERNEL, RealKernel, RealKernelError
+
+__all__ = ["TRACE_VERSION", "Recording", "parse_ftrace", "record", "write_trace"]
+
+TRACE_VERSION = 3
+
+#: ``struct cpa_data`` offsets (arch/x86/mm/pat/set_memory.c) per kernel,
+#: read from each kernel's source: vaddr (a pointer to the address) at 0,
+#: mask_set 16, mask_clr 24, numpages 32, flags 56, the bit fields 60
+#: (force_split is bit 0). 7.2's layout is not verified yet: its bit fields
+#: read 8 for a plain request, so the recorder refuses it for now.
+CPA_DATA_LAYOUT = {
+    "5.10": {"vaddr": 0, "mask_set": 16, "mask_clr": 24, "numpages": 32, "flags": 56,
+             "bits": 60},
+    "6.1": {"vaddr": 0, "mask_set": 16, "mask_clr": 24, "numpages": 32, "flags": 56,
+            "bits": 60},
+}
+#: the kernel command line's tracing part (kprobe_event writes commas for spaces)
+_KPROBE = ("p:dmfrag/cpa,__change_page_attr_set_clr,va=+0(+{vaddr}(%di)):x64,"
+           "np=+{numpages}(%di):u64,set=+{mask_set}(%di):x64,clr=+{mask_clr}(%di):x64,"
+           "fl=+{flags}(%di):u32,fs=+{bits}(%di):u8,prim=%si:s32;"
+           "r:dmfrag/cpar,__change_page_attr_set_clr,ret=$retval:s32")
+_TRACING = "/sys/kernel/tracing"
+_PROLOGUE = f"mount -t tracefs tracefs {_TRACING}"
+_EPILOGUE = f"""echo 0 > {_TRACING}/tracing_on
+echo "@@TRACESTATS"
+cat {_TRACING}/per_cpu/cpu0/stats
+echo "@@END"
+echo nocontext-info > {_TRACING}/trace_options
+stty -F /dev/ttyS1 raw -echo
+gzip -1 -c {_TRACING}/trace > /dev/ttyS1
+sleep 1"""
+
+
+@dataclass
+class Recording:
+    """A parsed recording: the header, the events, and what it took."""
+
+    header: dict
+    events: list[list] = field(default_factory=list)
+
+    @property
+    def counts(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for e in self.events:
+            out[e[0]] = out.get(e[0], 0) + 1
+        return out
+
+
+_ALLOC = re.compile(r"mm_page_alloc: page=\S+ pfn=(0x[0-9a-f]+|\d+) order=(\d+) "
+                    r"migratetype=(-?\d+) gfp_flags=(\S+)")
+_FREE = re.compile(r"mm_page_free: page=\S+ pfn=(0x[0-9a-f]+|\d+) order=(\d+)")
+_FUNC = re.compile(r"^\s*__change_page_attr_set_clr <-(\S+)")
+_CPA = re.compile(r"cpa: \(\S+\) va=(0x[0-9a-f]+) np=(\d+) set=(0x[0-9a-f]+) "
+                  r"clr=(0x[0-9a-f]+) fl=(\d+) fs=(\d+) prim=(-?\d+)")
+_CPAR = re.compile(r"cpar: \(")
+_MARK = re.compile(r"tracing_mark_write: dmfrag_snap (\S+)")
+
+
+def parse_ftrace(text: str, snapshots: dict[str, dict]) -> list[list]:
+    """The trace buffer's text (``nocontext-info``) as version-3 events.
+
+    A kprobe line (``cpa:``) comes just before the function tracer's line of
+    the same call: the two become one ``C`` event. Unknown lines are an
+    error (a format this parser does not know would lose events)."""
+    events: list[list] = []
+    pending: list | None = None          # kprobe arguments waiting for their marker
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line or line.startswith("#"):
+            continue
+        if m := _ALLOC.search(line):
+            events.append(["A", int(m.group(1), 0), int(m.group(2)), m.group(4),
+                           int(m.group(3))])
+        elif m := _FREE.search(line):
+            events.append(["F", int(m.group(1), 0), int(m.group(2))])
+        elif m := _CPA.search(line):
+            if pending is not None:
+                raise RealKernelError(f"trace line {n}: a cpa kprobe with no function-tracer "
+                                      f"line after the previous one")
+            pending = [int(m.group(1), 16), int(m.group(2)), int(m.group(3), 16),
+                       int(m.group(4), 16), int(m.group(5)), int(m.group(6)) & 1,
+                       int(m.group(7))]
+        elif m := _FUNC.search(line):
+            caller = m.group(1)
+            kind = "alias" if caller == "__change_page_attr_set_clr" else caller
+            events.append(["C", kind, pending])
+            pending = None
+        elif _CPAR.search(line):
+            events.append(["R"])
+        elif m := _MARK.search(line):
+            name = m.group(1)
+            events.append(["S", name, snapshots.get(name, {})])
+        else:
+            raise RealKernelError(f"trace line {n}: not a line the recorder knows: {line[:200]!r}")
+    if pending is not None:
+        raise RealKernelError("the trace ends with a cpa kprobe and no function-tracer line")
+    return events
+
+
+#: boot-log lines the model reads (e820 map, where the initrd is, the command
+#: line, the kernel version): the trace header keeps them
+_BOOT_LINES = re.compile(r"e820|RAMDISK:|Command line:|Linux version")
+
+
+def record(kernel: str = DEFAULT_KERNEL, ram: str = "2G", workload: tuple[str, ...] = (),
+           *, trace_buf_mb: int = 32, timeout: float = 600.0, install: bool = False,
+           cache: Path | None = None) -> Recording:
+    """Boot the real ``kernel`` with tracing from the first moment, run the
+    workload's steps, and return what it did as a :class:`Recording`."""
+    layout = CPA_DATA_LAYOUT.get(kernel)
+    if layout is None:
+        raise RealKernelError(
+            f"recording the {kernel} kernel is not supported yet: its struct cpa_data layout "
+            f"(the CPA kprobe's arguments) is not verified; kernels that record: "
+            f"{', '.join(CPA_DATA_LAYOUT)}")
+    rk = RealKernel(cache, install=install, kernel=kernel)
+    append = (f"ftrace=function ftrace_filter=__change_page_attr_set_clr "
+              f"trace_event=kmem:mm_page_alloc,kmem:mm_page_free "
+              f"trace_buf_size={int(trace_buf_mb)}M kprobe_event={_KPROBE.format(**layout)}")
+    with tempfile.TemporaryDirectory(prefix="dmfrag-record-") as tmp:
+        out = Path(tmp) / "ttyS1"
+        t0 = time.monotonic()
+        run = rk.run(ram, workload, append=append, timeout=timeout, prologue=_PROLOGUE,
+                     epilogue=_EPILOGUE, serial_file=out)
+        seconds = time.monotonic() - t0
+        raw = out.read_bytes() if out.exists() else b""
+    stats = _stats(run.console)
+    lost = stats.get("overrun", 0) + stats.get("dropped events", 0)
+    if lost:
+        raise RealKernelError(f"the trace buffer overflowed: {lost} events lost; record again "
+                              f"with a larger buffer (trace_buf_mb, now {trace_buf_mb})")
+    try:
+        text = gzip.GzipFile(fileobj=io.BytesIO(raw)).read().decode()
+    except (OSError, EOFError) as exc:
+        raise RealKernelError(f"the trace from the guest's second serial port is cut short or "
+                              f"corrupt ({len(raw)} bytes: {exc})") from None
+    events = parse_ftrace(text, run.snapshots)
+    boot = "".join(line + "\n" for line in run.boot_log.splitlines() if _BOOT_LINES.search(line))
+    header = {"dmfrag_trace": TRACE_VERSION, "source": "recorded", "kernel": kernel,
+              "ram": ram, "workload": list(workload), "boot_log": boot,
+              "recorder": {"seconds": round(seconds, 2), "events": len(events),
+                           "buffer_entries": stats.get("entries", 0),
+                           "trace_buf_mb": int(trace_buf_mb)}}
+    return Recording(header, events)
+
+
+def _stats(console: str) -> dict[str, int]:
+    out: dict[str, int] = {}
+    m = re.search(r"@@TRACESTATS\s*\n(.*?)@@END", console.replace("\r", ""), re.DOTALL)
+    if m is None:
+        raise RealKernelError("the guest printed no trace buffer statistics")
+    for line in m.group(1).splitlines():
+        k, _, v = line.partition(":")
+        try:
+            out[k.strip()] = int(float(v.strip()))
+        except ValueError:
+            pass
+    return out
+
+
+def write_trace(rec: Recording, path: Path) -> int:
+    """Write a recording as a gzip'd version-3 trace; returns its size in bytes."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with gzip.open(tmp, "wt", compresslevel=9) as fh:
+        fh.write(json.dumps(rec.header, sort_keys=True) + "\n")
+        for e in rec.events:
+            fh.write(json.dumps(e, separators=(",", ":")) + "\n")
+        fh.write(json.dumps({"end": len(rec.events)}) + "\n")
+    tmp.replace(path)
+    return path.stat().st_size
