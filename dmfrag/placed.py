@@ -58,6 +58,10 @@ _LA57_PAGE_OFFSET = 0xFF11000000000000
 _LA57_DIRECT_END = _LA57_PAGE_OFFSET + (1 << 46)
 _NX = 1 << 63
 _POOL = 256
+#: the replay's per-page map
+_FREE, _TRACED, _RESERVED, _MODEL, _MODEL_FREED = 0, 1, 2, 3, 4
+_ZEROS = bytes(1 << 10)
+_TRACED_PAGES = bytes([_TRACED]) * (1 << 10)
 _RW = 1 << 1
 
 
@@ -208,37 +212,53 @@ class _Replayer:
         return len(ev) - 1
 
     def _early_calls(self) -> None:
-        """The record's boot calls before fs_initcall, on pages the trace
-        never touches (their own pages are Linux's: traced as plain
-        allocations)."""
+        """The record's boot calls before fs_initcall that the model makes
+        itself (see _model_early_call), on pages the trace never touches
+        (their own pages are Linux's: traced as plain allocations); then the
+        per-page map of the replay, from the model's buddy at that point."""
+        import numpy as np
+
         from guestkernel.boot import boot_cpa_calls
         k, buddy = self.k, self.k.buddy
-        touched = set()
+        touched = np.zeros(k.max_pfn + 1024, dtype=bool)
         for e in self.events:
             if e[0] in ("A", "F"):
-                touched.update(range(e[1], e[1] + (1 << e[2])))
-        held = []
-        for pfn in sorted(touched):
-            if pfn < k.max_pfn:
-                b = buddy.block_of(pfn)
-                if b is not None and b[2] in ("free", "pcp"):
-                    buddy.take_page_off_buddy(pfn, 0)
-                    held.append(pfn)
+                touched[e[1]: e[1] + (1 << e[2])] = True
+        self.touched = touched
+        buddy.drain_pages()
+        held = []                      # free blocks holding a touched page, set aside
+        for zone in buddy.zones:
+            for order in range(len(zone.free_area)):
+                for mt in range(len(zone.free_area[order])):
+                    for head in buddy.free_list(zone, order, mt):
+                        if touched[head: head + (1 << order)].any():
+                            held.append((head, order))
+        for head, order in held:
+            buddy.take_page_off_buddy(head, order)
         try:
-            boot_cpa_calls(k.cpa, buddy, k.bpf, k.profile, only=lambda c: c.before_fs_initcall)
+            boot_cpa_calls(k.cpa, buddy, k.bpf, k.profile, only=self._model_early_call)
         finally:
-            for pfn in held:
-                buddy.free_pages(pfn, 0)
-        # a pool of pages the trace never touches, for tables of splits the
-        # model makes where Linux made none (see _next_table)
-        top = k.max_pfn - 1
-        while len(self.pool) < _POOL and top > 0:
-            if top not in touched:
-                b = buddy.block_of(top)
-                if b is not None and b[2] == "free":
-                    buddy.take_page_off_buddy(top, 0)
-                    self.pool.append(top)
-            top -= 1
+            for head, order in held:
+                buddy.free_pages(head, order)
+            buddy.drain_pages()
+        states = buddy.page_states()
+        own = np.full(k.max_pfn, _RESERVED, dtype=np.uint8)
+        own[states == 1] = _FREE
+        own[states == 2] = _MODEL
+        self.own = bytearray(own.tobytes())
+
+    def _model_early_call(self, call) -> bool:
+        """Which early boot calls the model makes itself: those on the image
+        (their addresses are the record's), and the first BPF JIT where it is
+        a 2M bpf_prog_pack (its pages come from the bulk allocator: not in
+        the trace). Without packs (5.10) the JIT image is one vmalloc'd page,
+        traced: the one-page rule of _early_request replays it."""
+        from guestkernel.versions import BootCpaCall
+        if not call.before_fs_initcall:
+            return False
+        if call is BootCpaCall.PTP_CLASSIFIER_BPF:
+            return bool(self.k.profile.bpf_prog_pack)
+        return True
 
     # -- the events ------------------------------------------------------------
 
@@ -257,6 +277,7 @@ class _Replayer:
             if e[0] == "A" and e[2] == 0 and not self.consumed[j]:
                 self.consumed[j] = 1
                 self.table_cursor = j + 1
+                self._alloc(j, e[1], 0)
                 return e[1]
             j += 1
         # The model splits where Linux did not (an earlier split the model
@@ -270,68 +291,62 @@ class _Replayer:
             self.result.first_unmatched_split = f"line {self.pos + 2}"
         self.result.unmatched_splits += 1
         pfn = self.pool.pop()
-        self.k.buddy.free_pages(pfn, 0)       # taken again by alloc_pgtable_page
+        self.own[pfn] = _MODEL
         return pfn
 
     def _alloc(self, i: int, pfn: int, order: int) -> None:
-        buddy = self.k.buddy
-        try:
-            buddy.take_page_off_buddy(pfn, order)
+        n = 1 << order
+        own = self.own
+        if pfn + n > len(own):
+            raise PlacedReplayError(i + 2, f"allocation of pfn {pfn:#x} order {order}: beyond "
+                                    f"max_pfn {len(own):#x}")
+        if own[pfn: pfn + n] == _ZEROS[:n]:
+            own[pfn: pfn + n] = _TRACED_PAGES[:n]
             return
-        except ValueError as exc:
-            first = exc
-        end = pfn + (1 << order)
-        reserved = [p for p in range(pfn, min(end, self.k.max_pfn)) if buddy.block_of(p) is None]
-        if reserved and end <= self.k.max_pfn:
-            # Linux had these pages free at the hand-over where the model's
-            # memblock kept them: a boot-reservation difference, not a
-            # bookkeeping error; counted, named, and the pages handed over.
-            if self.result.reserved_differences == 0:
-                self.result.first_reserved_difference = f"line {i + 2}: pfn {reserved[0]:#x}"
-            self.result.reserved_differences += len(reserved)
-            for p in reserved:
-                buddy.free_range(p, p + 1)
-        try:
-            buddy.take_page_off_buddy(pfn, order)
-        except ValueError:
-            exc = first
-            raise PlacedReplayError(i + 2, f"allocation of pfn {pfn:#x} order {order}: the "
-                                    f"model's bookkeeping disagrees: {exc}") from None
+        seg = own[pfn: pfn + n]
+        busy = [j for j, v in enumerate(seg) if v in (_TRACED, _MODEL, _MODEL_FREED)]
+        if busy:
+            p = pfn + busy[0]
+            what = ("allocated by an earlier event of the trace" if seg[busy[0]] == _TRACED else
+                    "held by the model (its own boot-time page)")
+            raise PlacedReplayError(i + 2, f"allocation of pfn {pfn:#x} order {order}: page "
+                                    f"{p:#x} is not free: {what}")
+        # Linux had these pages free at the hand-over where the model's
+        # memblock kept them: a boot-reservation difference, not a bookkeeping
+        # error; counted, the first named.
+        reserved = [pfn + j for j, v in enumerate(seg) if v == _RESERVED]
+        if self.result.reserved_differences == 0:
+            self.result.first_reserved_difference = f"line {i + 2}: pfn {reserved[0]:#x}"
+        self.result.reserved_differences += len(reserved)
+        own[pfn: pfn + n] = _TRACED_PAGES[:n]
 
     def _free(self, i: int, pfn: int, order: int) -> None:
-        buddy = self.k.buddy
-        if not 0 <= pfn < self.k.max_pfn:
-            raise PlacedReplayError(i + 2, f"free of pfn {pfn:#x}: beyond max_pfn")
-        end = pfn + (1 << order)
-        p = pfn
-        while p < end:
-            b = buddy.block_of(p)
-            if b is None:                                    # memblock-reserved: hand over
-                q = p + 1
-                while q < end and buddy.block_of(q) is None:
-                    q += 1
-                buddy.free_range(p, q)
-                p = q
-                continue
-            head, o, kind = b
-            if kind in ("free", "pcp"):
-                self.result.untraced_frees += 1
-                p = head + (1 << o)
-                continue
-            if head == p and p + (1 << o) <= end:
-                buddy.free_pages(head, o)
-                p += 1 << o
-                continue
-            # an allocated block larger than (or straddling) the freed range:
-            # split_page, then free the pages inside the range
-            buddy.split_allocated(head, o)
-            for q in range(max(head, p), min(head + (1 << o), end)):
-                buddy.free_pages(q, 0)
-            p = min(head + (1 << o), end)
+        n = 1 << order
+        own = self.own
+        if pfn + n > len(own):
+            raise PlacedReplayError(i + 2, f"free of pfn {pfn:#x} order {order}: beyond max_pfn "
+                                    f"{len(own):#x}")
+        if own[pfn: pfn + n] == _TRACED_PAGES[:n]:
+            own[pfn: pfn + n] = _ZEROS[:n]
+            return
+        seg = own[pfn: pfn + n]
+        if _FREE in seg:
+            # pages the trace never saw allocated: before tracing, or by the
+            # bulk allocator (see dmfrag.recorder)
+            self.result.untraced_frees += 1
+        if _MODEL in seg:
+            raise PlacedReplayError(i + 2, f"free of pfn {pfn:#x} order {order}: the model holds "
+                                    f"page {pfn + seg.index(_MODEL):#x} for its own boot-time "
+                                    f"calls")
+        own[pfn: pfn + n] = _ZEROS[:n]      # traced, reserved (handed over) or freed by the model
+
+    def _table_freed(self, pfn: int) -> None:
+        """A table page the model's collapse freed: Linux's free follows."""
+        self.own[pfn] = _MODEL_FREED
 
     def _request(self, i: int, caller: str, args: list) -> None:
         from guestkernel.cpa import CpaError, CpaFlags
-        va, npages, mset, mclr, _flags, force_split, primary = args
+        va, npages, mset, mclr, flags, force_split, primary = args
         va = self._va(va)
         direct = self.k.pfn_to_virt(0) <= va < self.direct_end
         image = _IMAGE_START <= va < _IMAGE_END
@@ -340,7 +355,9 @@ class _Replayer:
         self.pos = i
         if not (direct or image):
             return                 # its alias passes (replayed one by one) carry the change
-        in_flag = CpaFlags(0) if primary else CpaFlags.NO_CHECK_ALIAS
+        # primary 0, or (newer kernels) CPA_NO_CHECK_ALIAS in the flags: no alias pass
+        alias = primary and not flags & CpaFlags.NO_CHECK_ALIAS
+        in_flag = CpaFlags(0) if alias else CpaFlags.NO_CHECK_ALIAS
         try:
             self.k.cpa.change_page_attr_set_clr(va, npages, mset, mclr,
                                                 force_split=bool(force_split), in_flag=in_flag)
@@ -399,6 +416,15 @@ class _Replayer:
         k = self.k
         self._early_calls()
         k.pgtable_pfn_source = self._next_table
+        k.pgtable_free_sink = self._table_freed
+        # a pool of pages the trace never touches, for tables of splits the
+        # model makes where Linux made none (see _next_table)
+        touched = self.touched
+        p = len(self.own) - 1
+        while len(self.pool) < _POOL and p > 0:
+            if not touched[p] and self.own[p] == _FREE:
+                self.pool.append(p)
+            p -= 1
         stack: list[list | None] = []        # the arguments of the passes open
         top: list | None = None
         self.pos = 0
@@ -433,6 +459,7 @@ class _Replayer:
             self.result.error = str(exc)
         finally:
             k.pgtable_pfn_source = None
+            k.pgtable_free_sink = None
         return self.result
 
     def _snapshot(self, e: list) -> None:

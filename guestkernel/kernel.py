@@ -139,6 +139,8 @@ class Kernel:
         self._unmapped: dict[int, int] = {}
         #: a replay's source of page-table pfns (see alloc_pgtable_page)
         self.pgtable_pfn_source: Callable[[], int] | None = None
+        #: and where such a replay's freed table pages go (instead of the buddy)
+        self.pgtable_free_sink: Callable[[int], None] | None = None
         self._validator_code: int | None = None
         self._validator_out = 0
         self._in_debug_vm = False
@@ -307,10 +309,9 @@ class Kernel:
         allocator, GFP_KERNEL as split_large_page asks); returns its address.
         A replay that knows where Linux put the table sets
         ``pgtable_pfn_source`` (a callable giving that pfn): the page is then
-        taken off the free lists there."""
+        the page's bookkeeping is the replay's (see ``pgtable_free_sink``)."""
         if self.pgtable_pfn_source is not None:
-            pfn = self.pgtable_pfn_source()
-            self.buddy.take_page_off_buddy(pfn, 0)
+            pfn = self.pgtable_pfn_source()     # the replay keeps the page's bookkeeping
         else:
             pfn = self.buddy.alloc_pages(int(G.GFP_KERNEL), 0)
         pa = pfn * PAGE_SIZE
@@ -325,7 +326,9 @@ class Kernel:
         self.pgt.table_pages.discard(pa)
         pfn = pa >> 12
         self.page_owner[pfn] = PageOwner.NONE
-        if self.buddy.allocated_order(pfn) == 0:
+        if self.pgtable_free_sink is not None:
+            self.pgtable_free_sink(pfn)
+        elif self.buddy.allocated_order(pfn) == 0:
             self.buddy.free_pages(pfn, 0)
         else:
             self.buddy.free_range(pfn, pfn + 1)

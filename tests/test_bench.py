@@ -91,12 +91,25 @@ def check_validate(f: dict) -> None:
 
 
 def check_realkernel(f: dict) -> None:
+    aged = f.pop("committed_aged_510")
+    assert aged.pop("events") == 233514 and aged.pop("equal") is True
+    assert positive(aged.pop("replay_s")) and positive(aged.pop("replay_events_per_s"))
+    assert aged == {}
     if "skipped" in f:
         pytest.skip(f["skipped"])
-    assert f.pop("ram") == "2G" and f.pop("workload") == ["secretmem"]
-    for key in ("real_boot_s", "real_workload_s", "model_boot_s", "model_workload_s"):
-        assert positive(f.pop(key)), key
-    assert positive(f.pop("workload_speedup"))
+    k = f.pop("kernels")
+    assert list(k) == ["6.1"]
+    g = k["6.1"]
+    assert g.pop("ram") == "2G" and g.pop("workload") == ["bpf:16"]
+    assert g.pop("placed_replay_equal") is True
+    assert g.pop("recorded_events") > 5000 and g.pop("trace_bytes") > 10000
+    for key in ("real_boot_s", "record_s", "recorded_events_per_s", "mb_per_million_events",
+                "placed_replay_events_per_s"):
+        assert positive(g.pop(key)), key
+    assert g == {}
+    w = f.pop("workload_6_1")
+    assert w.pop("workload") == ["secretmem"]
+    assert positive(w.pop("real_s")) and positive(w.pop("model_s")) and w == {}
     assert f == {}
 
 

@@ -87,7 +87,15 @@ BAD = [
     (["calibrate", "--json", "{missing}"], "does not exist"),
     (["calibrate", "--json", "{dir}"], "is a directory"),
     (["calibrate", "--ram", "abc"], "--ram: cannot read a memory size from 'abc'"),
+    (["realkernel", "record", "-o", "{missing}"], "does not exist"),
+    (["realkernel", "record", "-o", "{dir}"], "is a directory"),
+    (["realkernel", "record", "--ram", "abc", "-o", "{file}"], "cannot read a memory size"),
+    (["realkernel", "record", "--kernel", "5.10", "--workload", "secretmem:8", "-o", "{file}"],
+     "no memfd_secret"),
+    (["realkernel", "record", "--workload", "nope", "-o", "{file}"], "unknown workload 'nope'"),
+    (["realkernel", "record", "--trace-buf-mb", "0", "-o", "{file}"], "--trace-buf-mb must be"),
     # trace files
+    (["trace", "replay", "{file}", "--placement", "real"], "is not a recorded (version 3) trace"),
     (["trace", "replay", "{binary}"], "cannot read trace"),
     (["trace", "replay", "{dir}"], "it is a directory"),
 ]

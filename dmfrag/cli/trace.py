@@ -79,8 +79,8 @@ def replay(args: argparse.Namespace) -> int:
     if _is_recorded(args.file):
         return _replay_placed(args)
     if args.placement is not None:
-        raise UsageError(f"--placement {args.placement}: {args.file} is a model trace (version "
-                         f"1 or 2); only a recorded trace (dmfrag realkernel record) has Linux's "
+        raise UsageError(f"--placement {args.placement}: {args.file} is not a recorded (version "
+                         f"3) trace; only a trace of dmfrag realkernel record has Linux's "
                          f"placement")
     lines = read_text(args.file, "trace").splitlines()
     try:

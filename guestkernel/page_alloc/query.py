@@ -62,6 +62,23 @@ class QueryMixin:
         head, order, kind = block
         return head, order, {PG_BUDDY: "free", PG_PCP: "pcp"}.get(kind, "allocated")
 
+    def page_states(self) -> np.ndarray:
+        """One byte per pfn: 0 reserved (never given to the buddy), 1 free
+        (a buddy block or on a pcp list), 2 allocated. Vectorised: for a
+        replay that keeps its own per-page map from here on."""
+        st = self._state_np[: self.max_pfn]
+        out = np.zeros(self.max_pfn, dtype=np.uint8)
+        for s, e in self._handed:
+            out[s:e] = 2
+        heads = np.flatnonzero(st)
+        kinds = st[heads] & KIND_MASK
+        orders = st[heads] & ORDER_MASK
+        for kind_code, val in ((PG_BUDDY, 1), (PG_PCP, 1)):
+            sel = kinds == kind_code
+            for h, o in zip(heads[sel].tolist(), orders[sel].tolist()):
+                out[h: h + (1 << o)] = val
+        return out
+
     def allocated_order(self, pfn: int) -> int | None:
         """The order of the allocated block headed by ``pfn``, else None."""
         if not 0 <= pfn < self.max_pfn:
