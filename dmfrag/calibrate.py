@@ -22,6 +22,7 @@ from .realkernel import RealKernel, RealRun
 from .registry import REGISTRY, calibration, guest_steps, module_layout, parse_steps
 
 __all__ = ["KEYS", "KNOWN_DIFFERENCES", "KNOWN_DIFFERENCES_BY_KERNEL", "Comparison", "calibrate",
+           "calibrate_task",
            "module_layout", "run_model"]
 
 KEYS = ("DirectMap4k", "DirectMap2M", "DirectMap1G", "direct_map_level2_splits",
@@ -147,3 +148,16 @@ def calibrate(ram: str, workload: tuple[str, ...], *, install: bool = False,
     model = run_model(real.e820_lines(), workload, rk)
     return Comparison(ram, workload, real.snapshots, model, real.seconds,
                       time.perf_counter() - t0, KNOWN_DIFFERENCES_BY_KERNEL[kernel], kernel)
+
+
+def calibrate_task(task: dict) -> Comparison:
+    """One cell of a calibrate grid (a picklable function for the sweep
+    engine's executors: each real boot is one task); a failure is a
+    CellError naming the cell."""
+    from .sweep import CellError
+    try:
+        return calibrate(task["ram"], tuple(task["workload"]), install=task.get("install", False),
+                         timeout=task.get("timeout", 240.0), kernel=task["kernel"])
+    except Exception as exc:  # noqa: BLE001 - reported with its cell, never lost in a worker
+        raise CellError(f"calibrate kernel={task['kernel']} ram={task['ram']}: "
+                        f"{type(exc).__name__}: {exc}", task) from None

@@ -105,7 +105,7 @@ def read_trace(source: str | Path | list[str]) -> tuple[dict, list[list]]:
                 raise PlacedReplayError(n, f"the trailer says {e.get('end')!r} events, the "
                                         f"trace has {len(events)} (cut short or edited)")
             return header, events
-        if not isinstance(e, list) or not e or e[0] not in ("A", "F", "C", "R", "S"):
+        if not isinstance(e, list) or not e or e[0] not in ("A", "F", "C", "R", "S", "U", "X"):
             raise PlacedReplayError(n, f"not an event: {line[:80]!r}")
         events.append(e)
     raise PlacedReplayError(len(lines), "no trailer ({\"end\": N}): the trace is cut short")

@@ -41,13 +41,17 @@ What no tracepoint shows, said here and in the trace header:
 Trace format version 3 (JSON Lines, gzip'd): a header object, one JSON
 array per event, a trailer ``{"end": N}``. Events:
 
-* ``["A", pfn, order, gfp, migratetype]``: an allocation (``gfp`` as printed);
+* ``["A", pfn, order, gfp, migratetype, user]``: an allocation (``gfp`` as
+  printed; ``user`` one of :data:`USERS`, see :func:`_user`);
 * ``["F", pfn, order]``: a free;
 * ``["C", caller, args]``: a CPA pass begins; ``caller`` is ``"alias"`` for
   a pass nested in another, else the function that asked; ``args`` is
   ``null`` before kprobes run, else ``[va, numpages, mask_set, mask_clr,
   flags, force_split, primary]``;
 * ``["R"]``: the pass with arguments that began last has returned;
+* ``["U", function]``: a user's entry point was called (module load and
+  free, BPF program load and free, a secretmem fault: :data:`USER_MARKERS`);
+* ``["X", function]``: it returned (``secretmem_fault`` only);
 * ``["S", point, {"meminfo": {...}, "vmstat": {...}}]``: a snapshot.
 """
 
@@ -64,7 +68,8 @@ from pathlib import Path
 
 from .realkernel import DEFAULT_KERNEL, RealKernel, RealKernelError
 
-__all__ = ["TRACE_VERSION", "Recording", "parse_ftrace", "record", "write_trace"]
+__all__ = ["TRACE_VERSION", "USERS", "USER_MARKERS", "Recording", "load_record_grid",
+           "parse_ftrace", "record", "record_task", "trace_name", "write_trace"]
 
 TRACE_VERSION = 3
 
@@ -121,7 +126,8 @@ class Recording:
 _ALLOC = re.compile(r"mm_page_alloc: page=\S+ pfn=(0x[0-9a-f]+|\d+) order=(\d+) "
                     r"migratetype=(-?\d+) gfp_flags=(\S+)")
 _FREE = re.compile(r"mm_page_free: page=\S+ pfn=(0x[0-9a-f]+|\d+) order=(\d+)")
-_FUNC = re.compile(r"^\s*__change_page_attr_set_clr <-(\S+)")
+_FUNC = re.compile(r"^\s*([A-Za-z_][\w.]*) <-(\S+)")
+_XRET = re.compile(r"(\w+)_ret: \(")
 _CPA = re.compile(r"cpa: \(\S+\) va=(0x[0-9a-f]+) np=(\d+) set=(0x[0-9a-f]+) "
                   r"clr=(0x[0-9a-f]+) fl=(\d+) fs=(\d+) prim=(-?\d+)")
 _CPAR = re.compile(r"cpar: \(")
@@ -151,13 +157,17 @@ def parse_ftrace(text: str, snapshots: dict[str, dict]) -> list[list]:
             pending = [int(m.group(1), 16), int(m.group(2)), int(m.group(3), 16),
                        int(m.group(4), 16), int(m.group(5)), int(m.group(6)) & 1,
                        int(m.group(7))]
-        elif m := _FUNC.search(line):
-            caller = m.group(1)
+        elif (m := _FUNC.search(line)) and m.group(1) == "__change_page_attr_set_clr":
+            caller = m.group(2)
             kind = "alias" if caller == "__change_page_attr_set_clr" else caller
             events.append(["C", kind, pending])
             pending = None
         elif _CPAR.search(line):
             events.append(["R"])
+        elif m := _XRET.search(line):
+            events.append(["X", m.group(1)])
+        elif m := _FUNC.search(line):
+            events.append(["U", m.group(1)])
         elif m := _MARK.search(line):
             name = m.group(1)
             events.append(["S", name, snapshots.get(name, {})])
@@ -165,7 +175,73 @@ def parse_ftrace(text: str, snapshots: dict[str, dict]) -> list[list]:
             raise RealKernelError(f"trace line {n}: not a line the recorder knows: {line[:200]!r}")
     if pending is not None:
         raise RealKernelError("the trace ends with a cpa kprobe and no function-tracer line")
+    _attribute_users(events)
     return events
+
+
+#: functions whose entry the function tracer marks (besides the CPA pass):
+#: the users a policy routes (``U`` events); ``secretmem_fault`` also has a
+#: return probe (``X``): the pages allocated in between are secretmem's
+USER_MARKERS = ("load_module", "free_module", "bpf_prog_load", "bpf_prog_free",
+                "secretmem_fault")
+
+
+def _attribute_users(events: list[list]) -> None:
+    """Append to each ``A`` event the user it was for (see USERS)."""
+    cpa_depth = 0           # passes with arguments open (closed by R)
+    early = False           # after an argument-less request marker, its tables
+    secret = False
+    for e in events:
+        kind = e[0]
+        if kind == "A":
+            e.append(_user(e, cpa_depth > 0 or early, secret))
+            continue
+        if kind == "C":
+            if e[2] is not None:
+                cpa_depth += 1
+                early = False
+            else:
+                early = True
+        elif kind == "R":
+            cpa_depth = max(0, cpa_depth - 1)
+            early = False
+        else:
+            early = False
+            if kind == "U" and e[1] == "secretmem_fault":
+                secret = True
+            elif kind == "X" and e[1] == "secretmem_fault":
+                secret = False
+
+
+#: the users of the ``A`` events' last field
+USERS = ("cpa_pgtable", "secretmem", "vmalloc", "movable", "reclaimable", "kernel")
+
+
+def _user(e: list, in_cpa: bool, in_secretmem: bool) -> str:
+    """What an allocation was for, from where it happened and its GFP:
+
+    * ``cpa_pgtable``: an order-0 GFP_KERNEL page inside a CPA pass (the
+      table of a split; GFP shows as ``none`` before the boot GFP mask lifts);
+    * ``secretmem``: inside ``secretmem_fault``;
+    * ``vmalloc``: ``__GFP_HIGHMEM`` without ``__GFP_MOVABLE`` (vmalloc's and
+      module_alloc's pages when not bulk-allocated, BPF images, stacks);
+    * ``movable``: ``__GFP_MOVABLE`` (anonymous memory and the page cache);
+    * ``reclaimable``: ``__GFP_RECLAIMABLE`` (reclaimable slab: dentries, inodes);
+    * ``kernel``: any other unmovable allocation (slab, page tables of
+      processes, kernel buffers)."""
+    gfp = e[3]
+    flags = set(gfp.split("|"))
+    if in_cpa and e[2] == 0 and gfp in ("GFP_KERNEL", "none"):
+        return "cpa_pgtable"
+    if in_secretmem:
+        return "secretmem"
+    if "__GFP_MOVABLE" in flags or "GFP_HIGHUSER_MOVABLE" in flags:
+        return "movable"
+    if "__GFP_HIGHMEM" in flags:
+        return "vmalloc"
+    if "__GFP_RECLAIMABLE" in flags:
+        return "reclaimable"
+    return "kernel"
 
 
 #: boot-log lines the model reads (e820 map, where the initrd is, the command
@@ -185,9 +261,13 @@ def record(kernel: str = DEFAULT_KERNEL, ram: str = "2G", workload: tuple[str, .
             f"(the CPA kprobe's arguments) is not verified; kernels that record: "
             f"{', '.join(CPA_DATA_LAYOUT)}")
     rk = RealKernel(cache, install=install, kernel=kernel)
-    append = (f"ftrace=function ftrace_filter=__change_page_attr_set_clr "
+    markers = ",".join(("__change_page_attr_set_clr", *USER_MARKERS))
+    kprobes = _KPROBE.format(**layout)
+    if kernel != "5.10":                      # memfd_secret is 5.14+
+        kprobes += ";r:dmfrag/secretmem_fault_ret,secretmem_fault"
+    append = (f"ftrace=function ftrace_filter={markers} "
               f"trace_event=kmem:mm_page_alloc,kmem:mm_page_free "
-              f"trace_buf_size={int(trace_buf_mb)}M kprobe_event={_KPROBE.format(**layout)}")
+              f"trace_buf_size={int(trace_buf_mb)}M kprobe_event={kprobes}")
     with tempfile.TemporaryDirectory(prefix="dmfrag-record-") as tmp:
         out = Path(tmp) / "ttyS1"
         t0 = time.monotonic()
@@ -240,3 +320,71 @@ def write_trace(rec: Recording, path: Path) -> int:
         fh.write(json.dumps({"end": len(rec.events)}) + "\n")
     tmp.replace(path)
     return path.stat().st_size
+
+
+def trace_name(kernel: str, ram: str, workload: tuple[str, ...] | list[str]) -> str:
+    """The file name of a recording in a grid's folder (as the reference set
+    in tests/data/traces is named): ``linux-6.1-8G-bpf-2048_secretmem-4096.jsonl.gz``."""
+    steps = "_".join(workload) or "boot"
+    return f"linux-{kernel}-{ram}-{steps.replace(':', '-')}.jsonl.gz"
+
+
+def load_record_grid(path: str | Path) -> list[dict]:
+    """A grid of recordings (TOML: one ``[[trace]]`` table per recording,
+    with ``kernel``, ``ram``, ``workload`` (a comma-separated string, "" for
+    boot only) and optional ``trace_buf_mb``); each entry checked before any
+    boot (kernel known, RAM readable, steps known to the guest)."""
+    import tomllib
+
+    from guestkernel.boot import BootError, e820__memory_setup
+
+    from .realkernel import KERNELS
+    from .registry import UnknownWorkload, guest_steps
+    try:
+        cfg = tomllib.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise ValueError(f"cannot read the grid {str(path)!r}: {exc}") from None
+    entries = cfg.get("trace")
+    if set(cfg) != {"trace"} or not isinstance(entries, list) or not entries:
+        raise ValueError(f"{path}: a record grid is a list of [[trace]] tables, and only that")
+    out = []
+    for i, e in enumerate(entries, 1):
+        where = f"{path}: trace {i}"
+        if not isinstance(e, dict) or set(e) - {"kernel", "ram", "workload", "trace_buf_mb"}:
+            raise ValueError(f"{where}: keys are kernel, ram, workload, trace_buf_mb")
+        kernel, ram = e.get("kernel"), e.get("ram")
+        if kernel not in KERNELS:
+            raise ValueError(f"{where}: unknown kernel {kernel!r}; known: {', '.join(KERNELS)}")
+        try:
+            e820__memory_setup(None, ram)
+        except (ValueError, BootError, TypeError) as exc:
+            raise ValueError(f"{where}: ram {ram!r}: {exc}") from None
+        wl = tuple(w.strip() for w in str(e.get("workload", "")).split(",") if w.strip())
+        for w in wl:
+            try:
+                guest_steps(w)
+            except UnknownWorkload as exc:
+                raise ValueError(f"{where}: {exc}") from None
+        buf = e.get("trace_buf_mb", 32)
+        if isinstance(buf, bool) or not isinstance(buf, int) or not 1 <= buf <= 4096:
+            raise ValueError(f"{where}: trace_buf_mb must be 1..4096, not {buf!r}")
+        out.append({"kernel": kernel, "ram": ram, "workload": list(wl), "trace_buf_mb": buf})
+    return out
+
+
+def record_task(task: dict) -> dict:
+    """One recording of a grid (a picklable function for the sweep engine's
+    executors): boots, records, writes ``task["output"]``, returns a summary
+    row; a failure is a CellError naming the recording."""
+    from .sweep import CellError
+    wl = tuple(task["workload"])
+    try:
+        rec = record(task["kernel"], task["ram"], wl, trace_buf_mb=task.get("trace_buf_mb", 32),
+                     timeout=task.get("timeout", 600.0), install=task.get("install", False))
+        size = write_trace(rec, Path(task["output"]))
+    except Exception as exc:  # noqa: BLE001 - reported with its task, never lost in a worker
+        raise CellError(f"recording kernel={task['kernel']} ram={task['ram']} workload="
+                        f"{','.join(wl) or 'boot'}: {type(exc).__name__}: {exc}", task) from None
+    return {"kernel": task["kernel"], "ram": task["ram"], "workload": list(wl),
+            "output": str(task["output"]), "events": len(rec.events), "bytes": size,
+            "seconds": rec.header["recorder"]["seconds"]}

@@ -28,7 +28,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 __all__ = ["SCHEDULER_TIMEOUT", "CellError", "SchedulerUnreachable", "SweepError", "cells",
-           "load_sweep", "run_cell", "run_sweep"]
+           "load_sweep", "run_cell", "run_sweep", "run_tasks"]
 
 #: seconds to wait for a Dask scheduler before giving up (Dask's own default
 #: is 30 s, long enough to look like a hang)
@@ -168,8 +168,20 @@ def run_sweep(cfg: dict, *, workers: int | None = None, scheduler: str | None = 
     cancelled and :class:`CellError` carries the finished ones. An
     unreachable scheduler is :class:`SchedulerUnreachable` after
     :data:`SCHEDULER_TIMEOUT` seconds, before any cell runs."""
-    grid = cells(cfg)
-    results: list[dict] = []
+    return run_tasks(run_cell, cells(cfg), workers=workers, scheduler=scheduler,
+                     progress=progress)
+
+
+def run_tasks(fn, tasks: list, *, workers: int | None = None, scheduler: str | None = None,
+              progress=None) -> list:
+    """``fn(task)`` for every task on the sweep's executors (a local process
+    pool, or the Dask scheduler at ``scheduler``), results in task order.
+    ``fn`` must be picklable and raise :class:`CellError` naming its task;
+    the first failure (in task order) cancels the tasks not started and
+    carries the finished results. The grids of real-kernel boots
+    (``calibrate``, ``realkernel record``) run here too: each boot is one
+    task."""
+    results: list = []
     if scheduler:
         from distributed import Client
         try:
@@ -178,11 +190,11 @@ def run_sweep(cfg: dict, *, workers: int | None = None, scheduler: str | None = 
             raise SchedulerUnreachable(f"no Dask scheduler at {scheduler!r} within "
                                        f"{SCHEDULER_TIMEOUT:.0f} s: {exc}") from None
         with client:
-            futures = client.map(run_cell, grid, pure=False)
+            futures = client.map(fn, tasks, pure=False)
             _collect(futures, results, progress, cancel=client.cancel)
     else:
         with ProcessPoolExecutor(max_workers=workers) as pool:
-            futures = [pool.submit(run_cell, c) for c in grid]
+            futures = [pool.submit(fn, t) for t in tasks]
             _collect(futures, results, progress,
                      cancel=lambda fs: [f.cancel() for f in fs])
     return results

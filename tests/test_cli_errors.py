@@ -94,6 +94,11 @@ BAD = [
      "no memfd_secret"),
     (["realkernel", "record", "--workload", "nope", "-o", "{file}"], "unknown workload 'nope'"),
     (["realkernel", "record", "--trace-buf-mb", "0", "-o", "{file}"], "--trace-buf-mb must be"),
+    (["realkernel", "record", "--grid", "{file}", "-o", "{dir}"], "cannot read the grid"),
+    (["realkernel", "record", "--grid", "{file}", "-o", "{file}"], "must be an existing folder"),
+    (["calibrate", "--kernel", "6.1,nope"], "unknown kernel 'nope'"),
+    (["calibrate", "--ram", "2G,abc"], "cannot read a memory size from 'abc'"),
+    (["calibrate", "--kernel", "6.1,7.2", "--workers", "0"], "--workers must be at least 1"),
     # trace files
     (["trace", "replay", "{file}", "--placement", "real"], "is not a recorded (version 3) trace"),
     (["trace", "replay", "{binary}"], "cannot read trace"),

@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import gzip
 import json
+import re
 from pathlib import Path
 
 import pytest
 
 from dmfrag.placed import PlacedReplayError, read_trace, replay_placed
-from dmfrag.recorder import parse_ftrace
+from dmfrag.recorder import load_record_grid, parse_ftrace, trace_name
 from guestkernel.page_alloc import BadFreeError, BuddyAllocator
 
 TRACES = Path(__file__).parent / "data" / "traces"
@@ -83,6 +84,34 @@ def test_replay_accounts_for_what_the_trace_cannot_see(replays):
     assert d["unmatched_splits"] == 1
 
 
+def test_the_reference_set_is_what_its_grid_records():
+    """``make reference-traces`` records tests/data/traces/reference.toml into
+    that folder: every committed trace is one of its entries, by name and
+    header."""
+    grid = load_record_grid(TRACES / "reference.toml")
+    names = [trace_name(t["kernel"], t["ram"], t["workload"]) for t in grid]
+    assert sorted(names) == ALL
+    for t, name in zip(grid, names):
+        header, _ = read_trace(TRACES / name)
+        assert (header["kernel"], header["ram"], header["workload"]) == \
+            (t["kernel"], t["ram"], t["workload"])
+
+
+@pytest.mark.parametrize("text, msg", [
+    ('[[trace]]\nkernel = "4.19"\nram = "2G"\n', "unknown kernel '4.19'"),
+    ('[[trace]]\nkernel = "6.1"\nram = "2X"\n', "ram '2X'"),
+    ('[[trace]]\nkernel = "6.1"\nram = "2G"\nworkload = "bpf:2,nope"\n', "'nope'"),
+    ('[[trace]]\nkernel = "6.1"\nram = "2G"\ntrace_buf_mb = 0\n', "trace_buf_mb must be"),
+    ('[[trace]]\nkernel = "6.1"\nram = "2G"\ncolour = 1\n', "keys are"),
+    ('kernels = ["6.1"]\n', "a list of [[trace]] tables"),
+])
+def test_a_bad_record_grid_is_refused_before_any_boot(tmp_path, text, msg):
+    f = tmp_path / "g.toml"
+    f.write_text(text)
+    with pytest.raises(ValueError, match=re.escape(msg)):
+        load_record_grid(f)
+
+
 def _insert(lines: list[str], at: int, event: list) -> list[str]:
     out = lines[:at] + [json.dumps(event)] + lines[at:-1]
     n = len(out) - 1
@@ -127,10 +156,36 @@ def test_a_cut_trace_is_refused():
 def test_parse_ftrace_reads_both_pfn_formats_and_pairs_kprobes():
     text = "# tracer: function\n mm_page_alloc: page=000000001 pfn=0x6a51 order=0 migratetype=0 gfp_flags=none\n mm_page_alloc: page=ffffea0001 pfn=27217 order=1 migratetype=1 gfp_flags=GFP_KERNEL\n mm_page_free: page=ffffea0001 pfn=27217 order=1\n cpa: (__change_page_attr_set_clr+0x0/0xf00) va=0xff11000001000000 np=2 set=0x0 clr=0x2 fl=1 fs=4 prim=1\n __change_page_attr_set_clr <-change_page_attr_set_clr\n __change_page_attr_set_clr <-__change_page_attr_set_clr\n cpar: (change_page_attr_set_clr+0x127/0x1c0 <- __change_page_attr_set_clr) ret=0\n tracing_mark_write: dmfrag_snap boot"
     ev = parse_ftrace(text, {"boot": {"meminfo": {"DirectMap4k": 4}}})
-    assert ev == [["A", 0x6a51, 0, "none", 0], ["A", 27217, 1, "GFP_KERNEL", 1],
+    assert ev == [["A", 0x6a51, 0, "none", 0, "kernel"], ["A", 27217, 1, "GFP_KERNEL", 1, "kernel"],
                   ["F", 27217, 1],
                   ["C", "change_page_attr_set_clr", [0xFF11000001000000, 2, 0, 2, 1, 0, 1]],
                   ["C", "alias", None], ["R"], ["S", "boot", {"meminfo": {"DirectMap4k": 4}}]]
+
+
+def test_parse_ftrace_names_the_user_of_each_allocation():
+    def alloc(pfn, gfp, order=0):
+        return f" mm_page_alloc: page=0 pfn={pfn:#x} order={order} migratetype=0 gfp_flags={gfp}"
+    text = "\n".join([
+        " cpa: (__change_page_attr_set_clr+0x0/0xf00) va=0xff11000001000000 np=1 set=0x0 "
+        "clr=0x2 fl=0 fs=0 prim=1",
+        " __change_page_attr_set_clr <-change_page_attr_set_clr",
+        alloc(1, "GFP_KERNEL"),                                    # the split's table
+        " cpar: (change_page_attr_set_clr+0x127/0x1c0 <- __change_page_attr_set_clr) ret=0",
+        alloc(2, "GFP_KERNEL"),
+        " secretmem_fault <-__do_fault",
+        alloc(3, "GFP_HIGHUSER|__GFP_ZERO"),
+        " secretmem_fault_ret: (__do_fault+0x3c/0x120 <- secretmem_fault) arg1=0x400",
+        alloc(4, "GFP_HIGHUSER_MOVABLE|__GFP_COMP"),
+        alloc(5, "GFP_KERNEL|__GFP_HIGHMEM|__GFP_NOWARN"),
+        alloc(6, "GFP_KERNEL|__GFP_NOWARN|__GFP_NORETRY|__GFP_RECLAIMABLE", 1),
+        " load_module <-__do_sys_finit_module",
+    ])
+    ev = parse_ftrace(text, {})
+    users = {e[1]: e[5] for e in ev if e[0] == "A"}
+    assert users == {1: "cpa_pgtable", 2: "kernel", 3: "secretmem", 4: "movable", 5: "vmalloc",
+                     6: "reclaimable"}
+    assert ["U", "secretmem_fault"] in ev and ["X", "secretmem_fault"] in ev
+    assert ev[-1] == ["U", "load_module"]
     from dmfrag.realkernel import RealKernelError
     with pytest.raises(RealKernelError, match="line 2"):
         parse_ftrace("# x\n something else", {})

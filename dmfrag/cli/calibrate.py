@@ -20,9 +20,16 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                                    "given RAM, run the workload, run the same in the model "
                                    "(following that kernel's record), and compare "
                                    "DirectMap4k/2M/1G and the split counters at each point.")
-    p.add_argument("--kernel", choices=sorted(KERNELS), default=DEFAULT_KERNEL,
-                   help=f"the real kernel (default {DEFAULT_KERNEL})")
-    p.add_argument("--ram", default="8G", help="guest RAM, e.g. 2G, 8G (default 8G)")
+    p.add_argument("--kernel", default=DEFAULT_KERNEL,
+                   help=f"the real kernel: {', '.join(sorted(KERNELS))} (default "
+                        f"{DEFAULT_KERNEL}); a comma-separated list makes a grid")
+    p.add_argument("--ram", default="8G",
+                   help="guest RAM, e.g. 2G, 8G (default 8G); a comma-separated list makes "
+                        "a grid (each kernel x RAM one real boot, run by the sweep engine)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="for a grid: parallel boots on this machine (default: its cores)")
+    p.add_argument("--scheduler", default=None,
+                   help="for a grid: a Dask scheduler address to run the boots on")
     p.add_argument("--workload", default="modules,bpf,secretmem",
                    help="comma-separated steps, run in order, each ending in a snapshot "
                         "named after it: modules, bpf, secretmem (each also takes a "
@@ -45,30 +52,81 @@ def main(args: argparse.Namespace) -> int:
     checked before QEMU starts: a bad --ram is bad input (2), not a QEMU
     failure (3)."""
     from ..calibrate import calibrate
-    from ..realkernel import RealKernelError
+    from ..realkernel import KERNELS, RealKernelError
     check_output_file(args.json, "--json")
-    check_boot(args.ram)
+    kernels = [k.strip() for k in args.kernel.split(",") if k.strip()]
+    rams = [r.strip() for r in args.ram.split(",") if r.strip()]
+    bad = [k for k in kernels if k not in KERNELS]
+    if not kernels or bad:
+        raise UsageError(f"--kernel {args.kernel!r}: unknown kernel "
+                         f"{(bad or [''])[0]!r}; known: {', '.join(sorted(KERNELS))}")
+    if not rams:
+        raise UsageError("--ram names no size")
+    for r in rams:
+        check_boot(r)
     if not args.timeout > 0 or args.timeout == float("inf"):
         raise UsageError(f"--timeout must be a finite number of seconds above 0, not "
                          f"{args.timeout}")
-
-    workload = parse_guest_workload(args.workload, args.kernel)
+    if args.workers is not None and args.workers < 1:
+        raise UsageError(f"--workers must be at least 1, not {args.workers}")
+    workloads = {k: parse_guest_workload(args.workload, k) for k in kernels}
+    if len(kernels) * len(rams) > 1:
+        return _grid(args, kernels, rams, workloads)
+    kernel, ram = kernels[0], rams[0]
+    workload = workloads[kernel]
     try:
-        comp = calibrate(args.ram, workload, install=args.install, timeout=args.timeout,
-                         kernel=args.kernel)
+        comp = calibrate(ram, workload, install=args.install, timeout=args.timeout,
+                         kernel=kernel)
     except RealKernelError as exc:
         raise ToolMissing(str(exc)) from None
-    print(f"Linux {args.kernel}, RAM {args.ram}, workload {','.join(workload) or '(boot only)'}: "
-          f"real kernel "
+    _print(comp)
+    out = Path(args.json)
+    out.write_text(comp.to_json())
+    print(f"\nwritten: {out}")
+    if args.strict and any(r != m for _p, _k, r, m in comp.rows()):
+        return EXIT_PROBLEM
+    return EXIT_OK
+
+
+def _print(comp) -> None:
+    print(f"Linux {comp.kernel}, RAM {comp.ram}, workload "
+          f"{','.join(comp.workload) or '(boot only)'}: real kernel "
           f"{comp.real_seconds:.1f} s, model {comp.model_seconds:.1f} s")
     print(comp.table())
     print("\nKnown differences (not yet modelled):")
     for d in comp.known_differences:
         print(f"  - {d}")
+
+
+def _grid(args: argparse.Namespace, kernels: list[str], rams: list[str],
+          workloads: dict[str, tuple[str, ...]]) -> int:
+    """Each kernel x RAM one task of the sweep engine; the JSON file holds
+    ``{"version": 1, "cells": [one calibrate JSON per cell]}``."""
+    import json
+
+    from ..calibrate import calibrate_task
+    from ..sweep import CellError, SchedulerUnreachable, run_tasks
+    tasks = [{"kernel": k, "ram": r, "workload": list(workloads[k]), "install": args.install,
+              "timeout": args.timeout} for k in kernels for r in rams]
+    try:
+        comps = run_tasks(calibrate_task, tasks, workers=args.workers,
+                          scheduler=args.scheduler)
+    except SchedulerUnreachable as exc:
+        raise ToolMissing(str(exc)) from None
+    except CellError as exc:
+        comps, failed = exc.results, exc
+    else:
+        failed = None
+    for comp in comps:
+        _print(comp)
+        print()
     out = Path(args.json)
-    out.write_text(comp.to_json())
-    print(f"\nwritten: {out}")
-    if args.strict and any(r != m for _p, _k, r, m in comp.rows()):
+    out.write_text(json.dumps({"version": 1, "cells": [json.loads(c.to_json()) for c in comps]},
+                              indent=1, sort_keys=True))
+    print(f"written: {out} ({len(comps)} of {len(tasks)} cells)")
+    if failed is not None:
+        raise ToolMissing(f"{failed} (the cells before it are written)")
+    if args.strict and any(r != m for c in comps for _p, _k, r, m in c.rows()):
         return EXIT_PROBLEM
     return EXIT_OK
 

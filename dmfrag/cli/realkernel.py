@@ -30,7 +30,16 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     rec.add_argument("--workload", default="",
                      help="comma-separated guest steps, each ending in a snapshot named after "
                           "it (as for calibrate); default: boot only")
-    rec.add_argument("-o", "--output", required=True, help="the trace file (.jsonl.gz)")
+    rec.add_argument("-o", "--output", required=True,
+                     help="the trace file (.jsonl.gz); with --grid, a folder for the traces")
+    rec.add_argument("--grid", default=None,
+                     help="a TOML file of [[trace]] tables (kernel, ram, workload, "
+                          "trace_buf_mb): record them all, each boot one task of the sweep "
+                          "engine (--workers, --scheduler)")
+    rec.add_argument("--workers", type=int, default=None,
+                     help="with --grid: parallel boots on this machine (default: its cores)")
+    rec.add_argument("--scheduler", default=None,
+                     help="with --grid: a Dask scheduler address to run the boots on")
     rec.add_argument("--trace-buf-mb", type=int, default=32,
                      help="the guest's trace buffer in MiB (trace_buf_size; default 32)")
     rec.add_argument("--timeout", type=float, default=600.0, help="kill the guest after this")
@@ -43,6 +52,8 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 def main(args: argparse.Namespace) -> int:
     from ..realkernel import RealKernelError
     from ..recorder import record, write_trace
+    if args.grid is not None:
+        return _grid(args)
     check_output_file(args.output, "-o/--output")
     check_boot(args.ram)
     if not 1 <= args.trace_buf_mb <= 4096:
@@ -62,4 +73,33 @@ def main(args: argparse.Namespace) -> int:
     print(f"Linux {args.kernel}, RAM {args.ram}, workload {','.join(workload) or '(boot only)'}: "
           f"{n} events in {secs:.1f} s ({n / secs:,.0f} events/s), {size:,} bytes "
           f"({size / 1e6 / max(n, 1) * 1e6:.2f} MB per million events): {args.output}")
+    return EXIT_OK
+
+
+def _grid(args: argparse.Namespace) -> int:
+    """--grid: every recording of the TOML file into the -o folder."""
+    from ..recorder import load_record_grid, record_task, trace_name
+    from ..sweep import CellError, SchedulerUnreachable, run_tasks
+    out = Path(args.output)
+    if not out.is_dir():
+        raise UsageError(f"-o/--output {args.output!r}: with --grid it must be an existing folder")
+    if args.workers is not None and args.workers < 1:
+        raise UsageError(f"--workers must be at least 1, not {args.workers}")
+    try:
+        grid = load_record_grid(args.grid)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    tasks = [{**t, "output": str(out / trace_name(t["kernel"], t["ram"], t["workload"])),
+              "timeout": args.timeout, "install": args.install} for t in grid]
+    try:
+        rows = run_tasks(record_task, tasks, workers=args.workers, scheduler=args.scheduler)
+    except SchedulerUnreachable as exc:
+        raise ToolMissing(str(exc)) from None
+    except CellError as exc:
+        for r in exc.results:
+            print(f"recorded {r['output']}: {r['events']} events, {r['bytes']:,} bytes")
+        raise ToolMissing(f"{exc} (the recordings before it are written)") from None
+    for r in rows:
+        print(f"recorded {r['output']}: {r['events']} events, {r['bytes']:,} bytes, "
+              f"{r['seconds']:.1f} s")
     return EXIT_OK
