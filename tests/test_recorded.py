@@ -166,8 +166,8 @@ def test_parse_ftrace_names_the_user_of_each_allocation():
     def alloc(pfn, gfp, order=0):
         return f" mm_page_alloc: page=0 pfn={pfn:#x} order={order} migratetype=0 gfp_flags={gfp}"
     text = "\n".join([
-        " cpa: (__change_page_attr_set_clr+0x0/0xf00) va=0xff11000001000000 np=1 set=0x0 "
-        "clr=0x2 fl=0 fs=0 prim=1",
+        (" cpa: (__change_page_attr_set_clr+0x0/0xf00) va=0xff11000001000000 np=1 set=0x0 "
+        "clr=0x2 fl=0 fs=0 prim=1"),
         " __change_page_attr_set_clr <-change_page_attr_set_clr",
         alloc(1, "GFP_KERNEL"),                                    # the split's table
         " cpar: (change_page_attr_set_clr+0x127/0x1c0 <- __change_page_attr_set_clr) ret=0",
