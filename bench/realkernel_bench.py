@@ -2,7 +2,7 @@
 it under QEMU (TCG), a recording of a workload (``dmfrag realkernel
 record``: events per second of the whole real run, trace MB per million
 events) and its placed replay on the model (events per second, model boot
-included); the placed replay of the committed aged 5.10 trace (233,514
+included); the placed replay of the committed aged 5.10 trace (about 235,000
 events; no QEMU needed); and, as before, the module/BPF/secretmem workload
 on 6.1 next to the model's counterpart.
 

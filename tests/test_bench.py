@@ -92,7 +92,10 @@ def check_validate(f: dict) -> None:
 
 def check_realkernel(f: dict) -> None:
     aged = f.pop("committed_aged_510")
-    assert aged.pop("events") == 233514 and aged.pop("equal") is True
+    from dmfrag.placed import read_trace
+    _, events = read_trace(BENCH.parent / "tests" / "data" / "traces" /
+                           "linux-5.10-8G-age-8000_bpf-2048.jsonl.gz")
+    assert aged.pop("events") == len(events) > 200000 and aged.pop("equal") is True
     assert positive(aged.pop("replay_s")) and positive(aged.pop("replay_events_per_s"))
     assert aged == {}
     if "skipped" in f:
