@@ -38,7 +38,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .registry import MODULES, UnknownWorkload, guest_names, guest_steps
+from .registry import UnknownWorkload, guest_names, guest_steps, modules_for
 
 __all__ = [
     "DEFAULT_KERNEL",
@@ -70,8 +70,11 @@ class KernelPackage:
     release: str
     #: the kernel image inside the package
     vmlinuz: str
-    #: where its modules are inside the package (None: in another package)
+    #: where its modules are inside the package that holds them
     modules: str | None
+    #: (package, version) holding the modules when not the image's own
+    #: (7.2: linux-modules-..., compressed .ko.xz)
+    modules_package: tuple[str, str] | None = None
 
 
 KERNELS: dict[str, KernelPackage] = {
@@ -82,10 +85,11 @@ KERNELS: dict[str, KernelPackage] = {
                          "6.1.0-56-amd64", "boot/vmlinuz-6.1.0-56-amd64",
                          "lib/modules/6.1.0-56-amd64/kernel"),
     # 7.2's image package holds only the kernel; its modules are in
-    # linux-modules-7.2.13+deb14-amd64 (compressed .ko.xz), not fetched yet.
+    # linux-modules-7.2.13+deb14-amd64 (compressed .ko.xz), fetched the same way.
     "7.2": KernelPackage("7.2", "linux-binary-7.2.13+deb14-amd64", "7.2.13-1", "sid",
                          "7.2.13+deb14-amd64", "usr/lib/modules/7.2.13+deb14-amd64/vmlinuz",
-                         None),
+                         "usr/lib/modules/7.2.13+deb14-amd64/kernel",
+                         ("linux-modules-7.2.13+deb14-amd64", "7.2.13-1")),
 }
 DEFAULT_KERNEL = "6.1"
 # The 6.1 package's names, as earlier releases of this module exported them.
@@ -248,16 +252,25 @@ class RealKernel:
     def kernel_dir(self) -> Path:
         """The unpacked kernel package (downloaded once into the cache,
         its hash checked against apt's metadata, unpacked atomically)."""
-        spec = self.spec
-        root = self.cache / spec.package
-        vmlinuz = root / spec.vmlinuz
+        return self._package_dir(self.spec.package, self.spec.version, self.spec.vmlinuz)
+
+    def modules_dir(self) -> Path:
+        """The unpacked package holding the kernel's modules (the image's
+        own, or ``modules_package``, fetched and checked the same way)."""
+        if self.spec.modules_package is None:
+            return self.kernel_dir()
+        pkg, version = self.spec.modules_package
+        return self._package_dir(pkg, version, self.spec.modules)
+
+    def _package_dir(self, package: str, version: str, marker: str) -> Path:
+        root = self.cache / package
         self.cache.mkdir(parents=True, exist_ok=True)
-        sha = self._expected_sha256()
-        stamp = f"{spec.package}={spec.version} sha256:{sha}"
-        if vmlinuz.exists() and _read(root / _STAMP) == stamp:
+        sha = self._expected_sha256(package, version)
+        stamp = f"{package}={version} sha256:{sha}"
+        if (root / marker).exists() and _read(root / _STAMP) == stamp:
             return root
-        deb = self._verified_deb(sha)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{spec.package}.", dir=self.cache))
+        deb = self._verified_deb(package, version, sha)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{package}.", dir=self.cache))
         try:
             r = subprocess.run(["dpkg-deb", "-x", str(deb), str(tmp)], capture_output=True,
                                text=True, check=False)
@@ -265,7 +278,7 @@ class RealKernel:
                 raise RealKernelError(f"dpkg-deb -x {deb.name} failed: {r.stderr.strip()[-500:]}")
             (tmp / _STAMP).write_text(stamp)
             if root.exists():             # an older or unchecked unpack: move it aside first
-                old = Path(tempfile.mkdtemp(prefix=f".{spec.package}.old.", dir=self.cache))
+                old = Path(tempfile.mkdtemp(prefix=f".{package}.old.", dir=self.cache))
                 try:
                     os.replace(root, old / "k")
                 except OSError:
@@ -275,15 +288,15 @@ class RealKernel:
                 os.rename(tmp, root)
             except OSError:
                 # another run put its unpack in place between the two renames
-                if not (vmlinuz.exists() and _read(root / _STAMP) == stamp):
-                    raise RealKernelError(f"cannot put the unpacked kernel at {root}") from None
+                if not ((root / marker).exists() and _read(root / _STAMP) == stamp):
+                    raise RealKernelError(f"cannot put the unpacked package at {root}") from None
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         return root
 
-    def _expected_sha256(self) -> str:
+    def _expected_sha256(self, package: str | None = None, version: str | None = None) -> str:
         """The SHA256 apt's metadata gives for the pinned package version."""
-        spec = f"{self.spec.package}={self.spec.version}"
+        spec = f"{package or self.spec.package}={version or self.spec.version}"
         r = subprocess.run(self._apt("apt-cache", "show", spec), capture_output=True, text=True,
                            check=False)
         if r.returncode or "SHA256:" not in r.stdout:
@@ -298,13 +311,13 @@ class RealKernel:
                                   f"package cannot be checked, so it is not used")
         return m.group(1)
 
-    def _verified_deb(self, sha: str) -> Path:
+    def _verified_deb(self, package: str, version: str, sha: str) -> Path:
         """The pinned package file in the cache, its SHA256 checked; fetched
         with ``apt-get download PKG=VERSION`` when absent or wrong."""
-        deb = self.cache / f"{self.spec.package}_{self.spec.version}_amd64.deb"
+        deb = self.cache / f"{package}_{version}_amd64.deb"
         if deb.exists() and _sha256(deb) == sha:
             return deb
-        spec = f"{self.spec.package}={self.spec.version}"
+        spec = f"{package}={version}"
         tmp = Path(tempfile.mkdtemp(prefix=".download.", dir=self.cache))
         try:
             r = subprocess.run(self._apt("apt-get", "download", spec), cwd=tmp,
@@ -348,15 +361,27 @@ class RealKernel:
         return out
 
     def module_path(self, name: str) -> Path:
+        """A module file of the kernel's package (a ``.ko.xz`` is
+        decompressed once into the cache: the model reads its sections, the
+        guest's busybox insmod takes plain files)."""
         if self.spec.modules is None:
-            raise RealKernelError(f"the {self.spec.name} kernel's modules are not in "
-                                  f"{self.spec.package} (a separate package this harness does "
-                                  "not fetch yet): the 'modules' workload needs 5.10 or 6.1")
-        root = self.kernel_dir() / self.spec.modules
+            raise RealKernelError(f"the {self.spec.name} kernel's package lists no modules")
+        root = self.modules_dir() / self.spec.modules
         found = list(root.rglob(f"{name}.ko"))
-        if not found:
-            raise RealKernelError(f"module {name}.ko is not in {self.spec.package}")
-        return found[0]
+        if found:
+            return found[0]
+        packed = list(root.rglob(f"{name}.ko.xz"))
+        if not packed:
+            raise RealKernelError(f"module {name}.ko is not in the {self.spec.name} kernel's "
+                                  f"package")
+        import lzma
+        out = self.cache / "modules" / self.spec.release / f"{name}.ko"
+        if not out.exists():
+            out.parent.mkdir(parents=True, exist_ok=True)
+            tmp = out.with_name(f".{out.name}.{os.getpid()}")
+            tmp.write_bytes(lzma.decompress(packed[0].read_bytes()))
+            os.replace(tmp, out)
+        return out
 
     # -- initramfs ----------------------------------------------------------
 
@@ -379,8 +404,9 @@ class RealKernel:
         if "ptwalk" in workload:
             shutil.copy(os.environ["DMFRAG_PTWALK_KO"], root / "lib" / "modules" / "ptwalk.ko")
         if "modules" in workload:
-            for m in MODULES:
-                shutil.copy(self.module_path(m), root / "lib" / "modules" / f"{m}.ko")
+            (root / "lib" / "modules" / "wl").mkdir()
+            for m in modules_for(self.spec.name):
+                shutil.copy(self.module_path(m), root / "lib" / "modules" / "wl" / f"{m}.ko")
         init = root / "init"
         init.write_text(_INIT.format(steps=steps, prologue=prologue, epilogue=epilogue))
         init.chmod(init.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)

@@ -38,6 +38,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "MODULES",
+    "MODULES_BY_KERNEL",
     "MODULE_LAYOUTS",
     "MODULE_SIZES",
     "REGISTRY",
@@ -58,6 +59,7 @@ __all__ = [
     "model_driver",
     "model_names",
     "module_layout",
+    "modules_for",
     "needs_secretmem",
     "parse_steps",
     "run_steps",
@@ -270,9 +272,23 @@ def wl_mixed(d: Recorder, rng: random.Random, scale: float) -> None:
 #: Modules of the real kernel's package loaded by the `modules` workload
 #: (small filesystems with no dependencies, as in linux-6.1-under-qemu.md).
 MODULES = ("bfs", "efs", "minix", "qnx4", "sysv")
+#: The five modules per kernel, in the order the guest loads them (sorted by
+#: name, as its shell lists /lib/modules/wl): sysv left Linux in 6.16, so 7.2
+#: loads qnx6 instead (a small filesystem with no dependencies either).
+MODULES_BY_KERNEL = {"5.10": MODULES, "6.1": MODULES,
+                     "7.2": ("bfs", "efs", "minix", "qnx4", "qnx6")}
 
-_MODULES_STEPS = ([f"insmod /lib/modules/{m}.ko" for m in MODULES]
-                  + ["snap modules"] + [f"rmmod {m}" for m in MODULES] + ["snap modules-removed"])
+
+def modules_for(kernel: str) -> tuple[str, ...]:
+    """The modules the ``modules`` workload loads on ``kernel`` (a record
+    without its own set uses 6.1's)."""
+    return MODULES_BY_KERNEL.get(kernel, MODULES)
+
+# The kernel's own set is in /lib/modules/wl (dmfrag.realkernel), loaded and
+# removed in name order.
+_MODULES_STEPS = ["for f in $(ls /lib/modules/wl/*.ko); do insmod $f; done", "snap modules",
+                  "for f in $(ls /lib/modules/wl/*.ko); do rmmod $(basename $f .ko); done",
+                  "snap modules-removed"]
 _BPF_STEPS = ["/bin/bpf_load 2048 2 hold > /dev/console &", "BPF=$!", "sleep 2", "snap bpf",
               "kill $BPF", "sleep 1", "snap bpf-freed"]
 _SECRETMEM_STEPS = ["/bin/secretmem 4096 hold > /dev/console &", "SEC=$!", "sleep 2",
@@ -334,7 +350,8 @@ def cal_modules(k: Kernel, snap: Callable[[str], None], module_path: Callable[[s
                 ) -> None:
     """The package's module files loaded with their actual section sizes,
     then removed."""
-    for m in MODULES:
+    mods = modules_for(k.profile.name)
+    for m in mods:
         lay = module_layout(module_path(m))
         k.modules.load_module(m, lay["text"], lay["rodata"], lay["ro_after_init"], lay["data"])
         if lay["init_text"] or lay["init_data"]:
@@ -347,7 +364,7 @@ def cal_modules(k: Kernel, snap: Callable[[str], None], module_path: Callable[[s
                 k.set_memory_x(init, tp)
             k.vfree(init)
     snap("modules")
-    for m in MODULES:
+    for m in mods:
         k.modules.delete_module(m)
     snap("modules-removed")
 
@@ -466,8 +483,7 @@ def calibration(name: str) -> Calibration | None:
 #: The five modules' section sizes as :func:`module_layout` reads them from
 #: each package (text, rodata, ro_after_init, data, init_text, init_data):
 #: what a model run's ``modules`` step loads without the package at hand
-#: (calibrate reads the files themselves). 7.2's modules are not fetched:
-#: its model run uses 6.1's sizes.
+#: (calibrate reads the files themselves; 7.2's from linux-modules-7.2.13).
 MODULE_LAYOUTS: dict[str, dict[str, tuple[int, int, int, int, int, int]]] = {
     "5.10": {"bfs": (6975, 4994, 0, 6710, 102, 0), "efs": (5251, 5317, 0, 6343, 114, 0),
              "minix": (20229, 9624, 0, 10108, 102, 0), "qnx4": (3120, 3565, 0, 4898, 116, 0),
@@ -475,6 +491,9 @@ MODULE_LAYOUTS: dict[str, dict[str, tuple[int, int, int, int, int, int]]] = {
     "6.1": {"bfs": (6929, 4906, 0, 6625, 97, 8), "efs": (5163, 5337, 0, 6163, 109, 8),
             "minix": (21609, 9538, 0, 10643, 97, 8), "qnx4": (3029, 3572, 0, 4771, 111, 8),
             "sysv": (21099, 10954, 0, 10923, 135, 8)},
+    "7.2": {"bfs": (7905, 5608, 0, 8484, 180, 8), "efs": (6783, 5777, 0, 8530, 192, 8),
+            "minix": (24932, 12287, 0, 15447, 180, 8), "qnx4": (4140, 3541, 0, 6222, 194, 8),
+            "qnx6": (9378, 6482, 0, 9045, 194, 8)},
 }
 
 
@@ -700,13 +719,14 @@ def _modules_step(d: Recorder, kernel: str) -> None:
     made RO+X and freed, then removed; snapshots ``modules``,
     ``modules-removed``."""
     lay = MODULE_LAYOUTS.get(kernel, MODULE_LAYOUTS["6.1"])
-    for m in MODULES:
+    mods = modules_for(kernel) if kernel in MODULE_LAYOUTS else MODULES
+    for m in mods:
         t, r, a, da, it, idata = lay[m]
         d.call("load_module", name=m, text=t, rodata=r, ro_after_init=a, data=da)
         if it or idata:
             d.call("module_init", text=it, data=idata)
     d.snap("modules")
-    for m in MODULES:
+    for m in mods:
         d.call("delete_module", name=m)
     d.snap("modules-removed")
 

@@ -325,7 +325,7 @@ def test_the_kernel_package_is_pinned_and_its_hash_checked(tmp_path, monkeypatch
         return subprocess.CompletedProcess(cmd, 0, "", "")
     monkeypatch.setattr(rk.subprocess, "run", fake_run)
     with pytest.raises(rk.RealKernelError, match="SHA256 .* is not the 0{64} apt's metadata"):
-        k._verified_deb("0" * 64)
+        k._verified_deb(rk.KERNEL_PACKAGE, rk.KERNEL_PACKAGE_VERSION, "0" * 64)
     assert calls == [["apt-get", "download",
                       f"{rk.KERNEL_PACKAGE}={rk.KERNEL_PACKAGE_VERSION}"]]
     assert deb.read_bytes() == b"not the package"      # a bad download never replaces it

@@ -35,12 +35,14 @@ def replays():
 
 
 def test_the_reference_set_is_there():
-    """Per kernel: boot at 2G, 4G and 8G, modules (5.10, 6.1), BPF, secretmem
-    (6.1, 7.2), and 5.10 aged (8000 pipes) then 2048 programs."""
+    """Per kernel: boot at 2G, 4G and 8G, modules, BPF, secretmem (6.1, 7.2),
+    and 5.10 aged (8000 pipes) then 2048 programs."""
     assert len(ALL) == 9
     for k in ("5.10", "6.1", "7.2"):
         assert {n.split("-")[2] for n in ALL if n.startswith(f"linux-{k}-")} == {"2G", "4G", "8G"}
     assert "linux-5.10-8G-age-8000_bpf-2048.jsonl.gz" in ALL
+    for k in ("5.10", "6.1", "7.2"):
+        assert any(n.startswith(f"linux-{k}-2G-modules_") for n in ALL), k
 
 
 @pytest.mark.parametrize("name", [
@@ -224,15 +226,20 @@ def test_live_record_and_placed_replay(kernel, tmp_path):
     if missing:
         pytest.skip(f"missing {', '.join(missing)}: apt-get install qemu-system-x86 "
                     "busybox-static cpio (make test does it as root)")
-    steps = ("bpf:64",) if kernel == "5.10" else ("bpf:64", "secretmem:64")
+    steps = {"5.10": ("bpf:64",), "6.1": ("bpf:64", "secretmem:64"),
+             "7.2": ("modules", "bpf:64", "secretmem:64")}[kernel]
     rec = record(kernel, "2G", steps)
     counts = rec.counts
-    assert counts["A"] > 1000 and counts["F"] > 1000 and counts["S"] == 1 + len(steps)
+    points = ["boot", *steps] if "modules" not in steps else \
+        ["boot", "modules", "modules-removed", *steps[1:]]
+    assert counts["A"] > 1000 and counts["F"] > 1000 and counts["S"] == len(points)
     assert rec.header["boot_log"].count("e820") > 3
     out = tmp_path / "t.jsonl.gz"
     assert write_trace(rec, out) > 10000
     r = replay_placed(out)
     assert r.error is None
-    assert [s["point"] for s in r.snapshots] == ["boot", *steps]
+    assert [s["point"] for s in r.snapshots] == points
+    if "modules" in steps:           # 7.2's modules come from their own package
+        assert sum(e == ["U", "load_module"] for e in rec.events) == 5
     for s in r.snapshots:
         assert s["model"] == s["real"], s
