@@ -403,7 +403,7 @@ class RealKernel:
             shutil.copy(exe, root / "bin" / name)
         if "ptwalk" in workload:
             shutil.copy(os.environ["DMFRAG_PTWALK_KO"], root / "lib" / "modules" / "ptwalk.ko")
-        if "modules" in workload:
+        if any(w == "modules" or w.startswith("module-churn") for w in workload):
             (root / "lib" / "modules" / "wl").mkdir()
             for m in modules_for(self.spec.name):
                 shutil.copy(self.module_path(m), root / "lib" / "modules" / "wl" / f"{m}.ko")

@@ -58,6 +58,7 @@ __all__ = [
     "is_single",
     "model_driver",
     "model_names",
+    "module_churn_plan",
     "module_layout",
     "modules_for",
     "needs_secretmem",
@@ -601,10 +602,47 @@ def st_vfree_reset(d: Recorder, rng: random.Random, n: int) -> None:
             d.call("vfree", addr=areas.pop(rng.randrange(len(areas))))
 
 
+def module_churn_plan(n: int, seed: int = AGE_GUEST_SEED) -> list[tuple[str, int]]:
+    """``module-churn:N``'s N steps over the kernel's five modules
+    (:func:`modules_for`, by index in name order), the same in the guest and
+    the model: while none is loaded, or with probability 0.6 while one is
+    not, load a random unloaded one; else remove a random loaded one. Seeded
+    with ``seed`` (the guest's, 1), not with the run's seed, so that the
+    guest and the model churn alike; modules loaded at the end stay loaded."""
+    rng = random.Random(seed)
+    loaded: list[int] = []
+    plan = []
+    for _ in range(n):
+        if loaded and (len(loaded) == 5 or rng.random() < 0.4):
+            plan.append(("remove", loaded.pop(rng.randrange(len(loaded)))))
+        else:
+            i = rng.choice([j for j in range(5) if j not in loaded])
+            loaded.append(i)
+            plan.append(("load", i))
+    return plan
+
+
 def st_module_churn(d: Recorder, rng: random.Random, n: int) -> None:
-    """``module-churn:N``: N load-or-remove steps over the real module sizes
-    (model only)."""
-    _module_churn(d, rng, n)
+    """``module-churn:N``: :func:`module_churn_plan` on the kernel's five
+    modules with the package's section sizes (:data:`MODULE_LAYOUTS`; the
+    init layout made RO+X and freed at each load)."""
+    kernel = d.kernel.profile.name
+    lay = MODULE_LAYOUTS.get(kernel, MODULE_LAYOUTS["6.1"])
+    mods = modules_for(kernel) if kernel in MODULE_LAYOUTS else MODULES
+    for op, i in module_churn_plan(n):
+        if op == "load":
+            t, r, a, da, it, idata = lay[mods[i]]
+            d.call("load_module", name=mods[i], text=t, rodata=r, ro_after_init=a, data=da)
+            if it or idata:
+                d.call("module_init", text=it, data=idata)
+        else:
+            d.call("delete_module", name=mods[i])
+
+
+def _g_module_churn(n: int) -> list[str]:
+    nth = "$(ls /lib/modules/wl/*.ko | sed -n {}p)"
+    return [f"insmod {nth.format(i + 1)}" if op == "load"
+            else f"rmmod $(basename {nth.format(i + 1)} .ko)" for op, i in module_churn_plan(n)]
 
 
 def _g_age(n: int) -> list[str]:
@@ -642,8 +680,8 @@ STEP_KINDS: Mapping[str, StepKind] = MappingProxyType({s.name: s for s in (
              st_bpftrace, _g_bpftrace),
     StepKind("vfree-reset", ("N",), 1, (), "N read-only vmalloc areas, half freed (model only)",
              st_vfree_reset),
-    StepKind("module-churn", ("N",), 1, (), "N module loads/removals (model only)",
-             st_module_churn),
+    StepKind("module-churn", ("N",), 1, (), "N loads/removals of the kernel's five modules",
+             st_module_churn, _g_module_churn),
 )})
 
 

@@ -85,7 +85,28 @@ def test_guest_steps_of_a_step():
     assert guest_steps("bpftrace:1")[-1] == "snap bpftrace:1"
     assert guest_steps("bpf")[-1] == "snap bpf-freed"          # the old step, unchanged
     with pytest.raises(ValueError, match="model only"):
-        guest_steps("module-churn:3")
+        guest_steps("vfree-reset:3")
+    churn = guest_steps("module-churn:4")
+    assert churn[-1] == "snap module-churn:4" and len(churn) == 5
+    assert churn[0].startswith("insmod $(ls /lib/modules/wl/*.ko | sed -n ")
+
+
+def test_module_churn_is_the_same_plan_in_the_guest_and_the_model():
+    from dmfrag.registry import module_churn_plan
+    from dmfrag.workloads import run_workload
+    plan = module_churn_plan(12)
+    assert len(plan) == 12 and plan[0][0] == "load"
+    loaded: set[int] = set()
+    for op, i in plan:                       # never a module twice, never a missing one
+        assert (i not in loaded) if op == "load" else (i in loaded)
+        loaded ^= {i}
+    lines = guest_steps("module-churn:12")[:-1]
+    assert [ln.split()[0] for ln in lines] == ["insmod" if op == "load" else "rmmod"
+                                               for op, _ in plan]
+    d = run_workload("module-churn:12", ram="2G", profile="7.2")
+    calls = [ln for ln in d.lines[1:] if '"load_module"' in ln or '"delete_module"' in ln]
+    assert len(calls) == 12
+    assert '"name": "bfs"' in "".join(calls) or '"name": "qnx6"' in "".join(calls)
 
 
 def test_old_names_keep_their_drivers():

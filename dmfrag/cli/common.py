@@ -59,8 +59,8 @@ def add_workload_args(p: argparse.ArgumentParser) -> None:
                         f"'snapshots'): boot, modules, bpf, secretmem, age:N (N pipes of "
                         f"64 KiB, a seeded half closed), bpf:N[:K] (N BPF programs of K "
                         f"instructions, held), secretmem:N (held), bpftrace[:R] (R runs of "
-                        f"28 programs loaded and unloaded), vfree-reset:N and module-churn:N "
-                        f"(model only), or a model workload; e.g. age:8000,bpf:2048")
+                        f"28 programs loaded and unloaded), module-churn:N (N loads/removals of "
+                        f"the five modules), vfree-reset:N (model only), or a model workload; e.g. age:8000,bpf:2048")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--ram", default="4G", help="guest RAM with QEMU's PC layout (default 4G)")
     g.add_argument("--e820", metavar="FILE",
