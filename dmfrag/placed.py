@@ -174,6 +174,9 @@ class _Replayer:
         self.running_at = self._running_index()
         self.span_end = -1               # the last event of the request being replayed
         self.pool: list[int] = []
+        #: module-area vmalloc areas alive at the end, their pfns (recorder)
+        self.areas = sorted(header.get("module_areas") or [], key=lambda a: a[0])
+        self.areas_used: set[int] = set()
         self.table_cursor = 0
 
     # -- set-up ----------------------------------------------------------------
@@ -257,7 +260,8 @@ class _Replayer:
         if not call.before_fs_initcall:
             return False
         if call is BootCpaCall.PTP_CLASSIFIER_BPF:
-            return bool(self.k.profile.bpf_prog_pack)
+            # a trace with the module areas' pages has the pack's own
+            return bool(self.k.profile.bpf_prog_pack) and not self.areas
         return True
 
     # -- the events ------------------------------------------------------------
@@ -385,32 +389,50 @@ class _Replayer:
                                     ) from None
 
     def _early_request(self, i: int) -> None:
-        """A request before kprobes: a one-page request right after a
-        one-page vmalloc allocation is that page made read-only."""
+        """A request before kprobes (no arguments): its pages are found
+        either as a one-page vmalloc allocation right before it, or among
+        the module-area vmalloc areas the recorder translated at the end of
+        the run (the first unused one, in address order, with as many pages
+        as the request has alias passes: the first bpf_prog_pack, whose
+        pages the bulk allocator gave untraced). Such a request is replayed
+        as what module memory gets before kprobes exist, read-only
+        (set_memory_ro; set_memory_x has no alias pass): RW cleared on each
+        page's direct-map alias. Any other is counted as skipped."""
         ev = self.events
         prev = ev[i - 1] if i else None
+        end = i + 1
         aliases = 0
-        j = i + 1
-        while j < len(ev) and ev[j][0] == "C" and ev[j][1] == "alias":
-            aliases += 1
-            j += 1
-        # the pages the request allocated: up to the next request marker
-        end = j
         while end < len(ev) and not (ev[end][0] == "C" and ev[end][1] != "alias") \
                 and ev[end][0] != "S":
+            aliases += ev[end][0] == "C"
             end += 1
+        pfns = None
         if (prev and prev[0] == "A" and prev[2] == 0 and "__GFP_HIGHMEM" in prev[3]
                 and aliases == 1):
-            from guestkernel.cpa import CpaError, CpaFlags
-            self.span_end, self.table_cursor, self.pos = end - 1, i + 1, i
+            pfns = [prev[1]]
+            for n, area in enumerate(self.areas):
+                if n not in self.areas_used and area[2] == pfns:
+                    self.areas_used.add(n)
+                    break
+        elif aliases:
+            for n, area in enumerate(self.areas):
+                if n not in self.areas_used and len(area[2]) == aliases:
+                    self.areas_used.add(n)
+                    pfns = list(area[2])
+                    break
+        if pfns is None:
+            self.result.early_requests_skipped += 1
+            return
+        from guestkernel.cpa import CpaError, CpaFlags
+        self.span_end, self.table_cursor, self.pos = end - 1, i + 1, i
+        for pfn in pfns:
+            if self.own[pfn] == _FREE:        # the bulk allocator's page: allocated here
+                self.own[pfn] = _TRACED
             try:
-                self.k.cpa.change_page_attr_set_clr(self.k.pfn_to_virt(prev[1]), 1, 0, _RW,
+                self.k.cpa.change_page_attr_set_clr(self.k.pfn_to_virt(pfn), 1, 0, _RW,
                                                     in_flag=CpaFlags.NO_CHECK_ALIAS)
             except (CpaError, MemoryError) as exc:
-                raise PlacedReplayError(i + 2, f"early one-page request on pfn {prev[1]:#x}: "
-                                        f"{exc}") from None
-        else:
-            self.result.early_requests_skipped += 1
+                raise PlacedReplayError(i + 2, f"early request on pfn {pfn:#x}: {exc}") from None
 
     def run(self) -> PlacedReplay:
         k = self.k

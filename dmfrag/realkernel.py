@@ -35,6 +35,7 @@ import stat
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -423,10 +424,15 @@ class RealKernel:
 
     def run(self, ram: str = "8G", workload: tuple[str, ...] | list[str] = (),
             append: str = "", timeout: float = 180.0, *, prologue: str = "",
-            epilogue: str = "", serial_file: Path | None = None) -> RealRun:
+            epilogue: str = "", serial_file: Path | None = None,
+            on_pause: Callable[[Callable[[str], str], str], None] | None = None) -> RealRun:
         """Boot with ``-m RAM``, run the workload, return the snapshots.
         ``serial_file``: the guest's second serial port (ttyS1) is written to
-        that file (a recording run sends its trace there, not to the console)."""
+        that file (a recording run sends its trace there, not to the console).
+        ``on_pause``: when the guest prints a line ``@@PAUSE``, the machine is
+        stopped (QEMU's monitor), ``on_pause(hmp, console)`` runs with a
+        function sending one HMP command (``gva2gpa ADDR`` ...) and the
+        console so far, and the machine goes on."""
         workload = tuple(workload)
         self.check_tools()
         kdir = self.kernel_dir()
@@ -438,20 +444,27 @@ class RealKernel:
                "-nographic", "-no-reboot", "-kernel", str(kdir / self.spec.vmlinuz),
                "-initrd", str(initrd), "-append",
                f"console=ttyS0 nokaslr secretmem.enable=1 panic=-1 {append}".strip()]
-        if serial_file is not None:
+        sock = work / f"monitor-{os.getpid()}-{time.monotonic_ns()}.sock"
+        if serial_file is not None or on_pause is not None:
+            monitor = f"unix:{sock},server=on,wait=off" if on_pause else "none"
             cmd[cmd.index("-nographic")] = "-display"
             cmd[cmd.index("-no-reboot"):cmd.index("-no-reboot")] = [
-                "none", "-monitor", "none", "-serial", "stdio", "-serial", f"file:{serial_file}"]
+                "none", "-monitor", monitor, "-serial", "stdio",
+                *(["-serial", f"file:{serial_file}"] if serial_file is not None else [])]
         t0 = time.monotonic()
         try:
-            r = subprocess.run(cmd, capture_output=True, timeout=timeout, stdin=subprocess.DEVNULL,
-                               check=False)
+            if on_pause is None:
+                r = subprocess.run(cmd, capture_output=True, timeout=timeout,
+                                   stdin=subprocess.DEVNULL, check=False)
+            else:
+                r = _run_pausing(cmd, timeout, sock, on_pause)
         except subprocess.TimeoutExpired as exc:
             out = (exc.stdout or b"").decode(errors="replace")
             raise RealKernelError(f"the guest did not finish within {timeout:.0f} s (killed); "
                                   f"last output:\n{out[-1500:]}") from None
         finally:
             initrd.unlink(missing_ok=True)
+            sock.unlink(missing_ok=True)
         out = r.stdout.decode(errors="replace")
         if "@@DONE" not in out:
             err = r.stderr.decode(errors="replace").strip()
@@ -463,6 +476,65 @@ class RealKernel:
                       console=out)
         _parse(out, run)
         return run
+
+
+def _run_pausing(cmd: list[str], timeout: float, sock: Path,
+                 on_pause: Callable[[Callable[[str], str], str], None]
+                 ) -> subprocess.CompletedProcess:
+    """Run QEMU reading its console as it comes; at each ``@@PAUSE`` line
+    stop the machine through the monitor socket, call ``on_pause``, go on."""
+    import socket
+    import threading
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            stdin=subprocess.DEVNULL)
+    lines: list[bytes] = []
+    err: list[bytes] = []
+    t_err = threading.Thread(target=lambda: err.append(proc.stderr.read()), daemon=True)
+    t_err.start()
+    deadline = time.monotonic() + timeout
+    timer = threading.Timer(timeout, proc.kill)
+    timer.start()
+    try:
+        for raw in iter(proc.stdout.readline, b""):
+            lines.append(raw)
+            if raw.strip() == b"@@PAUSE":
+                with socket.socket(socket.AF_UNIX) as mon:
+                    mon.settimeout(max(1.0, deadline - time.monotonic()))
+                    mon.connect(str(sock))
+                    buf = b""
+
+                    def prompt() -> str:
+                        nonlocal buf
+                        while b"(qemu) " not in buf:
+                            chunk = mon.recv(65536)
+                            if not chunk:
+                                raise RealKernelError("QEMU's monitor closed")
+                            buf += chunk
+                        text, _, buf = buf.partition(b"(qemu) ")
+                        return text.decode(errors="replace")
+
+                    def hmp(command: str) -> str:
+                        mon.sendall(command.encode() + b"\n")
+                        out = prompt()
+                        # HMP echoes the command line first
+                        return out.split("\n", 1)[1] if "\n" in out else out
+                    prompt()
+                    hmp("stop")
+                    try:
+                        on_pause(hmp, b"".join(lines).decode(errors="replace"))
+                    finally:
+                        hmp("cont")
+        proc.wait(max(1.0, deadline - time.monotonic()))
+    finally:
+        timer.cancel()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    t_err.join(5)
+    out = b"".join(lines)
+    if time.monotonic() > deadline:
+        raise subprocess.TimeoutExpired(cmd, timeout, output=out)
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, b"".join(err))
 
 
 def _sha256(path: Path) -> str:

@@ -53,6 +53,13 @@ array per event, a trailer ``{"end": N}``. Events:
   free, BPF program load and free, a secretmem fault: :data:`USER_MARKERS`);
 * ``["X", function]``: it returned (``secretmem_fault`` only);
 * ``["S", point, {"meminfo": {...}, "vmstat": {...}}]``: a snapshot.
+
+The header's ``module_areas`` lists the module area's vmalloc areas alive
+when the workload ended, with their pages: QEMU's monitor translates each
+page (``gva2gpa``) while the machine is stopped after ``/proc/vmallocinfo``
+is read. It is how the replay knows where the bulk allocator put the first
+bpf_prog_pack and the ftrace trampolines, which boot makes read-only before
+kprobes exist.
 """
 
 from __future__ import annotations
@@ -99,6 +106,12 @@ _KPROBE = ("p:dmfrag/cpa,__change_page_attr_set_clr,va=+0(+{vaddr}(%di)):x64,"
 _TRACING = "/sys/kernel/tracing"
 _PROLOGUE = f"mount -t tracefs tracefs {_TRACING}"
 _EPILOGUE = f"""echo 0 > {_TRACING}/tracing_on
+echo 1 > /proc/sys/kernel/kptr_restrict
+echo "@@VMALLOCINFO"
+cat /proc/vmallocinfo
+echo "@@END"
+echo "@@PAUSE"
+sleep 1
 echo "@@TRACESTATS"
 cat {_TRACING}/per_cpu/cpu0/stats
 echo "@@END"
@@ -271,8 +284,10 @@ def record(kernel: str = DEFAULT_KERNEL, ram: str = "2G", workload: tuple[str, .
     with tempfile.TemporaryDirectory(prefix="dmfrag-record-") as tmp:
         out = Path(tmp) / "ttyS1"
         t0 = time.monotonic()
+        areas: list[list] = []
         run = rk.run(ram, workload, append=append, timeout=timeout, prologue=_PROLOGUE,
-                     epilogue=_EPILOGUE, serial_file=out)
+                     epilogue=_EPILOGUE, serial_file=out,
+                     on_pause=lambda hmp, console: areas.extend(_module_area_pfns(hmp, console)))
         seconds = time.monotonic() - t0
         raw = out.read_bytes() if out.exists() else b""
     stats = _stats(run.console)
@@ -291,8 +306,43 @@ def record(kernel: str = DEFAULT_KERNEL, ram: str = "2G", workload: tuple[str, .
               "ram": ram, "workload": list(workload), "boot_log": boot,
               "recorder": {"seconds": round(seconds, 2), "events": len(events),
                            "buffer_entries": stats.get("entries", 0),
-                           "trace_buf_mb": int(trace_buf_mb)}}
+                           "trace_buf_mb": int(trace_buf_mb)},
+              "module_areas": areas}
     return Recording(header, events)
+
+
+#: the module area (MODULES_VADDR .. MODULES_END: module, BPF and execmem memory)
+_MODULES_VADDR, _MODULES_END = 0xFFFFFFFFC0000000, 0xFFFFFFFFFF000000
+_VMALLOCINFO = re.compile(r"^(0x[0-9a-f]+)-0x[0-9a-f]+\s+\d+\s+(\S+).*\bpages=(\d+)")
+
+
+def _module_area_pfns(hmp, console: str) -> list[list]:
+    """The pages behind every vmalloc area of the module area at the end of
+    the run (``/proc/vmallocinfo``, each page translated by QEMU's monitor,
+    ``gva2gpa``): ``[va, caller, [pfn, ...]]``. What the bulk allocator gave
+    (no tracepoint shows it) is known this way for what is still alive, the
+    first bpf_prog_pack of boot included."""
+    m = re.search(r"@@VMALLOCINFO\s*\n(.*?)@@END", console.replace("\r", ""), re.DOTALL)
+    if m is None:
+        raise RealKernelError("the guest printed no /proc/vmallocinfo")
+    out = []
+    for line in m.group(1).splitlines():
+        v = _VMALLOCINFO.match(line.strip())
+        if v is None:
+            continue
+        va, caller, pages = int(v.group(1), 16), v.group(2), int(v.group(3))
+        if not _MODULES_VADDR <= va < _MODULES_END:
+            continue
+        pfns = []
+        for i in range(pages):
+            reply = hmp(f"gva2gpa {va + i * 4096:#x}")
+            g = re.search(r"gpa:\s*(0x[0-9a-f]+)", reply)
+            if g is None:
+                raise RealKernelError(f"QEMU's monitor could not translate {va + i * 4096:#x}: "
+                                      f"{reply.strip()[:200]}")
+            pfns.append(int(g.group(1), 16) >> 12)
+        out.append([va, caller, pfns])
+    return out
 
 
 def _stats(console: str) -> dict[str, int]:

@@ -18,11 +18,6 @@ from guestkernel.page_alloc import BadFreeError, BuddyAllocator
 TRACES = Path(__file__).parent / "data" / "traces"
 T61 = TRACES / "linux-6.1-2G-modules_bpf-256_secretmem-512.jsonl.gz"
 ALL = sorted(p.name for p in TRACES.glob("*.jsonl.gz"))
-_PACK_8G = ("6.1 above 4 GiB: the first bpf_prog_pack (ptp_classifier_init, a core initcall) "
-            "gets its 512 pages from the bulk allocator, which no tracepoint shows, before boot "
-            "kprobes exist; the model places it itself, and Linux's placement splits one more "
-            "1G page (DirectMap1G 6 GiB real, 7 GiB model): the same cause as the 8G boot's "
-            "strict xfail in test_kernel_boot")
 
 
 def _lines(path: Path) -> list[str]:
@@ -45,9 +40,7 @@ def test_the_reference_set_is_there():
         assert any(n.startswith(f"linux-{k}-2G-modules_") for n in ALL), k
 
 
-@pytest.mark.parametrize("name", [
-    pytest.param(n, marks=pytest.mark.xfail(strict=True, reason=_PACK_8G))
-    if n.startswith("linux-6.1-8G") else n for n in ALL])
+@pytest.mark.parametrize("name", ALL)
 def test_placed_replay_equals_linux_at_every_snapshot(replays, name):
     r = replays[name]
     assert r.error is None
@@ -80,10 +73,21 @@ def test_replay_accounts_for_what_the_trace_cannot_see(replays):
     assert d["placement"] == "real" and d["kernel"] == "6.1" and d["equal"]
     # frees of pages allocated before tracing or by the bulk allocator
     assert d["untraced_frees"] > 1000
-    # one split the model made later than Linux: the first ftrace trampoline
-    # made read-only by set_ftrace_ops_ro, its 2M page split by Linux in the
-    # early window
-    assert d["unmatched_splits"] == 1
+    # every split the model made, Linux made in the same request: the early
+    # requests' pages (the ftrace trampolines, the first bpf_prog_pack) are
+    # known from the module areas the recorder translated at the end
+    assert d["unmatched_splits"] == 0
+
+
+def test_the_boot_pack_is_where_linux_put_it(replays):
+    """6.1 at 8G: the first bpf_prog_pack's pages (bulk-allocated before
+    kprobes exist) come from the module areas translated at the end of the
+    run; with them, Linux's extra 1G split at boot is replayed."""
+    header, _ = read_trace(TRACES / "linux-6.1-8G-bpf-2048_secretmem-4096.jsonl.gz")
+    packs = [a for a in header["module_areas"] if a[1].startswith("bpf_prog_pack_alloc")]
+    assert packs and len(packs[0][2]) == 512
+    boot = replays["linux-6.1-8G-bpf-2048_secretmem-4096.jsonl.gz"].snapshots[0]
+    assert boot["real"]["DirectMap1G"] == boot["model"]["DirectMap1G"] == 6 << 20
 
 
 def test_the_reference_set_is_what_its_grid_records():

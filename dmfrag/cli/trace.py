@@ -105,7 +105,7 @@ def _is_recorded(path: str) -> bool:
             head = fh.read(2)
         opener = gzip.open if head == b"\x1f\x8b" else open
         with opener(path, "rt") as fh:
-            first = fh.readline(100000)
+            first = fh.readline(1 << 26)     # the header: module areas can make it long
         return json.loads(first).get("dmfrag_trace") == 3
     except (OSError, ValueError, AttributeError, EOFError):
         return False
