@@ -74,6 +74,9 @@ class PlacedReplayError(ValueError):
         self.line = line
 
 
+_EVENT_KINDS = frozenset(("A", "F", "C", "R", "S", "U", "X"))
+
+
 def read_trace(source: str | Path | list[str]) -> tuple[dict, list[list]]:
     """A version-3 trace's header and events (from a path, gzip'd or not, or
     from its lines); a missing or wrong trailer is an error."""
@@ -94,6 +97,20 @@ def read_trace(source: str | Path | list[str]) -> tuple[dict, list[list]]:
     if not isinstance(header, dict) or header.get("dmfrag_trace") != 3:
         raise PlacedReplayError(1, "not a version-3 (recorded) trace: its header has no "
                                 "\"dmfrag_trace\": 3")
+    # The fast path: the event lines in one parse; anything odd about them
+    # (a bad line, a trailer missing or wrong) goes the line-by-line way,
+    # which names the line.
+    kinds = _EVENT_KINDS
+    if len(lines) >= 2 and lines[-1].startswith("{"):
+        try:
+            events = json.loads("[" + ",".join(lines[1:-1]) + "]")
+            trailer = json.loads(lines[-1])
+        except json.JSONDecodeError:
+            events = None
+        if (events is not None and isinstance(trailer, dict)
+                and trailer.get("end") == len(events)
+                and all(e.__class__ is list and e and e[0] in kinds for e in events)):
+            return header, events
     events = []
     for n, line in enumerate(lines[1:], 2):
         try:
@@ -105,7 +122,7 @@ def read_trace(source: str | Path | list[str]) -> tuple[dict, list[list]]:
                 raise PlacedReplayError(n, f"the trailer says {e.get('end')!r} events, the "
                                         f"trace has {len(events)} (cut short or edited)")
             return header, events
-        if not isinstance(e, list) or not e or e[0] not in ("A", "F", "C", "R", "S", "U", "X"):
+        if not isinstance(e, list) or not e or e[0] not in kinds:
             raise PlacedReplayError(n, f"not an event: {line[:80]!r}")
         events.append(e)
     raise PlacedReplayError(len(lines), "no trailer ({\"end\": N}): the trace is cut short")
@@ -399,7 +416,7 @@ class _Replayer:
         (set_memory_ro; set_memory_x has no alias pass): RW cleared on each
         page's direct-map alias. Any other is counted as skipped."""
         ev = self.events
-        prev = ev[i - 1] if i else None
+        prev = next((ev[k] for k in range(i - 1, -1, -1) if ev[k][0] != "U"), None)
         end = i + 1
         aliases = 0
         while end < len(ev) and not (ev[end][0] == "C" and ev[end][1] != "alias") \

@@ -49,8 +49,10 @@ array per event, a trailer ``{"end": N}``. Events:
   ``null`` before kprobes run, else ``[va, numpages, mask_set, mask_clr,
   flags, force_split, primary]``;
 * ``["R"]``: the pass with arguments that began last has returned;
-* ``["U", function]``: a user's entry point was called (module load and
-  free, BPF program load and free, a secretmem fault: :data:`USER_MARKERS`);
+* ``["U", function, caller]``: a user's entry point was called (module
+  load and free, BPF program load and free, a secretmem fault:
+  :data:`USER_MARKERS`), or a CPA entry point (:data:`CPA_MARKERS`), with
+  the function that called it;
 * ``["X", function]``: it returned (``secretmem_fault`` only);
 * ``["S", point, {"meminfo": {...}, "vmstat": {...}}]``: a snapshot.
 
@@ -75,7 +77,7 @@ from pathlib import Path
 
 from .realkernel import DEFAULT_KERNEL, RealKernel, RealKernelError
 
-__all__ = ["TRACE_VERSION", "USERS", "USER_MARKERS", "Recording", "load_record_grid",
+__all__ = ["CPA_MARKERS", "TRACE_VERSION", "USERS", "USER_MARKERS", "Recording", "load_record_grid",
            "parse_ftrace", "record", "record_task", "trace_name", "write_trace"]
 
 TRACE_VERSION = 3
@@ -180,7 +182,7 @@ def parse_ftrace(text: str, snapshots: dict[str, dict]) -> list[list]:
         elif m := _XRET.search(line):
             events.append(["X", m.group(1)])
         elif m := _FUNC.search(line):
-            events.append(["U", m.group(1)])
+            events.append(["U", m.group(1), m.group(2)])
         elif m := _MARK.search(line):
             name = m.group(1)
             events.append(["S", name, snapshots.get(name, {})])
@@ -197,6 +199,10 @@ def parse_ftrace(text: str, snapshots: dict[str, dict]) -> list[list]:
 #: return probe (``X``): the pages allocated in between are secretmem's
 USER_MARKERS = ("load_module", "free_module", "bpf_prog_load", "bpf_prog_free",
                 "secretmem_fault")
+#: the CPA entry points whose callers the function tracer marks too (``U``
+#: events with the caller): who asked, before kprobes give arguments
+CPA_MARKERS = ("set_memory_ro", "set_memory_rw", "set_memory_x", "set_memory_nx",
+               "set_memory_rox", "set_memory_np", "set_memory_4k")
 
 
 def _attribute_users(events: list[list]) -> None:
@@ -274,7 +280,7 @@ def record(kernel: str = DEFAULT_KERNEL, ram: str = "2G", workload: tuple[str, .
             f"(the CPA kprobe's arguments) is not verified; kernels that record: "
             f"{', '.join(CPA_DATA_LAYOUT)}")
     rk = RealKernel(cache, install=install, kernel=kernel)
-    markers = ",".join(("__change_page_attr_set_clr", *USER_MARKERS))
+    markers = ",".join(("__change_page_attr_set_clr", *USER_MARKERS, *CPA_MARKERS))
     kprobes = _KPROBE.format(**layout)
     if kernel != "5.10":                      # memfd_secret is 5.14+
         kprobes += ";r:dmfrag/secretmem_fault_ret,secretmem_fault"

@@ -63,8 +63,10 @@ def test_what_linux_printed(replays):
     assert at("linux-5.10-8G-age-8000_bpf-2048.jsonl.gz", "boot")["DirectMap4k"] == 26496
     s61 = at("linux-6.1-2G-modules_bpf-256_secretmem-512.jsonl.gz", "secretmem:512")
     assert (s61["DirectMap4k"], s61["direct_map_level2_splits"]) == (36736, 4)
+    # 7.2's secretmem faults land in 6 to 8 2M regions from one boot to
+    # the next (recordings of the same workload: 6 and 7 splits)
     s72 = at("linux-7.2-8G-bpf-2048_secretmem-4096.jsonl.gz", "secretmem:4096")
-    assert (s72["DirectMap4k"], s72["direct_map_level2_splits"]) == (36736, 6)
+    assert (s72["DirectMap4k"], s72["direct_map_level2_splits"]) == (38784, 7)
     assert s72["direct_map_level2_collapses"] == 0
 
 
@@ -190,8 +192,8 @@ def test_parse_ftrace_names_the_user_of_each_allocation():
     users = {e[1]: e[5] for e in ev if e[0] == "A"}
     assert users == {1: "cpa_pgtable", 2: "kernel", 3: "secretmem", 4: "movable", 5: "vmalloc",
                      6: "reclaimable"}
-    assert ["U", "secretmem_fault"] in ev and ["X", "secretmem_fault"] in ev
-    assert ev[-1] == ["U", "load_module"]
+    assert ["U", "secretmem_fault", "__do_fault"] in ev and ["X", "secretmem_fault"] in ev
+    assert ev[-1] == ["U", "load_module", "__do_sys_finit_module"]
     from dmfrag.realkernel import RealKernelError
     with pytest.raises(RealKernelError, match="line 2"):
         parse_ftrace("# x\n something else", {})
@@ -244,6 +246,6 @@ def test_live_record_and_placed_replay(kernel, tmp_path):
     assert r.error is None
     assert [s["point"] for s in r.snapshots] == points
     if "modules" in steps:           # 7.2's modules come from their own package
-        assert sum(e == ["U", "load_module"] for e in rec.events) == 5
+        assert sum(e[:2] == ["U", "load_module"] for e in rec.events) == 5
     for s in r.snapshots:
         assert s["model"] == s["real"], s
