@@ -74,6 +74,11 @@ class PlacedReplayError(ValueError):
         self.line = line
 
 
+#: callers of early requests the model's record makes itself (the IDT, the
+#: SMP alternatives' free_init_pages) or that change only pages below 1 MiB
+#: (init_real_mode): the replay places nothing for them
+_MODEL_EARLY_CALLERS = frozenset(("idt_setup_apic_and_irq_gates", "free_init_pages",
+                                  "init_real_mode", "do_init_real_mode"))
 _EVENT_KINDS = frozenset(("A", "F", "C", "R", "S", "U", "X"))
 
 
@@ -139,6 +144,9 @@ class PlacedReplay:
     events: int = 0
     untraced_frees: int = 0
     early_requests_skipped: int = 0
+    #: tables Linux allocated inside a CPA pass that the model's splits did not take
+    missed_splits: int = 0
+    first_missed_split: str | None = None
     #: splits the model made where Linux allocated no table (it had split there before)
     unmatched_splits: int = 0
     first_unmatched_split: str | None = None
@@ -157,6 +165,8 @@ class PlacedReplay:
                 "placement": "real", "snapshots": self.snapshots, "events": self.events,
                 "untraced_frees": self.untraced_frees,
                 "early_requests_skipped": self.early_requests_skipped,
+                "missed_splits": self.missed_splits,
+                "first_missed_split": self.first_missed_split,
                 "unmatched_splits": self.unmatched_splits,
                 "first_unmatched_split": self.first_unmatched_split,
                 "reserved_differences": self.reserved_differences,
@@ -416,6 +426,17 @@ class _Replayer:
         (set_memory_ro; set_memory_x has no alias pass): RW cleared on each
         page's direct-map alias. Any other is counted as skipped."""
         ev = self.events
+        # the CPA entry point and its caller (the recorder's U marker just before)
+        j = i - 1
+        while j >= 0 and ev[j][0] == "A":
+            j -= 1
+        marker = ev[j] if j >= 0 and ev[j][0] == "U" and len(ev[j]) > 2 else None
+        if marker is not None and (marker[2] in _MODEL_EARLY_CALLERS
+                                   or marker[1] in ("set_memory_x", "set_memory_nx")):
+            # made by the model's record itself (or below 1 MiB: init_real_mode),
+            # or an NX change (its alias passes change nothing): nothing to place
+            self.result.early_requests_skipped += 1
+            return
         prev = next((ev[k] for k in range(i - 1, -1, -1) if ev[k][0] != "U"), None)
         end = i + 1
         aliases = 0
@@ -472,6 +493,12 @@ class _Replayer:
                 kind = e[0]
                 if kind == "A":
                     if not self.consumed[i]:
+                        if len(e) > 5 and e[5] == "cpa_pgtable" and e[2] == 0:
+                            # a table Linux allocated inside a CPA pass that
+                            # the model did not take: Linux split, the model not
+                            if self.result.missed_splits == 0:
+                                self.result.first_missed_split = f"line {i + 2}"
+                            self.result.missed_splits += 1
                         self._alloc(i, e[1], e[2])
                 elif kind == "F":
                     self._free(i, e[1], e[2])
