@@ -325,12 +325,17 @@ class _Replayer:
         self.own[pfn] = _MODEL
         return pfn
 
-    def _alloc(self, i: int, pfn: int, order: int) -> None:
+    def _pages(self, i: int, what: str, pfn: int, order: int) -> int:
+        """The block's page count; a block beyond max_pfn stops the replay."""
         n = 1 << order
+        if pfn + n > len(self.own):
+            raise PlacedReplayError(i + 2, f"{what} of pfn {pfn:#x} order {order}: beyond "
+                                    f"max_pfn {len(self.own):#x}")
+        return n
+
+    def _alloc(self, i: int, pfn: int, order: int) -> None:
+        n = self._pages(i, "allocation", pfn, order)
         own = self.own
-        if pfn + n > len(own):
-            raise PlacedReplayError(i + 2, f"allocation of pfn {pfn:#x} order {order}: beyond "
-                                    f"max_pfn {len(own):#x}")
         if own[pfn: pfn + n] == _ZEROS[:n]:
             own[pfn: pfn + n] = _TRACED_PAGES[:n]
             return
@@ -352,11 +357,8 @@ class _Replayer:
         own[pfn: pfn + n] = _TRACED_PAGES[:n]
 
     def _free(self, i: int, pfn: int, order: int) -> None:
-        n = 1 << order
+        n = self._pages(i, "free", pfn, order)
         own = self.own
-        if pfn + n > len(own):
-            raise PlacedReplayError(i + 2, f"free of pfn {pfn:#x} order {order}: beyond max_pfn "
-                                    f"{len(own):#x}")
         if own[pfn: pfn + n] == _TRACED_PAGES[:n]:
             own[pfn: pfn + n] = _ZEROS[:n]
             return
