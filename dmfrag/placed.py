@@ -455,11 +455,16 @@ class _Replayer:
                     self.areas_used.add(n)
                     break
         elif aliases:
-            for n, area in enumerate(self.areas):
-                if n not in self.areas_used and len(area[2]) == aliases:
-                    self.areas_used.add(n)
-                    pfns = list(area[2])
-                    break
+            # the first unused area of that size, one the marker's caller
+            # allocated (vmallocinfo names it: bpf_prog_pack_alloc+0x...)
+            # before any other
+            fits = [n for n, area in enumerate(self.areas)
+                    if n not in self.areas_used and len(area[2]) == aliases]
+            if marker is not None:
+                fits.sort(key=lambda n: not self.areas[n][1].startswith(marker[2] + "+"))
+            if fits:
+                self.areas_used.add(fits[0])
+                pfns = list(self.areas[fits[0]][2])
         if pfns is None:
             self.result.early_requests_skipped += 1
             return

@@ -18,12 +18,6 @@ from guestkernel.page_alloc import BadFreeError, BuddyAllocator
 TRACES = Path(__file__).parent / "data" / "traces"
 T61 = TRACES / "linux-6.1-2G-modules_bpf-256_secretmem-512.jsonl.gz"
 ALL = sorted(p.name for p in TRACES.glob("*.jsonl.gz"))
-_EXECMEM_72 = ("7.2 at boot, before kprobes exist: the ftrace trampoline comes from the "
-               "execmem ROX cache (execmem_alloc_rw: set_memory_nx, then set_memory_rw on "
-               "its chunk), and that set_memory_rw splits the cache's read-only 2M alias in "
-               "Linux; the trace has no arguments for it and the chunk's pages are not among "
-               "the module areas (the cache is one area): the model is one 2M split short "
-               "(DirectMap4k 2048 kB less) from the boot snapshot on")
 
 
 def _lines(path: Path) -> list[str]:
@@ -46,9 +40,7 @@ def test_the_reference_set_is_there():
         assert any(n.startswith(f"linux-{k}-2G-modules_") for n in ALL), k
 
 
-@pytest.mark.parametrize("name", [
-    pytest.param(n, marks=pytest.mark.xfail(strict=True, reason=_EXECMEM_72))
-    if n.startswith("linux-7.2-") else n for n in ALL])
+@pytest.mark.parametrize("name", ALL)
 def test_placed_replay_equals_linux_at_every_snapshot(replays, name):
     r = replays[name]
     assert r.error is None
@@ -87,6 +79,17 @@ def test_replay_accounts_for_what_the_trace_cannot_see(replays):
     # ftrace trampoline made read-only by set_ftrace_ops_ro after boot; its
     # 2M region was split in Linux before, by no request the trace shows
     assert d["unmatched_splits"] == 1
+
+
+def test_7_2s_boot_pack_is_its_own_area_not_the_execmem_cache(replays):
+    """7.2 has two 512-page module areas at the end: the execmem ROX cache
+    (caller execmem_alloc, lower) and the first bpf_prog_pack; the pack's
+    set_memory_rox (caller bpf_prog_pack_alloc, before kprobes) takes the
+    area that caller allocated, not the first of that size."""
+    header, _ = read_trace(TRACES / "linux-7.2-4G-boot.jsonl.gz")
+    sizes = {a[1].split("+")[0]: len(a[2]) for a in header["module_areas"]}
+    assert sizes.get("execmem_alloc") == sizes.get("bpf_prog_pack_alloc") == 512
+    assert replays["linux-7.2-4G-boot.jsonl.gz"].equal
 
 
 def test_the_boot_pack_is_where_linux_put_it(replays):
@@ -230,8 +233,7 @@ def test_take_page_off_buddy_splits_the_free_block_around_the_page():
 
 
 @pytest.mark.realkernel
-@pytest.mark.parametrize("kernel", ["5.10", "6.1", pytest.param(
-    "7.2", marks=pytest.mark.xfail(strict=True, reason=_EXECMEM_72))])
+@pytest.mark.parametrize("kernel", ["5.10", "6.1", "7.2"])
 def test_live_record_and_placed_replay(kernel, tmp_path):
     """Record a small workload on each real kernel and replay it placed."""
     import shutil
