@@ -56,7 +56,6 @@ _IMAGE_END = 0xFFFFFFFFC0000000
 #: recorded direct-map address is moved there (same pfn)
 _LA57_PAGE_OFFSET = 0xFF11000000000000
 _LA57_DIRECT_END = _LA57_PAGE_OFFSET + (1 << 46)
-_NX = 1 << 63
 _POOL = 256
 #: the replay's per-page map
 _FREE, _TRACED, _RESERVED, _MODEL, _MODEL_FREED = 0, 1, 2, 3, 4
