@@ -29,6 +29,14 @@ How each event is replayed:
   instruction page: ``module_alloc`` then ``set_memory_ro``) is that page
   made read-only; any other is counted in ``early_requests_skipped``.
 * ``S``: the model's counters beside Linux's.
+* ``D`` (a dump point, ``realkernel record --truth``): with the stored
+  states (:mod:`dmfrag.truth`), the model's page tables are compared with
+  Linux's entry by entry and its free pages with Linux's free lists as sets
+  (``"state"`` in the snapshot of that point). At the first dump the model
+  then takes Linux's free set as its own: the pages Linux allocated before
+  tracing began or through the bulk allocator (no tracepoint shows either)
+  become allocated, and boot-reserved pages Linux had freed become free
+  (``adopted``), so later dumps show only what diverged after it.
 
 The system is running (splits count in vmstat) from the end of the last
 request on the kernel image before the first snapshot (mark_rodata_ro).
@@ -58,7 +66,7 @@ _LA57_PAGE_OFFSET = 0xFF11000000000000
 _LA57_DIRECT_END = _LA57_PAGE_OFFSET + (1 << 46)
 _POOL = 256
 #: the replay's per-page map
-_FREE, _TRACED, _RESERVED, _MODEL, _MODEL_FREED = 0, 1, 2, 3, 4
+_FREE, _TRACED, _RESERVED, _MODEL, _MODEL_FREED, _UNTRACED = 0, 1, 2, 3, 4, 5
 _ZEROS = bytes(1 << 10)
 _TRACED_PAGES = bytes([_TRACED]) * (1 << 10)
 _RW = 1 << 1
@@ -78,7 +86,7 @@ class PlacedReplayError(ValueError):
 #: (init_real_mode): the replay places nothing for them
 _MODEL_EARLY_CALLERS = frozenset(("idt_setup_apic_and_irq_gates", "free_init_pages",
                                   "init_real_mode", "do_init_real_mode"))
-_EVENT_KINDS = frozenset(("A", "F", "C", "R", "S", "U", "X"))
+_EVENT_KINDS = frozenset(("A", "F", "C", "R", "S", "U", "X", "D"))
 
 
 def read_trace(source: str | Path | list[str]) -> tuple[dict, list[list]]:
@@ -152,6 +160,9 @@ class PlacedReplay:
     #: pages Linux allocated that the model's boot kept reserved (memblock)
     reserved_differences: int = 0
     first_reserved_difference: str | None = None
+    #: at the first dump: pages made allocated (Linux had them, untraced) and
+    #: free (the model's boot kept them); None without stored states
+    adopted: dict | None = None
     error: str | None = None
     seconds: float = 0.0
 
@@ -170,6 +181,7 @@ class PlacedReplay:
                 "first_unmatched_split": self.first_unmatched_split,
                 "reserved_differences": self.reserved_differences,
                 "first_reserved_difference": self.first_reserved_difference,
+                **({"adopted": self.adopted} if self.adopted is not None else {}),
                 "equal": self.equal, "completed": self.error is None, "error": self.error}
 
 
@@ -180,7 +192,8 @@ def _counters(meminfo: dict, vmstat: dict) -> dict[str, int]:
 
 
 class _Replayer:
-    def __init__(self, header: dict, events: list[list], policy: str | None):
+    def __init__(self, header: dict, events: list[list], policy: str | None,
+                 states: list | None = None):
         from guestkernel import Kernel
         self.header, self.events = header, events
         kernel = header.get("kernel")
@@ -204,6 +217,9 @@ class _Replayer:
         self.areas = sorted(header.get("module_areas") or [], key=lambda a: a[0])
         self.areas_used: set[int] = set()
         self.table_cursor = 0
+        #: the real kernel's states by point (dmfrag.truth), and their comparisons
+        self.states = {st.point: st for st in states or ()}
+        self.compared: dict[str, dict] = {}
 
     # -- set-up ----------------------------------------------------------------
 
@@ -339,11 +355,12 @@ class _Replayer:
             own[pfn: pfn + n] = _TRACED_PAGES[:n]
             return
         seg = own[pfn: pfn + n]
-        busy = [j for j, v in enumerate(seg) if v in (_TRACED, _MODEL, _MODEL_FREED)]
+        busy = [j for j, v in enumerate(seg) if v in (_TRACED, _MODEL, _MODEL_FREED, _UNTRACED)]
         if busy:
             p = pfn + busy[0]
-            what = ("allocated by an earlier event of the trace" if seg[busy[0]] == _TRACED else
-                    "held by the model (its own boot-time page)")
+            what = {_TRACED: "allocated by an earlier event of the trace",
+                    _UNTRACED: "allocated in Linux's memory dump, untraced"}.get(
+                seg[busy[0]], "held by the model (its own boot-time page)")
             raise PlacedReplayError(i + 2, f"allocation of pfn {pfn:#x} order {order}: page "
                                     f"{p:#x} is not free: {what}")
         # Linux had these pages free at the hand-over where the model's
@@ -525,6 +542,8 @@ class _Replayer:
                         stack.pop()
                 elif kind == "S":
                     self._snapshot(e)
+                elif kind == "D":
+                    self._dump(e[1])
                 if i == self.running_at:
                     k.enter_running()
         except PlacedReplayError as exc:
@@ -539,18 +558,70 @@ class _Replayer:
         r = _counters(real.get("meminfo", {}), real.get("vmstat", {}))
         m = _counters(self.k.meminfo(), self.k.vmstat())
         m = {key: v for key, v in m.items() if key in r}
-        self.result.snapshots.append({"point": e[1], "real": r, "model": m, "equal": r == m})
+        snap = {"point": e[1], "real": r, "model": m, "equal": r == m}
+        if e[1] in self.compared:
+            snap["state"] = self.compared.pop(e[1])
+        self.result.snapshots.append(snap)
+
+    def _dump(self, point: str) -> None:
+        """A dump point: the model's tables and free pages beside Linux's
+        (dmfrag.truth); at the first, adopt Linux's free set."""
+        import numpy as np
+
+        from guestkernel.layout import PAGE_OFFSET
+
+        from .truth import compare_free, compare_tables, model_tables
+        st = self.states.get(point)
+        if st is None:
+            return
+        pt = compare_tables((st.pt_va, st.pt_level, st.pt_entry), model_tables(self.k),
+                            real_offset=st.page_offset, model_offset=PAGE_OFFSET)
+        own = np.frombuffer(self.own, dtype=np.uint8)
+        fr = compare_free(st, own == _FREE)
+        self.compared[point] = {
+            "pte_mismatches": pt["pte_mismatches"],
+            "free_list_mismatches": fr["free_list_mismatches"],
+            "first_mismatch": pt["first"] or fr["first"],
+            "table_pfn_mismatches": pt["table_pfn_mismatches"],
+            "page_table_entries": pt["entries"],
+            "free_linux_only": fr["linux_only"], "free_model_only": fr["model_only"],
+            "first_pte_mismatch": pt["first"], "first_free_mismatch": fr["first"]}
+        if self.result.adopted is None:
+            n = min(len(own), st.max_pfn)
+            real_free = st.free_mask(n)
+            seg = np.frombuffer(self.own, dtype=np.uint8, count=n).copy()
+            taken = (seg == _FREE) & ~real_free
+            freed = (seg == _RESERVED) & real_free
+            seg[taken] = _UNTRACED
+            seg[freed] = _FREE
+            self.own[:n] = seg.tobytes()
+            self.result.adopted = {"point": point, "allocated": int(taken.sum()),
+                                   "freed": int(freed.sum())}
 
 
 def replay_placed(source: str | Path | list[str], *, policy: str | None = None,
-                  kernel: str | None = None) -> PlacedReplay:
+                  kernel: str | None = None, truth: str | Path | list | None = None
+                  ) -> PlacedReplay:
     """Replay a recorded trace with Linux's placement (see the module doc);
-    ``kernel`` overrides the header's kernel record."""
+    ``kernel`` overrides the header's kernel record. ``truth``: the real
+    kernel's states at the trace's dump points (a ``.truth.npz`` or a list
+    of :class:`dmfrag.truth.KernelState`); by default the file beside a
+    trace file (:func:`dmfrag.truth.truth_path`) when there is one."""
     import time
     header, events = read_trace(source)
     if kernel is not None:
         header = {**header, "kernel": kernel}
+    states = None
+    if truth is None and isinstance(source, (str, Path)):
+        from .truth import truth_path
+        if truth_path(source).exists():
+            truth = truth_path(source)
+    if isinstance(truth, (str, Path)):
+        from .truth import load_states
+        states = load_states(truth)
+    elif truth is not None:
+        states = list(truth)
     t0 = time.perf_counter()
-    res = _Replayer(header, events, policy).run()
+    res = _Replayer(header, events, policy, states).run()
     res.seconds = time.perf_counter() - t0
     return res

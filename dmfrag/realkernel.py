@@ -76,21 +76,30 @@ class KernelPackage:
     #: (package, version) holding the modules when not the image's own
     #: (7.2: linux-modules-..., compressed .ko.xz)
     modules_package: tuple[str, str] | None = None
+    #: (package, version, path of vmlinux in it): the debug symbols drgn
+    #: reads a dump with (Debian's ``-dbg`` package of the same build)
+    debug_package: tuple[str, str, str] | None = None
 
 
 KERNELS: dict[str, KernelPackage] = {
     "5.10": KernelPackage("5.10", "linux-image-5.10.0-32-amd64", "5.10.223-1", "bullseye",
                           "5.10.0-32-amd64", "boot/vmlinuz-5.10.0-32-amd64",
-                          "lib/modules/5.10.0-32-amd64/kernel"),
+                          "lib/modules/5.10.0-32-amd64/kernel",
+                          debug_package=("linux-image-5.10.0-32-amd64-dbg", "5.10.223-1",
+                                         "usr/lib/debug/boot/vmlinux-5.10.0-32-amd64")),
     "6.1": KernelPackage("6.1", "linux-image-6.1.0-56-amd64", "6.1.192-2", None,
                          "6.1.0-56-amd64", "boot/vmlinuz-6.1.0-56-amd64",
-                         "lib/modules/6.1.0-56-amd64/kernel"),
+                         "lib/modules/6.1.0-56-amd64/kernel",
+                         debug_package=("linux-image-6.1.0-56-amd64-dbg", "6.1.192-2",
+                                        "usr/lib/debug/boot/vmlinux-6.1.0-56-amd64")),
     # 7.2's image package holds only the kernel; its modules are in
     # linux-modules-7.2.13+deb14-amd64 (compressed .ko.xz), fetched the same way.
     "7.2": KernelPackage("7.2", "linux-binary-7.2.13+deb14-amd64", "7.2.13-1", "sid",
                          "7.2.13+deb14-amd64", "usr/lib/modules/7.2.13+deb14-amd64/vmlinuz",
                          "usr/lib/modules/7.2.13+deb14-amd64/kernel",
-                         ("linux-modules-7.2.13+deb14-amd64", "7.2.13-1")),
+                         ("linux-modules-7.2.13+deb14-amd64", "7.2.13-1"),
+                         ("linux-image-7.2.13+deb14-amd64-dbg", "7.2.13-1",
+                          "usr/lib/debug/lib/modules/7.2.13+deb14-amd64/vmlinux")),
 }
 DEFAULT_KERNEL = "6.1"
 # The 6.1 package's names, as earlier releases of this module exported them.
@@ -101,7 +110,7 @@ KERNEL_VERSION = KERNELS["6.1"].release
 _STAMP = ".dmfrag-package"
 TOOLS = {"qemu-system-x86_64": "qemu-system-x86", "busybox": "busybox-static",
          "cpio": "cpio", "gcc": "gcc", "apt-get": "apt", "dpkg-deb": "dpkg"}
-HELPERS = ("bpf_load", "secretmem", "age")
+HELPERS = ("bpf_load", "secretmem", "age", "dumpwait")
 _GUEST_SRC = Path(__file__).resolve().parent / "guest"
 
 
@@ -152,6 +161,8 @@ mount -t devtmpfs devtmpfs /dev
 # landing on the console in the middle of a snapshot or of that dump.
 dmesg -n 1
 snap() {{
+  # a run taking memory dumps (dmfrag.truth) holds still here for the host
+  [ -n "$DMFRAG_DUMP" ] && /bin/dumpwait "$1"
   # a recording run (dmfrag.recorder) marks the point in the trace first
   [ -w /sys/kernel/tracing/trace_marker ] && echo "dmfrag_snap $1" > /sys/kernel/tracing/trace_marker
   echo "@@SNAP $1"
@@ -262,6 +273,53 @@ class RealKernel:
             return self.kernel_dir()
         pkg, version = self.spec.modules_package
         return self._package_dir(pkg, version, self.spec.modules)
+
+    def debug_vmlinux(self) -> Path:
+        """The kernel's vmlinux with debug symbols (for drgn): only that
+        file of the pinned ``-dbg`` package (some 800 MB to 1.2 GB, its
+        SHA256 checked like the kernel's), unpacked once into the cache.
+        The package file is deleted once its vmlinux is out."""
+        if self.spec.debug_package is None:
+            raise RealKernelError(f"no debug package is known for kernel {self.spec.name}")
+        package, version, member = self.spec.debug_package
+        root = self.cache / package
+        out = root / Path(member).name
+        sha = self._expected_sha256(package, version)
+        stamp = f"{package}={version} sha256:{sha}"
+        if out.exists() and _read(root / _STAMP) == stamp:
+            return out
+        deb = self._verified_deb(package, version, sha)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{package}.", dir=self.cache))
+        try:
+            with subprocess.Popen(["dpkg-deb", "--fsys-tarfile", str(deb)],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE) as dpkg:
+                r = subprocess.run(["tar", "-x", "-C", str(tmp), f"./{member}"],
+                                   stdin=dpkg.stdout, capture_output=True, text=True,
+                                   check=False)
+                dpkg.stdout.close()
+                dpkg.wait()
+            if r.returncode or dpkg.returncode or not (tmp / member).is_file():
+                raise RealKernelError(f"cannot take {member} out of {deb.name}: "
+                                      f"{r.stderr.strip()[-500:]}")
+            os.replace(tmp / member, tmp / out.name)
+            shutil.rmtree(tmp / member.split("/")[0], ignore_errors=True)
+            (tmp / _STAMP).write_text(stamp)
+            if root.exists():
+                old = Path(tempfile.mkdtemp(prefix=f".{package}.old.", dir=self.cache))
+                try:
+                    os.replace(root, old / "k")
+                except OSError:
+                    pass
+                shutil.rmtree(old, ignore_errors=True)
+            try:
+                os.rename(tmp, root)
+            except OSError:
+                if not (out.exists() and _read(root / _STAMP) == stamp):
+                    raise RealKernelError(f"cannot put the debug vmlinux at {root}") from None
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        deb.unlink(missing_ok=True)
+        return out
 
     def _package_dir(self, package: str, version: str, marker: str) -> Path:
         root = self.cache / package
@@ -429,10 +487,11 @@ class RealKernel:
         """Boot with ``-m RAM``, run the workload, return the snapshots.
         ``serial_file``: the guest's second serial port (ttyS1) is written to
         that file (a recording run sends its trace there, not to the console).
-        ``on_pause``: when the guest prints a line ``@@PAUSE``, the machine is
-        stopped (QEMU's monitor), ``on_pause(hmp, console)`` runs with a
-        function sending one HMP command (``gva2gpa ADDR`` ...) and the
-        console so far, and the machine goes on."""
+        ``on_pause``: when the guest prints a line starting ``@@PAUSE``, the
+        machine is stopped (QEMU's monitor), ``on_pause(hmp, console)`` runs
+        with a function sending one HMP command (``gva2gpa ADDR``,
+        ``dump-guest-memory FILE`` ...) and the console so far (its last line
+        the pause line), and the machine goes on."""
         workload = tuple(workload)
         self.check_tools()
         kdir = self.kernel_dir()
@@ -497,7 +556,7 @@ def _run_pausing(cmd: list[str], timeout: float, sock: Path,
     try:
         for raw in iter(proc.stdout.readline, b""):
             lines.append(raw)
-            if raw.strip() == b"@@PAUSE":
+            if raw.startswith(b"@@PAUSE"):
                 with socket.socket(socket.AF_UNIX) as mon:
                     mon.settimeout(max(1.0, deadline - time.monotonic()))
                     mon.connect(str(sock))

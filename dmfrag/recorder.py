@@ -129,6 +129,8 @@ class Recording:
 
     header: dict
     events: list[list] = field(default_factory=list)
+    #: the real kernel's state at each dump point (``truth``): dmfrag.truth.KernelState
+    states: list = field(default_factory=list)
 
     @property
     def counts(self) -> dict[str, int]:
@@ -147,6 +149,7 @@ _CPA = re.compile(r"cpa: \(\S+\) va=(0x[0-9a-f]+) np=(\d+) set=(0x[0-9a-f]+) "
                   r"clr=(0x[0-9a-f]+) fl=(\d+) fs=(\d+) prim=(-?\d+)")
 _CPAR = re.compile(r"cpar: \(")
 _MARK = re.compile(r"tracing_mark_write: dmfrag_snap (\S+)")
+_DUMP = re.compile(r"tracing_mark_write: dmfrag_dump (\S+)")
 
 
 def parse_ftrace(text: str, snapshots: dict[str, dict]) -> list[list]:
@@ -186,6 +189,8 @@ def parse_ftrace(text: str, snapshots: dict[str, dict]) -> list[list]:
         elif m := _MARK.search(line):
             name = m.group(1)
             events.append(["S", name, snapshots.get(name, {})])
+        elif m := _DUMP.search(line):
+            events.append(["D", m.group(1)])
         else:
             raise RealKernelError(f"trace line {n}: not a line the recorder knows: {line[:200]!r}")
     if pending is not None:
@@ -270,9 +275,13 @@ _BOOT_LINES = re.compile(r"e820|RAMDISK:|Command line:|Linux version")
 
 def record(kernel: str = DEFAULT_KERNEL, ram: str = "2G", workload: tuple[str, ...] = (),
            *, trace_buf_mb: int = 32, timeout: float = 600.0, install: bool = False,
-           cache: Path | None = None) -> Recording:
+           cache: Path | None = None, truth: bool = False) -> Recording:
     """Boot the real ``kernel`` with tracing from the first moment, run the
-    workload's steps, and return what it did as a :class:`Recording`."""
+    workload's steps, and return what it did as a :class:`Recording`.
+    ``truth``: also dump the guest at each snapshot point and read its
+    whole state (:mod:`dmfrag.truth`, needs drgn and the kernel's debug
+    vmlinux, fetched once): the recording's ``states``; the trace gets a
+    ``D`` event where each dump was taken."""
     layout = CPA_DATA_LAYOUT.get(kernel)
     if layout is None:
         raise RealKernelError(
@@ -287,13 +296,27 @@ def record(kernel: str = DEFAULT_KERNEL, ram: str = "2G", workload: tuple[str, .
     append = (f"ftrace=function ftrace_filter={markers} "
               f"trace_event=kmem:mm_page_alloc,kmem:mm_page_free "
               f"trace_buf_size={int(trace_buf_mb)}M kprobe_event={kprobes}")
+    states: list = []
+    timings: list[dict] = []
+    areas: list[list] = []
+    capture = None
+    prologue = _PROLOGUE
+    if truth:
+        from .truth import capture_on_pause, check_drgn
+        check_drgn()
+        vmlinux = rk.debug_vmlinux()
+        prologue += "\nDMFRAG_DUMP=1"
     with tempfile.TemporaryDirectory(prefix="dmfrag-record-") as tmp:
         out = Path(tmp) / "ttyS1"
+        if truth:
+            capture = capture_on_pause(Path(tmp), vmlinux, states, timings)
+
+        def on_pause(hmp, console: str) -> None:
+            if capture is None or not capture(hmp, console):
+                areas.extend(_module_area_pfns(hmp, console))
         t0 = time.monotonic()
-        areas: list[list] = []
-        run = rk.run(ram, workload, append=append, timeout=timeout, prologue=_PROLOGUE,
-                     epilogue=_EPILOGUE, serial_file=out,
-                     on_pause=lambda hmp, console: areas.extend(_module_area_pfns(hmp, console)))
+        run = rk.run(ram, workload, append=append, timeout=timeout, prologue=prologue,
+                     epilogue=_EPILOGUE, serial_file=out, on_pause=on_pause)
         seconds = time.monotonic() - t0
         raw = out.read_bytes() if out.exists() else b""
     stats = _stats(run.console)
@@ -314,7 +337,9 @@ def record(kernel: str = DEFAULT_KERNEL, ram: str = "2G", workload: tuple[str, .
                            "buffer_entries": stats.get("entries", 0),
                            "trace_buf_mb": int(trace_buf_mb)},
               "module_areas": areas}
-    return Recording(header, events)
+    if truth:
+        header["truth"] = {"points": [st.point for st in states], "dumps": timings}
+    return Recording(header, events, states)
 
 
 #: the module area (MODULES_VADDR .. MODULES_END: module, BPF and execmem memory)
@@ -366,7 +391,9 @@ def _stats(console: str) -> dict[str, int]:
 
 
 def write_trace(rec: Recording, path: Path) -> int:
-    """Write a recording as a gzip'd version-3 trace; returns its size in bytes."""
+    """Write a recording as a gzip'd version-3 trace; returns its size in
+    bytes. Its states (``record(truth=True)``) go beside it, in
+    :func:`dmfrag.truth.truth_path` (``X.jsonl.gz`` -> ``X.truth.npz``)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
     with gzip.open(tmp, "wt", compresslevel=9) as fh:
@@ -374,6 +401,9 @@ def write_trace(rec: Recording, path: Path) -> int:
         for e in rec.events:
             fh.write(json.dumps(e, separators=(",", ":")) + "\n")
         fh.write(json.dumps({"end": len(rec.events)}) + "\n")
+    if rec.states:
+        from .truth import save_states, truth_path
+        save_states(truth_path(path), rec.states)
     tmp.replace(path)
     return path.stat().st_size
 
@@ -436,7 +466,8 @@ def record_task(task: dict) -> dict:
     wl = tuple(task["workload"])
     try:
         rec = record(task["kernel"], task["ram"], wl, trace_buf_mb=task.get("trace_buf_mb", 32),
-                     timeout=task.get("timeout", 600.0), install=task.get("install", False))
+                     timeout=task.get("timeout", 600.0), install=task.get("install", False),
+                     truth=task.get("truth", False))
         size = write_trace(rec, Path(task["output"]))
     except Exception as exc:  # noqa: BLE001 - reported with its task, never lost in a worker
         raise CellError(f"recording kernel={task['kernel']} ram={task['ram']} workload="

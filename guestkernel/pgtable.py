@@ -35,6 +35,11 @@ class PgProt:
         glb = 0 if pti else int(F.G)
         base = int(F.P | F.RW | F.A | F.D)
         self.KERNPG_TABLE = base                                # _KERNPG_TABLE
+        # _PAGE_TABLE: what pXd_populate links tables with (init_memory_mapping's
+        # pud_populate_init / pmd_populate_kernel_init, pte_alloc_kernel); only
+        # CPA's split_large_page and the static head_64.S tables use _KERNPG_TABLE.
+        # USER on a table entry grants nothing while the leaves lack it.
+        self.PAGE_TABLE = base | int(F.US)
         self.PAGE_KERNEL = base | int(F.NX) | glb                 # __PAGE_KERNEL
         self.PAGE_KERNEL_EXEC = base | glb                        # __PAGE_KERNEL_EXEC
         self.PAGE_KERNEL_RO = int(F.P | F.A | F.D | F.NX) | glb
@@ -99,9 +104,10 @@ class KernelPageTables:
         return pa
 
     def populate(self, slot: int, why: str) -> int:
-        """Link a new zeroed table at ``slot`` (``pXd_populate``) and return it."""
+        """Link a new zeroed table at ``slot`` (``pXd_populate``: _PAGE_TABLE)
+        and return it."""
         table = self._new_table(why)
-        self.set(slot, table | self.prot.KERNPG_TABLE)
+        self.set(slot, table | self.prot.PAGE_TABLE)
         return table
 
     # -- lookup ---------------------------------------------------------
@@ -150,7 +156,7 @@ class KernelPageTables:
                 pud_table = self._new_table("pud (direct map)")
                 paddr_last = self._phys_pud_init(pud_table, vaddr - PAGE_OFFSET,
                                                  paddr_end, page_size_mask, prot, e820)
-                self.set(pgd, pud_table | self.prot.KERNPG_TABLE)
+                self.set(pgd, pud_table | self.prot.PAGE_TABLE)       # pgd_populate_init
             vaddr = vaddr_next
         return paddr_last
 
@@ -198,7 +204,7 @@ class KernelPageTables:
                 continue
             pmd_table = self._new_table("pmd (direct map)")
             paddr_last = self._phys_pmd_init(pmd_table, paddr, paddr_end, mask, cur_prot, e820)
-            self.set(slot, pmd_table | self.prot.KERNPG_TABLE)
+            self.set(slot, pmd_table | self.prot.PAGE_TABLE)     # pud_populate_init
             i, paddr = i + 1, paddr_next
         self.direct_pages_count[PG_LEVEL_1G] += pages
         return paddr_last
@@ -240,7 +246,7 @@ class KernelPageTables:
                 continue
             pte_table = self._new_table("pte (direct map)")
             paddr_last = self._phys_pte_init(pte_table, paddr, paddr_end, new_prot, e820)
-            self.set(slot, pte_table | self.prot.KERNPG_TABLE)
+            self.set(slot, pte_table | self.prot.PAGE_TABLE)     # pmd_populate_kernel_init
             i, paddr = i + 1, paddr_next
         self.direct_pages_count[PG_LEVEL_2M] += pages
         return paddr_last

@@ -43,6 +43,10 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     rec.add_argument("--trace-buf-mb", type=int, default=32,
                      help="the guest's trace buffer in MiB (trace_buf_size; default 32)")
     rec.add_argument("--timeout", type=float, default=600.0, help="kill the guest after this")
+    rec.add_argument("--truth", action="store_true",
+                     help="also dump the guest at each snapshot, read its whole state with "
+                          "drgn and the kernel's debug vmlinux (fetched once, about 1 GB) and "
+                          "store it beside the trace (X.truth.npz; see dmfrag.truth)")
     rec.add_argument("--install", action="store_true",
                      help="apt-get install missing tools (needs root)")
     rec.set_defaults(func=main)
@@ -52,6 +56,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 def main(args: argparse.Namespace) -> int:
     from ..realkernel import RealKernelError
     from ..recorder import record, write_trace
+    from ..truth import TruthError
     if args.grid is not None:
         return _grid(args)
     check_output_file(args.output, "-o/--output")
@@ -62,10 +67,12 @@ def main(args: argparse.Namespace) -> int:
         raise UsageError(f"--timeout must be a finite number of seconds above 0, not "
                          f"{args.timeout}")
     workload = parse_guest_workload(args.workload, args.kernel)
+    if args.truth:
+        _check_truth()
     try:
         rec = record(args.kernel, args.ram, workload, trace_buf_mb=args.trace_buf_mb,
-                     timeout=args.timeout, install=args.install)
-    except RealKernelError as exc:
+                     timeout=args.timeout, install=args.install, truth=args.truth)
+    except (RealKernelError, TruthError) as exc:
         raise ToolMissing(str(exc)) from None
     size = write_trace(rec, Path(args.output))
     n = len(rec.events)
@@ -73,7 +80,23 @@ def main(args: argparse.Namespace) -> int:
     print(f"Linux {args.kernel}, RAM {args.ram}, workload {','.join(workload) or '(boot only)'}: "
           f"{n} events in {secs:.1f} s ({n / secs:,.0f} events/s), {size:,} bytes "
           f"({size / 1e6 / max(n, 1) * 1e6:.2f} MB per million events): {args.output}")
+    if rec.states:
+        from ..truth import truth_path
+        tp = truth_path(args.output)
+        dumps = rec.header["truth"]["dumps"]
+        print(f"  truth: {len(rec.states)} states ({', '.join(s.point for s in rec.states)}), "
+              f"dump {sum(d['dump_s'] for d in dumps):.1f} s, read "
+              f"{sum(d['extract_s'] for d in dumps):.1f} s, {tp.stat().st_size:,} bytes: {tp}")
     return EXIT_OK
+
+
+def _check_truth() -> None:
+    """--truth needs drgn: exit 2 before any boot when it is missing."""
+    from ..truth import TruthError, check_drgn
+    try:
+        check_drgn()
+    except TruthError as exc:
+        raise UsageError(str(exc)) from None
 
 
 def _grid(args: argparse.Namespace) -> int:
@@ -89,8 +112,11 @@ def _grid(args: argparse.Namespace) -> int:
         grid = load_record_grid(args.grid)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
+    if args.truth:
+        _check_truth()
     tasks = [{**t, "output": str(out / trace_name(t["kernel"], t["ram"], t["workload"])),
-              "timeout": args.timeout, "install": args.install} for t in grid]
+              "timeout": args.timeout, "install": args.install, "truth": args.truth}
+             for t in grid]
     try:
         rows = run_tasks(record_task, tasks, workers=args.workers, scheduler=args.scheduler)
     except SchedulerUnreachable as exc:

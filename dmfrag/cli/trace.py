@@ -40,6 +40,11 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     rep.add_argument("--placement", choices=["real"], default=None,
                      help="for a recorded (version 3) trace: 'real' puts every allocation at "
                           "the pfn Linux gave it (the default for such traces)")
+    rep.add_argument("--truth", default=None, metavar="NPZ",
+                     help="for a recorded trace: the real kernel's states at its dump points "
+                          "(realkernel record --truth); default: the .truth.npz beside the "
+                          "trace, when there is one. Each snapshot then has a \"state\" "
+                          "comparison (page tables entry by entry, free pages)")
     rep.add_argument("--json", action="store_true",
                      help="for a recorded trace: print the JSON result (always printed)")
     add_kernel_arg(rep, "the trace header's kernel")
@@ -113,9 +118,12 @@ def _is_recorded(path: str) -> bool:
 
 def _replay_placed(args: argparse.Namespace) -> int:
     from ..placed import PlacedReplayError, replay_placed
+    from ..truth import TruthError
+    if args.truth is not None and not Path(args.truth).is_file():
+        raise UsageError(f"--truth {args.truth!r}: no such file")
     try:
-        res = replay_placed(args.file, policy=args.policy, kernel=args.kernel)
-    except PlacedReplayError as exc:
+        res = replay_placed(args.file, policy=args.policy, kernel=args.kernel, truth=args.truth)
+    except (PlacedReplayError, TruthError) as exc:
         raise UsageError(str(exc)) from None
     print(json.dumps(res.to_json(), sort_keys=True))
     if res.error:
