@@ -354,6 +354,11 @@ def extract(core: str | Path, vmlinux: str | Path, *, vmcoreinfo: bytes | None =
     except FaultError as exc:
         raise TruthError(f"reading {core}: {exc} (does {vmlinux} belong to this kernel?)"
                          ) from None
+    except (LookupError, AttributeError) as exc:
+        # a name this kernel does not have: a version the reader does not know
+        raise TruthError(f"reading {core} with {Path(vmlinux).name}: {type(exc).__name__}: "
+                         f"{exc} (a kernel whose structures dmfrag.truth does not know)"
+                         ) from None
 
 
 def _extract(prog, point: str, t0: float) -> KernelState:
@@ -468,7 +473,10 @@ def _extract(prog, point: str, t0: float) -> KernelState:
     sec_bits = 27
     pfn_sec_shift = sec_bits - 12
     blocks_per_sec = 1 << (pfn_sec_shift - pb_order)
-    nbits = prog["NR_PAGEBLOCK_BITS"].value_()
+    if _try(prog, "NR_PAGEBLOCK_BITS") is not None:
+        nbits = prog["NR_PAGEBLOCK_BITS"].value_()
+    else:                     # 6.16+: roundup_pow_of_two(__NR_PAGEBLOCK_BITS)
+        nbits = 1 << (prog["__NR_PAGEBLOCK_BITS"].value_() - 1).bit_length()
     nsec = (max_pfn + (1 << pfn_sec_shift) - 1) >> pfn_sec_shift
     pageblock_mt = np.full(nsec * blocks_per_sec, NO_PAGEBLOCK, dtype=np.uint8)
     mt_bits = 3
