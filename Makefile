@@ -8,7 +8,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 DEBS   := qemu-system-x86 busybox-static cpio
 
-.PHONY: demo test bench realkernel-deps reference-traces clean
+.PHONY: demo test bench realkernel-deps reference-traces truth-states clean
 
 $(STAMP): pyproject.toml setup.py emu/_native.c
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -36,12 +36,18 @@ bench: $(STAMP)
 	$(PY) bench/page_alloc_bench.py $(BENCH_FLAGS)
 	$(PY) bench/validate_bench.py $(BENCH_FLAGS)
 	$(PY) bench/realkernel_bench.py $(BENCH_FLAGS)
+	$(PY) bench/truth_bench.py $(BENCH_FLAGS)
 	$(PY) bench/policies_report.py $(BENCH_FLAGS)
 
 # Record the reference traces again on the real kernels (QEMU; each boot one
 # task of the sweep engine, in parallel on this machine's cores).
 reference-traces: $(STAMP) realkernel-deps
 	$(PY) -m dmfrag.cli realkernel record --grid tests/data/traces/reference.toml -o tests/data/traces
+
+# The recordings with the real kernels' whole state at each snapshot (memory
+# dumps read with drgn; each kernel's debug vmlinux is fetched once, ~1 GB).
+truth-states: $(STAMP) realkernel-deps
+	$(PY) -m dmfrag.cli realkernel record --grid tests/data/truth/truth.toml -o tests/data/truth --truth
 
 clean:
 	rm -rf $(VENV) build *.egg-info emu/*.so .pytest_cache .hypothesis

@@ -116,6 +116,8 @@ class KernelState:
     #: migratetype of each pageblock (pfn >> pageblock_order), NO_PAGEBLOCK where none
     pageblock_order: int
     pageblock_mt: np.ndarray
+    #: PageReserved of each pfn below max_pfn, bit-packed (little bit order)
+    page_reserved: np.ndarray
     #: vmalloc areas: start, size, flags, caller (function name), their pages
     vm_start: np.ndarray
     vm_size: np.ndarray
@@ -151,6 +153,10 @@ class KernelState:
                 mask[idx[idx < n]] = True
         return mask
 
+    def reserved_mask(self) -> np.ndarray:
+        """A bool per pfn below max_pfn: PageReserved."""
+        return np.unpackbits(self.page_reserved, bitorder="little")[: self.max_pfn].astype(bool)
+
     def nr_free_listed(self) -> int:
         """Pages on the buddy lists (what NR_FREE_PAGES counts)."""
         return int(np.sum(np.left_shift(1, self.free_order.astype(np.int64))))
@@ -165,7 +171,7 @@ class KernelState:
 
 
 _ARRAYS = ("pt_va", "pt_level", "pt_entry", "free_zone", "free_order", "free_mt", "free_pfn",
-           "pcp_cpu", "pcp_zone", "pcp_pindex", "pcp_order", "pcp_pfn", "pageblock_mt",
+           "pcp_cpu", "pcp_zone", "pcp_pindex", "pcp_order", "pcp_pfn", "pageblock_mt", "page_reserved",
            "vm_start", "vm_size", "vm_flags", "vm_nr_pages", "vm_pages")
 _META = ("point", "release", "la57", "page_offset", "vmemmap_base", "max_pfn",
          "direct_pages_count", "counters", "zones", "pageblock_order", "vm_caller", "modules",
@@ -271,6 +277,43 @@ def check_drgn() -> None:
                          "(or pip install drgn)") from None
 
 
+def find_vmcoreinfo(core: str | Path) -> bytes | None:
+    """The VMCOREINFO note's text of an ELF core that has no such note in
+    its headers (a QEMU dump taken without ``-device vmcoreinfo``): the
+    kernel keeps the note in its memory (``vmcoreinfo_note``), found by
+    its name followed by ``OSRELEASE=``. None when there is none."""
+    import mmap
+    core = Path(core)
+    with open(core, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+        pat = b"VMCOREINFO\x00\x00OSRELEASE="
+        at = mm.find(pat)
+        while at >= 12:
+            namesz, descsz, _type = struct.unpack_from("<III", mm, at - 12)
+            if namesz == 11 and 0 < descsz < 1 << 16:
+                return bytes(mm[at + 12: at + 12 + descsz])
+            at = mm.find(pat, at + 1)
+    return None
+
+
+def _elf_has_vmcoreinfo(path: Path) -> bool:
+    """Whether an ELF core's PT_NOTE segments hold a VMCOREINFO note."""
+    with open(path, "rb") as f:
+        eh = f.read(64)
+        if eh[:4] != b"\x7fELF":
+            return True                        # not ELF (kdump, kcore): drgn decides
+        phoff, = struct.unpack_from("<Q", eh, 0x20)
+        phentsize, phnum = struct.unpack_from("<HH", eh, 0x36)
+        f.seek(phoff)
+        table = f.read(phentsize * phnum)
+        for i in range(phnum):
+            p_type, _f, off, _va, _pa, filesz = struct.unpack_from("<IIQQQQ", table, i * phentsize)
+            if p_type == 4 and filesz < 1 << 24:
+                f.seek(off)
+                if b"VMCOREINFO" in f.read(filesz):
+                    return True
+    return False
+
+
 def _program(core: str | Path, vmlinux: str | Path, vmcoreinfo: bytes | None):
     check_drgn()
     import drgn
@@ -301,7 +344,7 @@ def _try(prog, name: str):
 
 def walk_tables(read_table, top: int, levels: int, ranges: list[tuple[int, int]]
                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Every present entry of PUD, PMD and PTE level in ``ranges`` of the
+    """Every present entry of P4D (PGD with 4 levels), PUD, PMD and PTE level in ``ranges`` of the
     tables rooted at physical ``top`` (``levels`` 4 or 5), each as (VA,
     level, entry); ``read_table(pa)`` gives the 512 entries of a table page.
     Shared by the real kernel's tables (read from its dump) and the model's."""
@@ -323,7 +366,7 @@ def walk_tables(read_table, top: int, levels: int, ranges: list[tuple[int, int]]
         sub = t[first:last + 1]
         present = (sub & np.uint64(1)) != 0
         idx, sub = idx[present], sub[present]
-        if level <= 3:
+        if level <= 4:
             vas.append((np.uint64(base) + idx * np.uint64(1 << shift)) | np.uint64(ext))
             lvs.append(np.full(len(idx), level, dtype=np.uint8))
             ents.append(sub.astype(np.uint64))
@@ -347,6 +390,16 @@ def extract(core: str | Path, vmlinux: str | Path, *, vmcoreinfo: bytes | None =
     ``/proc/kcore``) with its debug ``vmlinux``; ``vmcoreinfo``: the note's
     text where the core has none (see :func:`vmcoreinfo_from_core`)."""
     t0 = time.perf_counter()
+    if not Path(core).exists():
+        raise TruthError(f"no such core: {core}")
+    if not Path(vmlinux).is_file():
+        raise TruthError(f"no such vmlinux: {vmlinux}")
+    if vmcoreinfo is None and str(core) != "/proc/kcore" and not _elf_has_vmcoreinfo(Path(core)):
+        vmcoreinfo = find_vmcoreinfo(core)
+        if vmcoreinfo is None:
+            raise TruthError(f"{core} has no VMCOREINFO note, in its headers or in its memory: "
+                             f"drgn cannot read it (dump with QEMU's -device vmcoreinfo, or "
+                             f"give the note's text)")
     prog = _program(core, vmlinux, vmcoreinfo)
     from drgn import FaultError
     try:
@@ -480,6 +533,12 @@ def _extract(prog, point: str, t0: float) -> KernelState:
     nsec = (max_pfn + (1 << pfn_sec_shift) - 1) >> pfn_sec_shift
     pageblock_mt = np.full(nsec * blocks_per_sec, NO_PAGEBLOCK, dtype=np.uint8)
     mt_bits = 3
+    # PageReserved (never given to the buddy, or taken back): from each
+    # present section's struct pages, the flags word of each
+    pages_per_sec = 1 << pfn_sec_shift
+    reserved = np.ones(nsec * pages_per_sec, dtype=bool)
+    pg_reserved = prog["PG_reserved"].value_()
+    words = page_size // 8
     for nr in range(nsec):
         ms = nr_to_section(prog, nr)
         if not ms or not present_section(ms) or not ms.usage:
@@ -490,6 +549,11 @@ def _extract(prog, point: str, t0: float) -> KernelState:
         bits = bits.reshape(blocks_per_sec, nbits)[:, :mt_bits]
         mts = (bits * (1 << np.arange(mt_bits))).sum(axis=1).astype(np.uint8)
         pageblock_mt[nr * blocks_per_sec:(nr + 1) * blocks_per_sec] = mts
+        first = vmemmap + nr * pages_per_sec * page_size
+        flags = np.frombuffer(prog.read(first, pages_per_sec * page_size),
+                              dtype=np.uint64)[::words]
+        reserved[nr * pages_per_sec:(nr + 1) * pages_per_sec] = (
+            flags >> np.uint64(pg_reserved) & np.uint64(1)).astype(bool)
 
     # -- vmalloc areas, modules, packs --------------------------------------------
     vs, vz, vf, vn, vc = [], [], [], [], []
@@ -544,7 +608,8 @@ def _extract(prog, point: str, t0: float) -> KernelState:
         free_zone=u8(fz), free_order=u8(fo), free_mt=u8(fm), free_pfn=u64(fp),
         pcp_cpu=np.array(pc, dtype=np.uint16), pcp_zone=u8(pz), pcp_pindex=u8(pi),
         pcp_order=u8(po), pcp_pfn=u64(pp), pageblock_order=pb_order,
-        pageblock_mt=pageblock_mt, vm_start=u64(vs), vm_size=u64(vz), vm_flags=u64(vf),
+        pageblock_mt=pageblock_mt,
+        page_reserved=np.packbits(reserved[:max_pfn], bitorder="little"), vm_start=u64(vs), vm_size=u64(vz), vm_flags=u64(vf),
         vm_caller=vc, vm_nr_pages=u64(vn),
         vm_pages=np.concatenate(vpages) if vpages else u64([]),
         modules=modules, bpf_packs=packs, e820=e820, cmdline=cmdline,
@@ -570,7 +635,7 @@ def _has_member(obj, name: str) -> bool:
 #: accessed/dirty bits the CPU sets, nor the software bits (9-11, 52-62)
 FLAG_MASK = 0x1 | 0x2 | 0x4 | 0x8 | 0x10 | 0x80 | 0x1000 | (1 << 63)
 _TABLE_MASK = 0x1 | 0x2 | 0x4 | (1 << 63)
-_LEVEL_NAME = {1: "4K", 2: "2M", 3: "1G"}
+_LEVEL_NAME = {1: "4K", 2: "2M", 3: "1G", 4: "512G"}
 
 
 def _flag_names(entry: int, level: int) -> str:
@@ -596,8 +661,9 @@ def compare_tables(real: tuple[np.ndarray, np.ndarray, np.ndarray],
     are the model's own placement. The first difference is named."""
     def keyed(vas, levels, entries, offset):
         vas = vas.astype(np.uint64)
-        direct = vas < np.uint64(START_KERNEL_MAP)
-        rel = np.where(direct, vas - np.uint64(offset), vas)
+        off = np.uint64(offset)
+        direct = (vas >= off) & (vas < off + np.uint64(1 << 46))
+        rel = np.where(direct, vas - off, vas)
         return {(int(v), int(lv)): int(e) for v, lv, e in zip(rel, levels, entries)}
     r = keyed(*real, real_offset)
     m = keyed(*model, model_offset)
@@ -618,8 +684,8 @@ def compare_tables(real: tuple[np.ndarray, np.ndarray, np.ndarray],
                 continue
         mism += 1
         if first is None:
-            where = (f"image {va:#x}" if va >= START_KERNEL_MAP
-                     else f"direct map +{va:#x} (pfn {va >> 12:#x})")
+            where = (f"direct map +{va:#x} (pfn {va >> 12:#x})" if va < 1 << 46
+                     else f"image {va:#x}")
 
             first = (f"{where} level {_LEVEL_NAME.get(level, level)}: Linux "
                      f"{_say(re, leaf, level)}, model {_say(me, leaf, level)}")

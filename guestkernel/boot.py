@@ -220,7 +220,9 @@ def init_mem_mapping(machine: Machine, e820: E820Table, memblock: Memblock,
     kp = pgt.prot
     # init_top_pgt[511] -> level3_kernel_pgt[510] -> level2_kernel_pgt, 2M
     # pages over the image (cleanup_highmap keeps [_text, roundup(_brk_end, PMD_SIZE))).
-    pgt.set(pgt.slot(root, pt.table_index(START_KERNEL_MAP, 4)), pud | kp.KERNPG_TABLE)
+    # head_64.S: init_top_pgt[511] = level3_kernel_pgt + _PAGE_TABLE_NOENC,
+    # level3_kernel_pgt[510] = level2_kernel_pgt + _KERNPG_TABLE_NOENC
+    pgt.set(pgt.slot(root, pt.table_index(START_KERNEL_MAP, 4)), pud | kp.PAGE_TABLE)
     pgt.set(pgt.slot(pud, pt.table_index(START_KERNEL_MAP, 3)), pmd | kp.KERNPG_TABLE)
     lo = img.text & ~(PMD_SIZE - 1)
     hi = -(-img.brk_end // PMD_SIZE) * PMD_SIZE

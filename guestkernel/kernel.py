@@ -25,6 +25,7 @@ subsystems, plus page allocation with the policy's routing.
 from __future__ import annotations
 
 import enum
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -139,6 +140,8 @@ class Kernel:
         self._unmapped: dict[int, int] = {}
         #: a replay's source of page-table pfns (see alloc_pgtable_page)
         self.pgtable_pfn_source: Callable[[], int] | None = None
+        #: what Kernel.from_state took over from the real kernel (None: booted)
+        self.from_state_report: dict | None = None
         #: and where such a replay's freed table pages go (instead of the buddy)
         self.pgtable_free_sink: Callable[[int], None] | None = None
         self._validator_code: int | None = None
@@ -189,6 +192,56 @@ class Kernel:
             boot_cpa_calls(k.cpa, k.buddy, k.bpf, version)
             k._enter_running()
         return k
+
+    @classmethod
+    def from_state(cls, state, *, policy: str | Policy = "baseline",
+                   profile: str | KernelVersion | None = None, debug_vm: bool = False,
+                   **policy_tunables) -> Kernel:
+        """A model started from a real kernel's state (a
+        :class:`dmfrag.truth.KernelState`, as read from its memory): the
+        same memory map, Linux's direct-map and image tables, free lists,
+        pageblocks and counters (see :mod:`guestkernel.from_state`). The
+        kernel record is the one the state's release names; a release with
+        no record is a KernelError naming the nearest (``profile`` picks one
+        anyway). ``k.from_state_report`` says what was taken over."""
+        from .from_state import StateError, e820_text, install_state
+        from .versions import VERSIONS, nearest_version
+        if profile is None:
+            m = re.match(r"(\d+)\.(\d+)", state.release)
+            if m is None:
+                raise KernelError(f"the state's kernel release {state.release!r} names no "
+                                  f"version; pass profile= (one of {', '.join(VERSIONS)})")
+            name = f"{m.group(1)}.{m.group(2)}"
+            if name not in VERSIONS:
+                near = nearest_version((int(m.group(1)), int(m.group(2))))
+                raise KernelError(f"the model has no record for Linux {state.release}; the "
+                                  f"nearest is {near.name}: pass profile={near.name!r} "
+                                  f"(--kernel {near.name}) to start from it anyway")
+            profile = name
+        if not state.e820:
+            raise KernelError("the state carries no e820 table: cannot lay out the machine")
+        k = cls.boot(e820=e820_text(state.e820), profile=profile, policy=policy,
+                     debug_vm=debug_vm, boot_cpa=False, **policy_tunables)
+        try:
+            k.from_state_report = install_state(k, state)
+        except StateError as exc:
+            raise KernelError(str(exc)) from None
+        k.profile_reason = (f"kernel {k.profile.name}: started from a dumped Linux "
+                            f"{state.release} ({state.point or 'state'})")
+        return k
+
+    @classmethod
+    def from_dump(cls, core: str | Path, vmlinux: str | Path, *,
+                  vmcoreinfo: bytes | None = None, **kw) -> Kernel:
+        """``from_state`` of the state read from ``core`` (a QEMU dump, a
+        kdump vmcore, ``/proc/kcore``) with its debug ``vmlinux`` (needs
+        drgn; see :func:`dmfrag.truth.extract`)."""
+        from dmfrag.truth import TruthError, extract
+        try:
+            state = extract(core, vmlinux, vmcoreinfo=vmcoreinfo, point="dump")
+        except TruthError as exc:
+            raise KernelError(str(exc)) from None
+        return cls.from_state(state, **kw)
 
     def enter_running(self) -> None:
         """``system_state = SYSTEM_RUNNING`` for a kernel booted with

@@ -135,6 +135,28 @@ def check_policies(f: dict) -> None:
     assert f == {}
 
 
+def check_truth(f: dict) -> None:
+    assert f.pop("kernel") == "6.1"
+    committed = f.pop("committed")
+    assert len(committed) == 3
+    for c in committed.values():
+        assert c.pop("pte_mismatches") == 0 and c.pop("free_list_mismatches") == 0
+        assert c.pop("page_table_entries") > 4000 and c.pop("free_blocks") > 100
+        assert positive(c.pop("from_state_s")) and positive(c.pop("compare_s")) and c == {}
+    if "skipped" in f:
+        pytest.skip(f["skipped"])
+    g = f.pop("guests")
+    assert list(g) == ["2G"]
+    g = g["2G"]
+    assert g.pop("ram") == "2G" and g.pop("direct_map_equal") is True
+    assert g.pop("pte_mismatches") == 0 and g.pop("free_list_mismatches") == 0
+    assert g.pop("dump_bytes") > 2 * 10**9 and 10**4 < g.pop("state_bytes") < 10**6
+    assert g.pop("page_table_entries") > 4000 and g.pop("free_blocks") > 100
+    for key in ("dump_s", "extract_s", "from_state_s", "compare_s", "boot_s"):
+        assert positive(g.pop(key)), key
+    assert g == {} and f == {}
+
+
 SCRIPTS: dict[str, tuple[Callable[[dict], None], tuple]] = {
     "emu_bench.py": (check_emu, ()),
     "tlb.py": (check_tlb, ()),
@@ -142,6 +164,7 @@ SCRIPTS: dict[str, tuple[Callable[[dict], None], tuple]] = {
     "page_alloc_bench.py": (check_page_alloc, ()),
     "validate_bench.py": (check_validate, ()),
     "realkernel_bench.py": (check_realkernel, (pytest.mark.realkernel,)),
+    "truth_bench.py": (check_truth, (pytest.mark.realkernel,)),
     "policies_report.py": (check_policies, ()),
 }
 
@@ -154,4 +177,5 @@ def test_every_bench_script_has_a_smoke_check():
                                     for s, (_, marks) in SCRIPTS.items()])
 def test_bench_smoke(script):
     check, _ = SCRIPTS[script]
-    check(run_smoke(script, timeout=300 if script == "realkernel_bench.py" else 120))
+    check(run_smoke(script, timeout=300 if script in ("realkernel_bench.py", "truth_bench.py")
+                    else 120))

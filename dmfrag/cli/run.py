@@ -11,6 +11,7 @@ from pathlib import Path
 from .common import (
     EXIT_OK,
     EXIT_PROBLEM,
+    UsageError,
     add_workload_args,
     check_output_file,
     check_run_args,
@@ -30,8 +31,54 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--record", metavar="FILE", help="write the trace (JSON Lines)")
     p.add_argument("--validate", action="store_true", help="full validation at the end")
+    p.add_argument("--from-dump", metavar="CORE", default=None,
+                   help="start from a real kernel's state instead of a boot: a core drgn reads "
+                        "(QEMU dump, kdump vmcore, /proc/kcore; with --vmlinux) or a stored "
+                        "state (X.truth.npz of realkernel record --truth; --point picks one). "
+                        "--ram/--e820 are then the dump's own")
+    p.add_argument("--vmlinux", metavar="VMLINUX", default=None,
+                   help="with --from-dump CORE: the dumped kernel's vmlinux with debug symbols")
+    p.add_argument("--point", default=None,
+                   help="with --from-dump X.truth.npz: the state's point (default: the last)")
     p.set_defaults(func=main)
     return p
+
+
+def _from_dump(args: argparse.Namespace):
+    """The kernel a --from-dump run starts from (every input checked first:
+    exit 2 naming what is wrong)."""
+    from guestkernel.kernel import Kernel, KernelError
+
+    from ..truth import TruthError, load_states
+    path = Path(args.from_dump)
+    if str(path) != "/proc/kcore" and not path.is_file():
+        raise UsageError(f"--from-dump {args.from_dump!r}: no such file")
+    if args.record:
+        raise UsageError("--record with --from-dump: a model trace starts from a boot, this run "
+                         "starts from a dumped kernel's state")
+    kw = {"policy": args.policy, "profile": args.kernel}
+    try:
+        if path.suffix == ".npz":
+            if args.vmlinux is not None:
+                raise UsageError("--vmlinux is for a core; a stored state (.npz) needs none")
+            states = load_states(path)
+            if args.point is None:
+                state = states[-1]
+            else:
+                found = [s for s in states if s.point == args.point]
+                if not found:
+                    raise UsageError(f"--point {args.point!r}: {path} holds "
+                                     f"{', '.join(s.point for s in states)}")
+                state = found[0]
+            return Kernel.from_state(state, **kw)
+        if args.point is not None:
+            raise UsageError("--point is for a stored state (.npz), not a core")
+        if args.vmlinux is None:
+            raise UsageError("--from-dump CORE needs --vmlinux VMLINUX (the kernel's debug "
+                             "symbols)")
+        return Kernel.from_dump(path, args.vmlinux, **kw)
+    except (TruthError, KernelError) as exc:
+        raise UsageError(str(exc)) from None
 
 
 def main(args: argparse.Namespace) -> int:
@@ -43,9 +90,17 @@ def main(args: argparse.Namespace) -> int:
     check_output_file(args.record, "--record")
     check_tlb_preset(args.tlb)
     check_run_args(args, [args.policy])
+    if args.from_dump is None and (args.vmlinux is not None or args.point is not None):
+        raise UsageError("--vmlinux and --point go with --from-dump")
     error = None
     try:
-        d = run_one(args, args.policy)
+        if args.from_dump is not None:
+            from ..workloads import run_workload
+            k = _from_dump(args)
+            d = run_workload(args.workload, policy=args.policy, seed=args.seed,
+                             scale=args.scale, kernel=k)
+        else:
+            d = run_one(args, args.policy)
     except WorkloadError as exc:
         d, error = exc.driver, exc
     res = run_result(d, workload=args.workload, seed=args.seed, tlb=args.tlb, config=config(args))

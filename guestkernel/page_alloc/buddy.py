@@ -381,3 +381,90 @@ class BuddyAllocator(AllocMixin, PcpMixin, FallbackMixin, MemblockMixin, ZoneMix
                 return zone
         raise ValueError(f"pageblock at {start:#x} overlaps no zone")
 
+
+    # ------------------------------------------------------------------ a real kernel's state
+
+    def load_free_lists(self, blocks: Sequence[tuple[str, int, int, int]],
+                        pcp: Sequence[tuple[str, int, int, int]],
+                        pageblock_mt: np.ndarray | None = None,
+                        managed: Mapping[str, int] | None = None,
+                        reserved: np.ndarray | None = None) -> dict[str, int]:
+        """Make the allocator hold exactly a real kernel's free memory (as
+        read from its memory: :mod:`dmfrag.truth`): ``blocks`` are the buddy
+        lists' (zone name, order, migratetype, head pfn) in list order (head
+        first), ``pcp`` the per-CPU lists' (zone name, order, migratetype,
+        pfn) in list order, all CPUs' onto the one modelled; ``pageblock_mt``
+        one migratetype per pageblock (255: none); ``managed`` each zone's
+        managed pages; ``reserved`` a bool per pfn (PageReserved: what the
+        buddy never had). Every page not listed and not reserved becomes an
+        allocated order-0 page (without ``reserved``: the model's own hand-over
+        decides, and a listed page it had kept reserved is handed over). Returns counts; raises ValueError, changing nothing, for
+        a block outside its zone or overlapping another."""
+        by_name = {z.name: z for z in self.zones}
+        seen = np.zeros(self.max_pfn, dtype=bool)
+        for what, rows in (("free block", blocks), ("pcp page", pcp)):
+            for zname, order, mt, pfn in rows:
+                zone = by_name.get(zname)
+                end = pfn + (1 << order)
+                if zone is None or not (zone.start_pfn <= pfn and end <= zone.end_pfn) \
+                        or not 0 <= order < MAX_ORDER or pfn & ((1 << order) - 1):
+                    raise ValueError(f"{what} pfn {pfn:#x} order {order} zone {zname!r}: not an "
+                                     f"aligned block inside a zone of this machine")
+                if not 0 <= mt < self.nr_migratetypes:
+                    raise ValueError(f"{what} pfn {pfn:#x}: unknown migratetype {mt}")
+                if seen[pfn:end].any():
+                    raise ValueError(f"{what} pfn {pfn:#x} order {order} overlaps another")
+                seen[pfn:end] = True
+        # the pages handed over: the model's own, and every page Linux has free
+        handed = np.zeros(self.max_pfn, dtype=bool)
+        if reserved is not None:
+            in_zone = np.zeros(self.max_pfn, dtype=bool)
+            for z in self.zones:
+                in_zone[z.start_pfn:z.end_pfn] = True
+            n = min(len(reserved), self.max_pfn)
+            handed[:n] = ~np.asarray(reserved[:n], dtype=bool) & in_zone[:n]
+        else:
+            for s, e in self._handed:
+                handed[s:e] = True
+        newly = int(np.count_nonzero(seen & ~handed))
+        handed |= seen
+        st = self._state_np
+        st[:] = 0
+        st[: self.max_pfn][handed] = PG_ALLOC
+        for zone in self.zones:
+            for area in zone.free_area:
+                for d in area:
+                    d.clear()
+            zone.free_pages = 0
+            for lst in zone.pcp.lists:
+                lst.clear()
+            zone.pcp.count = 0
+        if pageblock_mt is not None:
+            n = min(len(pageblock_mt), len(self._pageblock_np))
+            src = np.asarray(pageblock_mt[:n], dtype=np.uint8)
+            dst = self._pageblock_np[:n]
+            dst[src != 255] = src[src != 255]
+        for zname, order, mt, pfn in reversed(list(blocks)):   # the head is the dict's last
+            zone = by_name[zname]
+            st[pfn: pfn + (1 << order)] = 0
+            st[pfn] = PG_BUDDY | order
+            zone.free_area[order][mt][pfn] = None
+            zone.free_pages += 1 << order
+        from .types import order_to_pindex
+        for zname, order, mt, pfn in pcp:
+            zone = by_name[zname]
+            st[pfn: pfn + (1 << order)] = 0
+            st[pfn] = PG_PCP | order
+            pmt = mt if mt < MIGRATE_PCPTYPES else MOVABLE
+            zone.pcp.lists[order_to_pindex(pmt, order)].append(pfn << 4 | pmt)
+            zone.pcp.count += 1 << order
+        runs = np.flatnonzero(np.diff(np.concatenate(([0], handed.astype(np.int8), [0]))))
+        self._handed = [[int(a), int(b)] for a, b in zip(runs[::2], runs[1::2])]
+        if managed is not None:
+            for name, pages in managed.items():
+                if name in by_name:
+                    by_name[name].managed_pages = int(pages)
+        self._ac_cache.clear()
+        self._allocated_once = True
+        self._setup_per_zone_wmarks()
+        return {"free_blocks": len(blocks), "pcp_pages": len(pcp), "handed_over": newly}

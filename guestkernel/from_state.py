@@ -1,0 +1,253 @@
+"""Start the model from a real kernel's state (``Kernel.from_state``).
+
+A state read from a real kernel's memory (:mod:`dmfrag.truth`: a QEMU dump,
+a kdump vmcore, ``/proc/kcore``) carries its firmware memory map, its page
+tables, its free lists and pageblocks. The model boots on the same memory
+map (the record the state's kernel release names), then takes over:
+
+* **the direct map and the image mapping**: Linux's tables themselves. Each
+  table page Linux links (its PUD, PMD and PTE tables of the direct map, the
+  PMD and PTE tables of the image) is written at the same pfn of the model's
+  memory with Linux's entries, verbatim (global bit, accessed/dirty and
+  software bits included), and the model's top-level entries point at them
+  (Linux's P4D entries when it runs 5-level paging: the model runs 4 levels,
+  and the direct map keeps the model's PAGE_OFFSET, same pfns). The model's
+  own boot tables of those ranges are dropped. The kernel-image PUD table and
+  what hangs off its other slots (modules, fixmap) stay the model's.
+* **the shadow** (what the validator expects) becomes what those entries
+  say, page by page, so that ``validate()`` holds from the first moment.
+* **free memory**: every buddy list in list order with its migratetype, the
+  per-CPU lists, the pageblock migratetypes, each zone's managed pages
+  (:meth:`BuddyAllocator.load_free_lists`); a page Linux has free that the
+  model uses for itself (its top-level table, the module area's tables)
+  stays the model's and is counted (``kept_by_model``).
+* **counters**: ``direct_pages_count`` and the split/collapse events.
+* **users' pages it can identify**: the pages of vmalloc areas (modules, BPF,
+  execmem, vmalloc) are owned as vmalloc pages (``PageOwner.VMALLOC``), so
+  that nothing frees them through another path; the areas themselves are not
+  modelled objects (a workload cannot unload a module it did not load).
+
+The system is running (``enter_running``) when this returns.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from emu import pagetable as pt
+from emu.pagetable import PteFlags as F
+
+from .layout import PAGE_OFFSET, START_KERNEL_MAP
+from .owner import PageOwner
+from .shadow import S_MAPPED, to_shadow
+
+__all__ = ["StateError", "e820_text", "install_state"]
+
+_PHYS = pt.ADDR_MASK
+_PS = int(F.PS)
+_E820_NAMES = {1: "usable", 2: "reserved", 3: "ACPI data", 4: "ACPI NVS", 5: "unusable",
+               7: "persistent (type 7)", 12: "persistent (type 12)", 0xEFFFFFFF: "soft reserved"}
+_IMAGE_SPAN = 1 << 30
+#: the direct map's span with 4-level paging (64 TiB): RAM beyond it the model cannot map
+_DIRECT_SPAN = 1 << 46
+
+
+class StateError(ValueError):
+    """A state the model cannot start from: says why."""
+
+
+def e820_text(e820: list[list[int]]) -> str:
+    """A firmware e820 table as the boot log prints it (what ``Kernel.boot``
+    reads)."""
+    lines = []
+    for addr, size, typ in e820:
+        name = _E820_NAMES.get(int(typ), f"type {int(typ)}")
+        lines.append(f"BIOS-e820: [mem {int(addr):#018x}-{int(addr) + int(size) - 1:#018x}] "
+                     f"{name}")
+    return "\n".join(lines) + "\n"
+
+
+def _entries(state: Any) -> dict[tuple[int, int], int]:
+    """Linux's entries keyed by (VA in the model's layout, level)."""
+    vas = state.pt_va.astype(np.uint64)
+    off = np.uint64(state.page_offset)
+    direct = (vas >= off) & (vas < off + np.uint64(_DIRECT_SPAN))
+    rel = np.where(direct, vas - off + np.uint64(PAGE_OFFSET), vas)
+    return {(int(v), int(lv)): int(e) for v, lv, e in zip(rel, state.pt_level, state.pt_entry)}
+
+
+def install_state(k: Any, state: Any) -> dict[str, int]:
+    """Give the booted (``boot_cpa=False``) model ``k`` the real kernel's
+    tables, free memory and counters (see the module doc); returns counts."""
+    if state.max_pfn != k.max_pfn:
+        raise StateError(f"the state's max_pfn {state.max_pfn:#x} is not the model's "
+                         f"{k.max_pfn:#x} on the same memory map")
+    ents = _entries(state)
+    ram64 = k.machine.ram64
+    pgt = k.pgt
+    old_tables = set(pgt.table_pages)
+    linked: set[int] = set()
+
+    def fill(table_pa: int, level: int, base: int) -> None:
+        """Write Linux's level-``level`` entries under ``base`` into the table."""
+        linked.add(table_pa)
+        ram64[table_pa >> 3: (table_pa >> 3) + 512] = 0
+        shift = 12 + 9 * (level - 1)
+        for i in range(512):
+            va = base + (i << shift)
+            e = ents.get((pt.canonical(va), level))
+            if e is None:
+                continue
+            ram64[(table_pa >> 3) + i] = np.uint64(e)
+            if level > 1 and not e & _PS:
+                fill(e & _PHYS, level - 1, va)
+
+    # the direct map: the model's top-level slots over it take Linux's P4D/PGD entries
+    direct_end = PAGE_OFFSET + (((k.max_pfn << 12) + (1 << 30) - 1) & ~((1 << 30) - 1))
+    lo, hi = pt.table_index(PAGE_OFFSET, 4), pt.table_index(direct_end - 1, 4)
+    for idx in range(lo, hi + 1):
+        va = pt.canonical(idx << 39)
+        slot = pgt.slot(pgt.root, idx)
+        e = ents.get((va, 4))
+        if e is None:
+            pgt.set(slot, 0)
+            continue
+        pgt.set(slot, e)
+        fill(e & _PHYS, 3, va & ((1 << 48) - 1))
+    # the image: PUD slot of START_KERNEL_MAP in the model's own image PUD table
+    top = pgt.get(pgt.slot(pgt.root, pt.table_index(START_KERNEL_MAP, 4)))
+    pud = top & _PHYS
+    e = ents.get((START_KERNEL_MAP, 3))
+    if e is None:
+        raise StateError("the state has no page-table entry for the kernel image")
+    pgt.set(pgt.slot(pud, pt.table_index(START_KERNEL_MAP, 3)), e)
+    if not e & _PS:
+        fill(e & _PHYS, 2, START_KERNEL_MAP & ((1 << 48) - 1))
+    linked |= {pgt.root, pud}
+    # what the model still links (module area, fixmap): keep
+    still = _linked_tables(ram64, pgt.root)
+    for pa in old_tables - still:
+        pgt.table_pages.discard(pa)
+        k.page_owner[pa >> 12] = PageOwner.NONE
+    for pa in still:
+        pgt.table_pages.add(pa)
+    _shadow_from_entries(k, ents)
+    k.flush_tlb_all()
+
+    # free memory
+    zones = [z["name"] for z in state.zones]
+    blocks = [(zones[z], o, m, p) for z, o, m, p in zip(state.free_zone.tolist(),
+                                                         state.free_order.tolist(),
+                                                         state.free_mt.tolist(),
+                                                         state.free_pfn.tolist())]
+    pbmt = state.pageblock_mt
+    pcp = []
+    for z, o, pfn in zip(state.pcp_zone.tolist(), state.pcp_order.tolist(),
+                         state.pcp_pfn.tolist()):
+        mt = int(pbmt[pfn >> state.pageblock_order]) if (pfn >> state.pageblock_order) < len(
+            pbmt) else 1
+        pcp.append((zones[z], o, mt if mt < 3 else 1, pfn))
+    managed = {z["name"]: z["managed"] for z in state.zones if z["managed"]}
+    try:
+        counts = k.buddy.load_free_lists(blocks, pcp, pbmt, managed, state.reserved_mask())
+    except ValueError as exc:
+        raise StateError(f"the state's free lists do not fit this machine: {exc}") from None
+    kept = 0
+    states = k.buddy.page_states()
+    for pa in sorted(still):
+        pfn = pa >> 12
+        if pfn < len(states) and states[pfn] == 1:
+            k.buddy.take_page_off_buddy(pfn, 0)
+            kept += 1
+        k.page_owner[pfn] = PageOwner.PAGE_TABLE
+    # users' pages
+    vm_pages = state.vm_pages.astype(np.int64)
+    vm_pages = vm_pages[(vm_pages >= 0) & (vm_pages < k.max_pfn)]
+    owner = k.page_owner
+    free_now = k.buddy.page_states()[vm_pages] == 1
+    owner[vm_pages[~free_now]] = PageOwner.VMALLOC
+
+    # counters
+    dpc = list(state.direct_pages_count)
+    for i in range(min(len(dpc), len(pgt.direct_pages_count))):
+        pgt.direct_pages_count[i] = int(dpc[i])
+    for name, value in state.counters.items():
+        if name in k.vmstat_counters:
+            k.vmstat_counters[name] = int(value)
+    k.enter_running()
+    # Linux's direct_pages_count counts the image mapping's splits too; the
+    # model keeps those apart (highmap_counted), and the running count's
+    # change since boot is what the split/collapse events say
+    recount = pgt.recount_direct_map(k.max_pfn)
+    count = pgt.direct_pages_count
+    for level in (1, 2, 3):
+        k.cpa.highmap_counted[level] = count[level] - recount[level] - k.boot_overcount[level]
+    vm = k.vmstat_counters
+    s2 = vm["direct_map_level2_splits"] - vm["direct_map_level2_collapses"]
+    s3 = vm["direct_map_level3_splits"] - vm["direct_map_level3_collapses"]
+    want = {1: 512 * s2, 2: 512 * s3 - s2, 3: -s3}
+    k.boot_direct_pages_count = [count[i] - want.get(i, 0) for i in range(len(count))]
+    return {**counts, "tables_linked": len(linked), "tables_dropped": len(old_tables - still),
+            "kept_by_model": kept, "vmalloc_pages_owned": int(np.count_nonzero(~free_now))}
+
+
+def _linked_tables(ram64: np.ndarray, root: int) -> set[int]:
+    """Every table page reachable from ``root`` (kernel half)."""
+    out = {root}
+    stack = [(root, 4)]
+    while stack:
+        table, level = stack.pop()
+        ents = ram64[table >> 3: (table >> 3) + 512]
+        start = 256 if level == 4 else 0
+        for e in ents[start:].tolist():
+            if not e & 1 or level == 1 or (level <= 3 and e & _PS):
+                continue
+            child = e & _PHYS
+            if child not in out:
+                out.add(child)
+                stack.append((child, level - 1))
+    return out
+
+
+def _shadow_from_entries(k: Any, ents: dict[tuple[int, int], int]) -> None:
+    """The shadow's expectation becomes what Linux's entries say: each
+    direct-map pfn and image page by its leaf (large leaves' PAT moved to
+    the 4K position); a page under a table with no present entry is mapped
+    but not present (set_direct_map_invalid)."""
+    sh = k.shadow
+    direct = np.zeros(k.max_pfn, dtype=np.uint8)
+    img_bits: dict[int, int] = {}
+    end = PAGE_OFFSET + k.max_pfn * 4096
+    tables_4k: list[int] = []
+    for (va, level), e in ents.items():
+        if level > 3:
+            continue
+        if level > 1 and not e & _PS:
+            if level == 2:
+                tables_4k.append(va)
+            continue
+        flags = e & ~_PHYS & ((1 << 64) - 1)
+        if level > 1:
+            flags = pt.pat_large_to_4k(flags) & ~_PS
+        bits = to_shadow(flags) | S_MAPPED
+        size = 1 << (12 + 9 * (level - 1))
+        if PAGE_OFFSET <= va < end:
+            a = (va - PAGE_OFFSET) >> 12
+            direct[a: min(a + (size >> 12), k.max_pfn)] = bits
+        elif START_KERNEL_MAP <= va < START_KERNEL_MAP + _IMAGE_SPAN:
+            for p in range(va, va + size, 4096):
+                img_bits[p] = bits
+    # 4K tables: pages whose entry is absent are mapped, not present
+    for va in tables_4k:
+        if PAGE_OFFSET <= va < end:
+            a = (va - PAGE_OFFSET) >> 12
+            seg = direct[a: a + 512]
+            seg[seg == 0] = S_MAPPED
+    sh.direct[:] = direct
+    for p in list(sh.image):
+        sh.image[p] = img_bits.get(p, S_MAPPED)
+    sh.kernel_ro = True
+    sh.touched.clear()
+    sh.touched_va.clear()
