@@ -281,7 +281,9 @@ class _Replayer:
         for head, order in held:
             buddy.take_page_off_buddy(head, order)
         try:
-            boot_cpa_calls(k.cpa, buddy, k.bpf, k.profile, only=self._model_early_call)
+            boot_cpa_calls(k.cpa, buddy, k.bpf, k.profile, only=self._model_early_call,
+                           real_mode=k.real_mode_base)
+            self._execmem_cache()
         finally:
             for head, order in held:
                 buddy.free_pages(head, order)
@@ -291,6 +293,25 @@ class _Replayer:
         own[states == 1] = _FREE
         own[states == 2] = _MODEL
         self.own = bytearray(own.tobytes())
+
+    def _execmem_cache(self) -> None:
+        """7.x's execmem ROX cache is filled before tracing begins (no event
+        shows it): a 2M area of the module space, its direct-map alias
+        read-only (one 2M page, no split). With the recorder's module areas,
+        the first ``execmem_alloc`` area of 512 contiguous, 2M-aligned pages
+        is that cache: its alias made read-only here, as Linux has it when
+        the trace starts (the requests after it that make a page writable
+        then split it as Linux's did)."""
+        if not self.k.profile.execmem_rox_cache:
+            return
+        for va, caller, pfns in self.areas:
+            if not caller.startswith("execmem_alloc") or len(pfns) != 512:
+                continue
+            first = pfns[0]
+            if first % 512 or pfns != list(range(first, first + 512)):
+                continue
+            self.k.cpa.set_memory_ro(self.k.pfn_to_virt(first), 512)
+            return
 
     def _model_early_call(self, call) -> bool:
         """Which early boot calls the model makes itself: those on the image

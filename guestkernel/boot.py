@@ -32,8 +32,8 @@ from emu import Machine
 from emu import pagetable as pt
 
 from .cpa import Cpa
-from .e820 import E820Table
-from .layout import PAGE_SIZE, PMD_SIZE, START_KERNEL_MAP
+from .e820 import E820Table, E820Type
+from .layout import PAGE_OFFSET, PAGE_SIZE, PMD_SIZE, START_KERNEL_MAP
 from .memblock import Memblock
 from .memory_mapping import init_mem_mapping as plan_mem_mapping
 from .page_alloc import BuddyAllocator, ZoneType
@@ -333,14 +333,38 @@ def _mark_rodata_ro(cpa: Cpa, buddy: BuddyAllocator, version: KernelVersion) -> 
     _free_kernel_image_pages(cpa, buddy, version, rodata_end, img.sdata)
 
 
+def real_mode_base(e820: E820Table, version: KernelVersion) -> int | None:
+    """Where ``reserve_real_mode`` puts the real-mode blob: memblock's
+    top-down ``memblock_phys_alloc_range(size, PAGE_SIZE, 0, 1 MiB)``, the
+    highest page-aligned RAM below 1 MiB that holds it; None without a
+    record of the blob or room for it ("No sub-1M memory is available for
+    the trampoline")."""
+    if version.real_mode is None:
+        return None
+    size = version.real_mode[0] * PAGE_SIZE
+    best = None
+    for e in e820.entries:
+        if e.type is not E820Type.RAM or e.start >= 1 << 20:
+            continue
+        top = min(e.end, 1 << 20) & ~(PAGE_SIZE - 1)
+        lo = -(-e.start // PAGE_SIZE) * PAGE_SIZE
+        if top - size >= max(lo, PAGE_SIZE) and (best is None or top - size > best):
+            best = top - size
+    return best
+
+
 def boot_cpa_calls(cpa: Cpa, buddy: BuddyAllocator, bpf: BpfJit, version: KernelVersion,
-                   only: Callable[[BootCpaCall], bool] | None = None) -> None:
+                   only: Callable[[BootCpaCall], bool] | None = None,
+                   real_mode: int | None = None) -> None:
     """The CPA calls of boot, in the record's order (found with ftrace on
     the reference kernel):
 
     * ``idt_setup_apic_and_irq_gates``: the IDT page read-only;
     * ``alternative_instructions``: on UP, ``free_init_pages`` of the
       SMP-alternatives section (NX and RW, then freed);
+    * ``do_init_real_mode`` -> ``set_real_mode_permissions``: the real-mode
+      blob at ``real_mode`` (:func:`real_mode_base`) NX, its start RO, its
+      text X (4K pages below 1 MiB: no split);
     * ``sock_init`` -> ``ptp_classifier_init``: a classic BPF filter is
       JITed, which allocates the first ``bpf_prog_pack`` (RO+X) where the
       kernel has packs;
@@ -348,9 +372,8 @@ def boot_cpa_calls(cpa: Cpa, buddy: BuddyAllocator, bpf: BpfJit, version: Kernel
       part of ``.bss..decrypted`` (NX+RW on a partial 2M image page: a
       split), then the init sections; then ``mark_rodata_ro``.
 
-    ``init_real_mode`` (4K pages below 1 MiB: no split) and the
-    ``set_memory_decrypted`` calls (no-ops without memory encryption) are
-    left out."""
+    The ``set_memory_decrypted`` calls (no-ops without memory encryption)
+    are left out."""
     img = version.image
     for call in version.boot_cpa:
         if only is not None and not only(call):
@@ -359,6 +382,13 @@ def boot_cpa_calls(cpa: Cpa, buddy: BuddyAllocator, bpf: BpfJit, version: Kernel
             cpa.set_memory_ro(img.idt_table, 1)
         elif call is BootCpaCall.FREE_SMP_ALTERNATIVES:
             _free_init_pages(cpa, buddy, version, img.smp_locks, img.smp_locks_end)
+        elif call is BootCpaCall.REAL_MODE:
+            if real_mode is not None and version.real_mode is not None:
+                pages, ro, text, ntext = version.real_mode
+                base = PAGE_OFFSET + real_mode
+                cpa.set_memory_nx(base, pages)
+                cpa.set_memory_ro(base, ro)
+                cpa.set_memory_x(base + text * PAGE_SIZE, ntext)
         elif call is BootCpaCall.PTP_CLASSIFIER_BPF:
             bpf.load(PTP_CLASSIFIER_JIT_BYTES)
         elif call is BootCpaCall.FREE_BSS_DECRYPTED:

@@ -41,6 +41,7 @@ from .boot import (
     e820__memory_setup,
     init_mem_mapping,
     mem_init,
+    real_mode_base,
     select_version,
 )
 from .cpa import Cpa, CpaData
@@ -140,6 +141,8 @@ class Kernel:
         self._unmapped: dict[int, int] = {}
         #: a replay's source of page-table pfns (see alloc_pgtable_page)
         self.pgtable_pfn_source: Callable[[], int] | None = None
+        #: where the real-mode blob is (boot.real_mode_base), None: nowhere
+        self.real_mode_base: int | None = None
         #: what Kernel.from_state took over from the real kernel (None: booted)
         self.from_state_report: dict | None = None
         #: and where such a replay's freed table pages go (instead of the buddy)
@@ -188,8 +191,9 @@ class Kernel:
                 gbpages=bool(gbpages), boot_log=tables.log,
                 init_memory_mapping_calls=tables.calls, boot_overcount=tables.boot_overcount,
                 debug_vm=debug_vm)
+        k.real_mode_base = real_mode_base(table, version)
         if boot_cpa:
-            boot_cpa_calls(k.cpa, k.buddy, k.bpf, version)
+            boot_cpa_calls(k.cpa, k.buddy, k.bpf, version, real_mode=k.real_mode_base)
             k._enter_running()
         return k
 
@@ -235,8 +239,8 @@ class Kernel:
                   vmcoreinfo: bytes | None = None, **kw) -> Kernel:
         """``from_state`` of the state read from ``core`` (a QEMU dump, a
         kdump vmcore, ``/proc/kcore``) with its debug ``vmlinux`` (needs
-        drgn; see :func:`dmfrag.truth.extract`)."""
-        from dmfrag.truth import TruthError, extract
+        drgn; see :func:`guestkernel.truth.extract`)."""
+        from .truth import TruthError, extract
         try:
             state = extract(core, vmlinux, vmcoreinfo=vmcoreinfo, point="dump")
         except TruthError as exc:

@@ -100,6 +100,10 @@ class BootCpaCall(enum.Enum):
     IDT_RO = "idt_ro"
     #: alternative_instructions on UP: free_init_pages of .smp_locks
     FREE_SMP_ALTERNATIVES = "free_smp_alternatives"
+    #: do_init_real_mode (early_initcall) -> set_real_mode_permissions: the
+    #: real-mode trampoline below 1 MiB NX, its text and read-only data RO,
+    #: its text X (4K pages: no split)
+    REAL_MODE = "real_mode"
     #: sock_init -> ptp_classifier_init: a classic BPF filter JITed
     PTP_CLASSIFIER_BPF = "ptp_classifier_bpf"
     #: free_initmem -> mem_encrypt_free_decrypted_mem: unused .bss..decrypted
@@ -115,7 +119,7 @@ class BootCpaCall(enum.Enum):
         core initcall): before boot-time kprobe events exist, so a recorded
         trace has no arguments for it (:mod:`dmfrag.recorder`)."""
         return self in (BootCpaCall.IDT_RO, BootCpaCall.FREE_SMP_ALTERNATIVES,
-                        BootCpaCall.PTP_CLASSIFIER_BPF)
+                        BootCpaCall.REAL_MODE, BootCpaCall.PTP_CLASSIFIER_BPF)
 
 
 _ALL_BOOT_CPA = tuple(BootCpaCall)
@@ -162,6 +166,11 @@ class KernelVersion:
     secretmem: bool = True
     #: the direct_map_* counters /proc/vmstat prints on this kernel
     vmstat_counters: tuple[str, ...] = ()
+    #: the real-mode blob (set_real_mode_permissions), in pages: (its size,
+    #: read-only from its start, text start, text size); read off the dumped
+    #: kernels' direct maps (dmfrag.truth) under QEMU, where the blob sits at
+    #: the top of the RAM below 1 MiB (memblock top-down below 0x9f000)
+    real_mode: tuple[int, int, int, int] | None = None
     notes: tuple[str, ...] = field(default_factory=tuple)
 
     def has_vmstat(self, counter: str) -> bool:
@@ -187,16 +196,17 @@ VERSIONS: dict[str, KernelVersion] = {
         modules_vaddr=_MODULES_1G_IMAGE[0], modules_end=_MODULES_1G_IMAGE[1], pti=True,
         node_data_bytes=0x2B000,
         boot_cpa=(BootCpaCall.IDT_RO, BootCpaCall.FREE_SMP_ALTERNATIVES,
+                  BootCpaCall.REAL_MODE,
                   BootCpaCall.PTP_CLASSIFIER_BPF, BootCpaCall.FREE_BSS_DECRYPTED,
                   BootCpaCall.FREE_INITMEM, BootCpaCall.MARK_RODATA_RO),
-        bpf_prog_pack=False, secretmem=False,
+        bpf_prog_pack=False, secretmem=False, real_mode=(6, 2, 1, 1),
         notes=("Debian 5.10.223 under QEMU TCG, nokaslr; boot meminfo equals it at 3G and 8G",)),
     "6.1": KernelVersion(
         name="6.1", release=(6, 1), package="linux-image-6.1.0-56-amd64",
         image=DEBIAN_6_1_IMAGE, step_rule=STEP_RULES["4.0"],
         modules_vaddr=_MODULES_1G_IMAGE[0], modules_end=_MODULES_1G_IMAGE[1], pti=True,
         node_data_bytes=0x2B000, boot_cpa=_ALL_BOOT_CPA, bpf_prog_pack=True,
-        vmstat_counters=_SPLITS,
+        vmstat_counters=_SPLITS, real_mode=(7, 3, 1, 2),
         notes=("Debian linux-image-6.1.0-56-amd64 (6.1.192) under QEMU TCG, nokaslr",)),
     "7.2": KernelVersion(
         name="7.2", release=(7, 2), package="linux-binary-7.2.13+deb14-amd64",
@@ -205,7 +215,7 @@ VERSIONS: dict[str, KernelVersion] = {
         node_data_bytes=0x2B000, boot_cpa=_ALL_BOOT_CPA, bpf_prog_pack=True,
         alias_masks_nx=True, set_memory_rox_users=frozenset({"bpf", "execmem"}),
         collapse_after_rox=True, execmem_rox_cache=True, vmalloc_high_order=True,
-        vmstat_counters=_SPLITS + _COLLAPSES,
+        vmstat_counters=_SPLITS + _COLLAPSES, real_mode=(7, 3, 1, 2),
         notes=(("Debian 7.2.13 under QEMU TCG, nokaslr; boot meminfo equals it at 3G and 8G "
                 "once vmalloc takes high orders (the first bpf_prog_pack is one 2M block: one "
                 "alias split, not two)"),)),
