@@ -83,7 +83,8 @@ class PlacedReplayError(ValueError):
 
 #: callers of early requests the model's record makes itself (the IDT, the
 #: SMP alternatives' free_init_pages) or that change only pages below 1 MiB
-#: (init_real_mode): the replay places nothing for them
+#: (init_real_mode: set_real_mode_permissions, BootCpaCall.REAL_MODE): the
+#: replay places nothing for them
 _MODEL_EARLY_CALLERS = frozenset(("idt_setup_apic_and_irq_gates", "free_init_pages",
                                   "init_real_mode", "do_init_real_mode"))
 _EVENT_KINDS = frozenset(("A", "F", "C", "R", "S", "U", "X", "D"))
