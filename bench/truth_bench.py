@@ -15,14 +15,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 from dmfrag.realkernel import RealKernel, RealKernelError
 from dmfrag.truth import (
     TruthError,
-    capture_on_pause,
     check_drgn,
     compare_free,
     compare_tables,
@@ -53,13 +51,8 @@ def _compare(state) -> dict:
 
 def _guest(kernel: str, ram: str) -> dict:
     rk = RealKernel(kernel=kernel)
-    vmlinux = rk.debug_vmlinux()
-    states: list = []
-    timings: list[dict] = []
-    with tempfile.TemporaryDirectory(prefix="truth-bench-") as tmp:
-        on_pause = capture_on_pause(Path(tmp), vmlinux, states, timings)
-        run = rk.run(ram, (), prologue="DMFRAG_DUMP=1", on_pause=on_pause, timeout=600)
-    st, t = states[0], timings[0]
+    run = rk.run(ram, (), truth=True, timeout=600)
+    st, t = run.states[0], run.dumps[0]
     fig = {"ram": ram, "dump_s": t["dump_s"], "dump_bytes": t["dump_bytes"],
            "extract_s": t["extract_s"], "state_bytes": state_bytes([st]),
            "boot_s": run.seconds}

@@ -136,6 +136,10 @@ class RealRun:
     console: str = ""
     symbols: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
+    #: ``run(truth=True)``: the kernel's state at each snapshot point
+    #: (dmfrag.truth.KernelState) and each dump's timings
+    states: list = field(default_factory=list)
+    dumps: list[dict] = field(default_factory=list)
 
     def meminfo(self, point: str) -> dict[str, int]:
         return self.snapshots[point]["meminfo"]
@@ -483,7 +487,8 @@ class RealKernel:
     def run(self, ram: str = "8G", workload: tuple[str, ...] | list[str] = (),
             append: str = "", timeout: float = 180.0, *, prologue: str = "",
             epilogue: str = "", serial_file: Path | None = None,
-            on_pause: Callable[[Callable[[str], str], str], None] | None = None) -> RealRun:
+            on_pause: Callable[[Callable[[str], str], str], None] | None = None,
+            truth: bool = False) -> RealRun:
         """Boot with ``-m RAM``, run the workload, return the snapshots.
         ``serial_file``: the guest's second serial port (ttyS1) is written to
         that file (a recording run sends its trace there, not to the console).
@@ -491,9 +496,24 @@ class RealKernel:
         machine is stopped (QEMU's monitor), ``on_pause(hmp, console)`` runs
         with a function sending one HMP command (``gva2gpa ADDR``,
         ``dump-guest-memory FILE`` ...) and the console so far (its last line
-        the pause line), and the machine goes on."""
+        the pause line), and the machine goes on.
+        ``truth``: dump the guest at each snapshot point and read its whole
+        state (:mod:`dmfrag.truth`; drgn and the kernel's debug vmlinux,
+        fetched once): the run's ``states``."""
         workload = tuple(workload)
         self.check_tools()
+        states: list = []
+        dumps: list[dict] = []
+        if truth:
+            from .truth import capture_on_pause, check_drgn
+            check_drgn()
+            capture = capture_on_pause(self.cache / "runs", self.debug_vmlinux(), states, dumps)
+            prologue = f"{prologue}\nDMFRAG_DUMP=1"
+            user_pause = on_pause
+
+            def on_pause(hmp, console):
+                if not capture(hmp, console) and user_pause is not None:
+                    user_pause(hmp, console)
         kdir = self.kernel_dir()
         work = self.cache / "runs"
         work.mkdir(parents=True, exist_ok=True)
@@ -532,7 +552,7 @@ class RealKernel:
                                   + (f"; qemu said: {err[-1500:]}" if err else "")
                                   + (f"; last output:\n{out[-2000:]}" if out.strip() else ""))
         run = RealRun(ram, workload, kernel=self.spec.name, seconds=time.monotonic() - t0,
-                      console=out)
+                      console=out, states=states, dumps=dumps)
         _parse(out, run)
         return run
 

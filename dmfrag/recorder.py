@@ -296,27 +296,16 @@ def record(kernel: str = DEFAULT_KERNEL, ram: str = "2G", workload: tuple[str, .
     append = (f"ftrace=function ftrace_filter={markers} "
               f"trace_event=kmem:mm_page_alloc,kmem:mm_page_free "
               f"trace_buf_size={int(trace_buf_mb)}M kprobe_event={kprobes}")
-    states: list = []
-    timings: list[dict] = []
     areas: list[list] = []
-    capture = None
-    prologue = _PROLOGUE
     if truth:
-        from .truth import capture_on_pause, check_drgn
+        from .truth import check_drgn
         check_drgn()
-        vmlinux = rk.debug_vmlinux()
-        prologue += "\nDMFRAG_DUMP=1"
     with tempfile.TemporaryDirectory(prefix="dmfrag-record-") as tmp:
         out = Path(tmp) / "ttyS1"
-        if truth:
-            capture = capture_on_pause(Path(tmp), vmlinux, states, timings)
-
-        def on_pause(hmp, console: str) -> None:
-            if capture is None or not capture(hmp, console):
-                areas.extend(_module_area_pfns(hmp, console))
         t0 = time.monotonic()
-        run = rk.run(ram, workload, append=append, timeout=timeout, prologue=prologue,
-                     epilogue=_EPILOGUE, serial_file=out, on_pause=on_pause)
+        run = rk.run(ram, workload, append=append, timeout=timeout, prologue=_PROLOGUE,
+                     epilogue=_EPILOGUE, serial_file=out, truth=truth,
+                     on_pause=lambda hmp, console: areas.extend(_module_area_pfns(hmp, console)))
         seconds = time.monotonic() - t0
         raw = out.read_bytes() if out.exists() else b""
     stats = _stats(run.console)
@@ -338,8 +327,8 @@ def record(kernel: str = DEFAULT_KERNEL, ram: str = "2G", workload: tuple[str, .
                            "trace_buf_mb": int(trace_buf_mb)},
               "module_areas": areas}
     if truth:
-        header["truth"] = {"points": [st.point for st in states], "dumps": timings}
-    return Recording(header, events, states)
+        header["truth"] = {"points": [st.point for st in run.states], "dumps": run.dumps}
+    return Recording(header, events, run.states)
 
 
 #: the module area (MODULES_VADDR .. MODULES_END: module, BPF and execmem memory)

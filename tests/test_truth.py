@@ -375,3 +375,15 @@ def test_trace_replay_truth_option(tmp_path, capsys):
     assert _cli("trace", "replay", str(TRACES[0]), "--json") == 0
     out = json.loads(capsys.readouterr().out)
     assert all("state" in s for s in out["snapshots"])
+
+
+def test_record_truth_without_drgn_exits_2_before_any_boot(monkeypatch, tmp_path, capsys):
+    import dmfrag.truth as truth
+
+    def no_drgn():
+        raise TruthError("reading a kernel dump needs drgn: pip install 'dmfrag[truth]'")
+    monkeypatch.setattr(truth, "check_drgn", no_drgn)
+    booted = []
+    monkeypatch.setattr("dmfrag.recorder.record", lambda *a, **k: booted.append(1))
+    assert _cli("realkernel", "record", "--truth", "-o", str(tmp_path / "t.jsonl.gz")) == 2
+    assert "needs drgn" in capsys.readouterr().err and not booted
