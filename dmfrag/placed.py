@@ -621,6 +621,13 @@ class _Replayer:
                                    "freed": int(freed.sum())}
 
 
+#: what dmfrag.modelled shares (the same event loop, the model choosing the pfns)
+Replayer = _Replayer
+snapshot_counters = _counters
+LA57_DIRECT = (_LA57_PAGE_OFFSET, _LA57_DIRECT_END)
+MODEL_EARLY_CALLERS = _MODEL_EARLY_CALLERS
+
+
 def replay_placed(source: str | Path | list[str], *, policy: str | None = None,
                   kernel: str | None = None, truth: str | Path | list | None = None
                   ) -> PlacedReplay:

@@ -38,6 +38,7 @@ __all__ = [
     "GFP_ZERO",
     "gfp_migratetype_index",
     "gfp_zone_index",
+    "parse_gfp",
 ]
 
 
@@ -113,3 +114,32 @@ def gfp_zone_index(gfp: int) -> int:
     if gfp & GFP.DMA32:
         return 1
     return 2
+
+
+#: the composite names the kernel's tracepoints print (show_gfp_flags,
+#: include/trace/events/mmflags.h), as far as the model's flags go
+_TRACE_NAMES: dict[str, int] = {
+    "GFP_KERNEL": int(GFP_KERNEL), "GFP_KERNEL_ACCOUNT": int(GFP_KERNEL_ACCOUNT),
+    "GFP_ATOMIC": int(GFP_ATOMIC), "GFP_NOWAIT": int(GFP_NOWAIT),
+    "GFP_NOIO": int(GFP_RECLAIM), "GFP_NOFS": int(GFP_RECLAIM | GFP.IO),
+    "GFP_USER": int(GFP_USER), "GFP_HIGHUSER": int(GFP_HIGHUSER),
+    "GFP_HIGHUSER_MOVABLE": int(GFP_HIGHUSER_MOVABLE),
+    "GFP_TRANSHUGE": int((GFP_HIGHUSER_MOVABLE | GFP.COMP | GFP.NOWARN) & ~GFP.DIRECT_RECLAIM),
+    "GFP_TRANSHUGE_LIGHT": int((GFP_HIGHUSER_MOVABLE | GFP.COMP | GFP.NOWARN) & ~GFP_RECLAIM),
+    "GFP_DMA": int(GFP.DMA), "GFP_DMA32": int(GFP.DMA32),
+    "__GFP_RECLAIM": int(GFP_RECLAIM),
+    **{f"__GFP_{f.name}": int(f) for f in GFP if f.name not in ("UNMAPPED", "PTE_MAPPED")},
+}
+
+
+def parse_gfp(text: str) -> int:
+    """The GFP mask a tracepoint printed (``GFP_KERNEL|__GFP_ZERO``,
+    ``GFP_HIGHUSER_MOVABLE``, ``none``...): the flags the model has; the
+    kernel's others (``__GFP_NOMEMALLOC``, ``__GFP_HARDWALL``,
+    ``__GFP_RETRY_MAYFAIL``...) change nothing here and are dropped, as is
+    a raw ``0x...`` remainder."""
+    gfp = 0
+    for name in text.split("|"):
+        name = name.strip()
+        gfp |= _TRACE_NAMES.get(name, 0)
+    return gfp

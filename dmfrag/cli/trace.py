@@ -37,9 +37,11 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     rep = trs.add_parser("replay", help="replay a trace (optionally on another policy)")
     rep.add_argument("file")
     rep.add_argument("--policy", default=None)
-    rep.add_argument("--placement", choices=["real"], default=None,
+    rep.add_argument("--placement", choices=["real", "model"], default=None,
                      help="for a recorded (version 3) trace: 'real' puts every allocation at "
-                          "the pfn Linux gave it (the default for such traces)")
+                          "the pfn Linux gave it (the default for such traces); 'model' lets "
+                          "the model (and --policy) choose, and says how often it chose "
+                          "Linux's pfn")
     rep.add_argument("--truth", default=None, metavar="NPZ",
                      help="for a recorded trace: the real kernel's states at its dump points "
                           "(realkernel record --truth); default: the .truth.npz beside the "
@@ -49,11 +51,58 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                      help="for a recorded trace: print the JSON result (always printed)")
     add_kernel_arg(rep, "the trace header's kernel")
     rep.set_defaults(func=main)
+    diff = trs.add_parser("diff", help="the first allocation the model places elsewhere than "
+                                       "Linux did, in a recorded trace",
+                          description="Replay a recorded (version 3) trace with the model's "
+                                      "own placement up to the first allocation whose pfn is "
+                                      "not the one Linux gave, and describe it: the request, "
+                                      "both pfns, the model's free lists there, and where "
+                                      "Linux's pfn is in the model.")
+    diff.add_argument("file")
+    diff.add_argument("--policy", default=None)
+    diff.add_argument("--json", action="store_true", help="print the JSON result")
+    add_kernel_arg(diff, "the trace header's kernel")
+    diff.set_defaults(func=main)
     return p
 
 
 def main(args: argparse.Namespace) -> int:
+    if args.trace_cmd == "diff":
+        return diff(args)
     return record(args) if args.trace_cmd == "record" else replay(args)
+
+
+def diff(args: argparse.Namespace) -> int:
+    """``trace diff``: exit 0 when every allocation got Linux's pfn, 1 when
+    one did not (the difference printed), 2 for bad input."""
+    from ..modelled import trace_diff
+    from ..placed import PlacedReplayError
+    if args.policy is not None:
+        check_policy(args.policy)
+    if not _is_recorded(args.file):
+        raise UsageError(f"{args.file}: not a recorded (version 3) trace of dmfrag realkernel "
+                         f"record: only such a trace has Linux's placement")
+    try:
+        d = trace_diff(args.file, policy=args.policy, kernel=args.kernel)
+    except PlacedReplayError as exc:
+        raise UsageError(str(exc)) from None
+    if args.json:
+        print(json.dumps(d.to_json(), sort_keys=True))
+    elif d.first is None:
+        print(f"every one of {d.allocations_before} allocations got the pfn Linux gave it")
+    else:
+        f = d.first
+        print(f"trace line {f['line']}: order-{f['order']} {f['migratetype']} allocation "
+              f"({f['gfp']}, user {f['user']}) after {d.allocations_before} that agreed: Linux "
+              f"gave pfn {f['linux_pfn']:#x}, the model {f['model_pfn']:#x} (zone {f['zone']})")
+        print(f"  the model's free list (zone {f['zone']}, order {f['order']}, "
+              f"{f['migratetype']}) now starts "
+              f"{', '.join(hex(p) for p in f['model_list_head']) or '(empty)'}; its per-CPU "
+              f"list {', '.join(hex(p) for p in f['model_pcp_head']) or '(empty)'}")
+        print(f"  Linux's pfn {f['linux_pfn']:#x} in the model: {f['linux_pfn_in_model']}")
+    if d.error:
+        print(f"dmfrag trace diff: {d.error}", file=sys.stderr)
+    return EXIT_OK if d.first is None and d.error is None else EXIT_PROBLEM
 
 
 def record(args: argparse.Namespace) -> int:
@@ -117,12 +166,14 @@ def _is_recorded(path: str) -> bool:
 
 
 def _replay_placed(args: argparse.Namespace) -> int:
+    from ..modelled import replay_modelled
     from ..placed import PlacedReplayError, replay_placed
     from ..truth import TruthError
     if args.truth is not None and not Path(args.truth).is_file():
         raise UsageError(f"--truth {args.truth!r}: no such file")
+    replay = replay_modelled if args.placement == "model" else replay_placed
     try:
-        res = replay_placed(args.file, policy=args.policy, kernel=args.kernel, truth=args.truth)
+        res = replay(args.file, policy=args.policy, kernel=args.kernel, truth=args.truth)
     except (PlacedReplayError, TruthError) as exc:
         raise UsageError(str(exc)) from None
     print(json.dumps(res.to_json(), sort_keys=True))

@@ -1,0 +1,399 @@
+"""Modelled replay: a recorded real kernel's requests, the pfns chosen by
+the model (``dmfrag trace replay T --placement model``), and the first
+place the choice differs from Linux's (``dmfrag trace diff T``).
+
+The same requests in the same order as the placed replay (:mod:`dmfrag.placed`):
+
+* ``A``: ``alloc_pages`` with the GFP the kernel printed (parsed with
+  :func:`guestkernel.gfp.parse_gfp`: its zone and migratetype flags, so the
+  model picks the zone and free list Linux picked from) and the order; the
+  model's pfn is remembered for Linux's, so that the frees and the CPA
+  requests on that memory follow (a handle). A page-table page Linux
+  allocated inside a CPA pass (``cpa_pgtable``) is not replayed: the model's
+  splits take their own.
+* ``F``: the model frees the block it gave for Linux's (a part of it after
+  the kernel's ``split_page``: the model splits too); a free of memory the
+  trace never allocated (before tracing, the bulk allocator) is counted and
+  skipped: the model cannot free what it never gave.
+* ``C``: direct-map addresses become the model's pages (Linux pfn -> the
+  model's pfn of the same allocation; unknown pages keep their pfn: kernel
+  image, boot memory); image addresses stay. Requests before boot kprobes
+  (no arguments): the model's record makes its own (the IDT, the SMP
+  alternatives, the real-mode trampoline, the boot bpf_prog_pack with pages
+  the model chooses); a one-page request right after a one-page vmalloc
+  allocation is that page made read-only; others are counted in
+  ``early_requests_skipped``.
+* ``S``: the counters as in the placed replay, and ``"placement":
+  {"same_pfn": f, "same_2m_region": f, "allocations": n}`` so far.
+* ``D``: with stored states, the comparison of :mod:`dmfrag.truth`, the
+  free lists compared in order as well (``order_mismatches``).
+
+With ``--policy``, the model's allocations go through the policy's hooks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .placed import (
+    LA57_DIRECT,
+    MODEL_EARLY_CALLERS,
+    PlacedReplayError,
+    Replayer,
+    read_trace,
+    snapshot_counters,
+)
+
+__all__ = ["ModelledReplay", "TraceDiff", "replay_modelled", "trace_diff"]
+
+
+@dataclass
+class ModelledReplay:
+    """The result: one entry per snapshot, and what the replay met."""
+
+    kernel: str
+    ram: str
+    workload: list[str]
+    policy: str
+    snapshots: list[dict] = field(default_factory=list)
+    events: int = 0
+    allocations: int = 0
+    same_pfn: int = 0
+    same_2m_region: int = 0
+    #: Linux's page-table pages inside CPA passes (the model's splits take their own)
+    pgtable_allocations_skipped: int = 0
+    untraced_frees: int = 0
+    early_requests_skipped: int = 0
+    #: the first allocation whose pfn is not Linux's: {"line", "linux_pfn", "model_pfn", ...}
+    first_difference: dict | None = None
+    error: str | None = None
+    seconds: float = 0.0
+    #: the model's pfn for each replayed allocation, in trace order (not in the JSON)
+    model_pfns: list[int] = field(default_factory=list, repr=False)
+    #: the model at the end (guestkernel.Kernel; not in the JSON)
+    model: object = field(default=None, repr=False)
+
+    @property
+    def equal(self) -> bool:
+        return self.error is None and all(s["equal"] for s in self.snapshots)
+
+    def placement(self) -> dict:
+        n = self.allocations
+        return {"same_pfn": self.same_pfn / n if n else 1.0,
+                "same_2m_region": self.same_2m_region / n if n else 1.0, "allocations": n}
+
+    def to_json(self) -> dict:
+        return {"kernel": self.kernel, "ram": self.ram, "workload": self.workload,
+                "placement": "model", "policy": self.policy, "snapshots": self.snapshots,
+                "events": self.events, "allocation_placement": self.placement(),
+                "pgtable_allocations_skipped": self.pgtable_allocations_skipped,
+                "untraced_frees": self.untraced_frees,
+                "early_requests_skipped": self.early_requests_skipped,
+                "first_difference": self.first_difference,
+                "equal": self.equal, "completed": self.error is None, "error": self.error}
+
+
+class _Modelled(Replayer):
+    """The placed replay's event loop with the model choosing pfns."""
+
+    def __init__(self, header: dict, events: list[list], policy: str | None,
+                 states: list | None, stop_at_difference: bool = False):
+        super().__init__(header, events, policy, states)
+        self.res = ModelledReplay(self.result.kernel, self.result.ram, self.result.workload,
+                                  policy or "baseline", events=len(events))
+        self.stop_at_difference = stop_at_difference
+        n = self.k.max_pfn + 1024
+        #: Linux pfn -> the model's pfn of the same page (-1: not allocated by the trace)
+        self.xlate = np.full(n, -1, dtype=np.int64)
+        #: Linux head pfn -> [model head, order, line, split]
+        self.blocks: dict[int, list] = {}
+        #: Linux pfn -> the head of its live allocation (for frees of parts)
+        self.head_of = np.full(n, -1, dtype=np.int64)
+        self.skipped_tables: set[int] = set()
+
+    # -- set-up ------------------------------------------------------------------
+
+    def _early_calls(self) -> None:
+        from guestkernel.boot import boot_cpa_calls
+        k = self.k
+        boot_cpa_calls(k.cpa, k.buddy, k.bpf, k.profile,
+                       only=lambda call: call.before_fs_initcall, real_mode=k.real_mode_base)
+
+    def _va(self, va: int) -> int:
+        if LA57_DIRECT[0] <= va < LA57_DIRECT[1]:
+            pfn = (va - LA57_DIRECT[0]) >> 12
+        elif self.k.pfn_to_virt(0) <= va < self.direct_end:
+            pfn = (va - self.k.pfn_to_virt(0)) >> 12
+        else:
+            return va
+        if pfn < len(self.xlate) and self.xlate[pfn] >= 0:
+            pfn = int(self.xlate[pfn])
+        return self.k.pfn_to_virt(pfn) | (va & 0xFFF)
+
+    # -- the events ----------------------------------------------------------------
+
+    def _model_alloc(self, i: int, e: list) -> None:
+        from guestkernel.gfp import parse_gfp
+        from guestkernel.page_alloc import AllocationError
+        pfn, order = e[1], e[2]
+        gfp = parse_gfp(e[3]) if len(e) > 3 and isinstance(e[3], str) else 0
+        try:
+            mpfn = self.k.alloc_pages(gfp, order)
+        except AllocationError as exc:
+            raise PlacedReplayError(i + 2, f"the model is out of memory allocating order "
+                                    f"{order} ({e[3]}): {exc}") from None
+        n = 1 << order
+        if pfn + n <= len(self.xlate):
+            self.xlate[pfn: pfn + n] = np.arange(mpfn, mpfn + n)
+            self.head_of[pfn: pfn + n] = pfn
+        self.blocks[pfn] = [mpfn, order, i + 2, False]
+        r = self.res
+        r.allocations += 1
+        r.model_pfns.append(mpfn)
+        if mpfn == pfn:
+            r.same_pfn += 1
+        elif r.first_difference is None:
+            r.first_difference = self._describe(i, e, mpfn)
+            if self.stop_at_difference:
+                raise _Stop
+        if mpfn >> 9 == pfn >> 9:
+            r.same_2m_region += 1
+
+    def _model_free(self, i: int, pfn: int, order: int) -> None:
+        n = 1 << order
+        if pfn in self.skipped_tables:
+            self.skipped_tables.discard(pfn)
+            return
+        head = int(self.head_of[pfn]) if pfn < len(self.head_of) else -1
+        if head < 0:
+            self.res.untraced_frees += 1
+            return
+        mhead, horder, _line, split = self.blocks[head]
+        k = self.k
+        if head == pfn and horder == order and not split:
+            k.free_pages(mhead, order)
+            del self.blocks[head]
+        else:
+            # a part of a block the kernel split (split_page): its pages one by one
+            if not split:
+                k.split_pages(mhead, horder)
+                self.blocks[head][3] = True
+            for p in range(pfn, pfn + n):
+                if self.head_of[p] == head:
+                    k.free_pages(int(self.xlate[p]), 0)
+            if not (self.head_of[head: head + (1 << horder)] == head).any():
+                del self.blocks[head]
+        self.xlate[pfn: pfn + n] = -1
+        self.head_of[pfn: pfn + n] = -1
+
+    def _early_request(self, i: int) -> None:
+        """Before boot kprobes: only a one-page request right after a
+        one-page vmalloc allocation is replayed (that page read-only)."""
+        from guestkernel.cpa import CpaError, CpaFlags
+        ev = self.events
+        j = i - 1
+        while j >= 0 and ev[j][0] == "A":
+            j -= 1
+        marker = ev[j] if j >= 0 and ev[j][0] == "U" and len(ev[j]) > 2 else None
+        prev = next((ev[m] for m in range(i - 1, -1, -1) if ev[m][0] != "U"), None)
+        aliases = 0
+        end = i + 1
+        while end < len(ev) and not (ev[end][0] == "C" and ev[end][1] != "alias") \
+                and ev[end][0] != "S":
+            aliases += ev[end][0] == "C"
+            end += 1
+        skip = marker is not None and (marker[2] in MODEL_EARLY_CALLERS
+                                       or marker[1] in ("set_memory_x", "set_memory_nx"))
+        if (skip or not (prev and prev[0] == "A" and prev[2] == 0
+                         and "__GFP_HIGHMEM" in prev[3] and aliases == 1)):
+            self.res.early_requests_skipped += 1
+            return
+        pfn = int(self.xlate[prev[1]]) if self.xlate[prev[1]] >= 0 else prev[1]
+        try:
+            self.k.cpa.change_page_attr_set_clr(self.k.pfn_to_virt(pfn), 1, 0, 1 << 1,
+                                                in_flag=CpaFlags.NO_CHECK_ALIAS)
+        except (CpaError, MemoryError) as exc:
+            raise PlacedReplayError(i + 2, f"early request on pfn {pfn:#x}: {exc}") from None
+
+    def _describe(self, i: int, e: list, mpfn: int) -> dict:
+        """The first allocation placed elsewhere than Linux placed it, with
+        the model's free lists around it."""
+        from guestkernel.gfp import gfp_migratetype_index, parse_gfp
+        b = self.k.buddy
+        pfn, order = e[1], e[2]
+        gfp = parse_gfp(e[3])
+        mt = gfp_migratetype_index(gfp)
+        zone = b.page_zone(mpfn)
+        out = {"line": i + 2, "order": order, "gfp": e[3], "migratetype": b.migratetype_name(mt),
+               "user": e[5] if len(e) > 5 else None, "linux_pfn": pfn, "model_pfn": mpfn,
+               "zone": zone.name,
+               "model_list_head": b.free_list(zone, order, mt)[:4],
+               "model_pcp_head": (b.pcp_list(zone, mt, order)[:4]
+                                  if order <= 3 else [])}
+        # Linux's pfn in the model: free (where), allocated (by which line), or reserved
+        if pfn < b.max_pfn:
+            blk = b.block_of(pfn)
+            where = "reserved in the model (never handed to its buddy)"
+            if blk is not None:
+                head, o, kind = blk
+                if kind == "free":
+                    z = b.page_zone(head)
+                    for m in range(b.nr_migratetypes):
+                        lst = b.free_list(z, o, m)
+                        if head in lst:
+                            where = (f"free in the model: zone {z.name} order {o} "
+                                     f"{b.migratetype_name(m)} position {lst.index(head)}")
+                            break
+                elif kind == "pcp":
+                    where = "free in the model, on its per-CPU list"
+                else:
+                    owner = next((f"line {v[2]}" for v in self.blocks.values()
+                                  if v[0] <= head < v[0] + (1 << v[1])), None)
+                    where = ("allocated in the model" + (f" (for the trace's {owner})"
+                                                         if owner else " (boot or its own)"))
+            out["linux_pfn_in_model"] = where
+        return out
+
+    # -- the loop -------------------------------------------------------------------
+
+    def run(self) -> ModelledReplay:
+        import time
+        t0 = time.perf_counter()
+        k = self.k
+        self._early_calls()
+        stack: list = []
+        top = None
+        try:
+            for i, e in enumerate(self.events):
+                kind = e[0]
+                if kind == "A":
+                    if len(e) > 5 and e[5] == "cpa_pgtable" and stack:
+                        self.res.pgtable_allocations_skipped += 1
+                        self.skipped_tables.add(e[1])
+                    else:
+                        self._model_alloc(i, e)
+                elif kind == "F":
+                    self._model_free(i, e[1], e[2])
+                elif kind == "C":
+                    args = e[2]
+                    if args is None:
+                        if e[1] != "alias":
+                            self._early_request(i)
+                    elif e[1] == "alias" and stack:
+                        self._alias(i, args, top)
+                        stack.append(args)
+                    else:
+                        top = args
+                        self._request(i, e[1], args)
+                        stack.append(args)
+                elif kind == "R":
+                    if stack:
+                        stack.pop()
+                elif kind == "S":
+                    self._snap(e)
+                elif kind == "D":
+                    self._dump_model(e[1])
+                if i == self.running_at:
+                    k.enter_running()
+        except _Stop:
+            pass
+        except PlacedReplayError as exc:
+            self.res.error = str(exc)
+        self.res.seconds = time.perf_counter() - t0
+        self.res.model = k
+        return self.res
+
+    def _snap(self, e: list) -> None:
+        real = e[2] if len(e) > 2 and isinstance(e[2], dict) else {}
+        r = snapshot_counters(real.get("meminfo", {}), real.get("vmstat", {}))
+        m = snapshot_counters(self.k.meminfo(), self.k.vmstat())
+        m = {key: v for key, v in m.items() if key in r}
+        snap = {"point": e[1], "real": r, "model": m, "equal": r == m,
+                "placement": self.res.placement()}
+        if e[1] in self.compared:
+            snap["state"] = self.compared.pop(e[1])
+        self.res.snapshots.append(snap)
+
+    def _dump_model(self, point: str) -> None:
+        from guestkernel.layout import PAGE_OFFSET
+
+        from .truth import compare_free, compare_tables, model_tables
+        st = self.states.get(point)
+        if st is None:
+            return
+        pt = compare_tables((st.pt_va, st.pt_level, st.pt_entry), model_tables(self.k),
+                            real_offset=st.page_offset, model_offset=PAGE_OFFSET)
+        b = self.k.buddy
+        lists = {}
+        for z in b.zones:
+            for o in range(len(z.free_area)):
+                for m in range(len(z.free_area[o])):
+                    heads = b.free_list(z, o, m)
+                    if heads:
+                        lists[(z.name, o, m)] = heads
+        fr = compare_free(st, b.page_states() == 1, lists)
+        self.compared[point] = {
+            "pte_mismatches": pt["pte_mismatches"],
+            "free_list_mismatches": fr["free_list_mismatches"],
+            "order_mismatches": fr["order_mismatches"],
+            "first_mismatch": pt["first"] or fr["first"],
+            "table_pfn_mismatches": pt["table_pfn_mismatches"],
+            "page_table_entries": pt["entries"],
+            "free_linux_only": fr["linux_only"], "free_model_only": fr["model_only"],
+            "first_pte_mismatch": pt["first"], "first_free_mismatch": fr["first"]}
+
+
+class _Stop(Exception):
+    """trace diff: the first difference is found."""
+
+
+def _load(source, kernel, truth):
+    header, events = read_trace(source)
+    if kernel is not None:
+        header = {**header, "kernel": kernel}
+    states = None
+    if truth is None and isinstance(source, (str, Path)):
+        from .truth import truth_path
+        if truth_path(source).exists():
+            truth = truth_path(source)
+    if isinstance(truth, (str, Path)):
+        from .truth import load_states
+        states = load_states(truth)
+    elif truth is not None:
+        states = list(truth)
+    return header, events, states
+
+
+def replay_modelled(source: str | Path | list[str], *, policy: str | None = None,
+                    kernel: str | None = None, truth: str | Path | list | None = None
+                    ) -> ModelledReplay:
+    """Replay a recorded trace with the model's own placement (see the
+    module doc); ``truth`` as for :func:`dmfrag.placed.replay_placed`."""
+    header, events, states = _load(source, kernel, truth)
+    return _Modelled(header, events, policy, states).run()
+
+
+@dataclass
+class TraceDiff:
+    """``dmfrag trace diff``: the first allocation the model places
+    elsewhere than Linux did (None: every allocation got Linux's pfn)."""
+
+    first: dict | None
+    allocations_before: int
+    error: str | None = None
+
+    def to_json(self) -> dict:
+        return {"first_difference": self.first, "allocations_before": self.allocations_before,
+                "error": self.error}
+
+
+def trace_diff(source: str | Path | list[str], *, policy: str | None = None,
+               kernel: str | None = None) -> TraceDiff:
+    header, events, _states = _load(source, kernel, None)
+    rep = _Modelled(header, events, policy, None, stop_at_difference=True)
+    res = rep.run()
+    before = res.allocations - (1 if res.first_difference else 0)
+    return TraceDiff(res.first_difference, before, res.error)

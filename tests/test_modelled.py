@@ -1,0 +1,100 @@
+"""The modelled replay of recorded traces (``trace replay --placement
+model``) and ``trace diff``: the same requests as the placed replay, the
+model choosing the pfns, and the first allocation it places elsewhere."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from dmfrag.modelled import replay_modelled, trace_diff
+from dmfrag.placed import read_trace
+
+DATA = Path(__file__).parent / "data"
+TRUTH = sorted((DATA / "truth").glob("*.jsonl.gz"))
+
+
+@pytest.mark.parametrize("trace", TRUTH, ids=lambda p: p.name)
+def test_modelled_replay_runs_every_request_and_compares(trace):
+    _, events = read_trace(trace)
+    r = replay_modelled(trace)
+    assert r.error is None
+    allocs = sum(e[0] == "A" for e in events)
+    assert r.allocations + r.pgtable_allocations_skipped == allocs
+    assert len(r.model_pfns) == r.allocations
+    assert 0 <= r.same_pfn <= r.same_2m_region <= r.allocations
+    points = [e[1] for e in events if e[0] == "S"]
+    assert [s["point"] for s in r.snapshots] == points
+    for s in r.snapshots:
+        p = s["placement"]
+        assert 0.0 <= p["same_pfn"] <= p["same_2m_region"] <= 1.0 and p["allocations"] > 1000
+        st = s["state"]          # the stored states: free lists compared in order too
+        assert {"pte_mismatches", "free_list_mismatches", "order_mismatches",
+                "first_mismatch"} <= set(st)
+    # the model is consistent after it all
+    r.model.buddy.check()
+    r.model.validate()
+    j = r.to_json()
+    assert j["placement"] == "model" and j["completed"] is True
+    json.dumps(j)
+
+
+def _trace(pfns: list[int], frees: list[int] = ()) -> list[str]:
+    header = {"dmfrag_trace": 3, "source": "recorded", "kernel": "6.1", "ram": "2G",
+              "workload": [], "boot_log": ""}
+    ev = [["A", p, 0, "GFP_KERNEL", 0, "kernel"] for p in pfns]
+    ev += [["F", p, 0] for p in frees]
+    ev.append(["S", "boot", {"meminfo": {}, "vmstat": {}}])
+    return [json.dumps(header), *(json.dumps(e) for e in ev), json.dumps({"end": len(ev)})]
+
+
+def test_a_trace_the_model_places_exactly_has_no_difference():
+    """Ask the model where it puts ten GFP_KERNEL pages, then give it a
+    trace saying Linux put them there: every pfn agrees."""
+    first = replay_modelled(_trace([0x7000 + i for i in range(10)]))
+    assert first.same_pfn == 0 and first.first_difference["line"] == 2
+    pfns = first.model_pfns
+    again = replay_modelled(_trace(pfns, frees=pfns[:3]))
+    assert again.same_pfn == again.allocations == 10 and again.first_difference is None
+    assert again.placement()["same_2m_region"] == 1.0
+    d = trace_diff(_trace(pfns))
+    assert d.first is None and d.allocations_before == 10
+    # the fourth placed elsewhere: found, described
+    moved = [*pfns[:3], pfns[3] + 512, *pfns[4:]]
+    d = trace_diff(_trace(moved))
+    assert d.allocations_before == 3
+    f = d.first
+    assert f["line"] == 5 and f["linux_pfn"] == pfns[3] + 512 and f["model_pfn"] == pfns[3]
+    assert f["zone"] in ("DMA32", "Normal") and f["migratetype"] == "UNMOVABLE"
+    assert f["linux_pfn_in_model"].startswith(("free in the model", "allocated in the model"))
+
+
+def test_frees_of_untraced_memory_are_counted_not_replayed():
+    r = replay_modelled(_trace([], frees=[0x5000, 0x5001]))
+    assert r.untraced_frees == 2 and r.error is None
+
+
+def _cli(*argv):
+    from dmfrag.cli import main
+    return main(list(argv))
+
+
+def test_trace_diff_and_model_placement_on_the_command_line(capsys, tmp_path):
+    t = str(TRUTH[0])
+    assert _cli("trace", "diff", t) == 1
+    out = capsys.readouterr().out
+    assert out.startswith("trace line 2: order-0 ") and "Linux gave pfn 0x" in out
+    assert "in the model:" in out
+    assert _cli("trace", "diff", t, "--json") == 1
+    j = json.loads(capsys.readouterr().out)
+    assert set(j) == {"first_difference", "allocations_before", "error"}
+    assert _cli("trace", "replay", t, "--placement", "model", "--json") == 0
+    j = json.loads(capsys.readouterr().out)
+    assert j["placement"] == "model" and "allocation_placement" in j
+    assert all("placement" in s and "state" in s for s in j["snapshots"])
+    v2 = tmp_path / "v2.jsonl"
+    v2.write_text('{"format": "dmfrag-trace", "version": 2}\n{"end": 0}\n')
+    assert _cli("trace", "diff", str(v2)) == 2
+    assert "not a recorded (version 3) trace" in capsys.readouterr().err
