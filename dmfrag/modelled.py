@@ -100,8 +100,25 @@ class _Modelled(Replayer):
     """The placed replay's event loop with the model choosing pfns."""
 
     def __init__(self, header: dict, events: list[list], policy: str | None,
-                 states: list | None, stop_at_difference: bool = False):
+                 states: list | None, stop_at_difference: bool = False,
+                 start: str | None = None):
         super().__init__(header, events, policy, states)
+        self.start = 0
+        if start is not None:
+            # from the real kernel's state at a dump point on: the model has
+            # Linux's free lists, tables and counters there
+            from guestkernel import Kernel
+            found = [st for st in states or () if st.point == start]
+            at = next((i for i, e in enumerate(events) if e[0] == "D" and e[1] == start), None)
+            if not found or at is None:
+                raise PlacedReplayError(1, f"no stored state and dump event for point "
+                                        f"{start!r} (points: "
+                                        f"{', '.join(st.point for st in states or ()) or 'none'})")
+            self.k = Kernel.from_state(found[0], policy=policy or "baseline",
+                                       profile=header.get("kernel"))
+            self.start = at + 1
+            self.running_at = -1
+            self.direct_end = self.k.pfn_to_virt(0) + (1 << 46)
         self.res = ModelledReplay(self.result.kernel, self.result.ram, self.result.workload,
                                   policy or "baseline", events=len(events))
         self.stop_at_difference = stop_at_difference
@@ -113,6 +130,8 @@ class _Modelled(Replayer):
         #: Linux pfn -> the head of its live allocation (for frees of parts)
         self.head_of = np.full(n, -1, dtype=np.int64)
         self.skipped_tables: set[int] = set()
+        #: the model's pages now given to the trace's allocations
+        self.given = np.zeros(n, dtype=bool)
 
     # -- set-up ------------------------------------------------------------------
 
@@ -150,6 +169,7 @@ class _Modelled(Replayer):
             self.xlate[pfn: pfn + n] = np.arange(mpfn, mpfn + n)
             self.head_of[pfn: pfn + n] = pfn
         self.blocks[pfn] = [mpfn, order, i + 2, False]
+        self.given[mpfn: mpfn + n] = True
         r = self.res
         r.allocations += 1
         r.model_pfns.append(mpfn)
@@ -169,12 +189,15 @@ class _Modelled(Replayer):
             return
         head = int(self.head_of[pfn]) if pfn < len(self.head_of) else -1
         if head < 0:
+            if self.start and self._free_dumped(pfn, order):
+                return
             self.res.untraced_frees += 1
             return
         mhead, horder, _line, split = self.blocks[head]
         k = self.k
         if head == pfn and horder == order and not split:
             k.free_pages(mhead, order)
+            self.given[mhead: mhead + n] = False
             del self.blocks[head]
         else:
             # a part of a block the kernel split (split_page): its pages one by one
@@ -184,10 +207,28 @@ class _Modelled(Replayer):
             for p in range(pfn, pfn + n):
                 if self.head_of[p] == head:
                     k.free_pages(int(self.xlate[p]), 0)
+                    self.given[int(self.xlate[p])] = False
             if not (self.head_of[head: head + (1 << horder)] == head).any():
                 del self.blocks[head]
         self.xlate[pfn: pfn + n] = -1
         self.head_of[pfn: pfn + n] = -1
+
+    def _free_dumped(self, pfn: int, order: int) -> bool:
+        """From a dump on: a free of memory allocated before it (the model
+        took it as allocated order-0 pages, Linux's blocks unknown): its
+        pages freed one by one at the same pfns, when the model has them
+        allocated; False when it does not (a page the dump showed free)."""
+        b = self.k.buddy
+        pages = range(pfn, pfn + (1 << order))
+        owner = self.k.page_owner
+        if not all(0 <= p < b.max_pfn and b.allocated_order(p) == 0 and not self.given[p]
+                   and owner[p] == 0 for p in pages):
+            # free at the dump, the model's for a later allocation, or a page
+            # of its own (a page table: its collapses free their own tables)
+            return False
+        for p in pages:
+            self.k.free_pages(p, 0)
+        return True
 
     def _early_request(self, i: int) -> None:
         """Before boot kprobes: only a one-page request right after a
@@ -261,13 +302,19 @@ class _Modelled(Replayer):
 
     def run(self) -> ModelledReplay:
         import time
+
+        from guestkernel.kernel import KernelError
+        from guestkernel.page_alloc import BadFreeError
         t0 = time.perf_counter()
         k = self.k
-        self._early_calls()
+        if not self.start:
+            self._early_calls()
         stack: list = []
         top = None
         try:
             for i, e in enumerate(self.events):
+                if i < self.start:
+                    continue
                 kind = e[0]
                 if kind == "A":
                     if len(e) > 5 and e[5] == "cpa_pgtable" and stack:
@@ -302,6 +349,8 @@ class _Modelled(Replayer):
             pass
         except PlacedReplayError as exc:
             self.res.error = str(exc)
+        except (BadFreeError, KernelError) as exc:     # a bookkeeping fault: say where
+            self.res.error = f"trace line {i + 2}: {exc}"
         self.res.seconds = time.perf_counter() - t0
         self.res.model = k
         return self.res
@@ -368,12 +417,15 @@ def _load(source, kernel, truth):
 
 
 def replay_modelled(source: str | Path | list[str], *, policy: str | None = None,
-                    kernel: str | None = None, truth: str | Path | list | None = None
-                    ) -> ModelledReplay:
+                    kernel: str | None = None, truth: str | Path | list | None = None,
+                    start: str | None = None) -> ModelledReplay:
     """Replay a recorded trace with the model's own placement (see the
-    module doc); ``truth`` as for :func:`dmfrag.placed.replay_placed`."""
+    module doc); ``truth`` as for :func:`dmfrag.placed.replay_placed`.
+    ``start``: a dump point; the model starts from Linux's state there
+    (``Kernel.from_state``) and replays the events after it, so that every
+    difference is the allocator's own, not the history's."""
     header, events, states = _load(source, kernel, truth)
-    return _Modelled(header, events, policy, states).run()
+    return _Modelled(header, events, policy, states, start=start).run()
 
 
 @dataclass
@@ -391,9 +443,9 @@ class TraceDiff:
 
 
 def trace_diff(source: str | Path | list[str], *, policy: str | None = None,
-               kernel: str | None = None) -> TraceDiff:
-    header, events, _states = _load(source, kernel, None)
-    rep = _Modelled(header, events, policy, None, stop_at_difference=True)
+               kernel: str | None = None, start: str | None = None) -> TraceDiff:
+    header, events, states = _load(source, kernel, None)
+    rep = _Modelled(header, events, policy, states, stop_at_difference=True, start=start)
     res = rep.run()
     before = res.allocations - (1 if res.first_difference else 0)
     return TraceDiff(res.first_difference, before, res.error)

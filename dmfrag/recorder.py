@@ -152,17 +152,24 @@ _MARK = re.compile(r"tracing_mark_write: dmfrag_snap (\S+)")
 _DUMP = re.compile(r"tracing_mark_write: dmfrag_dump (\S+)")
 
 
-def parse_ftrace(text: str, snapshots: dict[str, dict]) -> list[list]:
+def parse_ftrace(text: str, snapshots: dict[str, dict],
+                 entries: list[int] | None = None) -> list[list]:
     """The trace buffer's text (``nocontext-info``) as version-3 events.
 
     A kprobe line (``cpa:``) comes just before the function tracer's line of
     the same call: the two become one ``C`` event. Unknown lines are an
-    error (a format this parser does not know would lose events)."""
+    error (a format this parser does not know would lose events).
+    ``entries``: filled with each event's index in the ring buffer (one
+    entry per line; a kprobe and its function-tracer line are two)."""
     events: list[list] = []
     pending: list | None = None          # kprobe arguments waiting for their marker
+    entry = -1
     for n, line in enumerate(text.splitlines(), 1):
         if not line or line.startswith("#"):
             continue
+        if entries is not None:          # the events of the line before: its entry
+            entries.extend([entry] * (len(events) - len(entries)))
+        entry += 1
         if m := _ALLOC.search(line):
             events.append(["A", int(m.group(1), 0), int(m.group(2)), m.group(4),
                            int(m.group(3))])
@@ -195,8 +202,33 @@ def parse_ftrace(text: str, snapshots: dict[str, dict]) -> list[list]:
             raise RealKernelError(f"trace line {n}: not a line the recorder knows: {line[:200]!r}")
     if pending is not None:
         raise RealKernelError("the trace ends with a cpa kprobe and no function-tracer line")
+    if entries is not None:
+        entries.extend([entry] * (len(events) - len(entries)))
     _attribute_users(events)
     return events
+
+
+def place_dumps(events: list[list], entries: list[int], states: list) -> int:
+    """Move each ``D`` event to where its dump really was: the dumped ring
+    buffer held ``trace_entries`` entries, so the dump came after exactly
+    the events of those entries (the marker is written a moment before the
+    machine stops: the console line it prints allocates, and must count as
+    before the dump). Returns how many moved."""
+    moved = 0
+    for st in states:
+        cut = getattr(st, "trace_entries", -1)
+        if cut < 0:
+            continue
+        at = next((i for i, e in enumerate(events) if e[0] == "D" and e[1] == st.point), None)
+        if at is None:
+            continue
+        d = events.pop(at)
+        entries.pop(at)
+        pos = next((i for i, x in enumerate(entries) if x >= cut), len(events))
+        events.insert(pos, d)
+        entries.insert(pos, cut)
+        moved += pos != at
+    return moved
 
 
 #: functions whose entry the function tracer marks (besides the CPA pass):
@@ -318,7 +350,9 @@ def record(kernel: str = DEFAULT_KERNEL, ram: str = "2G", workload: tuple[str, .
     except (OSError, EOFError) as exc:
         raise RealKernelError(f"the trace from the guest's second serial port is cut short or "
                               f"corrupt ({len(raw)} bytes: {exc})") from None
-    events = parse_ftrace(text, run.snapshots)
+    entries: list[int] = []
+    events = parse_ftrace(text, run.snapshots, entries)
+    place_dumps(events, entries, run.states)
     boot = "".join(line + "\n" for line in run.boot_log.splitlines() if _BOOT_LINES.search(line))
     header = {"dmfrag_trace": TRACE_VERSION, "source": "recorded", "kernel": kernel,
               "ram": ram, "workload": list(workload), "boot_log": boot,

@@ -121,6 +121,9 @@ class KernelState:
     #: firmware e820 table [[addr, size, type]] and the kernel command line
     e820: list[list[int]] = field(default_factory=list)
     cmdline: str = ""
+    #: events in the tracing ring buffer when the dump was taken (-1: not
+    #: read): where a recorded trace's dump point is, to the event
+    trace_entries: int = -1
     #: seconds taken to read it (not stored)
     seconds: float = 0.0
 
@@ -164,7 +167,7 @@ _ARRAYS = ("pt_va", "pt_level", "pt_entry", "free_zone", "free_order", "free_mt"
            "vm_start", "vm_size", "vm_flags", "vm_nr_pages", "vm_pages")
 _META = ("point", "release", "la57", "page_offset", "vmemmap_base", "max_pfn",
          "direct_pages_count", "counters", "zones", "pageblock_order", "vm_caller", "modules",
-         "bpf_packs", "e820", "cmdline")
+         "bpf_packs", "e820", "cmdline", "trace_entries")
 
 
 def truth_path(trace: str | Path) -> Path:
@@ -207,6 +210,7 @@ def load_states(path: str | Path) -> list[KernelState]:
                                  f"reads version {TRUTH_VERSION}")
             out = []
             for i, m in enumerate(meta["states"]):
+                m.setdefault("trace_entries", -1)
                 arrays = {name: z[f"{i}/{name}"] for name in _ARRAYS}
                 out.append(KernelState(**m, **arrays))
             return out
@@ -585,6 +589,17 @@ def _extract(prog, point: str, t0: float) -> KernelState:
         for i in range(fw.nr_entries.value_()):
             e = fw.entries[i]
             e820.append([e.addr.value_(), e.size.value_(), e.type.value_()])
+    trace_entries = -1
+    gt = _try(prog, "global_trace")
+    if gt is not None:
+        try:                       # ring_buffer_entries(): written, less overruns and reads
+            buf = gt.array_buffer.buffer
+            trace_entries = sum(
+                buf.buffers[c].entries.a.counter.value_()
+                - buf.buffers[c].overrun.a.counter.value_() - buf.buffers[c].read.value_()
+                for c in cpus if buf.buffers[c])
+        except (LookupError, AttributeError):
+            trace_entries = -1
     cmd = _try(prog, "saved_command_line")
     cmdline = cmd.string_().decode(errors="replace") if cmd is not None and cmd else ""
 
@@ -602,6 +617,7 @@ def _extract(prog, point: str, t0: float) -> KernelState:
         vm_caller=vc, vm_nr_pages=u64(vn),
         vm_pages=np.concatenate(vpages) if vpages else u64([]),
         modules=modules, bpf_packs=packs, e820=e820, cmdline=cmdline,
+        trace_entries=trace_entries,
         seconds=time.perf_counter() - t0)
 
 

@@ -98,3 +98,32 @@ def test_trace_diff_and_model_placement_on_the_command_line(capsys, tmp_path):
     v2.write_text('{"format": "dmfrag-trace", "version": 2}\n{"end": 0}\n')
     assert _cli("trace", "diff", str(v2)) == 2
     assert "not a recorded (version 3) trace" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("trace", TRUTH, ids=lambda p: p.name)
+def test_modelled_replay_from_the_boot_dump(trace):
+    """From Linux's own state at the boot dump (Kernel.from_state) the model
+    takes the pfn Linux took far more often than from its own boot: what
+    differs is its allocator, and the first difference comes after the dump."""
+    _, events = read_trace(trace)
+    dump = next(i for i, e in enumerate(events) if e == ["D", "boot"])
+    own = replay_modelled(trace)
+    r = replay_modelled(trace, start="boot")
+    assert r.error is None
+    assert r.snapshots[0]["point"] == "boot" and r.snapshots[0]["placement"]["same_pfn"] == 1.0
+    assert r.placement()["same_pfn"] > 0.2 > own.placement()["same_pfn"]
+    assert r.placement()["same_2m_region"] > 0.6
+    assert r.first_difference["line"] > dump + 2
+    r.model.buddy.check()
+    r.model.validate()
+    with pytest.raises(Exception, match="no stored state and dump event for point 'nope'"):
+        replay_modelled(trace, start="nope")
+    d = trace_diff(trace, start="boot")
+    assert d.first == r.first_difference and d.allocations_before > 0
+
+
+def test_start_needs_model_placement(capsys):
+    assert _cli("trace", "replay", str(TRUTH[0]), "--start", "boot") == 2
+    assert "--start goes with --placement model" in capsys.readouterr().err
+    assert _cli("trace", "diff", str(TRUTH[0]), "--start", "nope") == 2
+    assert "no stored state and dump event" in capsys.readouterr().err

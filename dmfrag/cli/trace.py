@@ -47,6 +47,10 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                           "(realkernel record --truth); default: the .truth.npz beside the "
                           "trace, when there is one. Each snapshot then has a \"state\" "
                           "comparison (page tables entry by entry, free pages)")
+    rep.add_argument("--start", default=None, metavar="POINT",
+                     help="with --placement model: start from the real kernel's state at this "
+                          "dump point (its stored state: realkernel record --truth) and replay "
+                          "the events after it, so that every difference is the allocator's")
     rep.add_argument("--json", action="store_true",
                      help="for a recorded trace: print the JSON result (always printed)")
     add_kernel_arg(rep, "the trace header's kernel")
@@ -60,6 +64,9 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                                       "Linux's pfn is in the model.")
     diff.add_argument("file")
     diff.add_argument("--policy", default=None)
+    diff.add_argument("--start", default=None, metavar="POINT",
+                      help="start from the real kernel's state at this dump point (as for "
+                           "trace replay --placement model --start)")
     diff.add_argument("--json", action="store_true", help="print the JSON result")
     add_kernel_arg(diff, "the trace header's kernel")
     diff.set_defaults(func=main)
@@ -83,7 +90,7 @@ def diff(args: argparse.Namespace) -> int:
         raise UsageError(f"{args.file}: not a recorded (version 3) trace of dmfrag realkernel "
                          f"record: only such a trace has Linux's placement")
     try:
-        d = trace_diff(args.file, policy=args.policy, kernel=args.kernel)
+        d = trace_diff(args.file, policy=args.policy, kernel=args.kernel, start=args.start)
     except PlacedReplayError as exc:
         raise UsageError(str(exc)) from None
     if args.json:
@@ -171,9 +178,12 @@ def _replay_placed(args: argparse.Namespace) -> int:
     from ..truth import TruthError
     if args.truth is not None and not Path(args.truth).is_file():
         raise UsageError(f"--truth {args.truth!r}: no such file")
+    if args.start is not None and args.placement != "model":
+        raise UsageError("--start goes with --placement model")
+    kw = {"start": args.start} if args.start is not None else {}
     replay = replay_modelled if args.placement == "model" else replay_placed
     try:
-        res = replay(args.file, policy=args.policy, kernel=args.kernel, truth=args.truth)
+        res = replay(args.file, policy=args.policy, kernel=args.kernel, truth=args.truth, **kw)
     except (PlacedReplayError, TruthError) as exc:
         raise UsageError(str(exc)) from None
     print(json.dumps(res.to_json(), sort_keys=True))
