@@ -215,9 +215,10 @@ class _Modelled(Replayer):
 
     def _free_dumped(self, pfn: int, order: int) -> bool:
         """From a dump on: a free of memory allocated before it (the model
-        took it as allocated order-0 pages, Linux's blocks unknown): its
-        pages freed one by one at the same pfns, when the model has them
-        allocated; False when it does not (a page the dump showed free)."""
+        took it as allocated order-0 pages, Linux's blocks unknown): the
+        pages joined into the block Linux frees and freed at the same pfns,
+        when the model has them all allocated; False when it does not (a
+        page the dump showed free)."""
         b = self.k.buddy
         pages = range(pfn, pfn + (1 << order))
         owner = self.k.page_owner
@@ -226,8 +227,9 @@ class _Modelled(Replayer):
             # free at the dump, the model's for a later allocation, or a page
             # of its own (a page table: its collapses free their own tables)
             return False
-        for p in pages:
-            self.k.free_pages(p, 0)
+        if order:
+            b.join_allocated(pfn, order)    # the block as Linux frees it: one order-n free
+        self.k.free_pages(pfn, order)
         return True
 
     def _early_request(self, i: int) -> None:

@@ -154,6 +154,7 @@ def install_state(k: Any, state: Any) -> dict[str, int]:
         counts = k.buddy.load_free_lists(blocks, pcp, pbmt, managed, state.reserved_mask())
     except ValueError as exc:
         raise StateError(f"the state's free lists do not fit this machine: {exc}") from None
+    _zone_params(k, state)
     kept = 0
     states = k.buddy.page_states()
     for pa in sorted(still):
@@ -191,6 +192,32 @@ def install_state(k: Any, state: Any) -> dict[str, int]:
     k.boot_direct_pages_count = [count[i] - want.get(i, 0) for i in range(len(count))]
     return {**counts, "tables_linked": len(linked), "tables_dropped": len(old_tables - still),
             "kept_by_model": kept, "vmalloc_pages_owned": int(np.count_nonzero(~free_now))}
+
+
+def _zone_params(k: Any, state: Any) -> None:
+    """Linux's watermarks, lowmem reserves, min_free_kbytes and the first
+    CPU's pcp high, batch and free_factor (where the state has them: states
+    read before they were kept go on with the model's own)."""
+    b = k.buddy
+    by_name = {z.name: z for z in b.zones}
+    mfk = state.counters.get("min_free_kbytes", -1)
+    if mfk > 0:
+        b.min_free_kbytes = int(mfk)
+    for zi in state.zones:
+        zone = by_name.get(zi["name"])
+        if zone is None or not zi.get("managed"):
+            continue
+        if "watermark" in zi:
+            zone.watermark = [int(x) for x in zi["watermark"][:3]]
+        if "lowmem_reserve" in zi:
+            n = min(len(zone.lowmem_reserve), len(zi["lowmem_reserve"]))
+            zone.lowmem_reserve[:n] = [int(x) for x in zi["lowmem_reserve"][:n]]
+        pcps = zi.get("pcp") or []
+        if pcps:
+            p = pcps[0]
+            for name in ("high", "batch", "free_factor"):
+                if name in p:
+                    setattr(zone.pcp, name, int(p[name]))
 
 
 def _linked_tables(ram64: np.ndarray, root: int) -> set[int]:

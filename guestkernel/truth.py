@@ -89,7 +89,9 @@ class KernelState:
     pt_va: np.ndarray
     pt_level: np.ndarray
     pt_entry: np.ndarray
-    #: zones: [{name, start_pfn, spanned, present, managed, nr_free}], by index
+    #: zones: [{name, start_pfn, spanned, present, managed, nr_free, watermark
+    #: (min, low, high), lowmem_reserve, pcp: [{count, high, batch, free_factor
+    #: ... as the kernel has them} per CPU]}], by index
     zones: list[dict]
     #: buddy free blocks in list order within each (zone, order, migratetype)
     free_zone: np.ndarray
@@ -481,11 +483,14 @@ def _extract(prog, point: str, t0: float) -> KernelState:
     for zi in range(len(pgdat.node_zones)):
         zone = pgdat.node_zones[zi]
         managed = zone.managed_pages.counter.value_()
-        zones.append({"name": zone.name.string_().decode(),
-                      "start_pfn": zone.zone_start_pfn.value_(),
-                      "spanned": zone.spanned_pages.value_(),
-                      "present": zone.present_pages.value_(), "managed": managed,
-                      "nr_free": int(zone.vm_stat[prog["NR_FREE_PAGES"]].counter.value_())})
+        zinfo = {"name": zone.name.string_().decode(),
+                 "start_pfn": zone.zone_start_pfn.value_(),
+                 "spanned": zone.spanned_pages.value_(),
+                 "present": zone.present_pages.value_(), "managed": managed,
+                 "nr_free": int(zone.vm_stat[prog["NR_FREE_PAGES"]].counter.value_()),
+                 "watermark": [int(x) for x in zone._watermark.read_()][:3],
+                 "lowmem_reserve": [int(x) for x in zone.lowmem_reserve.read_()]}
+        zones.append(zinfo)
         if not managed:
             continue
         fa = zone.free_area
@@ -498,10 +503,15 @@ def _extract(prog, point: str, t0: float) -> KernelState:
                     fm.append(mt)
                     fp.append(pfn)
         pcp_field = "per_cpu_pageset" if _has_member(zone, "per_cpu_pageset") else "pageset"
+        zinfo["pcp"] = []
         for cpu in cpus:
             pcp = per_cpu_ptr(getattr(zone, pcp_field), cpu)
             if pcp_field == "pageset":
                 pcp = pcp.pcp
+            zinfo["pcp"].append({name: int(getattr(pcp, name).value_())
+                                 for name in ("count", "high", "batch", "free_factor",
+                                              "free_count", "high_min", "high_max")
+                                 if _has_member(pcp, name)})
             nlists = len(pcp.lists)
             low = pcptypes * 4                      # PAGE_ALLOC_COSTLY_ORDER + 1 orders
             for pindex in range(nlists):
@@ -600,6 +610,8 @@ def _extract(prog, point: str, t0: float) -> KernelState:
                 for c in cpus if buf.buffers[c])
         except (LookupError, AttributeError):
             trace_entries = -1
+    mfk = _try(prog, "min_free_kbytes")
+    counters["min_free_kbytes"] = int(mfk.value_()) if mfk is not None else -1
     cmd = _try(prog, "saved_command_line")
     cmdline = cmd.string_().decode(errors="replace") if cmd is not None and cmd else ""
 

@@ -249,3 +249,23 @@ class AllocMixin:
         if kind not in (PG_ALLOC, PG_ALLOC_MOVABLE) or v & ORDER_MASK != order:
             raise BadFreeError(f"split_page({pfn:#x}, {order}): not an allocated block of that order")
         self._state_np[pfn: pfn + (1 << order)] = kind
+
+    def join_allocated(self, pfn: int, order: int) -> None:
+        """The reverse of :meth:`split_allocated`: 2^order allocated order-0
+        pages, aligned, become one allocated block of ``order`` (for a
+        replay that learns a block's order only when the kernel frees it:
+        a real kernel's state records which pages are allocated, not in
+        which blocks). Raises BadFreeError, changing nothing, otherwise."""
+        n = 1 << order
+        if not 0 <= pfn or pfn + n > self.max_pfn or pfn & (n - 1):
+            raise BadFreeError(f"join_allocated({pfn:#x}, {order}): not an aligned block "
+                               f"inside [0, {self.max_pfn:#x})")
+        seg = self._state_np[pfn: pfn + n]
+        kinds = seg & KIND_MASK
+        if not ((seg & ORDER_MASK) == 0).all() or not (
+                (kinds == PG_ALLOC).all() or (kinds == PG_ALLOC_MOVABLE).all()):
+            raise BadFreeError(f"join_allocated({pfn:#x}, {order}): not {n} allocated "
+                               f"order-0 pages of one kind")
+        kind = int(seg[0]) & KIND_MASK
+        seg[:] = 0
+        seg[0] = kind | order
