@@ -273,7 +273,7 @@ def mem_init(e820: E820Table, memblock: Memblock, version: KernelVersion,
     bounds = {ZoneType.DMA: (0, min(dma, max_pfn)),
               ZoneType.DMA32: (min(dma, max_pfn), min(dma32, max_pfn)),
               ZoneType.NORMAL: (min(dma32, max_pfn), max_pfn)}
-    buddy = BuddyAllocator(max_pfn, zone_bounds=bounds)
+    buddy = BuddyAllocator(max_pfn, zone_bounds=bounds, pcp_high_orders=version.pcp_high_orders)
     policy.setup_buddy(buddy)
     for lo, hi in memblock.free_ranges():
         lo, hi = -(-lo // PAGE_SIZE), hi // PAGE_SIZE

@@ -164,6 +164,9 @@ class KernelVersion:
     vmalloc_high_order: bool = False
     #: memfd_secret (5.14+)
     secretmem: bool = True
+    #: per-CPU lists hold orders 1-3 and THP too (5.13, "mm/page_alloc: allow
+    #: high-order pages to be stored on the per-cpu lists"); before, order 0 only
+    pcp_high_orders: bool = True
     #: the direct_map_* counters /proc/vmstat prints on this kernel
     vmstat_counters: tuple[str, ...] = ()
     #: the real-mode blob (set_real_mode_permissions), in pages: (its size,
@@ -187,7 +190,7 @@ VERSIONS: dict[str, KernelVersion] = {
         step_rule=STEP_RULES["3.9"], modules_vaddr=0xFFFFFFFFA0000000,
         modules_end=0xFFFFFFFFFF000000, pti=False, node_data_bytes=0x2B000,
         boot_cpa=(BootCpaCall.FREE_INITMEM, BootCpaCall.MARK_RODATA_RO),
-        bpf_prog_pack=False, secretmem=False,
+        bpf_prog_pack=False, secretmem=False, pcp_high_orders=False,
         notes=(("Ubuntu 3.13.0-55: step rule and boot page sizes from its boot log; image "
                "layout borrowed from the 6.1 build"),)),
     "5.10": KernelVersion(
@@ -199,7 +202,7 @@ VERSIONS: dict[str, KernelVersion] = {
                   BootCpaCall.REAL_MODE,
                   BootCpaCall.PTP_CLASSIFIER_BPF, BootCpaCall.FREE_BSS_DECRYPTED,
                   BootCpaCall.FREE_INITMEM, BootCpaCall.MARK_RODATA_RO),
-        bpf_prog_pack=False, secretmem=False, real_mode=(6, 2, 1, 1),
+        bpf_prog_pack=False, secretmem=False, real_mode=(6, 2, 1, 1), pcp_high_orders=False,
         notes=("Debian 5.10.223 under QEMU TCG, nokaslr; boot meminfo equals it at 3G and 8G",)),
     "6.1": KernelVersion(
         name="6.1", release=(6, 1), package="linux-image-6.1.0-56-amd64",

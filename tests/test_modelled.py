@@ -111,15 +111,39 @@ def test_modelled_replay_from_the_boot_dump(trace):
     r = replay_modelled(trace, start="boot")
     assert r.error is None
     assert r.snapshots[0]["point"] == "boot" and r.snapshots[0]["placement"]["same_pfn"] == 1.0
-    assert r.placement()["same_pfn"] > 0.2 > own.placement()["same_pfn"]
-    assert r.placement()["same_2m_region"] > 0.6
-    assert r.first_difference["line"] > dump + 2
+    assert r.placement()["same_pfn"] > 0.25 > own.placement()["same_pfn"]
+    assert r.placement()["same_2m_region"] > 0.5
+    assert r.first_difference is None or r.first_difference["line"] > dump + 2
     r.model.buddy.check()
     r.model.validate()
     with pytest.raises(Exception, match="no stored state and dump event for point 'nope'"):
         replay_modelled(trace, start="nope")
     d = trace_diff(trace, start="boot")
     assert d.first == r.first_difference and d.allocations_before > 0
+
+
+_ALLOCATOR_XFAIL = {
+    "7.2": "7.2's per-CPU lists size themselves (6.7+: pcp->high moves between high_min and "
+           "high_max with free_count, and batches scale); the model keeps 6.1's fixed high "
+           "and free_factor. trace diff --start boot: the first difference is an order-0 "
+           "GFP_NOWAIT allocation whose Linux pfn is further down the model's per-CPU list",
+}
+
+
+@pytest.mark.parametrize("trace", TRUTH, ids=lambda p: p.name)
+def test_the_models_allocator_is_linuxs_from_the_boot_dump(trace, request):
+    """Given Linux's state at the boot dump (its lists in order, watermarks,
+    per-CPU parameters), every later allocation gets the pfn Linux gave and
+    every snapshot's counters are Linux's: the 6.1 allocator (high-order
+    per-CPU lists, free_factor) and the 5.10 one (order-0 lists drained a
+    batch at a time round-robin)."""
+    kernel = trace.name.split("-")[1]
+    if kernel in _ALLOCATOR_XFAIL:
+        request.applymarker(pytest.mark.xfail(strict=True, reason=_ALLOCATOR_XFAIL[kernel]))
+    r = replay_modelled(trace, start="boot")
+    assert r.first_difference is None, r.first_difference
+    assert r.placement()["same_pfn"] == 1.0 and r.allocations > 500
+    assert all(s["equal"] for s in r.snapshots)
 
 
 def test_start_needs_model_placement(capsys):

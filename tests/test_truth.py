@@ -378,7 +378,7 @@ def test_trace_replay_truth_option(tmp_path, capsys):
 
 
 def test_record_truth_without_drgn_exits_2_before_any_boot(monkeypatch, tmp_path, capsys):
-    import dmfrag.truth as truth
+    from dmfrag import truth
 
     def no_drgn():
         raise TruthError("reading a kernel dump needs drgn: pip install 'dmfrag[truth]'")

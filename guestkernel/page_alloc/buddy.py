@@ -120,6 +120,9 @@ class BuddyAllocator(AllocMixin, PcpMixin, FallbackMixin, MemblockMixin, ZoneMix
             present = sum(z.spanned_pages for z in self.zones)
             page_group_by_mobility_disabled = present < PAGEBLOCK_NR_PAGES * len(MigrateType)
         self.page_group_by_mobility_disabled = page_group_by_mobility_disabled
+        #: before 5.13: order-0 pcp lists only, drained pcp->batch at a time
+        #: round-robin over the migratetypes (the 5.10 free_pcppages_bulk)
+        self._pcp_legacy = not pcp_high_orders
         self._pcp_allowed = [o == 0 or (pcp_high_orders and (o <= PAGE_ALLOC_COSTLY_ORDER
                                                              or o == PAGEBLOCK_ORDER))
                              for o in range(MAX_ORDER)]

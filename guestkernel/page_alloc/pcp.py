@@ -38,6 +38,7 @@ class PcpMixin:
     """The allocator's per-CPU pagesets: refill, free, drain."""
 
     _state: memoryview
+    _pcp_legacy: bool
     _pageblock_mt: memoryview
 
     # ------------------------------------------------------------------ allocation
@@ -96,6 +97,11 @@ class PcpMixin:
         pcp.lists[pindex].appendleft(pfn << 4 | mt)
         self._state[pfn] = PG_PCP | order
         pcp.count += 1 << order
+        if self._pcp_legacy:
+            # before 5.13/5.14: at high, free pcp->batch pages (no free_factor)
+            if pcp.count >= pcp.high:
+                self._free_pcppages_bulk_legacy(zone, pcp.batch, pcp)
+            return
         # High-order non-THP pages freed without allocations in between are
         # drained at once: they would fragment otherwise.
         free_high = pcp.free_factor and order and order <= PAGE_ALLOC_COSTLY_ORDER
@@ -157,9 +163,50 @@ class PcpMixin:
                 if count <= 0 or not lst:
                     break
 
+    def _free_pcppages_bulk_legacy(self, zone: Zone, count: int, pcp: PerCpuPages) -> None:
+        """5.10's ``free_pcppages_bulk`` (order-0 lists, one per pcp
+        migratetype): round-robin from MOVABLE on, ``batch_free`` pages
+        from each list's tail, one more for every empty list met (all of
+        the only non-empty one); the pages are collected, then freed in that
+        order."""
+        count = min(pcp.count, count)
+        mt = 0
+        batch_free = 0
+        taken: list[int] = []
+        lists = pcp.lists
+        while count:
+            while True:
+                batch_free += 1
+                mt += 1
+                if mt == MIGRATE_PCPTYPES:
+                    mt = 0
+                lst = lists[mt]
+                if lst:
+                    break
+            if batch_free == MIGRATE_PCPTYPES:
+                batch_free = count
+            while True:
+                taken.append(lst.pop())
+                pcp.count -= 1
+                count -= 1
+                batch_free -= 1
+                if not count or not batch_free or not lst:
+                    break
+        isolated = zone.nr_isolate_pageblock > 0
+        st = self._state
+        for x in taken:
+            pfn, pmt = x >> 4, x & 0xF
+            if isolated:
+                pmt = self._pageblock_mt[pfn >> PAGEBLOCK_ORDER]
+            st[pfn] = 0
+            self._free_one_page(zone, pfn, 0, pmt)
+
     def drain_pages(self, zone: Zone | ZoneType | int | None = None) -> None:
         """``drain_all_pages`` (or ``drain_pages_zone`` of one zone): return every
         pcp page to the buddy."""
         for z in self._resolve_zone(zone):
             if z.pcp.count:
-                self._free_pcppages_bulk(z, z.pcp.count, z.pcp, 0)
+                if self._pcp_legacy:
+                    self._free_pcppages_bulk_legacy(z, z.pcp.count, z.pcp)
+                else:
+                    self._free_pcppages_bulk(z, z.pcp.count, z.pcp, 0)
