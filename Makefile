@@ -37,6 +37,7 @@ bench: $(STAMP)
 	$(PY) bench/validate_bench.py $(BENCH_FLAGS)
 	$(PY) bench/realkernel_bench.py $(BENCH_FLAGS)
 	$(PY) bench/truth_bench.py $(BENCH_FLAGS)
+	$(PY) bench/placement_bench.py $(BENCH_FLAGS)
 	$(PY) bench/policies_report.py $(BENCH_FLAGS)
 
 # Record the reference traces again on the real kernels (QEMU; each boot one

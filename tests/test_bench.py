@@ -157,6 +157,20 @@ def check_truth(f: dict) -> None:
     assert g == {} and f == {}
 
 
+def check_placement(f: dict) -> None:
+    traces = f.pop("traces")
+    assert len(traces) == 3 and f == {}
+    for name, row in traces.items():
+        own, dump = row.pop("own_boot"), row.pop("from_boot_dump")
+        assert row == {}
+        for g in (own, dump):
+            assert g.pop("completed") is True and g.pop("events") > 10000
+            assert positive(g.pop("seconds")) and positive(g.pop("events_per_s"))
+            assert g.pop("allocations") > 400
+            assert 0.0 <= g.pop("same_pfn") <= g.pop("same_2m_region") <= 1.0
+            assert isinstance(g.pop("counters_equal"), bool) and g == {}
+
+
 SCRIPTS: dict[str, tuple[Callable[[dict], None], tuple]] = {
     "emu_bench.py": (check_emu, ()),
     "tlb.py": (check_tlb, ()),
@@ -165,6 +179,7 @@ SCRIPTS: dict[str, tuple[Callable[[dict], None], tuple]] = {
     "validate_bench.py": (check_validate, ()),
     "realkernel_bench.py": (check_realkernel, (pytest.mark.realkernel,)),
     "truth_bench.py": (check_truth, (pytest.mark.realkernel,)),
+    "placement_bench.py": (check_placement, ()),
     "policies_report.py": (check_policies, ()),
 }
 
