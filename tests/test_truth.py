@@ -387,3 +387,20 @@ def test_record_truth_without_drgn_exits_2_before_any_boot(monkeypatch, tmp_path
     monkeypatch.setattr("dmfrag.recorder.record", lambda *a, **k: booted.append(1))
     assert _cli("realkernel", "record", "--truth", "-o", str(tmp_path / "t.jsonl.gz")) == 2
     assert "needs drgn" in capsys.readouterr().err and not booted
+
+
+@pytest.mark.parametrize("policy", ["baseline", "pte-mapped-cache", "migrate-unmapped",
+                                    "unmapped-alloc", "per-user-caches", "prog-pack",
+                                    "cpa-merge", "cpa-collapse"])
+def test_every_policy_runs_from_a_dumped_kernel(policy):
+    """A policy starts on a real kernel's state and routes a workload; the
+    validator holds after it, and secretmem's pages are out of the direct
+    map whatever the policy."""
+    from dmfrag.workloads import run_workload
+    st = next(s for t in TRACES if KERNEL_OF[t.name] == "6.1" for s in _states(t))
+    k = Kernel.from_state(st, policy=policy)
+    d = run_workload("secretmem:64,bpf:32", kernel=k)
+    assert [p["point"] for p in d.points] == ["boot", "secretmem:64", "bpf:32"]
+    assert d.points[0]["meminfo"]["DirectMap4k"] == st.counters["DirectMap4k"]
+    d.kernel.validate()
+    d.kernel.buddy.check()
