@@ -36,7 +36,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
+from guestkernel.gfp import parse_gfp
+from guestkernel.page_alloc import AllocationError
 
 from .placed import (
     LA57_DIRECT,
@@ -123,15 +124,18 @@ class _Modelled(Replayer):
                                   policy or "baseline", events=len(events))
         self.stop_at_difference = stop_at_difference
         n = self.k.max_pfn + 1024
-        #: Linux pfn -> the model's pfn of the same page (-1: not allocated by the trace)
-        self.xlate = np.full(n, -1, dtype=np.int64)
+        #: Linux pfn -> the model's pfn of the same page (-1: not allocated by
+        #: the trace); lists and a bytearray: the hot path indexes them one
+        #: page at a time, where numpy's per-call cost dominates
+        self.xlate: list[int] = [-1] * n
         #: Linux head pfn -> [model head, order, line, split]
         self.blocks: dict[int, list] = {}
         #: Linux pfn -> the head of its live allocation (for frees of parts)
-        self.head_of = np.full(n, -1, dtype=np.int64)
+        self.head_of: list[int] = [-1] * n
         self.skipped_tables: set[int] = set()
         #: the model's pages now given to the trace's allocations
-        self.given = np.zeros(n, dtype=bool)
+        self.given = bytearray(n)
+        self.gfp_cache: dict[str, int] = {}
 
     # -- set-up ------------------------------------------------------------------
 
@@ -155,21 +159,29 @@ class _Modelled(Replayer):
     # -- the events ----------------------------------------------------------------
 
     def _model_alloc(self, i: int, e: list) -> None:
-        from guestkernel.gfp import parse_gfp
-        from guestkernel.page_alloc import AllocationError
         pfn, order = e[1], e[2]
-        gfp = parse_gfp(e[3]) if len(e) > 3 and isinstance(e[3], str) else 0
+        text = e[3] if len(e) > 3 else ""
+        gfp = self.gfp_cache.get(text)
+        if gfp is None:
+            gfp = self.gfp_cache[text] = parse_gfp(text) if isinstance(text, str) else 0
         try:
             mpfn = self.k.alloc_pages(gfp, order)
         except AllocationError as exc:
             raise PlacedReplayError(i + 2, f"the model is out of memory allocating order "
-                                    f"{order} ({e[3]}): {exc}") from None
-        n = 1 << order
-        if pfn + n <= len(self.xlate):
-            self.xlate[pfn: pfn + n] = np.arange(mpfn, mpfn + n)
-            self.head_of[pfn: pfn + n] = pfn
+                                    f"{order} ({text}): {exc}") from None
+        xl, ho = self.xlate, self.head_of
+        if order == 0:
+            if pfn < len(xl):
+                xl[pfn] = mpfn
+                ho[pfn] = pfn
+            self.given[mpfn] = 1
+        else:
+            n = 1 << order
+            if pfn + n <= len(xl):
+                xl[pfn: pfn + n] = range(mpfn, mpfn + n)
+                ho[pfn: pfn + n] = [pfn] * n
+            self.given[mpfn: mpfn + n] = b"\x01" * n
         self.blocks[pfn] = [mpfn, order, i + 2, False]
-        self.given[mpfn: mpfn + n] = True
         r = self.res
         r.allocations += 1
         r.model_pfns.append(mpfn)
@@ -187,7 +199,8 @@ class _Modelled(Replayer):
         if pfn in self.skipped_tables:
             self.skipped_tables.discard(pfn)
             return
-        head = int(self.head_of[pfn]) if pfn < len(self.head_of) else -1
+        xl, ho, given = self.xlate, self.head_of, self.given
+        head = ho[pfn] if pfn < len(ho) else -1
         if head < 0:
             if self.start and self._free_dumped(pfn, order):
                 return
@@ -195,9 +208,10 @@ class _Modelled(Replayer):
             return
         mhead, horder, _line, split = self.blocks[head]
         k = self.k
-        if head == pfn and horder == order and not split:
+        whole = head == pfn and horder == order and not split
+        if whole:
             k.free_pages(mhead, order)
-            self.given[mhead: mhead + n] = False
+            given[mhead: mhead + n] = bytes(n)
             del self.blocks[head]
         else:
             # a part of a block the kernel split (split_page): its pages one by one
@@ -205,13 +219,14 @@ class _Modelled(Replayer):
                 k.split_pages(mhead, horder)
                 self.blocks[head][3] = True
             for p in range(pfn, pfn + n):
-                if self.head_of[p] == head:
-                    k.free_pages(int(self.xlate[p]), 0)
-                    self.given[int(self.xlate[p])] = False
-            if not (self.head_of[head: head + (1 << horder)] == head).any():
-                del self.blocks[head]
-        self.xlate[pfn: pfn + n] = -1
-        self.head_of[pfn: pfn + n] = -1
+                if ho[p] == head:
+                    m = xl[p]
+                    k.free_pages(m, 0)
+                    given[m] = 0
+        xl[pfn: pfn + n] = [-1] * n
+        ho[pfn: pfn + n] = [-1] * n
+        if not whole and all(ho[q] != head for q in range(head, head + (1 << horder))):
+            del self.blocks[head]
 
     def _free_dumped(self, pfn: int, order: int) -> bool:
         """From a dump on: a free of memory allocated before it (the model
