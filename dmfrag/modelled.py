@@ -44,8 +44,7 @@ from .placed import (
     MODEL_EARLY_CALLERS,
     PlacedReplayError,
     Replayer,
-    read_trace,
-    snapshot_counters,
+    load_recorded,
 )
 
 __all__ = ["ModelledReplay", "TraceDiff", "replay_modelled", "trace_diff"]
@@ -326,72 +325,39 @@ class _Modelled(Replayer):
         k = self.k
         if not self.start:
             self._early_calls()
-        stack: list = []
-        top = None
+        self.i = self.start
         try:
-            for i, e in enumerate(self.events):
-                if i < self.start:
-                    continue
-                kind = e[0]
-                if kind == "A":
-                    if len(e) > 5 and e[5] == "cpa_pgtable" and stack:
-                        self.res.pgtable_allocations_skipped += 1
-                        self.skipped_tables.add(e[1])
-                    else:
-                        self._model_alloc(i, e)
-                elif kind == "F":
-                    self._model_free(i, e[1], e[2])
-                elif kind == "C":
-                    args = e[2]
-                    if args is None:
-                        if e[1] != "alias":
-                            self._early_request(i)
-                    elif e[1] == "alias" and stack:
-                        self._alias(i, args, top)
-                        stack.append(args)
-                    else:
-                        top = args
-                        self._request(i, e[1], args)
-                        stack.append(args)
-                elif kind == "R":
-                    if stack:
-                        stack.pop()
-                elif kind == "S":
-                    self._snap(e)
-                elif kind == "D":
-                    self._dump_model(e[1])
-                if i == self.running_at:
-                    k.enter_running()
+            self._loop(self.start)
         except _Stop:
             pass
         except PlacedReplayError as exc:
             self.res.error = str(exc)
         except (BadFreeError, KernelError) as exc:     # a bookkeeping fault: say where
-            self.res.error = f"trace line {i + 2}: {exc}"
+            self.res.error = f"trace line {self.i + 2}: {exc}"
         self.res.seconds = time.perf_counter() - t0
         self.res.model = k
         return self.res
 
-    def _snap(self, e: list) -> None:
-        real = e[2] if len(e) > 2 and isinstance(e[2], dict) else {}
-        r = snapshot_counters(real.get("meminfo", {}), real.get("vmstat", {}))
-        m = snapshot_counters(self.k.meminfo(), self.k.vmstat())
-        m = {key: v for key, v in m.items() if key in r}
-        snap = {"point": e[1], "real": r, "model": m, "equal": r == m,
-                "placement": self.res.placement()}
-        if e[1] in self.compared:
-            snap["state"] = self.compared.pop(e[1])
+    def _on_alloc(self, i: int, e: list, in_request: bool) -> None:
+        if in_request and len(e) > 5 and e[5] == "cpa_pgtable":
+            self.res.pgtable_allocations_skipped += 1
+            self.skipped_tables.add(e[1])
+        else:
+            self._model_alloc(i, e)
+
+    def _on_free(self, i: int, pfn: int, order: int) -> None:
+        self._model_free(i, pfn, order)
+
+    def _snapshot(self, e: list) -> None:
+        snap = self._snapshot_entry(e)
+        snap["placement"] = self.res.placement()
         self.res.snapshots.append(snap)
 
-    def _dump_model(self, point: str) -> None:
-        from guestkernel.layout import PAGE_OFFSET
-
-        from .truth import compare_free, compare_tables, model_tables
-        st = self.states.get(point)
-        if st is None:
+    def _dump(self, point: str) -> None:
+        """A dump point: the model's tables, free pages and free lists (in
+        order) beside Linux's."""
+        if point not in self.states:
             return
-        pt = compare_tables((st.pt_va, st.pt_level, st.pt_entry), model_tables(self.k),
-                            real_offset=st.page_offset, model_offset=PAGE_OFFSET)
         b = self.k.buddy
         lists = {}
         for z in b.zones:
@@ -400,37 +366,11 @@ class _Modelled(Replayer):
                     heads = b.free_list(z, o, m)
                     if heads:
                         lists[(z.name, o, m)] = heads
-        fr = compare_free(st, b.page_states() == 1, lists)
-        self.compared[point] = {
-            "pte_mismatches": pt["pte_mismatches"],
-            "free_list_mismatches": fr["free_list_mismatches"],
-            "order_mismatches": fr["order_mismatches"],
-            "first_mismatch": pt["first"] or fr["first"],
-            "table_pfn_mismatches": pt["table_pfn_mismatches"],
-            "page_table_entries": pt["entries"],
-            "free_linux_only": fr["linux_only"], "free_model_only": fr["model_only"],
-            "first_pte_mismatch": pt["first"], "first_free_mismatch": fr["first"]}
+        self._compare_state(point, b.page_states() == 1, lists)
 
 
 class _Stop(Exception):
     """trace diff: the first difference is found."""
-
-
-def _load(source, kernel, truth):
-    header, events = read_trace(source)
-    if kernel is not None:
-        header = {**header, "kernel": kernel}
-    states = None
-    if truth is None and isinstance(source, (str, Path)):
-        from .truth import truth_path
-        if truth_path(source).exists():
-            truth = truth_path(source)
-    if isinstance(truth, (str, Path)):
-        from .truth import load_states
-        states = load_states(truth)
-    elif truth is not None:
-        states = list(truth)
-    return header, events, states
 
 
 def replay_modelled(source: str | Path | list[str], *, policy: str | None = None,
@@ -441,7 +381,7 @@ def replay_modelled(source: str | Path | list[str], *, policy: str | None = None
     ``start``: a dump point; the model starts from Linux's state there
     (``Kernel.from_state``) and replays the events after it, so that every
     difference is the allocator's own, not the history's."""
-    header, events, states = _load(source, kernel, truth)
+    header, events, states = load_recorded(source, kernel, truth)
     return _Modelled(header, events, policy, states, start=start).run()
 
 
@@ -461,7 +401,7 @@ class TraceDiff:
 
 def trace_diff(source: str | Path | list[str], *, policy: str | None = None,
                kernel: str | None = None, start: str | None = None) -> TraceDiff:
-    header, events, states = _load(source, kernel, None)
+    header, events, states = load_recorded(source, kernel)
     rep = _Modelled(header, events, policy, states, stop_at_difference=True, start=start)
     res = rep.run()
     before = res.allocations - (1 if res.first_difference else 0)

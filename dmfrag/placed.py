@@ -49,7 +49,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["COMPARED", "PlacedReplay", "PlacedReplayError", "read_trace", "replay_placed"]
+__all__ = ["COMPARED", "PlacedReplay", "PlacedReplayError", "load_recorded", "read_trace",
+           "replay_placed"]
 
 #: meminfo and vmstat fields a snapshot compares
 COMPARED_MEMINFO = ("DirectMap4k", "DirectMap2M", "DirectMap1G")
@@ -530,44 +531,9 @@ class _Replayer:
             if not touched[p] and self.own[p] == _FREE:
                 self.pool.append(p)
             p -= 1
-        stack: list[list | None] = []        # the arguments of the passes open
-        top: list | None = None
         self.pos = 0
         try:
-            for i, e in enumerate(self.events):
-                kind = e[0]
-                if kind == "A":
-                    if not self.consumed[i]:
-                        if len(e) > 5 and e[5] == "cpa_pgtable" and e[2] == 0:
-                            # a table Linux allocated inside a CPA pass that
-                            # the model did not take: Linux split, the model not
-                            if self.result.missed_splits == 0:
-                                self.result.first_missed_split = f"line {i + 2}"
-                            self.result.missed_splits += 1
-                        self._alloc(i, e[1], e[2])
-                elif kind == "F":
-                    self._free(i, e[1], e[2])
-                elif kind == "C":
-                    args = e[2]
-                    if args is None:
-                        if e[1] != "alias":
-                            self._early_request(i)
-                    elif e[1] == "alias" and stack:
-                        self._alias(i, args, top)
-                        stack.append(args)
-                    else:
-                        top = args
-                        self._request(i, e[1], args)
-                        stack.append(args)
-                elif kind == "R":
-                    if stack:
-                        stack.pop()
-                elif kind == "S":
-                    self._snapshot(e)
-                elif kind == "D":
-                    self._dump(e[1])
-                if i == self.running_at:
-                    k.enter_running()
+            self._loop()
         except PlacedReplayError as exc:
             self.result.error = str(exc)
         finally:
@@ -575,7 +541,63 @@ class _Replayer:
             k.pgtable_free_sink = None
         return self.result
 
+    def _loop(self, start: int = 0) -> None:
+        """The events from ``start`` on, each to its handler (the kinds a
+        modelled replay handles otherwise are ``_on_alloc``, ``_on_free``,
+        ``_early_request``, ``_snapshot`` and ``_dump``)."""
+        k = self.k
+        stack: list[list | None] = []        # the arguments of the passes open
+        top: list | None = None
+        for i in range(start, len(self.events)):
+            self.i = i
+            e = self.events[i]
+            kind = e[0]
+            if kind == "A":
+                self._on_alloc(i, e, bool(stack))
+            elif kind == "F":
+                self._on_free(i, e[1], e[2])
+            elif kind == "C":
+                args = e[2]
+                if args is None:
+                    if e[1] != "alias":
+                        self._early_request(i)
+                elif e[1] == "alias" and stack:
+                    self._alias(i, args, top)
+                    stack.append(args)
+                else:
+                    top = args
+                    self._request(i, e[1], args)
+                    stack.append(args)
+            elif kind == "R":
+                if stack:
+                    stack.pop()
+            elif kind == "S":
+                self._snapshot(e)
+            elif kind == "D":
+                self._dump(e[1])
+            if i == self.running_at:
+                k.enter_running()
+
+    def _on_alloc(self, i: int, e: list, in_request: bool) -> None:
+        if self.consumed[i]:
+            return
+        if len(e) > 5 and e[5] == "cpa_pgtable" and e[2] == 0:
+            # a table Linux allocated inside a CPA pass that the model did
+            # not take: Linux split, the model not
+            if self.result.missed_splits == 0:
+                self.result.first_missed_split = f"line {i + 2}"
+            self.result.missed_splits += 1
+        self._alloc(i, e[1], e[2])
+
+    def _on_free(self, i: int, pfn: int, order: int) -> None:
+        self._free(i, pfn, order)
+
     def _snapshot(self, e: list) -> None:
+        self.result.snapshots.append(self._snapshot_entry(e))
+
+    def _snapshot_entry(self, e: list) -> dict:
+        """A snapshot: Linux's counters beside the model's, and the state
+        comparison of the dump just before it, if any."""
         real = e[2] if len(e) > 2 and isinstance(e[2], dict) else {}
         r = _counters(real.get("meminfo", {}), real.get("vmstat", {}))
         m = _counters(self.k.meminfo(), self.k.vmstat())
@@ -583,31 +605,42 @@ class _Replayer:
         snap = {"point": e[1], "real": r, "model": m, "equal": r == m}
         if e[1] in self.compared:
             snap["state"] = self.compared.pop(e[1])
-        self.result.snapshots.append(snap)
+        return snap
 
-    def _dump(self, point: str) -> None:
-        """A dump point: the model's tables and free pages beside Linux's
-        (dmfrag.truth); at the first, adopt Linux's free set."""
-        import numpy as np
-
+    def _compare_state(self, point: str, model_free, model_lists: dict | None = None
+                       ) -> object | None:
+        """The model beside the real kernel's state at a dump point
+        (dmfrag.truth), kept for the snapshot of that point; the state, or
+        None without one. ``model_free``: a bool per pfn; ``model_lists``:
+        the model's free lists (the order is compared too)."""
         from guestkernel.layout import PAGE_OFFSET
 
         from .truth import compare_free, compare_tables, model_tables
         st = self.states.get(point)
         if st is None:
-            return
+            return None
         pt = compare_tables((st.pt_va, st.pt_level, st.pt_entry), model_tables(self.k),
                             real_offset=st.page_offset, model_offset=PAGE_OFFSET)
-        own = np.frombuffer(self.own, dtype=np.uint8)
-        fr = compare_free(st, own == _FREE)
+        fr = compare_free(st, model_free, model_lists)
         self.compared[point] = {
             "pte_mismatches": pt["pte_mismatches"],
             "free_list_mismatches": fr["free_list_mismatches"],
+            **({"order_mismatches": fr["order_mismatches"]} if model_lists is not None else {}),
             "first_mismatch": pt["first"] or fr["first"],
             "table_pfn_mismatches": pt["table_pfn_mismatches"],
             "page_table_entries": pt["entries"],
             "free_linux_only": fr["linux_only"], "free_model_only": fr["model_only"],
             "first_pte_mismatch": pt["first"], "first_free_mismatch": fr["first"]}
+        return st
+
+    def _dump(self, point: str) -> None:
+        """A dump point: the model's tables and free pages beside Linux's
+        (dmfrag.truth); at the first, adopt Linux's free set."""
+        import numpy as np
+        own = np.frombuffer(self.own, dtype=np.uint8)
+        st = self._compare_state(point, own == _FREE)
+        if st is None:
+            return
         if self.result.adopted is None:
             n = min(len(own), st.max_pfn)
             real_free = st.free_mask(n)
@@ -628,6 +661,25 @@ LA57_DIRECT = (_LA57_PAGE_OFFSET, _LA57_DIRECT_END)
 MODEL_EARLY_CALLERS = _MODEL_EARLY_CALLERS
 
 
+def load_recorded(source: str | Path | list[str], kernel: str | None = None,
+                  truth: str | Path | list | None = None) -> tuple[dict, list[list], list | None]:
+    """A recorded trace's header (``kernel`` overriding its record), events,
+    and the real kernel's states at its dump points: ``truth`` (a
+    ``.truth.npz`` or a list of states), by default the file beside a trace
+    file when there is one (:func:`dmfrag.truth.truth_path`), else None."""
+    header, events = read_trace(source)
+    if kernel is not None:
+        header = {**header, "kernel": kernel}
+    if truth is None and isinstance(source, (str, Path)):
+        from .truth import truth_path
+        if truth_path(source).exists():
+            truth = truth_path(source)
+    if isinstance(truth, (str, Path)):
+        from .truth import load_states
+        return header, events, load_states(truth)
+    return header, events, (list(truth) if truth is not None else None)
+
+
 def replay_placed(source: str | Path | list[str], *, policy: str | None = None,
                   kernel: str | None = None, truth: str | Path | list | None = None
                   ) -> PlacedReplay:
@@ -637,19 +689,7 @@ def replay_placed(source: str | Path | list[str], *, policy: str | None = None,
     of :class:`dmfrag.truth.KernelState`); by default the file beside a
     trace file (:func:`dmfrag.truth.truth_path`) when there is one."""
     import time
-    header, events = read_trace(source)
-    if kernel is not None:
-        header = {**header, "kernel": kernel}
-    states = None
-    if truth is None and isinstance(source, (str, Path)):
-        from .truth import truth_path
-        if truth_path(source).exists():
-            truth = truth_path(source)
-    if isinstance(truth, (str, Path)):
-        from .truth import load_states
-        states = load_states(truth)
-    elif truth is not None:
-        states = list(truth)
+    header, events, states = load_recorded(source, kernel, truth)
     t0 = time.perf_counter()
     res = _Replayer(header, events, policy, states).run()
     res.seconds = time.perf_counter() - t0
