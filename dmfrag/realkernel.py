@@ -286,15 +286,9 @@ class RealKernel:
         if self.spec.debug_package is None:
             raise RealKernelError(f"no debug package is known for kernel {self.spec.name}")
         package, version, member = self.spec.debug_package
-        root = self.cache / package
-        out = root / Path(member).name
-        sha = self._expected_sha256(package, version)
-        stamp = f"{package}={version} sha256:{sha}"
-        if out.exists() and _read(root / _STAMP) == stamp:
-            return out
-        deb = self._verified_deb(package, version, sha)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{package}.", dir=self.cache))
-        try:
+        name = Path(member).name
+
+        def extract(deb: Path, tmp: Path) -> None:
             with subprocess.Popen(["dpkg-deb", "--fsys-tarfile", str(deb)],
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE) as dpkg:
                 r = subprocess.run(["tar", "-x", "-C", str(tmp), f"./{member}"],
@@ -305,27 +299,17 @@ class RealKernel:
             if r.returncode or dpkg.returncode or not (tmp / member).is_file():
                 raise RealKernelError(f"cannot take {member} out of {deb.name}: "
                                       f"{r.stderr.strip()[-500:]}")
-            os.replace(tmp / member, tmp / out.name)
+            os.replace(tmp / member, tmp / name)
             shutil.rmtree(tmp / member.split("/")[0], ignore_errors=True)
-            (tmp / _STAMP).write_text(stamp)
-            if root.exists():
-                old = Path(tempfile.mkdtemp(prefix=f".{package}.old.", dir=self.cache))
-                try:
-                    os.replace(root, old / "k")
-                except OSError:
-                    pass
-                shutil.rmtree(old, ignore_errors=True)
-            try:
-                os.rename(tmp, root)
-            except OSError:
-                if not (out.exists() and _read(root / _STAMP) == stamp):
-                    raise RealKernelError(f"cannot put the debug vmlinux at {root}") from None
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-        deb.unlink(missing_ok=True)
-        return out
+            deb.unlink(missing_ok=True)      # only the vmlinux is kept
+        return self._package_dir(package, version, name, extract) / name
 
-    def _package_dir(self, package: str, version: str, marker: str) -> Path:
+    def _package_dir(self, package: str, version: str, marker: str,
+                     extract: Callable[[Path, Path], None] | None = None) -> Path:
+        """The pinned package unpacked into the cache (once: the folder's
+        stamp names the package file's SHA256), atomically: into a fresh
+        temporary folder, then renamed into place. ``extract(deb, tmp)``
+        unpacks only part of it (default: all of it, ``dpkg-deb -x``)."""
         root = self.cache / package
         self.cache.mkdir(parents=True, exist_ok=True)
         sha = self._expected_sha256(package, version)
@@ -335,10 +319,14 @@ class RealKernel:
         deb = self._verified_deb(package, version, sha)
         tmp = Path(tempfile.mkdtemp(prefix=f".{package}.", dir=self.cache))
         try:
-            r = subprocess.run(["dpkg-deb", "-x", str(deb), str(tmp)], capture_output=True,
-                               text=True, check=False)
-            if r.returncode:
-                raise RealKernelError(f"dpkg-deb -x {deb.name} failed: {r.stderr.strip()[-500:]}")
+            if extract is not None:
+                extract(deb, tmp)
+            else:
+                r = subprocess.run(["dpkg-deb", "-x", str(deb), str(tmp)], capture_output=True,
+                                   text=True, check=False)
+                if r.returncode:
+                    raise RealKernelError(f"dpkg-deb -x {deb.name} failed: "
+                                          f"{r.stderr.strip()[-500:]}")
             (tmp / _STAMP).write_text(stamp)
             if root.exists():             # an older or unchecked unpack: move it aside first
                 old = Path(tempfile.mkdtemp(prefix=f".{package}.old.", dir=self.cache))
