@@ -41,10 +41,10 @@ from guestkernel.page_alloc import AllocationError
 
 from .placed import (
     LA57_DIRECT,
-    MODEL_EARLY_CALLERS,
     PlacedReplayError,
     Replayer,
     load_recorded,
+    one_page_vmalloc,
 )
 
 __all__ = ["ModelledReplay", "TraceDiff", "replay_modelled", "trace_diff"]
@@ -250,22 +250,8 @@ class _Modelled(Replayer):
         """Before boot kprobes: only a one-page request right after a
         one-page vmalloc allocation is replayed (that page read-only)."""
         from guestkernel.cpa import CpaError, CpaFlags
-        ev = self.events
-        j = i - 1
-        while j >= 0 and ev[j][0] == "A":
-            j -= 1
-        marker = ev[j] if j >= 0 and ev[j][0] == "U" and len(ev[j]) > 2 else None
-        prev = next((ev[m] for m in range(i - 1, -1, -1) if ev[m][0] != "U"), None)
-        aliases = 0
-        end = i + 1
-        while end < len(ev) and not (ev[end][0] == "C" and ev[end][1] != "alias") \
-                and ev[end][0] != "S":
-            aliases += ev[end][0] == "C"
-            end += 1
-        skip = marker is not None and (marker[2] in MODEL_EARLY_CALLERS
-                                       or marker[1] in ("set_memory_x", "set_memory_nx"))
-        if (skip or not (prev and prev[0] == "A" and prev[2] == 0
-                         and "__GFP_HIGHMEM" in prev[3] and aliases == 1)):
+        made_by_model, prev, _end, aliases, _marker = self._early_context(i)
+        if made_by_model or not one_page_vmalloc(prev, aliases):
             self.res.early_requests_skipped += 1
             return
         pfn = int(self.xlate[prev[1]]) if self.xlate[prev[1]] >= 0 else prev[1]

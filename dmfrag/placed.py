@@ -466,28 +466,12 @@ class _Replayer:
         as what module memory gets before kprobes exist, read-only
         (set_memory_ro; set_memory_x has no alias pass): RW cleared on each
         page's direct-map alias. Any other is counted as skipped."""
-        ev = self.events
-        # the CPA entry point and its caller (the recorder's U marker just before)
-        j = i - 1
-        while j >= 0 and ev[j][0] == "A":
-            j -= 1
-        marker = ev[j] if j >= 0 and ev[j][0] == "U" and len(ev[j]) > 2 else None
-        if marker is not None and (marker[2] in _MODEL_EARLY_CALLERS
-                                   or marker[1] in ("set_memory_x", "set_memory_nx")):
-            # made by the model's record itself (or below 1 MiB: init_real_mode),
-            # or an NX change (its alias passes change nothing): nothing to place
+        made_by_model, prev, end, aliases, marker = self._early_context(i)
+        if made_by_model:
             self.result.early_requests_skipped += 1
             return
-        prev = next((ev[k] for k in range(i - 1, -1, -1) if ev[k][0] != "U"), None)
-        end = i + 1
-        aliases = 0
-        while end < len(ev) and not (ev[end][0] == "C" and ev[end][1] != "alias") \
-                and ev[end][0] != "S":
-            aliases += ev[end][0] == "C"
-            end += 1
         pfns = None
-        if (prev and prev[0] == "A" and prev[2] == 0 and "__GFP_HIGHMEM" in prev[3]
-                and aliases == 1):
+        if _one_page_vmalloc(prev, aliases):
             pfns = [prev[1]]
             for n, area in enumerate(self.areas):
                 if n not in self.areas_used and area[2] == pfns:
@@ -517,6 +501,31 @@ class _Replayer:
                                                     in_flag=CpaFlags.NO_CHECK_ALIAS)
             except (CpaError, MemoryError) as exc:
                 raise PlacedReplayError(i + 2, f"early request on pfn {pfn:#x}: {exc}") from None
+
+    def _early_context(self, i: int) -> tuple[bool, list | None, int, int, list | None]:
+        """What a request before kprobes (no arguments) at ``i`` is, from
+        the events around it: (made by the model's record itself or an NX
+        change: nothing to place; the event before it that is not a U marker;
+        the index after its last alias pass; its alias passes; the U marker
+        naming its entry point and caller, or None)."""
+        ev = self.events
+        # the CPA entry point and its caller (the recorder's U marker just before)
+        j = i - 1
+        while j >= 0 and ev[j][0] == "A":
+            j -= 1
+        marker = ev[j] if j >= 0 and ev[j][0] == "U" and len(ev[j]) > 2 else None
+        # made by the model's record itself (or below 1 MiB: init_real_mode),
+        # or an NX change (its alias passes change nothing): nothing to place
+        made = marker is not None and (marker[2] in _MODEL_EARLY_CALLERS
+                                       or marker[1] in ("set_memory_x", "set_memory_nx"))
+        prev = next((ev[k] for k in range(i - 1, -1, -1) if ev[k][0] != "U"), None)
+        end = i + 1
+        aliases = 0
+        while end < len(ev) and not (ev[end][0] == "C" and ev[end][1] != "alias") \
+                and ev[end][0] != "S":
+            aliases += ev[end][0] == "C"
+            end += 1
+        return made, prev, end, aliases, marker
 
     def run(self) -> PlacedReplay:
         k = self.k
@@ -654,11 +663,18 @@ class _Replayer:
                                    "freed": int(freed.sum())}
 
 
+def _one_page_vmalloc(prev: list | None, aliases: int) -> bool:
+    """An early request with one alias pass right after a one-page vmalloc
+    allocation (a trampoline or kprobe instruction page): that page."""
+    return bool(prev and prev[0] == "A" and prev[2] == 0 and "__GFP_HIGHMEM" in prev[3]
+                and aliases == 1)
+
+
 #: what dmfrag.modelled shares (the same event loop, the model choosing the pfns)
 Replayer = _Replayer
 snapshot_counters = _counters
 LA57_DIRECT = (_LA57_PAGE_OFFSET, _LA57_DIRECT_END)
-MODEL_EARLY_CALLERS = _MODEL_EARLY_CALLERS
+one_page_vmalloc = _one_page_vmalloc
 
 
 def load_recorded(source: str | Path | list[str], kernel: str | None = None,

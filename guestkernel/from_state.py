@@ -42,6 +42,7 @@ from emu.pagetable import PteFlags as F
 from .layout import PAGE_OFFSET, START_KERNEL_MAP
 from .owner import PageOwner
 from .shadow import S_MAPPED, to_shadow
+from .truth import rebase_direct
 
 __all__ = ["StateError", "e820_text", "install_state"]
 
@@ -50,8 +51,6 @@ _PS = int(F.PS)
 _E820_NAMES = {1: "usable", 2: "reserved", 3: "ACPI data", 4: "ACPI NVS", 5: "unusable",
                7: "persistent (type 7)", 12: "persistent (type 12)", 0xEFFFFFFF: "soft reserved"}
 _IMAGE_SPAN = 1 << 30
-#: the direct map's span with 4-level paging (64 TiB): RAM beyond it the model cannot map
-_DIRECT_SPAN = 1 << 46
 
 
 class StateError(ValueError):
@@ -71,10 +70,7 @@ def e820_text(e820: list[list[int]]) -> str:
 
 def _entries(state: Any) -> dict[tuple[int, int], int]:
     """Linux's entries keyed by (VA in the model's layout, level)."""
-    vas = state.pt_va.astype(np.uint64)
-    off = np.uint64(state.page_offset)
-    direct = (vas >= off) & (vas < off + np.uint64(_DIRECT_SPAN))
-    rel = np.where(direct, vas - off + np.uint64(PAGE_OFFSET), vas)
+    rel = rebase_direct(state.pt_va, state.page_offset, PAGE_OFFSET)
     return {(int(v), int(lv)): int(e) for v, lv, e in zip(rel, state.pt_level, state.pt_entry)}
 
 

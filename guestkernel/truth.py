@@ -54,10 +54,27 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["NO_PAGEBLOCK", "START_KERNEL_MAP", "TRUTH_VERSION", "KernelState", "TruthError",
-           "check_drgn", "compare_free", "compare_tables", "extract", "find_vmcoreinfo",
-           "load_states", "model_tables", "save_states", "state_bytes", "truth_path",
-           "vmcoreinfo_from_core", "walk_tables"]
+__all__ = [
+    "DIRECT_SPAN",
+    "NO_PAGEBLOCK",
+    "START_KERNEL_MAP",
+    "TRUTH_VERSION",
+    "KernelState",
+    "TruthError",
+    "check_drgn",
+    "compare_free",
+    "compare_tables",
+    "extract",
+    "find_vmcoreinfo",
+    "load_states",
+    "model_tables",
+    "rebase_direct",
+    "save_states",
+    "state_bytes",
+    "truth_path",
+    "vmcoreinfo_from_core",
+    "walk_tables",
+]
 
 TRUTH_VERSION = 1
 START_KERNEL_MAP = 0xFFFFFFFF80000000
@@ -222,12 +239,13 @@ def load_states(path: str | Path) -> list[KernelState]:
 
 # -- reading a core ------------------------------------------------------------------
 
-def _elf_loads(path: Path) -> list[tuple[int, int, int]]:
-    """(paddr, filesz, offset) of an ELF core's PT_LOAD segments."""
+def _elf_segments(path: Path) -> list[tuple[int, int, int, int]] | None:
+    """(p_type, offset, paddr, filesz) of each program header of a 64-bit
+    ELF file; None when the file is not one."""
     with open(path, "rb") as f:
         eh = f.read(64)
         if eh[:4] != b"\x7fELF" or eh[4] != 2:
-            raise TruthError(f"{path} is not a 64-bit ELF core (dump-guest-memory without -z)")
+            return None
         phoff, = struct.unpack_from("<Q", eh, 0x20)
         phentsize, phnum = struct.unpack_from("<HH", eh, 0x36)
         f.seek(phoff)
@@ -235,9 +253,16 @@ def _elf_loads(path: Path) -> list[tuple[int, int, int]]:
     out = []
     for i in range(phnum):
         p_type, _f, off, _va, pa, filesz = struct.unpack_from("<IIQQQQ", table, i * phentsize)
-        if p_type == 1:
-            out.append((pa, filesz, off))
+        out.append((p_type, off, pa, filesz))
     return out
+
+
+def _elf_loads(path: Path) -> list[tuple[int, int, int]]:
+    """(paddr, filesz, offset) of an ELF core's PT_LOAD segments."""
+    segs = _elf_segments(path)
+    if segs is None:
+        raise TruthError(f"{path} is not a 64-bit ELF core (dump-guest-memory without -z)")
+    return [(pa, filesz, off) for p_type, off, pa, filesz in segs if p_type == 1]
 
 
 def vmcoreinfo_from_core(core: str | Path, paddr: int) -> bytes:
@@ -291,17 +316,13 @@ def find_vmcoreinfo(core: str | Path) -> bytes | None:
 
 
 def _elf_has_vmcoreinfo(path: Path) -> bool:
-    """Whether an ELF core's PT_NOTE segments hold a VMCOREINFO note."""
+    """Whether an ELF core's PT_NOTE segments hold a VMCOREINFO note (True
+    for a core that is not ELF, kdump's compressed format: drgn decides)."""
+    segs = _elf_segments(path)
+    if segs is None:
+        return True
     with open(path, "rb") as f:
-        eh = f.read(64)
-        if eh[:4] != b"\x7fELF":
-            return True                        # not ELF (kdump, kcore): drgn decides
-        phoff, = struct.unpack_from("<Q", eh, 0x20)
-        phentsize, phnum = struct.unpack_from("<HH", eh, 0x36)
-        f.seek(phoff)
-        table = f.read(phentsize * phnum)
-        for i in range(phnum):
-            p_type, _f, off, _va, _pa, filesz = struct.unpack_from("<IIQQQQ", table, i * phentsize)
+        for p_type, off, _pa, filesz in segs:
             if p_type == 4 and filesz < 1 << 24:
                 f.seek(off)
                 if b"VMCOREINFO" in f.read(filesz):
@@ -667,6 +688,20 @@ def _flag_names(entry: int, level: int) -> str:
     return " ".join(names) or "-"
 
 
+#: the direct map's span with 4-level paging (64 TiB): what counts as a
+#: direct-map address when moving one between layouts
+DIRECT_SPAN = 1 << 46
+
+
+def rebase_direct(vas: np.ndarray, from_offset: int, to_offset: int) -> np.ndarray:
+    """Direct-map addresses moved from one PAGE_OFFSET to another (the
+    guests run 5-level paging, the model 4), same pfn; others unchanged."""
+    vas = vas.astype(np.uint64)
+    off = np.uint64(from_offset)
+    direct = (vas >= off) & (vas < off + np.uint64(DIRECT_SPAN))
+    return np.where(direct, vas - off + np.uint64(to_offset), vas)
+
+
 def compare_tables(real: tuple[np.ndarray, np.ndarray, np.ndarray],
                    model: tuple[np.ndarray, np.ndarray, np.ndarray],
                    *, real_offset: int, model_offset: int) -> dict:
@@ -677,10 +712,7 @@ def compare_tables(real: tuple[np.ndarray, np.ndarray, np.ndarray],
     is elsewhere counts apart (``table_pfn_mismatches``): boot-time tables
     are the model's own placement. The first difference is named."""
     def keyed(vas, levels, entries, offset):
-        vas = vas.astype(np.uint64)
-        off = np.uint64(offset)
-        direct = (vas >= off) & (vas < off + np.uint64(1 << 46))
-        rel = np.where(direct, vas - off, vas)
+        rel = rebase_direct(vas, offset, 0)
         return {(int(v), int(lv)): int(e) for v, lv, e in zip(rel, levels, entries)}
     r = keyed(*real, real_offset)
     m = keyed(*model, model_offset)
