@@ -30,7 +30,8 @@ def _figures(path: Path, start: str | None) -> dict:
     p = r.placement()
     return {"events": len(events), "seconds": secs, "events_per_s": len(events) / secs,
             "same_pfn": p["same_pfn"], "same_2m_region": p["same_2m_region"],
-            "allocations": p["allocations"], "counters_equal": r.equal,
+            "allocations": p["allocations"], "bulk_pages": r.bulk_pages,
+            "bulk_same_pfn": r.bulk_same_pfn, "counters_equal": r.equal,
             "completed": r.error is None}
 
 
@@ -56,7 +57,9 @@ def main() -> None:
             print(f"{name} ({how}): {f['events']:,} events in {f['seconds']:.2f} s = "
                   f"{f['events_per_s']:,.0f} events/s (goal >= 200,000); same pfn "
                   f"{f['same_pfn']:.3f}, same 2M region {f['same_2m_region']:.3f} over "
-                  f"{f['allocations']:,} allocations; counters equal: {f['counters_equal']}")
+                  f"{f['allocations']:,} allocations; bulk pages at Linux's pfn "
+                  f"{f['bulk_same_pfn']:,}/{f['bulk_pages']:,}; counters equal: "
+                  f"{f['counters_equal']}")
 
 
 if __name__ == "__main__":

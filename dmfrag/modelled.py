@@ -46,6 +46,7 @@ from .placed import (
     load_recorded,
     one_page_vmalloc,
 )
+from .recorder import CPA_TABLE_GFPS, splits_direct_map_tables
 
 __all__ = ["ModelledReplay", "TraceDiff", "replay_modelled", "trace_diff"]
 
@@ -66,6 +67,11 @@ class ModelledReplay:
     #: Linux's page-table pages inside CPA passes (the model's splits take their own)
     pgtable_allocations_skipped: int = 0
     untraced_frees: int = 0
+    #: pages of bulk allocations (recorded ``B`` events, or in a version-3
+    #: trace inferred from their frees: see _infer_bulk), and how many of
+    #: them the model put at Linux's pfn
+    bulk_pages: int = 0
+    bulk_same_pfn: int = 0
     early_requests_skipped: int = 0
     #: the first allocation whose pfn is not Linux's: {"line", "linux_pfn", "model_pfn", ...}
     first_difference: dict | None = None
@@ -73,6 +79,8 @@ class ModelledReplay:
     seconds: float = 0.0
     #: the model's pfn for each replayed allocation, in trace order (not in the JSON)
     model_pfns: list[int] = field(default_factory=list, repr=False)
+    #: the model's pfn for each bulk-allocated page, in trace order (not in the JSON)
+    bulk_pfns: list[int] = field(default_factory=list, repr=False)
     #: the model at the end (guestkernel.Kernel; not in the JSON)
     model: object = field(default=None, repr=False)
 
@@ -91,6 +99,7 @@ class ModelledReplay:
                 "events": self.events, "allocation_placement": self.placement(),
                 "pgtable_allocations_skipped": self.pgtable_allocations_skipped,
                 "untraced_frees": self.untraced_frees,
+                "bulk": {"pages": self.bulk_pages, "same_pfn": self.bulk_same_pfn},
                 "early_requests_skipped": self.early_requests_skipped,
                 "first_difference": self.first_difference,
                 "equal": self.equal, "completed": self.error is None, "error": self.error}
@@ -135,8 +144,41 @@ class _Modelled(Replayer):
         #: the model's pages now given to the trace's allocations
         self.given = bytearray(n)
         self.gfp_cache: dict[str, int] = {}
+        #: the untraced bulk allocations (_infer_bulk): (earliest, deadline,
+        #: Linux's pages in array order); each is made before the first
+        #: event in its window at which the model's per-CPU list starts with
+        #: those pages (the bulk allocator takes the list's head), else
+        #: before its first free
+        recorded_bulk = header.get("dmfrag_trace", 3) >= 4
+        self.bulk_groups = [] if recorded_bulk else _infer_bulk(
+            events, self.start, n, self._free_at_start(states, start))
+        self.bulk_done = bytearray(len(self.bulk_groups))
+        self.bulk_before: dict[int, list[int]] = {}
+        for g, (lo, hi, _pages) in enumerate(self.bulk_groups):
+            for j in range(lo, hi + 1):
+                self.bulk_before.setdefault(j, []).append(g)
+        #: a batch free (free_pages_bulk: FREE_MARKERS) -> its first F event
+        #: index -> its last: those pages are freed together, as Linux did
+        self.free_runs: dict[int, int] = _free_runs(events, self.start)
+        self._run_end = -1
+        #: vmalloc's GFP (the inferred calls), and one per recorded
+        #: migratetype (the bulk probe keeps only the GFP's mobility)
+        self._bulk_gfp = parse_gfp("GFP_KERNEL|__GFP_HIGHMEM")
+        self._bulk_gfps = (self._bulk_gfp, parse_gfp("GFP_HIGHUSER_MOVABLE"),
+                           parse_gfp("GFP_KERNEL|__GFP_RECLAIMABLE"))
 
     # -- set-up ------------------------------------------------------------------
+
+    @staticmethod
+    def _free_at_start(states: list | None, start: str | None):
+        """Linux's free pages at the start dump (buddy and per-CPU lists), or
+        None from boot (nothing known before the trace's own events)."""
+        if start is None:
+            return None
+        st = next(s for s in states or () if s.point == start)
+        pfns = [(p, o) for p, o in zip(st.free_pfn.tolist(), st.free_order.tolist())]
+        pfns += [(p, o) for p, o in zip(st.pcp_pfn.tolist(), st.pcp_order.tolist())]
+        return pfns
 
     def _early_calls(self) -> None:
         from guestkernel.boot import boot_cpa_calls
@@ -192,6 +234,99 @@ class _Modelled(Replayer):
                 raise _Stop
         if mpfn >> 9 == pfn >> 9:
             r.same_2m_region += 1
+
+    def _before_event(self, i: int) -> None:
+        """The untraced bulk allocations inferred to fall just before event
+        ``i`` (:func:`_infer_bulk`): the model's bulk allocator gives as many
+        pages (vmalloc's way: 100 a call, then one at a time), each the
+        handle of Linux's page in the same array position."""
+        for g in self.bulk_before[i]:
+            if self.bulk_done[g]:
+                continue
+            _lo, deadline, linux_pages = self.bulk_groups[g]
+            if i < deadline and not self._pcp_starts_with(linux_pages):
+                continue
+            self.bulk_done[g] = 1
+            self._bulk_alloc(i, linux_pages, self._bulk_gfp, 100)
+
+    def _on_bulk(self, i: int, e: list) -> None:
+        """A recorded bulk allocator call: the model's bulk allocator is
+        asked for as many pages as Linux's gave."""
+        gfp = self._bulk_gfps[e[2]] if 0 <= e[2] < 3 else self._bulk_gfp
+        if e[3]:
+            self._bulk_alloc(i, e[3], gfp, len(e[3]))
+
+    def _bulk_alloc(self, i: int, linux_pages: list[int], gfp: int, per_call: int) -> None:
+        """The model's bulk allocator gives ``len(linux_pages)`` pages,
+        ``per_call`` at most a call (vmalloc asks for 100), until a call
+        gives fewer, then one ``alloc_pages`` a page; each is the handle of
+        Linux's page in the same array position."""
+        k = self.k
+        n = len(linux_pages)
+        got: list[int] = []
+        try:
+            while len(got) < n:
+                request = min(per_call, n - len(got))
+                part = k.alloc_pages_bulk(gfp, request)
+                got += part
+                if len(part) != request:
+                    break
+            while len(got) < n:
+                got.append(k.alloc_pages(gfp, 0))
+        except AllocationError as exc:
+            raise PlacedReplayError(i + 2, f"the model is out of memory for a bulk allocation "
+                                    f"of {n} pages: {exc}") from None
+        xl, ho, given = self.xlate, self.head_of, self.given
+        for pfn, mpfn in zip(linux_pages, got):
+            if pfn < len(xl):
+                xl[pfn] = mpfn
+                ho[pfn] = pfn
+            given[mpfn] = 1
+            self.blocks[pfn] = [mpfn, 0, i + 2, False]
+        r = self.res
+        r.bulk_pfns += got
+        r.bulk_pages += n
+        r.bulk_same_pfn += sum(1 for p, m in zip(linux_pages, got) if p == m)
+
+    def _pcp_starts_with(self, pages: list[int]) -> bool:
+        """The model's UNMOVABLE order-0 per-CPU list (of the zone of
+        ``pages[0]``) starts with ``pages`` (as far as it goes)."""
+        from itertools import islice
+
+        from guestkernel.page_alloc.types import UNMOVABLE, order_to_pindex
+        b = self.k.buddy
+        if not 0 <= pages[0] < b.max_pfn:
+            return False
+        lst = b.page_zone(pages[0]).pcp.lists[order_to_pindex(UNMOVABLE, 0)]
+        if not lst:
+            return False
+        return all(x >> 4 == p for x, p in zip(islice(lst, len(pages)), pages))
+
+    def _model_free_run(self, i: int, last: int) -> None:
+        """Events ``i``..``last``: one ``free_pages_bulk`` of order-0 pages:
+        the model's pages of them, in the same order, to the model's
+        ``free_pages_bulk`` (contiguous runs as blocks on 7.x)."""
+        xl, ho, given, blocks = self.xlate, self.head_of, self.given, self.blocks
+        k = self.k
+        mine: list[int] = []
+        for j in range(i, last + 1):
+            pfn = self.events[j][1]
+            head = ho[pfn] if pfn < len(ho) else -1
+            if head < 0:
+                self._model_free(j, pfn, 0)     # untraced or from the dump: one by one
+                continue
+            mhead, horder, _line, split = blocks[head]
+            if horder and not split:
+                k.split_pages(mhead, horder)
+                blocks[head][3] = True
+            m = xl[pfn]
+            mine.append(m)
+            given[m] = 0
+            xl[pfn] = -1
+            ho[pfn] = -1
+            if all(ho[q] != head for q in range(head, head + (1 << horder))):
+                del blocks[head]
+        k.free_pages_bulk(mine)
 
     def _model_free(self, i: int, pfn: int, order: int) -> None:
         n = 1 << order
@@ -324,14 +459,26 @@ class _Modelled(Replayer):
         self.res.model = k
         return self.res
 
-    def _on_alloc(self, i: int, e: list, in_request: bool) -> None:
-        if in_request and len(e) > 5 and e[5] == "cpa_pgtable":
+    def _on_alloc(self, i: int, e: list, inner: list | None) -> None:
+        if inner is not None and e[2] == 0 and (
+                len(e) > 5 and e[5] == "cpa_pgtable"
+                or e[3] in CPA_TABLE_GFPS and splits_direct_map_tables(inner[0])):
+            # (a table's GFP in a pass on the kernel's mappings: traces
+            # recorded before 7.2's pagetable_alloc GFP was known have it
+            # as "kernel")
             self.res.pgtable_allocations_skipped += 1
             self.skipped_tables.add(e[1])
         else:
             self._model_alloc(i, e)
 
     def _on_free(self, i: int, pfn: int, order: int) -> None:
+        if i <= self._run_end:
+            return                              # freed with its batch
+        last = self.free_runs.get(i)
+        if last is not None:
+            self._run_end = last
+            self._model_free_run(i, last)
+            return
         self._model_free(i, pfn, order)
 
     def _snapshot(self, e: list) -> None:
@@ -353,6 +500,86 @@ class _Modelled(Replayer):
                     if heads:
                         lists[(z.name, o, m)] = heads
         self._compare_state(point, b.page_states() == 1, lists)
+
+
+_UNKNOWN, _ALLOCATED, _FREE = 0, 1, 2
+
+
+def _free_runs(events: list[list], start: int) -> dict[int, int]:
+    """The batch frees (``U`` events of :data:`FREE_MARKERS`): the first and
+    last index of the order-0 ``F`` events in a row right after each."""
+    from .recorder import FREE_MARKERS
+    names = {name for names in FREE_MARKERS.values() for name in names}
+    out: dict[int, int] = {}
+    n = len(events)
+    for i in range(start, n):
+        e = events[i]
+        if e[0] == "U" and e[1] in names:
+            j = i + 1
+            while j < n and events[j][0] == "F" and events[j][2] == 0:
+                j += 1
+            if j > i + 1:
+                out[i + 1] = j - 1
+    return out
+
+
+def _infer_bulk(events: list[list], start: int, n: int,
+                free_at_start: list[tuple[int, int]] | None
+                ) -> list[tuple[int, int, list[int]]]:
+    """Where the bulk allocator (``alloc_pages_bulk``: no ``mm_page_alloc``
+    event) gave pages: a free of an order-0 page that Linux had free (freed
+    since, or free at the start dump) is a page some untraced allocation
+    took. Such frees in a row (a ``vfree``: the area's pages in their array
+    order) are one bulk allocation, made after the last event that freed or
+    allocated any of its pages and before the first of those frees. From
+    boot (``free_at_start`` None) only pages the trace itself freed are
+    known free. Returns [(earliest event index, the first free's index,
+    Linux's pages in array order)]."""
+    state = bytearray(n)
+    if free_at_start is not None:
+        state[:] = bytes([_ALLOCATED]) * n
+        for pfn, order in free_at_start:
+            if pfn + (1 << order) <= n:
+                state[pfn: pfn + (1 << order)] = bytes([_FREE]) * (1 << order)
+    last = [start - 1] * n
+    out: list[tuple[int, int, list[int]]] = []
+    group: list[int] = []
+    group_start = -1
+    in_group: set[int] = set()
+    group_at = -1
+    prev_untraced = -2
+
+    def close() -> None:
+        if group:
+            out.append((group_at, group_start, list(group)))
+            group.clear()
+
+    for i in range(start, len(events)):
+        e = events[i]
+        kind = e[0]
+        if kind == "A":
+            pfn, order = e[1], e[2]
+            end = min(pfn + (1 << order), n)
+            state[pfn:end] = bytes([_ALLOCATED]) * (end - pfn)
+            last[pfn:end] = [i] * (end - pfn)
+        elif kind == "F":
+            pfn, order = e[1], e[2]
+            if order == 0 and pfn < n and state[pfn] == _FREE:
+                if prev_untraced != i - 1 or pfn in in_group:
+                    # not in a row, or a page freed twice: another allocation
+                    close()
+                    in_group.clear()
+                    group_at = -1
+                    group_start = i
+                group.append(pfn)
+                in_group.add(pfn)
+                group_at = max(group_at, last[pfn] + 1)
+                prev_untraced = i
+            end = min(pfn + (1 << order), n)
+            state[pfn:end] = bytes([_FREE]) * (end - pfn)
+            last[pfn:end] = [i] * (end - pfn)
+    close()
+    return out
 
 
 class _Stop(Exception):

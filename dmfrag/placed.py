@@ -1,4 +1,4 @@
-"""Placed replay: a recorded real kernel's trace (version 3, see
+"""Placed replay: a recorded real kernel's trace (version 3 or 4, see
 :mod:`dmfrag.recorder`) run on the model, every allocation at the pfn Linux
 gave it and every CPA request on the addresses Linux used, so that the
 model's DirectMap4k/2M/1G and split counters can be held to Linux's at every
@@ -48,6 +48,7 @@ import gzip
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 __all__ = ["COMPARED", "PlacedReplay", "PlacedReplayError", "load_recorded", "read_trace",
            "replay_placed"]
@@ -88,11 +89,13 @@ class PlacedReplayError(ValueError):
 #: replay places nothing for them
 _MODEL_EARLY_CALLERS = frozenset(("idt_setup_apic_and_irq_gates", "free_init_pages",
                                   "init_real_mode", "do_init_real_mode"))
-_EVENT_KINDS = frozenset(("A", "F", "C", "R", "S", "U", "X", "D"))
+_EVENT_KINDS = frozenset(("A", "B", "F", "C", "R", "S", "U", "X", "D"))
+#: the recorded trace versions this reader takes (4 adds "B" events)
+TRACE_VERSIONS = (3, 4)
 
 
 def read_trace(source: str | Path | list[str]) -> tuple[dict, list[list]]:
-    """A version-3 trace's header and events (from a path, gzip'd or not, or
+    """A recorded (version 3 or 4) trace's header and events (from a path, gzip'd or not, or
     from its lines); a missing or wrong trailer is an error."""
     if isinstance(source, (str, Path)) and not (isinstance(source, str) and "\n" in source):
         raw = Path(source).read_bytes()
@@ -108,9 +111,9 @@ def read_trace(source: str | Path | list[str]) -> tuple[dict, list[list]]:
         header = json.loads(lines[0])
     except json.JSONDecodeError as exc:
         raise PlacedReplayError(1, f"the header is not JSON ({exc.msg})") from None
-    if not isinstance(header, dict) or header.get("dmfrag_trace") != 3:
-        raise PlacedReplayError(1, "not a version-3 (recorded) trace: its header has no "
-                                "\"dmfrag_trace\": 3")
+    if not isinstance(header, dict) or header.get("dmfrag_trace") not in TRACE_VERSIONS:
+        raise PlacedReplayError(1, "not a recorded trace: its header has no "
+                                "\"dmfrag_trace\": 3 or 4")
     # The fast path: the event lines in one parse; anything odd about them
     # (a bad line, a trailer missing or wrong) goes the line-by-line way,
     # which names the line.
@@ -194,6 +197,13 @@ def _counters(meminfo: dict, vmstat: dict) -> dict[str, int]:
 
 
 class _Replayer:
+    #: event index -> work to do before that event (``_before_event``); the
+    #: modelled replay's inferred bulk allocations
+    bulk_before: ClassVar[dict[int, list]] = {}
+
+    def _before_event(self, i: int) -> None:
+        """Work the replay does before event ``i`` (see ``bulk_before``)."""
+
     def __init__(self, header: dict, events: list[list], policy: str | None,
                  states: list | None = None):
         from guestkernel import Kernel
@@ -557,12 +567,17 @@ class _Replayer:
         k = self.k
         stack: list[list | None] = []        # the arguments of the passes open
         top: list | None = None
+        before = self.bulk_before
         for i in range(start, len(self.events)):
             self.i = i
+            if before and i in before:
+                self._before_event(i)
             e = self.events[i]
             kind = e[0]
             if kind == "A":
-                self._on_alloc(i, e, bool(stack))
+                self._on_alloc(i, e, stack[-1] if stack else None)
+            elif kind == "B":
+                self._on_bulk(i, e)
             elif kind == "F":
                 self._on_free(i, e[1], e[2])
             elif kind == "C":
@@ -587,7 +602,9 @@ class _Replayer:
             if i == self.running_at:
                 k.enter_running()
 
-    def _on_alloc(self, i: int, e: list, in_request: bool) -> None:
+    def _on_alloc(self, i: int, e: list, inner: list | None) -> None:
+        """An ``A`` event; ``inner``: the arguments of the innermost CPA
+        pass open (None outside requests)."""
         if self.consumed[i]:
             return
         if len(e) > 5 and e[5] == "cpa_pgtable" and e[2] == 0:
@@ -600,6 +617,11 @@ class _Replayer:
 
     def _on_free(self, i: int, pfn: int, order: int) -> None:
         self._free(i, pfn, order)
+
+    def _on_bulk(self, i: int, e: list) -> None:
+        """A bulk allocator call: each of its pages taken at Linux's pfn."""
+        for pfn in e[3]:
+            self._alloc(i, pfn, 0)
 
     def _snapshot(self, e: list) -> None:
         self.result.snapshots.append(self._snapshot_entry(e))

@@ -1,6 +1,6 @@
 """Record what a real Linux kernel did: every page allocation and free and
 every change_page_attr call, in order, with the meminfo/vmstat snapshots at
-their points, as a version-3 trace (``dmfrag realkernel record``).
+their points, as a version-4 trace (``dmfrag realkernel record``).
 
 How the guest is traced (all from the kernel command line, so tracing runs
 from early boot, before any workload):
@@ -20,6 +20,10 @@ from early boot, before any workload):
   before that (the IDT, the SMP alternatives, the first BPF JIT on kernels
   that JIT one while booting) have markers but no arguments; the replay
   takes those from the kernel's record (:mod:`guestkernel.versions`).
+* on 6.1 and 7.2, two kprobes on the bulk allocator (``alloc_pages_bulk``,
+  which vmalloc takes its order-0 pages from and which calls no
+  ``mm_page_alloc``): its entry (pages asked for, GFP) and the instruction
+  after each per-CPU list take (the page: :data:`BULK_PROBES`);
 * each ``snap NAME`` of the workload writes ``dmfrag_snap NAME`` to
   ``trace_marker`` before it reads /proc/meminfo and /proc/vmstat.
 
@@ -33,16 +37,20 @@ What no tracepoint shows, said here and in the trace header:
 * allocations before ``trace_init`` (between the buddy hand-over in
   ``mm_init`` and tracing: early slab, per-CPU and ring-buffer pages). Their
   pages show up when freed, as frees of pages the trace never allocated;
-* the bulk allocator (``alloc_pages_bulk``, vmalloc's order-0 pages in 6.1
-  and 7.2) calls no ``mm_page_alloc``. Such a page is seen through the CPA
-  alias passes on it (their addresses are the pages' direct-map addresses)
-  and when it is freed.
+* the bulk allocator before ``fs_initcall`` (boot kprobes start there);
+  after it, its pages are ``B`` events. Version-3 traces (recorded before
+  the bulk probes) have none: their bulk pages show only when freed.
 
-Trace format version 3 (JSON Lines, gzip'd): a header object, one JSON
-array per event, a trailer ``{"end": N}``. Events:
+Trace format version 4 (JSON Lines, gzip'd; version 3 is the same without
+``B`` events): a header object, one JSON array per event, a trailer
+``{"end": N}``. Events:
 
 * ``["A", pfn, order, gfp, migratetype, user]``: an allocation (``gfp`` as
   printed; ``user`` one of :data:`USERS`, see :func:`_user`);
+* ``["B", nr_pages, migratetype, [pfn, ...]]``: one bulk allocator call
+  that took pages off the per-CPU list: how many pages it was asked for,
+  the migratetype of its GFP, and the order-0 pages it gave, in the order
+  it gave them (the caller's array order);
 * ``["F", pfn, order]``: a free;
 * ``["C", caller, args]``: a CPA pass begins; ``caller`` is ``"alias"`` for
   a pass nested in another, else the function that asked; ``args`` is
@@ -51,8 +59,9 @@ array per event, a trailer ``{"end": N}``. Events:
 * ``["R"]``: the pass with arguments that began last has returned;
 * ``["U", function, caller]``: a user's entry point was called (module
   load and free, BPF program load and free, a secretmem fault:
-  :data:`USER_MARKERS`), or a CPA entry point (:data:`CPA_MARKERS`), with
-  the function that called it;
+  :data:`USER_MARKERS`), a CPA entry point (:data:`CPA_MARKERS`), or a
+  batch free (:data:`FREE_MARKERS`: the ``F`` events right after it are
+  its pages), with the function that called it;
 * ``["X", function]``: it returned (``secretmem_fault`` only);
 * ``["S", point, {"meminfo": {...}, "vmstat": {...}}]``: a snapshot.
 
@@ -77,10 +86,43 @@ from pathlib import Path
 
 from .realkernel import DEFAULT_KERNEL, RealKernel, RealKernelError
 
-__all__ = ["CPA_MARKERS", "TRACE_VERSION", "USERS", "USER_MARKERS", "Recording", "load_record_grid",
-           "parse_ftrace", "record", "record_task", "trace_name", "write_trace"]
+__all__ = [
+    "BULK_PROBES",
+    "CPA_MARKERS",
+    "CPA_TABLE_GFPS",
+    "FREE_MARKERS",
+    "TRACE_VERSION",
+    "USERS",
+    "USER_MARKERS",
+    "Recording",
+    "load_record_grid",
+    "parse_ftrace",
+    "record",
+    "record_task",
+    "splits_direct_map_tables",
+    "trace_name",
+    "write_trace",
+]
 
-TRACE_VERSION = 3
+TRACE_VERSION = 4
+
+#: Where the bulk allocator hands out each page, per kernel: (function,
+#: offset, register holding the struct page). ``alloc_pages_bulk`` calls no
+#: ``mm_page_alloc``; a kprobe at the instruction right after its per-CPU
+#: list take (``__rmqueue_pcplist``: inlined in 6.1, a call in 7.2) sees
+#: the page. Read off the disassembly of each pinned package's debug
+#: vmlinux (``objdump -d -l``): 6.1's ``__alloc_pages_bulk+0x2fc`` tests
+#: %r14 (page = the pcp list entry - 8, page_alloc.c 5575 ``if
+#: (unlikely(!page))``); 7.2's ``alloc_pages_bulk_noprof+0x339`` tests %rax
+#: after ``call __rmqueue_pcplist``. 5.10 has no bulk allocator.
+BULK_PROBES = {
+    "6.1": ("__alloc_pages_bulk", 0x2FC, "%r14"),
+    "7.2": ("alloc_pages_bulk_noprof", 0x339, "%ax"),
+}
+#: vmemmap (struct page array) bases under nokaslr: 5-level paging (the
+#: guests under ``-cpu max``) and 4-level; a struct page is 64 bytes
+_VMEMMAP_BASES = (0xFFD4000000000000, 0xFFFFEA0000000000)
+_STRUCT_PAGE_SHIFT = 6
 
 #: ``struct cpa_data`` offsets (arch/x86/mm/pat/set_memory.c) per kernel,
 #: read from each kernel's source: vaddr (a pointer to the address) at 0,
@@ -148,8 +190,19 @@ _XRET = re.compile(r"(\w+)_ret: \(")
 _CPA = re.compile(r"cpa: \(\S+\) va=(0x[0-9a-f]+) np=(\d+) set=(0x[0-9a-f]+) "
                   r"clr=(0x[0-9a-f]+) fl=(\d+) fs=(\d+) prim=(-?\d+)")
 _CPAR = re.compile(r"cpar: \(")
+_BULK = re.compile(r"\bbulk: \(\S+\) nr=(-?\d+) gfp=(0x[0-9a-f]+)")
+_BULKPAGE = re.compile(r"\bbulkpage: \(\S+\) page=(0x[0-9a-f]+)")
 _MARK = re.compile(r"tracing_mark_write: dmfrag_snap (\S+)")
 _DUMP = re.compile(r"tracing_mark_write: dmfrag_dump (\S+)")
+
+
+def _page_to_pfn(page: int, line: int) -> int:
+    """A ``struct page *`` (vmemmap, nokaslr) as its pfn."""
+    for base in _VMEMMAP_BASES:
+        if base <= page < base + (1 << 46):
+            return (page - base) >> _STRUCT_PAGE_SHIFT
+    raise RealKernelError(f"trace line {line}: bulk allocator page {page:#x} is not in a "
+                          f"vmemmap this recorder knows (nokaslr, 4- or 5-level paging)")
 
 
 def parse_ftrace(text: str, snapshots: dict[str, dict],
@@ -163,6 +216,7 @@ def parse_ftrace(text: str, snapshots: dict[str, dict],
     entry per line; a kprobe and its function-tracer line are two)."""
     events: list[list] = []
     pending: list | None = None          # kprobe arguments waiting for their marker
+    bulk: list | None = None             # the bulk allocator call its pages belong to
     entry = -1
     for n, line in enumerate(text.splitlines(), 1):
         if not line or line.startswith("#"):
@@ -170,6 +224,19 @@ def parse_ftrace(text: str, snapshots: dict[str, dict],
         if entries is not None:          # the events of the line before: its entry
             entries.extend([entry] * (len(events) - len(entries)))
         entry += 1
+        if m := _BULKPAGE.search(line):
+            page = int(m.group(1), 16)
+            if page and bulk is not None:
+                if not bulk[3]:
+                    events.append(bulk)          # a call that gave pages: its event
+                bulk[3].append(_page_to_pfn(page, n))
+            continue
+        if m := _BULK.search(line):
+            gfp = int(m.group(2), 16)
+            # ___GFP_MOVABLE 0x08, ___GFP_RECLAIMABLE 0x10 (the same bits in 5.10-7.2)
+            mt = 1 if gfp & 0x08 else 2 if gfp & 0x10 else 0
+            bulk = ["B", int(m.group(1)), mt, []]
+            continue
         if m := _ALLOC.search(line):
             events.append(["A", int(m.group(1), 0), int(m.group(2)), m.group(4),
                            int(m.group(3))])
@@ -242,24 +309,34 @@ CPA_MARKERS = ("set_memory_ro", "set_memory_rw", "set_memory_x", "set_memory_nx"
                "set_memory_rox", "set_memory_np", "set_memory_4k")
 
 
+#: markers of the frees that give pages back together, per kernel: 7.x's
+#: ``free_pages_bulk`` (vfree) frees each contiguous run as aligned blocks;
+#: the ``F`` events after its ``U`` event, in a row, are its pages
+FREE_MARKERS = {"7.2": ("free_pages_bulk",)}
+
+
 def _attribute_users(events: list[list]) -> None:
     """Append to each ``A`` event the user it was for (see USERS)."""
-    cpa_depth = 0           # passes with arguments open (closed by R)
+    vas: list[int] = []     # the addresses of the passes with arguments open (closed by R)
     early = False           # after an argument-less request marker, its tables
     secret = False
     for e in events:
         kind = e[0]
         if kind == "A":
-            e.append(_user(e, cpa_depth > 0 or early, secret))
+            in_cpa = early or bool(vas) and splits_direct_map_tables(vas[-1])
+            e.append(_user(e, in_cpa, secret))
+            continue
+        if kind == "B":         # the bulk allocator's pages: not a request's tables
             continue
         if kind == "C":
             if e[2] is not None:
-                cpa_depth += 1
+                vas.append(e[2][0])
                 early = False
             else:
                 early = True
         elif kind == "R":
-            cpa_depth = max(0, cpa_depth - 1)
+            if vas:
+                vas.pop()
             early = False
         else:
             early = False
@@ -269,6 +346,34 @@ def _attribute_users(events: list[list]) -> None:
                 secret = False
 
 
+#: the GFP a CPA split's table page is allocated with: 5.10/6.1
+#: ``alloc_pages(GFP_KERNEL, 0)`` (``none`` before the boot GFP mask
+#: lifts); 7.2 ``pagetable_alloc`` (``__GFP_COMP``, zeroed)
+CPA_TABLE_GFPS = frozenset(("GFP_KERNEL", "none", "GFP_KERNEL|__GFP_COMP",
+                            "GFP_KERNEL|__GFP_ZERO|__GFP_COMP"))
+
+#: the module area (MODULES_VADDR .. MODULES_END: module, BPF and execmem memory)
+_MODULES_VADDR, _MODULES_END = 0xFFFFFFFFC0000000, 0xFFFFFFFFFF000000
+#: where the direct map starts: 4-level and 5-level paging, nokaslr
+_PAGE_OFFSETS = (0xFFFF888000000000, 0xFF11000000000000)
+_KERNEL_MAP = 0xFFFFFFFF80000000
+
+
+def splits_direct_map_tables(va: int | None) -> bool:
+    """Whether a CPA pass on ``va`` splits the kernel's own mappings (the
+    direct map or the kernel image), whose tables the model allocates
+    itself: a table page Linux allocated in such a pass is the model's
+    split's. A pass on module, BPF or vmalloc memory (7.2 splits its
+    execmem cache's 2M vmalloc mappings) allocates tables the model does
+    not model: those stay ordinary allocations. None: a pass before kprobes
+    gave arguments (boot time: the kernel's own mappings)."""
+    if va is None:
+        return True
+    if any(base <= va < base + (1 << 46) for base in _PAGE_OFFSETS):
+        return True
+    return _KERNEL_MAP <= va < _MODULES_VADDR
+
+
 #: the users of the ``A`` events' last field
 USERS = ("cpa_pgtable", "secretmem", "vmalloc", "movable", "reclaimable", "kernel")
 
@@ -276,8 +381,9 @@ USERS = ("cpa_pgtable", "secretmem", "vmalloc", "movable", "reclaimable", "kerne
 def _user(e: list, in_cpa: bool, in_secretmem: bool) -> str:
     """What an allocation was for, from where it happened and its GFP:
 
-    * ``cpa_pgtable``: an order-0 GFP_KERNEL page inside a CPA pass (the
-      table of a split; GFP shows as ``none`` before the boot GFP mask lifts);
+    * ``cpa_pgtable``: an order-0 page with a table's GFP
+      (:data:`CPA_TABLE_GFPS`) inside a CPA pass on the direct map or the
+      kernel image (:func:`splits_direct_map_tables`): the table of a split;
     * ``secretmem``: inside ``secretmem_fault``;
     * ``vmalloc``: ``__GFP_HIGHMEM`` without ``__GFP_MOVABLE`` (vmalloc's and
       module_alloc's pages when not bulk-allocated, BPF images, stacks);
@@ -287,7 +393,7 @@ def _user(e: list, in_cpa: bool, in_secretmem: bool) -> str:
       processes, kernel buffers)."""
     gfp = e[3]
     flags = set(gfp.split("|"))
-    if in_cpa and e[2] == 0 and gfp in ("GFP_KERNEL", "none"):
+    if in_cpa and e[2] == 0 and gfp in CPA_TABLE_GFPS:
         return "cpa_pgtable"
     if in_secretmem:
         return "secretmem"
@@ -321,10 +427,15 @@ def record(kernel: str = DEFAULT_KERNEL, ram: str = "2G", workload: tuple[str, .
             f"(the CPA kprobe's arguments) is not verified; kernels that record: "
             f"{', '.join(CPA_DATA_LAYOUT)}")
     rk = RealKernel(cache, install=install, kernel=kernel)
-    markers = ",".join(("__change_page_attr_set_clr", *USER_MARKERS, *CPA_MARKERS))
+    markers = ",".join(("__change_page_attr_set_clr", *USER_MARKERS, *CPA_MARKERS,
+                        *FREE_MARKERS.get(kernel, ())))
     kprobes = _KPROBE.format(**layout)
     if kernel != "5.10":                      # memfd_secret is 5.14+
         kprobes += ";r:dmfrag/secretmem_fault_ret,secretmem_fault"
+    if kernel in BULK_PROBES:
+        func, off, reg = BULK_PROBES[kernel]
+        kprobes += (f";p:dmfrag/bulk,{func},nr=%cx:s32,gfp=%di:x32"
+                    f";p:dmfrag/bulkpage,{func}+{off:#x},page={reg}:x64")
     append = (f"ftrace=function ftrace_filter={markers} "
               f"trace_event=kmem:mm_page_alloc,kmem:mm_page_free "
               f"trace_buf_size={int(trace_buf_mb)}M kprobe_event={kprobes}")
@@ -365,8 +476,6 @@ def record(kernel: str = DEFAULT_KERNEL, ram: str = "2G", workload: tuple[str, .
     return Recording(header, events, run.states)
 
 
-#: the module area (MODULES_VADDR .. MODULES_END: module, BPF and execmem memory)
-_MODULES_VADDR, _MODULES_END = 0xFFFFFFFFC0000000, 0xFFFFFFFFFF000000
 _VMALLOCINFO = re.compile(r"^(0x[0-9a-f]+)-0x[0-9a-f]+\s+\d+\s+(\S+).*\bpages=(\d+)")
 
 

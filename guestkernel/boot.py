@@ -273,12 +273,17 @@ def mem_init(e820: E820Table, memblock: Memblock, version: KernelVersion,
     bounds = {ZoneType.DMA: (0, min(dma, max_pfn)),
               ZoneType.DMA32: (min(dma, max_pfn), min(dma32, max_pfn)),
               ZoneType.NORMAL: (min(dma32, max_pfn), max_pfn)}
-    buddy = BuddyAllocator(max_pfn, zone_bounds=bounds, pcp_high_orders=version.pcp_high_orders)
+    buddy = BuddyAllocator(max_pfn, zone_bounds=bounds, pcp_scheme=version.pcp_scheme,
+                           khugepaged_min_free=version.khugepaged_min_free)
     policy.setup_buddy(buddy)
     for lo, hi in memblock.free_ranges():
         lo, hi = -(-lo // PAGE_SIZE), hi // PAGE_SIZE
         if lo < hi:
             buddy.free_range(lo, hi)
+    # init_per_zone_wmark_min (postcore_initcall) and khugepaged
+    # (subsys_initcall) set the watermarks and pcp sizes from the managed
+    # pages as they are now; freeing the init memory later does not redo it
+    buddy.watermarks_fixed = True
     return buddy
 
 

@@ -165,9 +165,7 @@ class Cpa:
         return img.text <= va < img.brk_end
 
     def _pfn_in_highmap(self, pfn: int) -> bool:
-        img = self.image
-        lo, hi = img.pa(img.text) >> 12, img.pa(img.brk_end) >> 12
-        return lo <= pfn < hi
+        return self.image.pfn_in_highmap(pfn)
 
     # -- the entry points (set_memory.c) -----------------------------------
 

@@ -192,8 +192,11 @@ def install_state(k: Any, state: Any) -> dict[str, int]:
 
 def _zone_params(k: Any, state: Any) -> None:
     """Linux's watermarks, lowmem reserves, min_free_kbytes and the first
-    CPU's pcp high, batch and free_factor (where the state has them: states
-    read before they were kept go on with the model's own)."""
+    CPU's pcp high, batch and free_factor (6.7+: free_count, high_min,
+    high_max, alloc_factor and the PCPF flags) where the state has them:
+    states read before they were kept go on with the model's own (a state
+    without alloc_factor starts it at 0; the flags, at "free high batch"
+    set, as QEMU's caches make it)."""
     b = k.buddy
     by_name = {z.name: z for z in b.zones}
     mfk = state.counters.get("min_free_kbytes", -1)
@@ -211,9 +214,13 @@ def _zone_params(k: Any, state: Any) -> None:
         pcps = zi.get("pcp") or []
         if pcps:
             p = pcps[0]
-            for name in ("high", "batch", "free_factor"):
+            for name in ("high", "batch", "free_factor", "free_count", "high_min", "high_max",
+                         "alloc_factor"):
                 if name in p:
                     setattr(zone.pcp, name, int(p[name]))
+            if "flags" in p:    # PCPF_PREV_FREE_HIGH_ORDER BIT(0), PCPF_FREE_HIGH_BATCH BIT(1)
+                zone.pcp.prev_free_high_order = bool(p["flags"] & 0x1)
+                zone.pcp.free_high_batch = bool(p["flags"] & 0x2)
 
 
 def _linked_tables(ram64: np.ndarray, root: int) -> set[int]:

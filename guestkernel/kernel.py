@@ -324,6 +324,30 @@ class Kernel:
             self._debug_vm()
         return pfn
 
+    def alloc_pages_bulk(self, gfp: int, nr_pages: int, *, owner: PageOwner = PageOwner.NONE
+                         ) -> list[int]:
+        """``alloc_pages_bulk``: up to ``nr_pages`` order-0 pages in one call,
+        off the per-CPU list (see ``BuddyAllocator.alloc_pages_bulk``); the
+        caller takes the rest one ``alloc_pages`` at a time, as vmalloc does.
+        A policy that routes allocations, or a request for a policy's memory,
+        gets one page through ``alloc_pages`` (the bulk allocator's
+        single-page path), so the policy sees every page."""
+        gfp = int(gfp)
+        if self._policy_alloc or gfp & ~_NOT_POLICY_GFP:
+            return [self.alloc_pages(gfp, 0, owner=owner)] if nr_pages > 0 else []
+        pfns = self.buddy.alloc_pages_bulk(gfp, nr_pages)
+        if gfp & _GFP_ZERO:
+            ram = self.machine.ram
+            for pfn in pfns:
+                ram[pfn * PAGE_SIZE: (pfn + 1) * PAGE_SIZE] = 0
+        if owner:
+            po = self.page_owner
+            for pfn in pfns:
+                po[pfn] = owner
+        if self.debug_vm:
+            self._debug_vm()
+        return pfns
+
     def free_pages(self, pfn: int, order: int = 0, *, owner: PageOwner = PageOwner.NONE
                    ) -> None:
         """Free what ``alloc_pages`` gave; a page of another owner (a secret
@@ -354,6 +378,33 @@ class Kernel:
             self.cpa.restore_direct_map(pfn, 1 << order)
         if self.debug_vm:
             self._debug_vm()
+
+    def free_pages_bulk(self, pfns: list[int], *, owner: PageOwner = PageOwner.NONE) -> None:
+        """``free_pages_bulk`` (vfree's way on 7.x, ``vfree_contig_free``):
+        each run of physically contiguous order-0 pages, in array order, is
+        freed as the largest aligned blocks that fit it
+        (``free_prepared_contig_range``), so a run of 8 aligned pages is one
+        order-3 free onto the per-CPU list. Earlier kernels, and a policy
+        that routes frees, free one page at a time."""
+        if not self.profile.vfree_contig_free or self._policy_free:
+            for pfn in pfns:
+                self.free_pages(pfn, 0, owner=owner)
+            return
+        i, n = 0, len(pfns)
+        while i < n:
+            j = i + 1
+            while j < n and pfns[j] == pfns[j - 1] + 1:
+                j += 1
+            start, left = pfns[i], j - i
+            while left:
+                order = min(left.bit_length() - 1, 10,
+                            (start & -start).bit_length() - 1 if start else 10)
+                if order:
+                    self.buddy.join_allocated(start, order)
+                self.free_pages(start, order, owner=owner)
+                start += 1 << order
+                left -= 1 << order
+            i = j
 
     def split_pages(self, pfn: int, order: int) -> None:
         """``split_page``: an allocated 2^order block (of the buddy

@@ -68,6 +68,15 @@ class KernelImage:
         """``__pa_symbol``: physical address of an image address."""
         return va - self.text + self.phys_start
 
+    def pfn_in_highmap(self, pfn: int) -> bool:
+        """``__cpa_pfn_in_highmap``: ``highmap_start_pfn`` (_text) to
+        ``highmap_end_pfn`` inclusive, which rounds ``_brk_end`` up to 2M:
+        the free pages after the brk, in the image's last 2M page, keep
+        their image alias (an RO change on one splits that page)."""
+        lo = self.pa(self.text) >> 12
+        hi = self.pa(-(-self.brk_end // PMD_SIZE) * PMD_SIZE - 1) >> 12
+        return lo <= pfn <= hi
+
 
 #: Read from the running reference kernel's /proc/kallsyms (nokaslr).
 DEBIAN_6_1_IMAGE = KernelImage(

@@ -115,8 +115,7 @@ class Shadow:
                 aclr = sclr & ~S_NX if self.alias_masks_nx else sclr
                 self._apply_one(PAGE_OFFSET + pfn * PAGE_SIZE, sset, aclr)
             in_image = img.text <= va < img.brk_end
-            hlo, hhi = img.pa(img.text) >> 12, img.pa(img.brk_end) >> 12
-            if not in_image and hlo <= pfn < hhi:
+            if not in_image and img.pfn_in_highmap(pfn):
                 self._apply_one(img.text + (pfn << 12) - img.phys_start, sset, sclr)
 
     def _apply_one(self, va: int, sset: int, sclr: int) -> int | None:

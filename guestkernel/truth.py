@@ -531,7 +531,8 @@ def _extract(prog, point: str, t0: float) -> KernelState:
                 pcp = pcp.pcp
             zinfo["pcp"].append({name: int(getattr(pcp, name).value_())
                                  for name in ("count", "high", "batch", "free_factor",
-                                              "free_count", "high_min", "high_max")
+                                              "free_count", "high_min", "high_max",
+                                              "alloc_factor", "flags")
                                  if _has_member(pcp, name)})
             nlists = len(pcp.lists)
             low = pcptypes * 4                      # PAGE_ALLOC_COSTLY_ORDER + 1 orders

@@ -38,6 +38,7 @@ import re
 from dataclasses import dataclass, field
 
 from .layout import DEBIAN_5_10_IMAGE, DEBIAN_6_1_IMAGE, DEBIAN_7_2_IMAGE, KernelImage
+from .page_alloc.types import PcpScheme
 
 __all__ = [
     "DEFAULT_VERSION",
@@ -162,11 +163,24 @@ class KernelVersion:
     #: worth) and splits them, instead of one order-0 page at a time, so an
     #: area's pages are physically contiguous where memory allows (7.x)
     vmalloc_high_order: bool = False
+    #: vmalloc takes order-0 pages from the bulk allocator, up to 100 a call
+    #: (5.13, "mm/vmalloc: use bulk page allocator in __vmalloc_area_node")
+    vmalloc_bulk: bool = True
+    #: vfree gives an area's pages back with free_pages_bulk: each run of
+    #: physically contiguous pages as the largest aligned blocks (7.x,
+    #: free_prepared_contig_range), not one page at a time
+    vfree_contig_free: bool = False
     #: memfd_secret (5.14+)
     secretmem: bool = True
     #: per-CPU lists hold orders 1-3 and THP too (5.13, "mm/page_alloc: allow
     #: high-order pages to be stored on the per-cpu lists"); before, order 0 only
     pcp_high_orders: bool = True
+    #: per-CPU lists that size themselves (6.7, "mm: tune PCP high
+    #: automatically": high_min/high_max, alloc_factor, free_count)
+    pcp_autotune: bool = False
+    #: THP on (Debian: CONFIG_TRANSPARENT_HUGEPAGE_ALWAYS): khugepaged's
+    #: set_recommended_min_free_kbytes raises min_free_kbytes at boot
+    khugepaged_min_free: bool = True
     #: the direct_map_* counters /proc/vmstat prints on this kernel
     vmstat_counters: tuple[str, ...] = ()
     #: the real-mode blob (set_real_mode_permissions), in pages: (its size,
@@ -175,6 +189,13 @@ class KernelVersion:
     #: the top of the RAM below 1 MiB (memblock top-down below 0x9f000)
     real_mode: tuple[int, int, int, int] | None = None
     notes: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def pcp_scheme(self) -> PcpScheme:
+        """The allocator's :class:`~guestkernel.page_alloc.PcpScheme`."""
+        if not self.pcp_high_orders:
+            return PcpScheme.LEGACY
+        return PcpScheme.AUTOTUNE if self.pcp_autotune else PcpScheme.FREE_FACTOR
 
     def has_vmstat(self, counter: str) -> bool:
         return counter in self.vmstat_counters
@@ -190,7 +211,7 @@ VERSIONS: dict[str, KernelVersion] = {
         step_rule=STEP_RULES["3.9"], modules_vaddr=0xFFFFFFFFA0000000,
         modules_end=0xFFFFFFFFFF000000, pti=False, node_data_bytes=0x2B000,
         boot_cpa=(BootCpaCall.FREE_INITMEM, BootCpaCall.MARK_RODATA_RO),
-        bpf_prog_pack=False, secretmem=False, pcp_high_orders=False,
+        bpf_prog_pack=False, secretmem=False, pcp_high_orders=False, vmalloc_bulk=False,
         notes=(("Ubuntu 3.13.0-55: step rule and boot page sizes from its boot log; image "
                "layout borrowed from the 6.1 build"),)),
     "5.10": KernelVersion(
@@ -203,6 +224,7 @@ VERSIONS: dict[str, KernelVersion] = {
                   BootCpaCall.PTP_CLASSIFIER_BPF, BootCpaCall.FREE_BSS_DECRYPTED,
                   BootCpaCall.FREE_INITMEM, BootCpaCall.MARK_RODATA_RO),
         bpf_prog_pack=False, secretmem=False, real_mode=(6, 2, 1, 1), pcp_high_orders=False,
+        vmalloc_bulk=False,
         notes=("Debian 5.10.223 under QEMU TCG, nokaslr; boot meminfo equals it at 3G and 8G",)),
     "6.1": KernelVersion(
         name="6.1", release=(6, 1), package="linux-image-6.1.0-56-amd64",
@@ -218,6 +240,7 @@ VERSIONS: dict[str, KernelVersion] = {
         node_data_bytes=0x2B000, boot_cpa=_ALL_BOOT_CPA, bpf_prog_pack=True,
         alias_masks_nx=True, set_memory_rox_users=frozenset({"bpf", "execmem"}),
         collapse_after_rox=True, execmem_rox_cache=True, vmalloc_high_order=True,
+        pcp_autotune=True, vfree_contig_free=True,
         vmstat_counters=_SPLITS + _COLLAPSES, real_mode=(7, 3, 1, 2),
         notes=(("Debian 7.2.13 under QEMU TCG, nokaslr; boot meminfo equals it at 3G and 8G "
                 "once vmalloc takes high orders (the first bpf_prog_pack is one 2M block: one "

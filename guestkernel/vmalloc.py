@@ -40,6 +40,10 @@ class PageAllocator(Protocol):
     def free_pages(self, pfn: int, order: int = 0, *, owner: PageOwner = PageOwner.NONE
                    ) -> None: ...
     def split_pages(self, pfn: int, order: int) -> None: ...
+    def alloc_pages_bulk(self, gfp: int, nr_pages: int, *, owner: PageOwner = PageOwner.NONE
+                         ) -> list[int]: ...
+    def free_pages_bulk(self, pfns: list[int], *, owner: PageOwner = PageOwner.NONE
+                        ) -> None: ...
 
 
 class VmallocError(Exception):
@@ -93,6 +97,8 @@ class Vmalloc:
         self.shadow = cpa.shadow
         #: vm_area_alloc_pages takes high orders (the kernel record says)
         self.high_order = cpa.version.vmalloc_high_order
+        #: ... or order-0 pages from the bulk allocator (5.13+)
+        self.bulk = cpa.version.vmalloc_bulk
         self._busy: list[tuple[int, int]] = []      # sorted (start, end incl. guard)
         self.areas: dict[int, VmStruct] = {}
 
@@ -137,6 +143,8 @@ class Vmalloc:
             # out blocks it tracks by their order: those stay order-0.
             if self.high_order and not huge and not gfp & _POLICY_GFP:
                 self._alloc_high_order(pages, size >> 12, gfp)
+            elif self.bulk and not huge:
+                self._alloc_bulk(pages, size >> 12, gfp)
             else:
                 for _ in range(size >> (12 + order)):
                     pages.append(self.page_alloc.alloc_pages(gfp, order, owner=PageOwner.VMALLOC))
@@ -150,6 +158,21 @@ class Vmalloc:
         self._map(area, prot)
         self.shadow.map_vmalloc(addr, area.pfns(), prot)
         return area
+
+    def _alloc_bulk(self, pages: list[int], nr_pages: int, gfp: int) -> None:
+        """``vm_area_alloc_pages`` for order 0 (5.13+): the bulk allocator,
+        at most 100 pages a call, until a call gives fewer than asked; then
+        one ``alloc_pages`` a page for the rest. Appends as it goes (the
+        caller's rollback frees what was taken)."""
+        bulk = self.page_alloc.alloc_pages_bulk
+        while len(pages) < nr_pages:
+            request = min(100, nr_pages - len(pages))
+            got = bulk(gfp, request, owner=PageOwner.VMALLOC)
+            pages.extend(got)
+            if len(got) != request:
+                break
+        while len(pages) < nr_pages:
+            pages.append(self.page_alloc.alloc_pages(gfp, 0, owner=PageOwner.VMALLOC))
 
     def _alloc_high_order(self, pages: list[int], nr_pages: int, gfp: int) -> None:
         """``vm_area_alloc_pages`` of kernels that take high orders: the
@@ -235,8 +258,12 @@ class Vmalloc:
         self._unmap(area)
         self.shadow.unmap_vmalloc(area.addr, area.size // PAGE_SIZE)
         cpa.tlb.flush_tlb_kernel_range(area.addr, area.addr + area.size)
-        for p in area.pages:
-            self.page_alloc.free_pages(p, area.page_order, owner=PageOwner.VMALLOC)
+        if area.page_order == 0:
+            # vm_area_free_pages: free_pages_bulk (contiguous runs as blocks on 7.x)
+            self.page_alloc.free_pages_bulk(area.pages, owner=PageOwner.VMALLOC)
+        else:
+            for p in area.pages:
+                self.page_alloc.free_pages(p, area.page_order, owner=PageOwner.VMALLOC)
         del self.areas[addr]
         self._busy.remove((area.addr, area.addr + area.size + PAGE_SIZE))
 

@@ -1,7 +1,7 @@
 """``dmfrag realkernel record``: boot a real Linux under QEMU with tracing
 from the first moment, run a workload, and write what the kernel did (every
 page allocation and free, every CPA request, the snapshots) as a gzip'd
-version-3 trace (see :mod:`dmfrag.recorder`), for ``dmfrag trace replay
+version-4 trace (see :mod:`dmfrag.recorder`), for ``dmfrag trace replay
 --placement real``."""
 
 from __future__ import annotations

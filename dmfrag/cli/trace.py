@@ -38,7 +38,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     rep.add_argument("file")
     rep.add_argument("--policy", default=None)
     rep.add_argument("--placement", choices=["real", "model"], default=None,
-                     help="for a recorded (version 3) trace: 'real' puts every allocation at "
+                     help="for a recorded (version 3 or 4) trace: 'real' puts every allocation at "
                           "the pfn Linux gave it (the default for such traces); 'model' lets "
                           "the model (and --policy) choose, and says how often it chose "
                           "Linux's pfn")
@@ -57,7 +57,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     rep.set_defaults(func=main)
     diff = trs.add_parser("diff", help="the first allocation the model places elsewhere than "
                                        "Linux did, in a recorded trace",
-                          description="Replay a recorded (version 3) trace with the model's "
+                          description="Replay a recorded (version 3 or 4) trace with the model's "
                                       "own placement up to the first allocation whose pfn is "
                                       "not the one Linux gave, and describe it: the request, "
                                       "both pfns, the model's free lists there, and where "
@@ -87,7 +87,7 @@ def diff(args: argparse.Namespace) -> int:
     if args.policy is not None:
         check_policy(args.policy)
     if not _is_recorded(args.file):
-        raise UsageError(f"{args.file}: not a recorded (version 3) trace of dmfrag realkernel "
+        raise UsageError(f"{args.file}: not a recorded (version 3 or 4) trace of dmfrag realkernel "
                          f"record: only such a trace has Linux's placement")
     try:
         d = trace_diff(args.file, policy=args.policy, kernel=args.kernel, start=args.start)
@@ -141,7 +141,7 @@ def replay(args: argparse.Namespace) -> int:
         return _replay_placed(args)
     if args.placement is not None:
         raise UsageError(f"--placement {args.placement}: {args.file} is not a recorded (version "
-                         f"3) trace; only a trace of dmfrag realkernel record has Linux's "
+                         f"3 or 4) trace; only a trace of dmfrag realkernel record has Linux's "
                          f"placement")
     lines = read_text(args.file, "trace").splitlines()
     try:
@@ -159,7 +159,7 @@ def replay(args: argparse.Namespace) -> int:
 
 
 def _is_recorded(path: str) -> bool:
-    """Whether ``path`` is a version-3 (recorded, maybe gzip'd) trace."""
+    """Whether ``path`` is a recorded (version 3 or 4, maybe gzip'd) trace."""
     import gzip
     try:
         with open(path, "rb") as fh:
@@ -167,7 +167,8 @@ def _is_recorded(path: str) -> bool:
         opener = gzip.open if head == b"\x1f\x8b" else open
         with opener(path, "rt") as fh:
             first = fh.readline(1 << 26)     # the header: module areas can make it long
-        return json.loads(first).get("dmfrag_trace") == 3
+        from ..placed import TRACE_VERSIONS
+        return json.loads(first).get("dmfrag_trace") in TRACE_VERSIONS
     except (OSError, ValueError, AttributeError, EOFError):
         return False
 

@@ -67,15 +67,21 @@ Where Linux 6.1 is more detailed than the model (choices made):
 - No watermark boosting (``boost_watermark`` is undone by kswapd, which is
   not modelled), no CMA, no ZONE_MOVABLE/HIGHMEM, no free page reporting or
   shuffling, no debug_pagealloc guard pages, no ``check_new_pages`` poisoning.
-- pcp ``batch`` is 6.1 ``zone_batchsize`` (63 for zones of 1 GiB or more);
-  ``high`` is 6.1 ``zone_highsize`` for one CPU: ``max(low_wmark, 4 * batch)``,
+- pcp ``batch`` is ``zone_batchsize`` (63 for zones of 1 GiB or more);
+  ``high`` follows ``pcp_scheme`` (:class:`PcpScheme`): 5.10's ``6 * batch``;
+  6.1's ``zone_highsize`` for one CPU, ``max(low_wmark, 4 * batch)``; 6.7+'s
+  ``high_min`` (that) and ``high_max`` (1/8 of the zone), ``high`` moving
+  between them (``nr_pcp_alloc``, ``nr_pcp_high``, ZONE_BELOW_HIGH; no
+  ZONE_RECLAIM_ACTIVE, no time-driven ``decay_pcp_high``). All are
   recomputed whenever the watermarks are (``setup_per_zone_wmarks`` calls
   ``zone_pcp_update``). pcp lists hold orders 0..3 and ``PAGEBLOCK_ORDER``
   (``pcp_allowed_order``; one list for the THP order, shared by all
-  migratetypes, ``NR_PCP_THP == 1``); ``pcp_high_orders=False`` restricts them
-  to order 0 (the pre-5.13 allocator). The ``free_factor`` heuristic of
-  ``nr_pcp_free`` is modelled; ``pcp->free_factor >>= 1`` happens only when a
-  pcp allocation succeeds.
+  migratetypes, ``NR_PCP_THP == 1``); ``PcpScheme.LEGACY`` restricts them
+  to order 0 (the pre-5.13 allocator). 6.1's ``free_factor`` heuristic of
+  ``nr_pcp_free`` is modelled (``pcp->free_factor >>= 1`` only when a pcp
+  allocation succeeds), and 6.7+'s ``free_count``/``alloc_factor``.
+- ``alloc_pages_bulk``: the per-CPU list head, one zone (low watermark +
+  the pages asked for, no ALLOC_NOFRAGMENT), ``free_factor`` untouched.
 - ``move_freepages``'s count of movable pages (PageLRU or __PageMovable) is
   the number of pages in blocks allocated with migratetype MOVABLE.
 - ``NR_FREE_PAGES`` (``zone.free_pages``) counts every buddy free page,
@@ -84,8 +90,11 @@ Where Linux 6.1 is more detailed than the model (choices made):
   is the raw setter).
 - ``min_free_kbytes`` and the watermarks are recomputed from scratch after
   every ``free_range`` (as ``init_per_zone_wmark_min`` does once at boot,
-  ``nr_free_buffer_pages`` = managed pages; khugepaged's raise of
-  ``min_free_kbytes`` is not modelled); ``page_group_by_mobility_disabled``
+  ``nr_free_buffer_pages`` = managed pages) until ``watermarks_fixed`` is
+  set (a booted kernel sets it after ``memblock_free_all``: Linux computes
+  them at its initcalls, before the init memory is freed); with
+  ``khugepaged_min_free``, khugepaged's ``set_recommended_min_free_kbytes``
+  raise follows; ``page_group_by_mobility_disabled``
   is decided at construction from the zones' spans (``build_all_zonelists``).
 - Migratetypes registered by policies (``register_migratetype``) are not
   mergeable across pageblocks and have no pcp lists: their pages are freed
@@ -124,6 +133,7 @@ from .types import (
     BadFreeError,
     BuddyInvariantError,
     MigrateType,
+    PcpScheme,
     ZoneType,
 )
 from .zone import PerCpuPages, Zone
@@ -157,6 +167,7 @@ __all__ = [
     "BuddyAllocator",
     "BuddyInvariantError",
     "MigrateType",
+    "PcpScheme",
     "PerCpuPages",
     "Zone",
     "ZoneType",

@@ -43,6 +43,7 @@ from .types import (
     PG_BUDDY,
     PG_PCP,
     UNMOVABLE,
+    WMARK_HIGH,
     AllocationError,
     BadFreeError,
     ZoneType,
@@ -64,6 +65,7 @@ class AllocMixin:
     _ac_cache: dict[int, tuple]
     _allocated_once: bool
     _pcp_allowed: list[bool]
+    _pcp_autotune: bool
     _mt_names: list[str]
     _state: memoryview
     _state_np: np.ndarray
@@ -116,18 +118,75 @@ class AllocMixin:
                     order, slow, zonelist, highest_zoneidx, mt))
         return pfn
 
+    def alloc_pages_bulk(self, gfp: int, nr_pages: int) -> list[int]:
+        """``alloc_pages_bulk`` (5.13+; vmalloc's order-0 pages): up to
+        ``nr_pages`` order-0 pages off one zone's per-CPU list (refilled as
+        usual), in the order taken. The zone is the first of the zonelist
+        with ``nr_pages`` above its low watermark (no ALLOC_NOFRAGMENT); the
+        list's ``free_factor``/``free_count`` is left alone (the bulk path
+        calls ``__rmqueue_pcplist``). Fewer pages when the list runs dry
+        after the first. One ``alloc_pages`` instead (``failed:``) for one
+        page, ``__GFP_ACCOUNT`` (memcg: Debian's kernels account kmem), a
+        type without pcp lists, no zone, or no first page; raises
+        AllocationError only then."""
+        if nr_pages <= 0:
+            return []
+        ac = self._ac_cache.get(gfp)
+        if ac is None:
+            ac = self._prepare_alloc_pages(gfp)
+        zonelist, _highest_zoneidx, mt, _fast, _slow = ac
+        if nr_pages == 1 or gfp & GFP.ACCOUNT or mt >= MIGRATE_PCPTYPES or not zonelist:
+            return [self.alloc_pages(gfp, 0)]
+        preferred = zonelist[0].type
+        for zone in zonelist:
+            mark = zone.watermark[ALLOC_WMARK_LOW] + nr_pages
+            if self._zone_watermark_ok(zone, 0, mark, preferred, ALLOC_WMARK_LOW,
+                                       zone.free_pages):
+                break
+        else:
+            return [self.alloc_pages(gfp, 0)]
+        self._allocated_once = True
+        code = (PG_ALLOC_MOVABLE if mt == MOVABLE else PG_ALLOC)
+        st = self._state
+        pages: list[int] = []
+        take = self._rmqueue_pcplist
+        while len(pages) < nr_pages:
+            pfn = take(zone, 0, mt, ALLOC_WMARK_LOW, True)
+            if pfn < 0:
+                if not pages:
+                    return [self.alloc_pages(gfp, 0)]
+                break
+            st[pfn] = code
+            pages.append(pfn)
+        return pages
+
     def _get_page_from_freelist(self, order: int, alloc_flags: int, zonelist: tuple,
                                 highest_zoneidx: int, mt: int) -> int:
         """``get_page_from_freelist``: the first zone of the zonelist that passes
         its watermark and has a page; with ALLOC_NOFRAGMENT a second pass
         without it."""
+        autotune = self._pcp_autotune
         while True:
             wmark = alloc_flags & ALLOC_WMARK_MASK
             for zone in zonelist:
-                mark = zone.watermark[wmark]
                 free = zone.free_pages
                 # zone_watermark_fast: the order-0 shortcut, then the full check.
                 reserved = 0 if alloc_flags & ALLOC_HARDER else zone.nr_reserved_highatomic
+                if autotune and not zone.below_high:
+                    # 6.7+: a zone under its high watermark is marked
+                    # ZONE_BELOW_HIGH (its pcp frees then shrink pcp->high);
+                    # one above it is taken without the lower check
+                    mark = zone.watermark[WMARK_HIGH]
+                    if (order == 0 and free - reserved
+                            > mark + zone.lowmem_reserve[highest_zoneidx]) or \
+                            self._zone_watermark_ok(zone, order, mark, highest_zoneidx,
+                                                    alloc_flags, free):
+                        pfn = self._rmqueue(zone, order, alloc_flags, mt)
+                        if pfn >= 0:
+                            return self._prep_new_page(pfn, order, alloc_flags, mt, zone)
+                        continue
+                    zone.below_high = True
+                mark = zone.watermark[wmark]
                 if not (order == 0 and free - reserved
                         > mark + zone.lowmem_reserve[highest_zoneidx]) and \
                         not self._zone_watermark_ok(zone, order, mark, highest_zoneidx,
@@ -135,17 +194,22 @@ class AllocMixin:
                     continue
                 pfn = self._rmqueue(zone, order, alloc_flags, mt)
                 if pfn >= 0:
-                    # prep_new_page
-                    self._state[pfn] = (PG_ALLOC_MOVABLE if mt == MOVABLE else PG_ALLOC) | order
-                    if order and alloc_flags & ALLOC_HARDER:
-                        self._reserve_highatomic_pageblock(zone, pfn)
-                    return pfn
+                    return self._prep_new_page(pfn, order, alloc_flags, mt, zone)
             if alloc_flags & ALLOC_NOFRAGMENT:
                 # On a UMA machine, every zone may be fragmented: try again
                 # allowing fallbacks inside pageblocks.
                 alloc_flags &= ~ALLOC_NOFRAGMENT
                 continue
             return -1
+
+    def _prep_new_page(self, pfn: int, order: int, alloc_flags: int, mt: int, zone: Zone
+                       ) -> int:
+        """``prep_new_page`` (and the high-atomic reserve a high-order atomic
+        request makes)."""
+        self._state[pfn] = (PG_ALLOC_MOVABLE if mt == MOVABLE else PG_ALLOC) | order
+        if order and alloc_flags & ALLOC_HARDER:
+            self._reserve_highatomic_pageblock(zone, pfn)
+        return pfn
 
     def _failure_reason(self, order: int, alloc_flags: int, zonelist: tuple,
                         highest_zoneidx: int, mt: int) -> str:

@@ -26,6 +26,7 @@ class MemblockMixin:
     """``memblock_free_all`` for the allocator: ``free_range``."""
 
     max_pfn: int
+    watermarks_fixed: bool
     zones: list[Zone]
     _handed: list[list[int]]
     _state_np: np.ndarray
@@ -64,7 +65,8 @@ class MemblockMixin:
             else:
                 merged.append([s, e])
         self._handed = merged
-        self._setup_per_zone_wmarks()
+        if not self.watermarks_fixed:
+            self._setup_per_zone_wmarks()
 
     def _free_pages_memory(self, zone: Zone, start: int, end: int) -> None:
         """``__free_pages_memory``: largest aligned blocks, in increasing pfn order;

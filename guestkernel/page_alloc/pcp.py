@@ -2,9 +2,12 @@
 
 Mirrors, from ``mm/page_alloc.c``:
 
-- allocation: ``rmqueue_pcplist`` / ``__rmqueue_pcplist`` and ``rmqueue_bulk``;
+- allocation: ``rmqueue_pcplist`` / ``__rmqueue_pcplist`` and ``rmqueue_bulk``
+  (6.7+: ``nr_pcp_alloc``, the refill scaled by ``alloc_factor`` and
+  ``pcp->high`` grown toward ``high_max``);
 - freeing: ``free_unref_page`` / ``free_unref_page_commit``, ``nr_pcp_free``
-  (with the ``free_factor`` heuristic) and ``free_pcppages_bulk``;
+  (with the ``free_factor`` heuristic; 6.7+: ``free_count``, ``nr_pcp_high``
+  and the PCPF_* flags) and ``free_pcppages_bulk``;
 - ``drain_pages`` / ``drain_pages_zone`` (``drain_all_pages`` of one CPU).
 
 A pcp list is a ``deque`` of ``pfn << 4 | pcppage_migratetype`` whose left end
@@ -24,7 +27,9 @@ from .types import (
     NR_PCP_LISTS,
     PAGE_ALLOC_COSTLY_ORDER,
     PAGEBLOCK_ORDER,
+    PCP_BATCH_SCALE_MAX,
     PG_PCP,
+    WMARK_HIGH,
     ZoneType,
     order_to_pindex,
     pindex_to_order,
@@ -39,27 +44,63 @@ class PcpMixin:
 
     _state: memoryview
     _pcp_legacy: bool
+    _pcp_autotune: bool
     _pageblock_mt: memoryview
 
     # ------------------------------------------------------------------ allocation
 
-    def _rmqueue_pcplist(self, zone: Zone, order: int, mt: int, alloc_flags: int) -> int:
+    def _rmqueue_pcplist(self, zone: Zone, order: int, mt: int, alloc_flags: int,
+                         bulk: bool = False) -> int:
         """``rmqueue_pcplist`` / ``__rmqueue_pcplist``: take the head of the pcp
-        list, refilling an empty list with ``batch`` (scaled down by order)
-        blocks from the buddy."""
+        list, refilling an empty list with ``batch`` (scaled down by order;
+        6.7+: ``nr_pcp_alloc``) blocks from the buddy. ``bulk``: the bulk
+        allocator calls ``__rmqueue_pcplist`` itself, leaving
+        ``free_factor`` / ``free_count`` alone."""
         pcp = zone.pcp
         lst = pcp.lists[order_to_pindex(mt, order)]
         if not lst:
-            batch = pcp.batch
-            if batch > 1:
-                batch = max(batch >> order, 2)
+            if self._pcp_autotune:
+                batch = self._nr_pcp_alloc(pcp, zone, order)
+            else:
+                batch = pcp.batch
+                if batch > 1:
+                    batch = max(batch >> order, 2)
             alloced = self._rmqueue_bulk(zone, order, batch, lst, mt, alloc_flags)
             pcp.count += alloced << order
             if not lst:
                 return -1
-        pcp.free_factor >>= 1
+        if not bulk:
+            # on allocation, fewer pages are batch freed (nr_pcp_free)
+            if self._pcp_autotune:
+                pcp.free_count >>= 1
+            else:
+                pcp.free_factor >>= 1
         pcp.count -= 1 << order
         return lst.popleft() >> 4
+
+    @staticmethod
+    def _nr_pcp_alloc(pcp: PerCpuPages, zone: Zone, order: int) -> int:
+        """6.7+ ``nr_pcp_alloc``: ``high`` clamped to [high_min, high_max] and
+        grown by the refill unless the zone is below its high watermark; an
+        order-0 refill doubles (``alloc_factor``, up to
+        PCP_BATCH_SCALE_MAX) while allocations go on without frees, within
+        what ``high`` leaves room for."""
+        base_batch = pcp.batch
+        high_min, high_max = pcp.high_min, pcp.high_max
+        high = pcp.high = min(max(pcp.high, high_min), high_max)
+        if high < base_batch:          # pcp disabled, or the boot pageset
+            return 1
+        batch = base_batch if order else base_batch << pcp.alloc_factor
+        if high_min != high_max and not zone.below_high:
+            high = pcp.high = min(high + batch, high_max)
+        if not order:
+            max_nr_alloc = max(high - pcp.count - base_batch, base_batch)
+            if batch <= max_nr_alloc and pcp.alloc_factor < PCP_BATCH_SCALE_MAX:
+                pcp.alloc_factor += 1
+            batch = min(batch, max_nr_alloc)
+        if batch > 1:
+            batch = max(batch >> order, 2)
+        return batch
 
     def _rmqueue_bulk(self, zone: Zone, order: int, count: int, lst: deque[int], mt: int,
                       alloc_flags: int) -> int:
@@ -97,6 +138,9 @@ class PcpMixin:
         pcp.lists[pindex].appendleft(pfn << 4 | mt)
         self._state[pfn] = PG_PCP | order
         pcp.count += 1 << order
+        if self._pcp_autotune:
+            self._free_unref_page_commit_autotune(zone, pcp, order, pindex)
+            return
         if self._pcp_legacy:
             # before 5.13/5.14: at high, free pcp->batch pages (no free_factor)
             if pcp.count >= pcp.high:
@@ -109,6 +153,64 @@ class PcpMixin:
         if pcp.count >= high:
             self._free_pcppages_bulk(zone, self._nr_pcp_free(pcp, high, pcp.batch, free_high),
                                      pcp, pindex)
+
+    def _free_unref_page_commit_autotune(self, zone: Zone, pcp: PerCpuPages, order: int,
+                                         pindex: int) -> None:
+        """6.7+ ``free_unref_page_commit`` after the page is on its list:
+        fewer pages batch allocated next (``alloc_factor``); high-order
+        frees in a row (PCPF_PREV_FREE_HIGH_ORDER) with ``free_count`` past
+        a batch drain the lists (``free_high``); ``nr_pcp_high`` moves
+        ``high``; past it ``nr_pcp_free`` pages go back, and a zone back
+        above its high watermark leaves ZONE_BELOW_HIGH."""
+        pcp.alloc_factor >>= 1
+        batch = pcp.batch
+        free_high = False
+        if order and order <= PAGE_ALLOC_COSTLY_ORDER:
+            free_high = (pcp.free_count >= batch and pcp.prev_free_high_order
+                         and (not pcp.free_high_batch or pcp.count >= batch))
+            pcp.prev_free_high_order = True
+        elif pcp.prev_free_high_order:
+            pcp.prev_free_high_order = False
+        if pcp.free_count < batch << PCP_BATCH_SCALE_MAX:
+            pcp.free_count += 1 << order
+        high = self._nr_pcp_high(pcp, zone, batch, free_high)
+        if pcp.count >= high:
+            if free_high:
+                count = min(pcp.count, batch << PCP_BATCH_SCALE_MAX)
+            elif high < batch:
+                count = 1
+            else:
+                # nr_pcp_free: at least a batch, up to the pages freed in a
+                # row, leaving a batch on the lists
+                count = min(max(pcp.free_count, batch), high - batch)
+            self._free_pcppages_bulk(zone, count, pcp, pindex)
+            if zone.below_high and self._zone_watermark_ok(
+                    zone, 0, zone.watermark[WMARK_HIGH], ZoneType.MOVABLE, 0, zone.free_pages):
+                zone.below_high = False
+
+    @staticmethod
+    def _nr_pcp_high(pcp: PerCpuPages, zone: Zone, batch: int, free_high: bool) -> int:
+        """6.7+ ``nr_pcp_high``: the count that triggers a drain, moving
+        ``pcp->high`` (ZONE_RECLAIM_ACTIVE is never set: no reclaim is
+        modelled)."""
+        high_min, high_max = pcp.high_min, pcp.high_max
+        high = pcp.high = min(max(pcp.high, high_min), high_max)
+        if not high:
+            return 0
+        if free_high:
+            pcp.high = max(high - (batch << PCP_BATCH_SCALE_MAX), high_min)
+            return 0
+        if high_min == high_max:
+            return high
+        if zone.below_high:
+            pcp.high = max(high - max(pcp.free_count, batch), high_min)
+            high = max(pcp.count, high_min)
+        elif pcp.count >= high:
+            need_high = pcp.free_count + batch
+            # high should hold the pages freed in a row
+            if pcp.high < need_high:
+                pcp.high = min(max(need_high, high_min), high_max)
+        return high
 
     @staticmethod
     def _nr_pcp_free(pcp: PerCpuPages, high: int, batch: int, free_high: bool) -> int:
@@ -132,7 +234,10 @@ class PcpMixin:
         count = min(pcp.count, count)
         min_pindex, max_pindex = 0, NR_PCP_LISTS - 1
         pindex -= 1
-        isolated_pageblocks = zone.nr_isolate_pageblock > 0
+        # 6.10+ (the AUTOTUNE kernels here) frees each page to its
+        # pageblock's type now ("close migratetype race between freeing and
+        # stealing"); before, to the type it was freed with, unless isolated
+        isolated_pageblocks = self._pcp_autotune or zone.nr_isolate_pageblock > 0
         lists = pcp.lists
         st = self._state
         pbmt = self._pageblock_mt

@@ -41,6 +41,7 @@ __all__ = [
     "PAGEBLOCK_ORDER",
     "PAGE_ALLOC_COSTLY_ORDER",
     "PAGE_SHIFT",
+    "PCP_BATCH_SCALE_MAX",
     "PG_ALLOC",
     "PG_ALLOC_MOVABLE",
     "PG_BUDDY",
@@ -55,6 +56,7 @@ __all__ = [
     "BadFreeError",
     "BuddyInvariantError",
     "MigrateType",
+    "PcpScheme",
     "ZoneType",
     "migratetype_is_mergeable",
     "order_to_pindex",
@@ -71,6 +73,24 @@ MIGRATE_PCPTYPES = 3                # UNMOVABLE, MOVABLE, RECLAIMABLE have pcp l
 NR_LOWORDER_PCP_LISTS = MIGRATE_PCPTYPES * (PAGE_ALLOC_COSTLY_ORDER + 1)
 NR_PCP_LISTS = NR_LOWORDER_PCP_LISTS + 1     # + one THP list (NR_PCP_THP)
 MAX_MIGRATETYPES = 16               # a migratetype fits the 4 low bits of a pcp entry
+PCP_BATCH_SCALE_MAX = 5             # CONFIG_PCP_BATCH_SCALE_MAX (6.7+; Debian keeps the default)
+
+
+class PcpScheme(enum.IntEnum):
+    """How the per-CPU lists are sized and drained, by kernel generation."""
+
+    #: before 5.13: order-0 lists only; ``high = 6 * batch``; a free that
+    #: reaches ``high`` drains ``batch`` pages round-robin over the types
+    LEGACY = 0
+    #: 5.13-6.6: orders 0-3 and THP; ``high = max(low_wmark, 4 * batch)``;
+    #: ``nr_pcp_free`` doubles the drain with ``free_factor``
+    FREE_FACTOR = 1
+    #: 6.7+ (as in 7.2): ``high`` floats between ``high_min`` (the low
+    #: watermark) and ``high_max`` (1/8 of the zone), grown by refills and
+    #: by frees that reach it, shrunk while the zone is below its high
+    #: watermark; refills scale with ``alloc_factor``, drains with
+    #: ``free_count``; a drain frees to the pageblock's current type (6.10)
+    AUTOTUNE = 2
 
 WMARK_MIN, WMARK_LOW, WMARK_HIGH = 0, 1, 2
 

@@ -4,9 +4,13 @@ Mirrors ``struct zone`` and ``struct per_cpu_pages`` (``include/linux/mmzone.h``
 and, from ``mm/page_alloc.c``:
 
 - ``init_per_zone_wmark_min``: ``calculate_min_free_kbytes``,
-  ``__setup_per_zone_wmarks``, ``setup_per_zone_lowmem_reserve``;
+  ``__setup_per_zone_wmarks``, ``setup_per_zone_lowmem_reserve``; and
+  khugepaged's ``set_recommended_min_free_kbytes`` (``mm/khugepaged.c``),
+  which raises ``min_free_kbytes`` when THP is enabled (Debian: always);
 - ``zone_batchsize`` and ``zone_set_high_and_batch`` / ``zone_highsize``
-  (``zone_pcp_update``, which ``setup_per_zone_wmarks`` ends with);
+  (``zone_pcp_update``, which ``setup_per_zone_wmarks`` ends with), per
+  :class:`PcpScheme`: 5.10's ``pageset_set_batch`` (``high = 6 * batch``),
+  6.1's one ``high``, 6.7+'s ``high_min``/``high_max``;
 - ``__zone_watermark_ok`` (with ``__zone_watermark_unusable_free``);
 - ``page_zone`` and the zone lookups of the allocator.
 
@@ -26,10 +30,12 @@ from .types import (
     MIGRATE_PCPTYPES,
     NR_PCP_LISTS,
     PAGE_SHIFT,
+    PAGEBLOCK_NR_PAGES,
     WMARK_HIGH,
     WMARK_LOW,
     WMARK_MIN,
     ZONE_NAMES,
+    PcpScheme,
     ZoneType,
 )
 
@@ -38,19 +44,32 @@ __all__ = ["PerCpuPages", "Zone", "ZoneMixin"]
 # sysctl defaults of 6.1.
 _LOWMEM_RESERVE_RATIO = (256, 256, 32)
 _WATERMARK_SCALE_FACTOR = 10
+#: MIN_PERCPU_PAGELIST_HIGH_FRACTION: 6.7+'s high_max is 1/8 of the zone
+_HIGH_MAX_FRACTION = 8
 _MIN_FREE_KBYTES_CLAMP = (128, 262144)
 
 
 class PerCpuPages:
     """``struct per_cpu_pages`` of the one CPU modelled."""
 
-    __slots__ = ("batch", "count", "free_factor", "high", "lists")
+    __slots__ = ("alloc_factor", "batch", "count", "free_count", "free_factor", "free_high_batch",
+                 "high", "high_max", "high_min", "lists", "prev_free_high_order")
 
     def __init__(self) -> None:
         self.count = 0          # pages (not blocks) on all lists
-        self.high = 0
+        self.high = 0           # BOOT_PAGESET_HIGH until zone_pcp_update
         self.batch = 1
-        self.free_factor = 0
+        self.free_factor = 0    # 5.13-6.6: nr_pcp_free's doubling
+        # 6.7+ (PcpScheme.AUTOTUNE)
+        self.high_min = 0
+        self.high_max = 0
+        self.alloc_factor = 0   # nr_pcp_alloc's doubling
+        self.free_count = 0     # pages freed since allocations (halved by each)
+        self.prev_free_high_order = False   # PCPF_PREV_FREE_HIGH_ORDER
+        #: PCPF_FREE_HIGH_BATCH: the CPU's data cache slice holds more than
+        #: 3 * batch pages (zone_pcp_update_cacheinfo); QEMU's caches are
+        #: MiBs, so set for a zone's pcp once batch is known
+        self.free_high_batch = True
         self.lists: list[deque[int]] = [deque() for _ in range(NR_PCP_LISTS)]
 
     def __repr__(self) -> str:
@@ -61,6 +80,7 @@ class Zone:
     """``struct zone``: a span of pfns, its free lists, counters and watermarks."""
 
     __slots__ = (
+        "below_high",
         "end_pfn",
         "free_area",
         "free_pages",
@@ -87,6 +107,9 @@ class Zone:
         self.lowmem_reserve = [0] * len(ZoneType)
         self.nr_reserved_highatomic = 0
         self.nr_isolate_pageblock = 0
+        #: ZONE_BELOW_HIGH (6.7+): an allocation found the zone under its
+        #: high watermark; pcp frees then shrink pcp->high
+        self.below_high = False
         self.free_area: list[list[OrderedDict[int, None]]] = [
             [OrderedDict() for _ in range(nr_migratetypes)] for _ in range(MAX_ORDER)]
         self.pcp = PerCpuPages()
@@ -122,7 +145,10 @@ class ZoneMixin:
     zones: list[Zone]
     _zone_by_type: dict[int, Zone]
     _zones_desc: list[Zone]
+    _pcp_scheme: PcpScheme
     min_free_kbytes: int
+    #: khugepaged raises min_free_kbytes (set_recommended_min_free_kbytes)
+    khugepaged_min_free: bool
 
     # ------------------------------------------------------------------ lookups
 
@@ -151,11 +177,34 @@ class ZoneMixin:
     def _setup_per_zone_wmarks(self) -> None:
         """``init_per_zone_wmark_min``: ``calculate_min_free_kbytes``,
         ``__setup_per_zone_wmarks``, ``setup_per_zone_lowmem_reserve`` and the
-        ``zone_pcp_update`` that ``setup_per_zone_wmarks`` ends with."""
+        ``zone_pcp_update`` that ``setup_per_zone_wmarks`` ends with; then,
+        with ``khugepaged_min_free``, khugepaged's raise and the same again."""
         lowmem_pages = sum(z.managed_pages for z in self.zones)
         lowmem_kbytes = lowmem_pages << (PAGE_SHIFT - 10)
         lo, hi = _MIN_FREE_KBYTES_CLAMP
         self.min_free_kbytes = min(max(math.isqrt(lowmem_kbytes * 16), lo), hi)
+        self._setup_wmarks_from_min(lowmem_pages)
+        if self.khugepaged_min_free:
+            recommended = self._recommended_min_free_kbytes()
+            if recommended > self.min_free_kbytes:
+                self.min_free_kbytes = recommended
+                self._setup_wmarks_from_min(lowmem_pages)
+
+    def _recommended_min_free_kbytes(self) -> int:
+        """khugepaged's ``set_recommended_min_free_kbytes`` (mm/khugepaged.c):
+        two free pageblocks per zone (ZONE_MOVABLE aside), plus
+        MIGRATE_PCPTYPES^2 per zone to fall back into, at most 5 % of
+        ``nr_free_buffer_pages()`` (the managed pages above each zone's high
+        watermark)."""
+        zones = [z for z in self.zones if z.managed_pages and z.type <= ZoneType.NORMAL]
+        recommended = PAGEBLOCK_NR_PAGES * len(zones) * 2
+        recommended += PAGEBLOCK_NR_PAGES * len(zones) * MIGRATE_PCPTYPES * MIGRATE_PCPTYPES
+        buffer_pages = sum(max(z.managed_pages - z.watermark[WMARK_HIGH], 0) for z in zones)
+        return min(recommended, buffer_pages // 20) << (PAGE_SHIFT - 10)
+
+    def _setup_wmarks_from_min(self, lowmem_pages: int) -> None:
+        """``__setup_per_zone_wmarks`` and ``setup_per_zone_lowmem_reserve``
+        for the current ``min_free_kbytes``, then ``zone_pcp_update``."""
         pages_min = self.min_free_kbytes >> (PAGE_SHIFT - 10)
         for zone in self.zones:
             tmp = pages_min * zone.managed_pages // lowmem_pages if lowmem_pages else 0
@@ -181,7 +230,8 @@ class ZoneMixin:
 
     @staticmethod
     def _zone_batchsize(zone: Zone) -> int:
-        """``zone_batchsize``: ~0.1% of the zone or 1 MiB, /4, clamped to 2^n - 1."""
+        """``zone_batchsize``: ~0.1% of the zone or 1 MiB, /4, clamped to
+        2^n - 1 (0 for a zone under 8 MiB: 5.10 then sets high 0, batch 1)."""
         batch = min(zone.managed_pages >> 10, (1 << 20) >> PAGE_SHIFT)
         batch //= 4
         batch = max(batch, 1)
@@ -189,11 +239,26 @@ class ZoneMixin:
         return (1 << (n.bit_length() - 1)) - 1
 
     def _zone_pcp_update(self, zone: Zone) -> None:
-        """``zone_set_high_and_batch`` for one CPU: ``zone_highsize`` splits the
-        low watermark across the node's CPUs (one here), at least 4 * batch."""
-        batch = max(1, self._zone_batchsize(zone))
-        zone.pcp.batch = batch
-        zone.pcp.high = max(zone.watermark[WMARK_LOW], batch << 2)
+        """``zone_set_high_and_batch`` for one CPU. 5.10: ``pageset_set_batch``,
+        ``high = 6 * batch``. 6.1: ``zone_highsize`` splits the low watermark
+        across the node's CPUs (one here), at least 4 * batch. 6.7+: that is
+        ``high_min``; ``high_max`` is 1/8 of the zone's managed pages (also at
+        least 4 * batch); ``high`` itself is clamped between them when the
+        pcp is next used (it starts at the boot pageset's 0)."""
+        raw = self._zone_batchsize(zone)
+        batch = max(1, raw)
+        pcp = zone.pcp
+        pcp.batch = batch
+        scheme = self._pcp_scheme
+        if scheme == PcpScheme.LEGACY:
+            pcp.high = 6 * raw
+            return
+        high_min = max(zone.watermark[WMARK_LOW], batch << 2)
+        if scheme == PcpScheme.FREE_FACTOR:
+            pcp.high = high_min
+            return
+        pcp.high_min = high_min
+        pcp.high_max = max(zone.managed_pages // _HIGH_MAX_FRACTION, batch << 2)
 
     def _zone_watermark_ok(self, zone: Zone, order: int, mark: int, highest_zoneidx: int,
                            alloc_flags: int, free_pages: int) -> bool:

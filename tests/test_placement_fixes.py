@@ -1,0 +1,351 @@
+"""Placement fixes of issue 15's second slice, each against the kernel code
+it follows: khugepaged's min_free_kbytes, the per-CPU list generations
+(5.10's fixed 6 * batch, 6.1's low watermark, 6.7+'s self-sizing lists), the
+bulk allocator and vmalloc's use of it, 7.x's contiguous frees, and the
+recorder's bulk-allocator events."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+
+from dmfrag.modelled import replay_modelled
+from dmfrag.recorder import parse_ftrace, splits_direct_map_tables
+from dmfrag.truth import load_states
+from guestkernel import Kernel
+from guestkernel.gfp import GFP_KERNEL, parse_gfp
+from guestkernel.page_alloc import BuddyAllocator, PcpScheme, ZoneType
+from guestkernel.page_alloc.types import (
+    PAGEBLOCK_NR_PAGES,
+    PCP_BATCH_SCALE_MAX,
+    UNMOVABLE,
+    order_to_pindex,
+)
+from guestkernel.versions import get_version
+
+TRUTH = Path(__file__).parent / "data" / "truth"
+STATES = {"5.10": "linux-5.10-2G-modules", "6.1": "linux-6.1-2G-bpf-64",
+          "7.2": "linux-7.2-2G-modules"}
+
+
+def _boot_state(kernel: str):
+    return load_states(TRUTH / f"{STATES[kernel]}.truth.npz")[0]
+
+
+def _zone(state, name: str) -> dict:
+    return next(z for z in state.zones if z["name"] == name)
+
+
+# -- min_free_kbytes and the watermarks ------------------------------------------
+
+
+@pytest.mark.parametrize("kernel", ["5.10", "6.1", "7.2"])
+def test_min_free_kbytes_is_khugepageds_as_in_linux(kernel):
+    """set_recommended_min_free_kbytes: 2 zones (DMA, DMA32) at 2G:
+    512 * 2 * 2 + 512 * 2 * 3 * 3 = 11264 pages = 45056 kB, what all three
+    dumped kernels hold (calculate_min_free_kbytes alone gives 5,6xx)."""
+    k = Kernel.boot(ram="2G", profile=kernel)
+    assert k.buddy.min_free_kbytes == _boot_state(kernel).counters["min_free_kbytes"] == 45056
+
+
+@pytest.mark.parametrize("kernel", ["6.1", "7.2"])
+def test_watermarks_are_linuxs_computed_before_the_init_memory_is_freed(kernel):
+    """init_per_zone_wmark_min and khugepaged run at initcalls, after
+    memblock_free_all and before free_initmem: the watermarks are computed
+    from the managed pages then, and equal the dumped kernel's."""
+    k = Kernel.boot(ram="2G", profile=kernel)
+    state = _boot_state(kernel)
+    for z in k.buddy.zones:
+        assert z.watermark == [int(x) for x in _zone(state, z.name)["watermark"]], z.name
+
+
+def test_khugepaged_raise_is_capped_at_5_percent_of_the_buffer_pages():
+    b = BuddyAllocator(0x4000, khugepaged_min_free=True)     # 64 MiB
+    b.free_range(0x100, 0x4000)
+    off = BuddyAllocator(0x4000)
+    off.free_range(0x100, 0x4000)
+    assert off.min_free_kbytes == 1015          # isqrt(lowmem_kbytes * 16)
+    # nr_free_buffer_pages: managed pages above each zone's high watermark
+    # (as calculate_min_free_kbytes set them), 5 % of it
+    buffer_pages = sum(z.managed_pages - z.watermark[2] for z in off.zones)
+    recommended = PAGEBLOCK_NR_PAGES * 2 * (2 + 9)
+    assert b.min_free_kbytes == min(recommended, buffer_pages // 20) * 4 == 3148
+
+
+# -- the per-CPU list generations -------------------------------------------------
+
+
+def test_pcp_high_per_kernel_generation_is_what_the_dumps_show():
+    """5.10: high = 6 * batch (pageset_set_batch), 0 in the 15 MiB DMA zone
+    whose batch rounds to 0; 6.1: the low watermark; 7.2: high_min the low
+    watermark, high_max an eighth of the zone, high itself 0 until used."""
+    for kernel, scheme in (("5.10", PcpScheme.LEGACY), ("6.1", PcpScheme.FREE_FACTOR),
+                           ("7.2", PcpScheme.AUTOTUNE)):
+        assert get_version(kernel).pcp_scheme == scheme
+    k510 = Kernel.boot(ram="2G", profile="5.10")
+    dma32 = k510.buddy.get_zone(ZoneType.DMA32).pcp
+    linux = _zone(_boot_state("5.10"), "DMA32")["pcp"][0]
+    assert (dma32.high, dma32.batch) == (linux["high"], linux["batch"]) == (378, 63)
+    dma = k510.buddy.get_zone(ZoneType.DMA).pcp
+    assert (dma.high, dma.batch) == (0, 1)
+    k61 = Kernel.boot(ram="2G", profile="6.1")
+    z = k61.buddy.get_zone(ZoneType.DMA32)
+    assert z.pcp.high == z.watermark[1] == _zone(_boot_state("6.1"), "DMA32")["pcp"][0]["high"]
+    k72 = Kernel.boot(ram="2G", profile="7.2")
+    z = k72.buddy.get_zone(ZoneType.DMA32)
+    linux = _zone(_boot_state("7.2"), "DMA32")["pcp"][0]
+    assert z.pcp.high_min == linux["high_min"] == z.watermark[1]
+    # high_max is 1/8 of the zone's managed pages at the initcalls: the model
+    # keeps ~0.4 % more pages than Linux there (boot reservations), so close
+    assert abs(z.pcp.high_max - linux["high_max"]) < linux["high_max"] // 100
+    assert z.pcp.high_max == z.managed_pages // 8 or z.pcp.high_max < z.managed_pages // 8
+
+
+def _autotune_buddy() -> tuple[BuddyAllocator, object]:
+    b = BuddyAllocator(0x20000, pcp_scheme=PcpScheme.AUTOTUNE)      # 512 MiB
+    b.free_range(0x1000, 0x20000)
+    z = b.get_zone(ZoneType.DMA32)
+    return b, z
+
+
+def test_autotune_refills_grow_high_and_scale_with_alloc_factor():
+    """nr_pcp_alloc: high clamped into [high_min, high_max] and grown by the
+    refill's batch; order-0 refills double (alloc_factor) while allocations
+    go on without frees; a free halves alloc_factor."""
+    b, z = _autotune_buddy()
+    pcp = z.pcp
+    batch, high_min = pcp.batch, pcp.high_min
+    assert pcp.high == 0 and high_min < pcp.high_max
+    gfp = int(GFP_KERNEL)
+    b.alloc_pages(gfp, 0)                   # first refill: batch pages, high grows
+    assert pcp.high == high_min + batch and pcp.alloc_factor == 1
+    assert pcp.count == batch - 1
+    for _ in range(batch - 1):              # empty the list
+        b.alloc_pages(gfp, 0)
+    assert pcp.count == 0
+    b.alloc_pages(gfp, 0)                   # second refill: batch << 1
+    assert pcp.count == (batch << 1) - 1 and pcp.alloc_factor == 2
+    assert pcp.high == high_min + batch + (batch << 1)
+    b.free_pages(b.alloc_pages(gfp, 0), 0)
+    assert pcp.alloc_factor == 1 and pcp.free_count == 1
+
+
+def test_autotune_frees_drain_what_was_freed_in_a_row():
+    """free_unref_page_commit: free_count counts the pages freed since the
+    last allocation (halved by each); past high, nr_pcp_free drains
+    clamp(free_count, batch, high - batch), and nr_pcp_high raises high to
+    hold free_count + batch."""
+    b, z = _autotune_buddy()
+    pcp = z.pcp
+    gfp = int(GFP_KERNEL)
+    held = [b.alloc_pages(gfp, 0) for _ in range(pcp.high_min + 500)]
+    pcp.high = pcp.high_min                 # as decay_pcp_high leaves it
+    b.drain_pages()
+    for p in held:
+        b.free_pages(p, 0)
+    assert pcp.free_count == min(len(held), pcp.batch << PCP_BATCH_SCALE_MAX)
+    assert pcp.count < pcp.high <= pcp.high_max
+    assert pcp.high > pcp.high_min          # raised to hold the pages freed in a row
+    b.check()
+
+
+def test_autotune_consecutive_high_order_frees_drain_the_lists():
+    """PCPF_PREV_FREE_HIGH_ORDER: a high-order free right after another, with
+    free_count past a batch, frees the lists (free_high) and lowers high."""
+    b, z = _autotune_buddy()
+    pcp = z.pcp
+    gfp = int(GFP_KERNEL)
+    blocks = [b.alloc_pages(gfp, 3) for _ in range(40)]
+    b.drain_pages()
+    for p in blocks:
+        b.free_pages(p, 3)
+    # 40 order-3 frees in a row: the lists never hold more than a few batches
+    assert pcp.count <= pcp.batch + 8
+    assert pcp.prev_free_high_order
+    b.check()
+
+
+def test_autotune_drains_free_to_the_pageblocks_type_now():
+    """6.10+: free_pcppages_bulk frees each page to its pageblock's current
+    migratetype, not the one it was put on the list with."""
+    b, z = _autotune_buddy()
+    gfp = int(GFP_KERNEL)
+    pfn = b.alloc_pages(gfp, 0)
+    b.free_pages(pfn, 0)
+    block = pfn >> 9
+    b._pageblock_mt[block] = 1              # MOVABLE from now on (a steal, say)
+    b.drain_pages()
+    head, order, kind = b.block_of(pfn)
+    assert kind == "free"
+    assert head in b.free_list(z, order, 1)      # the MOVABLE list
+    assert head not in b.free_list(z, order, 0)
+
+
+# -- the bulk allocator and vmalloc -------------------------------------------------
+
+
+def test_alloc_pages_bulk_takes_the_per_cpu_list_head_in_order():
+    b = BuddyAllocator(0x20000)
+    b.free_range(0x1000, 0x20000)
+    gfp = int(GFP_KERNEL)
+    pages = [b.alloc_pages(gfp, 0) for _ in range(6)]
+    for p in pages:
+        b.free_pages(p, 0)                  # the list head is now pages[::-1]
+    z = b.get_zone(ZoneType.DMA32)
+    z.pcp.free_factor = 3
+    got = b.alloc_pages_bulk(gfp, 4)
+    assert got == pages[::-1][:4]
+    assert z.pcp.free_factor == 3           # __rmqueue_pcplist: free_factor untouched
+    assert b.alloc_pages_bulk(gfp, 0) == []
+    one = b.alloc_pages_bulk(gfp, 1)        # one page: the single-page allocator
+    assert one == pages[::-1][4:5] and z.pcp.free_factor == 1
+    accounted = b.alloc_pages_bulk(gfp | int(parse_gfp("__GFP_ACCOUNT")), 5)
+    assert len(accounted) == 1              # memcg accounting: one page, then the caller's loop
+    b.check()
+
+
+def test_vmalloc_takes_its_pages_from_the_bulk_allocator_from_5_13(monkeypatch):
+    """vm_area_alloc_pages: 6.1 asks the bulk allocator, at most 100 pages a
+    call; without it (5.10) one alloc_pages a page."""
+    calls: list[int] = []
+    real = BuddyAllocator.alloc_pages_bulk
+
+    def spy(self, gfp, nr_pages):
+        calls.append(nr_pages)
+        return real(self, gfp, nr_pages)
+
+    monkeypatch.setattr(BuddyAllocator, "alloc_pages_bulk", spy)
+    k = Kernel.boot(ram="1G", profile="6.1")
+    calls.clear()
+    area = k.vmalloc.vmalloc_node_range(250 * 4096)
+    assert calls == [100, 100, 50] and len(area.pages) == 250
+    k.vmalloc.vfree(area.addr)
+    k.validate()
+    single = dataclasses.replace(get_version("6.1"), vmalloc_bulk=False)
+    k2 = Kernel.boot(ram="1G", profile=single)
+    calls.clear()
+    k2.vmalloc.vmalloc_node_range(8 * 4096)
+    assert calls == []
+    assert not get_version("5.10").vmalloc_bulk and get_version("7.2").vmalloc_bulk
+
+
+def test_7x_vfree_frees_contiguous_runs_as_blocks():
+    """free_pages_bulk / free_prepared_contig_range: 8 contiguous, aligned
+    pages are one order-3 free (onto the order-3 per-CPU list); 6.1 frees
+    them one by one onto the order-0 list."""
+    for kernel, expect_order in (("7.2", 3), ("6.1", 0)):
+        k = Kernel.boot(ram="1G", profile=kernel)
+        b = k.buddy
+        start = b.alloc_pages(int(GFP_KERNEL), 3)
+        b.split_allocated(start, 3)
+        k.free_pages_bulk(list(range(start, start + 8)))
+        z = b.page_zone(start)
+        heads = [x >> 4 for x in z.pcp.lists[order_to_pindex(UNMOVABLE, expect_order)]]
+        assert start in heads, kernel
+        b.check()
+        k.validate()
+
+
+# -- the recorder's bulk events and the replay ---------------------------------------
+
+
+def test_parse_ftrace_makes_a_b_event_of_each_bulk_call():
+    base = 0xFFD4000000000000
+    text = "\n".join([
+        " bulk: (__alloc_pages_bulk+0x0/0x6c0) nr=3 gfp=0xcc2",
+        f" bulkpage: (__alloc_pages_bulk+0x2fc/0x6c0) page={base + (0x7000 << 6):#x}",
+        f" bulkpage: (__alloc_pages_bulk+0x2fc/0x6c0) page={base + (0x7005 << 6):#x}",
+        " bulkpage: (__alloc_pages_bulk+0x2fc/0x6c0) page=0x0",
+        " mm_page_alloc: page=0 pfn=0x7009 order=0 migratetype=0 gfp_flags=GFP_KERNEL",
+        " bulk: (__alloc_pages_bulk+0x0/0x6c0) nr=2 gfp=0xcca",       # movable; no page
+        " bulk: (__alloc_pages_bulk+0x0/0x6c0) nr=1 gfp=0xcc2",
+        f" bulkpage: (__alloc_pages_bulk+0x2fc/0x6c0) page={0xFFFFEA0000000000 + (5 << 6):#x}",
+    ])
+    ev = parse_ftrace(text, {})
+    assert ev == [["B", 3, 0, [0x7000, 0x7005]], ["A", 0x7009, 0, "GFP_KERNEL", 0, "kernel"],
+                  ["B", 1, 0, [5]]]
+    from dmfrag.realkernel import RealKernelError
+    with pytest.raises(RealKernelError, match="not in a vmemmap"):
+        parse_ftrace(" bulk: (f+0x0/0x1) nr=1 gfp=0x0\n bulkpage: (f+0x1/0x1) page=0x1000", {})
+
+
+def test_split_tables_are_the_kernels_own_mappings_only():
+    assert splits_direct_map_tables(0xFF11000001000000)          # LA57 direct map
+    assert splits_direct_map_tables(0xFFFF888001000000)          # 4-level direct map
+    assert splits_direct_map_tables(0xFFFFFFFF81000000)          # kernel image
+    assert splits_direct_map_tables(None)                        # boot, before kprobes
+    assert not splits_direct_map_tables(0xFFFFFFFFC0200000)      # module area (execmem)
+    assert not splits_direct_map_tables(0xFFFFC90000000000)      # vmalloc
+
+
+def _v4(events: list[list], kernel: str = "6.1") -> list[str]:
+    header = {"dmfrag_trace": 4, "source": "recorded", "kernel": kernel, "ram": "2G",
+              "workload": [], "boot_log": ""}
+    events = [*events, ["S", "boot", {"meminfo": {}, "vmstat": {}}]]
+    return [json.dumps(header), *(json.dumps(e) for e in events), json.dumps({"end": len(events)})]
+
+
+def test_modelled_replay_asks_the_models_bulk_allocator_for_a_b_event():
+    """Where the model's bulk allocator puts a B event's pages (the per-CPU
+    list head), given as Linux's pfns: every page agrees and is freed."""
+    first = replay_modelled(_v4([["B", 5, 0, [0x7000 + i for i in range(5)]]]))
+    assert first.error is None and first.bulk_pages == 5
+    got = first.bulk_pfns
+    assert len(got) == 5
+    again = replay_modelled(_v4([["B", 5, 0, got], *(["F", p, 0] for p in got)]))
+    assert again.error is None and again.bulk_same_pfn == 5
+    assert again.untraced_frees == 0
+    j = again.to_json()
+    assert j["bulk"] == {"pages": 5, "same_pfn": 5}
+
+
+def test_a_free_pages_bulk_marker_frees_its_run_together_on_7_2():
+    """U free_pages_bulk, then its pages' F events: the model's pages of them
+    go back through the model's free_pages_bulk (7.2: aligned runs as
+    blocks), so the order-3 run lands on the order-3 list as in Linux."""
+    events = [["A", 0x7008, 3, "GFP_NOWAIT|__GFP_HIGHMEM|__GFP_IO|__GFP_FS", 0, "vmalloc"],
+              ["U", "free_pages_bulk", "vm_area_free_pages"],
+              *(["F", 0x7008 + i, 0] for i in range(8))]
+    r = replay_modelled(_v4(events, kernel="7.2"))
+    assert r.error is None
+    m = r.model_pfns[0]
+    z = r.model.buddy.page_zone(m)
+    heads = [x >> 4 for x in z.pcp.lists[order_to_pindex(UNMOVABLE, 3)]]
+    assert m in heads
+    r.model.buddy.check()
+
+
+# -- the kernel image alias ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kernel", ["5.10", "6.1", "7.2"])
+def test_a_free_page_after_the_brk_keeps_its_image_alias(kernel):
+    """__cpa_pfn_in_highmap: highmap_end_pfn rounds _brk_end up to 2M, so a
+    page after the brk (free memory in the image's last 2M page) made
+    read-only through the direct map also goes read-only in the image
+    mapping, splitting that 2M page, as the CPU's walk shows."""
+    k = Kernel.boot(ram="2G", profile=kernel)
+    img = k.cpa.image
+    brk_pfn = img.pa(img.brk_end) >> 12
+    end_pfn = img.pa(-(-img.brk_end // (2 << 20)) * (2 << 20)) >> 12
+    assert brk_pfn < end_pfn
+    pfn = end_pfn - 1                    # the last pfn the image's 2M pages map
+    _head, _order, kind = k.buddy.block_of(pfn)
+    assert kind == "free"
+    k.buddy.take_page_off_buddy(pfn)
+    image_va = img.text + ((pfn << 12) - img.phys_start)
+    before = k.machine.walk(image_va)
+    assert before.level == 2 and before.writable
+    splits = k.cpa.vmstat["direct_map_level2_splits"]
+    k.cpa.set_memory_ro(k.pfn_to_virt(pfn), 1)
+    after = k.machine.walk(image_va)
+    assert after.level == 1 and not after.writable and after.pa == pfn << 12
+    assert k.machine.walk(k.pfn_to_virt(pfn)).writable is False
+    # the direct map's and the image's 2M pages both split (the image split
+    # counts too: __virt_addr_valid accepts the image mapping)
+    if get_version(kernel).has_vmstat("direct_map_level2_splits"):
+        assert k.cpa.vmstat["direct_map_level2_splits"] == splits + 2
+    k.validate()
