@@ -98,6 +98,9 @@ class Workload:
     calibration: Calibration | None = None
     #: a guest-side diagnostic for investigating the model, not a workload
     diagnostic: bool = False
+    #: where a model driver's stream comes from: "synthetic" (invented, and
+    #: how it was or was not held to a real kernel), shown by ``run --help``
+    provenance: str = ""
 
 
 class UnknownWorkload(ValueError):
@@ -404,24 +407,33 @@ REGISTRY: Mapping[str, Workload] = _entries(
     Workload("bpf", "2048 minimal BPF programs loaded and held, then freed",
              guest_steps=tuple(_BPF_STEPS), calibration=cal_bpf),
     Workload("boot", "a distribution's boot: slab churn, then the machine's modules load",
-             model=wl_boot),
+             model=wl_boot, provenance="synthetic, not calibrated: 20,000 slab-like pages, 60 % "
+             "freed at random, then a real machine's /proc/modules sizes, Ryzen, 5.15"),
     Workload("bpftrace-runs", "bpftrace-like runs: 20 programs of mixed sizes, loaded then freed",
-             model=wl_bpftrace_runs),
-    Workload("sockex1", "2048 tiny BPF programs loaded and kept", model=wl_sockex1),
+             model=wl_bpftrace_runs, provenance="synthetic, not calibrated; its guest "
+             "counterpart is the bpftrace[:R] step"),
+    Workload("sockex1", "2048 tiny BPF programs loaded and kept", model=wl_sockex1,
+             provenance="synthetic, sized from a real run: the 64-byte image of the bpf step's "
+             "2-instruction program, calibrate --workload bpf"),
     Workload("module-churn", "modules of real sizes loaded and removed at random",
-             model=wl_module_churn),
+             model=wl_module_churn, provenance="synthetic, not calibrated: real module sizes, "
+             "the section split assumed"),
     Workload("secretmem", "secretmem pages faulted, some freed (guest: 4096 held, then freed)",
-             model=wl_secretmem, guest_steps=tuple(_SECRETMEM_STEPS), calibration=cal_secretmem),
+             model=wl_secretmem, guest_steps=tuple(_SECRETMEM_STEPS), calibration=cal_secretmem,
+             provenance="synthetic: 1024 faults, half freed; the guest face (4096 held) is "
+             "calibrated against Linux: calibrate --workload secretmem"),
     Workload("guest-memfd", "guest_memfd-like pages removed from the direct map and kept",
-             model=wl_guest_memfd),
+             model=wl_guest_memfd, provenance="synthetic, not calibrated"),
     Workload("ftrace-kprobes", "instruction pages for ftrace trampolines and kprobes",
-             model=wl_ftrace_kprobes),
+             model=wl_ftrace_kprobes, provenance="synthetic, not calibrated"),
     Workload("vfree-reset-perms", "vmalloc areas made read-only, freed with reset perms",
-             model=wl_vfree_reset_perms),
+             model=wl_vfree_reset_perms, provenance="synthetic, not calibrated; no guest "
+             "face: set_memory_ro is not exported to modules"),
     Workload("pagetables", "page-table pages allocated and freed (protected page tables)",
-             model=wl_pagetables),
+             model=wl_pagetables, provenance="synthetic, not calibrated"),
     Workload("mixed", "all of the model's workloads over page-cache churn filling most of RAM",
-             model=wl_mixed),
+             model=wl_mixed, provenance="synthetic, not calibrated: all of the above over "
+             "page-cache churn"),
     Workload("symbols", "diagnostic: the kernel image's section symbols from /proc/kallsyms",
              guest_steps=tuple(_SYMBOLS_STEPS), diagnostic=True),
     Workload("ptwalk", "diagnostic: the direct map's page sizes walked by a module",

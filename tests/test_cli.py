@@ -275,3 +275,19 @@ def test_sweep_kernels_key(tmp_path):
                    'kernels = ["4.4"]\n')
     with pytest.raises(SweepError, match="unknown kernel '4.4'; known: 3.13, 5.10, 6.1, 7.2"):
         load_sweep(cfg)
+
+
+def test_every_model_workload_says_where_its_stream_comes_from(capsys):
+    """Issue 15's re-basing: a model workload is a synthetic stream, and
+    run --help says so for each, with how far it was held to a real one."""
+    from dmfrag import registry
+    for name in registry.model_names():
+        prov = registry.REGISTRY[name].provenance
+        assert prov.startswith("synthetic"), name
+    with pytest.raises(SystemExit) as exc:
+        main(["run", "--help"])
+    assert exc.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())
+    for name in registry.model_names():
+        assert f"{name} (synthetic" in out, name
+    assert "trace replay T --placement model" in out

@@ -52,15 +52,23 @@ def config(args: argparse.Namespace) -> dict:
 
 def add_workload_args(p: argparse.ArgumentParser) -> None:
     """--workload, --ram | --e820, --seed, --scale: what picks one model run."""
+    from ..registry import REGISTRY
     names = sorted(model_names())
+    named = "; ".join(f"{n} ({REGISTRY[n].provenance})" if REGISTRY[n].provenance else n
+                      for n in names).replace("%", "%%")        # argparse formats help
     p.add_argument("--workload", required=True, type=workload_spec, metavar="W",
-                   help=f"one of: {', '.join(names)}; or a comma-separated step list run "
+                   help=f"a model workload: {named}. Or a comma-separated step list run "
                         f"in order, each step ending in a snapshot named after it (run --json "
                         f"'snapshots'): boot, modules, bpf, secretmem, age:N (N pipes of "
                         f"64 KiB, a seeded half closed), bpf:N[:K] (N BPF programs of K "
                         f"instructions, held), secretmem:N (held), bpftrace[:R] (R runs of "
                         f"28 programs loaded and unloaded), module-churn:N (N loads/removals of "
-                        f"the five modules), vfree-reset:N (model only), or a model workload; e.g. age:8000,bpf:2048")
+                        f"the five modules), vfree-reset:N (model only), or a model workload; "
+                        f"e.g. age:8000,bpf:2048. The steps are the ones a real guest runs "
+                        f"(calibrate, realkernel record); the model's run of them is its own "
+                        f"counterpart. For a real kernel's own request stream, record it "
+                        f"(realkernel record) and replay it with the model's placement "
+                        f"(trace replay T --placement model [--policy P])")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--ram", default="4G", help="guest RAM with QEMU's PC layout (default 4G)")
     g.add_argument("--e820", metavar="FILE",
