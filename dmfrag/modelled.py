@@ -33,6 +33,7 @@ With ``--policy``, the model's allocations go through the policy's hooks.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -72,6 +73,9 @@ class ModelledReplay:
     #: them the model put at Linux's pfn
     bulk_pages: int = 0
     bulk_same_pfn: int = 0
+    #: from the model's own boot: pages the recording's own ring buffer took
+    #: before the trace began (see _Modelled._ring_buffer)
+    ring_buffer_pages: int = 0
     early_requests_skipped: int = 0
     #: the first allocation whose pfn is not Linux's: {"line", "linux_pfn", "model_pfn", ...}
     first_difference: dict | None = None
@@ -100,6 +104,7 @@ class ModelledReplay:
                 "pgtable_allocations_skipped": self.pgtable_allocations_skipped,
                 "untraced_frees": self.untraced_frees,
                 "bulk": {"pages": self.bulk_pages, "same_pfn": self.bulk_same_pfn},
+                "ring_buffer_pages": self.ring_buffer_pages,
                 "early_requests_skipped": self.early_requests_skipped,
                 "first_difference": self.first_difference,
                 "equal": self.equal, "completed": self.error is None, "error": self.error}
@@ -131,6 +136,14 @@ class _Modelled(Replayer):
         self.res = ModelledReplay(self.result.kernel, self.result.ram, self.result.workload,
                                   policy or "baseline", events=len(events))
         self.stop_at_difference = stop_at_difference
+        #: the allocator the trace's requests go to: with no policy hook on
+        #: allocation, the buddy allocator itself (Kernel.alloc_pages adds
+        #: only what placement does not see: zeroing __GFP_ZERO pages in
+        #: guest RAM, owners this replay does not set); else the kernel's
+        #: entry, which asks the policy first
+        k = self.k
+        self._alloc_pages = (k.alloc_pages if k.policy_routes_allocations
+                             else k.buddy.alloc_pages)
         n = self.k.max_pfn + 1024
         #: Linux pfn -> the model's pfn of the same page (-1: not allocated by
         #: the trace); lists and a bytearray: the hot path indexes them one
@@ -186,6 +199,34 @@ class _Modelled(Replayer):
         boot_cpa_calls(k.cpa, k.buddy, k.bpf, k.profile,
                        only=lambda call: call.before_fs_initcall, real_mode=k.real_mode_base)
 
+    def _ring_buffer(self) -> None:
+        """The recording's own footprint before its first event: the
+        tracing ring buffer (``trace_buf_size``), which ``early_trace_init``
+        allocates between the buddy hand-over and ``trace_init``, so no
+        event shows it (32 MiB by default: most of what Linux has allocated
+        before the trace begins). ``__rb_allocate_pages``: per data page
+        (``BUF_PAGE_SIZE``: 4080 bytes) a ``kzalloc`` of its ``buffer_page``
+        (kmalloc-64: a new slab page every 64) and one GFP_KERNEL page; one
+        more for the reader page. The pages stay allocated (the buffer lives
+        on); they are counted in ``ring_buffer_pages``."""
+        n = ring_buffer_pages(self.header.get("boot_log") or "")
+        if not n:
+            return
+        gfp = parse_gfp("GFP_KERNEL")
+        alloc = self._alloc_pages
+        taken = 0
+        try:
+            for i in range(n):
+                if i % 64 == 0:
+                    alloc(gfp, 0)               # the slab page of the next 64 buffer_pages
+                    taken += 1
+                alloc(gfp, 0)
+                taken += 1
+        except AllocationError as exc:
+            raise PlacedReplayError(1, f"the model is out of memory for the trace ring "
+                                    f"buffer ({n} pages): {exc}") from None
+        self.res.ring_buffer_pages = taken
+
     def _va(self, va: int) -> int:
         if LA57_DIRECT[0] <= va < LA57_DIRECT[1]:
             pfn = (va - LA57_DIRECT[0]) >> 12
@@ -206,7 +247,7 @@ class _Modelled(Replayer):
         if gfp is None:
             gfp = self.gfp_cache[text] = parse_gfp(text) if isinstance(text, str) else 0
         try:
-            mpfn = self.k.alloc_pages(gfp, order)
+            mpfn = self._alloc_pages(gfp, order)
         except AllocationError as exc:
             raise PlacedReplayError(i + 2, f"the model is out of memory allocating order "
                                     f"{order} ({text}): {exc}") from None
@@ -445,6 +486,7 @@ class _Modelled(Replayer):
         t0 = time.perf_counter()
         k = self.k
         if not self.start:
+            self._ring_buffer()
             self._early_calls()
         self.i = self.start
         try:
@@ -503,6 +545,21 @@ class _Modelled(Replayer):
 
 
 _UNKNOWN, _ALLOCATED, _FREE = 0, 1, 2
+_TRACE_BUF = re.compile(r"\btrace_buf_size=(\d+)([KkMmGg]?)")
+#: BUF_PAGE_SIZE: a ring-buffer page's payload (PAGE_SIZE - its 16-byte header)
+_BUF_PAGE_SIZE = 4096 - 16
+
+
+def ring_buffer_pages(boot_log: str) -> int:
+    """Data pages of the tracing ring buffer the recorded kernel's command
+    line asked for (``trace_buf_size=``; ``ring_buffer_alloc`` of one CPU:
+    at least 2, plus the reader page); 0 without the option."""
+    line = next((ln for ln in boot_log.splitlines() if "Command line:" in ln), "")
+    m = _TRACE_BUF.search(line)
+    if not m:
+        return 0
+    size = int(m.group(1)) << {"": 0, "k": 10, "m": 20, "g": 30}[m.group(2).lower()]
+    return max(-(-size // _BUF_PAGE_SIZE), 2) + 1
 
 
 def _free_runs(events: list[list], start: int) -> dict[int, int]:

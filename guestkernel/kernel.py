@@ -324,6 +324,12 @@ class Kernel:
             self._debug_vm()
         return pfn
 
+    @property
+    def policy_routes_allocations(self) -> bool:
+        """Whether the policy sees allocations before the buddy allocator
+        (it overrides ``alloc_pages``)."""
+        return self._policy_alloc is not None
+
     def alloc_pages_bulk(self, gfp: int, nr_pages: int, *, owner: PageOwner = PageOwner.NONE
                          ) -> list[int]:
         """``alloc_pages_bulk``: up to ``nr_pages`` order-0 pages in one call,

@@ -349,3 +349,21 @@ def test_a_free_page_after_the_brk_keeps_its_image_alias(kernel):
     if get_version(kernel).has_vmstat("direct_map_level2_splits"):
         assert k.cpa.vmstat["direct_map_level2_splits"] == splits + 2
     k.validate()
+
+
+def test_own_boot_replay_takes_the_recordings_ring_buffer_first():
+    """The recording's own trace buffer (trace_buf_size=32M) is allocated by
+    early_trace_init before any event: 8,226 data pages of 4080 bytes
+    (8,225 and the reader page) and a kmalloc-64 slab page per 64 of their
+    buffer_pages; from the model's own boot the replay allocates them
+    first, which moves the trace's first allocations into Linux's 2M region
+    (the committed 6.1 recording: Linux's first traced page is 0x6a4c)."""
+    from dmfrag.modelled import ring_buffer_pages
+    assert ring_buffer_pages("[ 0.0] Command line: console=ttyS0 trace_buf_size=32M") == 8226
+    assert ring_buffer_pages("[ 0.0] Command line: trace_buf_size=1k") == 2 + 1
+    assert ring_buffer_pages("[ 0.0] Command line: console=ttyS0") == 0
+    r = replay_modelled(TRUTH / "linux-6.1-2G-bpf-64.jsonl.gz")
+    assert r.ring_buffer_pages == 8226 + 129
+    assert r.model_pfns[0] >> 9 == 0x6a4c >> 9          # Linux's 2M region
+    assert r.placement()["same_2m_region"] > 0.4
+    assert r.to_json()["ring_buffer_pages"] == 8355
