@@ -168,6 +168,7 @@ def check_placement(f: dict) -> None:
             assert positive(g.pop("seconds")) and positive(g.pop("events_per_s"))
             assert g.pop("allocations") > 400
             assert 0.0 <= g.pop("same_pfn") <= g.pop("same_2m_region") <= 1.0
+            assert 0 <= g.pop("bulk_same_pfn") <= g.pop("bulk_pages")
             assert isinstance(g.pop("counters_equal"), bool) and g == {}
 
 
