@@ -76,6 +76,8 @@ class ModelledReplay:
     #: from the model's own boot: pages the recording's own ring buffer took
     #: before the trace began (see _Modelled._ring_buffer)
     ring_buffer_pages: int = 0
+    #: from the model's own boot: ftrace_init's record pages, taken first
+    ftrace_pages: int = 0
     early_requests_skipped: int = 0
     #: the first allocation whose pfn is not Linux's: {"line", "linux_pfn", "model_pfn", ...}
     first_difference: dict | None = None
@@ -105,6 +107,7 @@ class ModelledReplay:
                 "untraced_frees": self.untraced_frees,
                 "bulk": {"pages": self.bulk_pages, "same_pfn": self.bulk_same_pfn},
                 "ring_buffer_pages": self.ring_buffer_pages,
+                "ftrace_pages": self.ftrace_pages,
                 "early_requests_skipped": self.early_requests_skipped,
                 "first_difference": self.first_difference,
                 "equal": self.equal, "completed": self.error is None, "error": self.error}
@@ -486,7 +489,20 @@ class _Modelled(Replayer):
         t0 = time.perf_counter()
         k = self.k
         if not self.start:
+            # start_kernel, after mm_init, on the boot pagesets: ftrace_init,
+            # then early_trace_init (the ring buffer); the zones' own
+            # pagesets come later in start_kernel (setup_per_cpu_pageset),
+            # taken here before the first event (when exactly, no event says)
+            from guestkernel.boot import ftrace_init
+            k.buddy.boot_pagesets()
+            try:
+                ftrace_init(k.buddy, k.ftrace_pages)
+            except AllocationError as exc:
+                self.res.error = f"trace line 1: the model is out of memory for ftrace_init: {exc}"
+                return self.res
+            self.res.ftrace_pages = k.ftrace_pages
             self._ring_buffer()
+            k.buddy.setup_per_cpu_pageset()
             self._early_calls()
         self.i = self.start
         try:

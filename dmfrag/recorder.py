@@ -408,7 +408,7 @@ def _user(e: list, in_cpa: bool, in_secretmem: bool) -> str:
 
 #: boot-log lines the model reads (e820 map, where the initrd is, the command
 #: line, the kernel version): the trace header keeps them
-_BOOT_LINES = re.compile(r"e820|RAMDISK:|Command line:|Linux version")
+_BOOT_LINES = re.compile(r"e820|RAMDISK:|Command line:|Linux version|ftrace: allocat")
 
 
 def record(kernel: str = DEFAULT_KERNEL, ram: str = "2G", workload: tuple[str, ...] = (),

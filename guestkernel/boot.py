@@ -17,6 +17,10 @@
    memblock, zones DMA/DMA32/Normal, and everything memblock did not
    reserve handed to the buddy allocator (``memblock_free_all``);
 5. the running kernel's subsystems (:class:`guestkernel.kernel.Kernel`);
+   on the boot pagesets (high 0, batch 1), :func:`ftrace_init` takes its
+   dyn_ftrace record pages (the record's ``ftrace_pages``, or a pasted
+   log's "ftrace: allocated P pages" line), then ``setup_per_cpu_pageset``
+   gives the zones their own per-CPU lists;
 6. :func:`boot_cpa_calls`: the CPA calls the kernel makes while booting
    (its record's ``boot_cpa``), before ``system_state = SYSTEM_RUNNING``
    (so vmstat does not count their splits).
@@ -24,6 +28,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +36,7 @@ from pathlib import Path
 from emu import Machine
 from emu import pagetable as pt
 
+from . import gfp as G
 from .cpa import Cpa
 from .e820 import E820Table, E820Type
 from .layout import PAGE_OFFSET, PAGE_SIZE, PMD_SIZE, START_KERNEL_MAP
@@ -356,6 +362,33 @@ def real_mode_base(e820: E820Table, version: KernelVersion) -> int | None:
         if top - size >= max(lo, PAGE_SIZE) and (best is None or top - size > best):
             best = top - size
     return best
+
+
+_FTRACE_PAGES = re.compile(r"ftrace: allocated (\d+) pages with (\d+) groups")
+
+
+def ftrace_pages(version: KernelVersion, log: str | None = None) -> int:
+    """How many pages ``ftrace_init`` takes for its dyn_ftrace records: what
+    a pasted boot log says ("ftrace: allocated P pages with G groups"), else
+    the kernel record's measured figure."""
+    m = _FTRACE_PAGES.search(log or "")
+    return int(m.group(1)) if m else version.ftrace_pages
+
+
+def ftrace_init(buddy: BuddyAllocator, pages: int) -> list[int]:
+    """``ftrace_init`` -> ``ftrace_process_locs`` -> ``ftrace_allocate_pages``
+    (kernel/trace/ftrace.c), in ``start_kernel`` right after ``mm_init``:
+    groups of GFP_KERNEL|__GFP_ZERO pages, each the largest power of two
+    that the records left still fill (``fls(pages) - 1``), so the groups are
+    the binary decomposition of the total, largest first (6.1: 159 pages =
+    128 + 16 + 8 + 4 + 2 + 1, the "6 groups" its boot log prints). They
+    hold the records for the kernel's life. Returns the groups' first pfns."""
+    gfp = int(G.GFP_KERNEL | G.GFP_ZERO)
+    out = []
+    for order in range(pages.bit_length() - 1, -1, -1):
+        if pages >> order & 1:
+            out.append(buddy.alloc_pages(gfp, order))
+    return out
 
 
 def boot_cpa_calls(cpa: Cpa, buddy: BuddyAllocator, bpf: BpfJit, version: KernelVersion,

@@ -39,6 +39,8 @@ from .boot import (
     boot_cpa_calls,
     e820__memblock_setup,
     e820__memory_setup,
+    ftrace_init,
+    ftrace_pages,
     init_mem_mapping,
     mem_init,
     real_mode_base,
@@ -143,6 +145,8 @@ class Kernel:
         self.pgtable_pfn_source: Callable[[], int] | None = None
         #: where the real-mode blob is (boot.real_mode_base), None: nowhere
         self.real_mode_base: int | None = None
+        #: ftrace_init's dyn_ftrace record pages (boot.ftrace_pages)
+        self.ftrace_pages = 0
         #: what Kernel.from_state took over from the real kernel (None: booted)
         self.from_state_report: dict | None = None
         #: and where such a replay's freed table pages go (instead of the buddy)
@@ -170,7 +174,8 @@ class Kernel:
         nearest, else 6.1 (``k.profile_reason`` says which and why).
         ``policy`` names a registered policy (tunables as keywords).
         ``boot_cpa=False`` stops right after the buddy hand-over (mem_init):
-        no boot CPA call has run and the system is not running yet; a replay
+        neither ``ftrace_init``'s record pages nor any boot CPA call has been
+        taken and the system is not running yet; a replay
         of a recorded boot (:mod:`dmfrag.placed`) goes on from there and
         calls :meth:`enter_running` itself."""
         try:
@@ -192,7 +197,11 @@ class Kernel:
                 init_memory_mapping_calls=tables.calls, boot_overcount=tables.boot_overcount,
                 debug_vm=debug_vm)
         k.real_mode_base = real_mode_base(table, version)
+        k.ftrace_pages = ftrace_pages(version, log)
         if boot_cpa:
+            k.buddy.boot_pagesets()
+            ftrace_init(k.buddy, k.ftrace_pages)
+            k.buddy.setup_per_cpu_pageset()
             boot_cpa_calls(k.cpa, k.buddy, k.bpf, version, real_mode=k.real_mode_base)
             k._enter_running()
         return k

@@ -170,6 +170,10 @@ class KernelVersion:
     #: physically contiguous pages as the largest aligned blocks (7.x,
     #: free_prepared_contig_range), not one page at a time
     vfree_contig_free: bool = False
+    #: ftrace_init's dyn_ftrace record pages ("ftrace: allocated P pages
+    #: with G groups" in the boot log; 0: not measured), allocated right
+    #: after the buddy hand-over as the binary decomposition of P
+    ftrace_pages: int = 0
     #: memfd_secret (5.14+)
     secretmem: bool = True
     #: per-CPU lists hold orders 1-3 and THP too (5.13, "mm/page_alloc: allow
@@ -224,14 +228,14 @@ VERSIONS: dict[str, KernelVersion] = {
                   BootCpaCall.PTP_CLASSIFIER_BPF, BootCpaCall.FREE_BSS_DECRYPTED,
                   BootCpaCall.FREE_INITMEM, BootCpaCall.MARK_RODATA_RO),
         bpf_prog_pack=False, secretmem=False, real_mode=(6, 2, 1, 1), pcp_high_orders=False,
-        vmalloc_bulk=False,
+        vmalloc_bulk=False, ftrace_pages=144,
         notes=("Debian 5.10.223 under QEMU TCG, nokaslr; boot meminfo equals it at 3G and 8G",)),
     "6.1": KernelVersion(
         name="6.1", release=(6, 1), package="linux-image-6.1.0-56-amd64",
         image=DEBIAN_6_1_IMAGE, step_rule=STEP_RULES["4.0"],
         modules_vaddr=_MODULES_1G_IMAGE[0], modules_end=_MODULES_1G_IMAGE[1], pti=True,
         node_data_bytes=0x2B000, boot_cpa=_ALL_BOOT_CPA, bpf_prog_pack=True,
-        vmstat_counters=_SPLITS, real_mode=(7, 3, 1, 2),
+        vmstat_counters=_SPLITS, real_mode=(7, 3, 1, 2), ftrace_pages=159,
         notes=("Debian linux-image-6.1.0-56-amd64 (6.1.192) under QEMU TCG, nokaslr",)),
     "7.2": KernelVersion(
         name="7.2", release=(7, 2), package="linux-binary-7.2.13+deb14-amd64",
@@ -240,7 +244,7 @@ VERSIONS: dict[str, KernelVersion] = {
         node_data_bytes=0x2B000, boot_cpa=_ALL_BOOT_CPA, bpf_prog_pack=True,
         alias_masks_nx=True, set_memory_rox_users=frozenset({"bpf", "execmem"}),
         collapse_after_rox=True, execmem_rox_cache=True, vmalloc_high_order=True,
-        pcp_autotune=True, vfree_contig_free=True,
+        pcp_autotune=True, vfree_contig_free=True, ftrace_pages=196,
         vmstat_counters=_SPLITS + _COLLAPSES, real_mode=(7, 3, 1, 2),
         notes=(("Debian 7.2.13 under QEMU TCG, nokaslr; boot meminfo equals it at 3G and 8G "
                 "once vmalloc takes high orders (the first bpf_prog_pack is one 2M block: one "

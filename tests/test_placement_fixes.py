@@ -351,19 +351,60 @@ def test_a_free_page_after_the_brk_keeps_its_image_alias(kernel):
     k.validate()
 
 
-def test_own_boot_replay_takes_the_recordings_ring_buffer_first():
-    """The recording's own trace buffer (trace_buf_size=32M) is allocated by
-    early_trace_init before any event: 8,226 data pages of 4080 bytes
-    (8,225 and the reader page) and a kmalloc-64 slab page per 64 of their
-    buffer_pages; from the model's own boot the replay allocates them
-    first, which moves the trace's first allocations into Linux's 2M region
-    (the committed 6.1 recording: Linux's first traced page is 0x6a4c)."""
+def test_ftrace_init_takes_the_binary_decomposition_of_its_pages():
+    """ftrace_allocate_records: each group the largest power of two the
+    records left fill; the boot logs say 5.10 144 pages in 2 groups, 6.1
+    159 in 6, 7.2 196 in 3 -- the binary decompositions."""
+    from guestkernel.boot import ftrace_init, ftrace_pages
+    for kernel, pages, groups in (("5.10", 144, 2), ("6.1", 159, 6), ("7.2", 196, 3)):
+        assert ftrace_pages(get_version(kernel)) == pages
+        assert pages.bit_count() == groups
+    log = "[    0.142701] ftrace: allocated 40 pages with 2 groups\n"
+    assert ftrace_pages(get_version("6.1"), log) == 40
+    b = BuddyAllocator(0x20000)
+    b.free_range(0x1000, 0x20000)
+    b.boot_pagesets()
+    heads = ftrace_init(b, 159)
+    orders = [b.allocated_order(h) for h in heads]
+    assert orders == [7, 4, 3, 2, 1, 0]
+    b.setup_per_cpu_pageset()
+    assert b.get_zone(ZoneType.DMA32).pcp.batch > 1
+    k = Kernel.boot(ram="2G", profile="6.1")
+    assert k.ftrace_pages == 159
+
+
+def test_boot_pagesets_take_one_page_at_a_time():
+    """Before setup_per_cpu_pageset every zone has the boot pageset (high 0,
+    batch 1): an allocation leaves nothing on the per-CPU list and a free
+    goes straight back to the buddy."""
+    b = BuddyAllocator(0x20000)
+    b.free_range(0x1000, 0x20000)
+    b.boot_pagesets()
+    z = b.get_zone(ZoneType.DMA32)
+    p = b.alloc_pages(int(GFP_KERNEL), 0)
+    assert z.pcp.count == 0
+    b.free_pages(p, 0)
+    assert z.pcp.count == 0 and b.block_of(p)[2] == "free"
+    b.setup_per_cpu_pageset()
+    assert z.pcp.high == z.watermark[1] and z.pcp.batch == 31     # 496 MiB zone
+    b.check()
+
+
+def test_own_boot_replay_takes_the_recordings_early_allocations_first():
+    """What start_kernel allocates between the buddy hand-over and the first
+    event, on the boot pagesets: ftrace_init's record pages (159 on 6.1),
+    then the recording's own trace buffer (trace_buf_size=32M, by
+    early_trace_init): 8,226 data pages of 4080 bytes (8,225 and the reader
+    page) and a kmalloc-64 slab page per 64 of their buffer_pages. From the
+    model's own boot the replay allocates them first, which moves the
+    trace's first allocations into Linux's 2M region (the committed 6.1
+    recording: Linux's first traced page is 0x6a4c)."""
     from dmfrag.modelled import ring_buffer_pages
     assert ring_buffer_pages("[ 0.0] Command line: console=ttyS0 trace_buf_size=32M") == 8226
     assert ring_buffer_pages("[ 0.0] Command line: trace_buf_size=1k") == 2 + 1
     assert ring_buffer_pages("[ 0.0] Command line: console=ttyS0") == 0
     r = replay_modelled(TRUTH / "linux-6.1-2G-bpf-64.jsonl.gz")
-    assert r.ring_buffer_pages == 8226 + 129
+    assert r.ring_buffer_pages == 8226 + 129 and r.ftrace_pages == 159
     assert r.model_pfns[0] >> 9 == 0x6a4c >> 9          # Linux's 2M region
     assert r.placement()["same_2m_region"] > 0.4
     assert r.to_json()["ring_buffer_pages"] == 8355

@@ -228,6 +228,22 @@ class ZoneMixin:
                 zone.lowmem_reserve[j] = 0 if clear else upper // ratio
             self._zone_pcp_update(zone)
 
+    def boot_pagesets(self) -> None:
+        """The boot pageset (``per_cpu_pages_init``: ``BOOT_PAGESET_HIGH`` 0,
+        ``BOOT_PAGESET_BATCH`` 1) every zone uses from the buddy hand-over
+        until ``setup_per_cpu_pageset``: each order-0 allocation takes one
+        page from the buddy, each free goes straight back. ``start_kernel``
+        allocates ftrace's records and the tracing ring buffer this way."""
+        for zone in self.zones:
+            pcp = zone.pcp
+            pcp.high, pcp.batch, pcp.high_min, pcp.high_max = 0, 1, 0, 0
+
+    def setup_per_cpu_pageset(self) -> None:
+        """``setup_per_cpu_pageset``: the zones' own pagesets, sized from the
+        watermarks (``zone_set_high_and_batch``)."""
+        for zone in self.zones:
+            self._zone_pcp_update(zone)
+
     @staticmethod
     def _zone_batchsize(zone: Zone) -> int:
         """``zone_batchsize``: ~0.1% of the zone or 1 MiB, /4, clamped to
