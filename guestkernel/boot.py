@@ -15,7 +15,10 @@
    ``init_memory_mapping:`` lines the kernel logs;
 4. :func:`mem_init`: ``NODE_DATA(0)`` and the sparse vmemmap buffer from
    memblock, zones DMA/DMA32/Normal, and everything memblock did not
-   reserve handed to the buddy allocator (``memblock_free_all``);
+   reserve handed to the buddy allocator (``memblock_free_all``); on kernels
+   whose deferred struct-page init leaves them so, the pageblocks of the
+   deferred range that start with a reserved page UNMOVABLE
+   (:func:`deferred_reserved_pageblocks`); the watermarks computed once;
 5. the running kernel's subsystems (:class:`guestkernel.kernel.Kernel`);
    on the boot pagesets (high 0, batch 1), :func:`ftrace_init` takes its
    dyn_ftrace record pages (the record's ``ftrace_pages``, or a pasted
@@ -42,7 +45,7 @@ from .e820 import E820Table, E820Type
 from .layout import PAGE_OFFSET, PAGE_SIZE, PMD_SIZE, START_KERNEL_MAP
 from .memblock import Memblock
 from .memory_mapping import init_mem_mapping as plan_mem_mapping
-from .page_alloc import BuddyAllocator, ZoneType
+from .page_alloc import PAGEBLOCK_NR_PAGES, BuddyAllocator, MigrateType, ZoneType
 from .pgtable import PG_LEVEL_1G, PG_LEVEL_2M, KernelPageTables
 from .policy import Policy
 from .shadow import Shadow
@@ -260,6 +263,30 @@ def init_mem_mapping(machine: Machine, e820: E820Table, memblock: Memblock,
 # -- 4. the page allocator ----------------------------------------------------------
 
 
+def first_deferred_pfn(buddy: BuddyAllocator) -> int:
+    """``defer_init``: the node's highest zone initialises its struct pages
+    for the first section's worth (PAGES_PER_SECTION, 128 MiB) and defers
+    the rest from the next section boundary on (2 GiB: pfn 0x10000; above
+    4 GiB: 0x108000). Lower zones are initialised in full."""
+    top = max((z for z in buddy.zones if z.spanned_pages), key=lambda z: z.start_pfn)
+    pfn = top.start_pfn + SECTION_PAGES      # nr_initialised > PAGES_PER_SECTION from here
+    return -(-pfn // SECTION_PAGES) * SECTION_PAGES
+
+
+def deferred_reserved_pageblocks(buddy: BuddyAllocator, memblock: Memblock) -> list[int]:
+    """Pageblocks of the deferred range whose first page is not free
+    memory (reserved, or a hole): no one sets their migratetype, so it
+    stays 0, UNMOVABLE (see ``KernelVersion.deferred_reserved_unmovable``)."""
+    start = first_deferred_pfn(buddy)
+    free = memblock.free_ranges()
+    out = []
+    for pfn in range(start, buddy.max_pfn, PAGEBLOCK_NR_PAGES):
+        pa = pfn * PAGE_SIZE
+        if not any(lo <= pa and pa + PAGE_SIZE <= hi for lo, hi in free):
+            out.append(pfn)
+    return out
+
+
 def mem_init(e820: E820Table, memblock: Memblock, version: KernelVersion,
              policy: Policy) -> BuddyAllocator:
     """The last memblock allocations, the zones, and memblock_free_all."""
@@ -282,6 +309,9 @@ def mem_init(e820: E820Table, memblock: Memblock, version: KernelVersion,
     buddy = BuddyAllocator(max_pfn, zone_bounds=bounds, pcp_scheme=version.pcp_scheme,
                            khugepaged_min_free=version.khugepaged_min_free)
     policy.setup_buddy(buddy)
+    if version.deferred_reserved_unmovable:
+        for pfn in deferred_reserved_pageblocks(buddy, memblock):
+            buddy.set_pageblock_migratetype(pfn, MigrateType.UNMOVABLE)
     for lo, hi in memblock.free_ranges():
         lo, hi = -(-lo // PAGE_SIZE), hi // PAGE_SIZE
         if lo < hi:

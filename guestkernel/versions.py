@@ -174,6 +174,14 @@ class KernelVersion:
     #: with G groups" in the boot log; 0: not measured), allocated right
     #: after the buddy hand-over as the binary decomposition of P
     ftrace_pages: int = 0
+    #: CONFIG_DEFERRED_STRUCT_PAGE_INIT leaves a pageblock of the deferred
+    #: range whose first page is reserved at migratetype 0 (UNMOVABLE):
+    #: neither memmap_init (it stops at first_deferred_pfn) nor
+    #: deferred_free_range (it sets MOVABLE only at the pageblock-aligned
+    #: pages it frees) gives it one; its free pages (e.g. the unused part of
+    #: a 2M per-CPU unit) sit on the UNMOVABLE lists. Read off the dumped
+    #: 5.10 and 6.1 kernels; 7.2 has every pageblock MOVABLE there
+    deferred_reserved_unmovable: bool = False
     #: memfd_secret (5.14+)
     secretmem: bool = True
     #: per-CPU lists hold orders 1-3 and THP too (5.13, "mm/page_alloc: allow
@@ -228,7 +236,7 @@ VERSIONS: dict[str, KernelVersion] = {
                   BootCpaCall.PTP_CLASSIFIER_BPF, BootCpaCall.FREE_BSS_DECRYPTED,
                   BootCpaCall.FREE_INITMEM, BootCpaCall.MARK_RODATA_RO),
         bpf_prog_pack=False, secretmem=False, real_mode=(6, 2, 1, 1), pcp_high_orders=False,
-        vmalloc_bulk=False, ftrace_pages=144,
+        vmalloc_bulk=False, ftrace_pages=144, deferred_reserved_unmovable=True,
         notes=("Debian 5.10.223 under QEMU TCG, nokaslr; boot meminfo equals it at 3G and 8G",)),
     "6.1": KernelVersion(
         name="6.1", release=(6, 1), package="linux-image-6.1.0-56-amd64",
@@ -236,6 +244,7 @@ VERSIONS: dict[str, KernelVersion] = {
         modules_vaddr=_MODULES_1G_IMAGE[0], modules_end=_MODULES_1G_IMAGE[1], pti=True,
         node_data_bytes=0x2B000, boot_cpa=_ALL_BOOT_CPA, bpf_prog_pack=True,
         vmstat_counters=_SPLITS, real_mode=(7, 3, 1, 2), ftrace_pages=159,
+        deferred_reserved_unmovable=True,
         notes=("Debian linux-image-6.1.0-56-amd64 (6.1.192) under QEMU TCG, nokaslr",)),
     "7.2": KernelVersion(
         name="7.2", release=(7, 2), package="linux-binary-7.2.13+deb14-amd64",

@@ -408,3 +408,28 @@ def test_own_boot_replay_takes_the_recordings_early_allocations_first():
     assert r.model_pfns[0] >> 9 == 0x6a4c >> 9          # Linux's 2M region
     assert r.placement()["same_2m_region"] > 0.4
     assert r.to_json()["ring_buffer_pages"] == 8355
+
+
+@pytest.mark.parametrize("kernel", ["5.10", "6.1", "7.2"])
+def test_deferred_pageblocks_with_a_reserved_first_page_stay_unmovable(kernel):
+    """CONFIG_DEFERRED_STRUCT_PAGE_INIT: memmap_init stops at the first
+    deferred pfn (2G: 0x10000, after the first 128 MiB section of the top
+    zone), and deferred_free_range sets MOVABLE only at the pageblock-aligned
+    pages it frees, so a pageblock there whose first page is reserved keeps
+    migratetype 0 (UNMOVABLE) on 5.10 and 6.1, as their dumps show (the
+    2M per-CPU unit's pageblock, with its unused free tail); 7.2's dump has
+    them MOVABLE. Every pageblock whose first page is reserved in both the
+    model and Linux has Linux's type."""
+    from guestkernel.boot import deferred_reserved_pageblocks, first_deferred_pfn
+    k = Kernel.boot(ram="2G", profile=kernel)
+    assert first_deferred_pfn(k.buddy) == 0x10000
+    state = _boot_state(kernel)
+    linux_mt = state.pageblock_mt
+    linux_res = state.reserved_mask()
+    both = [pfn for pfn in deferred_reserved_pageblocks(k.buddy, k.memblock)
+            if pfn < len(linux_res) and linux_res[pfn]]
+    assert len(both) >= 10
+    for pfn in both:
+        assert k.buddy.get_pageblock_migratetype(pfn) == linux_mt[pfn >> 9], hex(pfn)
+    want = 0 if kernel != "7.2" else 1
+    assert {int(linux_mt[pfn >> 9]) for pfn in both} == {want}
