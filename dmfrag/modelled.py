@@ -140,13 +140,15 @@ class _Modelled(Replayer):
                                   policy or "baseline", events=len(events))
         self.stop_at_difference = stop_at_difference
         #: the allocator the trace's requests go to: with no policy hook on
-        #: allocation, the buddy allocator itself (Kernel.alloc_pages adds
+        #: allocation or free, the buddy allocator itself (Kernel.alloc_pages adds
         #: only what placement does not see: zeroing __GFP_ZERO pages in
         #: guest RAM, owners this replay does not set); else the kernel's
         #: entry, which asks the policy first
         k = self.k
-        self._alloc_pages = (k.alloc_pages if k.policy_routes_allocations
-                             else k.buddy.alloc_pages)
+        routed = k.policy_routes_allocations
+        self._alloc_pages = k.alloc_pages if routed else k.buddy.alloc_pages
+        #: ... and the frees of those pages (no owner set, none unmapped)
+        self._free_pages = k.free_pages if routed else k.buddy.free_pages
         n = self.k.max_pfn + 1024
         #: Linux pfn -> the model's pfn of the same page (-1: not allocated by
         #: the trace); lists and a bytearray: the hot path indexes them one
@@ -165,7 +167,10 @@ class _Modelled(Replayer):
         #: event in its window at which the model's per-CPU list starts with
         #: those pages (the bulk allocator takes the list's head), else
         #: before its first free
-        recorded_bulk = header.get("dmfrag_trace", 3) >= 4
+        # a version-4 trace records the bulk allocator's calls; a kernel
+        # without one (5.10) has none to infer
+        recorded_bulk = (header.get("dmfrag_trace", 3) >= 4
+                         or not self.k.profile.vmalloc_bulk)
         self.bulk_groups = [] if recorded_bulk else _infer_bulk(
             events, self.start, n, self._free_at_start(states, start))
         self.bulk_done = bytearray(len(self.bulk_groups))
@@ -388,7 +393,7 @@ class _Modelled(Replayer):
         k = self.k
         whole = head == pfn and horder == order and not split
         if whole:
-            k.free_pages(mhead, order)
+            self._free_pages(mhead, order)
             given[mhead: mhead + n] = bytes(n)
             del self.blocks[head]
         else:
@@ -399,7 +404,7 @@ class _Modelled(Replayer):
             for p in range(pfn, pfn + n):
                 if ho[p] == head:
                     m = xl[p]
-                    k.free_pages(m, 0)
+                    self._free_pages(m, 0)
                     given[m] = 0
         xl[pfn: pfn + n] = [-1] * n
         ho[pfn: pfn + n] = [-1] * n

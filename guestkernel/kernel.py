@@ -335,9 +335,9 @@ class Kernel:
 
     @property
     def policy_routes_allocations(self) -> bool:
-        """Whether the policy sees allocations before the buddy allocator
-        (it overrides ``alloc_pages``)."""
-        return self._policy_alloc is not None
+        """Whether the policy sees allocations or frees before the buddy
+        allocator (it overrides ``alloc_pages`` or ``free_pages``)."""
+        return self._policy_alloc is not None or self._policy_free is not None
 
     def alloc_pages_bulk(self, gfp: int, nr_pages: int, *, owner: PageOwner = PageOwner.NONE
                          ) -> list[int]:

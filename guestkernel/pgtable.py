@@ -19,6 +19,9 @@ from emu.pagetable import PteFlags as F
 from .e820 import E820Table, E820Type
 from .layout import PAGE_OFFSET, PAGE_SIZE, PMD_SIZE, PUD_SIZE
 
+# plain ints: a lookup per CPA page tests these (IntFlag arithmetic is slow)
+_P, _PS = int(F.P), int(F.PS)
+
 __all__ = ["PG_LEVEL_1G", "PG_LEVEL_2M", "PG_LEVEL_4K", "KernelPageTables", "PgProt"]
 
 PG_LEVEL_4K, PG_LEVEL_2M, PG_LEVEL_1G = 1, 2, 3
@@ -122,9 +125,9 @@ class KernelPageTables:
             entry = self.get(slot)
             if entry == 0:
                 return None
-            if level < 4 and (entry & F.PS or not entry & F.P):
+            if level < 4 and (entry & _PS or not entry & _P):
                 return slot, level
-            if level == 4 and not entry & F.P:
+            if level == 4 and not entry & _P:
                 return slot, level
             table = entry & pt.ADDR_MASK
         return self.slot(table, pt.table_index(va, 1)), 1
