@@ -166,6 +166,7 @@ def check_placement(f: dict) -> None:
         for g in (own, dump):
             assert g.pop("completed") is True and g.pop("events") > 10000
             assert positive(g.pop("seconds")) and positive(g.pop("events_per_s"))
+            assert positive(g.pop("replay_events_per_s"))
             assert g.pop("allocations") > 400
             assert 0.0 <= g.pop("same_pfn") <= g.pop("same_2m_region") <= 1.0
             assert 0 <= g.pop("bulk_same_pfn") <= g.pop("bulk_pages")
