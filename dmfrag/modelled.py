@@ -35,10 +35,13 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from itertools import islice
 from pathlib import Path
 
 from guestkernel.gfp import parse_gfp
-from guestkernel.page_alloc import AllocationError
+from guestkernel.page_alloc import UNMOVABLE, AllocationError
+from guestkernel.page_alloc.types import order_to_pindex
+from guestkernel.vmalloc import vm_area_alloc_pages_bulk
 
 from .placed import (
     LA57_DIRECT,
@@ -47,7 +50,7 @@ from .placed import (
     load_recorded,
     one_page_vmalloc,
 )
-from .recorder import CPA_TABLE_GFPS, splits_direct_map_tables
+from .recorder import CPA_TABLE_GFPS, FREE_MARKERS, splits_direct_map_tables
 
 __all__ = ["ModelledReplay", "TraceDiff", "replay_modelled", "trace_diff"]
 
@@ -310,18 +313,10 @@ class _Modelled(Replayer):
         ``per_call`` at most a call (vmalloc asks for 100), until a call
         gives fewer, then one ``alloc_pages`` a page; each is the handle of
         Linux's page in the same array position."""
-        k = self.k
         n = len(linux_pages)
         got: list[int] = []
         try:
-            while len(got) < n:
-                request = min(per_call, n - len(got))
-                part = k.alloc_pages_bulk(gfp, request)
-                got += part
-                if len(part) != request:
-                    break
-            while len(got) < n:
-                got.append(k.alloc_pages(gfp, 0))
+            vm_area_alloc_pages_bulk(self.k, got, n, gfp, per_call=per_call)
         except AllocationError as exc:
             raise PlacedReplayError(i + 2, f"the model is out of memory for a bulk allocation "
                                     f"of {n} pages: {exc}") from None
@@ -340,9 +335,6 @@ class _Modelled(Replayer):
     def _pcp_starts_with(self, pages: list[int]) -> bool:
         """The model's UNMOVABLE order-0 per-CPU list (of the zone of
         ``pages[0]``) starts with ``pages`` (as far as it goes)."""
-        from itertools import islice
-
-        from guestkernel.page_alloc.types import UNMOVABLE, order_to_pindex
         b = self.k.buddy
         if not 0 <= pages[0] < b.max_pfn:
             return False
@@ -355,8 +347,7 @@ class _Modelled(Replayer):
         """Events ``i``..``last``: one ``free_pages_bulk`` of order-0 pages:
         the model's pages of them, in the same order, to the model's
         ``free_pages_bulk`` (contiguous runs as blocks on 7.x)."""
-        xl, ho, given, blocks = self.xlate, self.head_of, self.given, self.blocks
-        k = self.k
+        ho = self.head_of
         mine: list[int] = []
         for j in range(i, last + 1):
             pfn = self.events[j][1]
@@ -364,52 +355,51 @@ class _Modelled(Replayer):
             if head < 0:
                 self._model_free(j, pfn, 0)     # untraced or from the dump: one by one
                 continue
-            mhead, horder, _line, split = blocks[head]
-            if horder and not split:
-                k.split_pages(mhead, horder)
-                blocks[head][3] = True
-            m = xl[pfn]
-            mine.append(m)
-            given[m] = 0
-            xl[pfn] = -1
-            ho[pfn] = -1
-            if all(ho[q] != head for q in range(head, head + (1 << horder))):
-                del blocks[head]
-        k.free_pages_bulk(mine)
+            mine += self._release(pfn, 0, head)[1]
+        self.k.free_pages_bulk(mine)
 
     def _model_free(self, i: int, pfn: int, order: int) -> None:
-        n = 1 << order
         if pfn in self.skipped_tables:
             self.skipped_tables.discard(pfn)
             return
-        xl, ho, given = self.xlate, self.head_of, self.given
+        ho = self.head_of
         head = ho[pfn] if pfn < len(ho) else -1
         if head < 0:
             if self.start and self._free_dumped(pfn, order):
                 return
             self.res.untraced_frees += 1
             return
-        mhead, horder, _line, split = self.blocks[head]
-        k = self.k
+        whole, pages = self._release(pfn, order, head)
+        if whole:
+            self._free_pages(pages[0], order)
+        else:
+            for m in pages:
+                self._free_pages(m, 0)
+
+    def _release(self, pfn: int, order: int, head: int) -> tuple[bool, list[int]]:
+        """Forget the handles of Linux's [pfn, pfn + 2**order), part of the
+        block Linux allocated at ``head``: (True, [the model's block]) when it
+        is that whole block, else (False, the model's order-0 pages of it),
+        the model's block split first as the kernel's ``split_page`` did."""
+        n = 1 << order
+        xl, ho, given, blocks = self.xlate, self.head_of, self.given, self.blocks
+        mhead, horder, _line, split = blocks[head]
         whole = head == pfn and horder == order and not split
         if whole:
-            self._free_pages(mhead, order)
+            pages = [mhead]
             given[mhead: mhead + n] = bytes(n)
-            del self.blocks[head]
         else:
-            # a part of a block the kernel split (split_page): its pages one by one
             if not split:
-                k.split_pages(mhead, horder)
-                self.blocks[head][3] = True
-            for p in range(pfn, pfn + n):
-                if ho[p] == head:
-                    m = xl[p]
-                    self._free_pages(m, 0)
-                    given[m] = 0
+                self.k.split_pages(mhead, horder)
+                blocks[head][3] = True
+            pages = [xl[p] for p in range(pfn, pfn + n) if ho[p] == head]
+            for m in pages:
+                given[m] = 0
         xl[pfn: pfn + n] = [-1] * n
         ho[pfn: pfn + n] = [-1] * n
-        if not whole and all(ho[q] != head for q in range(head, head + (1 << horder))):
-            del self.blocks[head]
+        if whole or all(ho[q] != head for q in range(head, head + (1 << horder))):
+            del blocks[head]
+        return whole, pages
 
     def _free_dumped(self, pfn: int, order: int) -> bool:
         """From a dump on: a free of memory allocated before it (the model
@@ -586,7 +576,6 @@ def ring_buffer_pages(boot_log: str) -> int:
 def _free_runs(events: list[list], start: int) -> dict[int, int]:
     """The batch frees (``U`` events of :data:`FREE_MARKERS`): the first and
     last index of the order-0 ``F`` events in a row right after each."""
-    from .recorder import FREE_MARKERS
     names = {name for names in FREE_MARKERS.values() for name in names}
     out: dict[int, int] = {}
     n = len(events)

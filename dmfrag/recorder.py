@@ -84,6 +84,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from guestkernel.layout import PAGE_OFFSET, START_KERNEL_MAP, VMEMMAP_START
+
+from .placed import LA57_DIRECT
 from .realkernel import DEFAULT_KERNEL, RealKernel, RealKernelError
 
 __all__ = [
@@ -121,7 +124,7 @@ BULK_PROBES = {
 }
 #: vmemmap (struct page array) bases under nokaslr: 5-level paging (the
 #: guests under ``-cpu max``) and 4-level; a struct page is 64 bytes
-_VMEMMAP_BASES = (0xFFD4000000000000, 0xFFFFEA0000000000)
+_VMEMMAP_BASES = (0xFFD4000000000000, VMEMMAP_START)
 _STRUCT_PAGE_SHIFT = 6
 
 #: ``struct cpa_data`` offsets (arch/x86/mm/pat/set_memory.c) per kernel,
@@ -354,9 +357,8 @@ CPA_TABLE_GFPS = frozenset(("GFP_KERNEL", "none", "GFP_KERNEL|__GFP_COMP",
 
 #: the module area (MODULES_VADDR .. MODULES_END: module, BPF and execmem memory)
 _MODULES_VADDR, _MODULES_END = 0xFFFFFFFFC0000000, 0xFFFFFFFFFF000000
-#: where the direct map starts: 4-level and 5-level paging, nokaslr
-_PAGE_OFFSETS = (0xFFFF888000000000, 0xFF11000000000000)
-_KERNEL_MAP = 0xFFFFFFFF80000000
+#: the direct map under 4-level paging (the model's) and 5-level (the guests'), nokaslr
+_DIRECT_MAPS = ((PAGE_OFFSET, PAGE_OFFSET + (1 << 46)), LA57_DIRECT)
 
 
 def splits_direct_map_tables(va: int | None) -> bool:
@@ -369,9 +371,9 @@ def splits_direct_map_tables(va: int | None) -> bool:
     gave arguments (boot time: the kernel's own mappings)."""
     if va is None:
         return True
-    if any(base <= va < base + (1 << 46) for base in _PAGE_OFFSETS):
+    if any(lo <= va < hi for lo, hi in _DIRECT_MAPS):
         return True
-    return _KERNEL_MAP <= va < _MODULES_VADDR
+    return START_KERNEL_MAP <= va < _MODULES_VADDR
 
 
 #: the users of the ``A`` events' last field

@@ -51,7 +51,7 @@ from .e820 import E820Table
 from .layout import PAGE_OFFSET, PAGE_SIZE
 from .memblock import Memblock
 from .owner import PageOwner
-from .page_alloc import AllocationError, BuddyAllocator
+from .page_alloc import AllocationError, BuddyAllocator, largest_aligned_order
 from .pgtable import PG_LEVEL_1G, PG_LEVEL_2M, PG_LEVEL_4K, KernelPageTables
 from .policy import Policy, get_policy
 from .ptdump import ptdump
@@ -410,15 +410,13 @@ class Kernel:
             j = i + 1
             while j < n and pfns[j] == pfns[j - 1] + 1:
                 j += 1
-            start, left = pfns[i], j - i
-            while left:
-                order = min(left.bit_length() - 1, 10,
-                            (start & -start).bit_length() - 1 if start else 10)
+            start, end = pfns[i], pfns[j - 1] + 1
+            while start < end:
+                order = largest_aligned_order(start, end)
                 if order:
                     self.buddy.join_allocated(start, order)
                 self.free_pages(start, order, owner=owner)
                 start += 1 << order
-                left -= 1 << order
             i = j
 
     def split_pages(self, pfn: int, order: int) -> None:

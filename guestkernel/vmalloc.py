@@ -28,7 +28,7 @@ from .owner import PageOwner
 _POLICY_GFP = int(G.GFP_UNMAPPED | G.GFP_PTE_MAPPED)
 
 __all__ = ["PageAllocator", "VmFlags", "VmStruct", "Vmalloc", "VmallocBadRequest", "VmallocError",
-           "VmallocNoSpace"]
+           "VmallocNoSpace", "vm_area_alloc_pages_bulk"]
 
 
 class PageAllocator(Protocol):
@@ -44,6 +44,23 @@ class PageAllocator(Protocol):
                          ) -> list[int]: ...
     def free_pages_bulk(self, pfns: list[int], *, owner: PageOwner = PageOwner.NONE
                         ) -> None: ...
+
+
+def vm_area_alloc_pages_bulk(page_alloc: PageAllocator, pages: list[int], nr_pages: int,
+                             gfp: int, *, per_call: int = 100,
+                             owner: PageOwner = PageOwner.NONE) -> None:
+    """``vm_area_alloc_pages`` for order 0 (5.13+): the bulk allocator, at
+    most ``per_call`` pages a call (vmalloc's 100), until a call gives fewer
+    than asked; then one ``alloc_pages`` a page for the rest. Appends to
+    ``pages`` as it goes (a caller's rollback frees what was taken)."""
+    while len(pages) < nr_pages:
+        request = min(per_call, nr_pages - len(pages))
+        got = page_alloc.alloc_pages_bulk(gfp, request, owner=owner)
+        pages.extend(got)
+        if len(got) != request:
+            break
+    while len(pages) < nr_pages:
+        pages.append(page_alloc.alloc_pages(gfp, 0, owner=owner))
 
 
 class VmallocError(Exception):
@@ -144,7 +161,8 @@ class Vmalloc:
             if self.high_order and not huge and not gfp & _POLICY_GFP:
                 self._alloc_high_order(pages, size >> 12, gfp)
             elif self.bulk and not huge:
-                self._alloc_bulk(pages, size >> 12, gfp)
+                vm_area_alloc_pages_bulk(self.page_alloc, pages, size >> 12, gfp,
+                                         owner=PageOwner.VMALLOC)
             else:
                 for _ in range(size >> (12 + order)):
                     pages.append(self.page_alloc.alloc_pages(gfp, order, owner=PageOwner.VMALLOC))
@@ -158,21 +176,6 @@ class Vmalloc:
         self._map(area, prot)
         self.shadow.map_vmalloc(addr, area.pfns(), prot)
         return area
-
-    def _alloc_bulk(self, pages: list[int], nr_pages: int, gfp: int) -> None:
-        """``vm_area_alloc_pages`` for order 0 (5.13+): the bulk allocator,
-        at most 100 pages a call, until a call gives fewer than asked; then
-        one ``alloc_pages`` a page for the rest. Appends as it goes (the
-        caller's rollback frees what was taken)."""
-        bulk = self.page_alloc.alloc_pages_bulk
-        while len(pages) < nr_pages:
-            request = min(100, nr_pages - len(pages))
-            got = bulk(gfp, request, owner=PageOwner.VMALLOC)
-            pages.extend(got)
-            if len(got) != request:
-                break
-        while len(pages) < nr_pages:
-            pages.append(self.page_alloc.alloc_pages(gfp, 0, owner=PageOwner.VMALLOC))
 
     def _alloc_high_order(self, pages: list[int], nr_pages: int, gfp: int) -> None:
         """``vm_area_alloc_pages`` of kernels that take high orders: the

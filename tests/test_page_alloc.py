@@ -28,6 +28,7 @@ from guestkernel.page_alloc import (
     BuddyAllocator,
     BuddyInvariantError,
     MigrateType,
+    PcpScheme,
     ZoneType,
 )
 
@@ -497,7 +498,7 @@ def test_pcp_pages_are_neither_free_nor_allocated() -> None:
 
 
 def test_order0_only_pcp_option() -> None:
-    b = one_zone(1 << 16, ZoneType.DMA32, pcp_high_orders=False)
+    b = one_zone(1 << 16, ZoneType.DMA32, pcp_scheme=PcpScheme.LEGACY)
     p = b.alloc_pages(GFP_KERNEL, 1)
     b.free_pages(p, 1)
     assert b.nr_pcp_pages() == 0 and b.nr_free() == 1 << 16
@@ -633,12 +634,12 @@ class BuddyMachine(RuleBasedStateMachine):
     """Random allocations, frees and drains on a small three-zone machine with
     holes; every step ends with check() and page conservation."""
 
-    @initialize(pcp_high_orders=st.booleans())
-    def boot(self, pcp_high_orders: bool) -> None:
+    @initialize(pcp_scheme=st.sampled_from([PcpScheme.LEGACY, PcpScheme.FREE_FACTOR]))
+    def boot(self, pcp_scheme: PcpScheme) -> None:
         # DMA/DMA32 meet inside a pageblock: merging and move_freepages_block
         # stop at the zone boundary.
         self.b = BuddyAllocator(8192, {DMA: (0, 1000), DMA32: (1000, 4096),
-                                       NORMAL: (4096, 8192)}, pcp_high_orders=pcp_high_orders)
+                                       NORMAL: (4096, 8192)}, pcp_scheme=pcp_scheme)
         for s, e in ((1, 990), (1000, 6000), (6100, 8192)):
             self.b.free_range(s, e)
         self.managed = 989 + 5000 + 2092

@@ -135,6 +135,7 @@ from .types import (
     MigrateType,
     PcpScheme,
     ZoneType,
+    largest_aligned_order,
 )
 from .zone import PerCpuPages, Zone
 
@@ -171,4 +172,5 @@ __all__ = [
     "PerCpuPages",
     "Zone",
     "ZoneType",
+    "largest_aligned_order",
 ]

@@ -174,18 +174,15 @@ class AllocMixin:
                 reserved = 0 if alloc_flags & ALLOC_HARDER else zone.nr_reserved_highatomic
                 if autotune and not zone.below_high:
                     # 6.7+: a zone under its high watermark is marked
-                    # ZONE_BELOW_HIGH (its pcp frees then shrink pcp->high);
-                    # one above it is taken without the lower check
-                    mark = zone.watermark[WMARK_HIGH]
-                    if (order == 0 and free - reserved
-                            > mark + zone.lowmem_reserve[highest_zoneidx]) or \
-                            self._zone_watermark_ok(zone, order, mark, highest_zoneidx,
-                                                    alloc_flags, free):
-                        pfn = self._rmqueue(zone, order, alloc_flags, mt)
-                        if pfn >= 0:
-                            return self._prep_new_page(pfn, order, alloc_flags, mt, zone)
-                        continue
-                    zone.below_high = True
+                    # ZONE_BELOW_HIGH (its pcp frees then shrink pcp->high).
+                    # Linux takes a zone above it without the lower check
+                    # below, which such a zone passes anyway.
+                    high = zone.watermark[WMARK_HIGH]
+                    if not (order == 0 and free - reserved
+                            > high + zone.lowmem_reserve[highest_zoneidx]) and \
+                            not self._zone_watermark_ok(zone, order, high, highest_zoneidx,
+                                                        alloc_flags, free):
+                        zone.below_high = True
                 mark = zone.watermark[wmark]
                 if not (order == 0 and free - reserved
                         > mark + zone.lowmem_reserve[highest_zoneidx]) and \
@@ -194,22 +191,17 @@ class AllocMixin:
                     continue
                 pfn = self._rmqueue(zone, order, alloc_flags, mt)
                 if pfn >= 0:
-                    return self._prep_new_page(pfn, order, alloc_flags, mt, zone)
+                    # prep_new_page
+                    self._state[pfn] = (PG_ALLOC_MOVABLE if mt == MOVABLE else PG_ALLOC) | order
+                    if order and alloc_flags & ALLOC_HARDER:
+                        self._reserve_highatomic_pageblock(zone, pfn)
+                    return pfn
             if alloc_flags & ALLOC_NOFRAGMENT:
                 # On a UMA machine, every zone may be fragmented: try again
                 # allowing fallbacks inside pageblocks.
                 alloc_flags &= ~ALLOC_NOFRAGMENT
                 continue
             return -1
-
-    def _prep_new_page(self, pfn: int, order: int, alloc_flags: int, mt: int, zone: Zone
-                       ) -> int:
-        """``prep_new_page`` (and the high-atomic reserve a high-order atomic
-        request makes)."""
-        self._state[pfn] = (PG_ALLOC_MOVABLE if mt == MOVABLE else PG_ALLOC) | order
-        if order and alloc_flags & ALLOC_HARDER:
-            self._reserve_highatomic_pageblock(zone, pfn)
-        return pfn
 
     def _failure_reason(self, order: int, alloc_flags: int, zonelist: tuple,
                         highest_zoneidx: int, mt: int) -> str:

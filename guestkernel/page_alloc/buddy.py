@@ -91,7 +91,7 @@ class BuddyAllocator(AllocMixin, PcpMixin, FallbackMixin, MemblockMixin, ZoneMix
     def __init__(self, max_pfn: int,
                  zone_bounds: Mapping[ZoneType, tuple[int, int]] | None = None, *,
                  page_group_by_mobility_disabled: bool | None = None,
-                 pcp_high_orders: bool = True, pcp_scheme: PcpScheme | None = None,
+                 pcp_scheme: PcpScheme = PcpScheme.FREE_FACTOR,
                  khugepaged_min_free: bool = False) -> None:
         if max_pfn <= 0:
             raise ValueError(f"max_pfn must be positive, not {max_pfn}")
@@ -122,13 +122,10 @@ class BuddyAllocator(AllocMixin, PcpMixin, FallbackMixin, MemblockMixin, ZoneMix
             present = sum(z.spanned_pages for z in self.zones)
             page_group_by_mobility_disabled = present < PAGEBLOCK_NR_PAGES * len(MigrateType)
         self.page_group_by_mobility_disabled = page_group_by_mobility_disabled
+        self._pcp_scheme = pcp_scheme = PcpScheme(pcp_scheme)
         #: before 5.13: order-0 pcp lists only, drained pcp->batch at a time
         #: round-robin over the migratetypes (the 5.10 free_pcppages_bulk)
-        if pcp_scheme is None:
-            pcp_scheme = PcpScheme.FREE_FACTOR if pcp_high_orders else PcpScheme.LEGACY
-        pcp_high_orders = pcp_scheme != PcpScheme.LEGACY
-        self._pcp_scheme = PcpScheme(pcp_scheme)
-        self._pcp_legacy = not pcp_high_orders
+        self._pcp_legacy = pcp_scheme == PcpScheme.LEGACY
         self._pcp_autotune = pcp_scheme == PcpScheme.AUTOTUNE
         self.khugepaged_min_free = khugepaged_min_free
         #: free_range recomputes the watermarks unless set: a booted kernel
@@ -136,8 +133,8 @@ class BuddyAllocator(AllocMixin, PcpMixin, FallbackMixin, MemblockMixin, ZoneMix
         #: khugepaged), after memblock_free_all and before the init memory
         #: and the initrd are freed (free_reserved_area leaves them alone)
         self.watermarks_fixed = False
-        self._pcp_allowed = [o == 0 or (pcp_high_orders and (o <= PAGE_ALLOC_COSTLY_ORDER
-                                                             or o == PAGEBLOCK_ORDER))
+        self._pcp_allowed = [o == 0 or (not self._pcp_legacy and (o <= PAGE_ALLOC_COSTLY_ORDER
+                                                                  or o == PAGEBLOCK_ORDER))
                              for o in range(MAX_ORDER)]
 
         padded = -(-max_pfn // MAX_ORDER_NR_PAGES) * MAX_ORDER_NR_PAGES

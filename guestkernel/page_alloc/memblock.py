@@ -16,7 +16,13 @@ from collections import OrderedDict
 
 import numpy as np
 
-from .types import MAX_ORDER, MAX_ORDER_NR_PAGES, PAGEBLOCK_ORDER, PG_BUDDY
+from .types import (
+    MAX_ORDER,
+    MAX_ORDER_NR_PAGES,
+    PAGEBLOCK_ORDER,
+    PG_BUDDY,
+    largest_aligned_order,
+)
 from .zone import Zone
 
 __all__ = ["MemblockMixin"]
@@ -83,9 +89,7 @@ class MemblockMixin:
 
     def _free_pages_core(self, zone: Zone, start: int, end: int) -> int:
         """``__free_pages_core`` of the largest aligned block at ``start``; returns its size."""
-        order = min(MAX_ORDER - 1, (start & -start).bit_length() - 1 if start else MAX_ORDER - 1)
-        while start + (1 << order) > end:
-            order -= 1
+        order = largest_aligned_order(start, end)
         zone.managed_pages += 1 << order
         self._free_one_page(zone, start, order, self._pageblock_mt[start >> PAGEBLOCK_ORDER],
                             fpi_to_tail=True)

@@ -58,6 +58,7 @@ __all__ = [
     "MigrateType",
     "PcpScheme",
     "ZoneType",
+    "largest_aligned_order",
     "migratetype_is_mergeable",
     "order_to_pindex",
     "pindex_to_order",
@@ -160,6 +161,14 @@ class BadFreeError(ValueError):
 
 class BuddyInvariantError(AssertionError):
     """``BuddyAllocator.check`` found a broken invariant (named in the message)."""
+
+
+def largest_aligned_order(start: int, end: int) -> int:
+    """The order of the largest buddy block that starts at ``start`` (aligned
+    to its size) and ends by ``end``: how ``__free_pages_memory`` and
+    ``free_prepared_contig_range`` cut a range of pages into blocks."""
+    align = (start & -start).bit_length() - 1 if start else MAX_ORDER - 1
+    return min(MAX_ORDER - 1, align, (end - start).bit_length() - 1)
 
 
 def order_to_pindex(migratetype: int, order: int) -> int:
