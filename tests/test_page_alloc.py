@@ -634,7 +634,7 @@ class BuddyMachine(RuleBasedStateMachine):
     """Random allocations, frees and drains on a small three-zone machine with
     holes; every step ends with check() and page conservation."""
 
-    @initialize(pcp_scheme=st.sampled_from([PcpScheme.LEGACY, PcpScheme.FREE_FACTOR]))
+    @initialize(pcp_scheme=st.sampled_from(list(PcpScheme)))
     def boot(self, pcp_scheme: PcpScheme) -> None:
         # DMA/DMA32 meet inside a pageblock: merging and move_freepages_block
         # stop at the zone boundary.

@@ -184,8 +184,10 @@ class PcpMixin:
                 # row, leaving a batch on the lists
                 count = min(max(pcp.free_count, batch), high - batch)
             self._free_pcppages_bulk(zone, count, pcp, pindex)
+            # zone_watermark_ok(..., ZONE_MOVABLE, 0): ZONE_MOVABLE is not
+            # modelled (empty), so its lowmem reserve is the highest zone's
             if zone.below_high and self._zone_watermark_ok(
-                    zone, 0, zone.watermark[WMARK_HIGH], ZoneType.MOVABLE, 0, zone.free_pages):
+                    zone, 0, zone.watermark[WMARK_HIGH], max(ZoneType), 0, zone.free_pages):
                 zone.below_high = False
 
     @staticmethod
