@@ -32,18 +32,12 @@ KEYS = ("DirectMap4k", "DirectMap2M", "DirectMap1G", "direct_map_level2_splits",
 #: (ftrace stack traces of every CPA call at boot, and a module walking the
 #: reference kernel's direct map and image mapping with lookup_address).
 KNOWN_DIFFERENCES = (
-    ("Above 4 GiB of RAM, Linux splits one more 1G page at boot (the top one): the first "
-    "bpf_prog_pack (ptp_classifier_init) takes 512 order-0 pages, and in Linux part of "
-    "them come from free fragments near the top of RAM (e.g. 0x237a00000 on 8G) left "
-    "between memblock's top-down boot allocations (NODE_DATA at the very top, the "
-    "sparse memmap buffer, percpu, page tables) and shaped by deferred struct-page "
-    "init; the model's memblock and buddy hand-over leave no such fragment there. "
-    "Effect at 6G and 8G: DirectMap1G -1 GiB, DirectMap2M +1 GiB (at 16G also one more "
-    "2M split in Linux, not investigated yet)."),
-    ("Page placement after boot differs for the same reason above 2G, so module pages "
-    "fall into other 2M regions: at 4G the five modules split one 2M page in Linux and "
-    "none in the model; at 8G modules +2 real vs +0 model, secretmem +6 vs +8. (At 2G "
-    "every step of the module/BPF/secretmem workload equals Linux.)"),
+    ("Page placement after boot differs above 2G, so module pages fall into other 2M "
+     "regions: at 4G the five modules split one 2M page in Linux and none in the model; "
+     "at 8G modules +2 real vs +0 model, secretmem +6 vs +8. (At 2G every step of the "
+     "module/BPF/secretmem workload equals Linux.) The boot layout above 4 GiB, which "
+     "was the first cause, now equals Linux's (guestkernel.bootmem: memblock's per-CPU "
+     "unit, hash tables and swiotlb where Linux puts them)."),
 )
 
 #: Per kernel: what the model does not yet reproduce there.

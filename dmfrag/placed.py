@@ -543,13 +543,19 @@ class _Replayer:
         k.pgtable_pfn_source = self._next_table
         k.pgtable_free_sink = self._table_freed
         # a pool of pages the trace never touches, for tables of splits the
-        # model makes where Linux made none (see _next_table)
-        touched = self.touched
-        p = len(self.own) - 1
-        while len(self.pool) < _POOL and p > 0:
-            if not touched[p] and self.own[p] == _FREE:
-                self.pool.append(p)
-            p -= 1
+        # model makes where Linux made none (see _next_table): the lowest
+        # free pages of the zone GFP_KERNEL takes from first, which are the
+        # pages Linux's untraced early allocations (ftrace's records, the
+        # trace ring buffer, slab) took before the first event
+        touched, own = self.touched, self.own
+        zone = max((z for z in k.buddy.zones if z.spanned_pages), key=lambda z: z.start_pfn)
+        found: list[int] = []
+        for p in range(zone.start_pfn, zone.end_pfn):
+            if not touched[p] and own[p] == _FREE:
+                found.append(p)
+                if len(found) == _POOL:
+                    break
+        self.pool = found[::-1]                  # pop() takes the lowest first
         self.pos = 0
         try:
             self._loop()

@@ -40,6 +40,13 @@ from emu import Machine
 from emu import pagetable as pt
 
 from . import gfp as G
+from .bootmem import (
+    HARNESS_CMDLINE,
+    BootmemError,
+    BootMemory,
+    early_allocations,
+    present_sections,
+)
 from .cpa import Cpa
 from .e820 import E820Table, E820Type
 from .layout import PAGE_OFFSET, PAGE_SIZE, PMD_SIZE, START_KERNEL_MAP
@@ -153,16 +160,40 @@ def select_version(profile: str | KernelVersion | None, log: str | None
 # -- 2. memblock --------------------------------------------------------------
 
 
-def e820__memblock_setup(e820: E820Table, version: KernelVersion) -> Memblock:
-    """memblock from e820 with the early reservations (x86/setup)."""
+def e820__memblock_setup(e820: E820Table, version: KernelVersion,
+                         initrd: tuple[int, int] | None = None) -> Memblock:
+    """memblock from e820 with the early reservations (x86/setup): the
+    first 1 MiB, the kernel image, and the initrd where the boot loader
+    put it (``early_reserve_initrd``: before anything is allocated, so
+    every top-down allocation lands below it; :func:`bootmem.initrd_range`)."""
     img = version.image
     mb = Memblock(e820)
     end = img.pa(img.end)
     if not mb.is_region_memory(img.phys_start, end - img.phys_start):
         raise BootError(f"the kernel image [{img.phys_start:#x}, {end:#x}) is not in RAM "
                         "in this memory map")
-    mb.reserve(0, 1 << 20, "first 1M (x86/setup: always reserved)")
-    mb.reserve(img.phys_start, end - img.phys_start, "kernel image")
+    if version.reserve_first_1m:
+        mb.reserve(0, 1 << 20, "first 1M (x86/setup: always reserved)")
+    else:
+        # before 5.13: the first 64K (reserve_low), the BIOS area from the
+        # top of the low RAM (reserve_bios_regions) and the real-mode blob
+        mb.reserve(0, 64 << 10, "reserve_low")
+        low = [hi for lo, hi in e820.ram_ranges() if hi <= 1 << 20]
+        bios = max(low) if low else 0
+        if bios < 1 << 20:
+            mb.reserve(bios, (1 << 20) - bios, "reserve_bios_regions")
+        rm = real_mode_base(e820, version)
+        if rm is not None and version.real_mode is not None:
+            mb.reserve(rm, version.real_mode[0] * PAGE_SIZE, "reserve_real_mode")
+    # the image to __end_of_kernel_reserve and the brk it used (reserve_brk);
+    # the brk's unused tail up to _end goes to the buddy allocator
+    brk = -(-img.pa(img.brk_end) // PAGE_SIZE) * PAGE_SIZE
+    mb.reserve(img.phys_start, brk - img.phys_start, "kernel image")
+    if initrd is not None:
+        lo, hi = initrd
+        if lo < end and img.phys_start < hi:
+            raise BootError(f"the initrd [{lo:#x}, {hi:#x}) overlaps the kernel image")
+        mb.reserve(lo, hi - lo, "initrd")
     return mb
 
 
@@ -190,7 +221,16 @@ class _EarlyTableAlloc:
     def __init__(self, memblock: Memblock, brk: int) -> None:
         self.memblock = memblock
         self.pgt_buf = [brk + i * PAGE_SIZE for i in range(INIT_PGT_BUF_PAGES)]
+        self.pgt_buf_top = brk + INIT_PGT_BUF_PAGES * PAGE_SIZE
         self.mapped_lo = self.mapped_hi = 0
+        #: init_range_memory_mapping's can_use_brk_pgt: a range that
+        #: overlaps the brk buffer's unused pages takes its tables from memblock
+        self.can_use_brk_pgt = True
+
+    def start_range(self, start: int, end: int) -> None:
+        """Before mapping [start, end): may the brk buffer serve it?"""
+        buf_end = self.pgt_buf[0] if self.pgt_buf else self.pgt_buf_top
+        self.can_use_brk_pgt = max(start, buf_end) >= min(end, self.pgt_buf_top)
 
     def add_pfn_range_mapped(self, start: int, end: int) -> None:
         if self.mapped_hi == 0:
@@ -200,7 +240,7 @@ class _EarlyTableAlloc:
             self.mapped_hi = max(self.mapped_hi, end)
 
     def __call__(self, why: str) -> int:
-        if self.pgt_buf:
+        if self.pgt_buf and self.can_use_brk_pgt:
             return self.pgt_buf.pop(0)
         if self.mapped_hi <= self.mapped_lo:
             raise BootError("boot page tables: pgt_buf exhausted before anything was mapped")
@@ -247,6 +287,7 @@ def init_mem_mapping(machine: Machine, e820: E820Table, memblock: Memblock,
     log = ["Using GB pages for direct mapping"] if gbpages else []
     for call in calls:
         log.append(f"init_memory_mapping: [mem {call[0].start:#010x}-{call[-1].end - 1:#010x}]")
+        alloc.start_range(call[0].start, call[-1].end)
         for r in call:
             log.append(str(r))
             mask = {PAGE_SIZE: 0, PMD_SIZE: 1 << PG_LEVEL_2M,
@@ -288,20 +329,29 @@ def deferred_reserved_pageblocks(buddy: BuddyAllocator, memblock: Memblock) -> l
 
 
 def mem_init(e820: E820Table, memblock: Memblock, version: KernelVersion,
-             policy: Policy) -> BuddyAllocator:
-    """The last memblock allocations, the zones, and memblock_free_all."""
+             policy: Policy, cmdline: str = HARNESS_CMDLINE,
+             bootmem: BootMemory | None = None) -> BuddyAllocator:
+    """The last memblock allocations, the zones, and memblock_free_all.
+    With the record's :class:`~guestkernel.versions.BootmemRecord`, every
+    allocation :func:`bootmem.early_allocations` makes (where each went in
+    ``bootmem``); without one, NODE_DATA and the sparse vmemmap buffer."""
     max_pfn = e820.max_pfn
     end = max_pfn * PAGE_SIZE
-    # NODE_DATA(0) (initmem_init -> alloc_node_data): top-down, first.
-    memblock.phys_alloc_range(version.node_data_bytes, 64, 0, end, "NODE_DATA(0)")
-    # The sparse vmemmap buffer (sparse_init_nid -> sparse_buffer_init): one
-    # PMD-aligned block holding 2 MiB of struct pages per present 128 MiB
-    # section, top-down.
-    sections = {pfn >> 15 for lo, hi in e820.ram_ranges()
-                for pfn in range(lo >> 12, hi >> 12, SECTION_PAGES)}
-    sections |= {((hi >> 12) - 1) >> 15 for lo, hi in e820.ram_ranges()}
-    memblock.phys_alloc_range(len(sections) * (SECTION_PAGES * STRUCT_PAGE_SIZE), PMD_SIZE,
-                              0, end, "sparse vmemmap buffer")
+    if version.bootmem is not None:
+        try:
+            early_allocations(memblock, e820, version, cmdline,
+                              bootmem if bootmem is not None else BootMemory())
+        except BootmemError as exc:
+            raise BootError(str(exc)) from None
+    else:
+        # NODE_DATA(0) (initmem_init -> alloc_node_data): top-down, first.
+        memblock.phys_alloc_range(version.node_data_bytes, 64, 0, end, "NODE_DATA(0)")
+        # The sparse vmemmap buffer (sparse_init_nid -> sparse_buffer_init): one
+        # PMD-aligned block holding 2 MiB of struct pages per present 128 MiB
+        # section, top-down.
+        sections = present_sections(e820)
+        memblock.phys_alloc_range(len(sections) * (SECTION_PAGES * STRUCT_PAGE_SIZE),
+                                  PMD_SIZE, 0, end, "sparse vmemmap buffer")
     dma, dma32 = 16 * MiB >> 12, 4 * GiB >> 12
     bounds = {ZoneType.DMA: (0, min(dma, max_pfn)),
               ZoneType.DMA32: (min(dma, max_pfn), min(dma32, max_pfn)),

@@ -156,6 +156,10 @@ class E820Table:
         self._entries: list[E820Entry] = []
         for e in entries or []:
             self._set(e.start, e.end, e.type)
+        #: entries of the firmware's own map (e820_table_firmware: the BIOS
+        #: table sanitized, before the kernel's edits): one
+        #: firmware_map_add_early each
+        self.firmware_entries = len(self._entries)
 
     # -- construction ---------------------------------------------------
 
@@ -209,6 +213,7 @@ class E820Table:
             raise E820Error("no 'BIOS-e820: [mem ...] type' lines in the boot log")
         if table is None:
             table = cls(sanitize(bios))
+        table.firmware_entries = len(sanitize(bios))
         if not table.ram_ranges():
             raise E820Error("the boot log's e820 map has no usable RAM")
         return table
@@ -232,6 +237,10 @@ class E820Table:
         t._set(0xFFFC0000, 1 << 32, E820Type.RESERVED)
         if size > low:
             t._set(4 * GiB, 4 * GiB + size - low, E820Type.RAM)
+        # With an AMD CPU (-cpu max reports AuthenticAMD) QEMU reserves the
+        # HyperTransport hole below 1 TiB (pc_memory_init, AMD_HT_START).
+        t._set(0xFD00000000, 1 << 40, E820Type.RESERVED)
+        t.firmware_entries = len(t._entries)
         # The kernel's own edit at boot (e820__memory_setup -> trim_bios_range
         # keeps the first page reserved): "e820: update [mem 0x00000000-0x00000fff]
         # usable ==> reserved".

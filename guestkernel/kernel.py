@@ -46,6 +46,13 @@ from .boot import (
     real_mode_base,
     select_version,
 )
+from .bootmem import (
+    HARNESS_CMDLINE,
+    BootmemError,
+    BootMemory,
+    boot_command_line,
+    initrd_range,
+)
 from .cpa import Cpa, CpaData
 from .e820 import E820Table
 from .layout import PAGE_OFFSET, PAGE_SIZE
@@ -147,6 +154,10 @@ class Kernel:
         self.real_mode_base: int | None = None
         #: ftrace_init's dyn_ftrace record pages (boot.ftrace_pages)
         self.ftrace_pages = 0
+        #: where the boot-time memblock allocations went (guestkernel.bootmem),
+        #: the initrd's pages [start, end) and the command line
+        self.bootmem: BootMemory = BootMemory()
+        self.cmdline: str = HARNESS_CMDLINE
         #: what Kernel.from_state took over from the real kernel (None: booted)
         self.from_state_report: dict | None = None
         #: and where such a replay's freed table pages go (instead of the buddy)
@@ -164,7 +175,9 @@ class Kernel:
     def boot(cls, ram: str | int | None = "8G", e820: str | Path | E820Table | None = None,
              gbpages: bool = True, policy: str | Policy = "baseline",
              profile: str | KernelVersion | None = None, debug_vm: bool = False,
-             boot_cpa: bool = True, **policy_tunables) -> Kernel:
+             boot_cpa: bool = True, initrd: int | tuple[int, int] | None = None,
+             cmdline: str | None = None,
+             **policy_tunables) -> Kernel:
         """Boot a guest kernel (the steps of :mod:`guestkernel.boot`).
 
         ``e820`` (a boot log's text as a ``str``, a ``pathlib.Path`` to one,
@@ -177,20 +190,32 @@ class Kernel:
         neither ``ftrace_init``'s record pages nor any boot CPA call has been
         taken and the system is not running yet; a replay
         of a recorded boot (:mod:`dmfrag.placed`) goes on from there and
-        calls :meth:`enter_running` itself."""
+        calls :meth:`enter_running` itself.
+
+        ``initrd``: the initrd's size in bytes, placed as QEMU places it, or
+        its [start, end) (a boot log's ``RAMDISK:`` line wins; None: the
+        project's boot initramfs; 0: none). ``cmdline``: the kernel command line (else a
+        boot log's ``Command line:``, else the project's harness's): its
+        length sizes two boot-time copies (:mod:`guestkernel.bootmem`)."""
         try:
             table, log = e820__memory_setup(e820, ram)
             version, reason = select_version(profile, log)
-        except (BootError, VersionError) as exc:
+            ramdisk = initrd_range(table, log, initrd)
+        except (BootError, VersionError, BootmemError) as exc:
             raise KernelError(str(exc)) from None
+        if cmdline is None:
+            cmdline = boot_command_line(log)
+        elif not isinstance(cmdline, str):
+            raise KernelError(f"cmdline must be a str, not {type(cmdline).__name__}")
         pol = get_policy(policy, **policy_tunables)   # a bad name fails before any work
+        bootmem = BootMemory(initrd=ramdisk)
         try:
-            mb = e820__memblock_setup(table, version)
+            mb = e820__memblock_setup(table, version, ramdisk)
+            machine = Machine(table.max_pfn * PAGE_SIZE)
+            tables = init_mem_mapping(machine, table, mb, version, bool(gbpages))
+            buddy = mem_init(table, mb, version, pol, cmdline, bootmem)
         except BootError as exc:
             raise KernelError(str(exc)) from None
-        machine = Machine(table.max_pfn * PAGE_SIZE)
-        tables = init_mem_mapping(machine, table, mb, version, bool(gbpages))
-        buddy = mem_init(table, mb, version, pol)
         k = cls(version=version, version_reason=reason, e820=table, memblock=mb,
                 machine=machine, pgt=tables.pgt, shadow=tables.shadow, buddy=buddy, policy=pol,
                 gbpages=bool(gbpages), boot_log=tables.log,
@@ -198,6 +223,7 @@ class Kernel:
                 debug_vm=debug_vm)
         k.real_mode_base = real_mode_base(table, version)
         k.ftrace_pages = ftrace_pages(version, log)
+        k.bootmem, k.cmdline = bootmem, cmdline
         if boot_cpa:
             k.buddy.boot_pagesets()
             ftrace_init(k.buddy, k.ftrace_pages)

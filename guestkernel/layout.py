@@ -96,12 +96,12 @@ DEBIAN_6_1_IMAGE = KernelImage(
     bss_decrypted_unused=0xFFFFFFFF84203000,
     end_bss_decrypted=0xFFFFFFFF84400000,   # .bss..decrypted is PMD-aligned
     end_of_kernel_reserve=0xFFFFFFFF84400000,
-    brk_end=0xFFFFFFFF84430000,        # __brk_base + the brk reserved in full (bound of use)
+    brk_end=0xFFFFFFFF84411000,        # the brk used at boot (memblock=debug: reserve_brk)
     end=0xFFFFFFFF84430000,
 )
 
 #: Debian's 5.10.223 (linux-image-5.10.0-32-amd64), read from its
-#: /proc/kallsyms under QEMU (nokaslr); brk_end as for 6.1: the brk in full.
+#: /proc/kallsyms under QEMU (nokaslr); brk_end from its memblock=debug boot log.
 DEBIAN_5_10_IMAGE = KernelImage(
     phys_start=0x1000000,
     text=0xFFFFFFFF81000000,
@@ -119,7 +119,7 @@ DEBIAN_5_10_IMAGE = KernelImage(
     bss_decrypted_unused=0xFFFFFFFF83E03000,
     end_bss_decrypted=0xFFFFFFFF84000000,
     end_of_kernel_reserve=0xFFFFFFFF84000000,
-    brk_end=0xFFFFFFFF8402C000,
+    brk_end=0xFFFFFFFF8400D000,
     end=0xFFFFFFFF8402C000,
 )
 
@@ -141,6 +141,6 @@ DEBIAN_7_2_IMAGE = KernelImage(
     bss_decrypted_unused=0xFFFFFFFF84005000,
     end_bss_decrypted=0xFFFFFFFF84200000,
     end_of_kernel_reserve=0xFFFFFFFF84200000,
-    brk_end=0xFFFFFFFF84230000,
+    brk_end=0xFFFFFFFF84211000,
     end=0xFFFFFFFF84230000,
 )

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 from .e820 import E820Table
 
+PAGE = 4096
+
 __all__ = ["Memblock", "MemblockError", "Region"]
 
 
@@ -52,12 +54,23 @@ class Memblock:
         self.reserved.sort()
 
     def free(self, base: int, size: int) -> None:
-        """``memblock_phys_free``: drop the reservation of exactly [base, base+size)."""
+        """``memblock_phys_free``: drop the reservation of [base, base+size),
+        all of it or a part (the per-CPU unit's unused tail); a range that
+        some reservation does not cover in full is a MemblockError and
+        changes nothing."""
+        end = base + size
+        if size <= 0 or not any(r.base <= base and end <= r.end for r in self.reserved):
+            raise MemblockError(f"memblock_phys_free({base:#x}, {size:#x}): not a reservation")
+        out: list[Region] = []
         for r in self.reserved:
-            if r.base == base and r.end == base + size:
-                self.reserved.remove(r)
-                return
-        raise MemblockError(f"memblock_phys_free({base:#x}, {size:#x}): not a reservation")
+            if r.end <= base or r.base >= end:
+                out.append(r)
+                continue
+            if r.base < base:
+                out.append(Region(r.base, base, r.name))
+            if r.end > end:
+                out.append(Region(end, r.end, r.name))
+        self.reserved = sorted(out)
 
     def _free_ranges(self, start: int, end: int) -> list[tuple[int, int]]:
         """memory minus reserved, clipped to [start, end), ascending."""
@@ -86,6 +99,20 @@ class Memblock:
                 return base
         raise MemblockError(f"memblock: no {size:#x} bytes aligned {align:#x} in "
                             f"[{start:#x}, {end:#x}) for {name}")
+
+    def alloc_try_nid(self, size: int, align: int, name: str, min_addr: int = 0,
+                      max_addr: int = 0) -> int:
+        """``memblock_alloc_try_nid``: top-down in [min_addr, max_addr) (0:
+        up to the end of memory; never below the first page), and where
+        that has no room, again without the lower bound
+        (``memblock_alloc_internal``). Raises MemblockError if neither fits."""
+        hi = max_addr or (1 << 62)
+        try:
+            return self.phys_alloc_range(size, align, max(min_addr, PAGE), hi, name)
+        except MemblockError:
+            if min_addr <= PAGE:
+                raise
+        return self.phys_alloc_range(size, align, PAGE, hi, name)
 
     def is_region_memory(self, base: int, size: int) -> bool:
         return any(lo <= base and base + size <= hi for lo, hi in self.memory)

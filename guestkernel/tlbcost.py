@@ -19,7 +19,8 @@ KERNELS = ("random", "chase", "stream")
 
 def reference_kernel(k: Kernel) -> Kernel:
     """The same e820 and profile, just booted: the unfragmented reference."""
-    return Kernel.boot(e820=k.e820, gbpages=k.gbpages, profile=k.profile)
+    return Kernel.boot(e820=k.e820, gbpages=k.gbpages, profile=k.profile,
+                       initrd=k.bootmem.initrd or 0, cmdline=k.cmdline)
 
 
 def _prepare(k: Kernel, kind: str, pfns: list[int], rounds: int, seed: int,

@@ -45,6 +45,7 @@ __all__ = [
     "STEP_RULES",
     "VERSIONS",
     "BootCpaCall",
+    "BootmemRecord",
     "KernelVersion",
     "StepRule",
     "VersionError",
@@ -127,6 +128,45 @@ _ALL_BOOT_CPA = tuple(BootCpaCall)
 
 
 @dataclass(frozen=True)
+class BootmemRecord:
+    """One build's boot-time memblock allocations on QEMU's PC machine with
+    one CPU (:mod:`guestkernel.bootmem`), read off its ``memblock=debug``
+    boot log (``tests/data/memblock``)."""
+
+    #: 5-level paging at run time (``-cpu max`` has LA57; Debian builds
+    #: CONFIG_X86_5LEVEL): MAX_PHYSMEM_BITS 52 (a 2 MiB mem_section root
+    #: array, a P4D table for the vmemmap), else 46 (5.10 stays 4-level:
+    #: its 32 KiB root array)
+    pgtable_l5: bool
+    #: the usemap (pageblock flags and subsection map) per section
+    usemap_section_bytes: int
+    #: one sparse vmemmap buffer for all sections (until 6.x), else a 2 MiB
+    #: block per section (vmemmap_populate_hugepages)
+    vmemmap_buffer: bool
+    #: setup_arch's small objects (HPET, IO-APIC, e820 resources, firmware
+    #: map, nosave regions) come before sparse_init (7.x), not after
+    setup_arch_small_first: bool
+    #: "percpu: Embedded N pages/cpu": the first chunk's pages kept
+    percpu_embedded_pages: int
+    #: pcpu_setup_first_chunk's and pcpu_alloc_first_chunk's objects, bytes
+    percpu_chunk_allocs: tuple[int, ...]
+    #: alloc_bootmem_cpumask_var calls
+    cpumask_allocs: int
+    #: start_kernel's 9-byte allocation freed at once (6.x)
+    start_kernel_scratch: bool
+    #: swiotlb's page-aligned slot tables, and its small objects, bytes
+    swiotlb_tables: tuple[int, ...]
+    swiotlb_small: tuple[int, ...] = ()
+    #: spp_getpage: the fixmap's page tables
+    fixmap_pages: int = 3
+
+
+_PCPU_CHUNK_5_10 = (8, 8, 4, 8, 0x2A0, 0x90, 0x100, 0x108, 0x40, 0x90, 0x380, 0x388, 0xE0)
+_PCPU_CHUNK_6_1 = (8, 8, 4, 8, 0x170, 0x90, 0x100, 0x108, 0x40, 0x90, 0x380, 0x388, 0xE0)
+_PCPU_CHUNK_7_2 = (8, 8, 4, 8, 0x170, 0x88, 0x100, 0x108, 0x40, 0x88, 0x380, 0x388, 0xE0)
+
+
+@dataclass(frozen=True)
 class KernelVersion:
     """What the model follows for one kernel (build)."""
 
@@ -200,6 +240,13 @@ class KernelVersion:
     #: kernels' direct maps (dmfrag.truth) under QEMU, where the blob sits at
     #: the top of the RAM below 1 MiB (memblock top-down below 0x9f000)
     real_mode: tuple[int, int, int, int] | None = None
+    #: the whole first 1 MiB reserved (5.13, "x86/setup: Always reserve the
+    #: first 1M of RAM"); before, the first 64K, the BIOS area and the
+    #: real-mode blob only
+    reserve_first_1m: bool = True
+    #: the boot-time memblock allocations (None: NODE_DATA and the vmemmap
+    #: buffer only, for records with no memblock=debug log)
+    bootmem: BootmemRecord | None = None
     notes: tuple[str, ...] = field(default_factory=tuple)
 
     @property
@@ -230,13 +277,19 @@ VERSIONS: dict[str, KernelVersion] = {
         name="5.10", release=(5, 10), package="linux-image-5.10.0-32-amd64",
         image=DEBIAN_5_10_IMAGE, step_rule=STEP_RULES["4.0"],
         modules_vaddr=_MODULES_1G_IMAGE[0], modules_end=_MODULES_1G_IMAGE[1], pti=True,
-        node_data_bytes=0x2B000,
+        node_data_bytes=0x2A000,
         boot_cpa=(BootCpaCall.IDT_RO, BootCpaCall.FREE_SMP_ALTERNATIVES,
                   BootCpaCall.REAL_MODE,
                   BootCpaCall.PTP_CLASSIFIER_BPF, BootCpaCall.FREE_BSS_DECRYPTED,
                   BootCpaCall.FREE_INITMEM, BootCpaCall.MARK_RODATA_RO),
         bpf_prog_pack=False, secretmem=False, real_mode=(6, 2, 1, 1), pcp_high_orders=False,
         vmalloc_bulk=False, ftrace_pages=144, deferred_reserved_unmovable=True,
+        reserve_first_1m=False,
+        bootmem=BootmemRecord(
+            pgtable_l5=False, usemap_section_bytes=56, vmemmap_buffer=True,
+            setup_arch_small_first=False, percpu_embedded_pages=63,
+            percpu_chunk_allocs=_PCPU_CHUNK_5_10, cpumask_allocs=5, start_kernel_scratch=False,
+            swiotlb_tables=(0x20000, 0x40000)),
         notes=("Debian 5.10.223 under QEMU TCG, nokaslr; boot meminfo equals it at 3G and 8G",)),
     "6.1": KernelVersion(
         name="6.1", release=(6, 1), package="linux-image-6.1.0-56-amd64",
@@ -245,15 +298,25 @@ VERSIONS: dict[str, KernelVersion] = {
         node_data_bytes=0x2B000, boot_cpa=_ALL_BOOT_CPA, bpf_prog_pack=True,
         vmstat_counters=_SPLITS, real_mode=(7, 3, 1, 2), ftrace_pages=159,
         deferred_reserved_unmovable=True,
+        bootmem=BootmemRecord(
+            pgtable_l5=True, usemap_section_bytes=56, vmemmap_buffer=True,
+            setup_arch_small_first=False, percpu_embedded_pages=62,
+            percpu_chunk_allocs=_PCPU_CHUNK_6_1, cpumask_allocs=5, start_kernel_scratch=True,
+            swiotlb_tables=(0xC0000,), swiotlb_small=(0x10,)),
         notes=("Debian linux-image-6.1.0-56-amd64 (6.1.192) under QEMU TCG, nokaslr",)),
     "7.2": KernelVersion(
         name="7.2", release=(7, 2), package="linux-binary-7.2.13+deb14-amd64",
         image=DEBIAN_7_2_IMAGE, step_rule=STEP_RULES["4.0"],
         modules_vaddr=_MODULES_1G_IMAGE[0], modules_end=_MODULES_1G_IMAGE[1], pti=True,
-        node_data_bytes=0x2B000, boot_cpa=_ALL_BOOT_CPA, bpf_prog_pack=True,
+        node_data_bytes=0x2B080, boot_cpa=_ALL_BOOT_CPA, bpf_prog_pack=True,
         alias_masks_nx=True, set_memory_rox_users=frozenset({"bpf", "execmem"}),
         collapse_after_rox=True, execmem_rox_cache=True, vmalloc_high_order=True,
         pcp_autotune=True, vfree_contig_free=True, ftrace_pages=196,
+        bootmem=BootmemRecord(
+            pgtable_l5=True, usemap_section_bytes=88, vmemmap_buffer=False,
+            setup_arch_small_first=True, percpu_embedded_pages=63,
+            percpu_chunk_allocs=_PCPU_CHUNK_7_2, cpumask_allocs=2, start_kernel_scratch=True,
+            swiotlb_tables=(0xC0000,), swiotlb_small=(0x10,)),
         vmstat_counters=_SPLITS + _COLLAPSES, real_mode=(7, 3, 1, 2),
         notes=(("Debian 7.2.13 under QEMU TCG, nokaslr; boot meminfo equals it at 3G and 8G "
                 "once vmalloc takes high orders (the first bpf_prog_pack is one 2M block: one "

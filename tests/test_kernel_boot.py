@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 
-from dmfrag.calibrate import KNOWN_DIFFERENCES
 from emu import PageFault
 from emu.pagetable import PfErr
 from emu.pagetable import PteFlags as F
@@ -57,9 +56,9 @@ def test_meminfo_8g_by_hand(k8):
     Image-mapping splits count in DirectMap too (virt_addr_valid): 10 splits
     of 2M into 4K in all: 4k = 992 + 10*512, what Linux shows.
 
-    Only what equals Linux is asserted here: DirectMap4k, the total (the
-    re-count) and the image splits. Where the pack's pages come from, and so
-    DirectMap2M/1G, differs: test_meminfo_8g_equals_linux."""
+    DirectMap4k, the total (the re-count) and the image splits; where the
+    pack's pages come from, and so DirectMap2M/1G:
+    test_meminfo_8g_equals_linux."""
     mi = k8.meminfo()
     assert mi["DirectMap4k"] == (992 + 10 * 512) * 4 == LINUX_8G["DirectMap4k"]
     # Splits move kB between the lines, the re-count stays: 2 x 1G on top of
@@ -75,12 +74,10 @@ def test_meminfo_8g_by_hand(k8):
     assert k8.vmstat()["direct_map_level3_splits"] == 0
 
 
-@pytest.mark.xfail(strict=True, reason=KNOWN_DIFFERENCES[0])
 def test_meminfo_8g_equals_linux(k8):
     """Linux splits the 1G page at 4G (the pack's first pages) *and* the top
-    one (more of its pages, from fragments near the top of RAM, e.g.
-    0x237a00000): DirectMap1G 6 GiB. The model takes all 512 pages at 4G
-    (two 2M splits there, the top 1G page whole): 7 GiB."""
+    one (more of its pages, from the free tail of the per-CPU unit near the
+    top of RAM, 0x237a00000: guestkernel.bootmem): DirectMap1G 6 GiB."""
     mi = k8.meminfo()
     assert {key: mi[key] for key in LINUX_8G} == LINUX_8G
 
@@ -90,15 +87,14 @@ def blocks_at_4k(k: Kernel, lo: int, hi: int) -> list[int]:
     return [pa for pa in range(lo, hi, 2 * MiB) if level_at(k, pa) == 1]
 
 
-@pytest.mark.xfail(strict=True, reason=KNOWN_DIFFERENCES[0])
 def test_page_sizes_8g_where_linux_puts_the_boot_pack(k8):
     """What Linux's counters imply (the same 4K total, one 1G page fewer, the
     other eight 2M splits the image's): the pack's two 2M splits are one in
-    the 1G page at 4G and one in the top 1G page, both split to 2M leaves.
-    The model puts both at 4G and keeps the top 1G page whole."""
+    the 1G page at 4G and one in the top 1G page, both split to 2M leaves:
+    the top one is the per-CPU unit's 2M block, whose tail memblock freed."""
     assert level_at(k8, 8 * GiB) != 3
-    assert len(blocks_at_4k(k8, 8 * GiB, 9 * GiB)) == 1
-    assert len(blocks_at_4k(k8, 4 * GiB, 5 * GiB)) == 1
+    assert blocks_at_4k(k8, 8 * GiB, 9 * GiB) == [0x237A00000]
+    assert blocks_at_4k(k8, 4 * GiB, 5 * GiB) == [4 * GiB]
 
 
 def test_page_sizes_at_chosen_addresses(k8):
@@ -116,7 +112,7 @@ def test_page_sizes_at_chosen_addresses(k8):
         assert level_at(k8, pa) == level, hex(pa)
     # The boot BPF pack splits the 1G page at 4G (the Normal zone's first
     # free pages) to 2M leaves and some of them to 4K, in Linux too; how
-    # many, and the top 1G page (split in Linux, whole in the model), are
+    # many, and the top 1G page, are
     # test_page_sizes_8g_where_linux_puts_the_boot_pack's.
     assert all(level_at(k8, pa) in (1, 2) for pa in range(4 * GiB, 5 * GiB, 2 * MiB))
     assert blocks_at_4k(k8, 4 * GiB, 5 * GiB)

@@ -103,8 +103,7 @@ def test_direct_map_1g_equals_real_up_to_4g(boots):
 
 
 @pytest.mark.parametrize("ram", [
-    "2G", "3G", "4G",
-    pytest.param("8G", marks=pytest.mark.xfail(strict=True, reason=KNOWN_DIFFERENCES[0])),
+    "2G", "3G", "4G", "8G",
 ])
 def test_boot_meminfo_equals_real(boots, ram):
     real = boots[ram].meminfo("boot")
@@ -128,7 +127,7 @@ def test_workload_steps(rk, workload_run):
         assert all(run[p]["vmstat"]["direct_map_level3_splits"] == 0 for p in run)
 
 
-@pytest.mark.xfail(strict=True, reason=KNOWN_DIFFERENCES[1])
+@pytest.mark.xfail(strict=True, reason=KNOWN_DIFFERENCES[0])
 def test_workload_split_counts_equal_real(rk, workload_run):
     real = workload_run
     model = run_model(real.e820_lines(), ("modules", "bpf", "secretmem"), rk)

@@ -82,9 +82,8 @@ def machine_for(policy: str):
 
         @initialize(target=protected, op=st.sampled_from(["ro", "np", "x", "rox"]))
         def boot_and_split_a_1g_page(self, op):
-            """Boot, then protect one movable page: it comes from the top of
-            RAM, inside a 1G page, which the call splits (1G -> 2M -> 4K);
-            and one page of a 2M block."""
+            """Boot, then protect one movable page inside a 1G page, which
+            the call splits (1G -> 2M -> 4K); and one page of a 2M block."""
             self.k = Kernel.boot(ram=RAM, policy=policy)
             self.areas: list[int] = []
             self.secrets: list[int] = []
@@ -92,7 +91,7 @@ def machine_for(policy: str):
             self.live: set[Protected] = set()
             self.steps = 0
             seen["examples"] += 1
-            block = Block(self.k.alloc_pages(G.GFP_HIGHUSER_MOVABLE, 0), 0)
+            block = Block(self._page_in_a_1g_page(), 0)
             va = self.k.pfn_to_virt(block.pfn)
             assert self.k.lookup_address(va)[1] == 3
             p = self._protect(block, op, 0, 1)
@@ -103,6 +102,24 @@ def machine_for(policy: str):
             q = self._protect(block, op, 3, 1)
             assert self.k.lookup_address(self.k.pfn_to_virt(block.pfn))[1] == 1
             return multiple(p, q)
+
+        def _page_in_a_1g_page(self) -> int:
+            """A movable page the direct map maps with a whole 1G page: the
+            top 1G page is split at boot, as in Linux (the boot
+            bpf_prog_pack takes the per-CPU unit's free tail), so the
+            movable 4M blocks are taken until one lies below it."""
+            k, passed = self.k, []
+            while True:
+                pfn = k.alloc_pages(G.GFP_HIGHUSER_MOVABLE, 10)
+                if k.lookup_address(k.pfn_to_virt(pfn))[1] == 3:
+                    break
+                passed.append(pfn)
+            for p in passed:
+                k.free_pages(p, 10)
+            k.split_pages(pfn, 10)
+            for p in range(pfn + 1, pfn + 1024):
+                k.free_pages(p, 0)
+            return pfn
 
         def _alloc(self, gfp, order):
             try:

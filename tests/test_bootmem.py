@@ -1,0 +1,230 @@
+"""The boot-time memblock allocations (guestkernel/bootmem.py) against
+Linux's own ``memblock=debug`` boot logs of 5.10, 6.1 and 7.2 at 2G and 8G
+under QEMU (tests/data/memblock): what memblock holds when the buddy
+allocator takes over, page for page, and where each large block went."""
+
+from __future__ import annotations
+
+import gzip
+import re
+from pathlib import Path
+
+import pytest
+
+from guestkernel import Kernel, KernelError
+from guestkernel.bootmem import (
+    DEFAULT_INITRD_BYTES,
+    HARNESS_CMDLINE,
+    alloc_large_system_hash,
+    boot_command_line,
+    nr_kernel_pages,
+    qemu_initrd_range,
+)
+from guestkernel.e820 import E820Table
+from guestkernel.memblock import Memblock, MemblockError
+
+MEMBLOCK = Path(__file__).parent / "data" / "memblock"
+LOGS = sorted(p.name for p in MEMBLOCK.glob("*.log.gz"))
+_RESERVE = re.compile(r"memblock_reserve: \[0x([0-9a-f]+)-0x([0-9a-f]+)\]")
+_FREE = re.compile(r"memblock_(?:phys_)?free\w*: \[0x([0-9a-f]+)-0x([0-9a-f]+)\]")
+_DUMP = re.compile(r" reserved\[0x[0-9a-f]+\]\s+\[0x([0-9a-f]+)-0x([0-9a-f]+)\]")
+
+
+def _log(name: str) -> str:
+    return gzip.decompress((MEMBLOCK / name).read_bytes()).decode()
+
+
+def _kernel(name: str) -> str:
+    return name.split("-")[1]
+
+
+def _pages(mb: Memblock) -> list[tuple[int, int]]:
+    """The page ranges memblock_free_all hands to the buddy allocator."""
+    out = []
+    for lo, hi in mb.free_ranges():
+        lo, hi = -(-lo // 4096), hi // 4096
+        if lo < hi:
+            out.append((lo, hi))
+    return out
+
+
+def linux_memblock(log: str) -> Memblock:
+    """Linux's memblock at "Memory:" (mem_init, after memblock_free_all),
+    replayed from the log: the reservations of its first "MEMBLOCK
+    configuration" dump (memblock=debug logs only what follows the early
+    parameter), then every memblock_reserve and memblock_free line."""
+    mb = Memblock(E820Table.from_dmesg(log))
+    lines = log.splitlines()
+    at = next(i for i, ln in enumerate(lines) if "MEMBLOCK configuration" in ln) + 1
+    while "memory" in lines[at] or "reserved" in lines[at]:
+        if m := _DUMP.search(lines[at]):
+            lo, hi = int(m.group(1), 16), int(m.group(2), 16) + 1
+            mb.reserve(lo, hi - lo, "dump")
+        at += 1
+    for line in lines[at:]:
+        if "Memory:" in line:
+            break
+        if m := _RESERVE.search(line):
+            lo, hi = int(m.group(1), 16), int(m.group(2), 16) + 1
+            mb.reserve(lo, hi - lo, "log")
+        elif m := _FREE.search(line):
+            lo, hi = int(m.group(1), 16), int(m.group(2), 16) + 1
+            mb.free(lo, hi - lo)
+    return mb
+
+
+def _allocation(log: str, caller: str) -> list[tuple[int, int]]:
+    """(base, size) of each memblock allocation made from ``caller``."""
+    lines = log.splitlines()
+    out = []
+    for i, line in enumerate(lines):
+        if re.search(rf"memblock_\w+: \d+ bytes .* {caller}\+", line):
+            m = next(_RESERVE.search(ln) for ln in lines[i + 1:] if _RESERVE.search(ln))
+            lo, hi = int(m.group(1), 16), int(m.group(2), 16) + 1
+            out.append((lo, hi - lo))
+    return out
+
+
+@pytest.mark.parametrize("name", LOGS)
+def test_the_buddy_gets_the_pages_linux_hands_over(name):
+    """Every page memblock_free_all frees in Linux the model frees, and no
+    other: the initrd, NODE_DATA, the sparse and vmemmap blocks, the
+    per-CPU unit and its freed tail, the hash tables, swiotlb, the unused
+    brk after the image, and (5.10) the low memory below 1 MiB."""
+    log = _log(name)
+    k = Kernel.boot(e820=log, profile=_kernel(name), boot_cpa=False)
+    linux = _pages(linux_memblock(log))
+    assert _pages(k.memblock) == linux
+    assert k.buddy.nr_free() == sum(hi - lo for lo, hi in linux)
+
+
+@pytest.mark.parametrize("name", LOGS)
+def test_the_large_boot_blocks_are_where_linux_put_them(name):
+    """The 2 MiB per-CPU unit (2M aligned, top-down above 16 MiB: at 8G on
+    7.2 it is 0x237a00000, near the top, where the first bpf_prog_pack
+    takes pages), with the pages 'percpu: Embedded N pages/cpu' keeps; the
+    dentry and inode hash tables; swiotlb's 64 MiB below 4 GiB."""
+    log = _log(name)
+    k = Kernel.boot(e820=log, profile=_kernel(name), boot_cpa=False)
+    placed = k.bootmem.placed
+    unit = _allocation(log, "pcpu_fc_alloc")
+    assert placed["percpu unit"] == unit and unit[0][1] == 2 << 20
+    assert f"Embedded {k.bootmem.percpu_pages} pages/cpu" in log
+    hashes = _allocation(log, "alloc_large_system_hash")
+    assert placed["Dentry cache hash table"] + placed["Inode-cache hash table"] == hashes[:2]
+    swiotlb = [b for b in _allocation(log, r"swiotlb_init\w*") if b[1] == 64 << 20]
+    assert [b for b in placed.get("swiotlb", []) if b[1] == 64 << 20] == swiotlb
+    assert bool(swiotlb) == name.endswith("8G.log.gz")
+
+
+@pytest.mark.parametrize("name", LOGS)
+def test_hash_table_sizes_are_the_kernels(name):
+    """alloc_large_system_hash: the entries each log prints."""
+    log = _log(name)
+    e820 = E820Table.from_dmesg(log)
+    pages = nr_kernel_pages(e820)
+    for table, scale in (("Dentry cache", 13), ("Inode-cache", 14)):
+        entries = int(re.search(rf"{table} hash table entries: (\d+)", log).group(1))
+        assert alloc_large_system_hash(pages, 8, scale) == entries * 8
+
+
+def test_hash_tables_grow_more_slowly_beyond_64_gib():
+    """ADAPT_SCALE: the scale grows by 2 bits each 4x of memory beyond
+    64 GiB, so 256 GiB gets 4x the 16 GiB table, not 16x."""
+    gib = (1 << 30) // 4096
+    small = alloc_large_system_hash(16 * gib, 8, 13)
+    assert small == 8 * (1 << 21)                    # 2M entries at 16 GiB
+    assert alloc_large_system_hash(64 * gib, 8, 13) == 4 * small
+    assert alloc_large_system_hash(256 * gib, 8, 13) == 8 * small
+
+
+@pytest.mark.parametrize("name", LOGS)
+def test_qemu_puts_the_initrd_where_the_logs_show(name):
+    """QEMU's loader puts the initrd at the top of the RAM below 4 GiB: the
+    project's boot initramfs (620 pages) lands on each log's RAMDISK line,
+    at 2G and (below the 3 GiB hole) at 8G."""
+    log = _log(name)
+    m = re.search(r"RAMDISK: \[mem (0x[0-9a-f]+)-(0x[0-9a-f]+)\]", log)
+    want = (int(m.group(1), 16), int(m.group(2), 16) + 1)
+    e820 = E820Table.from_dmesg(log)
+    assert qemu_initrd_range(e820, DEFAULT_INITRD_BYTES) == want
+    k = Kernel.boot(ram=name.split("-")[2].split(".")[0], profile=_kernel(name), boot_cpa=False)
+    assert k.bootmem.initrd == want
+    assert "Freeing initrd memory: 2480K" in log
+
+
+def test_a_smaller_initrd_moves_the_top_allocations_up():
+    """A 1 MiB initramfs instead of the project's: the initrd starts 1.4 MiB
+    higher, and NODE_DATA and everything after it follows. A file of
+    exactly 256 pages leaves the top page free: QEMU rounds down from the
+    last byte below the top, (0x7ffdffff - 1 MiB) & ~0xfff."""
+    default = Kernel.boot(ram="2G", profile="6.1", boot_cpa=False)
+    small = Kernel.boot(ram="2G", profile="6.1", initrd=1 << 20, boot_cpa=False)
+    none = Kernel.boot(ram="2G", profile="6.1", initrd=0, boot_cpa=False)
+    assert small.bootmem.initrd == (0x7FEDF000, 0x7FFDF000)
+    assert none.bootmem.initrd is None
+    node = [k.bootmem.placed["NODE_DATA(0)"][0][0] for k in (default, small, none)]
+    assert node == [0x7FD49000, 0x7FEB4000, 0x7FFB5000]
+    assert none.buddy.nr_free() - default.buddy.nr_free() == 620
+
+
+def test_the_command_line_comes_from_the_log_and_sizes_two_copies():
+    log = _log("linux-6.1-2G.log.gz")
+    line = "console=ttyS0 nokaslr secretmem.enable=1 panic=-1 memblock=debug"
+    assert boot_command_line(log) == line
+    assert boot_command_line(None) == HARNESS_CMDLINE
+    k = Kernel.boot(e820=log, boot_cpa=False)
+    assert k.cmdline == line
+    assert [s for _b, s in k.bootmem.placed["command line"]] == [len(line) + 1] * 2
+    # a 3000-byte command line takes about two more pages from memblock
+    long = Kernel.boot(e820=log, boot_cpa=False, cmdline="x" * 3000)
+    assert k.buddy.nr_free() - long.buddy.nr_free() in (1, 2)
+
+
+def test_5_10_keeps_low_memory_free_below_1m():
+    """Before 5.13 only the first 64K, the BIOS area and the real-mode blob
+    are reserved below 1 MiB: pages 0x10-0x98 go to the buddy allocator."""
+    k = Kernel.boot(ram="2G", profile="5.10", boot_cpa=False)
+    assert _pages(k.memblock)[0] == (0x10, 0x99)
+    k61 = Kernel.boot(ram="2G", profile="6.1", boot_cpa=False)
+    assert _pages(k61.memblock)[0][0] == 0x100
+
+
+@pytest.mark.parametrize("kw, message", [
+    ({"initrd": -1}, "initrd size must be >= 0"),
+    ({"initrd": 3 << 30}, "does not fit the RAM below 4 GiB"),
+    ({"cmdline": 5}, "cmdline must be a str"),
+])
+def test_bad_boot_inputs_are_one_clear_error(kw, message):
+    with pytest.raises(KernelError, match=message):
+        Kernel.boot(ram="2G", profile="6.1", **kw)
+
+
+def test_a_ramdisk_line_outside_ram_is_refused():
+    log = _log("linux-6.1-2G.log.gz").replace("RAMDISK: [mem 0x7fd74000-0x7ffdffff]",
+                                                "RAMDISK: [mem 0x7ffd0000-0x7fffffff]")
+    with pytest.raises(KernelError, match="RAMDISK .* is not in RAM"):
+        Kernel.boot(e820=log)
+
+
+def test_memblock_frees_part_of_a_reservation_and_refuses_what_it_does_not_hold():
+    mb = Memblock(E820Table.qemu_pc("1G"))
+    mb.reserve(0x200000, 0x200000, "unit")
+    mb.free(0x23E000, 0x1C2000)                 # the per-CPU unit's tail
+    assert [(r.base, r.end) for r in mb.reserved] == [(0x200000, 0x23E000)]
+    before = list(mb.reserved)
+    with pytest.raises(MemblockError, match="not a reservation"):
+        mb.free(0x230000, 0x20000)              # runs past the reservation
+    assert mb.reserved == before
+
+
+def test_a_reboot_of_the_same_machine_keeps_its_boot_layout():
+    """tlbcost's unfragmented reference boots the same machine again: the
+    initrd range and command line of the pasted log carry over, so every
+    boot-time block is where it was."""
+    from guestkernel.tlbcost import reference_kernel
+    log = _log("linux-7.2-8G.log.gz").replace("memblock=debug", "memblock=debug " + "y" * 900)
+    k = Kernel.boot(e820=log, boot_cpa=False)
+    again = reference_kernel(k)
+    assert again.bootmem.initrd == k.bootmem.initrd == (0xBFD74000, 0xBFFE0000)
+    assert again.cmdline == k.cmdline and again.bootmem.placed == k.bootmem.placed
