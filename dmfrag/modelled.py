@@ -12,9 +12,12 @@ The same requests in the same order as the placed replay (:mod:`dmfrag.placed`):
   allocated inside a CPA pass (``cpa_pgtable``) is not replayed: the model's
   splits take their own.
 * ``F``: the model frees the block it gave for Linux's (a part of it after
-  the kernel's ``split_page``: the model splits too); a free of memory the
-  trace never allocated (before tracing, the bulk allocator) is counted and
-  skipped: the model cannot free what it never gave.
+  the kernel's ``split_page``: the model splits too); from the model's own
+  boot, a free of memory its memblock still holds (the initrd, the init
+  sections: ``free_reserved_area``) gives those pages to its buddy
+  allocator as Linux did (``reserved_pages_freed``); any other free of
+  memory the trace never allocated (before tracing, the bulk allocator) is
+  counted and skipped: the model cannot free what it never gave.
 * ``C``: direct-map addresses become the model's pages (Linux pfn -> the
   model's pfn of the same allocation; unknown pages keep their pfn: kernel
   image, boot memory); image addresses stay. Requests before boot kprobes
@@ -71,6 +74,10 @@ class ModelledReplay:
     #: Linux's page-table pages inside CPA passes (the model's splits take their own)
     pgtable_allocations_skipped: int = 0
     untraced_frees: int = 0
+    #: from the model's own boot: pages of frees of memblock-reserved memory
+    #: (the initrd, the init sections) that the model gave its buddy
+    #: allocator as Linux did (free_reserved_area)
+    reserved_pages_freed: int = 0
     #: pages of bulk allocations (recorded ``B`` events, or in a version-3
     #: trace inferred from their frees: see _infer_bulk), and how many of
     #: them the model put at Linux's pfn
@@ -108,6 +115,7 @@ class ModelledReplay:
                 "events": self.events, "allocation_placement": self.placement(),
                 "pgtable_allocations_skipped": self.pgtable_allocations_skipped,
                 "untraced_frees": self.untraced_frees,
+                "reserved_pages_freed": self.reserved_pages_freed,
                 "bulk": {"pages": self.bulk_pages, "same_pfn": self.bulk_same_pfn},
                 "ring_buffer_pages": self.ring_buffer_pages,
                 "ftrace_pages": self.ftrace_pages,
@@ -367,6 +375,8 @@ class _Modelled(Replayer):
         if head < 0:
             if self.start and self._free_dumped(pfn, order):
                 return
+            if not self.start and self._free_reserved(pfn, order):
+                return
             self.res.untraced_frees += 1
             return
         whole, pages = self._release(pfn, order, head)
@@ -400,6 +410,21 @@ class _Modelled(Replayer):
         if whole or all(ho[q] != head for q in range(head, head + (1 << horder))):
             del blocks[head]
         return whole, pages
+
+    def _free_reserved(self, pfn: int, order: int) -> bool:
+        """From the model's own boot: a free of memory memblock kept (the
+        initrd, the init sections, the kernel image's gaps), which Linux
+        gives to the buddy allocator page by page (free_reserved_area):
+        the model frees the same pages, still reserved in its memblock too,
+        the same way. False when they are not all reserved in the model."""
+        b = self.k.buddy
+        end = pfn + (1 << order)
+        if not 0 <= pfn < end <= b.max_pfn or any(
+                b.is_handed_over(p) for p in range(pfn, end)):
+            return False
+        b.free_reserved_area(pfn, end)
+        self.res.reserved_pages_freed += end - pfn
+        return True
 
     def _free_dumped(self, pfn: int, order: int) -> bool:
         """From a dump on: a free of memory allocated before it (the model

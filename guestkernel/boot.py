@@ -388,7 +388,8 @@ def _inner_pages(begin: int, end: int) -> tuple[int, int]:
 def _free_init_pages(cpa: Cpa, buddy: BuddyAllocator, version: KernelVersion, begin: int,
                      end: int) -> None:
     """``free_init_pages``: NX and RW (the RW reaches the direct-map alias),
-    then the pages go to the buddy allocator."""
+    then ``free_reserved_area``: the pages to the buddy allocator one at a
+    time, through the per-CPU list."""
     begin, end = _inner_pages(begin, end)
     if end <= begin:
         return
@@ -396,7 +397,16 @@ def _free_init_pages(cpa: Cpa, buddy: BuddyAllocator, version: KernelVersion, be
     cpa.set_memory_nx(begin, n)
     cpa.set_memory_rw(begin, n)
     img = version.image
-    buddy.free_range(img.pa(begin) >> 12, img.pa(end) >> 12)
+    pa = img.pa(begin) if begin >= START_KERNEL_MAP else begin - PAGE_OFFSET
+    buddy.free_reserved_area(pa >> 12, (pa >> 12) + n)
+
+
+def free_initrd_mem(cpa: Cpa, buddy: BuddyAllocator, version: KernelVersion,
+                    initrd: tuple[int, int] | None) -> None:
+    """``free_initrd_mem`` (x86): ``free_init_pages`` on the initrd's
+    direct-map range, once populate_rootfs has unpacked it."""
+    if initrd is not None:
+        _free_init_pages(cpa, buddy, version, PAGE_OFFSET + initrd[0], PAGE_OFFSET + initrd[1])
 
 
 def _free_kernel_image_pages(cpa: Cpa, buddy: BuddyAllocator, version: KernelVersion,
@@ -473,7 +483,8 @@ def ftrace_init(buddy: BuddyAllocator, pages: int) -> list[int]:
 
 def boot_cpa_calls(cpa: Cpa, buddy: BuddyAllocator, bpf: BpfJit, version: KernelVersion,
                    only: Callable[[BootCpaCall], bool] | None = None,
-                   real_mode: int | None = None) -> None:
+                   real_mode: int | None = None,
+                   initrd: tuple[int, int] | None = None) -> None:
     """The CPA calls of boot, in the record's order (found with ftrace on
     the reference kernel):
 
@@ -486,6 +497,8 @@ def boot_cpa_calls(cpa: Cpa, buddy: BuddyAllocator, bpf: BpfJit, version: Kernel
     * ``sock_init`` -> ``ptp_classifier_init``: a classic BPF filter is
       JITed, which allocates the first ``bpf_prog_pack`` (RO+X) where the
       kernel has packs;
+    * ``populate_rootfs`` -> ``free_initrd_mem``: the initrd's pages
+      ``initrd`` ([start, end) physical) freed one at a time;
     * ``free_initmem``: ``mem_encrypt_free_decrypted_mem`` frees the unused
       part of ``.bss..decrypted`` (NX+RW on a partial 2M image page: a
       split), then the init sections; then ``mark_rodata_ro``.
@@ -509,6 +522,8 @@ def boot_cpa_calls(cpa: Cpa, buddy: BuddyAllocator, bpf: BpfJit, version: Kernel
                 cpa.set_memory_x(base + text * PAGE_SIZE, ntext)
         elif call is BootCpaCall.PTP_CLASSIFIER_BPF:
             bpf.load(PTP_CLASSIFIER_JIT_BYTES)
+        elif call is BootCpaCall.FREE_INITRD:
+            free_initrd_mem(cpa, buddy, version, initrd)
         elif call is BootCpaCall.FREE_BSS_DECRYPTED:
             _free_init_pages(cpa, buddy, version, img.bss_decrypted_unused, img.end_bss_decrypted)
         elif call is BootCpaCall.FREE_INITMEM:

@@ -228,7 +228,8 @@ class Kernel:
             k.buddy.boot_pagesets()
             ftrace_init(k.buddy, k.ftrace_pages)
             k.buddy.setup_per_cpu_pageset()
-            boot_cpa_calls(k.cpa, k.buddy, k.bpf, version, real_mode=k.real_mode_base)
+            boot_cpa_calls(k.cpa, k.buddy, k.bpf, version, real_mode=k.real_mode_base,
+                           initrd=ramdisk)
             k._enter_running()
         return k
 

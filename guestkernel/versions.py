@@ -108,6 +108,10 @@ class BootCpaCall(enum.Enum):
     REAL_MODE = "real_mode"
     #: sock_init -> ptp_classifier_init: a classic BPF filter JITed
     PTP_CLASSIFIER_BPF = "ptp_classifier_bpf"
+    #: populate_rootfs (rootfs_initcall) -> free_initrd_mem: x86's
+    #: free_init_pages on the initrd's direct map (NX and RW: what it has,
+    #: no change), its pages freed one at a time (free_reserved_area)
+    FREE_INITRD = "free_initrd"
     #: free_initmem -> mem_encrypt_free_decrypted_mem: unused .bss..decrypted
     FREE_BSS_DECRYPTED = "free_bss_decrypted"
     #: free_initmem: the init sections
@@ -280,7 +284,8 @@ VERSIONS: dict[str, KernelVersion] = {
         node_data_bytes=0x2A000,
         boot_cpa=(BootCpaCall.IDT_RO, BootCpaCall.FREE_SMP_ALTERNATIVES,
                   BootCpaCall.REAL_MODE,
-                  BootCpaCall.PTP_CLASSIFIER_BPF, BootCpaCall.FREE_BSS_DECRYPTED,
+                  BootCpaCall.PTP_CLASSIFIER_BPF, BootCpaCall.FREE_INITRD,
+                  BootCpaCall.FREE_BSS_DECRYPTED,
                   BootCpaCall.FREE_INITMEM, BootCpaCall.MARK_RODATA_RO),
         bpf_prog_pack=False, secretmem=False, real_mode=(6, 2, 1, 1), pcp_high_orders=False,
         vmalloc_bulk=False, ftrace_pages=144, deferred_reserved_unmovable=True,

@@ -22,6 +22,7 @@ from guestkernel.bootmem import (
 )
 from guestkernel.e820 import E820Table
 from guestkernel.memblock import Memblock, MemblockError
+from guestkernel.owner import PageOwner
 
 MEMBLOCK = Path(__file__).parent / "data" / "memblock"
 LOGS = sorted(p.name for p in MEMBLOCK.glob("*.log.gz"))
@@ -228,3 +229,51 @@ def test_a_reboot_of_the_same_machine_keeps_its_boot_layout():
     again = reference_kernel(k)
     assert again.bootmem.initrd == k.bootmem.initrd == (0xBFD74000, 0xBFFE0000)
     assert again.cmdline == k.cmdline and again.bootmem.placed == k.bootmem.placed
+
+
+def test_the_initrd_is_freed_page_by_page_after_the_boot_pack():
+    """populate_rootfs -> free_initrd_mem: x86's free_init_pages on the
+    initrd's direct map (NX and RW, what it has: no split), then
+    free_reserved_area, one order-0 page at a time through the per-CPU
+    list: "Freeing initrd memory: 2480K"."""
+    k = Kernel.boot(ram="2G", profile="6.1")
+    lo, hi = (x >> 12 for x in k.bootmem.initrd)
+    assert hi - lo == 620
+    assert all(k.buddy.is_handed_over(p) for p in range(lo, hi))
+    # free, but for the page tables the splits of free_initmem and
+    # mark_rodata_ro took right after: the per-CPU list's last-freed pages
+    states = k.buddy.page_states()
+    taken = [p for p in range(lo, hi) if states[p] != 1]
+    assert taken == list(range(hi - 6, hi))
+    assert all(k.page_owner[p] == PageOwner.PAGE_TABLE for p in taken)
+    held = Kernel.boot(ram="2G", profile="6.1", boot_cpa=False)
+    assert not any(held.buddy.is_handed_over(p) for p in range(lo, hi))
+    k.validate("full")
+
+
+def test_free_reserved_area_refuses_pages_given_already_and_changes_nothing():
+    k = Kernel.boot(ram="2G", profile="6.1", boot_cpa=False)
+    lo = k.bootmem.initrd[0] >> 12
+    k.buddy.free_reserved_area(lo, lo + 4)
+    before = (k.buddy.nr_free(), [list(h) for h in k.buddy._handed])
+    with pytest.raises(ValueError, match="given to the buddy already"):
+        k.buddy.free_reserved_area(lo + 2, lo + 8)
+    assert (k.buddy.nr_free(), [list(h) for h in k.buddy._handed]) == before
+    with pytest.raises(ValueError, match="is in no zone|not within"):
+        k.buddy.free_reserved_area(k.max_pfn - 1, k.max_pfn + 1)
+    k.buddy.check()
+
+
+def test_own_boot_replay_frees_what_linux_frees_of_boot_memory():
+    """From the model's own boot, the trace's frees of memory memblock kept
+    go to the model's buddy allocator at the same pfns: the committed 6.1
+    recording frees the initrd (620 pages) and, in free_initmem and
+    mark_rodata_ro, the unused .bss..decrypted (2036K), the init sections
+    (2824K) and the text/rodata and rodata/data gaps (2040K, 1108K): the
+    lines "Freeing ... memory" of its boot log."""
+    from dmfrag.modelled import replay_modelled
+    r = replay_modelled(Path(__file__).parent / "data" / "truth" / "linux-6.1-2G-bpf-64.jsonl.gz")
+    assert r.error is None
+    assert r.reserved_pages_freed == 620 + (2036 + 2824 + 2040 + 1108) // 4
+    assert r.to_json()["reserved_pages_freed"] == r.reserved_pages_freed
+    r.model.buddy.check()

@@ -132,3 +132,17 @@ def test_the_ram_limit_is_named_with_its_number():
            "BIOS-e820: [mem 0x0000000000100000-0x000000ffffffffff] usable\n")
     with pytest.raises(BootError, match="the e820 map's RAM ends at 0x10000000000, beyond"):
         e820__memory_setup(big, None)
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (DATA / "memblock").glob("*.log.gz")))
+def test_qemu_layout_is_the_logged_map_entry_for_entry(name):
+    """QEMU's PC layout as the committed boot logs print it: every entry,
+    the reserved HyperTransport hole below 1 TiB an AMD CPU gets included,
+    and the firmware map's entry count (one firmware_map_add_early each)."""
+    import gzip
+    log = gzip.decompress((DATA / "memblock" / name).read_bytes()).decode()
+    real = E820Table.from_dmesg(log)
+    model = E820Table.qemu_pc(name.split("-")[2].split(".")[0])
+    assert real.entries == model.entries
+    assert real.firmware_entries == model.firmware_entries == (7 if "2G" in name else 8)
+    assert model.entries[-1].start == 0xFD00000000 and model.entries[-1].end == 1 << 40

@@ -20,6 +20,7 @@ from .types import (
     MAX_ORDER,
     MAX_ORDER_NR_PAGES,
     PAGEBLOCK_ORDER,
+    PG_ALLOC,
     PG_BUDDY,
     largest_aligned_order,
 )
@@ -29,12 +30,14 @@ __all__ = ["MemblockMixin"]
 
 
 class MemblockMixin:
-    """``memblock_free_all`` for the allocator: ``free_range``."""
+    """``memblock_free_all`` for the allocator: ``free_range``; later
+    hand-overs of memblock-reserved pages: ``free_reserved_area``."""
 
     max_pfn: int
     watermarks_fixed: bool
     zones: list[Zone]
     _handed: list[list[int]]
+    _state: memoryview
     _state_np: np.ndarray
     _pageblock_np: np.ndarray
     _pageblock_mt: memoryview
@@ -73,6 +76,53 @@ class MemblockMixin:
         self._handed = merged
         if not self.watermarks_fixed:
             self._setup_per_zone_wmarks()
+
+    def is_handed_over(self, pfn: int) -> bool:
+        """Whether ``pfn`` was given to the buddy allocator (memblock_free_all
+        or a later free of reserved memory); False: still reserved."""
+        i = bisect.bisect_right(self._handed, [pfn, float("inf")])
+        return i > 0 and self._handed[i - 1][0] <= pfn < self._handed[i - 1][1]
+
+    def free_reserved_area(self, start_pfn: int, end_pfn: int) -> None:
+        """``free_reserved_area``: pages memblock kept (the initrd, the init
+        sections) given to the buddy allocator one at a time in ascending
+        order, each as ``free_reserved_page`` does: its zone's managed pages
+        one more (``adjust_managed_page_count``; the watermarks are not
+        recomputed) and an order-0 ``__free_page``, through the per-CPU list.
+        Raises ValueError, changing nothing, if a page was handed over
+        already or lies outside the zones."""
+        if not 0 <= start_pfn <= end_pfn <= self.max_pfn:
+            raise ValueError(f"range [{start_pfn:#x}, {end_pfn:#x}) not within "
+                             f"[0, {self.max_pfn:#x})")
+        i = bisect.bisect_right(self._handed, [start_pfn, float("inf")])
+        for s, e in self._handed[max(i - 1, 0):]:
+            if s >= end_pfn:
+                break
+            if start_pfn < e:
+                raise ValueError(f"free_reserved_area [{start_pfn:#x}, {end_pfn:#x}): pages "
+                                 f"[{max(s, start_pfn):#x}, {min(e, end_pfn):#x}) were "
+                                 "given to the buddy already")
+        zones = []
+        for pfn in range(start_pfn, end_pfn):
+            zone = next((z for z in self.zones if z.start_pfn <= pfn < z.end_pfn), None)
+            if zone is None:
+                raise ValueError(f"free_reserved_area: pfn {pfn:#x} is in no zone")
+            zones.append(zone)
+        if start_pfn == end_pfn:
+            return
+        bisect.insort(self._handed, [start_pfn, end_pfn])
+        merged: list[list[int]] = []
+        for s, e in self._handed:
+            if merged and merged[-1][1] == s:
+                merged[-1][1] = e
+            else:
+                merged.append([s, e])
+        self._handed = merged
+        st = self._state
+        for pfn, zone in zip(range(start_pfn, end_pfn), zones):
+            zone.managed_pages += 1
+            st[pfn] = PG_ALLOC                  # init_page_count: an order-0 page in use
+            self.free_pages(pfn, 0)
 
     def _free_pages_memory(self, zone: Zone, start: int, end: int) -> None:
         """``__free_pages_memory``: largest aligned blocks, in increasing pfn order;
