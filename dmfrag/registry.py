@@ -323,13 +323,15 @@ SECRETMEM_PAGES = 4096
 
 def module_layout(path: str | Path) -> dict[str, int]:
     """Core and init section sizes of a .ko as ``layout_sections`` groups
-    them (text, rodata, ro_after_init, data; init text/data apart), each
+    them (text, rodata, ro_after_init, data; init text, rodata and data
+    apart), each
     category page-aligned (STRICT_MODULE_RWX). ``__versions`` and
     ``.modinfo`` lose SHF_ALLOC at load; the kallsyms tables join core data."""
     from elftools.elf.elffile import ELFFile
 
     SHF_WRITE, SHF_ALLOC, SHF_EXEC = 0x1, 0x2, 0x4
-    out = {"text": 0, "rodata": 0, "ro_after_init": 0, "data": 0, "init_text": 0, "init_data": 0}
+    out = {"text": 0, "rodata": 0, "ro_after_init": 0, "data": 0, "init_text": 0,
+           "init_rodata": 0, "init_data": 0}
     with open(path, "rb") as fh:
         elf = ELFFile(fh)
         for sec in elf.iter_sections():
@@ -346,7 +348,7 @@ def module_layout(path: str | Path) -> dict[str, int]:
             elif flags & SHF_WRITE:
                 out["init_data" if init else "data"] += size
             else:
-                out["init_data" if init else "rodata"] += size
+                out["init_rodata" if init else "rodata"] += size
     return out
 
 
@@ -357,16 +359,9 @@ def cal_modules(k: Kernel, snap: Callable[[str], None], module_path: Callable[[s
     mods = modules_for(k.profile.name)
     for m in mods:
         lay = module_layout(module_path(m))
-        k.modules.load_module(m, lay["text"], lay["rodata"], lay["ro_after_init"], lay["data"])
-        if lay["init_text"] or lay["init_data"]:
-            # The init layout: its own module_alloc, RO+X text, freed
-            # (vfree with reset perms) once the module's init returned.
-            init = k.module_alloc(lay["init_text"] + lay["init_data"] or 4096)
-            tp = -(-lay["init_text"] // 4096)
-            if tp:
-                k.set_memory_ro(init, tp)
-                k.set_memory_x(init, tp)
-            k.vfree(init)
+        k.modules.load_module(m, lay["text"], lay["rodata"], lay["ro_after_init"], lay["data"],
+                              init_text=lay["init_text"], init_rodata=lay["init_rodata"],
+                              init_data=lay["init_data"])
     snap("modules")
     for m in mods:
         k.modules.delete_module(m)
@@ -494,7 +489,8 @@ def calibration(name: str) -> Calibration | None:
 # -- step lists: parameterized workloads, run in order, a snapshot after each -----------
 
 #: The five modules' section sizes as :func:`module_layout` reads them from
-#: each package (text, rodata, ro_after_init, data, init_text, init_data):
+#: each package (text, rodata, ro_after_init, data, init_text, init_data;
+#: none of them has init rodata):
 #: what a model run's ``modules`` step loads without the package at hand
 #: (calibrate reads the files themselves; 7.2's from linux-modules-7.2.13).
 MODULE_LAYOUTS: dict[str, dict[str, tuple[int, int, int, int, int, int]]] = {
@@ -644,9 +640,8 @@ def st_module_churn(d: Recorder, rng: random.Random, n: int) -> None:
     for op, i in module_churn_plan(n):
         if op == "load":
             t, r, a, da, it, idata = lay[mods[i]]
-            d.call("load_module", name=mods[i], text=t, rodata=r, ro_after_init=a, data=da)
-            if it or idata:
-                d.call("module_init", text=it, data=idata)
+            d.call("load_module", name=mods[i], text=t, rodata=r, ro_after_init=a, data=da,
+                   init_text=it, init_data=idata)
         else:
             d.call("delete_module", name=mods[i])
 
@@ -772,9 +767,8 @@ def _modules_step(d: Recorder, kernel: str) -> None:
     mods = modules_for(kernel) if kernel in MODULE_LAYOUTS else MODULES
     for m in mods:
         t, r, a, da, it, idata = lay[m]
-        d.call("load_module", name=m, text=t, rodata=r, ro_after_init=a, data=da)
-        if it or idata:
-            d.call("module_init", text=it, data=idata)
+        d.call("load_module", name=m, text=t, rodata=r, ro_after_init=a, data=da,
+               init_text=it, init_data=idata)
     d.snap("modules")
     for m in mods:
         d.call("delete_module", name=m)

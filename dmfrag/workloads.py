@@ -105,13 +105,16 @@ def _op_set_memory(k, kind: str, page, numpages: int):
     getattr(k, f"set_memory_{kind}")(k.pfn_to_virt(page), numpages)
 
 
-def _op_load_module(k, name: str, text: int, rodata: int, ro_after_init: int, data: int):
-    k.modules.load_module(name, text, rodata, ro_after_init, data)
+def _op_load_module(k, name: str, text: int, rodata: int, ro_after_init: int, data: int,
+                    init_text: int = 0, init_rodata: int = 0, init_data: int = 0):
+    k.modules.load_module(name, text, rodata, ro_after_init, data, init_text=init_text,
+                          init_rodata=init_rodata, init_data=init_data)
 
 
 def _op_module_init(k, text: int, data: int):
-    """A module's init layout: module_alloc'd, its text made RO+X, freed
-    (vfree with reset perms) once init returned."""
+    """A module's init layout on its own, as call traces recorded before
+    ``load_module`` took the init sizes itself: module_alloc'd, its text
+    made RO+X, freed (vfree with reset perms) once init returned."""
     init = k.module_alloc(text + data or 4096)
     tp = -(-text // 4096)
     if tp:

@@ -101,6 +101,19 @@ class AreaSetup:
         return False
 
 
+class _NoArea:
+    """A module without an init layout: its init steps do nothing."""
+
+    def __enter__(self) -> _NoArea:
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        return False
+
+    def step(self, *args) -> None:
+        raise AssertionError("no init layout to protect")
+
+
 @dataclass
 class Module:
     name: str
@@ -109,6 +122,10 @@ class Module:
     rodata_pages: int
     ro_after_init_pages: int
     data_pages: int
+    #: the init layout's pages (freed once the module's init returned)
+    init_text_pages: int = 0
+    init_rodata_pages: int = 0
+    init_data_pages: int = 0
     live: bool = True
 
     @property
@@ -167,28 +184,70 @@ class ModuleLoader:
         self.modules: dict[str, Module] = {}
 
     def load_module(self, name: str, text: int, rodata: int = 0, ro_after_init: int = 0,
-                    data: int = 0) -> Module:
-        """Load a module whose core sections have these sizes in bytes."""
+                    data: int = 0, *, init_text: int = 0, init_rodata: int = 0,
+                    init_data: int = 0) -> Module:
+        """``load_module`` of a module whose sections have these sizes in
+        bytes (each category page-aligned: STRICT_MODULE_RWX):
+
+        * ``move_module``: the core layout (text, rodata, ro_after_init,
+          data) one ``module_alloc``, then the init layout (init text, init
+          rodata, init data) its own, when it has any;
+        * ``complete_formation``: ``module_enable_ro`` (core text, init text,
+          core rodata, init rodata), ``module_enable_nx`` (core rodata,
+          ro_after_init and data, init rodata and data), ``module_enable_x``
+          (core text, init text);
+        * ``do_init_module``: the module's init runs, ``module_enable_ro(mod,
+          true)`` makes ro_after_init read-only, and ``do_free_init`` frees
+          the init layout (``vfree`` with VM_FLUSH_RESET_PERMS: its aliases
+          back to RW).
+
+        A step that runs out of memory undoes what the load did and frees
+        both layouts (:class:`AreaSetup`); the module is not loaded."""
         if name in self.modules:
             raise UsersError(f"module {name!r} is already loaded")
-        if min(text, rodata, ro_after_init, data) < 0 or text <= 0:
-            raise UsersError(f"module {name!r}: section sizes must be >= 0, text > 0")
+        sizes = (text, rodata, ro_after_init, data, init_text, init_rodata, init_data)
+        if not all(isinstance(x, int) for x in sizes) or min(sizes) < 0 or text <= 0:
+            raise UsersError(f"module {name!r}: section sizes must be ints >= 0, text > 0")
         t, r, a, d = _pages(text), _pages(rodata), _pages(ro_after_init), _pages(data)
+        it, ir, idata = _pages(init_text), _pages(init_rodata), _pages(init_data)
         cpa = self.cpa
+        ro, rw, nx, x = cpa.set_memory_ro, cpa.set_memory_rw, cpa.set_memory_nx, cpa.set_memory_x
         area = self.execmem.module_alloc((t + r + a + d) * PAGE_SIZE, caller=f"module {name}")
         base = area.addr
-        mod = Module(name, area, t, r, a, d)
-        with AreaSetup(self.vmalloc, area) as setup:
-            # complete_formation: module_enable_ro(mod, false), _nx, _x.
-            setup.step(cpa.set_memory_ro, cpa.set_memory_rw, base, t)
-            if r:
-                setup.step(cpa.set_memory_ro, cpa.set_memory_rw, base + t * PAGE_SIZE, r)
-            if r or a or d:
-                setup.step(cpa.set_memory_nx, None, base + t * PAGE_SIZE, r + a + d)
-            setup.step(cpa.set_memory_x, None, base, t)
-            # do_init_module: module_enable_ro(mod, true).
-            if a:
-                setup.step(cpa.set_memory_ro, cpa.set_memory_rw, base + (t + r) * PAGE_SIZE, a)
+        mod = Module(name, area, t, r, a, d, it, ir, idata)
+        with AreaSetup(self.vmalloc, area) as core:
+            init_area = None
+            if it + ir + idata:
+                init_area = self.execmem.module_alloc((it + ir + idata) * PAGE_SIZE,
+                                                      caller=f"module {name} init")
+            with (AreaSetup(self.vmalloc, init_area) if init_area is not None
+                  else _NoArea()) as init:
+                ib = init_area.addr if init_area is not None else 0
+                # complete_formation: module_enable_ro(mod, false)
+                core.step(ro, rw, base, t)
+                if it:
+                    init.step(ro, rw, ib, it)
+                if r:
+                    core.step(ro, rw, base + t * PAGE_SIZE, r)
+                if ir:
+                    init.step(ro, rw, ib + it * PAGE_SIZE, ir)
+                # module_enable_nx
+                for off, n in ((t, r), (t + r, a), (t + r + a, d)):
+                    if n:
+                        core.step(nx, None, base + off * PAGE_SIZE, n)
+                for off, n in ((it, ir), (it + ir, idata)):
+                    if n:
+                        init.step(nx, None, ib + off * PAGE_SIZE, n)
+                # module_enable_x
+                core.step(x, None, base, t)
+                if it:
+                    init.step(x, None, ib, it)
+                # do_init_module: module_enable_ro(mod, true)
+                if a:
+                    core.step(ro, rw, base + (t + r) * PAGE_SIZE, a)
+            if init_area is not None:
+                # do_free_init: module_memfree of the init layout
+                self.vmalloc.vfree(init_area.addr)
         self.modules[name] = mod
         return mod
 

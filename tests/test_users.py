@@ -178,3 +178,70 @@ def test_failed_vmalloc_gives_back_every_page_it_took():
     assert free_pages() == free
     assert set(k.pgt.table_pages) == tables and k.vmalloc.areas == areas
     k.validate("full")
+
+
+def test_module_init_layout_is_its_own_area_protected_then_freed(k, monkeypatch):
+    """load_module with init sections (6.1's move_module, complete_formation,
+    do_init_module): the init layout is a second module_alloc after the
+    core's; module_enable_ro/nx/x go core then init (text RO, init text RO,
+    rodata RO, init rodata RO; NX on the core's rodata, ro_after_init and
+    data, then the init rodata and data; X on both texts); ro_after_init
+    becomes RO after init; then the init layout is freed with its aliases
+    reset to RW."""
+    calls = []
+    for kind in ("ro", "rw", "nx", "x"):
+        real = getattr(k.cpa, f"set_memory_{kind}")
+        monkeypatch.setattr(k.cpa, f"set_memory_{kind}",
+                            lambda addr, n, _k=kind, _r=real: (calls.append((_k, addr, n)),
+                                                              _r(addr, n))[1])
+    freed = {}
+    vfree = k.vmalloc.vfree
+    monkeypatch.setattr(k.vmalloc, "vfree", lambda addr: (
+        freed.__setitem__(addr, k.vmalloc.areas[addr].pfns()), vfree(addr))[1])
+    before = set(k.vmalloc.areas)
+    mod = k.modules.load_module("bfs", text=3 * 4096, rodata=4096, ro_after_init=4096,
+                                data=4096, init_text=2 * 4096, init_rodata=100, init_data=8)
+    core = mod.base
+    assert set(k.vmalloc.areas) - before == {core}           # the init layout is gone
+    assert (mod.init_text_pages, mod.init_rodata_pages, mod.init_data_pages) == (2, 1, 1)
+    init = next(addr for kind, addr, _n in calls if kind == "ro" and addr != core)
+    assert init > core                                         # allocated after the core
+    P = 4096
+    expect = [("ro", core, 3), ("ro", init, 2), ("ro", core + 3 * P, 1), ("ro", init + 2 * P, 1),
+              ("nx", core + 3 * P, 1), ("nx", core + 4 * P, 1), ("nx", core + 5 * P, 1),
+              ("nx", init + 2 * P, 1), ("nx", init + 3 * P, 1),
+              ("x", core, 3), ("x", init, 2), ("ro", core + 4 * P, 1)]
+    assert calls[:len(expect)] == expect
+    # the init layout's pages went back with RW aliases (vm_reset_perms)
+    for pfn in freed[init]:
+        entry, _level = k.lookup_address(k.pfn_to_virt(pfn))
+        assert entry & F.RW and entry & F.NX
+    assert k.machine.translate(core, "x") == mod.area.pfns()[0] << 12
+    k.validate("full")
+
+
+def test_a_module_whose_init_protection_fails_is_not_loaded(k, monkeypatch):
+    """Out of memory while protecting the init layout (its text's
+    set_memory_x): the init steps and then the core's are undone, both
+    layouts freed, every alias back, and no module is left behind."""
+    from guestkernel.page_alloc import AllocationError
+    aliases = {pfn: k.lookup_address(k.pfn_to_virt(pfn))[0] & (F.RW | F.NX)
+               for pfn in range(0x100000, 0x100000 + 4096)}
+    areas = set(k.vmalloc.areas)
+    real_x = k.cpa.set_memory_x
+    cores = []
+
+    def set_memory_x(addr, n):
+        if cores and addr != cores[0]:
+            raise AllocationError(0, 0, "injected: no page for the table")
+        cores.append(addr)
+        return real_x(addr, n)
+
+    monkeypatch.setattr(k.cpa, "set_memory_x", set_memory_x)
+    with pytest.raises(MemoryError, match="injected"):
+        k.modules.load_module("bfs", text=8192, rodata=4096, data=4096, init_text=4096,
+                              init_data=4096)
+    assert "bfs" not in k.modules.modules and set(k.vmalloc.areas) == areas
+    assert {pfn: k.lookup_address(k.pfn_to_virt(pfn))[0] & (F.RW | F.NX)
+            for pfn in aliases} == aliases
+    k.validate("full")
