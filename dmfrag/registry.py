@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
     from guestkernel import Kernel
+    from guestkernel.versions import KernelVersion
 
 __all__ = [
     "MODULES",
@@ -52,6 +53,7 @@ __all__ = [
     "UnknownWorkload",
     "Workload",
     "bpf_jit_bytes",
+    "bpf_jit_len",
     "calibration",
     "guest_names",
     "guest_steps",
@@ -316,7 +318,6 @@ _TRACE_STEPS = ["mount -t tracefs tracefs /sys/kernel/tracing", "echo '@@TRACE'"
 
 # -- their model counterparts (calibration) ---------------------------------------------
 
-BPF_JIT_BYTES = 64   # a 2-instruction program: prologue, body, epilogue in one chunk
 BPF_PROGS = 2048     # as many as the guest's `bpf_load 2048`
 SECRETMEM_PAGES = 4096
 
@@ -370,7 +371,8 @@ def cal_modules(k: Kernel, snap: Callable[[str], None], module_path: Callable[[s
 
 def cal_bpf(k: Kernel, snap: Callable[[str], None], module_path: Callable[[str], Path]) -> None:
     """The same number of minimal BPF programs, held, then freed."""
-    progs = [k.bpf.load(BPF_JIT_BYTES) for _ in range(BPF_PROGS)]
+    size = bpf_jit_bytes(2, k)
+    progs = [k.bpf.load(size) for _ in range(BPF_PROGS)]
     snap("bpf")
     for p in progs:
         k.bpf.free(p.addr)
@@ -506,15 +508,20 @@ MODULE_LAYOUTS: dict[str, dict[str, tuple[int, int, int, int, int, int]]] = {
 }
 
 
-def bpf_jit_bytes(insns: int) -> int:
-    """The x86-64 JIT image of ``bpf_load``'s program of ``insns``
-    instructions (``insns - 1`` times ``r0 = 0``, then ``exit``): 64 bytes
-    for the 2-instruction program (prologue, one move, epilogue: the
-    calibrated size) plus 2 bytes per further ``r0 = 0`` (``emit_mov_imm32``
-    emits ``xor eax, eax`` for an immediate 0). The image lands in whole
-    pages on 5.10 (``bpf_jit_binary_alloc``) and in 64-byte chunks of a
-    ``bpf_prog_pack`` from 5.18 on."""
-    return BPF_JIT_BYTES + 2 * (insns - 2)
+def bpf_jit_len(insns: int, version: KernelVersion) -> int:
+    """The x86-64 JIT image length of ``bpf_load``'s program of ``insns``
+    instructions (``insns - 1`` times ``r0 = 0``, then ``exit``): the
+    kernel's 2-instruction image (``KernelVersion.bpf_jit_base_len``, read
+    from the guest: 15, 16 and 25 bytes on 5.10, 6.1 and 7.2) plus 2 bytes
+    per further ``r0 = 0`` (``emit_mov_imm32`` emits ``xor eax, eax`` for
+    an immediate 0), as the guest reads them up to 1024 instructions."""
+    return version.bpf_jit_base_len + 2 * (insns - 2)
+
+
+def bpf_jit_bytes(insns: int, k: Kernel) -> int:
+    """What ``k``'s JIT allocates for that program (:meth:`BpfJit.alloc_bytes`:
+    64-byte chunks of a ``bpf_prog_pack`` from 5.18 on, whole pages before)."""
+    return k.bpf.alloc_bytes(bpf_jit_len(insns, k.profile))
 
 
 #: one ``bpftrace`` run: (programs, instructions) loaded together, then
@@ -579,8 +586,9 @@ def st_age(d: Recorder, rng: random.Random, n: int) -> None:
 def st_bpf(d: Recorder, rng: random.Random, n: int, k: int) -> None:
     """``bpf:N[:K]``: N programs of K instructions (default 2) JIT-ed and
     held (image size: :func:`bpf_jit_bytes`)."""
+    size = bpf_jit_bytes(k, d.kernel)
     for _ in range(n):
-        d.call("bpf_load", size=bpf_jit_bytes(k))
+        d.call("bpf_load", size=size)
 
 
 def st_secretmem(d: Recorder, rng: random.Random, n: int) -> None:
@@ -593,7 +601,7 @@ def st_bpftrace(d: Recorder, rng: random.Random, runs: int) -> None:
     """``bpftrace[:R]``: R runs (default 5), each loading the programs of
     :data:`BPFTRACE_RUN` together, then unloading them all."""
     for _ in range(runs):
-        progs = [d.call("bpf_load", size=bpf_jit_bytes(k))
+        progs = [d.call("bpf_load", size=bpf_jit_bytes(k, d.kernel))
                  for n, k in BPFTRACE_RUN for _ in range(n)]
         for p in progs:
             d.call("bpf_free", prog=p)
@@ -799,7 +807,7 @@ def run_steps(d: Recorder, rng: random.Random, scale: float, steps: list[Step]) 
             _modules_step(d, d.kernel.profile.name)
         elif s.name == "bpf":
             _held_then_freed(d, "bpf", BPF_PROGS, "bpf_load", "bpf_free", "prog",
-                             size=BPF_JIT_BYTES)
+                             size=bpf_jit_bytes(2, d.kernel))
         elif s.name == "secretmem":
             _held_then_freed(d, "secretmem", SECRETMEM_PAGES, "secretmem_fault",
                              "secretmem_free", "page")

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Self
 
 from . import gfp as G
 from .cpa import Cpa
@@ -47,6 +48,8 @@ __all__ = [
 
 BPF_PROG_PACK_SIZE = 2 << 20
 BPF_PROG_CHUNK_SIZE = 64
+#: sizeof(struct bpf_binary_header): a u32 before an 8-aligned image
+BPF_BINARY_HEADER = 8
 
 #: What GFP a user asks of the page allocator: (user name, mainline GFP) ->
 #: GFP; a policy may add GFP_UNMAPPED (the 2022 RFC does for modules and
@@ -89,7 +92,7 @@ class AreaSetup:
         if undo is not None:
             self._undo.append((undo, addr, numpages))
 
-    def __enter__(self) -> AreaSetup:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> bool:
@@ -104,7 +107,7 @@ class AreaSetup:
 class _NoArea:
     """A module without an init layout: its init steps do nothing."""
 
-    def __enter__(self) -> _NoArea:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc) -> bool:
@@ -291,8 +294,25 @@ class BpfJit:
         huge = self.huge_pack and size >= BPF_PROG_PACK_SIZE
         return self.execmem.alloc_rox(size, huge=huge, user="bpf", caller="bpf")
 
+    def alloc_bytes(self, proglen: int) -> int:
+        """What the JIT allocates for an image of ``proglen`` bytes (the
+        program's ``jited_prog_len``): with packs (5.18+,
+        ``bpf_jit_binary_pack_alloc``) the image, its header and 16 bytes of
+        illegal instructions rounded up to 64-byte chunks, an image of a
+        pack or more its own pages; without (``bpf_jit_binary_alloc``) the
+        image, its header and at least 128 bytes of illegal instructions in
+        whole pages."""
+        if not isinstance(proglen, int) or proglen <= 0:
+            raise UsersError(f"bpf: bad JIT image length {proglen!r}")
+        if self.use_pack:
+            size = -(-(proglen + BPF_BINARY_HEADER + 16) // BPF_PROG_CHUNK_SIZE) \
+                * BPF_PROG_CHUNK_SIZE
+            return size if size <= BPF_PROG_PACK_SIZE else -(-size // PAGE_SIZE) * PAGE_SIZE
+        return -(-(proglen + BPF_BINARY_HEADER + 128) // PAGE_SIZE) * PAGE_SIZE
+
     def load(self, size: int) -> BpfProg:
-        """JIT a program whose image is ``size`` bytes."""
+        """JIT a program whose image takes ``size`` bytes (see
+        :meth:`alloc_bytes` for what a program's JIT image length takes)."""
         if not isinstance(size, int) or size <= 0:
             raise UsersError(f"bpf: bad image size {size!r}")
         if not self.use_pack or size > BPF_PROG_PACK_SIZE:

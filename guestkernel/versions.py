@@ -193,6 +193,10 @@ class KernelVersion:
     bpf_prog_pack: bool
     bpf_prog_pack_size: int = 2 << 20
     bpf_prog_chunk_size: int = 64
+    #: the x86-64 JIT's image of a 2-instruction socket filter (r0 = 0;
+    #: exit): prologue, one xor, epilogue; bpf_prog_info.jited_prog_len read
+    #: under QEMU by the guest's bpf_load (each further r0 = 0 adds 2 bytes)
+    bpf_jit_base_len: int = 16
     #: CPA alias processing leaves NX alone on the direct map (6.2+, when
     #: set_memory_rox arrived: the alias of executable memory stays NX)
     alias_masks_nx: bool = False
@@ -290,6 +294,7 @@ VERSIONS: dict[str, KernelVersion] = {
         bpf_prog_pack=False, secretmem=False, real_mode=(6, 2, 1, 1), pcp_high_orders=False,
         vmalloc_bulk=False, ftrace_pages=144, deferred_reserved_unmovable=True,
         reserve_first_1m=False,
+        bpf_jit_base_len=15,
         bootmem=BootmemRecord(
             pgtable_l5=False, usemap_section_bytes=56, vmemmap_buffer=True,
             setup_arch_small_first=False, percpu_embedded_pages=63,
@@ -316,7 +321,7 @@ VERSIONS: dict[str, KernelVersion] = {
         node_data_bytes=0x2B080, boot_cpa=_ALL_BOOT_CPA, bpf_prog_pack=True,
         alias_masks_nx=True, set_memory_rox_users=frozenset({"bpf", "execmem"}),
         collapse_after_rox=True, execmem_rox_cache=True, vmalloc_high_order=True,
-        pcp_autotune=True, vfree_contig_free=True, ftrace_pages=196,
+        pcp_autotune=True, vfree_contig_free=True, ftrace_pages=196, bpf_jit_base_len=25,
         bootmem=BootmemRecord(
             pgtable_l5=True, usemap_section_bytes=88, vmemmap_buffer=False,
             setup_arch_small_first=True, percpu_embedded_pages=63,

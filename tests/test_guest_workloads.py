@@ -115,8 +115,30 @@ def test_old_names_keep_their_drivers():
         assert model_driver(name) is REGISTRY[name].model
 
 
-def test_jit_rule():
-    assert bpf_jit_bytes(2) == 64 and bpf_jit_bytes(2048) == 64 + 2 * 2046
+@pytest.mark.parametrize("kernel, base, one_chunk", [("5.10", 15, None), ("6.1", 16, 14),
+                                                     ("7.2", 25, 9)])
+def test_jit_rule(kernel, base, one_chunk):
+    """The JIT image lengths the guest's bpf_load reads from the three
+    kernels (bpf_prog_info.jited_prog_len: 2 instructions take 15, 16 and 25
+    bytes, each further r0 = 0 two more: on 6.1 28 bytes at 8 instructions,
+    140 at 64, 2060 at 1024), and what the JIT allocates for them: 64-byte
+    pack chunks of image + 8-byte header + 16 bytes of illegal instructions
+    (one chunk up to 14 instructions on 6.1, 9 on 7.2's longer prologue),
+    whole pages of image + header + 128 on 5.10."""
+    from dmfrag.registry import bpf_jit_len
+    from guestkernel import Kernel
+    from guestkernel.versions import get_version
+    v = get_version(kernel)
+    assert [bpf_jit_len(n, v) for n in (2, 8, 64, 1024)] == [base, base + 12, base + 124,
+                                                             base + 2044]
+    k = Kernel.boot(ram="2G", profile=kernel, boot_cpa=False)
+    if one_chunk is None:
+        assert bpf_jit_bytes(2, k) == bpf_jit_bytes(1024, k) == 4096
+        assert bpf_jit_bytes(1974, k) == 4096 and bpf_jit_bytes(1975, k) == 8192
+    else:
+        assert bpf_jit_bytes(one_chunk, k) == 64 and bpf_jit_bytes(one_chunk + 1, k) == 128
+        assert bpf_jit_bytes(64, k) == 192
+        assert bpf_jit_bytes(2 << 20, k) % 4096 == 0          # beyond a pack: its own pages
 
 
 # -- the model --------------------------------------------------------------------------

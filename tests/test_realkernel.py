@@ -174,3 +174,18 @@ def test_other_kernels_boot_meminfo_equals_the_model_on_their_record(other_boots
     assert f"Linux version {kern}" in real.boot_log
     model = run_model(real.e820_lines(), (), kernel=kern)["boot"]["meminfo"]
     assert {k: model[k] for k in DIRECT} == {k: real.meminfo("boot")[k] for k in DIRECT}
+
+
+@pytest.mark.parametrize("kern", ["5.10", "6.1", "7.2"])
+def test_jit_image_lengths_are_the_records(rk, kern):
+    """bpf_load prints its first program's bpf_prog_info.jited_prog_len: the
+    model's JIT length rule (KernelVersion.bpf_jit_base_len, 2 bytes per
+    further r0 = 0) is what each kernel's x86-64 JIT emits."""
+    import re
+
+    from dmfrag.registry import bpf_jit_len
+    from guestkernel.versions import get_version
+    run = RealKernel(kernel=kern).run("2G", ("bpf:1:2", "bpf:1:9", "bpf:1:64"))
+    seen = {int(n): int(b) for n, b in re.findall(
+        r"programs of (\d+) instructions loaded \(JIT image (\d+) bytes\)", run.console)}
+    assert seen == {n: bpf_jit_len(n, get_version(kern)) for n in (2, 9, 64)}

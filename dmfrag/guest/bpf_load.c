@@ -1,5 +1,6 @@
 /* Load N BPF socket-filter programs of K instructions ("r0 = 0" repeated,
- * then "exit"), keep them loaded, then print how many loaded.
+ * then "exit"), keep them loaded, then print how many loaded and the JIT
+ * image length of the first (bpf_prog_info.jited_prog_len).
  * Usage: bpf_load N [K [hold|bg]]   (K >= 2, default 2: like a tiny sockex1).
  * "hold": stay until killed. "bg": fork once loaded; the child holds the
  * programs until killed, the parent prints the child's pid on stdout (the
@@ -32,6 +33,7 @@ int main(int argc, char **argv)
     insns[k - 1].code = BPF_JMP | BPF_EXIT;
     char license[] = "GPL";
     int loaded = 0;
+    unsigned int jited = 0;
     for (int i = 0; i < n; i++) {
         union bpf_attr attr;
         memset(&attr, 0, sizeof(attr));
@@ -41,14 +43,24 @@ int main(int argc, char **argv)
         attr.license = (unsigned long)license;
         int fd = syscall(__NR_bpf, BPF_PROG_LOAD, &attr, sizeof(attr));
         if (fd < 0) { perror("BPF_PROG_LOAD"); break; }
+        if (loaded == 0) {
+            struct bpf_prog_info info;
+            memset(&info, 0, sizeof(info));
+            memset(&attr, 0, sizeof(attr));
+            attr.info.bpf_fd = fd;
+            attr.info.info_len = sizeof(info);
+            attr.info.info = (unsigned long)&info;
+            if (syscall(__NR_bpf, BPF_OBJ_GET_INFO_BY_FD, &attr, sizeof(attr)) == 0)
+                jited = info.jited_prog_len;
+        }
         loaded++;
     }
     if (argc > 3 && strcmp(argv[3], "bg") == 0) {
         pid_t pid = fork();
         if (pid < 0) { perror("fork"); return 1; }
         if (pid > 0) {
-            fprintf(stderr, "bpf_load: %d programs of %d instructions loaded, held by pid %d\n",
-                    loaded, k, (int)pid);
+            fprintf(stderr, "bpf_load: %d programs of %d instructions loaded (JIT image %u "
+                    "bytes), held by pid %d\n", loaded, k, jited, (int)pid);
             printf("%d\n", (int)pid);
             fflush(stdout);
             return 0;
@@ -57,7 +69,8 @@ int main(int argc, char **argv)
         if (null >= 0) { dup2(null, 1); dup2(null, 2); }
         for (;;) pause();
     }
-    printf("bpf_load: %d programs of %d instructions loaded\n", loaded, k);
+    printf("bpf_load: %d programs of %d instructions loaded (JIT image %u bytes)\n",
+           loaded, k, jited);
     fflush(stdout);
     if (argc > 3) pause();     /* keep them: the caller snapshots, then kills */
     return 0;
