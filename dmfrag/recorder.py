@@ -410,7 +410,8 @@ def _user(e: list, in_cpa: bool, in_secretmem: bool) -> str:
 
 #: boot-log lines the model reads (e820 map, where the initrd is, the command
 #: line, the kernel version): the trace header keeps them
-_BOOT_LINES = re.compile(r"e820|RAMDISK:|Command line:|Linux version|ftrace: allocat")
+_BOOT_LINES = re.compile(r"e820|RAMDISK:|Command line:|Linux version|ftrace: allocat|"
+                         r"percpu: Embedded")
 
 
 def record(kernel: str = DEFAULT_KERNEL, ram: str = "2G", workload: tuple[str, ...] = (),

@@ -330,7 +330,8 @@ def deferred_reserved_pageblocks(buddy: BuddyAllocator, memblock: Memblock) -> l
 
 def mem_init(e820: E820Table, memblock: Memblock, version: KernelVersion,
              policy: Policy, cmdline: str = HARNESS_CMDLINE,
-             bootmem: BootMemory | None = None) -> BuddyAllocator:
+             bootmem: BootMemory | None = None, percpu_pages: int | None = None
+             ) -> BuddyAllocator:
     """The last memblock allocations, the zones, and memblock_free_all.
     With the record's :class:`~guestkernel.versions.BootmemRecord`, every
     allocation :func:`bootmem.early_allocations` makes (where each went in
@@ -340,7 +341,7 @@ def mem_init(e820: E820Table, memblock: Memblock, version: KernelVersion,
     if version.bootmem is not None:
         try:
             early_allocations(memblock, e820, version, cmdline,
-                              bootmem if bootmem is not None else BootMemory())
+                              bootmem if bootmem is not None else BootMemory(), percpu_pages)
         except BootmemError as exc:
             raise BootError(str(exc)) from None
     else:

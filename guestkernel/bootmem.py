@@ -59,6 +59,7 @@ __all__ = [
     "early_allocations",
     "initrd_range",
     "nr_kernel_pages",
+    "percpu_embedded_pages",
     "present_sections",
     "qemu_initrd_range",
 ]
@@ -164,6 +165,22 @@ def initrd_range(e820: E820Table, log: str | None, size: int | tuple[int, int] |
     return lo, -(-hi // PAGE_SIZE) * PAGE_SIZE
 
 
+_PERCPU = re.compile(r"percpu: Embedded (\d+) pages/cpu")
+
+
+def percpu_embedded_pages(log: str | None) -> int | None:
+    """The first chunk's pages a boot log's "percpu: Embedded N pages/cpu"
+    line gives (None without one: the kernel record's)."""
+    m = _PERCPU.search(log or "")
+    if m is None:
+        return None
+    n = int(m.group(1))
+    if not 0 < n <= PCPU_UNIT_BYTES // PAGE_SIZE:
+        raise BootmemError(f"the boot log's per-CPU chunk of {n} pages does not fit its "
+                           f"{PCPU_UNIT_BYTES >> 20} MiB unit")
+    return n
+
+
 def boot_command_line(log: str | None) -> str:
     """The kernel command line: a boot log's ``Command line:`` line, else
     the one the project's real-kernel harness boots with."""
@@ -264,22 +281,23 @@ def present_sections(e820: E820Table) -> list[int]:
 
 
 def early_allocations(mb: Memblock, e820: E820Table, version, cmdline: str,
-                      out: BootMemory) -> BootMemory:
+                      out: BootMemory, percpu_pages: int | None = None) -> BootMemory:
     """Everything ``setup_arch`` and ``start_kernel`` take from memblock
     after ``init_mem_mapping`` and before ``memblock_free_all``, in the
     order ``version`` (a KernelVersion with a ``bootmem`` record) makes
     them. Raises BootmemError if memory runs out."""
     rec = version.bootmem
     try:
-        _allocate(mb, e820, version, rec, cmdline, out)
+        _allocate(mb, e820, version, rec, cmdline, out,
+                  percpu_pages if percpu_pages is not None else rec.percpu_embedded_pages)
     except MemblockError as exc:
         raise BootmemError(f"the boot-time allocations do not fit this memory map: {exc}"
                            ) from None
     return out
 
 
-def _allocate(mb: Memblock, e820: E820Table, version, rec, cmdline: str, out: BootMemory
-              ) -> None:
+def _allocate(mb: Memblock, e820: E820Table, version, rec, cmdline: str, out: BootMemory,
+              percpu_pages: int) -> None:
     def alloc(name: str, size: int, align: int = SMP_CACHE_BYTES, lo: int = 0,
               hi: int = 0) -> int:
         base = mb.alloc_try_nid(size, align, name, lo, hi)
@@ -311,7 +329,7 @@ def _allocate(mb: Memblock, e820: E820Table, version, rec, cmdline: str, out: Bo
     # setup_command_line: saved_command_line and static_command_line
     for _ in range(2):
         alloc("command line", len(cmdline) + 1)
-    _setup_per_cpu_areas(mb, alloc, rec, out)
+    _setup_per_cpu_areas(mb, alloc, rec, out, percpu_pages)
     for _ in range(rec.cpumask_allocs):
         alloc("alloc_bootmem_cpumask_var", 8)
     if rec.start_kernel_scratch:
@@ -361,16 +379,16 @@ def _vmemmap(alloc, rec, sections: list[int]) -> None:
             alloc("vmemmap", SECTION_MEMMAP_BYTES, PMD_SIZE, lo=MAX_DMA_ADDRESS)
 
 
-def _setup_per_cpu_areas(mb: Memblock, alloc, rec, out: BootMemory) -> None:
+def _setup_per_cpu_areas(mb: Memblock, alloc, rec, out: BootMemory, pages: int) -> None:
     """``pcpu_embed_first_chunk`` for one CPU: the allocation info and the
     areas array, the unit, its unused tail freed; the first chunk's own
     objects; then the info and areas freed."""
     info = alloc("pcpu_alloc_info", PAGE_SIZE, PAGE_SIZE)
     areas = alloc("pcpu_embed_first_chunk", PAGE_SIZE)
     unit = alloc("percpu unit", PCPU_UNIT_BYTES, PMD_SIZE, lo=MAX_DMA_ADDRESS)
-    used = rec.percpu_embedded_pages * PAGE_SIZE
+    used = pages * PAGE_SIZE
     mb.free(unit + used, PCPU_UNIT_BYTES - used)
-    out.percpu_unit, out.percpu_pages = unit, rec.percpu_embedded_pages
+    out.percpu_unit, out.percpu_pages = unit, pages
     for size in rec.percpu_chunk_allocs:
         alloc("pcpu_setup_first_chunk", size)
     mb.free(info, PAGE_SIZE)

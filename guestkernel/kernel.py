@@ -52,6 +52,7 @@ from .bootmem import (
     BootMemory,
     boot_command_line,
     initrd_range,
+    percpu_embedded_pages,
 )
 from .cpa import Cpa, CpaData
 from .e820 import E820Table
@@ -201,6 +202,7 @@ class Kernel:
             table, log = e820__memory_setup(e820, ram)
             version, reason = select_version(profile, log)
             ramdisk = initrd_range(table, log, initrd)
+            percpu = percpu_embedded_pages(log)
         except (BootError, VersionError, BootmemError) as exc:
             raise KernelError(str(exc)) from None
         if cmdline is None:
@@ -213,7 +215,7 @@ class Kernel:
             mb = e820__memblock_setup(table, version, ramdisk)
             machine = Machine(table.max_pfn * PAGE_SIZE)
             tables = init_mem_mapping(machine, table, mb, version, bool(gbpages))
-            buddy = mem_init(table, mb, version, pol, cmdline, bootmem)
+            buddy = mem_init(table, mb, version, pol, cmdline, bootmem, percpu)
         except BootError as exc:
             raise KernelError(str(exc)) from None
         k = cls(version=version, version_reason=reason, e820=table, memblock=mb,

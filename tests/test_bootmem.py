@@ -277,3 +277,16 @@ def test_own_boot_replay_frees_what_linux_frees_of_boot_memory():
     assert r.reserved_pages_freed == 620 + (2036 + 2824 + 2040 + 1108) // 4
     assert r.to_json()["reserved_pages_freed"] == r.reserved_pages_freed
     r.model.buddy.check()
+
+
+def test_a_logged_per_cpu_chunk_size_wins_over_the_record():
+    """"percpu: Embedded N pages/cpu" (the recorder keeps the line): the
+    unit's tail freed from there; a size the unit cannot hold is refused."""
+    log = _log("linux-6.1-2G.log.gz")
+    k = Kernel.boot(e820=log.replace("Embedded 62 pages", "Embedded 70 pages"),
+                    boot_cpa=False)
+    assert k.bootmem.percpu_pages == 70
+    unit = k.bootmem.placed["percpu unit"][0][0]
+    assert k.memblock.is_reserved(unit + 69 * 4096) and not k.memblock.is_reserved(unit + 70 * 4096)
+    with pytest.raises(KernelError, match="per-CPU chunk of 600 pages"):
+        Kernel.boot(e820=log.replace("Embedded 62 pages", "Embedded 600 pages"))
