@@ -78,6 +78,9 @@ class ModelledReplay:
     #: (the initrd, the init sections) that the model gave its buddy
     #: allocator as Linux did (free_reserved_area)
     reserved_pages_freed: int = 0
+    #: from the model's own boot: pages deferred struct-page init freed in
+    #: the trace (deferred_free_range), freed the same way in the model
+    deferred_pages_freed: int = 0
     #: pages of bulk allocations (recorded ``B`` events, or in a version-3
     #: trace inferred from their frees: see _infer_bulk), and how many of
     #: them the model put at Linux's pfn
@@ -116,6 +119,7 @@ class ModelledReplay:
                 "pgtable_allocations_skipped": self.pgtable_allocations_skipped,
                 "untraced_frees": self.untraced_frees,
                 "reserved_pages_freed": self.reserved_pages_freed,
+                "deferred_pages_freed": self.deferred_pages_freed,
                 "bulk": {"pages": self.bulk_pages, "same_pfn": self.bulk_same_pfn},
                 "ring_buffer_pages": self.ring_buffer_pages,
                 "ftrace_pages": self.ftrace_pages,
@@ -150,6 +154,9 @@ class _Modelled(Replayer):
         self.res = ModelledReplay(self.result.kernel, self.result.ram, self.result.workload,
                                   policy or "baseline", events=len(events))
         self.stop_at_difference = stop_at_difference
+        #: the model's early boot calls made (from its own boot: after
+        #: deferred struct-page init, see _free_deferred)
+        self._early_done = bool(self.start)
         #: the allocator the trace's requests go to: with no policy hook on
         #: allocation or free, the buddy allocator itself (Kernel.alloc_pages adds
         #: only what placement does not see: zeroing __GFP_ZERO pages in
@@ -212,11 +219,24 @@ class _Modelled(Replayer):
         pfns += [(p, o) for p, o in zip(st.pcp_pfn.tolist(), st.pcp_order.tolist())]
         return pfns
 
-    def _early_calls(self) -> None:
+    def _early_calls(self, late: bool | None = None) -> None:
+        """The record's boot calls before fs_initcall, which the trace has no
+        arguments for: those before ``page_alloc_init_late`` (``late``
+        False: start_kernel's and the early initcalls'), those after it
+        (True: the core initcalls': the boot bpf_prog_pack), or all (None)."""
         from guestkernel.boot import boot_cpa_calls
+        from guestkernel.versions import BootCpaCall
         k = self.k
-        boot_cpa_calls(k.cpa, k.buddy, k.bpf, k.profile,
-                       only=lambda call: call.before_fs_initcall, real_mode=k.real_mode_base)
+        order = list(k.profile.boot_cpa)
+        cut = order.index(BootCpaCall.PAGE_ALLOC_INIT_LATE) \
+            if BootCpaCall.PAGE_ALLOC_INIT_LATE in order else len(order)
+
+        def only(call) -> bool:
+            if not call.before_fs_initcall:
+                return False
+            return late is None or (order.index(call) > cut) == late
+
+        boot_cpa_calls(k.cpa, k.buddy, k.bpf, k.profile, only=only, real_mode=k.real_mode_base)
 
     def _ring_buffer(self) -> None:
         """The recording's own footprint before its first event: the
@@ -375,6 +395,8 @@ class _Modelled(Replayer):
         if head < 0:
             if self.start and self._free_dumped(pfn, order):
                 return
+            if not self.start and self._free_deferred(pfn, order):
+                return
             if not self.start and self._free_reserved(pfn, order):
                 return
             self.res.untraced_frees += 1
@@ -410,6 +432,32 @@ class _Modelled(Replayer):
         if whole or all(ho[q] != head for q in range(head, head + (1 << horder))):
             del blocks[head]
         return whole, pages
+
+    def _free_deferred(self, pfn: int, order: int) -> bool:
+        """From the model's own boot: a free by deferred struct-page init
+        (``deferred_free_range``: memory the model's memblock hand-over
+        deferred, as Linux's did) frees those pages the same way; once all
+        are free, the watermarks are set and the model's early boot calls
+        made (page_alloc_init_late comes before the initcalls). False when
+        the pages are not deferred in the model."""
+        b = self.k.buddy
+        end = pfn + (1 << order)
+        if not b.deferred or not any(s <= pfn and end <= e for s, e in b.deferred):
+            return False
+        b.deferred_free_range(pfn, end)
+        self.res.deferred_pages_freed += end - pfn
+        if not b.deferred:
+            self._after_deferred_init()
+        return True
+
+    def _after_deferred_init(self) -> None:
+        b = self.k.buddy
+        if b.deferred:
+            b.page_alloc_init_late()
+        b.watermarks_fixed = True
+        if not self._early_done:
+            self._early_done = True
+            self._early_calls(late=True)
 
     def _free_reserved(self, pfn: int, order: int) -> bool:
         """From the model's own boot: a free of memory memblock kept (the
@@ -523,7 +571,11 @@ class _Modelled(Replayer):
             self.res.ftrace_pages = k.ftrace_pages
             self._ring_buffer()
             k.buddy.setup_per_cpu_pageset()
-            self._early_calls()
+            self._early_calls(late=False)
+            if not k.buddy.deferred:
+                self._after_deferred_init()
+            # else at the trace's deferred_init_memmap frees (or its first
+            # snapshot): the early calls after page_alloc_init_late
         self.i = self.start
         try:
             self._loop(self.start)
@@ -560,6 +612,8 @@ class _Modelled(Replayer):
         self._model_free(i, pfn, order)
 
     def _snapshot(self, e: list) -> None:
+        if not self.start and not self._early_done:
+            self._after_deferred_init()       # a trace without deferred init's frees
         snap = self._snapshot_entry(e)
         snap["placement"] = self.res.placement()
         self.res.snapshots.append(snap)

@@ -277,6 +277,10 @@ class _Replayer:
 
         from guestkernel.boot import boot_cpa_calls
         k, buddy = self.k, self.k.buddy
+        # deferred struct-page init came before these calls in Linux
+        # (page_alloc_init_late, then the initcalls); its frees in the trace
+        # are then frees of pages the model has free already
+        buddy.page_alloc_init_late()
         touched = np.zeros(k.max_pfn + 1024, dtype=bool)
         for e in self.events:
             if e[0] in ("A", "F"):

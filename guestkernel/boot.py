@@ -304,6 +304,16 @@ def init_mem_mapping(machine: Machine, e820: E820Table, memblock: Memblock,
 # -- 4. the page allocator ----------------------------------------------------------
 
 
+def page_alloc_init_late(buddy: BuddyAllocator) -> None:
+    """``page_alloc_init_late`` (kernel_init_freeable, after the early
+    initcalls and smp_init, before the other initcalls): deferred struct-page
+    init frees the top zone's memory past its first section
+    (``deferred_init_memmap``), then the watermarks are computed once, as
+    the initcalls that follow do."""
+    buddy.page_alloc_init_late()
+    buddy.watermarks_fixed = True
+
+
 def first_deferred_pfn(buddy: BuddyAllocator) -> int:
     """``defer_init``: the node's highest zone initialises its struct pages
     for the first section's worth (PAGES_PER_SECTION, 128 MiB) and defers
@@ -363,14 +373,19 @@ def mem_init(e820: E820Table, memblock: Memblock, version: KernelVersion,
     if version.deferred_reserved_unmovable:
         for pfn in deferred_reserved_pageblocks(buddy, memblock):
             buddy.set_pageblock_migratetype(pfn, MigrateType.UNMOVABLE)
+    deferred = first_deferred_pfn(buddy) if version.deferred_init else buddy.max_pfn
+    buddy.deferred_free_order = version.deferred_free_order
     for lo, hi in memblock.free_ranges():
         lo, hi = -(-lo // PAGE_SIZE), hi // PAGE_SIZE
         if lo < hi:
-            buddy.free_range(lo, hi)
-    # init_per_zone_wmark_min (postcore_initcall) and khugepaged
-    # (subsys_initcall) set the watermarks and pcp sizes from the managed
-    # pages as they are now; freeing the init memory later does not redo it
-    buddy.watermarks_fixed = True
+            buddy.free_range(lo, min(hi, max(lo, deferred)))
+            buddy.defer_range(max(lo, deferred), hi)
+    if not buddy.deferred:
+        # init_per_zone_wmark_min (postcore_initcall) and khugepaged
+        # (subsys_initcall) set the watermarks and pcp sizes from the managed
+        # pages as they are now; freeing the init memory later does not redo
+        # it (with deferred pages, page_alloc_init_late computes them)
+        buddy.watermarks_fixed = True
     return buddy
 
 
@@ -495,6 +510,8 @@ def boot_cpa_calls(cpa: Cpa, buddy: BuddyAllocator, bpf: BpfJit, version: Kernel
     * ``do_init_real_mode`` -> ``set_real_mode_permissions``: the real-mode
       blob at ``real_mode`` (:func:`real_mode_base`) NX, its start RO, its
       text X (4K pages below 1 MiB: no split);
+    * ``page_alloc_init_late``: with deferred struct-page init, the top
+      zone's memory past its first section freed (:func:`page_alloc_init_late`);
     * ``sock_init`` -> ``ptp_classifier_init``: a classic BPF filter is
       JITed, which allocates the first ``bpf_prog_pack`` (RO+X) where the
       kernel has packs;
@@ -521,6 +538,8 @@ def boot_cpa_calls(cpa: Cpa, buddy: BuddyAllocator, bpf: BpfJit, version: Kernel
                 cpa.set_memory_nx(base, pages)
                 cpa.set_memory_ro(base, ro)
                 cpa.set_memory_x(base + text * PAGE_SIZE, ntext)
+        elif call is BootCpaCall.PAGE_ALLOC_INIT_LATE:
+            page_alloc_init_late(buddy)
         elif call is BootCpaCall.PTP_CLASSIFIER_BPF:
             bpf.load(PTP_CLASSIFIER_JIT_BYTES)
         elif call is BootCpaCall.FREE_INITRD:

@@ -106,6 +106,11 @@ class BootCpaCall(enum.Enum):
     #: real-mode trampoline below 1 MiB NX, its text and read-only data RO,
     #: its text X (4K pages: no split)
     REAL_MODE = "real_mode"
+    #: kernel_init_freeable -> page_alloc_init_late: deferred struct-page
+    #: init frees the top zone past its first section (no CPA; where its
+    #: frees fall among the boot calls decides where the first
+    #: bpf_prog_pack's pages come from)
+    PAGE_ALLOC_INIT_LATE = "page_alloc_init_late"
     #: sock_init -> ptp_classifier_init: a classic BPF filter JITed
     PTP_CLASSIFIER_BPF = "ptp_classifier_bpf"
     #: populate_rootfs (rootfs_initcall) -> free_initrd_mem: x86's
@@ -230,6 +235,13 @@ class KernelVersion:
     #: a 2M per-CPU unit) sit on the UNMOVABLE lists. Read off the dumped
     #: 5.10 and 6.1 kernels; 7.2 has every pageblock MOVABLE there
     deferred_reserved_unmovable: bool = False
+    #: CONFIG_DEFERRED_STRUCT_PAGE_INIT (Debian's builds): memblock_free_all
+    #: frees the top zone's first section only, page_alloc_init_late the rest
+    deferred_init: bool = False
+    #: the blocks deferred_free_range frees whole: pageblocks (order 9), or
+    #: MAX_ORDER blocks (order 10; 7.2's trace frees the deferred range in
+    #: order-10 blocks, 6.1's in order-9)
+    deferred_free_order: int = 9
     #: memfd_secret (5.14+)
     secretmem: bool = True
     #: per-CPU lists hold orders 1-3 and THP too (5.13, "mm/page_alloc: allow
@@ -287,13 +299,13 @@ VERSIONS: dict[str, KernelVersion] = {
         modules_vaddr=_MODULES_1G_IMAGE[0], modules_end=_MODULES_1G_IMAGE[1], pti=True,
         node_data_bytes=0x2A000,
         boot_cpa=(BootCpaCall.IDT_RO, BootCpaCall.FREE_SMP_ALTERNATIVES,
-                  BootCpaCall.REAL_MODE,
+                  BootCpaCall.REAL_MODE, BootCpaCall.PAGE_ALLOC_INIT_LATE,
                   BootCpaCall.PTP_CLASSIFIER_BPF, BootCpaCall.FREE_INITRD,
                   BootCpaCall.FREE_BSS_DECRYPTED,
                   BootCpaCall.FREE_INITMEM, BootCpaCall.MARK_RODATA_RO),
         bpf_prog_pack=False, secretmem=False, real_mode=(6, 2, 1, 1), pcp_high_orders=False,
         vmalloc_bulk=False, ftrace_pages=144, deferred_reserved_unmovable=True,
-        reserve_first_1m=False,
+        reserve_first_1m=False, deferred_init=True,
         bpf_jit_base_len=15,
         bootmem=BootmemRecord(
             pgtable_l5=False, usemap_section_bytes=56, vmemmap_buffer=True,
@@ -307,7 +319,7 @@ VERSIONS: dict[str, KernelVersion] = {
         modules_vaddr=_MODULES_1G_IMAGE[0], modules_end=_MODULES_1G_IMAGE[1], pti=True,
         node_data_bytes=0x2B000, boot_cpa=_ALL_BOOT_CPA, bpf_prog_pack=True,
         vmstat_counters=_SPLITS, real_mode=(7, 3, 1, 2), ftrace_pages=159,
-        deferred_reserved_unmovable=True,
+        deferred_reserved_unmovable=True, deferred_init=True,
         bootmem=BootmemRecord(
             pgtable_l5=True, usemap_section_bytes=56, vmemmap_buffer=True,
             setup_arch_small_first=False, percpu_embedded_pages=62,
@@ -322,6 +334,7 @@ VERSIONS: dict[str, KernelVersion] = {
         alias_masks_nx=True, set_memory_rox_users=frozenset({"bpf", "execmem"}),
         collapse_after_rox=True, execmem_rox_cache=True, vmalloc_high_order=True,
         pcp_autotune=True, vfree_contig_free=True, ftrace_pages=196, bpf_jit_base_len=25,
+        deferred_init=True, deferred_free_order=10,
         bootmem=BootmemRecord(
             pgtable_l5=True, usemap_section_bytes=88, vmemmap_buffer=False,
             setup_arch_small_first=True, percpu_embedded_pages=63,

@@ -23,6 +23,7 @@ from guestkernel.bootmem import (
 from guestkernel.e820 import E820Table
 from guestkernel.memblock import Memblock, MemblockError
 from guestkernel.owner import PageOwner
+from guestkernel.page_alloc import MigrateType
 
 MEMBLOCK = Path(__file__).parent / "data" / "memblock"
 LOGS = sorted(p.name for p in MEMBLOCK.glob("*.log.gz"))
@@ -37,6 +38,11 @@ def _log(name: str) -> str:
 
 def _kernel(name: str) -> str:
     return name.split("-")[1]
+
+
+def _available(k: Kernel) -> int:
+    """Free pages, with those deferred struct-page init has yet to free."""
+    return k.buddy.nr_free() + sum(e - s for s, e in k.buddy.deferred)
 
 
 def _pages(mb: Memblock) -> list[tuple[int, int]]:
@@ -96,7 +102,7 @@ def test_the_buddy_gets_the_pages_linux_hands_over(name):
     k = Kernel.boot(e820=log, profile=_kernel(name), boot_cpa=False)
     linux = _pages(linux_memblock(log))
     assert _pages(k.memblock) == linux
-    assert k.buddy.nr_free() == sum(hi - lo for lo, hi in linux)
+    assert _available(k) == sum(hi - lo for lo, hi in linux)
 
 
 @pytest.mark.parametrize("name", LOGS)
@@ -166,7 +172,7 @@ def test_a_smaller_initrd_moves_the_top_allocations_up():
     assert none.bootmem.initrd is None
     node = [k.bootmem.placed["NODE_DATA(0)"][0][0] for k in (default, small, none)]
     assert node == [0x7FD49000, 0x7FEB4000, 0x7FFB5000]
-    assert none.buddy.nr_free() - default.buddy.nr_free() == 620
+    assert _available(none) - _available(default) == 620
 
 
 def test_the_command_line_comes_from_the_log_and_sizes_two_copies():
@@ -179,7 +185,7 @@ def test_the_command_line_comes_from_the_log_and_sizes_two_copies():
     assert [s for _b, s in k.bootmem.placed["command line"]] == [len(line) + 1] * 2
     # a 3000-byte command line takes about two more pages from memblock
     long = Kernel.boot(e820=log, boot_cpa=False, cmdline="x" * 3000)
-    assert k.buddy.nr_free() - long.buddy.nr_free() in (1, 2)
+    assert _available(k) - _available(long) in (1, 2)
 
 
 def test_5_10_keeps_low_memory_free_below_1m():
@@ -290,3 +296,52 @@ def test_a_logged_per_cpu_chunk_size_wins_over_the_record():
     assert k.memblock.is_reserved(unit + 69 * 4096) and not k.memblock.is_reserved(unit + 70 * 4096)
     with pytest.raises(KernelError, match="per-CPU chunk of 600 pages"):
         Kernel.boot(e820=log.replace("Embedded 62 pages", "Embedded 600 pages"))
+
+
+# -- deferred struct-page init ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("kernel, order", [("5.10", 9), ("6.1", 9), ("7.2", 10)])
+def test_deferred_memory_comes_to_the_buddy_at_page_alloc_init_late(kernel, order):
+    """CONFIG_DEFERRED_STRUCT_PAGE_INIT: memblock_free_all frees the top
+    zone's first section only (8G: the Normal zone to 0x108000); ftrace's
+    records and the other start_kernel allocations come from there;
+    page_alloc_init_late frees the rest (whole pageblocks on 5.10 and 6.1,
+    whole MAX_ORDER blocks on 7.2, MOVABLE), and only then are the
+    watermarks computed."""
+    from guestkernel.boot import first_deferred_pfn, ftrace_init, page_alloc_init_late
+    k = Kernel.boot(ram="8G", profile=kernel, boot_cpa=False)
+    b = k.buddy
+    fdp = first_deferred_pfn(b)
+    assert fdp == 0x108000 and b.deferred and b.deferred[0][0] == fdp
+    assert not b.watermarks_fixed and b.deferred_free_order == order
+    states = b.page_states()
+    assert not (states[fdp:] == 1).any()                    # nothing deferred is free yet
+    b.boot_pagesets()
+    groups = ftrace_init(b, k.ftrace_pages)
+    assert all(0x100000 <= g < fdp for g in groups)
+    deferred = sum(e - s for s, e in b.deferred)
+    free = b.nr_free()
+    page_alloc_init_late(b)
+    assert not b.deferred and b.watermarks_fixed
+    assert b.nr_free() == free + deferred
+    assert b.get_pageblock_migratetype(0x200000) == MigrateType.MOVABLE
+    b.check()
+
+
+def test_own_boot_replay_frees_the_deferred_range_where_the_trace_does():
+    """From its own boot the modelled replay frees the deferred range at the
+    trace's deferred_init_memmap frees (order-9 blocks and single pages on
+    6.1), then makes the boot bpf_prog_pack, as page_alloc_init_late comes
+    before the core initcalls."""
+    from dmfrag.modelled import replay_modelled
+    from dmfrag.placed import read_trace
+    path = Path(__file__).parent / "data" / "traces" / "linux-6.1-4G-boot.jsonl.gz"
+    _h, events = read_trace(path)
+    linux = sum(1 << e[2] for e in events if e[0] == "F" and e[1] >= 0x108000
+                and e[2] in (0, 9))
+    r = replay_modelled(path)
+    assert r.error is None and r.equal
+    assert 0.9 * linux <= r.deferred_pages_freed <= linux
+    assert not r.model.buddy.deferred
+    assert r.to_json()["deferred_pages_freed"] == r.deferred_pages_freed

@@ -146,6 +146,10 @@ class BuddyAllocator(AllocMixin, PcpMixin, FallbackMixin, MemblockMixin, ZoneMix
         self._pageblock_np = np.full(padded >> PAGEBLOCK_ORDER, boot_mt, dtype=np.uint8)
         self._pageblock_mt = memoryview(self._pageblock_np)
         self._handed: list[list[int]] = []   # sorted disjoint [start, end) given to the buddy
+        self.deferred: list[list[int]] = []  # free memory deferred struct-page init holds
+        #: deferred_free_range's block: a pageblock (MAX_ORDER on 6.10+: set
+        #: by the kernel record, see guestkernel.boot.mem_init)
+        self.deferred_free_order = PAGEBLOCK_ORDER
         self._ac_cache: dict[int, tuple] = {}
         self._allocated_once = False
         self.min_free_kbytes = 0

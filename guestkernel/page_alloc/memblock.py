@@ -19,6 +19,8 @@ import numpy as np
 from .types import (
     MAX_ORDER,
     MAX_ORDER_NR_PAGES,
+    MOVABLE,
+    PAGEBLOCK_NR_PAGES,
     PAGEBLOCK_ORDER,
     PG_ALLOC,
     PG_BUDDY,
@@ -37,6 +39,11 @@ class MemblockMixin:
     watermarks_fixed: bool
     zones: list[Zone]
     _handed: list[list[int]]
+    #: free memory whose struct pages are initialised late
+    #: (CONFIG_DEFERRED_STRUCT_PAGE_INIT): [start, end) not given yet
+    deferred: list[list[int]]
+    #: the order deferred_free_range frees whole blocks in
+    deferred_free_order: int
     _state: memoryview
     _state_np: np.ndarray
     _pageblock_np: np.ndarray
@@ -77,6 +84,97 @@ class MemblockMixin:
         if not self.watermarks_fixed:
             self._setup_per_zone_wmarks()
 
+    def defer_range(self, start_pfn: int, end_pfn: int) -> None:
+        """``memblock_free_all`` of a range whose struct pages are deferred
+        (the node's highest zone past its first section): nothing is freed
+        now; :meth:`page_alloc_init_late` or :meth:`deferred_free_range`
+        frees it later. The watermarks wait for it."""
+        if start_pfn < end_pfn:
+            self.deferred.append([start_pfn, end_pfn])
+            self.deferred.sort()
+
+    def is_deferred(self, pfn: int) -> bool:
+        """Whether ``pfn`` is free memory deferred struct-page init has not
+        freed yet."""
+        return any(s <= pfn < e for s, e in self.deferred)
+
+    def deferred_free_range(self, start_pfn: int, end_pfn: int) -> None:
+        """``deferred_free_range`` over [start_pfn, end_pfn) (all deferred):
+        a whole aligned block of ``deferred_free_order`` (a pageblock; a
+        MAX_ORDER block on 6.10+) is made MOVABLE and freed as one block,
+        anything else a page at a time (a pageblock's first page making it
+        MOVABLE), each with FPI_TO_TAIL (``__free_pages_core``). Once nothing is deferred, the watermarks
+        are computed (the initcalls run after ``page_alloc_init_late``).
+        Raises ValueError, changing nothing, if a page is not deferred."""
+        if start_pfn >= end_pfn:
+            return
+        left: list[list[int]] = []
+        found = False
+        for s, e in self.deferred:
+            if s <= start_pfn and end_pfn <= e:
+                found = True
+                left += [[s, start_pfn]] if s < start_pfn else []
+                left += [[end_pfn, e]] if end_pfn < e else []
+            else:
+                left.append([s, e])
+        if not found:
+            raise ValueError(f"deferred_free_range [{start_pfn:#x}, {end_pfn:#x}): not "
+                             "deferred memory")
+        self.deferred = left
+        zone = self.page_zone(start_pfn)
+        order = self.deferred_free_order
+        block = 1 << order
+        pfn = start_pfn
+        while pfn < end_pfn:
+            if pfn % block == 0 and pfn + block <= end_pfn:
+                for pb in range(pfn, pfn + block, PAGEBLOCK_NR_PAGES):
+                    self._pageblock_mt[pb >> PAGEBLOCK_ORDER] = MOVABLE
+                zone.managed_pages += block
+                self._free_one_page(zone, pfn, order, MOVABLE, fpi_to_tail=True)
+                pfn += block
+                continue
+            if pfn % PAGEBLOCK_NR_PAGES == 0:
+                self._pageblock_mt[pfn >> PAGEBLOCK_ORDER] = MOVABLE
+            zone.managed_pages += 1
+            self._free_one_page(zone, pfn, 0, self._pageblock_mt[pfn >> PAGEBLOCK_ORDER],
+                                fpi_to_tail=True)
+            pfn += 1
+        self._insert_handed(start_pfn, end_pfn)
+        if not self.deferred and not self.watermarks_fixed:
+            self._setup_per_zone_wmarks()
+
+    def page_alloc_init_late(self) -> None:
+        """``page_alloc_init_late`` -> ``deferred_init_memmap``: every
+        deferred range freed (:meth:`deferred_free_range`), in ascending
+        order; whole MAX_ORDER blocks are freed at once (two pageblock
+        frees that merge, at the list's tail, are the same block)."""
+        for s, e in list(self.deferred):
+            head = min(e, -(-s // MAX_ORDER_NR_PAGES) * MAX_ORDER_NR_PAGES)
+            self.deferred_free_range(s, head)
+            mid = max(head, e // MAX_ORDER_NR_PAGES * MAX_ORDER_NR_PAGES)
+            if mid > head:
+                self.deferred = [[a, b] for a, b in self.deferred if not (a == head and b == e)]
+                if mid < e:
+                    self.deferred.append([mid, e])
+                    self.deferred.sort()
+                zone = self.page_zone(head)
+                self._pageblock_np[head >> PAGEBLOCK_ORDER: mid >> PAGEBLOCK_ORDER] = MOVABLE
+                self._free_max_order_blocks(zone, head, mid)
+                self._insert_handed(head, mid)
+            self.deferred_free_range(mid, e)
+        if not self.watermarks_fixed:
+            self._setup_per_zone_wmarks()
+
+    def _insert_handed(self, start_pfn: int, end_pfn: int) -> None:
+        bisect.insort(self._handed, [start_pfn, end_pfn])
+        merged: list[list[int]] = []
+        for s, e in self._handed:
+            if merged and merged[-1][1] == s:
+                merged[-1][1] = e
+            else:
+                merged.append([s, e])
+        self._handed = merged
+
     def is_handed_over(self, pfn: int) -> bool:
         """Whether ``pfn`` was given to the buddy allocator (memblock_free_all
         or a later free of reserved memory); False: still reserved."""
@@ -110,14 +208,7 @@ class MemblockMixin:
             zones.append(zone)
         if start_pfn == end_pfn:
             return
-        bisect.insort(self._handed, [start_pfn, end_pfn])
-        merged: list[list[int]] = []
-        for s, e in self._handed:
-            if merged and merged[-1][1] == s:
-                merged[-1][1] = e
-            else:
-                merged.append([s, e])
-        self._handed = merged
+        self._insert_handed(start_pfn, end_pfn)
         st = self._state
         for pfn, zone in zip(range(start_pfn, end_pfn), zones):
             zone.managed_pages += 1
