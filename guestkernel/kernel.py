@@ -137,7 +137,8 @@ class Kernel:
         self.vmalloc: Vmalloc = Vmalloc(self, self.cpa)
         self.execmem: Execmem = Execmem(self.vmalloc, self.cpa, version, self.user_gfp)
         self.modules: ModuleLoader = ModuleLoader(self.execmem, self.cpa, self.vmalloc)
-        self.bpf: BpfJit = BpfJit(self.execmem, self.vmalloc, use_pack=version.bpf_prog_pack)
+        self.bpf: BpfJit = BpfJit(self.execmem, self.vmalloc, use_pack=version.bpf_prog_pack,
+                                  load_pages=version.bpf_load_pages)
         self.secretmem: Secretmem = Secretmem(
             self, self.cpa, self.user_gfp,
             None if version.secretmem else

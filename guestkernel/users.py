@@ -27,6 +27,7 @@ from typing import Self
 
 from . import gfp as G
 from .cpa import Cpa
+from .gfp import parse_gfp
 from .layout import PAGE_SIZE
 from .owner import PageOwner
 from .versions import KernelVersion
@@ -268,6 +269,9 @@ class BpfProg:
     addr: int
     size: int
     pack: int | None          # pack base, or None for a private module_alloc
+    #: the pages bpf_prog_load keeps with the program besides its image
+    #: (the bpf_prog's own page), freed with it
+    kept: tuple[int, ...] = ()
 
 
 @dataclass
@@ -280,10 +284,15 @@ class BpfJit:
     """``bpf_jit_binary_pack_alloc`` / ``bpf_prog_pack_free``."""
 
     def __init__(self, execmem: Execmem, vmalloc: Vmalloc, use_pack: bool = True,
-                 huge_pack: bool = False) -> None:
+                 huge_pack: bool = False,
+                 load_pages: tuple[tuple[int, str, bool], ...] = ()) -> None:
         self.execmem = execmem
         self.vmalloc = vmalloc
         self.use_pack = use_pack
+        #: what bpf_prog_load allocates before the JIT image, in order:
+        #: (order, GFP, kept with the program); the others are freed, last
+        #: first, before the image is allocated (KernelVersion.bpf_load_pages)
+        self.load_pages = tuple((order, parse_gfp(gfp), kept) for order, gfp, kept in load_pages)
         #: packs backed by one 2M page (module_alloc_huge, 6.2+): their
         #: direct-map alias changes as a whole 2M page, without a split
         self.huge_pack = huge_pack
@@ -310,11 +319,47 @@ class BpfJit:
             return size if size <= BPF_PROG_PACK_SIZE else -(-size // PAGE_SIZE) * PAGE_SIZE
         return -(-(proglen + BPF_BINARY_HEADER + 128) // PAGE_SIZE) * PAGE_SIZE
 
+    def _prog_pages(self) -> tuple[int, ...]:
+        """bpf_prog_load's own pages before the JIT (the program, the
+        verifier's buffers): allocated in the record's order, the
+        transient ones freed again, last first; the kept ones returned.
+        All or nothing: out of memory, what it took is given back."""
+        pages = self.vmalloc.page_alloc
+        taken: list[tuple[int, int, bool]] = []
+        try:
+            for order, gfp, kept in self.load_pages:
+                taken.append((pages.alloc_pages(gfp, order), order, kept))
+        except MemoryError:
+            for pfn, order, _kept in reversed(taken):
+                pages.free_pages(pfn, order)
+            raise
+        for pfn, order, kept in reversed(taken):
+            if not kept:
+                pages.free_pages(pfn, order)
+        return tuple(pfn for pfn, order, kept in taken if kept and order == 0)
+
+    def _release(self, kept: tuple[int, ...]) -> None:
+        for pfn in kept:
+            self.vmalloc.page_alloc.free_pages(pfn, 0)
+
     def load(self, size: int) -> BpfProg:
-        """JIT a program whose image takes ``size`` bytes (see
-        :meth:`alloc_bytes` for what a program's JIT image length takes)."""
+        """``bpf_prog_load`` of a program whose JIT image takes ``size``
+        bytes (see :meth:`alloc_bytes` for what a program's JIT image length
+        takes): the program's own pages first (:attr:`load_pages`), then the
+        image in a pack or its own module_alloc."""
         if not isinstance(size, int) or size <= 0:
             raise UsersError(f"bpf: bad image size {size!r}")
+        kept = self._prog_pages()
+        try:
+            prog = self._jit(size)
+        except MemoryError:
+            self._release(kept)
+            raise
+        prog.kept = kept
+        self.progs[prog.addr] = prog
+        return prog
+
+    def _jit(self, size: int) -> BpfProg:
         if not self.use_pack or size > BPF_PROG_PACK_SIZE:
             area = self._module_alloc_rox(size)
             prog = BpfProg(area.addr, size, None)
@@ -331,7 +376,6 @@ class BpfJit:
                 pack = _Pack(area.addr)
                 self.packs.append(pack)
                 prog = self._take(pack, 0, nchunks, size)
-        self.progs[prog.addr] = prog
         return prog
 
     @staticmethod
@@ -344,6 +388,7 @@ class BpfJit:
             prog = self.progs.pop(addr)
         except KeyError:
             raise UsersError(f"bpf: no program at {addr:#x}") from None
+        self._release(prog.kept)
         if prog.pack is None:
             self.vmalloc.vfree(prog.addr)
             return

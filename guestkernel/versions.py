@@ -202,6 +202,11 @@ class KernelVersion:
     #: exit): prologue, one xor, epilogue; bpf_prog_info.jited_prog_len read
     #: under QEMU by the guest's bpf_load (each further r0 = 0 adds 2 bytes)
     bpf_jit_base_len: int = 16
+    #: what bpf_prog_load allocates before the JIT image, in order: (order,
+    #: GFP, kept with the program): the program's own page, kept, and the
+    #: verifier's buffers, freed (last first) before the image; read off the
+    #: recorded traces' bpf:2048 steps (the same pattern for each program)
+    bpf_load_pages: tuple[tuple[int, str, bool], ...] = ()
     #: CPA alias processing leaves NX alone on the direct map (6.2+, when
     #: set_memory_rox arrived: the alias of executable memory stays NX)
     alias_masks_nx: bool = False
@@ -307,6 +312,9 @@ VERSIONS: dict[str, KernelVersion] = {
         vmalloc_bulk=False, ftrace_pages=144, deferred_reserved_unmovable=True,
         reserve_first_1m=False, deferred_init=True,
         bpf_jit_base_len=15,
+        bpf_load_pages=((0, "GFP_HIGHUSER|__GFP_NOWARN|__GFP_ZERO", True),
+                        (0, "GFP_KERNEL|__GFP_HIGHMEM|__GFP_NOWARN|__GFP_ZERO", False),
+                        (0, "GFP_KERNEL|__GFP_HIGHMEM|__GFP_NOWARN", False)),
         bootmem=BootmemRecord(
             pgtable_l5=False, usemap_section_bytes=56, vmemmap_buffer=True,
             setup_arch_small_first=False, percpu_embedded_pages=63,
@@ -320,6 +328,9 @@ VERSIONS: dict[str, KernelVersion] = {
         node_data_bytes=0x2B000, boot_cpa=_ALL_BOOT_CPA, bpf_prog_pack=True,
         vmstat_counters=_SPLITS, real_mode=(7, 3, 1, 2), ftrace_pages=159,
         deferred_reserved_unmovable=True, deferred_init=True,
+        bpf_load_pages=((0, "GFP_HIGHUSER|__GFP_NOWARN|__GFP_ZERO|__GFP_ACCOUNT", True),
+                        (0, "GFP_KERNEL|__GFP_HIGHMEM|__GFP_NOWARN|__GFP_ZERO", False),
+                        (0, "GFP_KERNEL|__GFP_HIGHMEM|__GFP_NOWARN", False)),
         bootmem=BootmemRecord(
             pgtable_l5=True, usemap_section_bytes=56, vmemmap_buffer=True,
             setup_arch_small_first=False, percpu_embedded_pages=62,
@@ -335,6 +346,11 @@ VERSIONS: dict[str, KernelVersion] = {
         collapse_after_rox=True, execmem_rox_cache=True, vmalloc_high_order=True,
         pcp_autotune=True, vfree_contig_free=True, ftrace_pages=196, bpf_jit_base_len=25,
         deferred_init=True, deferred_free_order=10,
+        bpf_load_pages=((0, "GFP_HIGHUSER|__GFP_ZERO|__GFP_NOWARN", True),
+                        (4, "GFP_NOWAIT|__GFP_IO|__GFP_FS|__GFP_ZERO|__GFP_COMP|__GFP_ACCOUNT",
+                         False),
+                        (0, "GFP_KERNEL|__GFP_HIGHMEM|__GFP_ZERO|__GFP_NOWARN", False),
+                        (0, "GFP_KERNEL|__GFP_HIGHMEM|__GFP_NOWARN", False)),
         bootmem=BootmemRecord(
             pgtable_l5=True, usemap_section_bytes=88, vmemmap_buffer=False,
             setup_arch_small_first=True, percpu_embedded_pages=63,
