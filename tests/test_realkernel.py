@@ -12,7 +12,12 @@ import shutil
 
 import pytest
 
-from dmfrag.calibrate import KNOWN_DIFFERENCES, run_model
+from dmfrag.calibrate import (
+    KNOWN_DIFFERENCES,
+    KNOWN_DIFFERENCES_5_10,
+    KNOWN_DIFFERENCES_7_2,
+    run_model,
+)
 from dmfrag.realkernel import RealKernel, RealKernelError
 from guestkernel import E820Table
 
@@ -189,3 +194,21 @@ def test_jit_image_lengths_are_the_records(rk, kern):
     seen = {int(n): int(b) for n, b in re.findall(
         r"programs of (\d+) instructions loaded \(JIT image (\d+) bytes\)", run.console)}
     assert seen == {n: bpf_jit_len(n, get_version(kern)) for n in (2, 9, 64)}
+
+
+@pytest.mark.xfail(strict=True, reason=KNOWN_DIFFERENCES_7_2[0])
+def test_7_2_modules_split_what_linux_splits(rk):
+    """7.2 at 2G, the five modules of its package loaded with their real
+    section sizes: the split counter equals Linux's."""
+    real = RealKernel(kernel="7.2").run("2G", ("modules",))
+    model = run_model(real.e820_lines(), ("modules",), kernel="7.2")
+    assert (model["modules"]["vmstat"]["direct_map_level2_splits"]
+            == real.vmstat("modules")["direct_map_level2_splits"])
+
+
+@pytest.mark.xfail(strict=True, reason=KNOWN_DIFFERENCES_5_10[0])
+def test_5_10_bpf_programs_spread_as_linuxs_do(rk):
+    """5.10 at 2G, 2048 two-instruction programs: DirectMap4k equals Linux's."""
+    real = RealKernel(kernel="5.10").run("2G", ("bpf",))
+    model = run_model(real.e820_lines(), ("bpf",), kernel="5.10")
+    assert model["bpf"]["meminfo"]["DirectMap4k"] == real.meminfo("bpf")["DirectMap4k"]
