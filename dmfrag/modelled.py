@@ -451,10 +451,11 @@ class _Modelled(Replayer):
         return True
 
     def _after_deferred_init(self) -> None:
-        b = self.k.buddy
-        if b.deferred:
-            b.page_alloc_init_late()
-        b.watermarks_fixed = True
+        """page_alloc_init_late done (what the trace has not freed of the
+        deferred range freed now, the watermarks set), then the boot calls
+        that follow it."""
+        from guestkernel.boot import page_alloc_init_late
+        page_alloc_init_late(self.k.buddy)
         if not self._early_done:
             self._early_done = True
             self._early_calls(late=True)

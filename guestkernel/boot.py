@@ -48,7 +48,7 @@ from .bootmem import (
     present_sections,
 )
 from .cpa import Cpa
-from .e820 import E820Table, E820Type
+from .e820 import E820Table, E820Type, GiB, MiB
 from .layout import PAGE_OFFSET, PAGE_SIZE, PMD_SIZE, START_KERNEL_MAP
 from .memblock import Memblock
 from .memory_mapping import init_mem_mapping as plan_mem_mapping
@@ -70,7 +70,6 @@ __all__ = [
     "select_version",
 ]
 
-MiB, GiB = 1 << 20, 1 << 30
 #: ptp_classifier_init's filter JITed at boot: a few hundred bytes, so it
 #: lands in a bpf_prog_pack (its exact size does not matter: one chunk run).
 PTP_CLASSIFIER_JIT_BYTES = 512

@@ -45,7 +45,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from .e820 import E820Table, E820Type
+from .e820 import E820Table, E820Type, GiB, MiB
 from .layout import PAGE_SIZE, PMD_SIZE
 from .memblock import Memblock, MemblockError
 
@@ -64,7 +64,6 @@ __all__ = [
     "qemu_initrd_range",
 ]
 
-MiB, GiB = 1 << 20, 1 << 30
 #: SMP_CACHE_BYTES: memblock_alloc's alignment
 SMP_CACHE_BYTES = 64
 #: __pa(MAX_DMA_ADDRESS): the vmemmap and per-CPU blocks stay above it

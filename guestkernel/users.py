@@ -292,6 +292,8 @@ class BpfJit:
         #: what bpf_prog_load allocates before the JIT image, in order:
         #: (order, GFP, kept with the program); the others are freed, last
         #: first, before the image is allocated (KernelVersion.bpf_load_pages)
+        if any(kept and order for order, _gfp, kept in load_pages):
+            raise UsersError("bpf: a page bpf_prog_load keeps must be order 0")
         self.load_pages = tuple((order, parse_gfp(gfp), kept) for order, gfp, kept in load_pages)
         #: packs backed by one 2M page (module_alloc_huge, 6.2+): their
         #: direct-map alias changes as a whole 2M page, without a split
@@ -336,7 +338,7 @@ class BpfJit:
         for pfn, order, kept in reversed(taken):
             if not kept:
                 pages.free_pages(pfn, order)
-        return tuple(pfn for pfn, order, kept in taken if kept and order == 0)
+        return tuple(pfn for pfn, _order, kept in taken if kept)
 
     def _release(self, kept: tuple[int, ...]) -> None:
         for pfn in kept:

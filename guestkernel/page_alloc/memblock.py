@@ -73,14 +73,7 @@ class MemblockMixin:
             s, e = max(start_pfn, zone.start_pfn), min(end_pfn, zone.end_pfn)
             if s < e:
                 self._free_pages_memory(zone, s, e)
-        self._handed.insert(i, [start_pfn, end_pfn])
-        merged: list[list[int]] = []
-        for s, e in self._handed:
-            if merged and merged[-1][1] == s:
-                merged[-1][1] = e
-            else:
-                merged.append([s, e])
-        self._handed = merged
+        self._insert_handed(start_pfn, end_pfn)
         if not self.watermarks_fixed:
             self._setup_per_zone_wmarks()
 
@@ -103,24 +96,53 @@ class MemblockMixin:
         a whole aligned block of ``deferred_free_order`` (a pageblock; a
         MAX_ORDER block on 6.10+) is made MOVABLE and freed as one block,
         anything else a page at a time (a pageblock's first page making it
-        MOVABLE), each with FPI_TO_TAIL (``__free_pages_core``). Once nothing is deferred, the watermarks
-        are computed (the initcalls run after ``page_alloc_init_late``).
-        Raises ValueError, changing nothing, if a page is not deferred."""
+        MOVABLE), each with FPI_TO_TAIL (``__free_pages_core``). Once nothing
+        is deferred, the watermarks are computed (the initcalls run after
+        ``page_alloc_init_late``). Raises ValueError, changing nothing, if a
+        page is not deferred."""
         if start_pfn >= end_pfn:
             return
-        left: list[list[int]] = []
-        found = False
-        for s, e in self.deferred:
+        self._undefer(start_pfn, end_pfn)
+        self._deferred_free(start_pfn, end_pfn)
+        if not self.deferred and not self.watermarks_fixed:
+            self._setup_per_zone_wmarks()
+
+    def page_alloc_init_late(self) -> None:
+        """``page_alloc_init_late`` -> ``deferred_init_memmap``: every
+        deferred range freed as :meth:`deferred_free_range` frees it, in
+        ascending order; whole MAX_ORDER blocks are freed at once (two
+        pageblock frees that merge, at the list's tail, are the same
+        block); then the watermarks."""
+        ranges, self.deferred = self.deferred, []
+        for s, e in ranges:
+            head = min(e, -(-s // MAX_ORDER_NR_PAGES) * MAX_ORDER_NR_PAGES)
+            mid = max(head, e // MAX_ORDER_NR_PAGES * MAX_ORDER_NR_PAGES)
+            self._deferred_free(s, head)
+            if mid > head:
+                self._pageblock_np[head >> PAGEBLOCK_ORDER: mid >> PAGEBLOCK_ORDER] = MOVABLE
+                self._free_max_order_blocks(self.page_zone(head), head, mid)
+                self._insert_handed(head, mid)
+            self._deferred_free(mid, e)
+        if not self.watermarks_fixed:
+            self._setup_per_zone_wmarks()
+
+    def _undefer(self, start_pfn: int, end_pfn: int) -> None:
+        """Take [start_pfn, end_pfn) out of the deferred ranges (ValueError,
+        changing nothing, unless one range holds it all)."""
+        for i, (s, e) in enumerate(self.deferred):
             if s <= start_pfn and end_pfn <= e:
-                found = True
-                left += [[s, start_pfn]] if s < start_pfn else []
-                left += [[end_pfn, e]] if end_pfn < e else []
-            else:
-                left.append([s, e])
-        if not found:
-            raise ValueError(f"deferred_free_range [{start_pfn:#x}, {end_pfn:#x}): not "
-                             "deferred memory")
-        self.deferred = left
+                rest = [[s, start_pfn]] if s < start_pfn else []
+                rest += [[end_pfn, e]] if end_pfn < e else []
+                self.deferred[i: i + 1] = rest
+                return
+        raise ValueError(f"deferred_free_range [{start_pfn:#x}, {end_pfn:#x}): not "
+                         "deferred memory")
+
+    def _deferred_free(self, start_pfn: int, end_pfn: int) -> None:
+        """The frees of deferred_free_range over [start_pfn, end_pfn), no
+        longer in ``deferred``."""
+        if start_pfn >= end_pfn:
+            return
         zone = self.page_zone(start_pfn)
         order = self.deferred_free_order
         block = 1 << order
@@ -140,30 +162,6 @@ class MemblockMixin:
                                 fpi_to_tail=True)
             pfn += 1
         self._insert_handed(start_pfn, end_pfn)
-        if not self.deferred and not self.watermarks_fixed:
-            self._setup_per_zone_wmarks()
-
-    def page_alloc_init_late(self) -> None:
-        """``page_alloc_init_late`` -> ``deferred_init_memmap``: every
-        deferred range freed (:meth:`deferred_free_range`), in ascending
-        order; whole MAX_ORDER blocks are freed at once (two pageblock
-        frees that merge, at the list's tail, are the same block)."""
-        for s, e in list(self.deferred):
-            head = min(e, -(-s // MAX_ORDER_NR_PAGES) * MAX_ORDER_NR_PAGES)
-            self.deferred_free_range(s, head)
-            mid = max(head, e // MAX_ORDER_NR_PAGES * MAX_ORDER_NR_PAGES)
-            if mid > head:
-                self.deferred = [[a, b] for a, b in self.deferred if not (a == head and b == e)]
-                if mid < e:
-                    self.deferred.append([mid, e])
-                    self.deferred.sort()
-                zone = self.page_zone(head)
-                self._pageblock_np[head >> PAGEBLOCK_ORDER: mid >> PAGEBLOCK_ORDER] = MOVABLE
-                self._free_max_order_blocks(zone, head, mid)
-                self._insert_handed(head, mid)
-            self.deferred_free_range(mid, e)
-        if not self.watermarks_fixed:
-            self._setup_per_zone_wmarks()
 
     def _insert_handed(self, start_pfn: int, end_pfn: int) -> None:
         bisect.insort(self._handed, [start_pfn, end_pfn])
@@ -200,12 +198,7 @@ class MemblockMixin:
                 raise ValueError(f"free_reserved_area [{start_pfn:#x}, {end_pfn:#x}): pages "
                                  f"[{max(s, start_pfn):#x}, {min(e, end_pfn):#x}) were "
                                  "given to the buddy already")
-        zones = []
-        for pfn in range(start_pfn, end_pfn):
-            zone = next((z for z in self.zones if z.start_pfn <= pfn < z.end_pfn), None)
-            if zone is None:
-                raise ValueError(f"free_reserved_area: pfn {pfn:#x} is in no zone")
-            zones.append(zone)
+        zones = [self.page_zone(pfn) for pfn in range(start_pfn, end_pfn)]
         if start_pfn == end_pfn:
             return
         self._insert_handed(start_pfn, end_pfn)
