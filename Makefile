@@ -1,12 +1,13 @@
 # Each target sets itself up: a virtual environment in .venv, the project
 # installed editable with its test extra (which compiles emu/_native.c).
 # `make test` also installs, as root, the Debian packages the real-kernel
-# tests need (qemu-system-x86, busybox-static, cpio); without root they skip.
+# tests need (qemu-system-x86, busybox-static, cpio; libelf1 for the kernels'
+# objtool, which builds the project's guest module); without root they skip.
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
-DEBS   := qemu-system-x86 busybox-static cpio
+DEBS   := qemu-system-x86 busybox-static cpio libelf1
 
 .PHONY: demo test bench realkernel-deps reference-traces truth-states clean
 
@@ -16,7 +17,8 @@ $(STAMP): pyproject.toml setup.py emu/_native.c
 	touch $(STAMP)
 
 realkernel-deps:
-	@if [ "$$(id -u)" = 0 ] && ! command -v qemu-system-x86_64 >/dev/null; then \
+	@if [ "$$(id -u)" = 0 ] && { ! command -v qemu-system-x86_64 >/dev/null || \
+	    ! ldconfig -p | grep -q 'libelf\.so\.1 '; }; then \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
 	  apt-get install -y -qq --no-install-recommends $(DEBS) >/dev/null; fi
 

@@ -228,6 +228,8 @@ class _Replayer:
         #: module-area vmalloc areas alive at the end, their pfns (recorder)
         self.areas = sorted(header.get("module_areas") or [], key=lambda a: a[0])
         self.areas_used: set[int] = set()
+        #: per page of those areas, the trace's (index, "A"/"F") events
+        self._area_touches: dict[int, list[tuple[int, str]]] | None = None
         self.table_cursor = 0
         #: the real kernel's states by point (dmfrag.truth), and their comparisons
         self.states = {st.point: st for st in states or ()}
@@ -496,7 +498,8 @@ class _Replayer:
             # allocated (vmallocinfo names it: bpf_prog_pack_alloc+0x...)
             # before any other
             fits = [n for n, area in enumerate(self.areas)
-                    if n not in self.areas_used and len(area[2]) == aliases]
+                    if n not in self.areas_used and len(area[2]) == aliases
+                    and not self._allocated_after(i, area[2])]
             if marker is not None:
                 fits.sort(key=lambda n: not self.areas[n][1].startswith(marker[2] + "+"))
             if fits:
@@ -515,6 +518,31 @@ class _Replayer:
                                                     in_flag=CpaFlags.NO_CHECK_ALIAS)
             except (CpaError, MemoryError) as exc:
                 raise PlacedReplayError(i + 2, f"early request on pfn {pfn:#x}: {exc}") from None
+
+    def _allocated_after(self, i: int, pfns: list[int]) -> bool:
+        """Whether the trace allocates one of ``pfns`` after event ``i``
+        before freeing it: that page was free at ``i``, so an area holding
+        it (a module loaded later, whose area is alive at the end) is not
+        the one an early request at ``i`` changed."""
+        touches = self._area_touches
+        if touches is None:
+            wanted = {p for area in self.areas for p in area[2]}
+            touches = self._area_touches = {p: [] for p in wanted}
+            for j, e in enumerate(self.events):
+                kind = e[0]
+                if kind == "A" or kind == "F":
+                    for p in range(e[1], e[1] + (1 << e[2])):
+                        if p in touches:
+                            touches[p].append((j, kind))
+                elif kind == "B":
+                    for p in e[3]:
+                        if p in touches:
+                            touches[p].append((j, "A"))
+        for p in pfns:
+            later = [kind for j, kind in touches.get(p, ()) if j > i]
+            if later and later[0] == "A":
+                return True
+        return False
 
     def _early_context(self, i: int) -> tuple[bool, list | None, int, int, list | None]:
         """What a request before kprobes (no arguments) at ``i`` is, from

@@ -39,7 +39,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .registry import UnknownWorkload, guest_names, guest_steps, modules_for
+from .registry import VFREE_MODULE, UnknownWorkload, guest_names, guest_steps, modules_for
 
 __all__ = [
     "DEFAULT_KERNEL",
@@ -79,6 +79,18 @@ class KernelPackage:
     #: (package, version, path of vmlinux in it): the debug symbols drgn
     #: reads a dump with (Debian's ``-dbg`` package of the same build)
     debug_package: tuple[str, str, str] | None = None
+    #: (package, version) pairs to build modules for this kernel with:
+    #: Debian's linux-headers (the flavour's and the common part) and
+    #: linux-kbuild (fixdep, modpost, objtool), unpacked into the cache
+    headers: tuple[tuple[str, str], ...] = ()
+    #: (package, version) of the suite's libc6, for kbuild tools built
+    #: against a newer glibc than the machine's (sid's need 2.38): they run
+    #: through that libc's loader, fetched only when needed
+    build_libc: tuple[str, str] | None = None
+    #: make variables a module build sets beside ``CC=gcc``: the host's gcc
+    #: stands in for the one Debian built with (gcc-10 for 5.10, gcc-16 for
+    #: 7.2), so options it lacks are turned off
+    make_overrides: tuple[str, ...] = ()
 
 
 KERNELS: dict[str, KernelPackage] = {
@@ -86,12 +98,20 @@ KERNELS: dict[str, KernelPackage] = {
                           "5.10.0-32-amd64", "boot/vmlinuz-5.10.0-32-amd64",
                           "lib/modules/5.10.0-32-amd64/kernel",
                           debug_package=("linux-image-5.10.0-32-amd64-dbg", "5.10.223-1",
-                                         "usr/lib/debug/boot/vmlinux-5.10.0-32-amd64")),
+                                         "usr/lib/debug/boot/vmlinux-5.10.0-32-amd64"),
+                          headers=(("linux-headers-5.10.0-32-amd64", "5.10.223-1"),
+                                   ("linux-headers-5.10.0-32-common", "5.10.223-1"),
+                                   ("linux-kbuild-5.10", "5.10.223-1"))),
     "6.1": KernelPackage("6.1", "linux-image-6.1.0-56-amd64", "6.1.192-2", None,
                          "6.1.0-56-amd64", "boot/vmlinuz-6.1.0-56-amd64",
                          "lib/modules/6.1.0-56-amd64/kernel",
                          debug_package=("linux-image-6.1.0-56-amd64-dbg", "6.1.192-2",
-                                        "usr/lib/debug/boot/vmlinux-6.1.0-56-amd64")),
+                                        "usr/lib/debug/boot/vmlinux-6.1.0-56-amd64"),
+                         # the headers depend on linux-kbuild-6.1 >= 6.1.192-2; the
+                         # archive keeps only the newest (-3)
+                         headers=(("linux-headers-6.1.0-56-amd64", "6.1.192-2"),
+                                  ("linux-headers-6.1.0-56-common", "6.1.192-2"),
+                                  ("linux-kbuild-6.1", "6.1.192-3"))),
     # 7.2's image package holds only the kernel; its modules are in
     # linux-modules-7.2.13+deb14-amd64 (compressed .ko.xz), fetched the same way.
     "7.2": KernelPackage("7.2", "linux-binary-7.2.13+deb14-amd64", "7.2.13-1", "sid",
@@ -99,7 +119,14 @@ KERNELS: dict[str, KernelPackage] = {
                          "usr/lib/modules/7.2.13+deb14-amd64/kernel",
                          ("linux-modules-7.2.13+deb14-amd64", "7.2.13-1"),
                          ("linux-image-7.2.13+deb14-amd64-dbg", "7.2.13-1",
-                          "usr/lib/debug/lib/modules/7.2.13+deb14-amd64/vmlinux")),
+                          "usr/lib/debug/lib/modules/7.2.13+deb14-amd64/vmlinux"),
+                         headers=(("linux-headers-7.2.13+deb14-amd64", "7.2.13-1"),
+                                  ("linux-headers-7.2.13+deb14-common", "7.2.13-1"),
+                                  ("linux-kbuild-7.2.13+deb14", "7.2.13-1")),
+                         build_libc=("libc6", "2.43-7"),
+                         # gcc-12 has no -fmin-function-alignment (gcc 14): kbuild
+                         # falls back to -falign-functions, as for older compilers
+                         make_overrides=("CONFIG_CC_HAS_MIN_FUNCTION_ALIGNMENT=",)),
 }
 DEFAULT_KERNEL = "6.1"
 # The 6.1 package's names, as earlier releases of this module exported them.
@@ -109,8 +136,11 @@ KERNEL_VERSION = KERNELS["6.1"].release
 #: written into the unpacked folder: which package file it came from
 _STAMP = ".dmfrag-package"
 TOOLS = {"qemu-system-x86_64": "qemu-system-x86", "busybox": "busybox-static",
-         "cpio": "cpio", "gcc": "gcc", "apt-get": "apt", "dpkg-deb": "dpkg"}
+         "cpio": "cpio", "gcc": "gcc", "make": "make", "apt-get": "apt", "dpkg-deb": "dpkg"}
 HELPERS = ("bpf_load", "secretmem", "age", "dumpwait")
+#: guest kernel modules of the project's own, built per kernel
+#: (:meth:`RealKernel.helper_module`)
+MODULE_HELPERS = (VFREE_MODULE,)
 _GUEST_SRC = Path(__file__).resolve().parent / "guest"
 
 
@@ -411,6 +441,118 @@ class RealKernel:
             out[name] = exe
         return out
 
+    def module_build_dir(self) -> Path:
+        """The kernel's module build tree (``make -C`` it with ``M=``):
+        the pinned linux-headers and linux-kbuild packages, each checked
+        against apt's SHA256, unpacked together into the cache once. The
+        flavour's Makefile names the common part by its absolute path under
+        /usr/src: it is pointed at the unpacked copy instead. kbuild tools
+        linked against a newer glibc than the machine's run through the
+        suite's own libc6 loader (``build_libc``), each behind a small
+        shell wrapper in its place."""
+        if not self.spec.headers:
+            raise RealKernelError(f"no headers packages are known for kernel {self.spec.name}")
+        shas = [(p, v, self._expected_sha256(p, v)) for p, v in self.spec.headers]
+        stamp = " ".join(f"{p}={v} sha256:{sha}" for p, v, sha in shas)
+        root = self.cache / f"kbuild-{self.spec.release}"
+        build = root / "usr" / "src" / f"linux-headers-{self.spec.release}"
+        if (build / "Makefile").exists() and _read(root / _STAMP) == stamp:
+            return build
+        tmp = Path(tempfile.mkdtemp(prefix=f".kbuild-{self.spec.release}.", dir=self.cache))
+        try:
+            for p, v, sha in shas:
+                r = subprocess.run(["dpkg-deb", "-x", str(self._verified_deb(p, v, sha)),
+                                    str(tmp)], capture_output=True, text=True, check=False)
+                if r.returncode:
+                    raise RealKernelError(f"dpkg-deb -x {p} failed: {r.stderr.strip()[-500:]}")
+            mk = tmp / build.relative_to(root) / "Makefile"
+            if not mk.exists():
+                raise RealKernelError(f"{self.spec.headers[0][0]} has no {mk.relative_to(tmp)}")
+            # the final path, not tmp's: the tree is renamed into place below
+            mk.write_text(re.sub(r"(?m)(^include |^KBUILD_OUTPUT=)/usr/src/",
+                                 rf"\g<1>{root}/usr/src/", mk.read_text()))
+            self._wrap_new_glibc_tools(tmp, root)
+            (tmp / _STAMP).write_text(stamp)
+            shutil.rmtree(root, ignore_errors=True)
+            os.rename(tmp, root)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return build
+
+    def _wrap_new_glibc_tools(self, tmp: Path, root: Path) -> None:
+        """Put a wrapper in place of each kbuild executable that needs a
+        newer glibc than the machine's: it runs the binary with the suite's
+        libc6 (``build_libc``, unpacked beside the tree)."""
+        from elftools.elf.elffile import ELFFile
+        from elftools.elf.gnuversions import GNUVerNeedSection
+
+        def version(text: str) -> tuple[int, ...]:
+            return tuple(int(x) for x in re.findall(r"\d+", text))
+        host = version(os.confstr("CS_GNU_LIBC_VERSION") or "glibc 0")
+        needy = []
+        for exe in sorted((tmp / "usr" / "lib").glob("linux-kbuild-*/**/*")):
+            if not exe.is_file() or exe.is_symlink() or not os.access(exe, os.X_OK):
+                continue
+            with open(exe, "rb") as fh:
+                if fh.read(4) != b"\x7fELF":
+                    continue
+                fh.seek(0)
+                need = max((version(aux.name) for sec in ELFFile(fh).iter_sections()
+                            if isinstance(sec, GNUVerNeedSection)
+                            for _, auxes in sec.iter_versions() for aux in auxes
+                            if aux.name.startswith("GLIBC_")), default=())
+            if need > host:
+                needy.append(exe)
+        if not needy:
+            return
+        if self.spec.build_libc is None:
+            raise RealKernelError(f"kbuild tools of {self.spec.name} need a newer glibc than "
+                                  f"the machine's ({', '.join(e.name for e in needy)}) and no "
+                                  f"build_libc is known")
+        pkg, ver = self.spec.build_libc
+        r = subprocess.run(["dpkg-deb", "-x", str(self._verified_deb(
+            pkg, ver, self._expected_sha256(pkg, ver))), str(tmp / "libc")],
+            capture_output=True, text=True, check=False)
+        if r.returncode:
+            raise RealKernelError(f"dpkg-deb -x {pkg} failed: {r.stderr.strip()[-500:]}")
+        lib = root / "libc" / "usr" / "lib" / "x86_64-linux-gnu"
+        for exe in needy:
+            real = exe.with_name(exe.name + ".bin")
+            os.replace(exe, real)
+            exe.write_text(f'#!/bin/sh\nexec {lib}/ld-linux-x86-64.so.2 --library-path '
+                           f'{lib}:/usr/lib/x86_64-linux-gnu {root / real.relative_to(tmp)} '
+                           f'"$@"\n')
+            exe.chmod(0o755)
+
+    def helper_module(self, name: str) -> Path:
+        """A guest kernel module of the project's (``dmfrag/guest/NAME.c``)
+        built for this kernel with the host's gcc in :meth:`module_build_dir`;
+        the file's name carries the source's hash, as the helpers' do."""
+        if name not in MODULE_HELPERS:
+            raise RealKernelError(f"no guest module {name!r}; known: {', '.join(MODULE_HELPERS)}")
+        src = _GUEST_SRC / f"{name}.c"
+        digest = hashlib.sha256(src.read_bytes()).hexdigest()[:16]
+        out = self.cache / "modules" / self.spec.release / f"{name}-{digest}.ko"
+        if out.exists():
+            return out
+        build = self.module_build_dir()
+        work = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=self.cache))
+        try:
+            shutil.copy(src, work / src.name)
+            (work / "Makefile").write_text(f"obj-m := {name}.o\n")
+            r = subprocess.run(["make", "-C", str(build), f"M={work}", "CC=gcc",
+                                # no pahole here: no BTF for the module
+                                "CONFIG_DEBUG_INFO_BTF_MODULES=", *self.spec.make_overrides,
+                                "modules"], capture_output=True, text=True, check=False)
+            if r.returncode or not (work / f"{name}.ko").exists():
+                raise RealKernelError(f"building guest module {name} for {self.spec.name} "
+                                      f"failed:\n{(r.stderr or r.stdout)[-3000:]}")
+            out.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(work / f"{name}.ko", out)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        return out
+
     def module_path(self, name: str) -> Path:
         """A module file of the kernel's package (a ``.ko.xz`` is
         decompressed once into the cache: the model reads its sections, the
@@ -454,6 +596,9 @@ class RealKernel:
             shutil.copy(exe, root / "bin" / name)
         if "ptwalk" in workload:
             shutil.copy(os.environ["DMFRAG_PTWALK_KO"], root / "lib" / "modules" / "ptwalk.ko")
+        if any(w.startswith("vfree-reset") for w in workload):
+            shutil.copy(self.helper_module(VFREE_MODULE),
+                        root / "lib" / "modules" / f"{VFREE_MODULE}.ko")
         if any(w == "modules" or w.startswith("module-churn") for w in workload):
             (root / "lib" / "modules" / "wl").mkdir()
             for m in modules_for(self.spec.name):

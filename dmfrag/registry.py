@@ -75,6 +75,8 @@ class Recorder(Protocol):
     (executes each call on the kernel and records it in the trace)."""
 
     kernel: Kernel
+    #: what a step keeps for the run's later steps
+    step_state: dict[str, object]
 
     def call(self, op: str, **args: object) -> str | None: ...
 
@@ -607,15 +609,73 @@ def st_bpftrace(d: Recorder, rng: random.Random, runs: int) -> None:
             d.call("bpf_free", prog=p)
 
 
-def st_vfree_reset(d: Recorder, rng: random.Random, n: int) -> None:
-    """``vfree-reset:N``: N vmalloc areas (1, 2, 4 or 16 pages) made
-    read-only with VM_FLUSH_RESET_PERMS; each is freed again with
-    probability 1/2 (model only)."""
-    areas = []
+#: the kernel module behind the guest's ``vfree-reset:N`` (dmfrag/guest)
+VFREE_MODULE = "dmfrag_vfree"
+#: its section sizes per kernel as :func:`module_layout` reads them from the
+#: module built against each kernel's headers with the host's gcc 12 (text,
+#: rodata, ro_after_init, data, init_text, init_data): the model loads it
+#: before the first ``vfree-reset`` step, as the guest's ``insmod`` does.
+#: A live test holds these to the built files.
+VFREE_MODULE_LAYOUTS: dict[str, tuple[int, int, int, int, int, int]] = {
+    "5.10": (795, 824, 0, 69147, 49, 0), "6.1": (813, 842, 0, 69306, 49, 8),
+    "7.2": (1547, 1045, 0, 70203, 69, 8)}
+#: the areas' sizes in pages, drawn uniformly
+VFREE_AREA_PAGES = (1, 2, 4, 16)
+#: most areas the module holds at once (its ``live`` array)
+VFREE_MAX_LIVE = 8192
+_M64 = (1 << 64) - 1
+
+
+def _splitmix64(state: int) -> tuple[int, int]:
+    """One splitmix64 step: (new state, output), as the module draws."""
+    state = (state + 0x9E3779B97F4A7C15) & _M64
+    z = state
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _M64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _M64
+    return state, z ^ (z >> 31)
+
+
+def vfree_reset_plan(n: int, seed: int = AGE_GUEST_SEED) -> list[tuple[str, int]]:
+    """``vfree-reset:N``'s calls, the same in the guest's module
+    (``dmfrag_vfree.c``: splitmix64 seeded with ``seed``) and the model:
+    N times ``("alloc", pages)`` (1, 2, 4 or 16), each followed with
+    probability 1/2 by ``("free", i)``: the i-th live area (in allocation
+    order) vfree'd. Raises :class:`BadWorkload` when more than
+    :data:`VFREE_MAX_LIVE` areas would be live at once."""
+    state, plan, live = seed & _M64, [], 0
     for _ in range(n):
-        areas.append(d.call("vmalloc", pages=rng.choice([1, 2, 4, 16]), reset_perms=True))
-        if rng.random() < 0.5:
-            d.call("vfree", addr=areas.pop(rng.randrange(len(areas))))
+        state, r = _splitmix64(state)
+        plan.append(("alloc", VFREE_AREA_PAGES[r % 4]))
+        live += 1
+        if live > VFREE_MAX_LIVE:
+            raise BadWorkload(f"vfree-reset:{n}: more than {VFREE_MAX_LIVE} areas would be "
+                              f"live at once (the guest module's limit)")
+        state, r = _splitmix64(state)
+        if r % 2 == 0:
+            state, r = _splitmix64(state)
+            plan.append(("free", r % live))
+            live -= 1
+    return plan
+
+
+def st_vfree_reset(d: Recorder, rng: random.Random, n: int) -> None:
+    """``vfree-reset:N``: the guest module's load (its section sizes from
+    :data:`VFREE_MODULE_LAYOUTS`; once per run, as the guest loads it once),
+    then :func:`vfree_reset_plan`: N vmalloc areas marked
+    VM_FLUSH_RESET_PERMS and made read-only with ``set_memory_ro``, each
+    followed with probability 1/2 by the vfree of a live one. Seeded with
+    the guest's seed, not the run's, so that both make the same calls."""
+    kernel = d.kernel.profile.name
+    if VFREE_MODULE not in d.kernel.modules.modules:
+        t, r, a, da, it, idata = VFREE_MODULE_LAYOUTS.get(kernel, VFREE_MODULE_LAYOUTS["6.1"])
+        d.call("load_module", name=VFREE_MODULE, text=t, rodata=r, ro_after_init=a, data=da,
+               init_text=it, init_data=idata)
+    live = d.step_state.setdefault("vfree_live", [])     # the module's array, across steps
+    for op, arg in vfree_reset_plan(n):
+        if op == "alloc":
+            live.append(d.call("vmalloc", pages=arg, reset_perms=True))
+        else:
+            d.call("vfree", addr=live.pop(arg))
 
 
 def module_churn_plan(n: int, seed: int = AGE_GUEST_SEED) -> list[tuple[str, int]]:
@@ -660,6 +720,17 @@ def _g_module_churn(n: int) -> list[str]:
             else f"rmmod $(basename {nth.format(i + 1)} .ko)" for op, i in module_churn_plan(n)]
 
 
+def _g_vfree_reset(n: int) -> list[str]:
+    vfree_reset_plan(n)                          # refuses what the module cannot hold
+    sym = "0x$(grep ' {}$' /proc/kallsyms | cut -d' ' -f1)"
+    return ["echo 0 > /proc/sys/kernel/kptr_restrict",
+            (f"[ -d /sys/module/{VFREE_MODULE} ] || insmod /lib/modules/{VFREE_MODULE}.ko "
+             f"set_memory_ro_addr={sym.format('set_memory_ro')} "
+             f"find_vm_area_addr={sym.format('find_vm_area')}"),
+            f"echo '{n} {AGE_GUEST_SEED}' > /sys/module/{VFREE_MODULE}/parameters/run",
+            "dmesg | grep '@@VFREE' | tail -1 > /dev/console"]
+
+
 def _g_age(n: int) -> list[str]:
     return [f"/bin/age {n} {AGE_GUEST_SEED} > /dev/console"]
 
@@ -693,8 +764,9 @@ STEP_KINDS: Mapping[str, StepKind] = MappingProxyType({s.name: s for s in (
     StepKind("bpftrace", ("R",), 0, (5,),
              "R runs (default 5) of 28 programs of mixed sizes, loaded then unloaded",
              st_bpftrace, _g_bpftrace),
-    StepKind("vfree-reset", ("N",), 1, (), "N read-only vmalloc areas, half freed (model only)",
-             st_vfree_reset),
+    StepKind("vfree-reset", ("N",), 1, (),
+             "N read-only vmalloc areas with reset perms, a seeded half freed",
+             st_vfree_reset, _g_vfree_reset),
     StepKind("module-churn", ("N",), 1, (), "N loads/removals of the kernel's five modules",
              st_module_churn, _g_module_churn),
 )})

@@ -144,7 +144,7 @@ def _op_secretmem_free(k, page):
 
 
 def _op_vmalloc(k, pages: int, reset_perms: bool):
-    area = k.vmalloc.vmalloc_node_range(pages * 4096)
+    area = k.vmalloc.vmalloc_node_range(pages * 4096, caller="vmalloc")
     if reset_perms:
         k.vmalloc.set_vm_flush_reset_perms(area.addr)
         k.set_memory_ro(area.addr, pages)
@@ -188,6 +188,9 @@ class Driver:
     warnings: list[str] = field(default_factory=list)
     #: the snapshots a step list took: ``{"point", "meminfo", "vmstat"}``
     points: list[dict] = field(default_factory=list)
+    #: what a step keeps for the run's later steps (``vfree-reset``: the
+    #: handles of its module's live areas)
+    step_state: dict[str, object] = field(default_factory=dict)
 
     def snap(self, point: str) -> None:
         """A named snapshot (a step list takes one after each step)."""

@@ -70,7 +70,8 @@ def test_calibrate_bad_steps_exit_2_before_qemu(capsys, monkeypatch, tmp_path):
     import dmfrag.calibrate
     monkeypatch.setattr(dmfrag.calibrate, "calibrate", lambda *a, **k: pytest.fail("ran"))
     out = str(tmp_path / "c.json")
-    for spec, says in (("bpf:x", "N must be an integer"), ("vfree-reset:4", "model only"),
+    for spec, says in (("bpf:x", "N must be an integer"),
+                       ("vfree-reset:20000", "more than 8192 areas would be live"),
                        ("nope", "unknown workload 'nope'"), ("bpf:2,bpf:2", "twice")):
         code, _, err = cli(capsys, "calibrate", "--workload", spec, "--json", out)
         assert code == 2 and says in err, (spec, err)
@@ -84,11 +85,64 @@ def test_guest_steps_of_a_step():
     assert guest_steps("bpf:3:7") == ("/bin/bpf_load 3 7 bg > /dev/console", "snap bpf:3:7")
     assert guest_steps("bpftrace:1")[-1] == "snap bpftrace:1"
     assert guest_steps("bpf")[-1] == "snap bpf-freed"          # the old step, unchanged
-    with pytest.raises(ValueError, match="model only"):
-        guest_steps("vfree-reset:3")
+    vfree = guest_steps("vfree-reset:3")
+    assert vfree[-1] == "snap vfree-reset:3"
+    # loaded once, the two symbols' addresses from kallsyms, then the plan
+    assert vfree[1].startswith("[ -d /sys/module/dmfrag_vfree ] || insmod "
+                               "/lib/modules/dmfrag_vfree.ko set_memory_ro_addr=0x$(grep ")
+    assert "find_vm_area_addr=" in vfree[1]
+    assert vfree[2] == "echo '3 1' > /sys/module/dmfrag_vfree/parameters/run"
     churn = guest_steps("module-churn:4")
     assert churn[-1] == "snap module-churn:4" and len(churn) == 5
     assert churn[0].startswith("insmod $(ls /lib/modules/wl/*.ko | sed -n ")
+
+
+def test_vfree_reset_plan_is_the_modules_splitmix64():
+    """The plan is drawn as dmfrag_vfree.c draws it: splitmix64 seeded with
+    the guest's seed; its first outputs are splitmix64's published ones."""
+    from dmfrag.registry import _splitmix64, vfree_reset_plan
+    state, out = _splitmix64(0)
+    assert out == 0xE220A8397B1DCDAF                 # splitmix64(0)'s first output
+    state, out = _splitmix64(state)
+    assert out == 0x6E789E6AA1B965F4
+    plan = vfree_reset_plan(256)
+    allocs = [a for op, a in plan if op == "alloc"]
+    assert len(allocs) == 256 and set(allocs) == {1, 2, 4, 16}
+    assert sum(1 for op, _ in plan if op == "free") == 126     # the guest printed frees=126
+    assert sum(allocs) == 1471                                  # and pages=1471
+    assert vfree_reset_plan(256) == plan and vfree_reset_plan(256, seed=2) != plan
+    live = 0
+    for op, arg in plan:                       # a free names a live area
+        if op == "alloc":
+            live += 1
+        else:
+            assert 0 <= arg < live
+            live -= 1
+    assert live == 130
+
+
+def test_vfree_reset_in_the_model_loads_the_module_once_and_makes_the_plans_calls():
+    from dmfrag.registry import VFREE_MODULE_LAYOUTS, vfree_reset_plan
+    from dmfrag.workloads import run_workload
+    d = run_workload("vfree-reset:40,vfree-reset:24", ram="1G", profile="6.1")
+    loads = [ln for ln in d.lines if '"load_module"' in ln]
+    assert len(loads) == 1 and '"dmfrag_vfree"' in loads[0]
+    t, _, _, da, _, _ = VFREE_MODULE_LAYOUTS["6.1"]
+    assert f'"text": {t}' in loads[0] and f'"data": {da}' in loads[0]
+    plans = vfree_reset_plan(40) + vfree_reset_plan(24)
+    assert sum('"vmalloc"' in ln for ln in d.lines) == sum(op == "alloc" for op, _ in plans)
+    assert sum('"vfree"' in ln for ln in d.lines) == sum(op == "free" for op, _ in plans)
+    assert [p["point"] for p in d.points] == ["boot", "vfree-reset:40", "vfree-reset:24"]
+    # each live area read-only, and its direct-map alias too (4K-mapped
+    # now); vfree's reset perms left the freed pages' aliases RW again
+    k, RW = d.kernel, 1 << 1
+    live = [a for a in k.vmalloc.areas.values() if a.caller == "vmalloc"]
+    assert len(live) == sum(op == "alloc" for op, _ in plans) - sum(op == "free" for op, _ in plans)
+    for area in live:
+        for pfn in area.pfns():
+            entry, level = k.lookup_address(k.pfn_to_virt(pfn))
+            assert level == 1 and not entry & RW, hex(pfn)
+    k.validate()
 
 
 def test_module_churn_is_the_same_plan_in_the_guest_and_the_model():

@@ -31,13 +31,42 @@ def replays():
 
 def test_the_reference_set_is_there():
     """Per kernel: boot at 2G, 4G and 8G, modules, BPF, secretmem (6.1, 7.2),
-    and 5.10 aged (8000 pipes) then 2048 programs."""
-    assert len(ALL) == 9
+    read-only vmalloc areas freed with reset perms (vfree-reset), and 5.10
+    aged (8000 pipes) then 2048 programs."""
+    assert len(ALL) == 12
     for k in ("5.10", "6.1", "7.2"):
         assert {n.split("-")[2] for n in ALL if n.startswith(f"linux-{k}-")} == {"2G", "4G", "8G"}
     assert "linux-5.10-8G-age-8000_bpf-2048.jsonl.gz" in ALL
     for k in ("5.10", "6.1", "7.2"):
         assert any(n.startswith(f"linux-{k}-2G-modules_") for n in ALL), k
+        assert f"linux-{k}-2G-vfree-reset-256.jsonl.gz" in ALL, k
+
+
+@pytest.mark.parametrize("kernel", ["5.10", "6.1", "7.2"])
+def test_the_guest_module_made_the_plans_calls(kernel):
+    """vfree-reset:256 in the real guest (the dmfrag_vfree module): Linux's
+    CPA requests on vmalloc addresses are the plan's 256 areas, in the
+    plan's order and sizes, and vm_reset_perms set the direct map invalid
+    then default for at least every page the plan freed (the rest: the
+    module's own init layout)."""
+    from dmfrag.registry import vfree_reset_plan
+    header, events = read_trace(TRACES / f"linux-{kernel}-2G-vfree-reset-256.jsonl.gz")
+    assert header["workload"] == ["vfree-reset:256"]
+    vmalloc_start = 0xFFFFC90000000000 if kernel == "5.10" else 0xFFA0000000000000
+    sizes = [e[2][1] for e in events if e[0] == "C" and e[1] == "change_page_attr_set_clr"
+             and e[2] and vmalloc_start <= e[2][0] < vmalloc_start + (1 << 45)]
+    plan = vfree_reset_plan(256)
+    assert sizes == [a for op, a in plan if op == "alloc"]
+    live, freed = [], 0
+    for op, a in plan:
+        if op == "alloc":
+            live.append(a)
+        else:
+            freed += live.pop(a)
+    assert freed == 728
+    for call in ("set_direct_map_invalid_noflush", "set_direct_map_default_noflush"):
+        n = sum(1 for e in events if e[0] == "C" and e[1] == call)
+        assert freed <= n <= freed + 3, (call, n)
 
 
 @pytest.mark.parametrize("name", ALL)
@@ -58,6 +87,12 @@ def test_what_linux_printed(replays):
     trampolines split two 2M pages more on 6.1 than an untraced boot)."""
     def at(name, point):
         return next(s["real"] for s in replays[name].snapshots if s["point"] == point)
+    vfree = {k: at(f"linux-{k}-2G-vfree-reset-256.jsonl.gz", "vfree-reset:256")
+             for k in ("5.10", "6.1", "7.2")}
+    assert {k: v["DirectMap4k"] for k, v in vfree.items()} == {
+        "5.10": 32640, "6.1": 36736, "7.2": 34688}
+    assert (vfree["6.1"]["direct_map_level2_splits"], vfree["7.2"]["direct_map_level2_splits"]
+            ) == (4, 5)
     aged = at("linux-5.10-8G-age-8000_bpf-2048.jsonl.gz", "bpf:2048")
     assert aged["DirectMap4k"] == 554880
     assert at("linux-5.10-8G-age-8000_bpf-2048.jsonl.gz", "boot")["DirectMap4k"] == 26496

@@ -36,9 +36,10 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                         "'-removed'/'-freed' snapshot), age:N (N pipes of 64 KiB, a seeded "
                         "half closed), bpf:N[:K] (N programs of K instructions, held), "
                         "secretmem:N (held), bpftrace[:R] (R runs of 28 programs loaded and "
-                        "unloaded), module-churn:N (N loads/removals of the five modules); "
-                        "vfree-reset:N is model only "
-                        "(dmfrag run); default: modules,bpf,secretmem")
+                        "unloaded), module-churn:N (N loads/removals of the five modules), "
+                        "vfree-reset:N (N read-only vmalloc areas with reset perms, a seeded "
+                        "half freed, by the project's dmfrag_vfree module built against the "
+                        "kernel's headers); default: modules,bpf,secretmem")
     p.add_argument("--json", default="calibrate.json", help="where to write the JSON result")
     p.add_argument("--timeout", type=float, default=240.0, help="kill the guest after this")
     p.add_argument("--install", action="store_true",
@@ -144,7 +145,8 @@ def parse_guest_workload(text: str, kernel: str) -> tuple[str, ...]:
             if exc.known is None and ":" in w or "model only" in str(exc):
                 raise UsageError(str(exc)) from None
             raise UsageError(f"unknown workload {w!r}; known: {', '.join(sorted(known))}, "
-                             f"age:N, bpf:N[:K], secretmem:N, bpftrace[:R], module-churn:N") from None
+                             f"age:N, bpf:N[:K], secretmem:N, bpftrace[:R], module-churn:N, "
+                             f"vfree-reset:N") from None
     if "boot" in workload[1:]:
         raise UsageError(f"--workload {text!r}: boot is where every run starts: "
                          f"only first")
