@@ -324,34 +324,82 @@ BPF_PROGS = 2048     # as many as the guest's `bpf_load 2048`
 SECRETMEM_PAGES = 4096
 
 
-def module_layout(path: str | Path) -> dict[str, int]:
-    """Core and init section sizes of a .ko as ``layout_sections`` groups
-    them (text, rodata, ro_after_init, data; init text, rodata and data
-    apart), each
-    category page-aligned (STRICT_MODULE_RWX). ``__versions`` and
-    ``.modinfo`` lose SHF_ALLOC at load; the kallsyms tables join core data."""
+def module_layout(path: str | Path, kernel: str | KernelVersion = "6.1") -> dict[str, int]:
+    """The bytes of each module memory type of a .ko as ``kernel`` lays it
+    out, which :meth:`ModuleLoader.load_module` page-aligns: text, rodata,
+    ro_after_init, data, init_text, init_rodata, init_data.
+
+    ``layout_sections``: each SHF_ALLOC section (``__versions``,
+    ``.modinfo`` and the per-CPU section lose SHF_ALLOC at load) goes to
+    the first class it fits, in the kernel's order: executable, read-only,
+    read-only after init (``.data..ro_after_init`` and the record's
+    ``module_ro_after_init_sections``), writable; ``.init*`` sections to
+    the init types; each at its ``sh_addralign``. ``layout_symtab``: the
+    core symbols (CONFIG_KALLSYMS_ALL: every named symbol defined in a core
+    SHF_ALLOC section) as Elf64_Sym, their names and a type byte each
+    after the data; the whole symtab, strtab, a ``struct mod_kallsyms``
+    (32 bytes) and a type byte per symbol after the init data. Before
+    module memory types (6.4) the core and init layouts are page-aligned
+    before the symbols are appended (``strict_align``), so those start on a
+    page of their own: that page is in ``data`` / ``init_data`` here."""
     from elftools.elf.elffile import ELFFile
 
-    SHF_WRITE, SHF_ALLOC, SHF_EXEC = 0x1, 0x2, 0x4
+    from guestkernel.versions import get_version
+    version = get_version(kernel) if isinstance(kernel, str) else kernel
+    SHF_WRITE, SHF_ALLOC, SHF_EXEC, RO_AFTER_INIT = 0x1, 0x2, 0x4, 1 << 40
+    page = 4096
+
+    def align(x: int, a: int) -> int:
+        return -(-x // a) * a if a > 1 else x
+
     out = {"text": 0, "rodata": 0, "ro_after_init": 0, "data": 0, "init_text": 0,
            "init_rodata": 0, "init_data": 0}
     with open(path, "rb") as fh:
         elf = ELFFile(fh)
-        for sec in elf.iter_sections():
-            flags, name, size = sec["sh_flags"], sec.name, sec["sh_size"]
-            if name in ("__versions", ".modinfo") or not flags & SHF_ALLOC:
-                if name in (".symtab", ".strtab"):
-                    out["data"] += size
-                continue
-            init = name.startswith(".init")
-            if flags & SHF_EXEC:
-                out["init_text" if init else "text"] += size
-            elif name == ".data..ro_after_init":
-                out["ro_after_init"] += size
-            elif flags & SHF_WRITE:
-                out["init_data" if init else "data"] += size
-            else:
-                out["init_rodata" if init else "rodata"] += size
+        secs = list(elf.iter_sections())
+        names = [sec.name for sec in secs]
+        flags = [sec["sh_flags"] for sec in secs]
+        for i, name in enumerate(names):
+            if name in ("__versions", ".modinfo", ".data..percpu"):
+                flags[i] &= ~SHF_ALLOC
+            elif name == ".data..ro_after_init" or name in version.module_ro_after_init_sections:
+                flags[i] |= RO_AFTER_INIT
+        placed: list[str | None] = [None] * len(secs)
+        classes = ((SHF_EXEC | SHF_ALLOC, 0, "text", "init_text"),
+                   (SHF_ALLOC, SHF_WRITE, "rodata", "init_rodata"),
+                   (RO_AFTER_INIT | SHF_ALLOC, 0, "ro_after_init", None),
+                   (SHF_WRITE | SHF_ALLOC, 0, "data", "init_data"),
+                   (SHF_ALLOC, 0, "data", "init_data"))
+        for init in (False, True):
+            for need, refuse, core_type, init_type in classes:
+                kind = init_type if init else core_type
+                for i, sec in enumerate(secs):
+                    if (flags[i] & need) != need or flags[i] & refuse or placed[i] is not None \
+                            or names[i].startswith(".init") != init or kind is None:
+                        continue
+                    out[kind] = align(out[kind], sec["sh_addralign"] or 1) + sec["sh_size"]
+                    placed[i] = kind
+        symtab = elf.get_section_by_name(".symtab")
+        strtab = elf.get_section_by_name(".strtab")
+        if symtab is None or strtab is None:
+            return out
+        if not version.module_mem_types:       # strict_align before the symbols
+            out["data"] = align(out["data"], page)
+            out["init_data"] = align(out["init_data"], page)
+        nsrc, ndst, names_bytes = symtab.num_symbols(), 0, 0
+        for i, sym in enumerate(symtab.iter_symbols()):
+            sh = sym["st_shndx"]
+            core = i == 0 or (isinstance(sh, int) and 0 < sh < len(secs) and sym["st_name"]
+                              and flags[sh] & SHF_ALLOC
+                              and not (placed[sh] or "").startswith("init"))
+            if core:
+                ndst += 1
+                names_bytes += len(sym.name.encode()) + 1
+        out["data"] = align(out["data"], symtab["sh_addralign"] or 1) + ndst * 24 \
+            + names_bytes + ndst
+        init_data = align(out["init_data"], symtab["sh_addralign"] or 1) + symtab["sh_size"]
+        init_data = align(init_data, strtab["sh_addralign"] or 1) + strtab["sh_size"]
+        out["init_data"] = align(init_data, 8) + 32 + nsrc
     return out
 
 
@@ -361,7 +409,7 @@ def cal_modules(k: Kernel, snap: Callable[[str], None], module_path: Callable[[s
     then removed."""
     mods = modules_for(k.profile.name)
     for m in mods:
-        lay = module_layout(module_path(m))
+        lay = module_layout(module_path(m), k.profile)
         k.modules.load_module(m, lay["text"], lay["rodata"], lay["ro_after_init"], lay["data"],
                               init_text=lay["init_text"], init_rodata=lay["init_rodata"],
                               init_data=lay["init_data"])
@@ -426,8 +474,8 @@ REGISTRY: Mapping[str, Workload] = _entries(
     Workload("ftrace-kprobes", "instruction pages for ftrace trampolines and kprobes",
              model=wl_ftrace_kprobes, provenance="synthetic, not calibrated"),
     Workload("vfree-reset-perms", "vmalloc areas made read-only, freed with reset perms",
-             model=wl_vfree_reset_perms, provenance="synthetic, not calibrated; no guest "
-             "face: set_memory_ro is not exported to modules"),
+             model=wl_vfree_reset_perms, provenance="synthetic, not calibrated; its guest "
+             "counterpart is the vfree-reset:N step"),
     Workload("pagetables", "page-table pages allocated and freed (protected page tables)",
              model=wl_pagetables, provenance="synthetic, not calibrated"),
     Workload("mixed", "all of the model's workloads over page-cache churn filling most of RAM",
@@ -498,15 +546,18 @@ def calibration(name: str) -> Calibration | None:
 #: what a model run's ``modules`` step loads without the package at hand
 #: (calibrate reads the files themselves; 7.2's from linux-modules-7.2.13).
 MODULE_LAYOUTS: dict[str, dict[str, tuple[int, int, int, int, int, int]]] = {
-    "5.10": {"bfs": (6975, 4994, 0, 6710, 102, 0), "efs": (5251, 5317, 0, 6343, 114, 0),
-             "minix": (20229, 9624, 0, 10108, 102, 0), "qnx4": (3120, 3565, 0, 4898, 116, 0),
-             "sysv": (19862, 11103, 0, 10565, 141, 0)},
-    "6.1": {"bfs": (6929, 4906, 0, 6625, 97, 8), "efs": (5163, 5337, 0, 6163, 109, 8),
-            "minix": (21609, 9538, 0, 10643, 97, 8), "qnx4": (3029, 3572, 0, 4771, 111, 8),
-            "sysv": (21099, 10954, 0, 10923, 135, 8)},
-    "7.2": {"bfs": (7905, 5608, 0, 8484, 180, 8), "efs": (6783, 5777, 0, 8530, 192, 8),
-            "minix": (24932, 12287, 0, 15447, 180, 8), "qnx4": (4140, 3541, 0, 6222, 194, 8),
-            "qnx6": (9378, 6482, 0, 9045, 194, 8)},
+    "5.10": {"bfs": (6975, 5051, 0, 5999, 102, 5860), "efs": (5251, 5376, 64, 6125, 114, 4924),
+             "minix": (20229, 9672, 208, 7941, 102, 9093),
+             "qnx4": (3120, 3627, 0, 5357, 116, 4004),
+             "sysv": (19862, 11160, 208, 8269, 141, 9459)},
+    "6.1": {"bfs": (6929, 4939, 0, 6108, 97, 9924), "efs": (5163, 5372, 80, 6232, 109, 8873),
+            "minix": (21609, 9560, 480, 8092, 97, 13417),
+            "qnx4": (3029, 3606, 0, 5576, 111, 8020),
+            "sysv": (21099, 10988, 480, 8376, 135, 13604)},
+    "7.2": {"bfs": (7905, 5612, 0, 5102, 180, 7030), "efs": (6785, 5780, 64, 6068, 192, 6010),
+            "minix": (24945, 12324, 40, 11297, 180, 12260),
+            "qnx4": (4145, 3544, 0, 4015, 194, 4769),
+            "qnx6": (9393, 6488, 112, 6480, 194, 6574)},
 }
 
 
@@ -617,8 +668,8 @@ VFREE_MODULE = "dmfrag_vfree"
 #: before the first ``vfree-reset`` step, as the guest's ``insmod`` does.
 #: A live test holds these to the built files.
 VFREE_MODULE_LAYOUTS: dict[str, tuple[int, int, int, int, int, int]] = {
-    "5.10": (795, 824, 0, 69147, 49, 0), "6.1": (813, 842, 0, 69306, 49, 8),
-    "7.2": (1547, 1045, 0, 70203, 69, 8)}
+    "5.10": (795, 830, 0, 70425, 49, 2717), "6.1": (813, 862, 0, 70528, 49, 7034),
+    "7.2": (1547, 1056, 0, 68305, 69, 3113)}
 #: the areas' sizes in pages, drawn uniformly
 VFREE_AREA_PAGES = (1, 2, 4, 16)
 #: most areas the module holds at once (its ``live`` array)

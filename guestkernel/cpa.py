@@ -215,12 +215,22 @@ class Cpa:
         """Set P and RW of one page's direct-map entry, no alias, no flush."""
         return self._set_pages(pfn, int(F.P | F.RW), 0)
 
-    def _set_pages(self, pfn: int, set_: int, clr: int) -> CpaData:
-        if isinstance(pfn, bool) or not isinstance(pfn, int) or not 0 <= pfn < self.max_pfn:
-            raise CpaError(f"pfn {pfn!r} is outside [0, {self.max_pfn:#x})")
+    def set_direct_map_valid_noflush(self, pfn: int, nr: int, valid: bool) -> CpaData:
+        """6.13+: ``nr`` pages from ``pfn`` made present and writable
+        (``__set_pages_p``) or not present (``__set_pages_np``) in one
+        request, no alias, no flush: a 2M page the range covers whole keeps
+        its size."""
+        if valid:
+            return self._set_pages(pfn, int(F.P | F.RW), 0, nr)
+        return self._set_pages(pfn, 0, int(F.P | F.RW), nr)
+
+    def _set_pages(self, pfn: int, set_: int, clr: int, nr: int = 1) -> CpaData:
+        if isinstance(pfn, bool) or not isinstance(pfn, int) or not 0 <= pfn < self.max_pfn \
+                or pfn + nr > self.max_pfn:
+            raise CpaError(f"pfn {pfn!r} (+{nr}) is outside [0, {self.max_pfn:#x})")
         va = self.pfn_to_virt(pfn)
-        self._check_request([va], 1, CpaFlags(0))
-        return self.apply(CpaData([va], 1, set_, clr), False, flush=False)
+        self._check_request([va], nr, CpaFlags(0))
+        return self.apply(CpaData([va], nr, set_, clr), False, flush=False)
 
     def remove_from_direct_map(self, pfn: int, nr_pages: int = 1) -> None:
         """Take [pfn, pfn+nr_pages) out of the direct map and flush them

@@ -25,7 +25,9 @@ map (the record the state's kernel release names), then takes over:
 * **users' pages it can identify**: the pages of vmalloc areas (modules, BPF,
   execmem, vmalloc) are owned as vmalloc pages (``PageOwner.VMALLOC``), so
   that nothing frees them through another path; the areas themselves are not
-  modelled objects (a workload cannot unload a module it did not load).
+  modelled objects (a workload cannot unload a module it did not load), but
+  those in the module range keep their addresses (``Vmalloc.reserve_range``),
+  so the model's new module, BPF and execmem areas go where Linux's would.
 
 The system is running (``enter_running``) when this returns.
 """
@@ -165,6 +167,17 @@ def install_state(k: Any, state: Any) -> dict[str, int]:
     owner = k.page_owner
     free_now = k.buddy.page_states()[vm_pages] == 1
     owner[vm_pages[~free_now]] = PageOwner.VMALLOC
+    # their addresses: new areas go around them, as in Linux (the direct
+    # map's PAGE_OFFSET differs with 5-level paging; the vmalloc and module
+    # ranges do not, only those are kept)
+    reserved_areas = 0
+    for start, size in zip(state.vm_start.tolist(), state.vm_size.tolist()):
+        if k.profile.modules_vaddr <= start < k.profile.modules_end:
+            try:
+                k.vmalloc.reserve_range(int(start), int(size))
+                reserved_areas += 1
+            except ValueError:
+                pass             # overlaps one of the model's own (its boot pack)
 
     # counters
     dpc = list(state.direct_pages_count)
@@ -187,7 +200,8 @@ def install_state(k: Any, state: Any) -> dict[str, int]:
     want = {1: 512 * s2, 2: 512 * s3 - s2, 3: -s3}
     k.boot_direct_pages_count = [count[i] - want.get(i, 0) for i in range(len(count))]
     return {**counts, "tables_linked": len(linked), "tables_dropped": len(old_tables - still),
-            "kept_by_model": kept, "vmalloc_pages_owned": int(np.count_nonzero(~free_now))}
+            "kept_by_model": kept, "vmalloc_pages_owned": int(np.count_nonzero(~free_now)),
+            "module_areas_reserved": reserved_areas}
 
 
 def _zone_params(k: Any, state: Any) -> None:

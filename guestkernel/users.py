@@ -6,6 +6,9 @@
   ``module_enable_nx`` (rodata, ro_after_init, data NX) and
   ``module_enable_x`` (text X, no alias); after init, ro_after_init RO.
   Unloading is ``vfree`` (which resets the direct-map aliases).
+  From 6.4 (``KernelVersion.module_mem_types``) each memory type is its own
+  allocation, and on 7.x the text comes from the execmem ROX cache
+  (:class:`ExecmemCache`); see :meth:`ModuleLoader.load_module`.
 * BPF JIT with ``bpf_prog_pack`` (kernel/bpf/core.c): programs up to a pack
   share 2 MiB packs allocated with ``module_alloc`` and made RO+X once;
   larger images get their own ``module_alloc``.
@@ -28,7 +31,7 @@ from typing import Self
 from . import gfp as G
 from .cpa import Cpa
 from .gfp import parse_gfp
-from .layout import PAGE_SIZE
+from .layout import PAGE_SIZE, PMD_SIZE
 from .owner import PageOwner
 from .versions import KernelVersion
 from .vmalloc import PageAllocator, Vmalloc, VmFlags, VmStruct
@@ -38,6 +41,7 @@ __all__ = [
     "BpfJit",
     "BpfProg",
     "Execmem",
+    "ExecmemCache",
     "GuestMemfd",
     "Module",
     "ModuleLoader",
@@ -121,7 +125,7 @@ class _NoArea:
 @dataclass
 class Module:
     name: str
-    area: VmStruct
+    area: VmStruct | None
     text_pages: int
     rodata_pages: int
     ro_after_init_pages: int
@@ -131,10 +135,13 @@ class Module:
     init_rodata_pages: int = 0
     init_data_pages: int = 0
     live: bool = True
+    #: kernels with module memory types: each type's base address (the
+    #: init types' until do_free_init); ``area`` is then the text's
+    mem: dict[str, int] = field(default_factory=dict)
 
     @property
     def base(self) -> int:
-        return self.area.addr
+        return self.area.addr if self.area is not None else self.mem["text"]
 
 
 class Execmem:
@@ -149,6 +156,43 @@ class Execmem:
         self.cpa = cpa
         self.version = version
         self.user_gfp = user_gfp
+        #: 7.x: EXECMEM_MODULE_TEXT (and kprobes, ftrace) from the ROX cache
+        self.rox_cache = ExecmemCache(self) if version.execmem_rox_cache else None
+
+    def execmem_alloc_rw(self, size: int, *, text: bool, caller: str) -> tuple[int, bool]:
+        """7.x's ``execmem_alloc_rw``: text from the ROX cache where the
+        kernel has one (else, and data always, a module-area vmalloc with
+        VM_FLUSH_RESET_PERMS), then ``execmem_force_rw``: ``set_memory_nx``
+        and ``set_memory_rw`` on the range (both made on every type where
+        the kernel has the cache, CONFIG_ARCH_HAS_EXECMEM_ROX). Returns
+        (address, from the ROX cache)."""
+        npages = _pages(size)
+        cache = self.rox_cache
+        if text and cache is not None:
+            addr, rox = cache.alloc(npages * PAGE_SIZE), True
+        else:
+            addr, rox = self.module_alloc(npages * PAGE_SIZE, caller=caller).addr, False
+        if cache is not None:
+            try:
+                self.cpa.set_memory_nx(addr, npages)
+                self.cpa.set_memory_rw(addr, npages)
+            except MemoryError:
+                self.execmem_free(addr, undo=True)
+                raise
+        return addr, rox
+
+    def execmem_free(self, addr: int, *, undo: bool = False) -> None:
+        """``execmem_free``: back to the ROX cache (made RW, then ROX
+        again: ``__execmem_cache_free``) or ``vfree``. ``undo``: a load
+        that failed gives its memory back as it found it, with no CPA call
+        that could need a page (a vmalloc area without the reset pass)."""
+        cache = self.rox_cache
+        if cache is not None and cache.owns(addr):
+            cache.free(addr, undo=undo)
+            return
+        if undo:
+            self.vmalloc.find_area(addr).flags &= ~VmFlags.FLUSH_RESET_PERMS
+        self.vmalloc.vfree(addr)
 
     def module_alloc(self, size: int, *, huge: bool = False, caller: str = "module_alloc"
                      ) -> VmStruct:
@@ -178,6 +222,126 @@ class Execmem:
     def alloc_insn_page(self) -> int:
         """kprobes/ftrace: one module_alloc page made RO+X."""
         return self.alloc_rox(PAGE_SIZE, caller="insn page").addr
+
+
+class ExecmemCache:
+    """7.x's execmem ROX cache (mm/execmem.c, x86 from 6.14 with
+    CONFIG_ARCH_HAS_EXECMEM_ROX): module text comes from 2M areas of the
+    module space kept read-only+executable, handed out first fit in address
+    order (``execmem_cache_alloc_locked``: the free ranges in a maple tree).
+
+    * ``execmem_cache_populate_alloc``: when no free range fits, a new area
+      of the request rounded up to 2M, ``VM_ALLOW_HUGE_VMAP`` (one order-9
+      block, PMD-mapped; without reset perms), made ``set_memory_rox``
+      whole: its direct-map alias read-only as one 2M page, no split. If
+      that fails, an area of the request's own size.
+    * ``__execmem_cache_free``: ``set_memory_nx`` and ``set_memory_rw``,
+      then ``set_memory_rox`` again, and the range back with its free
+      neighbours; then ``execmem_cache_clean``: each free range that is 2M
+      aligned and a multiple of 2M long has its areas' direct map made
+      valid (``set_direct_map_valid_noflush``, one request per block) and
+      is vfree'd. (Linux frees the area ``find_vm_area`` finds at the
+      range's start only; here every area the range holds.)
+    * ``execmem_cache_free``'s slow path (a free that fails, retried from a
+      work item) is not modelled: a free that runs out of memory raises."""
+
+    def __init__(self, execmem: Execmem) -> None:
+        self.execmem = execmem
+        #: free ranges [start, end), sorted, merged with their neighbours
+        self.free_ranges: list[list[int]] = []
+        #: busy ranges: start -> size in bytes
+        self.busy: dict[int, int] = {}
+        #: the cache's own vmalloc areas, by address
+        self.areas: dict[int, VmStruct] = {}
+
+    def owns(self, addr: int) -> bool:
+        return addr in self.busy
+
+    def _take(self, size: int) -> int | None:
+        for rng in self.free_ranges:
+            if rng[1] - rng[0] >= size:
+                addr = rng[0]
+                rng[0] += size
+                if rng[0] == rng[1]:
+                    self.free_ranges.remove(rng)
+                self.busy[addr] = size
+                return addr
+        return None
+
+    def _add(self, addr: int, size: int) -> None:
+        """``execmem_cache_add_locked``: merged with adjacent free ranges."""
+        lo, hi = addr, addr + size
+        keep = []
+        for a, b in self.free_ranges:
+            if b == lo:
+                lo = a
+            elif a == hi:
+                hi = b
+            else:
+                keep.append([a, b])
+        keep.append([lo, hi])
+        keep.sort()
+        self.free_ranges = keep
+
+    def alloc(self, size: int) -> int:
+        addr = self._take(size)
+        if addr is not None:
+            return addr
+        ex = self.execmem
+        ver = ex.version
+        gfp = ex.user_gfp("execmem", int(G.GFP_KERNEL))
+        area = None
+        for alloc_size, flags in ((-(-size // PMD_SIZE) * PMD_SIZE, VmFlags.ALLOW_HUGE_VMAP),
+                                  (-(-size // PMD_SIZE) * PMD_SIZE, VmFlags(0)),
+                                  (size, VmFlags(0))):
+            try:
+                area = ex.vmalloc.vmalloc_node_range(
+                    alloc_size, start=ver.modules_vaddr, end=ver.modules_end, gfp=gfp,
+                    flags=flags, caller="execmem_cache")
+                break
+            except MemoryError:
+                continue
+        if area is None:
+            raise MemoryError("execmem cache: no memory for a new area")
+        try:
+            ex.cpa.set_memory_rox(area.addr, area.size // PAGE_SIZE)
+        except MemoryError:
+            ex.vmalloc.vfree(area.addr)
+            raise
+        self.areas[area.addr] = area
+        self._add(area.addr, area.size)
+        addr = self._take(size)
+        assert addr is not None
+        return addr
+
+    def free(self, addr: int, *, undo: bool = False) -> None:
+        size = self.busy[addr]
+        npages = size // PAGE_SIZE
+        cpa = self.execmem.cpa
+        if not undo:
+            cpa.set_memory_nx(addr, npages)          # execmem_force_rw
+            cpa.set_memory_rw(addr, npages)
+        cpa.set_memory_rox(addr, npages)             # execmem_restore_rox
+        del self.busy[addr]
+        self._add(addr, size)
+        self.clean()
+
+    def clean(self) -> None:
+        """``execmem_cache_clean``: whole free 2M areas leave the cache."""
+        ex = self.execmem
+        for lo, hi in list(self.free_ranges):
+            if lo % PMD_SIZE or (hi - lo) % PMD_SIZE:
+                continue
+            inside = [a for a in self.areas.values() if lo <= a.addr and a.addr + a.size <= hi]
+            if not inside:
+                continue
+            for area in inside:
+                nr = 1 << area.page_order
+                for pfn in area.pages:
+                    ex.cpa.set_direct_map_valid_noflush(pfn, nr, True)
+                ex.vmalloc.vfree(area.addr)
+                del self.areas[area.addr]
+            self.free_ranges.remove([lo, hi])
 
 
 class ModuleLoader:
@@ -214,6 +378,10 @@ class ModuleLoader:
             raise UsersError(f"module {name!r}: section sizes must be ints >= 0, text > 0")
         t, r, a, d = _pages(text), _pages(rodata), _pages(ro_after_init), _pages(data)
         it, ir, idata = _pages(init_text), _pages(init_rodata), _pages(init_data)
+        if self.execmem.version.module_mem_types:
+            return self._load_mem_types(name, {
+                "text": t, "data": d, "rodata": r, "ro_after_init": a, "init_text": it,
+                "init_data": idata, "init_rodata": ir})
         cpa = self.cpa
         ro, rw, nx, x = cpa.set_memory_ro, cpa.set_memory_rw, cpa.set_memory_nx, cpa.set_memory_x
         area = self.execmem.module_alloc((t + r + a + d) * PAGE_SIZE, caller=f"module {name}")
@@ -255,12 +423,81 @@ class ModuleLoader:
         self.modules[name] = mod
         return mod
 
+    #: ``enum mod_mem_type``'s order (6.4+)
+    MEM_TYPES = ("text", "data", "rodata", "ro_after_init", "init_text", "init_data",
+                 "init_rodata")
+
+    def _load_mem_types(self, name: str, pages: dict[str, int]) -> Module:
+        """``load_module`` with module memory types (6.4+; the sequence of
+        7.x, kernel/module/main.c and strict_rwx.c, as the 7.2 recordings
+        show it):
+
+        * ``move_module``: for each type with a size, in enum order (text,
+          data, rodata, ro_after_init, init text, init data, init rodata),
+          ``execmem_alloc_rw`` (:meth:`Execmem.execmem_alloc_rw`: text from
+          the ROX cache and made RW+NX, data types a vmalloc each);
+        * ``complete_formation``: ``module_enable_rodata_ro`` (rodata, init
+          rodata RO), ``module_enable_data_nx`` (every data type NX),
+          ``module_enable_text_rox`` (text, init text: ``set_memory_rox``,
+          which is ``execmem_restore_rox`` for cache memory);
+        * ``do_init_module``: ``module_enable_rodata_ro_after_init``, then
+          ``do_free_init``: ``execmem_free`` of init text (back to the
+          cache), init data and init rodata (vfree, reset perms).
+
+        Out of memory, what the load did is undone newest first and its
+        memory given back; the module is not loaded."""
+        ex, cpa = self.execmem, self.cpa
+        mem: dict[str, int] = {}
+        undo: list[tuple[_CpaCall, int, int]] = []
+
+        def step(do: _CpaCall, back: _CpaCall | None, t: str) -> None:
+            do(mem[t], pages[t])
+            if back is not None:
+                undo.append((back, mem[t], pages[t]))
+        try:
+            for t in self.MEM_TYPES:
+                if pages[t]:
+                    mem[t] = ex.execmem_alloc_rw(pages[t] * PAGE_SIZE, text=t.endswith("text"),
+                                                 caller=f"module {name} {t}")[0]
+            for t in ("rodata", "init_rodata"):
+                if t in mem:
+                    step(cpa.set_memory_ro, cpa.set_memory_rw, t)
+            for t in ("data", "rodata", "ro_after_init", "init_data", "init_rodata"):
+                if t in mem:
+                    step(cpa.set_memory_nx, None, t)
+            for t in ("text", "init_text"):
+                if t in mem:
+                    step(cpa.set_memory_rox, cpa.set_memory_rw, t)
+            if "ro_after_init" in mem:
+                step(cpa.set_memory_ro, cpa.set_memory_rw, "ro_after_init")
+        except MemoryError:
+            for back, addr, n in reversed(undo):
+                back(addr, n)
+            for t in reversed(list(mem)):
+                ex.execmem_free(mem[t], undo=True)
+            raise
+        for t in ("init_text", "init_data", "init_rodata"):      # do_free_init
+            if t in mem:
+                ex.execmem_free(mem.pop(t))
+        mod = Module(name, None, pages["text"], pages["rodata"], pages["ro_after_init"],
+                     pages["data"], pages["init_text"], pages["init_rodata"],
+                     pages["init_data"], mem=mem)
+        self.modules[name] = mod
+        return mod
+
     def delete_module(self, name: str) -> None:
+        """``free_module``; with module memory types ``free_mod_mem``: each
+        type but data in enum order, data (which holds the module) last."""
         try:
             mod = self.modules.pop(name)
         except KeyError:
             raise UsersError(f"module {name!r} is not loaded") from None
-        self.vmalloc.vfree(mod.base)
+        if mod.mem:
+            for t in [t for t in self.MEM_TYPES if t in mod.mem and t != "data"] + \
+                    (["data"] if "data" in mod.mem else []):
+                self.execmem.execmem_free(mod.mem[t])
+        else:
+            self.vmalloc.vfree(mod.base)
         mod.live = False
 
 

@@ -217,6 +217,15 @@ class KernelVersion:
     #: the execmem ROX cache (6.14+): executable memory from a cache of
     #: 2M pages kept RO+X
     execmem_rox_cache: bool = False
+    #: module memory types (6.4, "module: replace module_layout with
+    #: module_memory"): each of text, data, rodata, ro_after_init, init
+    #: text, init data and init rodata is its own execmem_alloc, where older
+    #: kernels make one core and one init module_alloc
+    module_mem_types: bool = False
+    #: sections load_module makes read-only after init besides
+    #: .data..ro_after_init: __jump_table (4.15) and .static_call_sites
+    #: (6.14, module_mark_ro_after_init)
+    module_ro_after_init_sections: tuple[str, ...] = ("__jump_table",)
     #: vmalloc takes its pages in the largest orders that fit (up to a PMD's
     #: worth) and splits them, instead of one order-0 page at a time, so an
     #: area's pages are physically contiguous where memory allows (7.x)
@@ -344,6 +353,8 @@ VERSIONS: dict[str, KernelVersion] = {
         node_data_bytes=0x2B080, boot_cpa=_ALL_BOOT_CPA, bpf_prog_pack=True,
         alias_masks_nx=True, set_memory_rox_users=frozenset({"bpf", "execmem"}),
         collapse_after_rox=True, execmem_rox_cache=True, vmalloc_high_order=True,
+        module_mem_types=True,
+        module_ro_after_init_sections=("__jump_table", ".static_call_sites"),
         pcp_autotune=True, vfree_contig_free=True, ftrace_pages=196, bpf_jit_base_len=25,
         deferred_init=True, deferred_free_order=10,
         bpf_load_pages=((0, "GFP_HIGHUSER|__GFP_ZERO|__GFP_NOWARN", True),

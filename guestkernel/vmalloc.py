@@ -233,6 +233,19 @@ class Vmalloc:
         except KeyError:
             raise VmallocBadRequest(f"vfree({addr:#x}): not the start of a vmalloc area") from None
 
+    def reserve_range(self, start: int, size: int) -> None:
+        """Keep [start, start + size) out of the address space (an area of a
+        real kernel's state the model does not own: new areas go around it,
+        as they would in that kernel). ``size`` includes the guard page, as
+        ``vm_struct.size`` does."""
+        if not isinstance(size, int) or size <= 0 or start % PAGE_SIZE:
+            raise VmallocBadRequest(f"vmalloc: bad range {start:#x}+{size!r}")
+        i = bisect.bisect_left(self._busy, (start, start))
+        if (i > 0 and self._busy[i - 1][1] > start) or \
+                (i < len(self._busy) and self._busy[i][0] < start + size):
+            raise VmallocBadRequest(f"vmalloc: {start:#x}+{size:#x} overlaps an area")
+        self._busy.insert(i, (start, start + size))
+
     def set_vm_flush_reset_perms(self, addr: int) -> None:
         self.find_area(addr).flags |= VmFlags.FLUSH_RESET_PERMS
 

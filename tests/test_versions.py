@@ -165,8 +165,11 @@ def test_7_2_high_order_vmalloc_under_grouping_policies(policy):
     (a split policy block was once refused at vfree as a bad free)."""
     k = Kernel.boot(ram="2G", profile="7.2", policy=policy)
     mod = k.modules.load_module("m", text=3 << 20, data=1 << 20)
-    if policy == "baseline":               # one 2M block, then one 1M block, split
-        pfns = mod.area.pfns()
-        assert pfns[:512] == list(range(pfns[0], pfns[0] + 512)) and pfns[0] % 512 == 0
+    if policy == "baseline":   # data: its own vmalloc, one 1M block split into pages
+        pfns = k.vmalloc.areas[mod.mem["data"]].pfns()
+        assert pfns == list(range(pfns[0], pfns[0] + 256)) and pfns[0] % 256 == 0
+        # text: the ROX cache, 2M areas (3M rounded up to two)
+        (cache,) = k.execmem.rox_cache.areas.values()
+        assert cache.size == 4 << 20 and cache.page_order == 9
     k.modules.delete_module("m")
     k.validate("full")

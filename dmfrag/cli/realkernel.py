@@ -2,7 +2,13 @@
 from the first moment, run a workload, and write what the kernel did (every
 page allocation and free, every CPA request, the snapshots) as a gzip'd
 version-4 trace (see :mod:`dmfrag.recorder`), for ``dmfrag trace replay
---placement real``."""
+--placement real``.
+
+``dmfrag realkernel dump``: the same boot and workload without tracing (so
+without the recorder's own footprint: its ring buffer, ftrace trampolines,
+kprobe pages), the guest dumped at each snapshot and its whole state stored
+(``X.truth.npz``, :mod:`guestkernel.truth`): where an untraced kernel put
+things, for ``Kernel.from_state`` and the model's own runs."""
 
 from __future__ import annotations
 
@@ -24,12 +30,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                                     "allocation/free tracepoints, a function-tracer marker and "
                                     "a kprobe on every CPA pass, run the workload's steps and "
                                     "write the events as a gzip'd JSON Lines trace.")
-    rec.add_argument("--kernel", choices=sorted(KERNELS), default=DEFAULT_KERNEL,
-                     help=f"the real kernel (default {DEFAULT_KERNEL})")
-    rec.add_argument("--ram", default="2G", help="guest RAM (default 2G)")
-    rec.add_argument("--workload", default="",
-                     help="comma-separated guest steps, each ending in a snapshot named after "
-                          "it (as for calibrate); default: boot only")
+    _boot_args(rec, DEFAULT_KERNEL, KERNELS)
     rec.add_argument("-o", "--output", required=True,
                      help="the trace file (.jsonl.gz); with --grid, a folder for the traces")
     rec.add_argument("--grid", default=None,
@@ -42,15 +43,64 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                      help="with --grid: a Dask scheduler address to run the boots on")
     rec.add_argument("--trace-buf-mb", type=int, default=32,
                      help="the guest's trace buffer in MiB (trace_buf_size; default 32)")
-    rec.add_argument("--timeout", type=float, default=600.0, help="kill the guest after this")
     rec.add_argument("--truth", action="store_true",
                      help="also dump the guest at each snapshot, read its whole state with "
                           "drgn and the kernel's debug vmlinux (fetched once, about 1 GB) and "
                           "store it beside the trace (X.truth.npz; see dmfrag.truth)")
-    rec.add_argument("--install", action="store_true",
-                     help="apt-get install missing tools (needs root)")
     rec.set_defaults(func=main)
+    dump = rs.add_parser("dump", help="boot a real kernel untraced, dump its state at each "
+                                      "snapshot, write the states",
+                         description="Boot one of Debian's kernels under QEMU without tracing, "
+                                     "run the workload's steps, dump the guest at each "
+                                     "snapshot (boot first), read its whole state with drgn "
+                                     "and the kernel's debug vmlinux, and write the states "
+                                     "(.truth.npz) with the real meminfo/vmstat beside them.")
+    _boot_args(dump, DEFAULT_KERNEL, KERNELS)
+    dump.add_argument("-o", "--output", required=True, help="the states file (.truth.npz)")
+    dump.set_defaults(func=main_dump)
     return p
+
+
+def _boot_args(p: argparse.ArgumentParser, default_kernel: str, kernels) -> None:
+    """The options of a real boot that record and dump share."""
+    p.add_argument("--kernel", choices=sorted(kernels), default=default_kernel,
+                   help=f"the real kernel (default {default_kernel})")
+    p.add_argument("--ram", default="2G", help="guest RAM (default 2G)")
+    p.add_argument("--workload", default="",
+                   help="comma-separated guest steps, each ending in a snapshot named after "
+                        "it (as for calibrate); default: boot only")
+    p.add_argument("--timeout", type=float, default=600.0, help="kill the guest after this")
+    p.add_argument("--install", action="store_true",
+                   help="apt-get install missing tools (needs root)")
+
+
+def main_dump(args: argparse.Namespace) -> int:
+    from guestkernel.truth import save_states
+
+    from ..realkernel import RealKernel, RealKernelError
+    from ..truth import TruthError
+    if not args.output.endswith(".truth.npz"):
+        raise UsageError(f"-o/--output {args.output!r} must end in .truth.npz")
+    check_output_file(args.output, "-o/--output")
+    check_boot(args.ram)
+    if not args.timeout > 0 or args.timeout == float("inf"):
+        raise UsageError(f"--timeout must be a finite number of seconds above 0, not "
+                         f"{args.timeout}")
+    workload = parse_guest_workload(args.workload, args.kernel)
+    _check_truth()
+    try:
+        run = RealKernel(install=args.install, kernel=args.kernel).run(
+            args.ram, workload, timeout=args.timeout, truth=True)
+    except (RealKernelError, TruthError) as exc:
+        raise ToolMissing(str(exc)) from None
+    if [s.point for s in run.states] != list(run.snapshots):
+        raise ToolMissing(f"the guest took snapshots {list(run.snapshots)} but was dumped at "
+                          f"{[s.point for s in run.states]}")
+    save_states(Path(args.output), run.states)
+    print(f"Linux {args.kernel}, RAM {args.ram}, workload {','.join(workload) or '(boot only)'}"
+          f" untraced: {len(run.states)} states ({', '.join(run.snapshots)}) in "
+          f"{run.seconds:.1f} s, {Path(args.output).stat().st_size:,} bytes: {args.output}")
+    return EXIT_OK
 
 
 def main(args: argparse.Namespace) -> int:

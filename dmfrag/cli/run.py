@@ -34,7 +34,8 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--from-dump", metavar="CORE", default=None,
                    help="start from a real kernel's state instead of a boot: a core drgn reads "
                         "(QEMU dump, kdump vmcore, /proc/kcore; with --vmlinux) or a stored "
-                        "state (X.truth.npz of realkernel record --truth; --point picks one). "
+                        "state (X.truth.npz of realkernel record --truth or realkernel dump; "
+                        "--point picks one). "
                         "--ram/--e820 are then the dump's own")
     p.add_argument("--vmlinux", metavar="VMLINUX", default=None,
                    help="with --from-dump CORE: the dumped kernel's vmlinux with debug symbols")
