@@ -138,7 +138,8 @@ class Kernel:
         self.execmem: Execmem = Execmem(self.vmalloc, self.cpa, version, self.user_gfp)
         self.modules: ModuleLoader = ModuleLoader(self.execmem, self.cpa, self.vmalloc)
         self.bpf: BpfJit = BpfJit(self.execmem, self.vmalloc, use_pack=version.bpf_prog_pack,
-                                  load_pages=version.bpf_load_pages)
+                                  load_pages=version.bpf_load_pages,
+                                  slab=version.bpf_load_slab)
         self.secretmem: Secretmem = Secretmem(
             self, self.cpa, self.user_gfp,
             None if version.secretmem else

@@ -509,6 +509,9 @@ class BpfProg:
     #: the pages bpf_prog_load keeps with the program besides its image
     #: (the bpf_prog's own page), freed with it
     kept: tuple[int, ...] = ()
+    #: the slab pages holding its objects (shared with the programs loaded
+    #: around it): [pfn, order, programs on it]
+    slab: tuple[list[int], ...] = ()
 
 
 @dataclass
@@ -522,7 +525,8 @@ class BpfJit:
 
     def __init__(self, execmem: Execmem, vmalloc: Vmalloc, use_pack: bool = True,
                  huge_pack: bool = False,
-                 load_pages: tuple[tuple[int, str, bool], ...] = ()) -> None:
+                 load_pages: tuple[tuple[int, str, bool], ...] = (),
+                 slab: tuple[tuple[int, str, int], ...] = ()) -> None:
         self.execmem = execmem
         self.vmalloc = vmalloc
         self.use_pack = use_pack
@@ -532,6 +536,15 @@ class BpfJit:
         if any(kept and order for order, _gfp, kept in load_pages):
             raise UsersError("bpf: a page bpf_prog_load keeps must be order 0")
         self.load_pages = tuple((order, parse_gfp(gfp), kept) for order, gfp, kept in load_pages)
+        #: new slab pages as programs load: (order, GFP, one every N programs)
+        #: (KernelVersion.bpf_load_slab); kept by the caches
+        if any(every < 1 for _order, _gfp, every in slab):
+            raise UsersError("bpf: a slab page rate must be at least one per program")
+        self.slab = tuple((order, parse_gfp(gfp), every) for order, gfp, every in slab)
+        #: per kind, the page the next programs' objects go to: [pfn,
+        #: order, programs on it] (a slab a cache is filling)
+        self.slab_current: list[list[int] | None] = [None] * len(self.slab)
+        self.loads = 0
         #: packs backed by one 2M page (module_alloc_huge, 6.2+): their
         #: direct-map alias changes as a whole 2M page, without a split
         self.huge_pack = huge_pack
@@ -589,14 +602,39 @@ class BpfJit:
         if not isinstance(size, int) or size <= 0:
             raise UsersError(f"bpf: bad image size {size!r}")
         kept = self._prog_pages()
+        new: dict[int, list[int]] = {}
         try:
+            for kind, (order, gfp, every) in enumerate(self.slab):
+                if self.slab_current[kind] is None or self.loads % every == every - 1:
+                    new[kind] = [self.vmalloc.page_alloc.alloc_pages(gfp, order), order, 0]
             prog = self._jit(size)
         except MemoryError:
+            for pfn, order, _n in reversed(new.values()):
+                self.vmalloc.page_alloc.free_pages(pfn, order)
             self._release(kept)
             raise
+        for kind, page in new.items():
+            old = self.slab_current[kind]
+            if old is not None and old[2] == 0:         # emptied before it filled
+                self.vmalloc.page_alloc.free_pages(old[0], old[1])
+            self.slab_current[kind] = page
+        slab = tuple(page for page in self.slab_current if page is not None)
+        for page in slab:
+            page[2] += 1
+        self.loads += 1
         prog.kept = kept
+        prog.slab = slab
         self.progs[prog.addr] = prog
         return prog
+
+    def _slab_release(self, slab: tuple[list[int], ...]) -> None:
+        """A program's objects freed: a slab page none of the loaded
+        programs has objects on goes back (slub's discard of an empty
+        slab), unless a cache is still filling it."""
+        for page in slab:
+            page[2] -= 1
+            if page[2] == 0 and not any(page is cur for cur in self.slab_current):
+                self.vmalloc.page_alloc.free_pages(page[0], page[1])
 
     def _jit(self, size: int) -> BpfProg:
         if not self.use_pack or size > BPF_PROG_PACK_SIZE:
@@ -628,6 +666,7 @@ class BpfJit:
         except KeyError:
             raise UsersError(f"bpf: no program at {addr:#x}") from None
         self._release(prog.kept)
+        self._slab_release(prog.slab)
         if prog.pack is None:
             self.vmalloc.vfree(prog.addr)
             return

@@ -67,3 +67,48 @@ def test_a_program_keeps_its_own_page_until_it_is_freed(kernel):
     assert held() == before
     k.buddy.check()
     k.validate("full")
+
+
+FRESH_TRACES = {"5.10": "linux-5.10-8G-bpf-2048.jsonl.gz"}
+
+
+@pytest.mark.parametrize("kernel", sorted(FRESH_TRACES))
+def test_the_slab_rates_are_the_recorded_fresh_steps(kernel):
+    """KernelVersion.bpf_load_slab: each kind of new slab page (order, GFP)
+    comes once every N programs in a fresh kernel's recorded bpf:2048 step
+    (allocated there and never freed), N the nearest whole number. (6.1's
+    and 7.2's are in their records' comments, not applied yet:
+    versions.BPF_SLAB_NOT_APPLIED says why.)"""
+    _h, events = read_trace(TRACES / FRESH_TRACES[kernel])
+    snaps = [i for i, e in enumerate(events) if e[0] == "S"]
+    step = events[snaps[0]:snaps[1]]
+    assert events[snaps[1]][1] == "bpf:2048"
+    last_free = {e[1]: i for i, e in enumerate(step) if e[0] == "F"}
+    for order, gfp, every in get_version(kernel).bpf_load_slab:
+        n = sum(1 for i, e in enumerate(step) if e[0] == "A" and (e[2], e[3]) == (order, gfp)
+                and last_free.get(e[1], -1) < i)
+        assert n and round(2048 / n) == every, (order, gfp, n)
+
+
+def _growth(trace: str, workload: str, kernel: str) -> tuple[int, int]:
+    """DirectMap4k growth over the last step: Linux's (recorded) and the
+    model's own run of the same steps on the recording's memory map."""
+    from dmfrag.workloads import run_workload
+    header, events = read_trace(TRACES / trace)
+    real = [e[2]["meminfo"]["DirectMap4k"] for e in events if e[0] == "S"]
+    d = run_workload(workload, e820=header["boot_log"], profile=kernel)
+    model = [p["meminfo"]["DirectMap4k"] for p in d.points]
+    return real[-1] - real[-2], model[-1] - model[-2]
+
+
+@pytest.mark.parametrize("trace, workload", [
+    ("linux-5.10-8G-bpf-2048.jsonl.gz", "bpf:2048"),
+    ("linux-5.10-8G-age-8000_bpf-2048.jsonl.gz", "age:8000,bpf:2048")])
+def test_5_10_bpf_growth_is_linuxs_within_ten_percent(trace, workload):
+    """Issue 15's goal: 2048 two-instruction programs on 5.10 at 8G grow
+    DirectMap4k as Linux's did within 10 %, on a fresh boot (Linux +22.5
+    MB) and after aging (8000 pipes, a seeded half closed: Linux +528 MB;
+    the 88 MB of the issue's text came from an older aging helper)."""
+    real, model = _growth(trace, workload, "5.10")
+    assert real > 20000
+    assert abs(model - real) <= 0.1 * real, (real, model)
