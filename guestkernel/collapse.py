@@ -21,7 +21,7 @@ from emu.pagetable import PteFlags as F
 from .layout import PAGE_OFFSET, PMD_SIZE, PUD_SIZE
 from .pgtable import KernelPageTables
 
-__all__ = ["KERNEL_4K", "CollapseContext", "collapse_direct_map"]
+__all__ = ["KERNEL_4K", "CollapseContext", "collapse_direct_map", "collapse_kernel_range"]
 
 
 class _Flush(Protocol):
@@ -63,7 +63,7 @@ def _pmd_slot_of(k: CollapseContext, va: int) -> tuple[int, int] | None:
     return slots[2], slots[1]
 
 
-def _try_pmd(k: CollapseContext, pmd_slot: int, region_pa: int) -> bool:
+def _try_pmd(k: CollapseContext, pmd_slot: int, region_pa: int, *, count: bool = True) -> bool:
     pgt = k.pgt
     table = pgt.get(pmd_slot) & pt.ADDR_MASK
     ptes = pgt.ram64[table >> 3: (table >> 3) + 512]
@@ -80,7 +80,8 @@ def _try_pmd(k: CollapseContext, pmd_slot: int, region_pa: int) -> bool:
         return False
     large = pt.large_flags_from_4k(int(flags[0]))
     pgt.set(pmd_slot, region_pa | large)
-    k.collapse_page_count(2)
+    if count:
+        k.collapse_page_count(2)
     k.tlb.flush_tlb_all()
     k.free_pgtable_page(table)
     return True
@@ -126,3 +127,26 @@ def collapse_direct_map(k: CollapseContext, pfns) -> tuple[int, int]:
             if _try_pud(k, pud_slot, pa & ~(PUD_SIZE - 1)):
                 n1 += 1
     return n2, n1
+
+
+def collapse_kernel_range(k: CollapseContext, va: int, numpages: int) -> int:
+    """6.15's ``cpa_collapse_large_pages`` on a request's own range outside
+    the direct map (module, execmem or vmalloc memory): each PMD the range
+    touches whose PTE table maps 512 contiguous 2M-aligned frames with the
+    same flags becomes a 2M leaf again and the table is freed (the execmem
+    ROX cache's 2M mapping, split by a text made RW, after its
+    ``set_memory_rox``). Not a direct-map page: no count, no 1G try (no
+    module-space PMD table is ever all 2M leaves). Returns the collapses."""
+    n = 0
+    addr = va & ~(PMD_SIZE - 1)
+    end = va + numpages * 4096
+    pgt = k.pgt
+    while addr < end:
+        found = _pmd_slot_of(k, addr)
+        if found is not None:
+            table = pgt.get(found[0]) & pt.ADDR_MASK
+            first = int(pgt.ram64[table >> 3])
+            if _try_pmd(k, found[0], first & pt.ADDR_MASK, count=False):
+                n += 1
+        addr += PMD_SIZE
+    return n

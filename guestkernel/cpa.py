@@ -56,6 +56,9 @@ class SplitOutcome(enum.Enum):
     SPLIT = "split"
 
 
+_ARRAY = int(CpaFlags.ARRAY)
+
+
 @dataclass
 class CpaData:
     """``struct cpa_data``."""
@@ -77,7 +80,8 @@ class CpaData:
     changed: list[int] = field(default_factory=list)
 
     def addr(self, i: int) -> int:
-        if self.flags & CpaFlags.ARRAY:
+        # int(): IntFlag's own & builds an enum member on every call (hot)
+        if int(self.flags) & _ARRAY:
             return self.vaddr[i]
         return self.vaddr[0] + i * PAGE_SIZE
 
@@ -358,6 +362,10 @@ class Cpa:
                        if self._within_direct_map(cpa.addr(i))]
             if primary:
                 self.collapse_large_pages(primary)
+            elif not int(cpa.flags) & _ARRAY:
+                # ... and of module memory it is the request's own mapping
+                # that collapses (the execmem cache's 2M, its text ROX again)
+                collapse.collapse_kernel_range(self, cpa.addr(0), cpa.numpages)
         for fn in self._after:
             fn(cpa)
         return cpa

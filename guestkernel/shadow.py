@@ -43,9 +43,13 @@ _TO_SHADOW = ((F.P, S_P), (F.RW, S_RW), (F.NX, S_NX), (F.PWT, S_PWT), (F.PCD, S_
               (F.PAT, S_PAT))
 
 
+_TO_SHADOW_INT = tuple((int(flag), bit) for flag, bit in _TO_SHADOW)
+
+
 def to_shadow(prot: int) -> int:
     """Entry flags (4K format) -> shadow bits."""
-    return sum(bit for flag, bit in _TO_SHADOW if prot & flag)
+    prot = int(prot)
+    return sum(bit for flag, bit in _TO_SHADOW_INT if prot & flag)
 
 
 def _masks(cpa_set: int, cpa_clr: int) -> tuple[int, int]:
