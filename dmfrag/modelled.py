@@ -579,7 +579,8 @@ class _Modelled(Replayer):
             # snapshot): the early calls after page_alloc_init_late
         self.i = self.start
         try:
-            self._loop(self.start)
+            with k.tlb.deferred():               # the CPU runs no code in a replay
+                self._loop(self.start)
         except _Stop:
             pass
         except PlacedReplayError as exc:

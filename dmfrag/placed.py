@@ -590,7 +590,8 @@ class _Replayer:
         self.pool = found[::-1]                  # pop() takes the lowest first
         self.pos = 0
         try:
-            self._loop()
+            with k.tlb.deferred():               # the CPU runs no code in a replay
+                self._loop()
         except PlacedReplayError as exc:
             self.result.error = str(exc)
         finally:

@@ -604,6 +604,7 @@ class Kernel:
 
     def validate(self, mode: str = "full", **kw) -> dict[str, int]:
         """Check the model against the CPU; raises ValidationError (see validate.py)."""
+        self.tlb.sync()                  # the CPU runs probes: no flush held back
         return validate(self, mode, **kw)
 
     def validator_code_page(self) -> int:

@@ -7,6 +7,8 @@ own ``cpa_flush`` asks :meth:`TlbFlush.is_full` for the same decision.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Protocol
 
 from .layout import PAGE_SIZE
@@ -33,6 +35,31 @@ class TlbFlush:
         self.vmstat = vmstat
         vmstat.setdefault("nr_tlb_local_flush_all", 0)
         vmstat.setdefault("nr_tlb_local_flush_one", 0)
+        self._deferring = 0
+        self._pending = False
+
+    @contextmanager
+    def deferred(self) -> Iterator[None]:
+        """While the CPU runs no code (a trace replay: nothing is cached
+        that a flush must drop before it is used), the flushes inside are
+        counted as the kernel counts them but not made one by one: one full
+        flush at the end leaves the CPU where they would have (an INVLPG on
+        the emulated CPU costs as much as a hundred page allocations)."""
+        self._deferring += 1
+        try:
+            yield
+        finally:
+            self._deferring -= 1
+            if not self._deferring and self._pending:
+                self._pending = False
+                self.cpu.flush_tlb()
+
+    def sync(self) -> None:
+        """Make the flushes a :meth:`deferred` block has held back now (before
+        the CPU runs code inside one: the validator's probes)."""
+        if self._pending:
+            self._pending = False
+            self.cpu.flush_tlb()
 
     @staticmethod
     def is_full(nr_pages: int) -> bool:
@@ -41,10 +68,16 @@ class TlbFlush:
 
     def flush_tlb_all(self) -> None:
         self.vmstat["nr_tlb_local_flush_all"] += 1
+        if self._deferring:
+            self._pending = True
+            return
         self.cpu.flush_tlb()
 
     def flush_tlb_one_kernel(self, va: int) -> None:
         self.vmstat["nr_tlb_local_flush_one"] += 1
+        if self._deferring:
+            self._pending = True
+            return
         self.cpu.invlpg(va)
 
     def flush_tlb_kernel_range(self, start: int, end: int) -> None:

@@ -244,3 +244,31 @@ def test_set_direct_map_noflush_leaves_stale_until_flush(k):
     assert r.status is RunStatus.FAULTED and r.fault.error_code == PfErr(0)
     k.set_direct_map_default_noflush(pfn)
     k.free_pages(pfn, 0)
+
+
+def test_deferred_flushes_are_counted_and_made_once_at_the_end():
+    """A trace replay defers its TLB flushes (the CPU runs no code
+    meanwhile): each is counted as the kernel counts it, none reaches the
+    CPU until the block ends (one full flush), and validate() inside the
+    block makes the held-back flush first, so the CPU never uses a stale
+    translation."""
+    from guestkernel import Kernel
+    from guestkernel.layout import PAGE_OFFSET
+    k = Kernel.boot(ram="1G")
+    k.validate("full")                           # the CPU has run code: it caches
+    machine = k.machine
+    before = dict(machine.stats)
+    ones = k.vmstat()["nr_tlb_local_flush_one"]
+    with k.tlb.deferred():
+        k.set_memory_ro(PAGE_OFFSET + 0x10000000, 1)
+        k.set_memory_rw(PAGE_OFFSET + 0x10000000, 1)
+        assert k.vmstat()["nr_tlb_local_flush_one"] > ones
+        assert machine.stats["invlpg"] == before["invlpg"]
+        assert machine.stats["flush_tlb"] == before["flush_tlb"]
+        k.set_memory_ro(PAGE_OFFSET + 0x10000000, 1)
+        k.validate("full")                       # syncs first: sees the RO page
+        assert machine.stats["flush_tlb"] == before["flush_tlb"] + 1
+        k.set_memory_rw(PAGE_OFFSET + 0x10000000, 1)
+    assert machine.stats["flush_tlb"] == before["flush_tlb"] + 2
+    assert machine.stats["invlpg"] == before["invlpg"]
+    k.validate("full")
