@@ -37,6 +37,7 @@ from emu.pagetable import PfErr
 from emu.pagetable import PteFlags as F
 
 from .layout import PAGE_OFFSET, PAGE_SIZE
+from .owner import PageOwner
 from .shadow import S_MAPPED, S_NX, S_P, S_RW
 
 if TYPE_CHECKING:
@@ -72,6 +73,7 @@ def validate(k: Kernel, mode: str = "full", *, seed: int = 0, sample: int = 4096
     stats: dict[str, int] = {}
     _check_counters(k)
     _check_table_pages(k, stats)
+    stats["unmapped_owned"] = _check_unmapped_owners(k)
     k.buddy.check()
     rng = random.Random(seed)
     stats["translated"] = _check_translation(k, mode, rng, sample)
@@ -123,6 +125,29 @@ def _check_counters(k: Kernel) -> None:
                 "which the vmstat split/collapse counters do not account for",
                 expected=f"{want[level]} (level2 splits-collapses {s2}, level3 {s3})",
                 actual=delta[level])
+
+
+# -- 1b. pages a user took out of the direct map ------------------------------
+
+#: users whose pages must not be in the direct map while they hold them
+_UNMAPPED_USERS = (PageOwner.SECRETMEM, PageOwner.GUEST_MEMFD)
+
+
+def _check_unmapped_owners(k: Kernel) -> int:
+    """A page secretmem or guest_memfd holds is out of the direct map as
+    the CPU's own tables say (not only as the shadow records it): a policy
+    that hands such a user a page from a cache of "unmapped" pages that is
+    in fact mapped leaks the secret. Returns the pages checked."""
+    owner = k.page_owner
+    pfns = np.flatnonzero(np.isin(owner[:k.max_pfn], np.array(_UNMAPPED_USERS, dtype=owner.dtype)))
+    for pfn in pfns.tolist():
+        found = k.lookup_address(k.pfn_to_virt(pfn))
+        if found is not None and found[0] & int(F.P):
+            raise ValidationError(
+                "ownership", f"pfn {pfn:#x} belongs to {PageOwner(int(owner[pfn])).name.lower()} "
+                "but is mapped in the direct map", va=k.pfn_to_virt(pfn),
+                expected="not present", actual=f"present at level {found[1]}")
+    return len(pfns)
 
 
 # -- 2. page-table pages -----------------------------------------------------

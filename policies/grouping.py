@@ -214,10 +214,19 @@ class UnmappedAlloc(_UnmappedUsers, Policy):
             return None
         return self.alloc_unmapped(kernel, gfp, order)
 
+    @staticmethod
+    def _unmap_again(kernel, pfn: int, order: int) -> None:
+        """A page back in the unmapped cache is out of the direct map again:
+        vfree's reset-perms pass (set_direct_map_default) mapped a module's
+        pages back before freeing them, and the cache hands its pages to
+        secretmem as unmapped (the 2023 design unmaps what comes back)."""
+        kernel.cpa.set_memory_np_noalias(PAGE_OFFSET + pfn * 4096, 1 << order)
+
     def free_pages(self, kernel, pfn: int, order: int) -> bool:
         chunk = self.chunks.get(pfn & ~511)
         if chunk is None or pfn not in chunk.used:
             return False
+        self._unmap_again(kernel, pfn, chunk.used[pfn])
         chunk.release(pfn)
         empties = [c for c in self.chunks.values() if c.empty]
         if len(empties) > self.tunables["keep_free_chunks"]:
@@ -277,6 +286,8 @@ class PerUserCaches(UnmappedAlloc):
             return False
         if user == "pagetable":
             kernel.cpa.remove_from_direct_map(pfn, 1)
+        else:
+            self._unmap_again(kernel, pfn, 0)
         self.user_cache[user].append(pfn)
         return True
 

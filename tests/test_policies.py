@@ -285,3 +285,22 @@ def test_grouping_cuts_module_splits_after_a_realistic_boot():
     for pol in ("migrate-unmapped", "unmapped-alloc"):
         assert got[pol][0] == got[pol][1], got      # at the bound
     assert got["baseline"][0] > got["baseline"][1]
+
+
+@pytest.mark.parametrize("policy", ["unmapped-alloc", "per-user-caches"])
+def test_unmapped_caches_never_hand_out_a_mapped_page(policy):
+    """Issue 16's leak: vfree's reset-perms pass mapped a freed module's
+    pages back, and unmapped-alloc returned them to its 2M chunk as they
+    were, to be handed to secretmem still in the direct map (after ten
+    loads and unloads, every secretmem page). A page back in the cache is
+    unmapped again; the validator's ownership check holds every secret
+    page to the CPU's own tables."""
+    k = Kernel.boot(ram="1G", policy=policy)
+    for i in range(10):
+        k.modules.load_module(f"m{i}", 8192, 4096, 0, 8192)
+        k.modules.delete_module(f"m{i}")
+    pages = [k.secretmem.fault() for _ in range(200)]
+    for pfn in pages:
+        found = k.lookup_address(k.pfn_to_virt(pfn))
+        assert found is None or not found[0] & 1, hex(pfn)
+    assert k.validate("full")["unmapped_owned"] == 200

@@ -176,3 +176,18 @@ def test_validate_after_an_oom_runs_every_check_it_can():
         k.free_pages(held.pop(), 0)
     stats = k.validate("full")
     assert "execution_skipped" not in stats and stats["executed"] > 0
+
+
+def test_catches_a_secret_page_left_in_the_direct_map():
+    """Ownership of unmapped pages: a page secretmem holds that the CPU's
+    direct map still maps is a violation, whatever the shadow says (a
+    policy's cache of "unmapped" pages that were not)."""
+    k = Kernel.boot(ram="1G")
+    pfn = k.secretmem.fault()
+    assert k.validate("sample")["unmapped_owned"] == 1
+    slot, _level = k.pgt.lookup_slot(k.pfn_to_virt(pfn))
+    k.pgt.set(slot, k.pgt.get(slot) | int(F.P))         # mapped behind everyone's back
+    with pytest.raises(ValidationError, match=r"\[ownership\].*belongs to secretmem but is "
+                                              r"mapped in the direct map") as exc:
+        k.validate("sample")
+    assert exc.value.va == k.pfn_to_virt(pfn)
