@@ -56,6 +56,29 @@ class _UnmappedUsers:
         return gfp
 
 
+def _fallback(k, held: dict[int, int], gfp: int, order: int) -> int:
+    """No free 2M block for the grouped pool: serve the request from the
+    normal free lists (its own fallback and stealing) and take its pages
+    out of the direct map one by one, as an ungrouped kernel would (which
+    splits the 2M pages they sit in). Remembered so that their free puts
+    them back. Out of memory altogether, the AllocationError propagates."""
+    pfn = k.buddy.alloc_pages(gfp & _PLAIN, order)
+    try:
+        k.cpa.remove_from_direct_map(pfn, 1 << order)
+    except MemoryError:
+        k.buddy.free_pages(pfn, order)
+        raise
+    held[pfn] = order
+    return pfn
+
+
+def _fallback_free(k, held: dict[int, int], pfn: int) -> bool:
+    order = held.pop(pfn)
+    k.cpa.restore_direct_map(pfn, 1 << order)
+    k.buddy.free_pages(pfn, order)
+    return True
+
+
 @register_policy
 class PteMappedCache(Policy):
     name = "pte-mapped-cache"
@@ -113,6 +136,8 @@ class MigrateUnmapped(_UnmappedUsers, Policy):
 
     def attach(self, kernel) -> None:
         self.blocks: dict[int, int] = {}      # pageblock pfn -> pages allocated from it
+        #: pages served by the normal fallback when no pageblock was free
+        self.fallback: dict[int, int] = {}    # pfn -> order
 
     def _steal_pageblock(self, k, gfp: int) -> None:
         pfn = k.buddy.alloc_pages(gfp & _PLAIN, 9)
@@ -128,13 +153,21 @@ class MigrateUnmapped(_UnmappedUsers, Policy):
         try:
             pfn = k.buddy.alloc_pages(gfp & _PLAIN, order, migratetype=self.mt)
         except AllocationError:
-            self._steal_pageblock(k, gfp)
+            try:
+                self._steal_pageblock(k, gfp)
+            except AllocationError:
+                # No free pageblock: the RFC's UNMAPPED type steals through
+                # the normal fallback, so the request is served as any other
+                # and its pages taken out of the direct map one by one.
+                return _fallback(k, self.fallback, gfp, order)
             pfn = k.buddy.alloc_pages(gfp & _PLAIN, order, migratetype=self.mt)
         k.cpa.remove_from_direct_map(pfn, 1 << order)
         self.blocks[pfn & ~511] = self.blocks.get(pfn & ~511, 0) + (1 << order)
         return pfn
 
     def free_pages(self, kernel, pfn: int, order: int) -> bool:
+        if pfn in self.fallback:
+            return _fallback_free(kernel, self.fallback, pfn)
         block = pfn & ~511
         if block not in self.blocks or kernel.buddy.get_pageblock_migratetype(pfn) != self.mt:
             return False
@@ -195,6 +228,8 @@ class UnmappedAlloc(_UnmappedUsers, Policy):
 
     def attach(self, kernel) -> None:
         self.chunks: dict[int, _ChunkBuddy] = {}
+        #: pages served from the normal lists when no 2M block was free
+        self.fallback: dict[int, int] = {}
 
     def _new_chunk(self, k, gfp: int) -> _ChunkBuddy:
         pfn = k.buddy.alloc_pages(gfp & _PLAIN, 9)
@@ -207,7 +242,13 @@ class UnmappedAlloc(_UnmappedUsers, Policy):
             pfn = chunk.alloc(order)
             if pfn is not None:
                 return pfn
-        return self._new_chunk(k, gfp).alloc(order)
+        try:
+            chunk = self._new_chunk(k, gfp)
+        except AllocationError:
+            # no free 2M block: the 2023 design falls back to the page
+            # allocator (pages unmapped one by one, splitting their 2M pages)
+            return _fallback(k, self.fallback, gfp, order)
+        return chunk.alloc(order)
 
     def alloc_pages(self, kernel, gfp: int, order: int) -> int | None:
         if not gfp & _UNMAPPED or order > 9:
@@ -223,6 +264,8 @@ class UnmappedAlloc(_UnmappedUsers, Policy):
         kernel.cpa.set_memory_np_noalias(PAGE_OFFSET + pfn * 4096, 1 << order)
 
     def free_pages(self, kernel, pfn: int, order: int) -> bool:
+        if pfn in self.fallback:
+            return _fallback_free(kernel, self.fallback, pfn)
         chunk = self.chunks.get(pfn & ~511)
         if chunk is None or pfn not in chunk.used:
             return False
