@@ -334,6 +334,23 @@ class PerUserCaches(UnmappedAlloc):
         self.user_cache[user].append(pfn)
         return True
 
+    def shrink(self, kernel, nr_pages: int) -> int:
+        """The per-user caches give their free pages back to the global
+        cache first (they are unmapped there already), so that whole 2M
+        chunks become free and go back to the buddy allocator; before, a
+        cached page kept its chunk in use and a full shrink returned
+        nothing. Pages the fallback served go back to the buddy at once."""
+        freed = 0
+        for cache in self.user_cache.values():
+            while cache:
+                pfn = cache.pop()
+                if pfn in self.fallback:
+                    _fallback_free(kernel, self.fallback, pfn)
+                    freed += 1
+                else:
+                    self.chunks[pfn & ~511].release(pfn)
+        return freed + super().shrink(kernel, max(nr_pages - freed, 0))
+
 
 @register_policy
 class ProgPack(Policy):
