@@ -352,11 +352,7 @@ class RealKernel:
             if extract is not None:
                 extract(deb, tmp)
             else:
-                r = subprocess.run(["dpkg-deb", "-x", str(deb), str(tmp)], capture_output=True,
-                                   text=True, check=False)
-                if r.returncode:
-                    raise RealKernelError(f"dpkg-deb -x {deb.name} failed: "
-                                          f"{r.stderr.strip()[-500:]}")
+                _dpkg_x(deb, tmp)
             (tmp / _STAMP).write_text(stamp)
             if root.exists():             # an older or unchecked unpack: move it aside first
                 old = Path(tempfile.mkdtemp(prefix=f".{package}.old.", dir=self.cache))
@@ -461,10 +457,7 @@ class RealKernel:
         tmp = Path(tempfile.mkdtemp(prefix=f".kbuild-{self.spec.release}.", dir=self.cache))
         try:
             for p, v, sha in shas:
-                r = subprocess.run(["dpkg-deb", "-x", str(self._verified_deb(p, v, sha)),
-                                    str(tmp)], capture_output=True, text=True, check=False)
-                if r.returncode:
-                    raise RealKernelError(f"dpkg-deb -x {p} failed: {r.stderr.strip()[-500:]}")
+                _dpkg_x(self._verified_deb(p, v, sha), tmp)
             mk = tmp / build.relative_to(root) / "Makefile"
             if not mk.exists():
                 raise RealKernelError(f"{self.spec.headers[0][0]} has no {mk.relative_to(tmp)}")
@@ -510,11 +503,7 @@ class RealKernel:
                                   f"the machine's ({', '.join(e.name for e in needy)}) and no "
                                   f"build_libc is known")
         pkg, ver = self.spec.build_libc
-        r = subprocess.run(["dpkg-deb", "-x", str(self._verified_deb(
-            pkg, ver, self._expected_sha256(pkg, ver))), str(tmp / "libc")],
-            capture_output=True, text=True, check=False)
-        if r.returncode:
-            raise RealKernelError(f"dpkg-deb -x {pkg} failed: {r.stderr.strip()[-500:]}")
+        _dpkg_x(self._verified_deb(pkg, ver, self._expected_sha256(pkg, ver)), tmp / "libc")
         lib = root / "libc" / "usr" / "lib" / "x86_64-linux-gnu"
         for exe in needy:
             real = exe.with_name(exe.name + ".bin")
@@ -747,6 +736,14 @@ def _run_pausing(cmd: list[str], timeout: float, sock: Path,
     if time.monotonic() > deadline:
         raise subprocess.TimeoutExpired(cmd, timeout, output=out)
     return subprocess.CompletedProcess(cmd, proc.returncode, out, b"".join(err))
+
+
+def _dpkg_x(deb: Path, dest: Path) -> None:
+    """Unpack a package file into ``dest`` (``dpkg-deb -x``)."""
+    r = subprocess.run(["dpkg-deb", "-x", str(deb), str(dest)], capture_output=True, text=True,
+                       check=False)
+    if r.returncode:
+        raise RealKernelError(f"dpkg-deb -x {deb.name} failed: {r.stderr.strip()[-500:]}")
 
 
 def _sha256(path: Path) -> str:

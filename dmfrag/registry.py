@@ -709,6 +709,14 @@ def vfree_reset_plan(n: int, seed: int = AGE_GUEST_SEED) -> list[tuple[str, int]
     return plan
 
 
+def _load_laid_out(d: Recorder, name: str, layout: tuple[int, int, int, int, int, int]) -> None:
+    """A ``load_module`` call with a layout of :data:`MODULE_LAYOUTS`' shape
+    (text, rodata, ro_after_init, data, init_text, init_data)."""
+    t, r, a, da, it, idata = layout
+    d.call("load_module", name=name, text=t, rodata=r, ro_after_init=a, data=da,
+           init_text=it, init_data=idata)
+
+
 def st_vfree_reset(d: Recorder, rng: random.Random, n: int) -> None:
     """``vfree-reset:N``: the guest module's load (its section sizes from
     :data:`VFREE_MODULE_LAYOUTS`; once per run, as the guest loads it once),
@@ -718,9 +726,8 @@ def st_vfree_reset(d: Recorder, rng: random.Random, n: int) -> None:
     the guest's seed, not the run's, so that both make the same calls."""
     kernel = d.kernel.profile.name
     if VFREE_MODULE not in d.kernel.modules.modules:
-        t, r, a, da, it, idata = VFREE_MODULE_LAYOUTS.get(kernel, VFREE_MODULE_LAYOUTS["6.1"])
-        d.call("load_module", name=VFREE_MODULE, text=t, rodata=r, ro_after_init=a, data=da,
-               init_text=it, init_data=idata)
+        _load_laid_out(d, VFREE_MODULE,
+                       VFREE_MODULE_LAYOUTS.get(kernel, VFREE_MODULE_LAYOUTS["6.1"]))
     live = d.step_state.setdefault("vfree_live", [])     # the module's array, across steps
     for op, arg in vfree_reset_plan(n):
         if op == "alloc":
@@ -758,9 +765,7 @@ def st_module_churn(d: Recorder, rng: random.Random, n: int) -> None:
     mods = modules_for(kernel) if kernel in MODULE_LAYOUTS else MODULES
     for op, i in module_churn_plan(n):
         if op == "load":
-            t, r, a, da, it, idata = lay[mods[i]]
-            d.call("load_module", name=mods[i], text=t, rodata=r, ro_after_init=a, data=da,
-                   init_text=it, init_data=idata)
+            _load_laid_out(d, mods[i], lay[mods[i]])
         else:
             d.call("delete_module", name=mods[i])
 
@@ -897,9 +902,7 @@ def _modules_step(d: Recorder, kernel: str) -> None:
     lay = MODULE_LAYOUTS.get(kernel, MODULE_LAYOUTS["6.1"])
     mods = modules_for(kernel) if kernel in MODULE_LAYOUTS else MODULES
     for m in mods:
-        t, r, a, da, it, idata = lay[m]
-        d.call("load_module", name=m, text=t, rodata=r, ro_after_init=a, data=da,
-               init_text=it, init_data=idata)
+        _load_laid_out(d, m, lay[m])
     d.snap("modules")
     for m in mods:
         d.call("delete_module", name=m)

@@ -50,9 +50,8 @@ class TlbFlush:
             yield
         finally:
             self._deferring -= 1
-            if not self._deferring and self._pending:
-                self._pending = False
-                self.cpu.flush_tlb()
+            if not self._deferring:
+                self.sync()
 
     def sync(self) -> None:
         """Make the flushes a :meth:`deferred` block has held back now (before

@@ -159,19 +159,19 @@ class Execmem:
         #: 7.x: EXECMEM_MODULE_TEXT (and kprobes, ftrace) from the ROX cache
         self.rox_cache = ExecmemCache(self) if version.execmem_rox_cache else None
 
-    def execmem_alloc_rw(self, size: int, *, text: bool, caller: str) -> tuple[int, bool]:
+    def execmem_alloc_rw(self, size: int, *, text: bool, caller: str) -> int:
         """7.x's ``execmem_alloc_rw``: text from the ROX cache where the
         kernel has one (else, and data always, a module-area vmalloc with
         VM_FLUSH_RESET_PERMS), then ``execmem_force_rw``: ``set_memory_nx``
         and ``set_memory_rw`` on the range (both made on every type where
-        the kernel has the cache, CONFIG_ARCH_HAS_EXECMEM_ROX). Returns
-        (address, from the ROX cache)."""
+        the kernel has the cache, CONFIG_ARCH_HAS_EXECMEM_ROX). Returns the
+        address."""
         npages = _pages(size)
         cache = self.rox_cache
         if text and cache is not None:
-            addr, rox = cache.alloc(npages * PAGE_SIZE), True
+            addr = cache.alloc(npages * PAGE_SIZE)
         else:
-            addr, rox = self.module_alloc(npages * PAGE_SIZE, caller=caller).addr, False
+            addr = self.module_alloc(npages * PAGE_SIZE, caller=caller).addr
         if cache is not None:
             try:
                 self.cpa.set_memory_nx(addr, npages)
@@ -179,7 +179,7 @@ class Execmem:
             except MemoryError:
                 self.execmem_free(addr, undo=True)
                 raise
-        return addr, rox
+        return addr
 
     def execmem_free(self, addr: int, *, undo: bool = False) -> None:
         """``execmem_free``: back to the ROX cache (made RW, then ROX
@@ -194,9 +194,14 @@ class Execmem:
             self.vmalloc.find_area(addr).flags &= ~VmFlags.FLUSH_RESET_PERMS
         self.vmalloc.vfree(addr)
 
-    def module_alloc(self, size: int, *, huge: bool = False, caller: str = "module_alloc"
-                     ) -> VmStruct:
-        flags = VmFlags.FLUSH_RESET_PERMS | (VmFlags.ALLOW_HUGE_VMAP if huge else VmFlags(0))
+    def module_alloc(self, size: int, *, huge: bool = False, caller: str = "module_alloc",
+                     reset_perms: bool = True) -> VmStruct:
+        """A module-area vmalloc with the "execmem" user's GFP; with
+        VM_FLUSH_RESET_PERMS unless ``reset_perms`` is False (the ROX
+        cache's own areas: execmem_cache_populate_alloc asks only for
+        VM_ALLOW_HUGE_VMAP)."""
+        flags = (VmFlags.FLUSH_RESET_PERMS if reset_perms else VmFlags(0)) \
+            | (VmFlags.ALLOW_HUGE_VMAP if huge else VmFlags(0))
         return self.vmalloc.vmalloc_node_range(
             size, start=self.version.modules_vaddr, end=self.version.modules_end,
             gfp=self.user_gfp("execmem", int(G.GFP_KERNEL)), flags=flags, caller=caller)
@@ -288,16 +293,12 @@ class ExecmemCache:
         if addr is not None:
             return addr
         ex = self.execmem
-        ver = ex.version
-        gfp = ex.user_gfp("execmem", int(G.GFP_KERNEL))
+        whole = -(-size // PMD_SIZE) * PMD_SIZE
         area = None
-        for alloc_size, flags in ((-(-size // PMD_SIZE) * PMD_SIZE, VmFlags.ALLOW_HUGE_VMAP),
-                                  (-(-size // PMD_SIZE) * PMD_SIZE, VmFlags(0)),
-                                  (size, VmFlags(0))):
+        for alloc_size, huge in ((whole, True), (whole, False), (size, False)):
             try:
-                area = ex.vmalloc.vmalloc_node_range(
-                    alloc_size, start=ver.modules_vaddr, end=ver.modules_end, gfp=gfp,
-                    flags=flags, caller="execmem_cache")
+                area = ex.module_alloc(alloc_size, huge=huge, caller="execmem_cache",
+                                       reset_perms=False)
                 break
             except MemoryError:
                 continue
@@ -426,6 +427,9 @@ class ModuleLoader:
     #: ``enum mod_mem_type``'s order (6.4+)
     MEM_TYPES = ("text", "data", "rodata", "ro_after_init", "init_text", "init_data",
                  "init_rodata")
+    #: ``free_mod_mem``'s order: each core type in enum order, data (which
+    #: holds the module) last; the init types are gone by then
+    FREE_ORDER = ("text", "rodata", "ro_after_init", "data")
 
     def _load_mem_types(self, name: str, pages: dict[str, int]) -> Module:
         """``load_module`` with module memory types (6.4+; the sequence of
@@ -458,7 +462,7 @@ class ModuleLoader:
             for t in self.MEM_TYPES:
                 if pages[t]:
                     mem[t] = ex.execmem_alloc_rw(pages[t] * PAGE_SIZE, text=t.endswith("text"),
-                                                 caller=f"module {name} {t}")[0]
+                                                 caller=f"module {name} {t}")
             for t in ("rodata", "init_rodata"):
                 if t in mem:
                     step(cpa.set_memory_ro, cpa.set_memory_rw, t)
@@ -493,9 +497,9 @@ class ModuleLoader:
         except KeyError:
             raise UsersError(f"module {name!r} is not loaded") from None
         if mod.mem:
-            for t in [t for t in self.MEM_TYPES if t in mod.mem and t != "data"] + \
-                    (["data"] if "data" in mod.mem else []):
-                self.execmem.execmem_free(mod.mem[t])
+            for t in self.FREE_ORDER:
+                if t in mod.mem:
+                    self.execmem.execmem_free(mod.mem[t])
         else:
             self.vmalloc.vfree(mod.base)
         mod.live = False
