@@ -31,7 +31,22 @@ The same requests in the same order as the placed replay (:mod:`dmfrag.placed`):
 * ``D``: with stored states, the comparison of :mod:`dmfrag.truth`, the
   free lists compared in order as well (``order_mismatches``).
 
-With ``--policy``, the model's allocations go through the policy's hooks.
+With ``--policy``, the model's allocations go through the policy's hooks,
+as the kernel's users would send them (:func:`policy_users`): a page a
+``secretmem_fault`` allocated is the "secretmem" user's, and a vmalloc page
+that a CPA pass changes while it is allocated (module memory, BPF images,
+ftrace trampolines, read-only areas with reset perms) the "execmem"
+user's; the policy's ``user_gfp`` decides their GFP, so grouping policies
+serve them from their pools. (Which vmalloc pages are execmem's is read
+from the trace's later CPA passes: the kernel's caller knows it when it
+allocates.) Bulk-allocated execmem pages are asked of the policy one page
+at a time. A page a policy took out of the direct map itself
+(``GFP_UNMAPPED``) has its direct-map state governed by the policy: the
+trace's passes on it (secretmem's ``set_direct_map_invalid``, a module's
+alias passes, vfree's reset) are not replayed (``policy_skipped_pages``),
+and its free goes back through the policy. With ``metrics``, the result
+carries ``compare``'s fields (:mod:`dmfrag.metrics`, the oracle of
+:mod:`policies.oracle`) for the whole trace.
 """
 
 from __future__ import annotations
@@ -55,7 +70,7 @@ from .placed import (
 )
 from .recorder import CPA_TABLE_GFPS, FREE_MARKERS, splits_direct_map_tables
 
-__all__ = ["ModelledReplay", "TraceDiff", "replay_modelled", "trace_diff"]
+__all__ = ["ModelledReplay", "TraceDiff", "policy_users", "replay_modelled", "trace_diff"]
 
 
 @dataclass
@@ -92,6 +107,16 @@ class ModelledReplay:
     #: from the model's own boot: ftrace_init's record pages, taken first
     ftrace_pages: int = 0
     early_requests_skipped: int = 0
+    #: pages the policy routed as a user's (secretmem, execmem), and pages
+    #: of the trace's CPA passes not replayed because the policy had taken
+    #: them out of the direct map itself
+    policy_routed_pages: int = 0
+    policy_skipped_pages: int = 0
+    #: compare's fields for the whole trace (with ``metrics``; else None)
+    metrics: dict | None = None
+    #: with ``metrics``: DirectMap over the trace's events (RunMetrics.samples;
+    #: not in the JSON)
+    model_metrics_samples: list = field(default_factory=list, repr=False)
     #: the first allocation whose pfn is not Linux's: {"line", "linux_pfn", "model_pfn", ...}
     first_difference: dict | None = None
     error: str | None = None
@@ -124,6 +149,8 @@ class ModelledReplay:
                 "ring_buffer_pages": self.ring_buffer_pages,
                 "ftrace_pages": self.ftrace_pages,
                 "early_requests_skipped": self.early_requests_skipped,
+                "policy_routed_pages": self.policy_routed_pages,
+                "policy_skipped_pages": self.policy_skipped_pages,
                 "first_difference": self.first_difference,
                 "equal": self.equal, "completed": self.error is None, "error": self.error}
 
@@ -133,7 +160,7 @@ class _Modelled(Replayer):
 
     def __init__(self, header: dict, events: list[list], policy: str | None,
                  states: list | None, stop_at_difference: bool = False,
-                 start: str | None = None):
+                 start: str | None = None, metrics: bool = False):
         super().__init__(header, events, policy, states)
         self.start = 0
         if start is not None:
@@ -163,7 +190,7 @@ class _Modelled(Replayer):
         #: guest RAM, owners this replay does not set); else the kernel's
         #: entry, which asks the policy first
         k = self.k
-        routed = k.policy_routes_allocations
+        routed = k.policy_overrides_allocations
         self._alloc_pages = k.alloc_pages if routed else k.buddy.alloc_pages
         #: ... and the frees of those pages (no owner set, none unmapped)
         self._free_pages = k.free_pages if routed else k.buddy.free_pages
@@ -205,6 +232,24 @@ class _Modelled(Replayer):
         self._bulk_gfp = parse_gfp("GFP_KERNEL|__GFP_HIGHMEM")
         self._bulk_gfps = (self._bulk_gfp, parse_gfp("GFP_HIGHUSER_MOVABLE"),
                            parse_gfp("GFP_KERNEL|__GFP_RECLAIMABLE"))
+        #: the users' allocations a policy routes (policy_users), and the
+        #: model's pages the policy took out of the direct map itself
+        self.users: dict[int, str] = {}
+        self.bulk_users: set[int] = set()
+        self.untraced_users: dict[int, list[int]] = {}
+        if routed:
+            self.users, self.bulk_users, self.untraced_users = policy_users(events)
+            self._bulk_before_passes()
+        self.unmapped_by_policy: set[int] = set()
+        self.oracle = self.metrics = None
+        if metrics:
+            from policies.oracle import OracleTracker
+
+            from .metrics import RunMetrics
+            self.i = self.start
+            self.oracle = OracleTracker(k)
+            self.metrics = RunMetrics(k, clock=lambda: self.i)
+            self.tick = self._tick
 
     # -- set-up ------------------------------------------------------------------
 
@@ -280,16 +325,55 @@ class _Modelled(Replayer):
     # -- the events ----------------------------------------------------------------
 
     def _model_alloc(self, i: int, e: list) -> None:
-        pfn, order = e[1], e[2]
+        order = e[2]
         text = e[3] if len(e) > 3 else ""
         gfp = self.gfp_cache.get(text)
         if gfp is None:
             gfp = self.gfp_cache[text] = parse_gfp(text) if isinstance(text, str) else 0
+        user = self.users.get(i) if self.users else None
+        if user is not None:
+            gfp = self.k.user_gfp(user, gfp)
+            if order:
+                self._model_alloc_pages(i, e, gfp)
+                return
         try:
             mpfn = self._alloc_pages(gfp, order)
         except AllocationError as exc:
             raise PlacedReplayError(i + 2, f"the model is out of memory allocating order "
                                     f"{order} ({text}): {exc}") from None
+        if user is not None:
+            self._routed(mpfn, order, gfp)
+        self._placed(i, e, mpfn)
+
+    def _model_alloc_pages(self, i: int, e: list, gfp: int) -> None:
+        """A user's high-order vmalloc block (7.x's execmem areas) under a
+        policy: vmalloc splits it (``split_page``) and frees it page by
+        page, so the policy is asked for its pages one at a time (a choice:
+        a policy's pool need not give contiguous blocks back in parts)."""
+        pfn, order = e[1], e[2]
+        n = 1 << order
+        got: list[int] = []
+        try:
+            for _ in range(n):
+                got.append(self._alloc_pages(gfp, 0))
+        except AllocationError as exc:
+            for m in got:
+                self._free_pages(m, 0)
+            raise PlacedReplayError(i + 2, f"the model is out of memory allocating {n} pages "
+                                    f"for order {order} ({e[3]}): {exc}") from None
+        xl, ho = self.xlate, self.head_of
+        for j, m in enumerate(got):
+            self._routed(m, 0, gfp)
+            if pfn + j < len(xl):
+                xl[pfn + j] = m
+                ho[pfn + j] = pfn
+            self.given[m] = 1
+        self.blocks[pfn] = [got[0], order, i + 2, True]       # as split already
+        self._count_placement(i, e, got[0])
+
+    def _placed(self, i: int, e: list, mpfn: int) -> None:
+        """The model gave ``mpfn`` for the allocation of event ``i``."""
+        pfn, order = e[1], e[2]
         xl, ho = self.xlate, self.head_of
         if order == 0:
             if pfn < len(xl):
@@ -303,6 +387,10 @@ class _Modelled(Replayer):
                 ho[pfn: pfn + n] = [pfn] * n
             self.given[mpfn: mpfn + n] = b"\x01" * n
         self.blocks[pfn] = [mpfn, order, i + 2, False]
+        self._count_placement(i, e, mpfn)
+
+    def _count_placement(self, i: int, e: list, mpfn: int) -> None:
+        pfn = e[1]
         r = self.res
         r.allocations += 1
         r.model_pfns.append(mpfn)
@@ -344,7 +432,15 @@ class _Modelled(Replayer):
         n = len(linux_pages)
         got: list[int] = []
         try:
-            vm_area_alloc_pages_bulk(self.k, got, n, gfp, per_call=per_call)
+            if i in self.bulk_users or (self.untraced_users and self.events[i][0] != "B" and any(
+                    p in self.untraced_users for p in linux_pages)):
+                # execmem's pages: the policy is asked one page at a time
+                ugfp = self.k.user_gfp("execmem", gfp)
+                for _ in range(n):
+                    got.append(self._alloc_pages(ugfp, 0))
+                    self._routed(got[-1], 0, ugfp)
+            else:
+                vm_area_alloc_pages_bulk(self.k, got, n, gfp, per_call=per_call)
         except AllocationError as exc:
             raise PlacedReplayError(i + 2, f"the model is out of memory for a bulk allocation "
                                     f"of {n} pages: {exc}") from None
@@ -359,6 +455,61 @@ class _Modelled(Replayer):
         r.bulk_pfns += got
         r.bulk_pages += n
         r.bulk_same_pfn += sum(1 for p, m in zip(linux_pages, got) if p == m)
+
+    def _bulk_before_passes(self) -> None:
+        """An untraced bulk call whose pages a CPA pass changes (module
+        memory on a version-3 trace) is made before that pass at the
+        latest, so that the policy's pages are the pass's."""
+        for g, (lo, hi, pages) in enumerate(self.bulk_groups):
+            touches = [t for p in pages for t in self.untraced_users.get(p, ()) if t >= lo]
+            if touches and min(touches) < hi:
+                self.bulk_groups[g] = (lo, min(touches), pages)
+
+    def _routed(self, mpfn: int, order: int, gfp: int) -> None:
+        from guestkernel.gfp import GFP_UNMAPPED
+        self.res.policy_routed_pages += 1 << order
+        if gfp & int(GFP_UNMAPPED):
+            self.unmapped_by_policy.update(range(mpfn, mpfn + (1 << order)))
+
+    def _tick(self) -> None:
+        self.oracle.tick()
+        self.metrics.tick()
+
+    def _request(self, i: int, caller: str, args: list) -> None:
+        if self.unmapped_by_policy and self._policy_pages(args, i, lambda a: super(
+                _Modelled, self)._request(i, caller, a)):
+            return
+        super()._request(i, caller, args)
+
+    def _alias(self, i: int, args: list, parent: list | None) -> None:
+        if self.unmapped_by_policy and parent is not None and self._policy_pages(
+                args, i, lambda a: super(_Modelled, self)._alias(i, a, parent)):
+            return
+        super()._alias(i, args, parent)
+
+    def _policy_pages(self, args: list, i: int, replay) -> bool:
+        """A pass on direct-map pages some of which the policy took out of
+        the direct map itself: those pages are left to the policy, the
+        others replayed page by page. False when the pass has none."""
+        va, npages = args[0], args[1]
+        mva = self._va(va)
+        base = self.k.pfn_to_virt(0)
+        if not base <= mva < self.direct_end:
+            return False
+        linux0 = (va - (LA57_DIRECT[0] if LA57_DIRECT[0] <= va < LA57_DIRECT[1]
+                        else base)) >> 12
+        pages = [(int(self._va(base + ((linux0 + j) << 12)) - base) >> 12)
+                 for j in range(npages)]
+        mine = [m for m in pages if m in self.unmapped_by_policy]
+        if not mine:
+            return False
+        self.res.policy_skipped_pages += len(mine)
+        for j, m in enumerate(pages):
+            if m not in self.unmapped_by_policy:
+                one = list(args)
+                one[0], one[1] = va + (j << 12), 1
+                replay(one)
+        return True
 
     def _pcp_starts_with(self, pages: list[int]) -> bool:
         """The model's UNMOVABLE order-0 per-CPU list (of the zone of
@@ -429,6 +580,10 @@ class _Modelled(Replayer):
                 given[m] = 0
         xl[pfn: pfn + n] = [-1] * n
         ho[pfn: pfn + n] = [-1] * n
+        if self.unmapped_by_policy:
+            for m in pages:
+                self.unmapped_by_policy.difference_update(
+                    range(m, m + (n if whole else 1)))
         if whole or all(ho[q] != head for q in range(head, head + (1 << horder))):
             del blocks[head]
         return whole, pages
@@ -587,6 +742,10 @@ class _Modelled(Replayer):
             self.res.error = str(exc)
         except (BadFreeError, KernelError) as exc:     # a bookkeeping fault: say where
             self.res.error = f"trace line {self.i + 2}: {exc}"
+        if self.metrics is not None:
+            from .results import metric_fields
+            self.res.metrics = metric_fields(self)
+            self.res.model_metrics_samples = self.metrics.samples
         self.res.seconds = time.perf_counter() - t0
         self.res.model = k
         return self.res
@@ -730,20 +889,69 @@ def _infer_bulk(events: list[list], start: int, n: int,
     return out
 
 
+#: the direct map's range in 4-level traces (5.10): LA57_DIRECT is 5-level's
+_DIRECT4 = (0xFFFF888000000000, 0xFFFF888000000000 + (1 << 46))
+
+
+def policy_users(events: list[list]) -> tuple[dict[int, str], set[int], dict[int, list[int]]]:
+    """Which of the trace's allocations a policy routes as a user's: ``A``
+    event index -> "secretmem" (allocated in ``secretmem_fault``) or
+    "execmem" (a ``vmalloc`` user's page that a CPA pass changed while it
+    was allocated); the ``B`` (bulk) events with such a page; and the
+    pfns a pass changed while no traced allocation held them (pages of
+    the untraced bulk calls a version-3 trace implies: see _infer_bulk),
+    with the indices of those passes."""
+    users: dict[int, str] = {}
+    bulk: set[int] = set()
+    untraced: dict[int, list[int]] = {}
+    holder: dict[int, tuple[int, str]] = {}     # pfn -> (event, "A" vmalloc / "B" / "")
+    for i, e in enumerate(events):
+        kind = e[0]
+        if kind == "A":
+            user = e[5] if len(e) > 5 else None
+            if user == "secretmem":
+                users[i] = "secretmem"
+            held = (i, "A" if user == "vmalloc" else "")
+            for p in range(e[1], e[1] + (1 << e[2])):
+                holder[p] = held
+        elif kind == "B":
+            for p in e[3]:
+                holder[p] = (i, "B")
+        elif kind == "F":
+            for p in range(e[1], e[1] + (1 << e[2])):
+                holder.pop(p, None)
+        elif kind == "C" and e[2] is not None:
+            va, npages = e[2][0], e[2][1]
+            for lo, hi in (LA57_DIRECT, _DIRECT4):
+                if lo <= va < hi:
+                    first = (va - lo) >> 12
+                    for p in range(first, first + npages):
+                        h = holder.get(p)
+                        if h is None:
+                            untraced.setdefault(p, []).append(i)
+                        elif h[1] == "B":
+                            bulk.add(h[0])
+                        elif h[1] == "A":
+                            users[h[0]] = "execmem"
+                    break
+    return users, bulk, untraced
+
+
 class _Stop(Exception):
     """trace diff: the first difference is found."""
 
 
 def replay_modelled(source: str | Path | list[str], *, policy: str | None = None,
                     kernel: str | None = None, truth: str | Path | list | None = None,
-                    start: str | None = None) -> ModelledReplay:
+                    start: str | None = None, metrics: bool = False) -> ModelledReplay:
     """Replay a recorded trace with the model's own placement (see the
     module doc); ``truth`` as for :func:`dmfrag.placed.replay_placed`.
     ``start``: a dump point; the model starts from Linux's state there
     (``Kernel.from_state``) and replays the events after it, so that every
-    difference is the allocator's own, not the history's."""
+    difference is the allocator's own, not the history's. ``metrics``:
+    the result carries compare's fields (``ModelledReplay.metrics``)."""
     header, events, states = load_recorded(source, kernel, truth)
-    return _Modelled(header, events, policy, states, start=start).run()
+    return _Modelled(header, events, policy, states, start=start, metrics=metrics).run()
 
 
 @dataclass

@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import gzip
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
@@ -200,6 +201,10 @@ class _Replayer:
     #: event index -> work to do before that event (``_before_event``); the
     #: modelled replay's inferred bulk allocations
     bulk_before: ClassVar[dict[int, list]] = {}
+
+    #: called at the end of each CPA pass and at each snapshot (the
+    #: modelled replay's metrics and oracle, when asked for)
+    tick: Callable[[], None] | None = None
 
     def _before_event(self, i: int) -> None:
         """Work the replay does before event ``i`` (see ``bulk_before``)."""
@@ -634,8 +639,12 @@ class _Replayer:
             elif kind == "R":
                 if stack:
                     stack.pop()
+                if self.tick is not None:
+                    self.tick()
             elif kind == "S":
                 self._snapshot(e)
+                if self.tick is not None:
+                    self.tick()
             elif kind == "D":
                 self._dump(e[1])
             if i == self.running_at:

@@ -184,6 +184,8 @@ class Driver:
     sample_every: int = 100
     samples: list[tuple[int, int, int, int, int, int]] = field(default_factory=list)
     oracle: object = None
+    #: dmfrag.metrics.RunMetrics of the run (compare's fields)
+    metrics: object = None
     #: what a replay noticed but did not stop for (e.g. a version-1 trace)
     warnings: list[str] = field(default_factory=list)
     #: the snapshots a step list took: ``{"point", "meminfo", "vmstat"}``
@@ -220,6 +222,10 @@ class Driver:
             self.handles[name] = ret
             rec["ret"] = name
         self.lines.append(json.dumps(rec, sort_keys=True))
+        if self.oracle is not None:
+            self.oracle.tick()
+        if self.metrics is not None:
+            self.metrics.tick()
         if len(self.lines) % self.sample_every == 0:
             self.sample()
         return name
@@ -252,7 +258,10 @@ def run_workload(workload: str, *, ram: str | None = "4G", e820: str | None = No
                               profile=profile)
     d = Driver(k)
     from policies.oracle import OracleTracker
+
+    from .metrics import RunMetrics
     d.oracle = OracleTracker(k)
+    d.metrics = RunMetrics(k, clock=lambda: len(d.lines) - 1)
     boot = {"e820": e820} if e820 is not None else {"ram": ram}
     d.lines.append(json.dumps({"format": TRACE_FORMAT, "version": TRACE_VERSION, "boot": boot,
                                "kernel": k.profile.name, "policy": policy, "workload": workload,

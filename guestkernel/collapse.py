@@ -36,6 +36,8 @@ class CollapseContext(Protocol):
     tlb: _Flush
     gbpages: bool
     max_pfn: int
+    #: entries the collapses read (512 per table tried): what merging costs
+    collapse_scanned: int
 
     def collapse_page_count(self, level: int) -> None: ...
     def free_pgtable_page(self, pa: int) -> None: ...
@@ -65,6 +67,7 @@ def _pmd_slot_of(k: CollapseContext, va: int) -> tuple[int, int] | None:
 
 def _try_pmd(k: CollapseContext, pmd_slot: int, region_pa: int, *, count: bool = True) -> bool:
     pgt = k.pgt
+    k.collapse_scanned += 512
     table = pgt.get(pmd_slot) & pt.ADDR_MASK
     ptes = pgt.ram64[table >> 3: (table >> 3) + 512]
     flags = ptes & ~_ADDR & ~_HW
@@ -91,6 +94,7 @@ def _try_pud(k: CollapseContext, pud_slot: int, region_pa: int) -> bool:
     pgt = k.pgt
     if not k.gbpages or region_pa & (PUD_SIZE - 1):
         return False
+    k.collapse_scanned += 512
     table = pgt.get(pud_slot) & pt.ADDR_MASK
     pmds = pgt.ram64[table >> 3: (table >> 3) + 512]
     # A 2M leaf's PAT bit is bit 12, inside the address field: compare it

@@ -130,6 +130,10 @@ class Cpa:
         #: direct-map splits Linux does not count because the level's
         #: counter had already reached 0 (split_page_count returns early)
         self.uncounted_splits = [0, 0, 0, 0, 0]
+        #: table entries collapse attempts read (collapse.CollapseContext)
+        self.collapse_scanned = 0
+        #: CPA requests run (checked, not refused), for what a policy costs
+        self.requests = 0
         self._new_tables: list[int] = []      # table pages the running request took
         self._before: list[CpaObserver] = []
         self._after: list[CpaObserver] = []
@@ -351,6 +355,7 @@ class Cpa:
         for fn in self._before:
             fn(cpa)
         self._change_page_attr_set_clr_or_undo(cpa, checkalias)
+        self.requests += 1
         self.shadow.apply(cpa, checkalias, kernel_ro=self.kernel_set_to_readonly)
         if flush and cpa.flags & CpaFlags.FLUSHTLB:
             self.cpa_flush(cpa)

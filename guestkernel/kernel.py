@@ -149,6 +149,9 @@ class Kernel:
                                                                         self.user_gfp)
         #: who each allocated page is for (owner.py): freed through that path only
         self.page_owner: np.ndarray = np.zeros(self.max_pfn, dtype=np.uint8)
+        #: allocations that failed out of ``alloc_pages`` (after the policy's
+        #: shrinker): the model's count of "page allocation failure" warnings
+        self.alloc_failures: int = 0
         #: pfn -> order of pages allocated with GFP_UNMAPPED by the buddy path
         self._unmapped: dict[int, int] = {}
         #: a replay's source of page-table pfns (see alloc_pgtable_page)
@@ -339,13 +342,38 @@ class Kernel:
         gfp = int(gfp)
         if order.__class__ is not int or not 0 <= order <= 10:
             raise KernelError(f"alloc_pages: order must be 0..10, not {order!r}")
-        pfn = self._policy_alloc(self, gfp, order) if self._policy_alloc else None
+        try:
+            pfn = self._alloc_pages_served(gfp, order)
+        except MemoryError:
+            self.alloc_failures += 1
+            raise
+        if gfp & _GFP_ZERO:
+            pa = pfn * PAGE_SIZE
+            self.machine.ram[pa: pa + (PAGE_SIZE << order)] = 0
+        if owner:
+            self.page_owner[pfn: pfn + (1 << order)] = owner
+        if self.debug_vm:
+            self._debug_vm()
+        return pfn
+
+    def _alloc_pages_served(self, gfp: int, order: int) -> int:
+        """The policy's page, else the buddy allocator's. Either failing,
+        the policy's shrinker runs once and the request is retried (the
+        slow path's direct reclaim: shrink_slab, then another try)."""
+        pfn = None
+        if self._policy_alloc:
+            try:
+                pfn = self._policy_alloc(self, gfp, order)
+            except AllocationError:
+                if not self._direct_reclaim(order):
+                    raise
+                pfn = self._policy_alloc(self, gfp, order)
         if pfn is None:
             buddy_gfp = gfp & _NOT_POLICY_GFP
             try:
                 pfn = self.buddy.alloc_pages(buddy_gfp, order)
             except AllocationError:
-                if not self.policy.shrink(self, 1 << order):
+                if not self._direct_reclaim(order):
                     raise
                 pfn = self.buddy.alloc_pages(buddy_gfp, order)
             if gfp & _GFP_UNMAPPED:
@@ -355,14 +383,34 @@ class Kernel:
                     self.buddy.free_pages(pfn, order)
                     raise
                 self._unmapped[pfn] = order
-        if gfp & _GFP_ZERO:
-            pa = pfn * PAGE_SIZE
-            self.machine.ram[pa: pa + (PAGE_SIZE << order)] = 0
-        if owner:
-            self.page_owner[pfn: pfn + (1 << order)] = owner
-        if self.debug_vm:
-            self._debug_vm()
         return pfn
+
+    def policy_cached_pfns(self) -> list[int]:
+        """The pages the policy's caches hold that no user does
+        (``Policy.cached_pfns``); none before it is attached (boot)."""
+        if self.system_state is not SystemState.RUNNING:
+            return []
+        return self.policy.cached_pfns(self)
+
+    @property
+    def policy_overrides_allocations(self) -> bool:
+        """Whether the policy's class overrides ``alloc_pages`` or
+        ``free_pages`` (true before it is attached, unlike
+        :attr:`policy_routes_allocations`)."""
+        cls = type(self.policy)
+        return cls.alloc_pages is not Policy.alloc_pages or cls.free_pages is not Policy.free_pages
+
+    def _direct_reclaim(self, order: int) -> bool:
+        """An allocation failed: the slow path's direct reclaim
+        (``__alloc_pages_direct_reclaim``). The policy's shrinker runs (the
+        kernel's shrink_slab); when it gave pages back they may sit on the
+        per-CPU lists of their own migratetype, so the lists are drained
+        (``drain_all_pages``) before the caller's one retry. False when
+        nothing was given back: the failure stands."""
+        if not self.policy.shrink(self, 1 << order):
+            return False
+        self.buddy.drain_pages()
+        return True
 
     @property
     def policy_routes_allocations(self) -> bool:

@@ -81,6 +81,13 @@ class Policy:
         """Memory pressure: give back up to ``nr_pages`` pages; returns how many."""
         return 0
 
+    def cached_pfns(self, kernel: KernelApi) -> list[int]:
+        """The pages the policy holds now that no user does (its caches'
+        free pages, whatever their direct-map state): what ``compare``
+        reports as cached, and what the oracle counts as the default
+        mapping (another placement need not hold them)."""
+        return []
+
     def cpa_before(self, kernel: KernelApi, cpa: CpaData) -> None:
         """Before a CPA request runs."""
 
@@ -90,7 +97,7 @@ class Policy:
 
 _REGISTRY: dict[str, type[Policy]] = {}
 _HOOKS = ("setup_buddy", "attach", "user_gfp", "alloc_pages", "free_pages", "shrink",
-          "cpa_before", "cpa_after")
+          "cached_pfns", "cpa_before", "cpa_after")
 
 
 def register_policy(cls: type[Policy]) -> type[Policy]:
@@ -170,6 +177,9 @@ class ComposedPolicy(Policy):
 
     def shrink(self, kernel, nr_pages):
         return sum(p.shrink(kernel, nr_pages) for p in self.parts)
+
+    def cached_pfns(self, kernel):
+        return [pfn for p in self.parts for pfn in p.cached_pfns(kernel)]
 
     def cpa_before(self, kernel, cpa):
         for p in self.parts:

@@ -17,7 +17,9 @@ are empty a whole pageblock is stolen (an order-9 allocation of any type),
 remapped at PTE level, and its pages moved to the UNMAPPED lists. Pages
 leave the direct map when allocated and come back when freed; when a whole
 pageblock is free again its PMD is restored (collapse) and the block
-returns to the MOVABLE type. Module allocations and secretmem use
+returns to the MOVABLE type. No shrinker: the free pages of a partly used
+UNMAPPED pageblock serve only ``GFP_UNMAPPED`` requests (the RFC gives no
+other type a fallback to it); ``compare`` reports them as cached. Module allocations and secretmem use
 ``GFP_UNMAPPED`` under this policy, as in the RFC's series.
 
 ``unmapped-alloc`` (Rapoport, LSF/MM 2023): a separate cache of 2M pages,
@@ -119,6 +121,9 @@ class PteMappedCache(Policy):
             self.cache.append(pfn)
         return True
 
+    def cached_pfns(self, kernel) -> list[int]:
+        return list(self.cache)
+
     def shrink(self, kernel, nr_pages: int) -> int:
         freed = 0
         while self.cache and freed < nr_pages:
@@ -164,6 +169,17 @@ class MigrateUnmapped(_UnmappedUsers, Policy):
         k.cpa.remove_from_direct_map(pfn, 1 << order)
         self.blocks[pfn & ~511] = self.blocks.get(pfn & ~511, 0) + (1 << order)
         return pfn
+
+    def cached_pfns(self, kernel) -> list[int]:
+        """The free pages of the UNMAPPED lists: stolen pageblocks' pages
+        that only GFP_UNMAPPED requests take."""
+        b = kernel.buddy
+        out: list[int] = []
+        for z in b.zones:
+            for o in range(len(z.free_area)):
+                for head in b.free_list(z, o, self.mt):
+                    out.extend(range(head, head + (1 << o)))
+        return out
 
     def free_pages(self, kernel, pfn: int, order: int) -> bool:
         if pfn in self.fallback:
@@ -276,6 +292,11 @@ class UnmappedAlloc(_UnmappedUsers, Policy):
             self._return_chunk(kernel, empties[-1])
         return True
 
+    def cached_pfns(self, kernel) -> list[int]:
+        """The free pages of the cache's 2M chunks (out of the direct map)."""
+        return [pfn for c in self.chunks.values() for o, heads in c.free.items()
+                for h in heads for pfn in range(h, h + (1 << o))]
+
     def _return_chunk(self, k, chunk: _ChunkBuddy) -> None:
         k.set_memory_p(PAGE_OFFSET + chunk.base * 4096, 512)
         del self.chunks[chunk.base]
@@ -315,8 +336,15 @@ class PerUserCaches(UnmappedAlloc):
         user = self._user(gfp)
         cache = self.user_cache[user]
         if not cache:
+            # a batch is best effort: what it got is used (a partial batch
+            # left in the cache by a failure would be stranded there)
             for _ in range(self.tunables["batch"]):
-                cache.append(self.alloc_unmapped(kernel, gfp, 0))
+                try:
+                    cache.append(self.alloc_unmapped(kernel, gfp, 0))
+                except AllocationError:
+                    if not cache:
+                        raise
+                    break
         pfn = cache.pop()
         self.owner[pfn] = user
         if gfp & _PTE_MAPPED:
@@ -333,6 +361,11 @@ class PerUserCaches(UnmappedAlloc):
             self._unmap_again(kernel, pfn, 0)
         self.user_cache[user].append(pfn)
         return True
+
+    def cached_pfns(self, kernel) -> list[int]:
+        """The per-user caches' pages and the global cache's free pages."""
+        return [*super().cached_pfns(kernel),
+                *(pfn for cache in self.user_cache.values() for pfn in cache)]
 
     def shrink(self, kernel, nr_pages: int) -> int:
         """The per-user caches give their free pages back to the global

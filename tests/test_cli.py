@@ -28,7 +28,7 @@ def test_run_json_has_meminfo_and_vmstat_on_top(capsys):
     assert code == 0
     res = json.loads(out)
     assert res["meminfo"]["DirectMap4k"] > 0 and "direct_map_level2_splits" in res["vmstat"]
-    assert res["result_version"] == 1 and res["config"]["seed"] == 1
+    assert res["result_version"] == 2 and res["config"]["seed"] == 1
 
 
 def test_same_seed_gives_byte_identical_json(capsys):
@@ -68,12 +68,51 @@ def test_compare_validate_meminfo_ptdump(tmp_path, capsys):
     code, out, _ = run(capsys, "compare", "--workload", "sockex1", *TINY,
                        "--policies", "baseline,prog-pack", "--csv", str(csv))
     assert code == 0 and "prog-pack" in out
-    assert csv.read_text().splitlines()[0].startswith("policy,DirectMap4k")
+    assert csv.read_text().splitlines()[0].startswith("policy,end_directmap_4k_kb,")
     assert run(capsys, "validate", "--workload", "pagetables", *TINY)[0] == 0
     code, out, _ = run(capsys, "meminfo", "--workload", "boot", *TINY)
     assert code == 0 and out.startswith("MemTotal:")
     code, out, _ = run(capsys, "ptdump", "--workload", "boot", *TINY)
     assert code == 0 and out.startswith("---[ User Space ]---")
+
+
+#: the fields issue 16 names for every compare row (docs/results.md)
+COMPARE_FIELDS = {"policy", "end_directmap_4k_kb", "end_directmap_2m_kb", "end_directmap_1g_kb",
+                  "peak_split_2m_regions", "integrated_4k_gib_steps", "splits", "collapses",
+                  "alloc_failures", "cached_pages_end", "oracle_peak_split_2m_regions"}
+
+
+def test_compare_json_rows_carry_the_metrics(capsys):
+    """Each row has the contract's fields, sorted by the end state then
+    the integrated 4K bytes; the values agree with each other: the end
+    state is meminfo's, the peak is at least the end and the bound, the
+    integral is at most the largest DirectMap4k over the run's calls, a
+    policy that caches reports its pages and merging counts collapses."""
+    code, out, _ = run(capsys, "compare", "--workload", "mixed", "--ram", "1G", "--scale", "0.5",
+                       "--policies", "baseline,cpa-merge,unmapped-alloc", "--json")
+    assert code == 0
+    rows = {r["policy"]: r for r in json.loads(out)["rows"]}
+    keys = [(r["end_directmap_4k_kb"], r["integrated_4k_gib_steps"])
+            for r in json.loads(out)["rows"]]
+    assert keys == sorted(keys)
+    for r in rows.values():
+        assert COMPARE_FIELDS <= set(r), COMPARE_FIELDS - set(r)
+        assert r["end_directmap_4k_kb"] == r["DirectMap4k"]
+        assert r["end_directmap_4k_kb"] + r["end_directmap_2m_kb"] + r["end_directmap_1g_kb"] \
+            == rows["baseline"]["end_directmap_4k_kb"] + rows["baseline"]["end_directmap_2m_kb"] \
+            + rows["baseline"]["end_directmap_1g_kb"]
+        assert r["peak_split_2m_regions"] >= r["end_split_2m_regions"]
+        assert r["peak_split_2m_regions"] - r["oracle_peak_split_2m_regions"] \
+            == r["above_oracle"] >= 0
+        # DirectMap4k is at most the 1 GiB of RAM at every call
+        assert 0 < r["integrated_4k_gib_steps"] <= r["steps"]
+        assert r["splits"] == r["level2_splits"] + r["level3_splits"]
+    assert rows["baseline"]["cached_pages_end"] == 0 and rows["baseline"]["collapses"] == 0
+    assert rows["unmapped-alloc"]["cached_pages_end"] > 0
+    assert rows["unmapped-alloc"]["cached_pages_peak"] >= rows["unmapped-alloc"]["cached_pages_end"]
+    assert rows["cpa-merge"]["collapses"] > 0
+    assert rows["cpa-merge"]["collapse_entries_scanned"] >= 512 * rows["cpa-merge"]["collapses"]
+    assert rows["cpa-merge"]["end_directmap_4k_kb"] <= rows["baseline"]["end_directmap_4k_kb"]
 
 
 @pytest.mark.parametrize("argv, code, msg", [
@@ -135,7 +174,7 @@ def test_compare_writes_plots(tmp_path, capsys):
                      "--policies", "baseline,unmapped-alloc", "--plots", str(tmp_path))
     assert code == 0
     pngs = sorted(p.name for p in tmp_path.glob("*.png"))
-    assert pngs == ["directmap_over_time.png", "splits_over_time.png", "tlb_and_oracle.png"]
+    assert pngs == ["directmap_over_time.png", "end_state_and_oracle.png", "splits_over_time.png"]
     assert all((tmp_path / p).read_bytes()[:4] == b"\x89PNG" for p in pngs)
 
 

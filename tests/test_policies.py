@@ -15,7 +15,6 @@ from emu.pagetable import PteFlags as F
 from guestkernel import PAGE_OFFSET, Kernel
 from guestkernel import gfp as G
 from guestkernel.policy import Policy, PolicyError, get_policy, policy_names, register_policy
-from policies.oracle import OracleTracker, lower_bound
 
 PA2M = 0x3000_0000
 
@@ -257,35 +256,27 @@ def test_out_of_tree_policy_through_entry_points(tmp_path):
     assert out.stdout.strip() == "calls 1"
 
 
-def test_oracle_bound():
-    assert lower_bound(1) == {"peak_pte_pages": 1, "min_2m_splits": 1, "min_1g_splits": 1}
-    assert lower_bound(1025)["min_2m_splits"] == 3
-    k = Kernel.boot(ram="2G")
-    o = OracleTracker(k)
-    pfns = [k.secretmem.fault() for _ in range(600)]
-    for p in pfns[:300]:
-        k.secretmem.free(p)
-    assert o.bound()["peak_pte_pages"] == 600
-    assert o.bound()["min_2m_splits"] == 2
-
-
 def test_grouping_cuts_module_splits_after_a_realistic_boot():
     """The 2022 RFC's result, scaled down: on a system whose free unmovable
     pages are scattered (slab churn), loading the machine's modules splits
-    many 2M pages under baseline; with GFP_UNMAPPED grouping the splits fall
-    to the oracle's lower bound (one per pageblock of module pages)."""
+    many 2M pages under baseline; with GFP_UNMAPPED grouping the splits
+    fall by more than half, and the peak of split regions comes closer to
+    the oracle's bound (docs/oracle.md), which no policy goes below."""
+    from dmfrag.results import metric_fields
     from dmfrag.workloads import run_workload
     got = {}
     for pol in ("baseline", "migrate-unmapped", "unmapped-alloc"):
         d = run_workload("boot", ram="4G", policy=pol, scale=0.5, seed=1)
-        v = d.kernel.vmstat()
-        got[pol] = (v["direct_map_level2_splits"] + v["direct_map_level3_splits"],
-                    d.oracle.bound()["min_2m_splits"])
-    base, grouped = got["baseline"][0], got["migrate-unmapped"][0]
+        got[pol] = metric_fields(d)
+    base, grouped = got["baseline"]["splits"], got["migrate-unmapped"]["splits"]
     assert base >= 2 * grouped, got
-    for pol in ("migrate-unmapped", "unmapped-alloc"):
-        assert got[pol][0] == got[pol][1], got      # at the bound
-    assert got["baseline"][0] > got["baseline"][1]
+    for pol, m in got.items():
+        assert m["collapses"] == 0
+        assert m["peak_split_2m_regions"] >= m["oracle_no_merge_peak_split_2m_regions"] \
+            >= m["oracle_peak_split_2m_regions"], (pol, m)
+        assert m["above_oracle"] < got["baseline"]["above_oracle"] or pol == "baseline"
+    # grouping changes where pages go, not what users ask for: one bound
+    assert len({m["oracle_no_merge_peak_split_2m_regions"] for m in got.values()}) == 1, got
 
 
 @pytest.mark.parametrize("policy", ["unmapped-alloc", "per-user-caches"])
@@ -349,3 +340,35 @@ def test_per_user_caches_give_pages_back_when_shrunk():
     assert not any(pol.user_cache.values()) and not pol.chunks
     assert k.buddy.nr_free() + k.buddy.nr_pcp_pages() >= free + 512     # (an order-9 pcp list)
     k.validate("full")
+
+
+@pytest.mark.parametrize("policy", ["pte-mapped-cache", "unmapped-alloc", "per-user-caches"])
+def test_caches_are_given_back_before_an_allocation_fails(policy):
+    """Issue 16: at OOM, pte-mapped-cache still held 1,023 pages and
+    per-user-caches 4,064. The kernel's reclaim path runs the policy's
+    shrinker when any allocation fails (the policy's own included: a
+    failed refill), and retries: memory is exhausted only once the caches
+    are empty, and the state validates. (migrate-unmapped has no cache
+    to shrink: a pageblock free whole goes back at once.)"""
+    from guestkernel.page_alloc import AllocationError
+    k = Kernel.boot(ram="256M", policy=policy)
+    # fill the caches through every user they serve, then let go
+    secrets = [k.secretmem.fault() for _ in range(300)]
+    tables = [k.pgtable_protect.alloc() for _ in range(40)]
+    k.modules.load_module("m", 40_000, 8_000, 0, 8_000)
+    for p in secrets:
+        k.secretmem.free(p)
+    for t in tables:
+        k.pgtable_protect.free(t)
+    k.modules.delete_module("m")
+    assert len(k.policy.cached_pfns(k)) > 0
+    held = []
+    with pytest.raises(AllocationError):
+        while True:
+            held.append(k.alloc_pages(G.GFP_HIGHUSER_MOVABLE, 0))
+    assert k.policy.cached_pfns(k) == [] and k.alloc_failures == 1
+    k.validate("full")
+    # the secret pages that come next still fail cleanly, no page stranded
+    with pytest.raises(AllocationError):
+        k.secretmem.fault()
+    assert k.policy.cached_pfns(k) == []

@@ -39,6 +39,7 @@ from guestkernel import Kernel
 from guestkernel import gfp as G
 from guestkernel.page_alloc import AllocationError
 from guestkernel.policy import policy_names
+from policies.oracle import OracleTracker
 
 POLICIES = [p for p in policy_names() if not p.startswith("test-")]
 #: QEMU's -m 6G: 1G leaves at [1G,2G), [5G,6G), [6G,7G) after boot
@@ -85,6 +86,7 @@ def machine_for(policy: str):
             """Boot, then protect one movable page inside a 1G page, which
             the call splits (1G -> 2M -> 4K); and one page of a 2M block."""
             self.k = Kernel.boot(ram=RAM, policy=policy)
+            self.oracle = OracleTracker(self.k)
             self.areas: list[int] = []
             self.secrets: list[int] = []
             self.modules: list[str] = []
@@ -227,6 +229,17 @@ def machine_for(policy: str):
         def protections_hold(self):
             for p in self.live:
                 self._check_cpu(p.block, p.first, p.npages, p.op)
+
+        @invariant()
+        def within_the_oracle(self):
+            """No placement goes below the oracle's bound (docs/oracle.md);
+            while nothing has merged, not below the no-merge bound either."""
+            any_run, no_merge = self.oracle.now()
+            split = self.k.pgt.split_2m_regions(self.k.max_pfn)
+            v = self.k.vmstat()
+            assert split >= any_run, (split, any_run)
+            if not v["direct_map_level2_collapses"] + v["direct_map_level3_collapses"]:
+                assert split >= no_merge, (split, no_merge)
 
         @invariant()
         def validates(self):

@@ -50,13 +50,14 @@ def config(args: argparse.Namespace) -> dict:
     return {k: v for k, v in vars(args).items() if k not in ("func", "debug")}
 
 
-def add_workload_args(p: argparse.ArgumentParser) -> None:
-    """--workload, --ram | --e820, --seed, --scale: what picks one model run."""
+def add_workload_args(p: argparse.ArgumentParser, required: bool = True) -> None:
+    """--workload, --ram | --e820, --seed, --scale: what picks one model run
+    (``required=False``: the command has another source, compare's --trace)."""
     from ..registry import REGISTRY
     names = sorted(model_names())
     named = "; ".join(f"{n} ({REGISTRY[n].provenance})" if REGISTRY[n].provenance else n
                       for n in names).replace("%", "%%")        # argparse formats help
-    p.add_argument("--workload", required=True, type=workload_spec, metavar="W",
+    p.add_argument("--workload", required=required, type=workload_spec, metavar="W",
                    help=f"a model workload: {named}. Or a comma-separated step list run "
                         f"in order, each step ending in a snapshot named after it (run --json "
                         f"'snapshots'): boot, modules, bpf, secretmem, age:N (N pipes of "

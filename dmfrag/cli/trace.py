@@ -86,7 +86,7 @@ def diff(args: argparse.Namespace) -> int:
     from ..placed import PlacedReplayError
     if args.policy is not None:
         check_policy(args.policy)
-    if not _is_recorded(args.file):
+    if not is_recorded(args.file):
         raise UsageError(f"{args.file}: not a recorded (version 3 or 4) trace of dmfrag realkernel "
                          f"record: only such a trace has Linux's placement")
     try:
@@ -137,7 +137,7 @@ def replay(args: argparse.Namespace) -> int:
     from ..workloads import replay as replay_trace
     if args.policy is not None:
         check_policy(args.policy)
-    if _is_recorded(args.file):
+    if is_recorded(args.file):
         return _replay_placed(args)
     if args.placement is not None:
         raise UsageError(f"--placement {args.placement}: {args.file} is not a recorded (version "
@@ -158,7 +158,7 @@ def replay(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _is_recorded(path: str) -> bool:
+def is_recorded(path: str) -> bool:
     """Whether ``path`` is a recorded (version 3 or 4, maybe gzip'd) trace."""
     import gzip
     try:
