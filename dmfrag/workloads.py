@@ -144,7 +144,11 @@ def _op_secretmem_free(k, page):
 
 
 def _op_vmalloc(k, pages: int, reset_perms: bool):
-    area = k.vmalloc.vmalloc_node_range(pages * 4096, caller="vmalloc")
+    # an area that will change permissions (VM_FLUSH_RESET_PERMS, then
+    # set_memory_ro) is a CPA user the 2023 unmapped-alloc design names
+    # (vfree): its pages come with the policy's execmem GFP
+    gfp = k.user_gfp("execmem", int(G.GFP_KERNEL)) if reset_perms else int(G.GFP_KERNEL)
+    area = k.vmalloc.vmalloc_node_range(pages * 4096, caller="vmalloc", gfp=gfp)
     if reset_perms:
         k.vmalloc.set_vm_flush_reset_perms(area.addr)
         k.set_memory_ro(area.addr, pages)

@@ -30,6 +30,8 @@ class CpaRequest(Protocol):
     numpages: int
     mask_set: int
     mask_clr: int
+    #: pfns whose direct-map alias the request left alone
+    alias_skipped: set[int]
 
     def addr(self, i: int) -> int: ...
 
@@ -115,7 +117,8 @@ class Shadow:
             if not checkalias or pfn is None:
                 continue
             in_direct = PAGE_OFFSET <= va < PAGE_OFFSET + self.max_pfn * PAGE_SIZE
-            if not in_direct and 0 <= pfn < self.max_pfn:
+            if not in_direct and 0 <= pfn < self.max_pfn and pfn not in cpa.alias_skipped:
+                # (an alias left alone: Cpa._process_alias)
                 aclr = sclr & ~S_NX if self.alias_masks_nx else sclr
                 self._apply_one(PAGE_OFFSET + pfn * PAGE_SIZE, sset, aclr)
             in_image = img.text <= va < img.brk_end

@@ -254,8 +254,13 @@ class Vmalloc:
     def vfree(self, addr: int) -> None:
         area = self.find_area(addr)     # a bad address raises before anything changes
         cpa = self.cpa
-        if area.flags & VmFlags.FLUSH_RESET_PERMS:
-            pfns = area.pfns()
+        # Pages out of the direct map with a whole 2M taken out (an
+        # unmapped-alloc chunk's: never in it) are left to their allocator:
+        # invalidating one would split the 2M, and resetting it would map
+        # it back (the 2023 design: the cache, not vfree, owns their mapping)
+        pfns = [p for p in area.pfns() if not cpa.unmapped_whole(p)] \
+            if area.flags & VmFlags.FLUSH_RESET_PERMS else []
+        if pfns:
             for pfn in pfns:
                 try:
                     cpa.set_direct_map_invalid_noflush(pfn)

@@ -22,10 +22,21 @@ UNMAPPED pageblock serve only ``GFP_UNMAPPED`` requests (the RFC gives no
 other type a fallback to it); ``compare`` reports them as cached. Module allocations and secretmem use
 ``GFP_UNMAPPED`` under this policy, as in the RFC's series.
 
-``unmapped-alloc`` (Rapoport, LSF/MM 2023): a separate cache of 2M pages,
+``unmapped-alloc`` (Rapoport, "mm: introduce __GFP_UNMAPPED and
+unmapped_alloc()", RFC, March 2023, presented at LSF/MM 2023; LWN's
+account: https://lwn.net/Articles/926020/): a separate cache of 2M pages,
 each removed from the direct map as a whole (one PMD rewritten: no 2M
 split), itself a small buddy allocator that serves orders 0..9; a shrinker
-maps free 2M pages back and returns them.
+maps free 2M pages back and returns them. Its users are the ones the design
+names: module and BPF memory, ftrace/kprobe pages and read-only vmalloc
+areas with reset perms (the "execmem" user), secretmem and guest_memfd.
+Choices where the design is silent: a page of a chunk has no direct-map
+alias for CPA to change (``Cpa._process_alias`` leaves a page of a 2M taken
+out whole alone, as changing it would split the 2M), and vfree's reset
+pass skips such pages (the cache owns their mapping); a page coming back
+is unmapped again; with no free 2M block, the page allocator serves the
+request and its pages leave the direct map one by one; when any
+allocation fails, the kernel's reclaim path runs the shrinker.
 
 ``per-user-caches`` (Gorman/Hocko/Edgecombe review): slab-like order-0
 caches per user kind (page tables, execmem, secretmem), each refilled in

@@ -31,9 +31,11 @@ def replays():
 
 def test_the_reference_set_is_there():
     """Per kernel: boot at 2G, 4G and 8G, modules, BPF, secretmem (6.1, 7.2),
-    read-only vmalloc areas freed with reset perms (vfree-reset), and 5.10
-    aged (8000 pipes) then 2048 programs."""
-    assert len(ALL) == 13
+    read-only vmalloc areas freed with reset perms (vfree-reset), 5.10
+    aged (8000 pipes) then 2048 programs, and 5.10 at 8G loading modules
+    then running bpftrace six times, fresh and aged (the 2022 RFC's
+    scenario)."""
+    assert len(ALL) == 15
     for k in ("5.10", "6.1", "7.2"):
         assert {n.split("-")[2] for n in ALL if n.startswith(f"linux-{k}-")} == {"2G", "4G", "8G"}
     assert "linux-5.10-8G-age-8000_bpf-2048.jsonl.gz" in ALL
