@@ -297,7 +297,10 @@ struct tlb_hook_ctx {
     uc_reg_read_fn reg_read;
     decode_cb decode;
     int32_t rip_id, rsp_id, cr3_id;
-    int32_t pad;
+    /* Nonzero: every data access is [this register] (an access replay's
+     * straight-line code, TlbModel.fixed_operand): no RIP is read, which in
+     * the middle of a long translated block costs Unicorn a state restore. */
+    int32_t fixed_base_id;
     struct memop_desc *table;   /* open addressing, power-of-two size */
     uint64_t table_mask;
 };
@@ -343,6 +346,13 @@ void dmfrag_tlb_mem_hook(void *uc, int type, uint64_t address, int size, int64_t
     struct tlb_hook_ctx *c = (struct tlb_hook_ctx *)user_data;
     (void)value; (void)uc;
     int is_write = type == 17;          /* UC_MEM_WRITE = 17, UC_MEM_READ = 16 */
+    if (c->fixed_base_id) {
+        uint64_t fva = reg(c, c->fixed_base_id);
+        if ((address & 0xFFF) == 0 && (fva & 0xFFF) != 0)
+            return;                     /* the second part of a page-crossing access */
+        dmfrag_tlb_access(c->model, fva, is_write ? 1 : 0);
+        return;
+    }
     uint64_t rip = reg(c, c->rip_id);
     struct memop_desc *d = desc_find(c, rip, 0);
     if (!d) {

@@ -105,6 +105,8 @@ MAX_RAM_BYTES = _OWN_SVC_BASE - (2 << 20)
 _GPRS = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp", "rsp",
          "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15", "rip", "rflags")
 _REG_IDS: dict[str, int] = {name: getattr(X, f"UC_X86_REG_{name.upper()}") for name in _GPRS}
+#: the GS segment base (MSR_GS_BASE): a run may set it (per-CPU style addressing)
+_REG_IDS["gs_base"] = X.UC_X86_REG_GS_BASE
 
 _EMPTY_PML4 = np.zeros(512, np.uint64)
 _UNMAPPED_ERRORS = (UC_ERR_READ_UNMAPPED, UC_ERR_WRITE_UNMAPPED, UC_ERR_FETCH_UNMAPPED)
@@ -452,7 +454,7 @@ class Machine:
     def run(self, code: bytes | str, at: int, *, regs: Mapping[str, int] | None = None,
             until: int | None = None, max_insns: int | None = 10_000_000,
             on_fault: str | FaultAction | FaultHandler = "stop", max_faults: int = 1000,
-            count_insns: bool = True) -> RunResult:
+            count_insns: bool = True, keep_decoded: bool = False) -> RunResult:
         """Place ``code`` at ``va`` and execute it.
 
         ``code`` is machine code or Intel-syntax assembly (assembled for
@@ -466,6 +468,9 @@ class Machine:
         is in the result. An instruction that cannot be fetched (or decoded)
         cannot be skipped: ``"skip"`` stops the run there, status FAULTED. ``count_insns=False`` runs with no hook at all
         (full speed; ``insns`` is then None and ``max_insns`` is not enforced).
+        ``keep_decoded=True`` keeps the attached TLB model's operand
+        descriptions (the caller described this code itself:
+        ``TlbModel.set_operands``); by default a run forgets them.
 
         Exceptions raised inside callbacks stop emulation and are re-raised.
         """
@@ -501,7 +506,8 @@ class Machine:
         for name, value in reg_values.items():
             self._uc.reg_write(_REG_IDS[name], value)
         end = at + len(code) if until is None else int(until)
-        return self._execute(at, end, max_insns, on_fault, max_faults, count_insns)
+        return self._execute(at, end, max_insns, on_fault, max_faults, count_insns,
+                             forget=not keep_decoded)
 
     def resume(self, *, until: int, max_insns: int | None = 10_000_000,
                on_fault: str | FaultAction | FaultHandler = "stop", max_faults: int = 1000,
@@ -540,7 +546,7 @@ class Machine:
             raise error
 
     def _execute(self, begin: int, end: int, max_insns: int | None, on_fault,
-                 max_faults: int, count_insns: bool) -> RunResult:
+                 max_faults: int, count_insns: bool, forget: bool = True) -> RunResult:
         self._run_faults = []
         self._on_fault = on_fault
         self._max_faults = max_faults
@@ -555,7 +561,7 @@ class Machine:
         if count_insns:
             counter_hook = self.hook_add_native(UC_HOOK_CODE, self._lib.dmfrag_count_insn,
                                                 ctypes.addressof(counter))
-        if self._tlb is not None:
+        if self._tlb is not None and forget:
             self._tlb.forget_code()  # a run writes fresh code: decoded operands may be stale
         pc = begin
         split: int | None = None  # a stop short of ``end`` (see _fetch_fault_origin)

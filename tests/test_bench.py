@@ -150,6 +150,20 @@ def check_policies(f: dict) -> None:
         assert f"| **Linux** | {row} |" in report, name
 
 
+def check_tlbcost(f: dict) -> None:
+    streams = f.pop("streams")
+    assert list(streams) == ["one_page", "spread"] and f.pop("ram") == "1G"
+    assert f.pop("capture_slowdown") is None and "not built" in f.pop("capture_slowdown_reason")
+    for name, r in streams.items():
+        assert r.pop("accesses") == 20_000 and r.pop("faults") == 0
+        assert positive(r.pop("with_tlb_accesses_per_s")) and positive(r.pop("bare_accesses_per_s"))
+        assert 0 < r.pop("replay_vs_bare_ratio") < 10
+        walks = r.pop("dtlb_walks")
+        assert walks == 1 if name == "one_page" else walks > 100
+        assert r == {}
+    assert f == {}
+
+
 def check_truth(f: dict) -> None:
     assert f.pop("kernel") == "6.1"
     committed = f.pop("committed")
@@ -198,6 +212,7 @@ SCRIPTS: dict[str, tuple[Callable[[dict], None], tuple]] = {
     "truth_bench.py": (check_truth, (pytest.mark.realkernel,)),
     "placement_bench.py": (check_placement, ()),
     "policies_report.py": (check_policies, ()),
+    "tlbcost_bench.py": (check_tlbcost, ()),
 }
 
 

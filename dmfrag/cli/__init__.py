@@ -30,6 +30,7 @@ from . import (
     realkernel,
     run,
     sweep,
+    tlbcost,
     trace,
     validate,
 )
@@ -39,7 +40,7 @@ __all__ = ["COMMANDS", "build_parser", "main"]
 
 #: The subcommand modules, in the order ``dmfrag --help`` lists them.
 COMMANDS = (run, compare, validate, meminfo, ptdump, sweep, bench, trace, calibrate,
-            realkernel)
+            realkernel, tlbcost)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -56,7 +56,8 @@ _DECODE_CB = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_uint64)
 class _HookCtx(ctypes.Structure):
     _fields_ = [("model", ctypes.c_void_p), ("uc", ctypes.c_void_p), ("reg_read", ctypes.c_void_p),
                 ("decode", ctypes.c_void_p), ("rip_id", ctypes.c_int32), ("rsp_id", ctypes.c_int32),
-                ("cr3_id", ctypes.c_int32), ("pad", ctypes.c_int32), ("table", ctypes.c_void_p),
+                ("cr3_id", ctypes.c_int32), ("fixed_base_id", ctypes.c_int32),
+                ("table", ctypes.c_void_p),
                 ("table_mask", ctypes.c_uint64)]
 
 
@@ -155,6 +156,28 @@ class TlbModel(MachineObserver):
                                   rd[0], rd[1], rd[2], rd[3], ctypes.c_int64(rd[4]),
                                   wr[0], wr[1], wr[2], wr[3], ctypes.c_int64(wr[4]))
         return 1
+
+    def set_operands(self, rip: int, read: tuple = (0, 0, 0, 0, 0),
+                     write: tuple = (0, 0, 0, 0, 0)) -> None:
+        """Describe the memory operands of the instruction at ``rip`` (as
+        :func:`emu.tlb.describe` would: ``(kind, base, index, scale,
+        disp)``, registers as Unicorn ids), for code whose shape the caller
+        knows: it is not decoded then. Survives until :meth:`forget_code`.
+        At most a few thousand RIPs are held (the table has 4096 slots)."""
+        self._decoded[rip] = (tuple(read), tuple(write))
+        self._lib.dmfrag_desc_set(ctypes.byref(self._ctx), ctypes.c_uint64(rip),
+                                  read[0], read[1], read[2], read[3], ctypes.c_int64(read[4]),
+                                  write[0], write[1], write[2], write[3],
+                                  ctypes.c_int64(write[4]))
+
+    def fixed_operand(self, reg_id: int) -> None:
+        """Until called with 0: every data access the CPU makes is at the
+        address in register ``reg_id`` (a Unicorn id), for straight-line
+        code whose every load and store is through ``[reg]`` (an access
+        replay, :mod:`dmfrag.accesses`). No RIP is read and nothing is
+        decoded: reading RIP in the middle of a long translated block makes
+        Unicorn restore the CPU state, which costs more than the model."""
+        self._ctx.fixed_base_id = int(reg_id)
 
     # -- direct use (analytic tests) -----------------------------------------
 

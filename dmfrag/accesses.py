@@ -1,0 +1,329 @@
+"""Kernel memory-access streams, replayed as the emulated CPU's own loads,
+stores and fetches through a kernel state's page tables, with the TLB
+model attached.
+
+**Format** (documented in the README). An ``.npz`` holds ``va`` (uint64,
+the virtual address of each access), ``kind`` (uint8: 0 load, 1 store,
+2 instruction fetch) and, optionally, ``size`` (uint8: bytes, 1, 2, 4 or
+8; default 8). A plain ``.npy`` of uint64 is a stream of 8-byte loads.
+Users can bring their own streams.
+
+**Replay.** The stream is cut into chunks. Each chunk becomes machine code
+that the emulated CPU runs at the kernel image's text (mapped executable in
+every state):
+
+* a load of ``n`` bytes is ``mov al/ax/eax/rax, [moffs64]``;
+* a store is ``mov rax, <the bytes there now>`` then ``mov [moffs64],
+  al/ax/eax/rax``. It writes back what the memory holds, so guest RAM
+  (page tables included) is unchanged;
+* a fetch is ``mov r15, <next>; mov rax, <va>; jmp rax``, with ``jmp r15``
+  written at ``va`` for the chunk and the bytes put back after.
+
+Every address goes through the CPU's own walk, and the TLB model counts
+it. A load or store the state does not allow is a page fault: it is
+skipped and reported, never counted as a silent number. A fetch the state
+does not allow is reported without being run (an instruction the CPU
+cannot fetch cannot be skipped). The chunk's own code is fetched from the
+image's 2M text pages: one ITLB entry, counted with the fetches.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from guestkernel import Kernel
+
+__all__ = ["FETCH", "LOAD", "STORE", "AccessFormatError", "AccessStream", "ReplayResult",
+           "load_accesses", "replay", "save_accesses"]
+
+LOAD, STORE, FETCH = 0, 1, 2
+_SIZES = (1, 2, 4, 8)
+#: accesses per chunk of code (~20 bytes each: ~80 KiB of code)
+CHUNK = 4096
+
+
+class AccessFormatError(ValueError):
+    """A stream file that is not one (names the file and what is wrong)."""
+
+
+@dataclass
+class AccessStream:
+    va: np.ndarray
+    kind: np.ndarray
+    size: np.ndarray
+
+    def __post_init__(self) -> None:
+        n = len(self.va)
+        if len(self.kind) != n or len(self.size) != n:
+            raise AccessFormatError(f"va, kind and size differ in length ({n}, {len(self.kind)}, "
+                                    f"{len(self.size)})")
+        bad = np.flatnonzero(self.kind > FETCH)
+        if len(bad):
+            raise AccessFormatError(f"kind must be 0 (load), 1 (store) or 2 (fetch); access "
+                                    f"{bad[0]} has {self.kind[bad[0]]}")
+        bad = np.flatnonzero(~np.isin(self.size, _SIZES))
+        if len(bad):
+            raise AccessFormatError(f"size must be 1, 2, 4 or 8 bytes; access {bad[0]} has "
+                                    f"{self.size[bad[0]]}")
+
+    def __len__(self) -> int:
+        return len(self.va)
+
+    @classmethod
+    def loads(cls, vas) -> AccessStream:
+        va = np.ascontiguousarray(vas, dtype=np.uint64)
+        return cls(va, np.zeros(len(va), np.uint8), np.full(len(va), 8, np.uint8))
+
+
+def load_accesses(path: str | Path) -> AccessStream:
+    """Read a stream file (``.npz`` or ``.npy``); a file that is not one is
+    an :class:`AccessFormatError` naming it."""
+    p = Path(path)
+    try:
+        data = np.load(p, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise AccessFormatError(f"{p}: not a .npz or .npy access stream ({exc})") from None
+    if isinstance(data, np.ndarray):
+        if data.dtype != np.uint64 or data.ndim != 1:
+            raise AccessFormatError(f"{p}: a .npy stream is a 1-D uint64 array of load "
+                                    f"addresses, not {data.dtype} of shape {data.shape}")
+        return AccessStream.loads(data)
+    with data:
+        if "va" not in data.files:
+            raise AccessFormatError(f"{p}: no 'va' array (has: {', '.join(data.files) or 'none'})")
+        va = data["va"]
+        if va.dtype != np.uint64 or va.ndim != 1:
+            raise AccessFormatError(f"{p}: 'va' must be 1-D uint64, not {va.dtype} {va.shape}")
+        kind = data["kind"] if "kind" in data.files else np.zeros(len(va), np.uint8)
+        size = data["size"] if "size" in data.files else np.full(len(va), 8, np.uint8)
+        try:
+            return AccessStream(va, kind.astype(np.uint8, casting="safe"),
+                                size.astype(np.uint8, casting="safe"))
+        except TypeError:
+            raise AccessFormatError(f"{p}: 'kind' and 'size' must be uint8") from None
+        except AccessFormatError as exc:
+            raise AccessFormatError(f"{p}: {exc}") from None
+
+
+def save_accesses(path: str | Path, s: AccessStream) -> None:
+    np.savez_compressed(path, va=s.va, kind=s.kind, size=s.size)
+
+
+@dataclass
+class ReplayResult:
+    """The TLB model's counts over the stream (perf names and the model's
+    raw counters, as ``RunResult.tlb``) and the faults met."""
+
+    accesses: int
+    tlb: dict = field(default_factory=dict)
+    faults: int = 0
+    #: the first faults: (index in the stream, va, kind, what)
+    first_faults: list[tuple[int, int, int, str]] = field(default_factory=list)
+
+
+#: Each access is one 24-byte slot of straight-line code:
+#:   mov rsi, <va>; mov rax, <bytes to store> | mov r15, <next slot>; <op>; nop...
+#: with <op> a load or store through [rsi] of 1, 2, 4 or 8 bytes, or
+#: ``jmp rsi`` for a fetch (``jmp r15`` is written at the target). Every
+#: data access of the run is through [rsi]: the TLB model is told so
+#: (``TlbModel.fixed_operand``) and reads no RIP and decodes nothing.
+_SLOT, _OP_AT = 24, 20
+_OPS = {(LOAD, 1): b"\x8a\x06", (LOAD, 2): b"\x66\x8b\x06", (LOAD, 4): b"\x8b\x06",
+        (LOAD, 8): b"\x48\x8b\x06", (STORE, 1): b"\x88\x06", (STORE, 2): b"\x66\x89\x06",
+        (STORE, 4): b"\x89\x06", (STORE, 8): b"\x48\x89\x06"}
+_OP_TABLE = np.full((3, 9, 4), 0x90, np.uint8)       # [kind, size] -> op bytes, nop-padded
+for (_k, _n), _b in _OPS.items():
+    _OP_TABLE[_k, _n, : len(_b)] = np.frombuffer(_b, np.uint8)
+for _n in _SIZES:
+    _OP_TABLE[FETCH, _n, :2] = (0xFF, 0xE6)          # jmp rsi
+_JMP_R15 = b"\x41\xff\xe7"
+#: the TLB model's table of operand descriptions holds 4096 RIPs
+MAX_CHUNK = 2048
+
+
+def _code_va(k: Kernel) -> int:
+    """Where the chunks run: the start of the image's text, which every
+    state maps executable (2M pages)."""
+    return k.profile.image.text
+
+
+def replay(k: Kernel, s: AccessStream, *, tlb=None, chunk: int = MAX_CHUNK) -> ReplayResult:
+    """Run ``s`` on ``k``'s machine (its page tables as they are now).
+    ``tlb``: an :class:`emu.tlb.TlbModel` (or a preset name) to attach for
+    the run, None to run bare (for measuring the model's own cost). The
+    state is left as it was: RAM, tables and the TLB model's attachment."""
+    from unicorn import x86_const as X
+
+    from emu.tlb import TlbModel
+    if not 0 < chunk <= MAX_CHUNK:
+        raise ValueError(f"chunk must be 1..{MAX_CHUNK}")
+    m = k.machine
+    model = TlbModel(tlb) if isinstance(tlb, str) else tlb
+    out = ReplayResult(len(s))
+    code_va = _code_va(k)
+    code_pa = m.translate(code_va, "x")
+    saved = m.ram[code_pa: code_pa + chunk * _SLOT].copy()   # the image's text, put back
+    old = m.tlb
+    m.tlb = model
+    try:
+        if model is not None:
+            m.flush_tlb()
+            model.fixed_operand(X.UC_X86_REG_RSI)
+        for lo in range(0, len(s), chunk):
+            _run_chunk(k, s, lo, min(len(s), lo + chunk), code_va, out)
+        if model is not None:
+            out.tlb = dict(model.counters())
+    finally:
+        if model is not None:
+            model.fixed_operand(0)
+        m.tlb = old
+        m.ram[code_pa: code_pa + len(saved)] = saved
+    return out
+
+
+def _fault(out: ReplayResult, i: int, va: int, kind: int, what: str) -> None:
+    out.faults += 1
+    if len(out.first_faults) < 16:
+        out.first_faults.append((i, va, kind, what))
+
+
+def _run_chunk(k: Kernel, s: AccessStream, lo: int, hi: int, code_va: int,
+               out: ReplayResult) -> None:
+    m = k.machine
+    va, kind, size = s.va[lo:hi], s.kind[lo:hi], s.size[lo:hi]
+    n = hi - lo
+    ram = m.ram
+    slots = np.full((n, _SLOT), 0x90, np.uint8)
+    slots[:, 0:2] = (0x48, 0xBE)                                      # mov rsi, imm64
+    slots[:, 2:10] = va.astype("<u8").view(np.uint8).reshape(n, 8)
+    slots[:, 10:12] = (0x48, 0xB8)                                    # mov rax, imm64
+    imm = np.zeros(n, "<u8")
+    slots[:, _OP_AT: _OP_AT + 4] = _OP_TABLE[kind, size]
+    # a store writes back the bytes there now (guest RAM stays as it was)
+    st = np.flatnonzero(kind == STORE)
+    if len(st):
+        pas, ok = m.translate_many(va[st], "w")
+        for j, pa, good in zip(st.tolist(), pas.tolist(), ok.tolist(), strict=True):
+            w = int(size[j])
+            if good and pa + w <= len(ram):
+                imm[j] = int.from_bytes(ram[pa: pa + w].tobytes(), "little")
+    # a fetch: mov r15, <the next slot>; jmp rsi; ``jmp r15`` at the target
+    patches: list[tuple[int, bytes]] = []
+    fe = np.flatnonzero(kind == FETCH)
+    end = code_va + n * _SLOT
+    if len(fe):
+        slots[fe, 10:12] = (0x49, 0xBF)                               # mov r15, imm64
+        imm[fe] = code_va + (fe.astype(np.uint64) + 1) * _SLOT
+        pas, ok = m.translate_many(va[fe], "x")
+        for j, pa, good in zip(fe.tolist(), pas.tolist(), ok.tolist(), strict=True):
+            a = int(va[j])
+            why = ("fetch: not executable in this state" if not good or pa + 3 > len(ram)
+                   else "fetch: inside the replay's own code (not run)"
+                   if code_va <= a + 3 and a < end else None)
+            if why:
+                _fault(out, lo + j, a, FETCH, why)
+                slots[j, _OP_AT: _OP_AT + 2] = (0x90, 0x90)           # not run
+                continue
+            patches.append((pa, ram[pa: pa + 3].tobytes()))
+    slots[:, 12:20] = imm.view(np.uint8).reshape(n, 8)
+    for pa, _orig in patches:
+        ram[pa: pa + 3] = np.frombuffer(_JMP_R15, np.uint8)
+    try:
+        r = m.run(slots.tobytes(), at=code_va, on_fault="skip", max_faults=n + 1,
+                  count_insns=False, max_insns=None, keep_decoded=True)
+    finally:
+        for pa, orig in reversed(patches):
+            ram[pa: pa + 3] = np.frombuffer(orig, np.uint8)
+    if r.status.value != "completed":
+        raise RuntimeError(f"access replay stopped in the chunk at {lo}: {r.status.value} "
+                           f"{r.fault}")
+    for f in r.faults:
+        j = min(max((f.rip - code_va) // _SLOT, 0), n - 1)
+        _fault(out, lo + j, int(va[j]), int(kind[j]), f"page fault: {f}")
+
+
+# -- the three states and the figures ------------------------------------------
+
+#: Linux's 5-level direct map (the reference guests run with LA57): its
+#: addresses become the model's (4-level PAGE_OFFSET) before a replay
+_LA57_DIRECT = (0xFF11000000000000, 0xFF11000000000000 + (1 << 52))
+
+
+def to_model_layout(k: Kernel, s: AccessStream) -> AccessStream:
+    """A stream recorded under Linux's 5-level layout: its direct-map
+    addresses moved to the model's direct map (other addresses kept)."""
+    va = s.va.copy()
+    la57 = (va >= np.uint64(_LA57_DIRECT[0])) & (va < np.uint64(_LA57_DIRECT[1]))
+    va[la57] = va[la57] - np.uint64(_LA57_DIRECT[0]) + np.uint64(k.pfn_to_virt(0))
+    return AccessStream(va, s.kind, s.size)
+
+
+def unsplit_kernel(k: Kernel) -> Kernel:
+    """The same machine and kernel record, booted up to the buddy hand-over
+    with no CPA call at all: the direct map as init_memory_mapping built it."""
+    from guestkernel import Kernel as K
+    return K.boot(e820=k.e820, gbpages=k.gbpages, profile=k.profile, boot_cpa=False,
+                  initrd=k.bootmem.initrd or 0, cmdline=k.cmdline)
+
+
+def all_4k_kernel(k: Kernel) -> Kernel:
+    """:func:`unsplit_kernel` with every large page of the direct map split
+    to 4K (``split_to_4k`` over each 2M region of RAM)."""
+    from guestkernel.cpa import CpaError
+    u = unsplit_kernel(k)
+    for pfn in range(0, u.max_pfn, 512):
+        n = min(512, u.max_pfn - pfn)
+        try:
+            u.cpa.split_to_4k(pfn, n)
+        except CpaError:
+            pass                       # a hole: nothing mapped there to split
+    return u
+
+
+def figures(r: ReplayResult) -> dict:
+    """The fields ``dmfrag tlbcost`` prints for one run."""
+    t = r.tlb
+    walks = t["dtlb_load_misses.walk_completed"] + t["dtlb_store_misses.walk_completed"]
+    acc = r.accesses or 1
+    out = {
+        "accesses": r.accesses,
+        "dtlb_walks": walks,
+        "itlb_walks": t["itlb_misses.walk_completed"],
+        "walks_4k": t["dtlb_load_misses.walk_completed_4k"]
+        + t["dtlb_store_misses.walk_completed_4k"],
+        "walks_2m": t["dtlb_load_misses.walk_completed_2m_4m"]
+        + t["dtlb_store_misses.walk_completed_2m_4m"],
+        "walks_1g": t["dtlb_load_misses.walk_completed_1g"]
+        + t["dtlb_store_misses.walk_completed_1g"],
+        "stlb_hits": t["dtlb_load_misses.stlb_hit"] + t["dtlb_store_misses.stlb_hit"]
+        + t["itlb_misses.stlb_hit"],
+        "walk_mem_refs": t["walk_mem_refs"],
+        "est_walk_cycles": t["est_walk_cycles"],
+        "faults": r.faults,
+    }
+    out["dtlb_walks_per_kilo_access"] = 1000.0 * walks / acc
+    out["est_walk_cycles_per_kilo_access"] = 1000.0 * t["est_walk_cycles"] / acc
+    return out
+
+
+def tlbcost(k: Kernel, s: AccessStream, preset: str = "skylake") -> dict:
+    """The stream on three direct maps of the same machine: ``state`` (the
+    kernel as it is), ``unsplit`` (no CPA split at all) and ``all_4k`` (all
+    of it at 4K); ``position``: where the state's walk cycles sit between
+    the two references (0 unsplit, 1 all 4K)."""
+    s = to_model_layout(k, s)
+    out = {"preset": preset}
+    for name, kern in (("state", k), ("unsplit", unsplit_kernel(k)), ("all_4k", all_4k_kernel(k))):
+        r = replay(kern, s, tlb=preset)
+        out[name] = figures(r)
+        if name == "state":
+            out["first_faults"] = [{"index": i, "va": va, "kind": kd, "what": w}
+                                   for i, va, kd, w in r.first_faults]
+    lo, hi = out["unsplit"]["est_walk_cycles"], out["all_4k"]["est_walk_cycles"]
+    out["position"] = (out["state"]["est_walk_cycles"] - lo) / (hi - lo) if hi != lo else None
+    return out
