@@ -47,7 +47,7 @@ class RunMetrics:
         self._requests0 = kernel.cpa.requests
         self._scanned0 = kernel.cpa.collapse_scanned
         self._failures0 = kernel.alloc_failures
-        self.cached_pages_peak = len(kernel.policy_cached_pfns())
+        self.cached_pages_peak = kernel.policy_cached_count()
         #: (step, DirectMap4k, 2M, 1G kB, level-2 splits, level-2 collapses)
         #: at the start and whenever DirectMap4k changed: the time series
         #: compare's plots draw (a Driver's ``samples`` shape)
@@ -85,7 +85,7 @@ class RunMetrics:
         one (migrate-unmapped collapses a pageblock freed whole) changed
         DirectMap4k."""
         self._advance()
-        n = len(self.k.policy_cached_pfns())
+        n = self.k.policy_cached_count()
         self.cached_pages_peak = max(self.cached_pages_peak, n)
 
     def detach(self) -> None:
@@ -113,7 +113,7 @@ class RunMetrics:
             "level2_collapses": d["direct_map_level2_collapses"],
             "level3_collapses": d["direct_map_level3_collapses"],
             "alloc_failures": k.alloc_failures - self._failures0,
-            "cached_pages_end": len(k.policy_cached_pfns()),
+            "cached_pages_end": k.policy_cached_count(),
             "cached_pages_peak": self.cached_pages_peak,
             "cpa_requests": k.cpa.requests - self._requests0,
             "collapse_entries_scanned": k.cpa.collapse_scanned - self._scanned0,

@@ -392,6 +392,12 @@ class Kernel:
             return []
         return self.policy.cached_pfns(self)
 
+    def policy_cached_count(self) -> int:
+        """``len(policy_cached_pfns())``, cheaply."""
+        if self.system_state is not SystemState.RUNNING:
+            return 0
+        return self.policy.cached_count(self)
+
     @property
     def policy_overrides_allocations(self) -> bool:
         """Whether the policy's class overrides ``alloc_pages`` or

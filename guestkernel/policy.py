@@ -88,6 +88,11 @@ class Policy:
         mapping (another placement need not hold them)."""
         return []
 
+    def cached_count(self, kernel: KernelApi) -> int:
+        """``len(cached_pfns(kernel))``, cheaply (sampled after every kernel
+        call); a policy with large caches overrides it."""
+        return len(self.cached_pfns(kernel))
+
     def cpa_before(self, kernel: KernelApi, cpa: CpaData) -> None:
         """Before a CPA request runs."""
 
@@ -97,7 +102,7 @@ class Policy:
 
 _REGISTRY: dict[str, type[Policy]] = {}
 _HOOKS = ("setup_buddy", "attach", "user_gfp", "alloc_pages", "free_pages", "shrink",
-          "cached_pfns", "cpa_before", "cpa_after")
+          "cached_pfns", "cached_count", "cpa_before", "cpa_after")
 
 
 def register_policy(cls: type[Policy]) -> type[Policy]:
@@ -180,6 +185,9 @@ class ComposedPolicy(Policy):
 
     def cached_pfns(self, kernel):
         return [pfn for p in self.parts for pfn in p.cached_pfns(kernel)]
+
+    def cached_count(self, kernel):
+        return sum(p.cached_count(kernel) for p in self.parts)
 
     def cpa_before(self, kernel, cpa):
         for p in self.parts:

@@ -135,6 +135,9 @@ class PteMappedCache(Policy):
     def cached_pfns(self, kernel) -> list[int]:
         return list(self.cache)
 
+    def cached_count(self, kernel) -> int:
+        return len(self.cache)
+
     def shrink(self, kernel, nr_pages: int) -> int:
         freed = 0
         while self.cache and freed < nr_pages:
@@ -191,6 +194,9 @@ class MigrateUnmapped(_UnmappedUsers, Policy):
                 for head in b.free_list(z, o, self.mt):
                     out.extend(range(head, head + (1 << o)))
         return out
+
+    def cached_count(self, kernel) -> int:
+        return kernel.buddy.nr_free(mt=self.mt)
 
     def free_pages(self, kernel, pfn: int, order: int) -> bool:
         if pfn in self.fallback:
@@ -308,6 +314,9 @@ class UnmappedAlloc(_UnmappedUsers, Policy):
         return [pfn for c in self.chunks.values() for o, heads in c.free.items()
                 for h in heads for pfn in range(h, h + (1 << o))]
 
+    def cached_count(self, kernel) -> int:
+        return sum(len(heads) << o for c in self.chunks.values() for o, heads in c.free.items())
+
     def _return_chunk(self, k, chunk: _ChunkBuddy) -> None:
         k.set_memory_p(PAGE_OFFSET + chunk.base * 4096, 512)
         del self.chunks[chunk.base]
@@ -377,6 +386,9 @@ class PerUserCaches(UnmappedAlloc):
         """The per-user caches' pages and the global cache's free pages."""
         return [*super().cached_pfns(kernel),
                 *(pfn for cache in self.user_cache.values() for pfn in cache)]
+
+    def cached_count(self, kernel) -> int:
+        return super().cached_count(kernel) + sum(len(c) for c in self.user_cache.values())
 
     def shrink(self, kernel, nr_pages: int) -> int:
         """The per-user caches give their free pages back to the global

@@ -185,9 +185,7 @@ class OracleTracker:
                 lower_bound(self.fixed_nm, self.room_nm, self.class_room_nm, counts))
 
     def tick(self) -> None:
-        k = self.k
-        cached = k.policy_cached_pfns()
-        key = (len(cached), sum(cached[:64]) if cached else 0)
+        key = self.k.policy_cached_count()
         if not self._dirty and key == self._cached_key:
             return
         self._dirty = False

@@ -14,6 +14,7 @@ from typing import ClassVar
 
 import hypothesis.strategies as st
 import numpy as np
+import pytest
 from hypothesis import given, settings
 
 from guestkernel import Kernel
@@ -184,3 +185,13 @@ def test_nothing_goes_below_the_oracle(workload, policy, seed, random_first, sca
     assert m["above_oracle"] >= 0, m
     if m["collapses"] == 0:
         assert m["peak_split_2m_regions"] >= m["oracle_no_merge_peak_split_2m_regions"], m
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_cached_count_is_the_cached_pages(policy):
+    """The cheap count sampled after every call is the list's length."""
+    from dmfrag.workloads import run_workload
+    d = run_workload("mixed", ram="1G", policy=policy, scale=0.3, seed=2)
+    k = d.kernel
+    assert k.policy_cached_count() == len(k.policy_cached_pfns())
+    assert d.metrics.row()["cached_pages_end"] == len(k.policy_cached_pfns())
