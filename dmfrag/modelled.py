@@ -352,18 +352,13 @@ class _Modelled(Replayer):
         a policy's pool need not give contiguous blocks back in parts)."""
         pfn, order = e[1], e[2]
         n = 1 << order
-        got: list[int] = []
         try:
-            for _ in range(n):
-                got.append(self._alloc_pages(gfp, 0))
+            got = self._alloc_routed(gfp, n)
         except AllocationError as exc:
-            for m in got:
-                self._free_pages(m, 0)
             raise PlacedReplayError(i + 2, f"the model is out of memory allocating {n} pages "
                                     f"for order {order} ({e[3]}): {exc}") from None
         xl, ho = self.xlate, self.head_of
         for j, m in enumerate(got):
-            self._routed(m, 0, gfp)
             if pfn + j < len(xl):
                 xl[pfn + j] = m
                 ho[pfn + j] = pfn
@@ -435,10 +430,7 @@ class _Modelled(Replayer):
             if i in self.bulk_users or (self.untraced_users and self.events[i][0] != "B" and any(
                     p in self.untraced_users for p in linux_pages)):
                 # execmem's pages: the policy is asked one page at a time
-                ugfp = self.k.user_gfp("execmem", gfp)
-                for _ in range(n):
-                    got.append(self._alloc_pages(ugfp, 0))
-                    self._routed(got[-1], 0, ugfp)
+                got = self._alloc_routed(self.k.user_gfp("execmem", gfp), n)
             else:
                 vm_area_alloc_pages_bulk(self.k, got, n, gfp, per_call=per_call)
         except AllocationError as exc:
@@ -464,6 +456,22 @@ class _Modelled(Replayer):
             touches = [t for p in pages for t in self.untraced_users.get(p, ()) if t >= lo]
             if touches and min(touches) < hi:
                 self.bulk_groups[g] = (lo, min(touches), pages)
+
+    def _alloc_routed(self, gfp: int, n: int) -> list[int]:
+        """``n`` order-0 pages of a user's, asked of the policy one at a
+        time; out of memory, those taken are given back and the
+        AllocationError propagates."""
+        got: list[int] = []
+        try:
+            for _ in range(n):
+                got.append(self._alloc_pages(gfp, 0))
+        except AllocationError:
+            for m in got:
+                self._free_pages(m, 0)
+            raise
+        for m in got:
+            self._routed(m, 0, gfp)
+        return got
 
     def _routed(self, mpfn: int, order: int, gfp: int) -> None:
         from guestkernel.gfp import GFP_UNMAPPED
