@@ -38,8 +38,9 @@ import numpy as np
 if TYPE_CHECKING:
     from guestkernel import Kernel
 
-__all__ = ["FETCH", "LOAD", "STORE", "AccessFormatError", "AccessStream", "ReplayResult",
-           "load_accesses", "replay", "save_accesses"]
+__all__ = ["FETCH", "LOAD", "REGIONS", "STORE", "AccessFormatError", "AccessStream",
+           "ReplayResult", "layout_of", "load_accesses", "modelled_part", "region_counts", "replay",
+           "save_accesses"]
 
 LOAD, STORE, FETCH = 0, 1, 2
 _SIZES = (1, 2, 4, 8)
@@ -110,8 +111,10 @@ def load_accesses(path: str | Path) -> AccessStream:
             raise AccessFormatError(f"{p}: {exc}") from None
 
 
-def save_accesses(path: str | Path, s: AccessStream) -> None:
-    np.savez_compressed(path, va=s.va, kind=s.kind, size=s.size)
+def save_accesses(path: str | Path, s: AccessStream, **extra: np.ndarray) -> None:
+    """Write ``s`` as ``.npz`` (``extra``: more arrays beside the three,
+    such as a capture's ``window_index`` and ``meta``)."""
+    np.savez_compressed(path, va=s.va, kind=s.kind, size=s.size, **extra)
 
 
 @dataclass
@@ -142,14 +145,10 @@ for (_k, _n), _b in _OPS.items():
 for _n in _SIZES:
     _OP_TABLE[FETCH, _n, :2] = (0xFF, 0xE6)          # jmp rsi
 _JMP_R15 = b"\x41\xff\xe7"
+_JMP_R15_ARR = np.frombuffer(_JMP_R15, np.uint8)
+_BYTE8 = np.arange(8, dtype=np.int64)[None, :]
 #: the TLB model's table of operand descriptions holds 4096 RIPs
 MAX_CHUNK = 2048
-
-
-def _code_va(k: Kernel) -> int:
-    """Where the chunks run: the start of the image's text, which every
-    state maps executable (2M pages)."""
-    return k.profile.image.text
 
 
 def replay(k: Kernel, s: AccessStream, *, tlb=None, chunk: int = MAX_CHUNK) -> ReplayResult:
@@ -165,25 +164,59 @@ def replay(k: Kernel, s: AccessStream, *, tlb=None, chunk: int = MAX_CHUNK) -> R
     m = k.machine
     model = TlbModel(tlb) if isinstance(tlb, str) else tlb
     out = ReplayResult(len(s))
-    code_va = _code_va(k)
-    code_pa = m.translate(code_va, "x")
-    saved = m.ram[code_pa: code_pa + chunk * _SLOT].copy()   # the image's text, put back
+    text = (k.profile.image.text, k.profile.image.etext)
     old = m.tlb
     m.tlb = model
     try:
         if model is not None:
             m.flush_tlb()
             model.fixed_operand(X.UC_X86_REG_RSI)
-        for lo in range(0, len(s), chunk):
-            _run_chunk(k, s, lo, min(len(s), lo + chunk), code_va, out)
+        lo = 0
+        while lo < len(s):
+            hi, code_va = _plan_chunk(s, lo, min(len(s), lo + chunk), text)
+            _run_chunk(k, s, lo, hi, code_va, out)
+            lo = hi
         if model is not None:
             out.tlb = dict(model.counters())
     finally:
         if model is not None:
             model.fixed_operand(0)
         m.tlb = old
-        m.ram[code_pa: code_pa + len(saved)] = saved
     return out
+
+
+#: where a chunk's code may start: every 64 KiB of the image's text
+_CODE_STEP = 1 << 16
+
+
+def _plan_chunk(s: AccessStream, lo: int, hi: int, text: tuple[int, int]) -> tuple[int, int]:
+    """How far the chunk from ``lo`` may go and where its code runs. Each
+    fetch target gets ``jmp r15`` (3 bytes) written over it, so the chunk
+    ends before a fetch whose target overlaps another's; its code sits in
+    the image's text clear of every target it fetches (halved until a
+    place is found)."""
+    fe = np.flatnonzero(s.kind[lo:hi] == FETCH)
+    targets = s.va[lo:hi][fe]
+    while len(targets) > 1:          # cutting can bring two targets next to each other
+        u, first = np.unique(targets, return_index=True)
+        bad = np.flatnonzero(np.diff(u) < 3)
+        if not len(bad):
+            break
+        cut = int(np.maximum(first[bad], first[bad + 1]).min())
+        hi = lo + int(fe[cut])
+        targets = targets[:cut]
+    u = np.unique(targets)
+    while True:
+        need = (hi - lo) * _SLOT
+        for c in range(text[0], max(text[0], text[1] - need) + 1, _CODE_STEP):
+            i = int(np.searchsorted(u, np.uint64(max(c - 2, 0))))
+            if i == len(u) or int(u[i]) >= c + need:
+                return hi, c
+        if hi - lo == 1:
+            raise RuntimeError(f"no place in the image's text for the replay's code near "
+                               f"access {lo}")
+        hi = lo + (hi - lo) // 2
+        u = np.unique(targets[: np.count_nonzero(fe < hi - lo)])
 
 
 def _fault(out: ReplayResult, i: int, va: int, kind: int, what: str) -> None:
@@ -198,6 +231,8 @@ def _run_chunk(k: Kernel, s: AccessStream, lo: int, hi: int, code_va: int,
     va, kind, size = s.va[lo:hi], s.kind[lo:hi], s.size[lo:hi]
     n = hi - lo
     ram = m.ram
+    code_pa = m.translate(code_va, "x")
+    saved = ram[code_pa: code_pa + n * _SLOT].copy()        # the image's text, put back
     slots = np.full((n, _SLOT), 0x90, np.uint8)
     slots[:, 0:2] = (0x48, 0xBE)                                      # mov rsi, imm64
     slots[:, 2:10] = va.astype("<u8").view(np.uint8).reshape(n, 8)
@@ -208,43 +243,97 @@ def _run_chunk(k: Kernel, s: AccessStream, lo: int, hi: int, code_va: int,
     st = np.flatnonzero(kind == STORE)
     if len(st):
         pas, ok = m.translate_many(va[st], "w")
-        for j, pa, good in zip(st.tolist(), pas.tolist(), ok.tolist(), strict=True):
-            w = int(size[j])
-            if good and pa + w <= len(ram):
-                imm[j] = int.from_bytes(ram[pa: pa + w].tobytes(), "little")
+        pas = pas.astype(np.int64)
+        w = size[st].astype(np.int64)
+        good = ok & (pas + w <= len(ram))
+        if good.any():
+            at = pas[good][:, None] + _BYTE8
+            np.minimum(at, len(ram) - 1, out=at)
+            b = np.where(_BYTE8 < w[good][:, None], np.asarray(ram)[at], 0).astype(np.uint8)
+            imm[st[good]] = np.ascontiguousarray(b).view("<u8").ravel()
     # a fetch: mov r15, <the next slot>; jmp rsi; ``jmp r15`` at the target
-    patches: list[tuple[int, bytes]] = []
     fe = np.flatnonzero(kind == FETCH)
     end = code_va + n * _SLOT
+    targets = np.zeros(0, np.int64)
     if len(fe):
         slots[fe, 10:12] = (0x49, 0xBF)                               # mov r15, imm64
         imm[fe] = code_va + (fe.astype(np.uint64) + 1) * _SLOT
         pas, ok = m.translate_many(va[fe], "x")
-        for j, pa, good in zip(fe.tolist(), pas.tolist(), ok.tolist(), strict=True):
-            a = int(va[j])
-            why = ("fetch: not executable in this state" if not good or pa + 3 > len(ram)
-                   else "fetch: inside the replay's own code (not run)"
-                   if code_va <= a + 3 and a < end else None)
-            if why:
-                _fault(out, lo + j, a, FETCH, why)
-                slots[j, _OP_AT: _OP_AT + 2] = (0x90, 0x90)           # not run
-                continue
-            patches.append((pa, ram[pa: pa + 3].tobytes()))
+        pas = pas.astype(np.int64)
+        a = va[fe]
+        bad_x = ~ok | (pas + 3 > len(ram))
+        own = ~bad_x & (a + np.uint64(3) >= np.uint64(code_va)) & (a < np.uint64(end))
+        for j, why in [*((int(j), "fetch: not executable in this state")
+                         for j in fe[bad_x]),
+                       *((int(j), "fetch: inside the replay's own code (not run)")
+                         for j in fe[own])]:
+            _fault(out, lo + j, int(va[j]), FETCH, why)
+        skip = bad_x | own
+        slots[fe[skip], _OP_AT: _OP_AT + 2] = (0x90, 0x90)            # not run
+        targets = np.unique(pas[~skip])
     slots[:, 12:20] = imm.view(np.uint8).reshape(n, 8)
-    for pa, _orig in patches:
-        ram[pa: pa + 3] = np.frombuffer(_JMP_R15, np.uint8)
+    # the targets are 3 bytes apart at least (_plan_chunk): one original each
+    at3 = targets[:, None] + _BYTE8[:, :3]
+    orig = np.asarray(ram)[at3].copy()
+    np.asarray(ram)[at3] = _JMP_R15_ARR
     try:
         r = m.run(slots.tobytes(), at=code_va, on_fault="skip", max_faults=n + 1,
                   count_insns=False, max_insns=None, keep_decoded=True)
     finally:
-        for pa, orig in reversed(patches):
-            ram[pa: pa + 3] = np.frombuffer(orig, np.uint8)
+        np.asarray(ram)[at3] = orig
+        ram[code_pa: code_pa + len(saved)] = saved
     if r.status.value != "completed":
         raise RuntimeError(f"access replay stopped in the chunk at {lo}: {r.status.value} "
                            f"{r.fault}")
     for f in r.faults:
         j = min(max((f.rip - code_va) // _SLOT, 0), n - 1)
         _fault(out, lo + j, int(va[j]), int(kind[j]), f"page fault: {f}")
+
+
+# -- Linux's address layout ----------------------------------------------------
+
+#: where Linux puts its regions, by paging mode (arch/x86/include/asm/
+#: page_64_types.h, pgtable_64_types.h; Documentation/arch/x86/x86_64/mm.rst):
+#: name -> (start, end) for 4-level and for 5-level (LA57) paging
+REGIONS = {
+    4: {"direct_map": (0xFFFF888000000000, 0xFFFFC88000000000),
+        "vmalloc": (0xFFFFC90000000000, 0xFFFFE90000000000),
+        "vmemmap": (0xFFFFEA0000000000, 0xFFFFEB0000000000),
+        "kernel_image": (0xFFFFFFFF80000000, 0xFFFFFFFFA0000000 + (1 << 30)),
+        "modules": (0xFFFFFFFFA0000000 + (1 << 30), 0xFFFFFFFFFF000000)},
+    5: {"direct_map": (0xFF11000000000000, 0xFF91000000000000),
+        "vmalloc": (0xFFA0000000000000, 0xFFD2000000000000),
+        "vmemmap": (0xFFD4000000000000, 0xFFD6000000000000),
+        "kernel_image": (0xFFFFFFFF80000000, 0xFFFFFFFFA0000000 + (1 << 30)),
+        "modules": (0xFFFFFFFFA0000000 + (1 << 30), 0xFFFFFFFFFF000000)},
+}
+
+
+def layout_of(va: np.ndarray) -> int | None:
+    """4 or 5 (levels of paging) from where the stream's direct-map and
+    vmalloc addresses sit; None when it has neither."""
+    counts = {}
+    for levels, regs in REGIONS.items():
+        n = 0
+        for name in ("direct_map", "vmalloc", "vmemmap"):
+            lo, hi = regs[name]
+            n += int(np.count_nonzero((va >= np.uint64(lo)) & (va < np.uint64(hi))))
+        counts[levels] = n
+    if not any(counts.values()):
+        return None
+    return max(counts, key=counts.get)
+
+
+def region_counts(va: np.ndarray, levels: int) -> dict[str, int]:
+    """Accesses per region of Linux's layout (``other``: fixmap, the CPU
+    entry area, ...)."""
+    out, covered = {}, np.zeros(len(va), bool)
+    for name, (lo, hi) in REGIONS[levels].items():
+        m = (va >= np.uint64(lo)) & (va < np.uint64(hi))
+        out[name] = int(np.count_nonzero(m))
+        covered |= m
+    out["other"] = int(len(va) - np.count_nonzero(covered))
+    return out
 
 
 # -- the three states and the figures ------------------------------------------
@@ -261,6 +350,35 @@ def to_model_layout(k: Kernel, s: AccessStream) -> AccessStream:
     la57 = (va >= np.uint64(_LA57_DIRECT[0])) & (va < np.uint64(_LA57_DIRECT[1]))
     va[la57] = va[la57] - np.uint64(_LA57_DIRECT[0]) + np.uint64(k.pfn_to_virt(0))
     return AccessStream(va, s.kind, s.size)
+
+
+#: the regions the model maps exactly as Linux does
+MODELLED_REGIONS = ("direct_map", "kernel_image")
+
+
+def modelled_part(k: Kernel, s: AccessStream) -> tuple[AccessStream, dict]:
+    """The part of a captured stream the model can price: its accesses to
+    the direct map and the kernel image, the regions whose mapping the
+    model builds as Linux does (vmalloc, vmemmap, modules and the fixmap
+    hold Linux's own allocations, which the model's state does not have at
+    those addresses). A 5-level stream's direct-map addresses are moved to
+    the model's (:func:`to_model_layout`). A stream whose addresses fall in
+    no Linux region (a user's own) is kept whole.
+
+    Returns the stream to replay and what was left out, per region."""
+    levels = layout_of(s.va)
+    if levels is None:
+        return s, {"paging_levels": None, "regions": {}, "replayed": len(s), "left_out": 0}
+    keep = np.zeros(len(s), bool)
+    for name in MODELLED_REGIONS:
+        lo, hi = REGIONS[levels][name]
+        keep |= (s.va >= np.uint64(lo)) & (s.va < np.uint64(hi))
+    sub = AccessStream(s.va[keep], s.kind[keep], s.size[keep])
+    if levels == 5:
+        sub = to_model_layout(k, sub)
+    n = int(np.count_nonzero(keep))
+    return sub, {"paging_levels": levels, "regions": region_counts(s.va, levels),
+                 "replayed": n, "left_out": len(s) - n}
 
 
 def unsplit_kernel(k: Kernel) -> Kernel:
@@ -311,13 +429,23 @@ def figures(r: ReplayResult) -> dict:
     return out
 
 
-def tlbcost(k: Kernel, s: AccessStream, preset: str = "skylake") -> dict:
+def tlbcost(k: Kernel, s: AccessStream, preset: str = "skylake", *,
+            all_regions: bool = False) -> dict:
     """The stream on three direct maps of the same machine: ``state`` (the
     kernel as it is), ``unsplit`` (no CPA split at all) and ``all_4k`` (all
     of it at 4K); ``position``: where the state's walk cycles sit between
-    the two references (0 unsplit, 1 all 4K)."""
-    s = to_model_layout(k, s)
-    out = {"preset": preset}
+    the two references (0 unsplit, 1 all 4K). ``stream``: what of it was
+    replayed (:func:`modelled_part`; ``all_regions``: every access, those
+    the model does not map being faults)."""
+    if all_regions:
+        s, part = to_model_layout(k, s), {"paging_levels": layout_of(s.va), "replayed": len(s),
+                                          "left_out": 0}
+    else:
+        s, part = modelled_part(k, s)
+    if not len(s):
+        raise ValueError("no access of the stream is in a region the model maps (the direct "
+                         "map, the kernel image): nothing to replay")
+    out = {"preset": preset, "stream": part}
     for name, kern in (("state", k), ("unsplit", unsplit_kernel(k)), ("all_4k", all_4k_kernel(k))):
         r = replay(kern, s, tlb=preset)
         out[name] = figures(r)

@@ -47,6 +47,7 @@ __all__ = [
     "KERNEL_PACKAGE",
     "KERNEL_PACKAGE_VERSION",
     "WORKLOAD_STEPS",
+    "InitHooks",
     "KernelPackage",
     "RealKernel",
     "RealKernelError",
@@ -144,6 +145,26 @@ MODULE_HELPERS = (VFREE_MODULE,)
 _GUEST_SRC = Path(__file__).resolve().parent / "guest"
 
 
+@dataclass(frozen=True)
+class InitHooks:
+    """What a run adds to the guest's init and to QEMU (all empty: the init
+    script is byte for byte the plain one)."""
+
+    #: shell lines run at the start of each ``snap`` and at its end
+    snap_pre: str = ""
+    snap_post: str = ""
+    #: shell lines run right after the boot snapshot
+    after_boot: str = ""
+    #: name -> host file, copied to the guest's /bin
+    binaries: dict[str, Path] = field(default_factory=dict)
+    #: added to QEMU's command line
+    qemu_args: tuple[str, ...] = ()
+
+
+def _hook(lines: str) -> str:
+    return "".join(f"\n{line}" for line in lines.splitlines() if line.strip())
+
+
 class RealKernelError(RuntimeError):
     """The real-kernel harness cannot run: says what is missing or what failed."""
 
@@ -194,7 +215,7 @@ mount -t devtmpfs devtmpfs /dev
 # Kernel messages stay in the ring buffer (dumped at the end) instead of
 # landing on the console in the middle of a snapshot or of that dump.
 dmesg -n 1
-snap() {{
+snap() {{{snap_pre}
   # a run taking memory dumps (dmfrag.truth) holds still here for the host
   [ -n "$DMFRAG_DUMP" ] && /bin/dumpwait "$1"
   # a recording run (dmfrag.recorder) marks the point in the trace first
@@ -203,10 +224,10 @@ snap() {{
   cat /proc/meminfo
   echo "@@VMSTAT"
   cat /proc/vmstat
-  echo "@@END"
+  echo "@@END"{snap_post}
 }}
 {prologue}
-snap boot
+snap boot{after_boot}
 {steps}
 {epilogue}
 echo "@@DMESG"
@@ -568,7 +589,8 @@ class RealKernel:
     # -- initramfs ----------------------------------------------------------
 
     def build_initramfs(self, workload: tuple[str, ...], dest: Path, *,
-                        prologue: str = "", epilogue: str = "") -> Path:
+                        prologue: str = "", epilogue: str = "",
+                        hooks: InitHooks | None = None) -> Path:
         """A gzip'd newc cpio: busybox, the helpers, module files, /init
         (``prologue`` runs before the boot snapshot, ``epilogue`` after the
         last step: a recording run's tracing set-up and read-out)."""
@@ -593,7 +615,12 @@ class RealKernel:
             for m in modules_for(self.spec.name):
                 shutil.copy(self.module_path(m), root / "lib" / "modules" / "wl" / f"{m}.ko")
         init = root / "init"
-        init.write_text(_INIT.format(steps=steps, prologue=prologue, epilogue=epilogue))
+        h = hooks or InitHooks()
+        for name, exe in h.binaries.items():
+            shutil.copy(exe, root / "bin" / name)
+        init.write_text(_INIT.format(steps=steps, prologue=prologue, epilogue=epilogue,
+                                     snap_pre=_hook(h.snap_pre), snap_post=_hook(h.snap_post),
+                                     after_boot=_hook(h.after_boot)))
         init.chmod(init.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
         files = sorted(str(p.relative_to(root)) for p in root.rglob("*"))
         r = subprocess.run(["cpio", "-o", "-H", "newc", "--quiet"], cwd=root,
@@ -610,7 +637,7 @@ class RealKernel:
             append: str = "", timeout: float = 180.0, *, prologue: str = "",
             epilogue: str = "", serial_file: Path | None = None,
             on_pause: Callable[[Callable[[str], str], str], None] | None = None,
-            truth: bool = False) -> RealRun:
+            truth: bool = False, hooks: InitHooks | None = None) -> RealRun:
         """Boot with ``-m RAM``, run the workload, return the snapshots.
         ``serial_file``: the guest's second serial port (ttyS1) is written to
         that file (a recording run sends its trace there, not to the console).
@@ -621,7 +648,11 @@ class RealKernel:
         the pause line), and the machine goes on.
         ``truth``: dump the guest at each snapshot point and read its whole
         state (:mod:`dmfrag.truth`; drgn and the kernel's debug vmlinux,
-        fetched once): the run's ``states``."""
+        fetched once): the run's ``states``.
+        ``hooks``: lines the guest's init runs around each snapshot and
+        after the boot one, binaries put in its /bin and arguments added to
+        QEMU's command line (an access capture's plugin and markers:
+        :mod:`dmfrag.capture`)."""
         workload = tuple(workload)
         self.check_tools()
         states: list = []
@@ -640,11 +671,12 @@ class RealKernel:
         work = self.cache / "runs"
         work.mkdir(parents=True, exist_ok=True)
         initrd = self.build_initramfs(workload, work / f"initrd-{os.getpid()}-{'-'.join(workload) or 'boot'}.gz",
-                                      prologue=prologue, epilogue=epilogue)
+                                      prologue=prologue, epilogue=epilogue, hooks=hooks)
         cmd = ["qemu-system-x86_64", "-accel", "tcg", "-cpu", "max", "-m", ram, "-smp", "1",
                "-nographic", "-no-reboot", "-kernel", str(kdir / self.spec.vmlinuz),
                "-initrd", str(initrd), "-append",
-               f"console=ttyS0 nokaslr secretmem.enable=1 panic=-1 {append}".strip()]
+               f"console=ttyS0 nokaslr secretmem.enable=1 panic=-1 {append}".strip(),
+               *(hooks.qemu_args if hooks is not None else ())]
         sock = work / f"monitor-{os.getpid()}-{time.monotonic_ns()}.sock"
         if serial_file is not None or on_pause is not None:
             monitor = f"unix:{sock},server=on,wait=off" if on_pause else "none"

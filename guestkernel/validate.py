@@ -197,8 +197,8 @@ def _check_translation(k: Kernel, mode: str, rng: random.Random, sample: int) ->
     # Pages touched since the last validation first: a stale translation
     # lives in the CPU's TLB only until other translations evict it.
     # Most recent first.
-    touched = np.array([p for p in reversed(sh.touched) if sh.direct[p] & S_MAPPED],
-                       dtype=np.uint64)
+    touched = np.fromiter(reversed(sh.touched), dtype=np.int64, count=len(sh.touched))
+    touched = touched[(sh.direct[touched] & S_MAPPED) != 0].astype(np.uint64)
     if len(touched):
         _compare(k, np.uint64(PAGE_OFFSET) + touched * np.uint64(PAGE_SIZE), touched,
                  sh.direct[touched.astype(np.int64)], "direct map")

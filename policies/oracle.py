@@ -40,6 +40,7 @@ __all__ = ["OracleTracker", "fixed_regions", "lower_bound", "stream_classes"]
 _DEFAULT = S_MAPPED | S_P | S_RW | S_NX
 _PRESENT = S_MAPPED | S_P
 _DEFAULT8 = np.uint64(_DEFAULT * 0x0101010101010101)
+_EIGHT = np.arange(8, dtype=np.int64)[None, :]
 
 
 def _classes(values: np.ndarray) -> np.ndarray:
@@ -162,6 +163,18 @@ class OracleTracker:
         for lo, hi in self._spans:
             inside[lo:hi] = True
         self._fixed_pfns = np.flatnonzero(reserved & inside)
+        # what now() scans: the pages the allocator places (the reserved
+        # ones, holes included, are fixed and never counted), eight a word,
+        # only the words holding one at least (the image's are skipped)
+        self._counted = ~reserved
+        n8 = len(reserved) & ~7
+        self._n8 = n8
+        self._words = np.flatnonzero(~reserved[:n8].reshape(-1, 8).all(axis=1))
+        self._tail = n8 + np.flatnonzero(self._counted[n8:])
+        #: counts() keeps the class counts without the cache (None: not yet
+        #: scanned) and the shadow bytes they were counted from
+        self._base: np.ndarray | None = None
+        self._last: np.ndarray | None = None
         self.peak = 0
         self.evaluations = 0
         self._dirty = True
@@ -178,11 +191,45 @@ class OracleTracker:
     def now(self) -> tuple[int, int]:
         """The bounds on the split 2M regions at this moment: (any run, a
         run that merged nothing since the start)."""
-        k = self.k
-        counts = stream_classes(k.shadow.direct[: k.max_pfn], k.policy_cached_pfns(),
-                                self._spans, self._fixed_pfns)
+        counts = self.counts()
         return (lower_bound(self.fixed, self.room, self.class_room, counts),
                 lower_bound(self.fixed_nm, self.room_nm, self.class_room_nm, counts))
+
+    def counts(self) -> np.ndarray:
+        """:func:`stream_classes` of the kernel now, with the holes and the
+        fixed pages left out: the same numbers, kept up to date from the
+        pages whose shadow byte changed since the last call (one compare
+        over the direct map's bytes, then only the changed pages)."""
+        k = self.k
+        d = k.shadow.direct[: k.max_pfn]
+        if self._base is None:
+            words = np.ascontiguousarray(d[: self._n8]).view(np.uint64)[self._words]
+            odd = self._words[words != _DEFAULT8]
+            pfns = np.concatenate(((odd[:, None] * 8 + _EIGHT).ravel(), self._tail))
+            pfns = pfns[self._counted[pfns]]
+            vals = d[pfns]
+            self._base = np.bincount(_classes(vals[vals != _DEFAULT]), minlength=256)
+            self._last = d.copy()
+        else:
+            changed = np.flatnonzero(d != self._last)
+            if len(changed):
+                new = d[changed]
+                keep = self._counted[changed]
+                old = self._last[changed][keep]
+                self._last[changed] = new
+                new = new[keep]
+                self._base -= np.bincount(_classes(old[old != _DEFAULT]), minlength=256)
+                self._base += np.bincount(_classes(new[new != _DEFAULT]), minlength=256)
+        counts = self._base.copy()
+        cached = k.policy_cached_pfns()
+        if len(cached):
+            cached = np.asarray(cached, dtype=np.int64)
+            c = d[cached[self._counted[cached]]]
+            c = c[c != _DEFAULT]
+            if len(c):
+                counts -= np.bincount(_classes(c), minlength=256)
+        counts[_DEFAULT] = 0
+        return counts
 
     def tick(self) -> None:
         key = self.k.policy_cached_count()

@@ -10,7 +10,7 @@ from emu import Machine
 # after this file). Tests with their own explicit settings keep them.
 _COMMON = {"deadline": None,
            "suppress_health_check": [HealthCheck.too_slow, HealthCheck.filter_too_much]}
-settings.register_profile("ci", max_examples=14, stateful_step_count=20, **_COMMON)
+settings.register_profile("ci", max_examples=10, stateful_step_count=20, **_COMMON)
 settings.register_profile("long", max_examples=300, stateful_step_count=50, **_COMMON)
 settings.load_profile("ci")
 

@@ -193,6 +193,18 @@ def test_tlbcost_bad_input(tmp_path, capsys):
     assert "the stream is empty" in capsys.readouterr().err
     assert main(["tlbcost", "--accesses", str(tmp_path / "a.npy"), "--workload", "boot",
                  "--trace", str(tmp_path / "a.npy")]) == 2
-    assert "not both" in capsys.readouterr().err
+    assert "give one of --workload W, --trace T and --from-dump X, not more" in \
+        capsys.readouterr().err
+    assert main(["tlbcost", "--accesses", str(tmp_path / "a.npy"), "--point", "boot"]) == 2
+    assert "--point and --vmlinux go with --from-dump" in capsys.readouterr().err
+    assert main(["tlbcost", "--accesses", str(tmp_path / "a.npy"), "--from-dump",
+                 str(tmp_path / "nope.truth.npz")]) == 2
+    assert "no such file" in capsys.readouterr().err
+    # a captured-looking stream with nothing the model maps (vmalloc only)
+    np.save(tmp_path / "v.npy", np.array([0xFFA0000000001000], np.uint64))
+    assert main(["tlbcost", "--accesses", str(tmp_path / "v.npy"), "--ram", "1G"]) == 2
+    assert "nothing to replay" in capsys.readouterr().err
+    assert main(["accesses", "info", str(tmp_path / "nope.npz")]) == 2
+    assert "not a .npz or .npy access stream" in capsys.readouterr().err
     assert main(["tlbcost", "--accesses", str(tmp_path / "a.npy"), "--tlb", "nope"]) == 2
     assert "unknown TLB preset" in capsys.readouterr().err

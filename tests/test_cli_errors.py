@@ -18,8 +18,8 @@ import dmfrag.workloads
 from dmfrag.cli import main
 
 TINY = ["--ram", "1G", "--scale", "0.05"]
-#: a run that runs out of guest memory after ~20000 calls, in about 2 s
-OOM = ["--workload", "secretmem", "--ram", "128M", "--scale", "50"]
+#: a run that runs out of guest memory after ~10000 calls, in a few seconds
+OOM = ["--workload", "secretmem", "--ram", "96M", "--scale", "12"]
 
 
 def cli(capsys, *argv: str) -> tuple[int, str, str]:
@@ -160,36 +160,36 @@ def test_out_of_guest_memory_is_exit_1_naming_the_call_with_the_state(tmp_path, 
     code, out, err = cli(capsys, "run", *OOM, "--json", "--record", str(rec))
     assert code == 1
     line = one_line(err, "run")
-    assert "workload secretmem: call 17609 (secretmem_fault()) failed: AllocationError: page " \
+    assert "workload secretmem: call 10315 (secretmem_fault()) failed: AllocationError: page " \
            "allocation failure" in line and "(state up to it reported; the trace" in line
     res = json.loads(out)
-    assert res["completed"] is False and res["error"].startswith("call 17609 (secretmem_fault()")
-    assert res["calls"] == 17608 and res["meminfo"]["MemFree"] < 4096   # at the min watermarks
+    assert res["completed"] is False and res["error"].startswith("call 10315 (secretmem_fault()")
+    assert res["calls"] == 10314 and res["meminfo"]["MemFree"] < 4096   # at the min watermarks
     # the trace of the calls before it is kept; its trailer says the run stopped
     lines = rec.read_text().splitlines()
-    assert len(lines) == 17608 + 2
-    assert json.loads(lines[-1]) == {"end": 17608, "error": res["error"]}
+    assert len(lines) == 10314 + 2
+    assert json.loads(lines[-1]) == {"end": 10314, "error": res["error"]}
     code, out, err = cli(capsys, "trace", "replay", str(rec))
-    assert code == 0 and json.loads(out)["replayed_calls"] == 17608
-    assert "warning: the recorded run stopped after 17608 calls: call 17609" in err
+    assert code == 0 and json.loads(out)["replayed_calls"] == 10314
+    assert "warning: the recorded run stopped after 10314 calls: call 10315" in err
 
 
 def test_out_of_memory_in_other_commands(tmp_path, capsys):
     code, out, err = cli(capsys, "meminfo", *OOM)
     assert code == 1 and out == ""
-    assert "dmfrag meminfo: workload secretmem: call 17609 (secretmem_fault())" in one_line(
+    assert "dmfrag meminfo: workload secretmem: call 10315 (secretmem_fault())" in one_line(
         err, "meminfo")
     csv = tmp_path / "c.csv"
     code, out, err = cli(capsys, "compare", *OOM, "--policies", "baseline", "--json",
                          "--csv", str(csv))
-    assert code == 1 and "policy baseline: call 17609" in one_line(err, "compare")
+    assert code == 1 and "policy baseline: call 10315" in one_line(err, "compare")
     res = json.loads(out)
-    assert res["completed"] is False and res["rows"] == [] and "call 17609" in res["error"]
+    assert res["completed"] is False and res["rows"] == [] and "call 10315" in res["error"]
     assert not csv.exists()
     trace = tmp_path / "t.jsonl"
     code, out, err = cli(capsys, "trace", "record", *OOM, "-o", str(trace))
     assert code == 1 and "(the calls before it are recorded)" in err
-    assert json.loads(trace.read_text().splitlines()[-1])["end"] == 17608
+    assert json.loads(trace.read_text().splitlines()[-1])["end"] == 10314
 
 
 def test_debug_shows_the_traceback(capsys):
@@ -267,19 +267,20 @@ def test_sweep_keeps_the_finished_cells_when_one_fails(tmp_path):
     that has run a Dask LocalCluster (test_cli) can die, which is not what
     this test is about (a dead worker is reported the same way)."""
     cfg = tmp_path / "s.toml"
-    cfg.write_text(GRID + 'ram = ["1G", "128M", "2G"]\nscale = 30\n')
+    cfg.write_text(GRID + 'ram = ["256M", "96M", "2G"]\nscale = 12\n')
     out_dir = tmp_path / "o"
     r = subprocess.run([sys.executable, "-m", "dmfrag.cli", "sweep", str(cfg), "--out",
                         str(out_dir), "--workers", "1"], capture_output=True, text=True,
                        check=False)
     assert r.returncode == 1 and "Traceback" not in r.stderr
     line = one_line(r.stderr, "sweep")
-    assert "cell workload=secretmem policy=baseline seed=1 ram=128M: WorkloadError: call" in line
+    assert "cell workload=secretmem policy=baseline seed=1 ram=96M: WorkloadError: call" in line
     assert "(1 of 3 cells finished before it, written)" in line
     doc = json.loads((out_dir / "sweep.json").read_text())
-    assert doc["completed"] is False and "ram=128M" in doc["error"]
-    assert [r["ram"] for r in doc["results"]] == ["1G"]
-    assert (out_dir / "sweep.csv").read_text().splitlines()[1].startswith("secretmem,baseline,1,1G")
+    assert doc["completed"] is False and "ram=96M" in doc["error"]
+    assert [r["ram"] for r in doc["results"]] == ["256M"]
+    assert (out_dir / "sweep.csv").read_text().splitlines()[1].startswith(
+        "secretmem,baseline,1,256M")
     assert r.stdout.startswith("1 cells: ")
 
 

@@ -22,7 +22,7 @@ from guestkernel import gfp as G
 from guestkernel.page_alloc import BadFreeError
 from guestkernel.policy import ComposedPolicy, Policy, get_policy, policy_names, register_policy
 from guestkernel.shadow import S_MAPPED, S_NX, S_P, S_RW
-from policies.oracle import OracleTracker, fixed_regions, lower_bound
+from policies.oracle import OracleTracker, fixed_regions, lower_bound, stream_classes
 
 DEFAULT = S_MAPPED | S_P | S_RW | S_NX
 RO = S_MAPPED | S_P | S_NX
@@ -166,6 +166,10 @@ def test_nothing_goes_below_the_oracle(workload, policy, seed, random_first, sca
     merged = [False]
 
     def check(_cpa=None):
+        # the tracker's scan counts what stream_classes counts over every page
+        o = d.oracle
+        assert np.array_equal(o.counts(), stream_classes(
+            k.shadow.direct[: k.max_pfn], k.policy_cached_pfns(), o._spans, o._fixed_pfns))
         any_run, no_merge = d.oracle.now()
         split = k.pgt.split_2m_regions(k.max_pfn)
         assert split >= any_run, (split, any_run)

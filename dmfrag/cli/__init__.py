@@ -22,6 +22,7 @@ import sys
 import traceback
 
 from . import (
+    accesses,
     bench,
     calibrate,
     compare,
@@ -40,7 +41,7 @@ __all__ = ["COMMANDS", "build_parser", "main"]
 
 #: The subcommand modules, in the order ``dmfrag --help`` lists them.
 COMMANDS = (run, compare, validate, meminfo, ptdump, sweep, bench, trace, calibrate,
-            realkernel, tlbcost)
+            realkernel, accesses, tlbcost)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -8,7 +8,15 @@ import argparse
 from pathlib import Path
 
 from ..registry import UnknownWorkload, guest_names, guest_steps, needs_secretmem
-from .common import EXIT_OK, EXIT_PROBLEM, ToolMissing, UsageError, check_boot, check_output_file
+from .common import (
+    EXIT_OK,
+    EXIT_PROBLEM,
+    ToolMissing,
+    UsageError,
+    check_boot,
+    check_output_file,
+    check_timeout,
+)
 
 __all__ = ["add_parser", "main", "parse_guest_workload"]
 
@@ -66,9 +74,7 @@ def main(args: argparse.Namespace) -> int:
         raise UsageError("--ram names no size")
     for r in rams:
         check_boot(r)
-    if not args.timeout > 0 or args.timeout == float("inf"):
-        raise UsageError(f"--timeout must be a finite number of seconds above 0, not "
-                         f"{args.timeout}")
+    check_timeout(args.timeout)
     if args.workers is not None and args.workers < 1:
         raise UsageError(f"--workers must be at least 1, not {args.workers}")
     workloads = {k: parse_guest_workload(args.workload, k) for k in kernels}

@@ -19,8 +19,8 @@ if TYPE_CHECKING:
 
 __all__ = ["EXIT_OK", "EXIT_PROBLEM", "EXIT_TOOL", "EXIT_USAGE", "ToolMissing", "UsageError",
            "add_kernel_arg", "add_workload_args", "boot_args", "check_output_dir", "check_output_file",
-           "check_policy", "check_run_args", "check_scale", "check_tlb_preset", "config",
-           "policies", "progress", "read_text", "run_one"]
+           "check_policy", "check_run_args", "check_scale", "check_timeout", "check_tlb_preset",
+           "check_truth", "config", "kernel_from_dump", "policies", "progress", "read_text", "run_one"]
 
 #: the work ran and found nothing wrong
 EXIT_OK = 0
@@ -265,3 +265,53 @@ def progress(items: list[T], label: str) -> Iterator[T]:
             prog.advance(task)
 
 
+def kernel_from_dump(args: argparse.Namespace):
+    """The kernel a --from-dump run starts from (``run``, ``tlbcost``;
+    every input checked first: exit 2 naming what is wrong)."""
+    from guestkernel.kernel import Kernel, KernelError
+
+    from ..truth import TruthError, load_states
+    path = Path(args.from_dump)
+    if str(path) != "/proc/kcore" and not path.is_file():
+        raise UsageError(f"--from-dump {args.from_dump!r}: no such file")
+    if getattr(args, "record", None):
+        raise UsageError("--record with --from-dump: a model trace starts from a boot, this run "
+                         "starts from a dumped kernel's state")
+    kw = {"policy": args.policy, "profile": args.kernel}
+    try:
+        if path.suffix == ".npz":
+            if args.vmlinux is not None:
+                raise UsageError("--vmlinux is for a core; a stored state (.npz) needs none")
+            states = load_states(path)
+            if args.point is None:
+                state = states[-1]
+            else:
+                found = [s for s in states if s.point == args.point]
+                if not found:
+                    raise UsageError(f"--point {args.point!r}: {path} holds "
+                                     f"{', '.join(s.point for s in states)}")
+                state = found[0]
+            return Kernel.from_state(state, **kw)
+        if args.point is not None:
+            raise UsageError("--point is for a stored state (.npz), not a core")
+        if args.vmlinux is None:
+            raise UsageError("--from-dump CORE needs --vmlinux VMLINUX (the kernel's debug "
+                             "symbols)")
+        return Kernel.from_dump(path, args.vmlinux, **kw)
+    except (TruthError, KernelError) as exc:
+        raise UsageError(str(exc)) from None
+
+
+def check_truth() -> None:
+    """--truth needs drgn: exit 2 before any boot when it is missing."""
+    from ..truth import TruthError, check_drgn
+    try:
+        check_drgn()
+    except TruthError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def check_timeout(seconds: float, what: str = "--timeout") -> None:
+    """A guest's time limit: a finite number of seconds above 0."""
+    if not seconds > 0 or seconds == float("inf"):
+        raise UsageError(f"{what} must be a finite number of seconds above 0, not {seconds}")

@@ -16,7 +16,15 @@ import argparse
 from pathlib import Path
 
 from .calibrate import parse_guest_workload
-from .common import EXIT_OK, ToolMissing, UsageError, check_boot, check_output_file
+from .common import (
+    EXIT_OK,
+    ToolMissing,
+    UsageError,
+    check_boot,
+    check_output_file,
+    check_timeout,
+    check_truth,
+)
 
 __all__ = ["add_parser", "main"]
 
@@ -83,11 +91,9 @@ def main_dump(args: argparse.Namespace) -> int:
         raise UsageError(f"-o/--output {args.output!r} must end in .truth.npz")
     check_output_file(args.output, "-o/--output")
     check_boot(args.ram)
-    if not args.timeout > 0 or args.timeout == float("inf"):
-        raise UsageError(f"--timeout must be a finite number of seconds above 0, not "
-                         f"{args.timeout}")
+    check_timeout(args.timeout)
     workload = parse_guest_workload(args.workload, args.kernel)
-    _check_truth()
+    check_truth()
     try:
         run = RealKernel(install=args.install, kernel=args.kernel).run(
             args.ram, workload, timeout=args.timeout, truth=True)
@@ -113,12 +119,10 @@ def main(args: argparse.Namespace) -> int:
     check_boot(args.ram)
     if not 1 <= args.trace_buf_mb <= 4096:
         raise UsageError(f"--trace-buf-mb must be 1..4096, not {args.trace_buf_mb}")
-    if not args.timeout > 0 or args.timeout == float("inf"):
-        raise UsageError(f"--timeout must be a finite number of seconds above 0, not "
-                         f"{args.timeout}")
+    check_timeout(args.timeout)
     workload = parse_guest_workload(args.workload, args.kernel)
     if args.truth:
-        _check_truth()
+        check_truth()
     try:
         rec = record(args.kernel, args.ram, workload, trace_buf_mb=args.trace_buf_mb,
                      timeout=args.timeout, install=args.install, truth=args.truth)
@@ -140,15 +144,6 @@ def main(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _check_truth() -> None:
-    """--truth needs drgn: exit 2 before any boot when it is missing."""
-    from ..truth import TruthError, check_drgn
-    try:
-        check_drgn()
-    except TruthError as exc:
-        raise UsageError(str(exc)) from None
-
-
 def _grid(args: argparse.Namespace) -> int:
     """--grid: every recording of the TOML file into the -o folder."""
     from ..recorder import load_record_grid, record_task, trace_name
@@ -163,7 +158,7 @@ def _grid(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     if args.truth:
-        _check_truth()
+        check_truth()
     tasks = [{**t, "output": str(out / trace_name(t["kernel"], t["ram"], t["workload"])),
               "timeout": args.timeout, "install": args.install, "truth": args.truth}
              for t in grid]

@@ -17,6 +17,7 @@ from .common import (
     check_run_args,
     check_tlb_preset,
     config,
+    kernel_from_dump,
     run_one,
 )
 
@@ -45,43 +46,6 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     return p
 
 
-def _from_dump(args: argparse.Namespace):
-    """The kernel a --from-dump run starts from (every input checked first:
-    exit 2 naming what is wrong)."""
-    from guestkernel.kernel import Kernel, KernelError
-
-    from ..truth import TruthError, load_states
-    path = Path(args.from_dump)
-    if str(path) != "/proc/kcore" and not path.is_file():
-        raise UsageError(f"--from-dump {args.from_dump!r}: no such file")
-    if args.record:
-        raise UsageError("--record with --from-dump: a model trace starts from a boot, this run "
-                         "starts from a dumped kernel's state")
-    kw = {"policy": args.policy, "profile": args.kernel}
-    try:
-        if path.suffix == ".npz":
-            if args.vmlinux is not None:
-                raise UsageError("--vmlinux is for a core; a stored state (.npz) needs none")
-            states = load_states(path)
-            if args.point is None:
-                state = states[-1]
-            else:
-                found = [s for s in states if s.point == args.point]
-                if not found:
-                    raise UsageError(f"--point {args.point!r}: {path} holds "
-                                     f"{', '.join(s.point for s in states)}")
-                state = found[0]
-            return Kernel.from_state(state, **kw)
-        if args.point is not None:
-            raise UsageError("--point is for a stored state (.npz), not a core")
-        if args.vmlinux is None:
-            raise UsageError("--from-dump CORE needs --vmlinux VMLINUX (the kernel's debug "
-                             "symbols)")
-        return Kernel.from_dump(path, args.vmlinux, **kw)
-    except (TruthError, KernelError) as exc:
-        raise UsageError(str(exc)) from None
-
-
 def main(args: argparse.Namespace) -> int:
     """Every input is checked before the run (the output file first); a
     workload that runs out of guest memory still reports the state it
@@ -97,7 +61,7 @@ def main(args: argparse.Namespace) -> int:
     try:
         if args.from_dump is not None:
             from ..workloads import run_workload
-            k = _from_dump(args)
+            k = kernel_from_dump(args)
             d = run_workload(args.workload, policy=args.policy, seed=args.seed,
                              scale=args.scale, kernel=k)
         else:

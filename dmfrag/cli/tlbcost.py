@@ -8,7 +8,14 @@ import argparse
 import json
 from pathlib import Path
 
-from .common import EXIT_OK, UsageError, add_workload_args, check_policy, check_tlb_preset
+from .common import (
+    EXIT_OK,
+    UsageError,
+    add_workload_args,
+    check_policy,
+    check_tlb_preset,
+    kernel_from_dump,
+)
 
 __all__ = ["add_parser", "main"]
 
@@ -23,6 +30,19 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--trace", metavar="T",
                    help="instead of --workload: the state after a recorded trace, replayed "
                         "with the model's placement (trace replay --placement model)")
+    p.add_argument("--from-dump", metavar="CORE", default=None,
+                   help="instead of --workload/--trace: a real kernel's state (X.truth.npz of "
+                        "accesses record --truth, realkernel record --truth or realkernel "
+                        "dump; or a core with --vmlinux): the stream replayed on the state it "
+                        "ran on, with no placement difference")
+    p.add_argument("--vmlinux", metavar="VMLINUX", default=None,
+                   help="with --from-dump CORE: the dumped kernel's vmlinux with debug symbols")
+    p.add_argument("--point", default=None,
+                   help="with --from-dump X.truth.npz: the state's point (default: the last)")
+    p.add_argument("--all-regions", action="store_true",
+                   help="replay every access of a captured stream (by default only those to "
+                        "the direct map and the kernel image, the regions the model maps as "
+                        "Linux does; the others are counted under stream.regions)")
     p.add_argument("--policy", default="baseline", help="the policy of the state's run")
     p.add_argument("--tlb", default="skylake", metavar="PRESET")
     p.add_argument("--json", action="store_true")
@@ -36,8 +56,8 @@ def main(args: argparse.Namespace) -> int:
     from ..accesses import AccessFormatError, load_accesses, tlbcost
     check_tlb_preset(args.tlb)
     check_policy(args.policy)
-    if args.trace is not None and args.workload is not None:
-        raise UsageError("give --workload W or --trace T, not both")
+    if sum(x is not None for x in (args.trace, args.workload, args.from_dump)) > 1:
+        raise UsageError("give one of --workload W, --trace T and --from-dump X, not more")
     try:
         stream = load_accesses(args.accesses)
     except AccessFormatError as exc:
@@ -45,9 +65,12 @@ def main(args: argparse.Namespace) -> int:
     if not len(stream):
         raise UsageError(f"--accesses {args.accesses}: the stream is empty")
     k = _state(args)
-    out = tlbcost(k, stream, args.tlb)
+    try:
+        out = tlbcost(k, stream, args.tlb, all_regions=args.all_regions)
+    except ValueError as exc:
+        raise UsageError(f"--accesses {args.accesses}: {exc}") from None
     out["source"] = {"accesses": args.accesses, "trace": args.trace, "workload": args.workload,
-                     "policy": args.policy}
+                     "from_dump": args.from_dump, "point": args.point, "policy": args.policy}
     if args.json:
         print(json.dumps(out, sort_keys=True))
     else:
@@ -66,6 +89,10 @@ def main(args: argparse.Namespace) -> int:
 
 def _state(args: argparse.Namespace):
     from guestkernel import Kernel
+    if args.from_dump is not None:
+        return kernel_from_dump(args)
+    if args.point is not None or args.vmlinux is not None:
+        raise UsageError("--point and --vmlinux go with --from-dump")
     if args.trace is not None:
         from ..modelled import replay_modelled
         from ..placed import PlacedReplayError
