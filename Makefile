@@ -45,6 +45,7 @@ bench: $(STAMP)
 	$(PY) bench/placement_bench.py $(BENCH_FLAGS)
 	$(PY) bench/policies_report.py $(BENCH_FLAGS)
 	$(PY) bench/tlbcost_bench.py $(BENCH_FLAGS)
+	$(PY) bench/tlbcost_report.py $(BENCH_FLAGS)
 
 # Record the reference traces again on the real kernels (QEMU; each boot one
 # task of the sweep engine, in parallel on this machine's cores).

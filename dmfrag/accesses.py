@@ -39,8 +39,8 @@ if TYPE_CHECKING:
     from guestkernel import Kernel
 
 __all__ = ["FETCH", "LOAD", "REGIONS", "STORE", "AccessFormatError", "AccessStream",
-           "ReplayResult", "layout_of", "load_accesses", "modelled_part", "region_counts", "replay",
-           "save_accesses"]
+           "ReplayResult", "default_stream", "layout_of", "load_accesses", "modelled_part", "price",
+           "references", "region_counts", "replay", "save_accesses"]
 
 LOAD, STORE, FETCH = 0, 1, 2
 _SIZES = (1, 2, 4, 8)
@@ -446,7 +446,8 @@ def tlbcost(k: Kernel, s: AccessStream, preset: str = "skylake", *,
         raise ValueError("no access of the stream is in a region the model maps (the direct "
                          "map, the kernel image): nothing to replay")
     out = {"preset": preset, "stream": part}
-    for name, kern in (("state", k), ("unsplit", unsplit_kernel(k)), ("all_4k", all_4k_kernel(k))):
+    unsplit, all_4k = references(k)
+    for name, kern in (("state", k), ("unsplit", unsplit), ("all_4k", all_4k)):
         r = replay(kern, s, tlb=preset)
         out[name] = figures(r)
         if name == "state":
@@ -454,4 +455,53 @@ def tlbcost(k: Kernel, s: AccessStream, preset: str = "skylake", *,
                                    for i, va, kd, w in r.first_faults]
     lo, hi = out["unsplit"]["est_walk_cycles"], out["all_4k"]["est_walk_cycles"]
     out["position"] = (out["state"]["est_walk_cycles"] - lo) / (hi - lo) if hi != lo else None
+    return out
+
+
+#: the last machine's two references (booting and splitting them costs more
+#: than a replay; compare prices every policy's state on the same machine)
+_REFS: dict = {}
+
+
+def references(k: Kernel) -> tuple[Kernel, Kernel]:
+    """:func:`unsplit_kernel` and :func:`all_4k_kernel` of ``k``'s machine,
+    kept for the next call on the same machine and kernel record (a replay
+    leaves them as they were)."""
+    key = (repr(k.e820.entries), k.profile.name, k.gbpages,
+           k.bootmem.initrd or 0, k.cmdline)
+    if key not in _REFS:
+        _REFS.clear()
+        u = unsplit_kernel(k)
+        _REFS[key] = (u, all_4k_kernel(k))
+    return _REFS[key]
+
+
+# -- the committed real streams ---------------------------------------------
+
+#: Streams captured on the real kernels (``dmfrag accesses record``), shipped
+#: with the package: what ``run``/``compare``/``sweep --tlb`` price a state
+#: with unless given ``--accesses``.
+STREAMS = Path(__file__).resolve().parent / "data" / "accesses"
+#: the capture each kernel record is priced with (the kernel itself; 6.1
+#: for a record with no capture of its own)
+DEFAULT_STREAM = "linux-{kernel}-1G-age-256.npz"
+
+
+def default_stream(kernel: str) -> Path:
+    """The committed capture for the model's kernel record ``kernel``."""
+    p = STREAMS / DEFAULT_STREAM.format(kernel=kernel)
+    return p if p.is_file() else STREAMS / DEFAULT_STREAM.format(kernel="6.1")
+
+
+def price(k: Kernel, preset: str, accesses: str | Path | None = None) -> dict:
+    """The ``tlb`` object of a run's result: :func:`tlbcost` of a real
+    kernel's stream (``accesses``, default :func:`default_stream`) on
+    ``k``'s state, with ``accesses`` (the file) and
+    ``walk_cycles_vs_reference`` (the state's walk cycles over
+    ``unsplit``'s: 1.0, fragmentation costs nothing)."""
+    path = Path(accesses) if accesses is not None else default_stream(k.profile.name)
+    out = tlbcost(k, load_accesses(path), preset)
+    out["accesses"] = path.name if accesses is None else str(path)
+    lo = out["unsplit"]["est_walk_cycles"]
+    out["walk_cycles_vs_reference"] = out["state"]["est_walk_cycles"] / lo if lo else None
     return out

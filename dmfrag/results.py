@@ -20,11 +20,11 @@ if TYPE_CHECKING:
     from .workloads import Driver, TraceError
 
 __all__ = ["RESULT_VERSION", "TABLE_FIELDS", "compare_row", "metadata", "metric_fields",
-           "replay_result", "run_result", "sort_rows", "sweep_row", "working_set"]
+           "replay_result", "run_result", "sort_rows", "sweep_row", "tlb_fields"]
 
 #: The version of every JSON result carrying :func:`metadata`
 #: (``run --json``, ``compare --json``, ``sweep.json``).
-RESULT_VERSION = 2
+RESULT_VERSION = 3
 
 #: Packages whose versions a result records (they decide its numbers).
 _VERSIONED = ("dmfrag", "unicorn", "capstone", "numpy")
@@ -44,37 +44,15 @@ def metadata(config: Mapping[str, Any]) -> dict:
             "python": platform.python_version(), "config": dict(config)}
 
 
-def working_set(k: Kernel, n: int = 2048) -> list[int]:
-    """The kernel's own memory to measure over: up to n allocated pages in
-    unmovable pageblocks (slab, page tables, module data...), mapped in the
-    direct map, spread evenly over RAM. The TLB price of fragmentation is
-    paid by the kernel touching its own data, not by user pages."""
-    import numpy as np
-
-    from guestkernel.page_alloc import MigrateType
-    from guestkernel.shadow import S_MAPPED, S_P
-    d = k.shadow.direct
-    cand = np.flatnonzero(((d & S_MAPPED) != 0) & ((d & S_P) != 0))
-    cand = cand[cand >= 4096]
-    b = k.buddy
-    picked = [int(p) for p in cand
-              if b.allocated_order(int(p)) is not None
-              and b.get_pageblock_migratetype(int(p)) == int(MigrateType.UNMOVABLE)]
-    if len(picked) > n:
-        step = len(picked) / n
-        picked = [picked[int(i * step)] for i in range(n)]
-    return picked
-
-
-def _tlb(k: Kernel, preset: str, n: int) -> dict | None:
-    """The TLB cost of the kernel's working set (None when it is empty)."""
-    from guestkernel.tlbcost import tlb_cost
-    pfns = working_set(k, n)
-    return tlb_cost(k, pfns, "chase", preset=preset) if pfns else None
+def _tlb(k: Kernel, preset: str, accesses: str | None = None) -> dict:
+    """The TLB cost of the state: a real kernel's captured accesses run
+    through it and through its two references (:func:`dmfrag.accesses.price`)."""
+    from .accesses import price
+    return price(k, preset, accesses)
 
 
 def run_result(d: Driver, *, workload: str, seed: int, tlb: str | None,
-               config: Mapping[str, Any]) -> dict:
+               config: Mapping[str, Any], accesses: str | None = None) -> dict:
     """The result of ``dmfrag run`` (and the per-policy record ``compare``
     builds its row from): the kernel's meminfo and vmstat after the
     workload, what ran, the TLB cost when asked, and :func:`metadata`."""
@@ -85,7 +63,7 @@ def run_result(d: Driver, *, workload: str, seed: int, tlb: str | None,
     if d.points:
         out["snapshots"] = list(d.points)
     if tlb:
-        out["tlb"] = _tlb(k, tlb, 2048)
+        out["tlb"] = _tlb(k, tlb, accesses)
     out.update(metadata(config))
     return out
 
@@ -128,8 +106,17 @@ def compare_row(policy: str, d: Driver, res: dict) -> dict:
            "DirectMap4k": mi["DirectMap4k"], "DirectMap2M": mi["DirectMap2M"],
            "DirectMap1G": mi["DirectMap1G"]}
     if res.get("tlb"):
-        row["walk_cycles_vs_reference"] = round(res["tlb"]["walk_cycles_vs_reference"], 3)
+        row.update(tlb_fields(res["tlb"]))
     return row
+
+
+def tlb_fields(t: dict) -> dict:
+    """A compare row's TLB columns from a ``tlb`` object: the state's walk
+    cycles over the unsplit reference's (3 decimals) and its position
+    between the references (4 decimals)."""
+    w, p = t["walk_cycles_vs_reference"], t["position"]
+    return {"walk_cycles_vs_reference": round(w, 3) if w is not None else None,
+            "tlb_position": round(p, 4) if p is not None else None}
 
 
 def sweep_row(cell: Mapping[str, Any], d: Driver) -> dict:
@@ -141,8 +128,9 @@ def sweep_row(cell: Mapping[str, Any], d: Driver) -> dict:
     out = {**cell, **metric_fields(d), "DirectMap4k": mi["DirectMap4k"],
            "DirectMap2M": mi["DirectMap2M"], "DirectMap1G": mi["DirectMap1G"]}
     if cell.get("tlb"):
-        cost = _tlb(k, cell["tlb"], 1024)
-        out["walk_cycles_vs_reference"] = cost["walk_cycles_vs_reference"] if cost else None
+        cost = _tlb(k, cell["tlb"], cell.get("accesses"))
+        out["walk_cycles_vs_reference"] = cost["walk_cycles_vs_reference"]
+        out["tlb_position"] = cost["position"]
     return out
 
 

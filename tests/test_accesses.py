@@ -208,3 +208,44 @@ def test_tlbcost_bad_input(tmp_path, capsys):
     assert "not a .npz or .npy access stream" in capsys.readouterr().err
     assert main(["tlbcost", "--accesses", str(tmp_path / "a.npy"), "--tlb", "nope"]) == 2
     assert "unknown TLB preset" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kernel", ["5.10", "6.1", "7.2"])
+def test_run_tlb_prices_the_state_with_its_kernels_capture(capsys, kernel):
+    """run --tlb: the committed capture of the kernel record's own Linux
+    (5.10's in the 4-level layout, 6.1's and 7.2's in the 5-level one) runs
+    through the end state and its references; the references fault
+    nowhere, all 4K walks at least as often as unsplit, and the ratio is
+    the state's walk cycles over unsplit's."""
+    from dmfrag.accesses import STREAMS, default_stream
+    from dmfrag.cli import main
+    assert default_stream(kernel) == STREAMS / f"linux-{kernel}-1G-age-256.npz"
+    code = main(["run", "--workload", "vfree-reset-perms", "--ram", "1G", "--scale", "0.2",
+                 "--kernel", kernel, "--tlb", "skylake", "--json"])
+    t = json.loads(capsys.readouterr().out)["tlb"]
+    assert code == 0 and t["accesses"] == f"linux-{kernel}-1G-age-256.npz"
+    assert t["stream"]["paging_levels"] == (4 if kernel == "5.10" else 5)
+    assert t["stream"]["replayed"] > 50_000 and t["stream"]["regions"]["direct_map"] > 10_000
+    assert t["unsplit"]["faults"] == t["all_4k"]["faults"] == 0
+    assert t["all_4k"]["dtlb_walks"] > t["unsplit"]["dtlb_walks"] > 0
+    assert t["walk_cycles_vs_reference"] == pytest.approx(
+        t["state"]["est_walk_cycles"] / t["unsplit"]["est_walk_cycles"])
+    assert t["state"]["accesses"] == t["unsplit"]["accesses"] == t["stream"]["replayed"]
+
+
+def test_run_tlb_with_a_stream_of_ones_own(tmp_path, capsys):
+    from dmfrag.cli import main
+    k = Kernel.boot(ram="1G")
+    np.save(tmp_path / "a.npy", np.array([k.pfn_to_virt(0x20000 + i) for i in range(2000)] * 2,
+                                         np.uint64))
+    code = main(["run", "--workload", "boot", "--ram", "1G", "--scale", "0.05", "--tlb",
+                 "skylake", "--accesses", str(tmp_path / "a.npy"), "--json"])
+    t = json.loads(capsys.readouterr().out)["tlb"]
+    assert code == 0 and t["accesses"] == str(tmp_path / "a.npy")
+    assert t["stream"] == {"paging_levels": 4, "regions": t["stream"]["regions"],
+                           "replayed": 4000, "left_out": 0}
+    # 2000 pages > the L1 (64) and the STLB (1536), in a cycle, LRU: every access walks
+    assert t["all_4k"]["walks_4k"] == 4000 and t["unsplit"]["walks_4k"] == 0
+    assert main(["run", "--workload", "boot", "--ram", "1G", "--accesses",
+                 str(tmp_path / "a.npy")]) == 2
+    assert "--accesses goes with --tlb" in capsys.readouterr().err

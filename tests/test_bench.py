@@ -152,14 +152,20 @@ def check_policies(f: dict) -> None:
 
 def check_tlbcost(f: dict) -> None:
     streams = f.pop("streams")
-    assert list(streams) == ["one_page", "spread"] and f.pop("ram") == "1G"
-    assert f.pop("capture_slowdown") is None and "not built" in f.pop("capture_slowdown_reason")
+    assert list(streams) == ["one_page", "spread", "captured"] and f.pop("ram") == "1G"
+    assert f.pop("capture_slowdown") is None and "--smoke" in f.pop("capture_slowdown_reason")
+    committed = f.pop("capture_slowdown_committed")
+    assert sorted(committed) == [f"linux-{k}-1G-age-256.npz" for k in ("5.10", "6.1", "7.2")]
+    assert all(1.0 < v < 5.0 for v in committed.values()), committed
     for name, r in streams.items():
-        assert r.pop("accesses") == 20_000 and r.pop("faults") == 0
+        assert r.pop("accesses") == 20_000
+        # the capture's stores land on the model's own boot: a few hit a page
+        # that Linux had for data and the model for its boot BPF pack
+        assert r.pop("faults") == 0 if name != "captured" else r.pop("faults") < 200
         assert positive(r.pop("with_tlb_accesses_per_s")) and positive(r.pop("bare_accesses_per_s"))
         assert 0 < r.pop("replay_vs_bare_ratio") < 10
         walks = r.pop("dtlb_walks")
-        assert walks == 1 if name == "one_page" else walks > 100
+        assert walks == 1 if name == "one_page" else walks > (100 if name == "spread" else 0)
         assert r == {}
     assert f == {}
 
@@ -202,6 +208,27 @@ def check_placement(f: dict) -> None:
             assert isinstance(g.pop("counters_equal"), bool) and g == {}
 
 
+def check_tlbcost_report(f: dict) -> None:
+    """The smoke run's two policy rows are docs/tlb-cost.md's, verbatim
+    (each row is computed alone: the full run's rows for them are these)."""
+    import importlib.util
+    assert f.pop("preset") == "skylake"
+    pols = f.pop("policies")
+    assert f == {} and list(pols) == ["baseline", "per-user-caches"]
+    for r in pols.values():
+        walks = r["walks"]
+        assert walks[2] > walks[1] > 0 and walks[0] >= walks[1]
+        assert r["vs_unsplit"] >= 1.0 and 0.0 <= r["position"] <= 1.0
+        assert r["faults"] < r["accesses"] // 20
+    assert pols["per-user-caches"]["splits"] == 0 < pols["baseline"]["splits"]
+    spec = importlib.util.spec_from_file_location("tlbcost_report", BENCH / "tlbcost_report.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    doc = (BENCH.parent / "docs" / "tlb-cost.md").read_text()
+    for line in mod.markdown({"policies": pols}).splitlines()[2:]:
+        assert line in doc, line
+
+
 SCRIPTS: dict[str, tuple[Callable[[dict], None], tuple]] = {
     "emu_bench.py": (check_emu, ()),
     "tlb.py": (check_tlb, ()),
@@ -213,6 +240,7 @@ SCRIPTS: dict[str, tuple[Callable[[dict], None], tuple]] = {
     "placement_bench.py": (check_placement, ()),
     "policies_report.py": (check_policies, ()),
     "tlbcost_bench.py": (check_tlbcost, ()),
+    "tlbcost_report.py": (check_tlbcost_report, ()),
 }
 
 

@@ -226,13 +226,13 @@ def test_memblock_frees_part_of_a_reservation_and_refuses_what_it_does_not_hold(
 
 
 def test_a_reboot_of_the_same_machine_keeps_its_boot_layout():
-    """tlbcost's unfragmented reference boots the same machine again: the
+    """tlbcost's unsplit reference boots the same machine again: the
     initrd range and command line of the pasted log carry over, so every
     boot-time block is where it was."""
-    from guestkernel.tlbcost import reference_kernel
+    from dmfrag.accesses import unsplit_kernel
     log = _log("linux-7.2-8G.log.gz").replace("memblock=debug", "memblock=debug " + "y" * 900)
     k = Kernel.boot(e820=log, boot_cpa=False)
-    again = reference_kernel(k)
+    again = unsplit_kernel(k)
     assert again.bootmem.initrd == k.bootmem.initrd == (0xBFD74000, 0xBFFE0000)
     assert again.cmdline == k.cmdline and again.bootmem.placed == k.bootmem.placed
 

@@ -117,6 +117,20 @@ def test_a_captured_file_round_trips(tmp_path):
     assert truth_path_of(out).name == "a.truth.npz"
 
 
+def test_a_capture_is_cut_at_its_marks():
+    """intervals() pairs the on/off marks; step(i) keeps the windows wholly
+    inside the i-th (a window straddling a snapshot belongs to neither)."""
+    from dmfrag.capture import Capture
+    va = np.arange(10, dtype=np.uint64) + np.uint64(0xFF11000000000000)
+    cap = Capture(AccessStream.loads(va), np.array([0, 2, 3, 5, 9], np.uint64),
+                  {"window": 2, "seen": 20,
+                   "marks": [["on", 0], ["off", 7], ["on", 7], ["off", 20]]})
+    assert cap.intervals() == [(0, 7), (7, 20)]
+    # windows at 0-1, 4-5, 6-7 (straddles 7), 10-11, 18-19
+    assert cap.step(0).va.tolist() == va[[0, 1, 2, 3]].tolist()
+    assert cap.step(1).va.tolist() == va[[6, 7, 8, 9]].tolist()
+
+
 def test_linux_regions_and_the_modelled_part(k):
     """A 5-level stream: its direct-map addresses move to the model's
     PAGE_OFFSET, the image stays, vmalloc/vmemmap are left out and counted."""
@@ -221,7 +235,8 @@ def test_live_workload_capture_replays_on_its_own_state_without_a_fault(tmp_path
     _check_windows(cap)
     m = cap.meta
     assert m["captured"] == "steps" and m["workload"] == ["age:32"]
-    assert [p for p, _ in m["marks"]] == ["on", "off", "on", "off"]
+    assert [p for p, _ in m["marks"]] == ["on", "off"]              # on for the step only
+    assert len(cap.step(0)) == len(cap.stream)
     assert m["coalesced"] > m["seen"]             # a pipe's 64 KiB copies, byte by byte in TCG
     out = tmp_path / "a.npz"
     assert save_capture(out, cap) == truth_path_of(out)

@@ -28,7 +28,7 @@ def test_run_json_has_meminfo_and_vmstat_on_top(capsys):
     assert code == 0
     res = json.loads(out)
     assert res["meminfo"]["DirectMap4k"] > 0 and "direct_map_level2_splits" in res["vmstat"]
-    assert res["result_version"] == 2 and res["config"]["seed"] == 1
+    assert res["result_version"] == 3 and res["config"]["seed"] == 1
 
 
 def test_same_seed_gives_byte_identical_json(capsys):

@@ -236,11 +236,29 @@ def test_compare_on_a_recorded_trace(capsys, tmp_path):
     assert csv.read_text().startswith("policy,end_directmap_4k_kb,")
 
 
+def test_compare_on_a_trace_prices_each_end_state(capsys):
+    """--tlb with --trace: each policy's end state runs the committed 6.1
+    capture; per-user-caches keeps the direct map whole, so its walks are
+    the unsplit reference's, while baseline's split regions cost more."""
+    from dmfrag.cli import main
+    code = main(["compare", "--trace", str(T61), "--policies", "baseline,per-user-caches",
+                 "--tlb", "skylake", "--json"])
+    out = json.loads(capsys.readouterr().out)
+    assert code == 0 and out["completed"]
+    rows = {r["policy"]: r for r in out["rows"]}
+    for r in rows.values():
+        assert r["walk_cycles_vs_reference"] >= 1.0 and 0.0 <= r["tlb_position"] <= 1.0
+    assert rows["baseline"]["walk_cycles_vs_reference"] >= \
+        rows["per-user-caches"]["walk_cycles_vs_reference"]
+
+
 @pytest.mark.parametrize("argv, msg", [
     (["compare", "--policies", "baseline"], "give one of --workload W"),
     (["compare", "--workload", "boot", "--trace", str(T61)], "give one of --workload W"),
     (["compare", "--trace", "/nonexistent.jsonl.gz"], "no such file"),
-    (["compare", "--trace", str(T61), "--tlb", "skylake"], "does not apply"),
+    (["compare", "--trace", str(T61), "--accesses", "x.npz"], "--accesses goes with --tlb"),
+    (["compare", "--trace", str(T61), "--tlb", "skylake", "--accesses", "/nonexistent.npz"],
+     "--accesses: /nonexistent.npz: not a .npz or .npy access stream"),
 ])
 def test_compare_trace_bad_input(capsys, argv, msg):
     from dmfrag.cli import main

@@ -78,6 +78,34 @@ class Capture:
     #: (dmfrag.truth.KernelState), read from memory dumps
     states: list = field(default_factory=list)
 
+    def intervals(self) -> list[tuple[int, int]]:
+        """The stretches the capture was on, in accesses seen: one per
+        workload step for a capture of steps (each ends at its snapshot)."""
+        out, start = [], None
+        for what, at in self.meta.get("marks", []):
+            if what == "on":
+                start = at
+            elif start is not None:
+                out.append((start, at))
+                start = None
+        if start is not None:
+            out.append((start, self.meta.get("seen", start)))
+        return out
+
+    def step(self, i: int) -> AccessStream:
+        """The accesses of the ``i``-th step (:meth:`intervals`): the kept
+        windows wholly inside it."""
+        lo, hi = self.intervals()[i]
+        w = int(self.meta["window"])
+        n = len(self.stream)
+        lengths = np.full(len(self.window_index), w, np.int64)
+        if len(lengths):
+            lengths[-1] = n - w * (len(lengths) - 1)
+        start = self.window_index.astype(np.int64) * w
+        inside = np.repeat((start >= lo) & (start + lengths <= hi), lengths)
+        s = self.stream
+        return AccessStream(s.va[inside], s.kind[inside], s.size[inside])
+
 
 def _build(src: Path, out_dir: Path, stem: str, args: list[str], suffix: str = "") -> Path:
     """``src`` compiled once per source text into ``out_dir`` (the file's
@@ -169,8 +197,14 @@ def record_accesses(kernel: str, ram: str, workload: tuple[str, ...], *,
         prologue = "/bin/accmark off"
         epilogue = ""
     else:
+        from ..registry import guest_steps
+        last = [line.split()[1] for w in steps for line in guest_steps(w)
+                if line.startswith("snap ")][-1]
+        # on again after each snapshot but the last (the harness's exit is
+        # not the workload's)
         hk = InitHooks(snap_pre="/bin/accmark off",
-                       snap_post='[ -n "$DMFRAG_CAPTURE" ] && /bin/accmark on',
+                       snap_post=f'[ -n "$DMFRAG_CAPTURE" ] && [ "$1" != "{last}" ] && '
+                                 f'/bin/accmark on',
                        after_boot="DMFRAG_CAPTURE=1\n/bin/accmark on",
                        binaries={"accmark": marker}, qemu_args=("-plugin", f"{plugin},{args}"))
         prologue = ""

@@ -18,9 +18,10 @@ if TYPE_CHECKING:
     from ..workloads import Driver
 
 __all__ = ["EXIT_OK", "EXIT_PROBLEM", "EXIT_TOOL", "EXIT_USAGE", "ToolMissing", "UsageError",
-           "add_kernel_arg", "add_workload_args", "boot_args", "check_output_dir", "check_output_file",
-           "check_policy", "check_run_args", "check_scale", "check_timeout", "check_tlb_preset",
-           "check_truth", "config", "kernel_from_dump", "policies", "progress", "read_text", "run_one"]
+           "add_kernel_arg", "add_workload_args", "boot_args", "check_accesses",
+           "check_output_dir", "check_output_file", "check_policy", "check_run_args",
+           "check_scale", "check_timeout", "check_tlb_preset", "check_truth", "config",
+           "kernel_from_dump", "policies", "progress", "read_text", "run_one"]
 
 #: the work ran and found nothing wrong
 EXIT_OK = 0
@@ -315,3 +316,17 @@ def check_timeout(seconds: float, what: str = "--timeout") -> None:
     """A guest's time limit: a finite number of seconds above 0."""
     if not seconds > 0 or seconds == float("inf"):
         raise UsageError(f"{what} must be a finite number of seconds above 0, not {seconds}")
+
+
+def check_accesses(args: argparse.Namespace) -> None:
+    """``--accesses A`` (run, compare): a readable stream, and only with
+    ``--tlb`` (what it is for)."""
+    if getattr(args, "accesses", None) is None:
+        return
+    if not getattr(args, "tlb", None):
+        raise UsageError("--accesses goes with --tlb (the stream prices the state)")
+    from ..accesses import AccessFormatError, load_accesses
+    try:
+        load_accesses(args.accesses)
+    except AccessFormatError as exc:
+        raise UsageError(f"--accesses: {exc}") from None

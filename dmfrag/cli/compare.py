@@ -13,6 +13,7 @@ from .common import (
     EXIT_PROBLEM,
     UsageError,
     add_workload_args,
+    check_accesses,
     check_output_dir,
     check_output_file,
     check_policy,
@@ -37,7 +38,13 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                         "--placement model --policy P); its header gives the machine, so "
                         "--ram/--e820/--seed/--scale do not apply")
     p.add_argument("--policies", default="all", help="'all' or a comma-separated list")
-    p.add_argument("--tlb", metavar="PRESET")
+    p.add_argument("--tlb", metavar="PRESET",
+                   help="also price each policy's end state in TLB walks: a real kernel's "
+                        "captured accesses run through it (adds walk_cycles_vs_reference and "
+                        "tlb_position)")
+    p.add_argument("--accesses", metavar="A",
+                   help="with --tlb: the access stream (default: the committed capture of the "
+                        "kernel record's own Linux, dmfrag/data/accesses)")
     p.add_argument("--json", action="store_true")
     p.add_argument("--csv", metavar="FILE", help="also write the table as CSV")
     p.add_argument("--plots", metavar="DIR", help="write PNG plots into DIR")
@@ -60,10 +67,8 @@ def main(args: argparse.Namespace) -> int:
     check_tlb_preset(args.tlb)
     pols = policies(args.policies)
     cfg = config(args)
+    check_accesses(args)
     if args.trace is not None:
-        if args.tlb:
-            raise UsageError("--tlb prices a model workload's state; with --trace it does not "
-                             "apply")
         for p in pols:
             check_policy(p)
         rows, series, error, what = _compare_trace(args, pols)
@@ -76,7 +81,8 @@ def main(args: argparse.Namespace) -> int:
             except WorkloadError as exc:
                 error = f"policy {pol}: {exc}"
                 break
-            res = run_result(d, workload=args.workload, seed=args.seed, tlb=args.tlb, config=cfg)
+            res = run_result(d, workload=args.workload, seed=args.seed, tlb=args.tlb, config=cfg,
+                             accesses=args.accesses)
             rows.append(compare_row(pol, d, res))
             series[pol] = {"samples": d.samples, "row": rows[-1]}
         what = f"workload {args.workload}"
@@ -85,7 +91,7 @@ def main(args: argparse.Namespace) -> int:
         print(json.dumps({"rows": rows, "completed": error is None, "error": error,
                           **metadata(cfg)}, sort_keys=True))
     elif rows:
-        extra = ("linux_end_directmap_4k_kb", "walk_cycles_vs_reference")
+        extra = ("linux_end_directmap_4k_kb", "walk_cycles_vs_reference", "tlb_position")
         cols = [c for c in TABLE_FIELDS if c in rows[0]] + [c for c in extra if c in rows[0]]
         widths = [max(len(c), *(len(str(r[c])) for r in rows)) for c in cols]
         print("  ".join(c.rjust(w) for c, w in zip(cols, widths, strict=True)))
@@ -165,6 +171,7 @@ def _compare_trace(args: argparse.Namespace, pols: list[str]
     snapshot (``linux_end_directmap_*``: what the real kernel did with the
     same requests). A replay that stops (out of memory, a bookkeeping
     error) stops the compare, the rows before it kept."""
+    from ..accesses import price
     from ..modelled import replay_modelled
     from ..placed import PlacedReplayError
     from .trace import is_recorded
@@ -192,6 +199,9 @@ def _compare_trace(args: argparse.Namespace, pols: list[str]
             row["linux_end_directmap_4k_kb"] = last["DirectMap4k"]
             row["linux_end_directmap_2m_kb"] = last["DirectMap2M"]
             row["linux_end_directmap_1g_kb"] = last["DirectMap1G"]
+        if args.tlb:
+            from ..results import tlb_fields
+            row.update(tlb_fields(price(res.model, args.tlb, args.accesses)))
         rows.append(row)
         series[pol] = {"samples": res.model_metrics_samples, "row": row}
     return rows, series, None, what

@@ -13,6 +13,7 @@ from .common import (
     EXIT_PROBLEM,
     UsageError,
     add_workload_args,
+    check_accesses,
     check_output_file,
     check_run_args,
     check_tlb_preset,
@@ -28,7 +29,12 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="run one workload on one policy")
     add_workload_args(p)
     p.add_argument("--policy", default="baseline")
-    p.add_argument("--tlb", metavar="PRESET", help="also price the run in TLB misses")
+    p.add_argument("--tlb", metavar="PRESET",
+                   help="also price the end state in TLB walks: a real kernel's captured "
+                        "accesses run through it and two references (adds tlb)")
+    p.add_argument("--accesses", metavar="A",
+                   help="with --tlb: the access stream (default: the committed capture of the "
+                        "kernel record's own Linux, dmfrag/data/accesses)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--record", metavar="FILE", help="write the trace (JSON Lines)")
     p.add_argument("--validate", action="store_true", help="full validation at the end")
@@ -54,6 +60,7 @@ def main(args: argparse.Namespace) -> int:
     from ..workloads import WorkloadError, trace_text
     check_output_file(args.record, "--record")
     check_tlb_preset(args.tlb)
+    check_accesses(args)
     check_run_args(args, [args.policy])
     if args.from_dump is None and (args.vmlinux is not None or args.point is not None):
         raise UsageError("--vmlinux and --point go with --from-dump")
@@ -68,7 +75,8 @@ def main(args: argparse.Namespace) -> int:
             d = run_one(args, args.policy)
     except WorkloadError as exc:
         d, error = exc.driver, exc
-    res = run_result(d, workload=args.workload, seed=args.seed, tlb=args.tlb, config=config(args))
+    res = run_result(d, workload=args.workload, seed=args.seed, tlb=args.tlb, config=config(args),
+                     accesses=args.accesses)
     res["completed"], res["error"] = error is None, str(error) if error else None
     if args.record:
         Path(args.record).write_text(trace_text(d, error))
