@@ -249,3 +249,20 @@ def test_run_tlb_with_a_stream_of_ones_own(tmp_path, capsys):
     assert main(["run", "--workload", "boot", "--ram", "1G", "--accesses",
                  str(tmp_path / "a.npy")]) == 2
     assert "--accesses goes with --tlb" in capsys.readouterr().err
+
+
+def test_a_sweep_cell_prices_with_its_kernels_capture():
+    """A sweep's tlb: each cell's end state priced as run --tlb prices it
+    (the committed capture of the cell's kernel)."""
+    from dmfrag.accesses import price
+    from dmfrag.sweep import run_cell
+    from dmfrag.workloads import run_workload
+    cell = {"workload": "vfree-reset-perms", "policy": "baseline", "seed": 1, "ram": "1G",
+            "kernel": "7.2", "scale": 0.2, "tlb": "skylake"}
+    row = run_cell(cell)
+    d = run_workload("vfree-reset-perms", ram="1G", policy="baseline", seed=1, scale=0.2,
+                     profile="7.2")
+    t = price(d.kernel, "skylake")
+    assert t["accesses"] == "linux-7.2-1G-age-256.npz"
+    assert row["walk_cycles_vs_reference"] == t["walk_cycles_vs_reference"] >= 1.0
+    assert row["tlb_position"] == t["position"]
