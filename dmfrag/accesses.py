@@ -12,12 +12,16 @@ Users can bring their own streams.
 that the emulated CPU runs at the kernel image's text (mapped executable in
 every state):
 
-* a load of ``n`` bytes is ``mov al/ax/eax/rax, [moffs64]``;
-* a store is ``mov rax, <the bytes there now>`` then ``mov [moffs64],
+* ``mov rsi, <va>`` first (the TLB model is told every data access is
+  through ``[rsi]``);
+* a load of ``n`` bytes is then ``mov al/ax/eax/rax, [rsi]``;
+* a store is ``mov rax, <the bytes there now>`` then ``mov [rsi],
   al/ax/eax/rax``. It writes back what the memory holds, so guest RAM
   (page tables included) is unchanged;
-* a fetch is ``mov r15, <next>; mov rax, <va>; jmp rax``, with ``jmp r15``
-  written at ``va`` for the chunk and the bytes put back after.
+* a fetch is ``mov r15, <next slot>; jmp rsi`` with ``rsi`` at a fixed spot
+  of the fetched page (its last 8 bytes: the TLB translates pages, not
+  bytes), where ``jmp r15`` is written for the chunk and the bytes put back
+  after.
 
 Every address goes through the CPU's own walk, and the TLB model counts
 it. A load or store the state does not allow is a page fault: it is
@@ -189,23 +193,23 @@ def replay(k: Kernel, s: AccessStream, *, tlb=None, chunk: int = MAX_CHUNK) -> R
 _CODE_STEP = 1 << 16
 
 
+#: where in its page a fetch runs: the TLB sees the page, not the byte, so
+#: every fetch of a page jumps to the same spot, ``jmp r15`` written there
+#: once a chunk (no two patches ever overlap)
+_FETCH_SITE = 0xFF8
+
+
+def _fetch_sites(va: np.ndarray) -> np.ndarray:
+    return (va & ~np.uint64(0xFFF)) | np.uint64(_FETCH_SITE)
+
+
 def _plan_chunk(s: AccessStream, lo: int, hi: int, text: tuple[int, int]) -> tuple[int, int]:
-    """How far the chunk from ``lo`` may go and where its code runs. Each
-    fetch target gets ``jmp r15`` (3 bytes) written over it, so the chunk
-    ends before a fetch whose target overlaps another's; its code sits in
-    the image's text clear of every target it fetches (halved until a
-    place is found)."""
+    """How far the chunk from ``lo`` may go and where its code runs: in the
+    image's text, clear of every fetch site of the chunk (the chunk halved
+    until a place is found)."""
     fe = np.flatnonzero(s.kind[lo:hi] == FETCH)
-    targets = s.va[lo:hi][fe]
-    while len(targets) > 1:          # cutting can bring two targets next to each other
-        u, first = np.unique(targets, return_index=True)
-        bad = np.flatnonzero(np.diff(u) < 3)
-        if not len(bad):
-            break
-        cut = int(np.maximum(first[bad], first[bad + 1]).min())
-        hi = lo + int(fe[cut])
-        targets = targets[:cut]
-    u = np.unique(targets)
+    sites = _fetch_sites(s.va[lo:hi][fe])
+    u = np.unique(sites)
     while True:
         need = (hi - lo) * _SLOT
         for c in range(text[0], max(text[0], text[1] - need) + 1, _CODE_STEP):
@@ -216,7 +220,7 @@ def _plan_chunk(s: AccessStream, lo: int, hi: int, text: tuple[int, int]) -> tup
             raise RuntimeError(f"no place in the image's text for the replay's code near "
                                f"access {lo}")
         hi = lo + (hi - lo) // 2
-        u = np.unique(targets[: np.count_nonzero(fe < hi - lo)])
+        u = np.unique(sites[: np.count_nonzero(fe < hi - lo)])
 
 
 def _fault(out: ReplayResult, i: int, va: int, kind: int, what: str) -> None:
@@ -258,9 +262,10 @@ def _run_chunk(k: Kernel, s: AccessStream, lo: int, hi: int, code_va: int,
     if len(fe):
         slots[fe, 10:12] = (0x49, 0xBF)                               # mov r15, imm64
         imm[fe] = code_va + (fe.astype(np.uint64) + 1) * _SLOT
-        pas, ok = m.translate_many(va[fe], "x")
+        a = _fetch_sites(va[fe])
+        slots[fe, 2:10] = a.astype("<u8").view(np.uint8).reshape(len(fe), 8)
+        pas, ok = m.translate_many(a, "x")
         pas = pas.astype(np.int64)
-        a = va[fe]
         bad_x = ~ok | (pas + 3 > len(ram))
         own = ~bad_x & (a + np.uint64(3) >= np.uint64(code_va)) & (a < np.uint64(end))
         for j, why in [*((int(j), "fetch: not executable in this state")
@@ -272,7 +277,7 @@ def _run_chunk(k: Kernel, s: AccessStream, lo: int, hi: int, code_va: int,
         slots[fe[skip], _OP_AT: _OP_AT + 2] = (0x90, 0x90)            # not run
         targets = np.unique(pas[~skip])
     slots[:, 12:20] = imm.view(np.uint8).reshape(n, 8)
-    # the targets are 3 bytes apart at least (_plan_chunk): one original each
+    # one site a page: the patches never overlap
     at3 = targets[:, None] + _BYTE8[:, :3]
     orig = np.asarray(ram)[at3].copy()
     np.asarray(ram)[at3] = _JMP_R15_ARR
@@ -391,13 +396,16 @@ def unsplit_kernel(k: Kernel) -> Kernel:
 
 def all_4k_kernel(k: Kernel) -> Kernel:
     """:func:`unsplit_kernel` with every large page of the direct map split
-    to 4K (``split_to_4k`` over each 2M region of RAM)."""
-    from guestkernel.cpa import CpaError
+    to 4K (a forced split of each 2M region of RAM, aliases left alone: the
+    kernel image's own mapping keeps its 2M pages, as in ``unsplit``, so the
+    two references differ in the direct map only)."""
+    from guestkernel.cpa import CpaError, CpaFlags
     u = unsplit_kernel(k)
     for pfn in range(0, u.max_pfn, 512):
         n = min(512, u.max_pfn - pfn)
         try:
-            u.cpa.split_to_4k(pfn, n)
+            u.cpa.change_page_attr_set_clr(u.pfn_to_virt(pfn), n, 0, 0, force_split=True,
+                                           in_flag=CpaFlags.NO_CHECK_ALIAS)
         except CpaError:
             pass                       # a hole: nothing mapped there to split
     return u

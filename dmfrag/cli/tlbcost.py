@@ -81,6 +81,11 @@ def main(args: argparse.Namespace) -> int:
             r = out[name]
             print(f"{name:<8} " + "  ".join(
                 f"{r[c]:>14.2f}" if isinstance(r[c], float) else f"{r[c]:>14}" for c in cols))
+        st = out["stream"]
+        if st.get("left_out"):
+            regs = ", ".join(f"{n} {c:,}" for n, c in st["regions"].items() if c)
+            print(f"replayed {st['replayed']:,} accesses (the direct map and the image of a "
+                  f"{st['paging_levels']}-level stream: {regs}); {st['left_out']:,} left out")
         pos = out["position"]
         print(f"the state's walk cycles sit at {pos:.3f} between unsplit (0) and all 4K (1)"
               if pos is not None else "unsplit and all 4K walk the same: no position")
