@@ -105,6 +105,7 @@ struct tlb_model {
     uint64_t ram_qwords;
     uint64_t cr3;
     uint64_t ram_first;                 /* qword index of ram64[0]: RAM's physical base / 8 */
+    uint64_t levels;                    /* paging levels: 4, or 5 (CR4.LA57); 0 reads as 4 */
 };
 
 static inline uint64_t xs64(uint64_t *s) { uint64_t x = *s; x ^= x << 13; x ^= x >> 7; x ^= x << 17; *s = x; return x; }
@@ -180,7 +181,8 @@ static int tlb_walk(struct tlb_model *m, uint64_t va, int *global, uint32_t *ref
 {
     const uint64_t addr_mask = ((1ull << 52) - 1) & ~0xFFFull;
     uint64_t table = m->cr3 & addr_mask;
-    int start = 4;
+    int top = m->levels == 5 ? 5 : 4;
+    int start = top;
     /* Deepest paging-structure cache hit: PDE (skip to PT), PDPTE, PML4E. */
     uint8_t dummy;
     int hit_pde = st_lookup(m, m->psc[2], va, &dummy);
@@ -192,7 +194,7 @@ static int tlb_walk(struct tlb_model *m, uint64_t va, int *global, uint32_t *ref
     /* The cached entries' contents are re-read from RAM here (the model
      * keeps tags only); only the reference count depends on the hit. */
     uint32_t n = 0;
-    for (int level = 4; level >= 1; level--) {
+    for (int level = top; level >= 1; level--) {
         uint64_t idx = (va >> (12 + 9 * (level - 1))) & 511;
         uint64_t slot = (table >> 3) + idx;
         if (slot < m->ram_first || slot - m->ram_first >= m->ram_qwords) return 0;

@@ -19,10 +19,12 @@ _TABLE_FLAGS = PteFlags.P | PteFlags.RW
 
 
 class PageTableBuilder:
-    """Builds 4-level tables in ``machine.ram``, table pages taken from the
-    physical range ``[pool_start, pool_end)``. ``root`` is the PML4's
-    physical address. Guest RAM may start at a physical address other than
-    0 (``machine.ram_base``, for an attached Unicorn)."""
+    """Builds tables in ``machine.ram`` for the machine's paging mode (4
+    levels, or 5 on a ``Machine(paging_levels=5)``), table pages taken from
+    the physical range ``[pool_start, pool_end)``. ``root`` is the root
+    table's (PML4's or PML5's) physical address. Guest RAM may start at a
+    physical address other than 0 (``machine.ram_base``, for an attached
+    Unicorn)."""
 
     def __init__(self, machine, pool_start: int, pool_end: int):
         if pool_start % pt.PAGE_SIZE or pool_end % pt.PAGE_SIZE or pool_end <= pool_start:
@@ -32,6 +34,7 @@ class PageTableBuilder:
             raise ValueError(f"table pool [{pool_start:#x}, {pool_end:#x}) is outside guest "
                              f"RAM [{base:#x}, {base + machine.ram_bytes:#x})")
         self.m = machine
+        self.levels = getattr(machine, "paging_levels", 4)
         self._first = base >> 3    # ram64 index of physical address 0 is -_first
         self._next = pool_start
         self._end = pool_end
@@ -48,9 +51,9 @@ class PageTableBuilder:
 
     def _table_for(self, va: int, level: int) -> int:
         """Physical address of the table at ``level`` covering ``va``,
-        creating missing intermediate tables (level 4 is the PML4)."""
+        creating missing intermediate tables (the root is level 4 or 5)."""
         table = self.root
-        for lvl in range(4, level, -1):
+        for lvl in range(self.levels, level, -1):
             slot = (table >> 3) - self._first + pt.table_index(va, lvl)
             entry = int(self.m.ram64[slot])
             if not entry & PteFlags.P:
@@ -89,7 +92,7 @@ class PageTableBuilder:
     def leaf_slot(self, va: int) -> tuple[int, int]:
         """(index into ``machine.ram64``, level) of the leaf entry mapping ``va``."""
         table = self.root
-        for lvl in (4, 3, 2, 1):
+        for lvl in range(self.levels, 0, -1):
             slot = (table >> 3) - self._first + pt.table_index(va, lvl)
             entry = int(self.m.ram64[slot])
             if not entry & PteFlags.P:

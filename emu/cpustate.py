@@ -26,6 +26,7 @@ __all__ = [
     "CR0_PE",
     "CR0_PG",
     "CR0_WP",
+    "CR4_LA57",
     "CR4_PAE",
     "CR4_PGE",
     "EFER_LMA",
@@ -44,16 +45,18 @@ MAXPHYADDR = 40
 
 # Control-register bits (SDM 2.5).
 CR0_PE, CR0_WP, CR0_PG = 1 << 0, 1 << 16, 1 << 31
-CR4_PAE, CR4_PGE = 1 << 5, 1 << 7
+CR4_PAE, CR4_PGE, CR4_LA57 = 1 << 5, 1 << 7, 1 << 12
 MSR_EFER = 0xC0000080
 EFER_LME, EFER_LMA, EFER_NXE = 1 << 8, 1 << 10, 1 << 11
 
 
-def enable_paging(uc: Uc, root: int) -> None:
-    """Long mode with 4-level paging, NX and global pages, CR0.WP set;
-    CR3 = ``root``."""
+def enable_paging(uc: Uc, root: int, levels: int = 4) -> None:
+    """Long mode with 4-level paging (5-level with ``levels=5``: CR4.LA57),
+    NX and global pages, CR0.WP set; CR3 = ``root``."""
     uc.reg_write(X.UC_X86_REG_CR3, root)
-    uc.reg_write(X.UC_X86_REG_CR4, uc.reg_read(X.UC_X86_REG_CR4) | CR4_PAE | CR4_PGE)
+    la57 = CR4_LA57 if levels == 5 else 0
+    uc.reg_write(X.UC_X86_REG_CR4, (uc.reg_read(X.UC_X86_REG_CR4) & ~CR4_LA57)
+                 | CR4_PAE | CR4_PGE | la57)
     uc.reg_write(X.UC_X86_REG_MSR, (MSR_EFER, EFER_LME | EFER_LMA | EFER_NXE))
     uc.reg_write(X.UC_X86_REG_CR0, uc.reg_read(X.UC_X86_REG_CR0) | CR0_PE | CR0_PG | CR0_WP)
 

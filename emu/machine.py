@@ -141,10 +141,12 @@ class Machine:
         ram_bytes: size of guest RAM.
         cpu: the CPU model name.
         maxphyaddr: physical-address width of the CPU (bits).
+        paging_levels: 4, or 5 (CR4.LA57: 57-bit virtual addresses, a PML5
+            root; Ice Lake and Zen 4 servers boot Linux so).
         stats: counts of CR3 loads, flushes and INVLPGs.
     """
 
-    def __init__(self, ram_bytes: int, cpu: str = "skylake-server"):
+    def __init__(self, ram_bytes: int, cpu: str = "skylake-server", *, paging_levels: int = 4):
         if isinstance(ram_bytes, bool) or not isinstance(ram_bytes, (int, np.integer)):
             raise TypeError(f"ram_bytes must be an integer, not {type(ram_bytes).__name__}")
         ram_bytes = int(ram_bytes)
@@ -157,6 +159,8 @@ class Machine:
                 f"{MAX_RAM_BYTES:#x} ({MAX_RAM_BYTES / 2**30:.0f} GiB)")
         if cpu not in CPU_MODELS:
             raise ValueError(f"unknown cpu {cpu!r}; known: {', '.join(CPU_MODELS)}")
+        if paging_levels not in (4, 5):
+            raise ValueError(f"paging_levels must be 4 or 5, not {paging_levels!r}")
         # One host mapping: guest RAM, then the service pages.
         host = HostMapping(ram_bytes + SVC_SIZE)
         try:
@@ -167,10 +171,10 @@ class Machine:
             host.release()
             raise ValueError(f"Unicorn refused a guest of {ram_bytes:#x} bytes: {exc}") from None
         self._setup(uc, host.array[:ram_bytes], 0, cpu, _OWN_SVC_BASE,
-                    host.array[ram_bytes:], host.addr + ram_bytes, host)
+                    host.array[ram_bytes:], host.addr + ram_bytes, host, paging_levels)
 
     def _setup(self, uc: Uc, ram: np.ndarray, ram_base: int, cpu: str, svc_base: int,
-               svc_host: np.ndarray, svc_addr: int, host: object) -> None:
+               svc_host: np.ndarray, svc_addr: int, host: object, levels: int = 4) -> None:
         """Take over ``uc`` (whose RAM is mapped): service pages, paging,
         calibration. ``host`` is whatever keeps the host memory alive; it
         lives as long as ``uc`` does."""
@@ -184,6 +188,7 @@ class Machine:
         self.ram_base = ram_base
         self.ram_bytes = len(ram)
         self.maxphyaddr = MAXPHYADDR
+        self.paging_levels = levels
         self._native_hooks: set[int] = set()
         # Holds uc, not the machine: uc stays valid until this has run.
         weakref.finalize(self, _delete_native_hooks, uc, self._native_hooks)
@@ -204,11 +209,11 @@ class Machine:
         self._tlb = None
         self.stats = {"invlpg": 0, "invlpg_full_fallback": 0, "flush_tlb": 0, "cr3_loads": 0}
         try:
-            self._svc = ServicePages(uc, svc_base, svc_host, svc_addr)
+            self._svc = ServicePages(uc, svc_base, svc_host, svc_addr, levels)
         except UcError as exc:
             raise MachineError(f"cannot map the machine's service pages at {svc_base:#x}: "
                                f"{exc}") from None
-        enable_paging(uc, self._svc.root)
+        enable_paging(uc, self._svc.root, levels)
         self._exc = self._svc.calibrate(uc)
 
     # -- the Unicorn instance and hooks -------------------------------------
@@ -320,7 +325,7 @@ class Machine:
     def invlpg(self, va: int) -> None:
         """Execute INVLPG ``va``: drop the cached translation of its page."""
         va = int(va)
-        if not pt.is_canonical(va):
+        if not pt.is_canonical(va, self.paging_levels):
             raise ValueError(f"invlpg: {va:#x} is not a canonical address")
         self.stats["invlpg"] += 1
         if self._tlb is not None:
@@ -335,7 +340,7 @@ class Machine:
             self.stats["invlpg_full_fallback"] += 1
             flush_cpu_tlb(self._uc)
             return
-        stub_va = pt.canonical(slot << 39)
+        stub_va = self._svc.slot_va(slot)
         saved_entry = int(pml4[slot])
         regs = (X.UC_X86_REG_RIP, X.UC_X86_REG_RDI, X.UC_X86_REG_RSI, X.UC_X86_REG_CR2)
         saved = [self._uc.reg_read(r) for r in regs]
@@ -374,7 +379,7 @@ class Machine:
         the access faults."""
         acc = Access.parse(access)
         va = int(va)
-        if not pt.is_canonical(va):
+        if not pt.is_canonical(va, self.paging_levels):
             raise ValueError(f"{va:#x} is not a canonical address (the CPU raises #GP)")
         status = uclib.uc_vmem_translate(self._uch, ctypes.c_uint64(va), _PROT[acc],
                                          ctypes.byref(self._pa))
@@ -405,8 +410,10 @@ class Machine:
     def walk(self, va: int, access: str | Access = "r") -> pt.WalkResult | pt.WalkFault:
         """Software walk of the current tables (for cross-checks, page size, flags)."""
         if self.cr3 & pt.ADDR_MASK == self._svc.root:
-            return pt.walk(_EMPTY_PML4, 0, int(va), access, maxphyaddr=self.maxphyaddr)
+            return pt.walk(_EMPTY_PML4, 0, int(va), access, maxphyaddr=self.maxphyaddr,
+                           levels=self.paging_levels)
         return pt.walk(self.ram64, self.cr3, int(va), access, maxphyaddr=self.maxphyaddr,
+                       levels=self.paging_levels,
                        ram_base=self.ram_base)
 
     def _error_code(self, va: int, access: Access) -> PfErr | None:

@@ -1,4 +1,5 @@
-"""x86-64 4-level paging: entry encoding and a software page walker.
+"""x86-64 paging, 4-level and 5-level (LA57): entry encoding and a software
+page walker.
 
 Pure functions over integers and numpy arrays, after the Intel SDM vol. 3A
 chapter 4 ("Paging") and Linux's ``arch/x86/include/asm/pgtable_types.h``.
@@ -7,7 +8,8 @@ reconstruct #PF error codes, which Unicorn does not report); everything that
 claims to be "what the CPU does" asks the CPU (:meth:`emu.Machine.translate`).
 
 Levels are numbered as Linux's ``enum pg_level`` does: 1 = 4K (PTE),
-2 = 2M (PMD), 3 = 1G (PUD), 4 = PML4 (PGD with 4-level paging).
+2 = 2M (PMD), 3 = 1G (PUD), 4 = PML4 (PGD with 4-level paging, P4D with
+5), 5 = PML5 (PGD with 5-level paging: CR4.LA57, 57-bit virtual addresses).
 """
 
 from __future__ import annotations
@@ -88,12 +90,13 @@ class PfErr(enum.IntFlag):
 
 
 class Level(enum.IntEnum):
-    """Linux's ``enum pg_level`` for 4-level paging."""
+    """Linux's ``enum pg_level`` (and the PML5 of 5-level paging)."""
 
     PTE = 1   # 4K
     PMD = 2   # 2M
     PUD = 3   # 1G
     PGD = 4   # PML4 (a 512G slot; never a leaf)
+    PML5 = 5  # 5-level paging's root (a 256T slot; never a leaf)
 
     @property
     def page_size(self) -> int:
@@ -101,7 +104,7 @@ class Level(enum.IntEnum):
 
     @property
     def label(self) -> str:
-        return {1: "4K", 2: "2M", 3: "1G", 4: "512G"}[int(self)]
+        return {1: "4K", 2: "2M", 3: "1G", 4: "512G", 5: "256T"}[int(self)]
 
 
 class Access(enum.Enum):
@@ -120,9 +123,9 @@ class Access(enum.Enum):
 
 
 def level_shift(level: int) -> int:
-    """Address bits mapped below an entry of ``level`` (12, 21, 30, 39)."""
-    if not 1 <= level <= 4:
-        raise ValueError(f"paging level must be 1..4, not {level}")
+    """Address bits mapped below an entry of ``level`` (12, 21, 30, 39, 48)."""
+    if not 1 <= level <= 5:
+        raise ValueError(f"paging level must be 1..5, not {level}")
     return PAGE_SHIFT + 9 * (level - 1)
 
 
@@ -135,16 +138,26 @@ def table_index(va: int, level: int) -> int:
     return (va >> level_shift(level)) & (PTRS_PER_TABLE - 1)
 
 
-def is_canonical(va: int) -> bool:
-    """48-bit canonical: bits 63:47 all equal."""
-    top = va >> 47
-    return top == 0 or top == (1 << 17) - 1
+def _va_bits(levels: int) -> int:
+    if levels not in (4, 5):
+        raise ValueError(f"paging levels must be 4 or 5, not {levels}")
+    return 48 if levels == 4 else 57
 
 
-def canonical(va: int) -> int:
-    """Sign-extend bit 47 (a 48-bit address to its canonical 64-bit form)."""
-    va &= (1 << 48) - 1
-    return va | (0xFFFF << 48) if va & (1 << 47) else va
+def is_canonical(va: int, levels: int = 4) -> bool:
+    """Canonical for 4-level paging (48 bits: bits 63:47 all equal) or
+    5-level (57 bits: bits 63:56 all equal)."""
+    bits = _va_bits(levels)
+    top = va >> (bits - 1)
+    return top == 0 or top == (1 << (65 - bits)) - 1
+
+
+def canonical(va: int, levels: int = 4) -> int:
+    """Sign-extend the top bit of a 48-bit (57-bit with ``levels=5``) address
+    to its canonical 64-bit form."""
+    bits = _va_bits(levels)
+    va &= (1 << bits) - 1
+    return va | (((1 << 64) - 1) & ~((1 << bits) - 1)) if va & (1 << (bits - 1)) else va
 
 
 def make_entry(pa: int, flags: int, level: int = 1) -> int:
@@ -155,8 +168,9 @@ def make_entry(pa: int, flags: int, level: int = 1) -> int:
     align = level_size(level) if (level in (2, 3) and flags & PteFlags.PS) else PAGE_SIZE
     if pa % align or pa < 0 or pa >= 1 << 52:
         raise ValueError(f"physical address {pa:#x} is not a {align:#x}-aligned 52-bit address")
-    if level == 4 and flags & PteFlags.PS:
-        raise ValueError("a PML4 entry cannot be a leaf (PS is reserved there)")
+    if level >= 4 and flags & PteFlags.PS:
+        raise ValueError(f"a {'PML4' if level == 4 else 'PML5'} entry cannot be a leaf (PS is "
+                         f"reserved there)")
     bits = int(flags) & ~ADDR_MASK & ((1 << 64) - 1)
     if level in (2, 3) and flags & PteFlags.PS:
         bits |= int(flags) & PteFlags.PAT_LARGE  # bit 12 is PAT in a large leaf
@@ -223,7 +237,7 @@ class WalkResult:
     va: int
     pa: int
     level: int                 # leaf level: 1 = 4K, 2 = 2M, 3 = 1G
-    entries: tuple[int, ...]   # entries read, PML4E first
+    entries: tuple[int, ...]   # entries read, the root's (PML4E or PML5E) first
     writable: bool             # RW at every level (CR0.WP is on: it binds CPL 0)
     executable: bool           # NX clear at every level
     user: bool                 # US at every level
@@ -252,8 +266,8 @@ def _rsvd_mask(level: int, leaf: bool, maxphyaddr: int, nxe: bool) -> int:
     mask = ((1 << 52) - 1) & ~((1 << maxphyaddr) - 1)  # bits 51:MAXPHYADDR
     if not nxe:
         mask |= 1 << 63
-    if level == 4:
-        mask |= int(PteFlags.PS)  # PS must be 0 in a PML4E
+    if level >= 4:
+        mask |= int(PteFlags.PS)  # PS must be 0 in a PML4E and a PML5E
     if leaf and level == 2:
         mask |= ((1 << 21) - 1) & ~((1 << 13) - 1)  # bits 20:13
     if leaf and level == 3:
@@ -263,8 +277,9 @@ def _rsvd_mask(level: int, leaf: bool, maxphyaddr: int, nxe: bool) -> int:
 
 def walk(ram64: np.ndarray, cr3: int, va: int, access: str | Access = "r", *,
          maxphyaddr: int = 40, nxe: bool = True, user: bool = False,
-         ram_base: int = 0) -> WalkResult | WalkFault:
-    """Walk the 4-level tables at ``cr3`` in ``ram64`` (RAM as uint64) for ``va``.
+         ram_base: int = 0, levels: int = 4) -> WalkResult | WalkFault:
+    """Walk the tables at ``cr3`` in ``ram64`` (RAM as uint64) for ``va``:
+    4-level, or 5-level with ``levels=5`` (CR4.LA57).
 
     ``ram64[0]`` holds physical address ``ram_base`` (RAM need not start at 0).
 
@@ -275,7 +290,7 @@ def walk(ram64: np.ndarray, cr3: int, va: int, access: str | Access = "r", *,
     read as all-ones (no RAM there): such a walk is reported by ValueError.
     """
     access = Access.parse(access)
-    if not is_canonical(va):
+    if not is_canonical(va, levels):
         raise ValueError(f"{va:#x} is not a canonical address (the CPU raises #GP, not #PF)")
     base_err = PfErr(0)
     if access is Access.WRITE:
@@ -287,7 +302,7 @@ def walk(ram64: np.ndarray, cr3: int, va: int, access: str | Access = "r", *,
     table = cr3 & ADDR_MASK
     entries: list[int] = []
     writable = executable = usr = True
-    for level in (4, 3, 2, 1):
+    for level in range(levels, 0, -1):
         slot = ((table - ram_base) >> 3) + table_index(va, level)
         if not 0 <= slot < len(ram64):
             raise ValueError(f"walk of {va:#x} reads a level-{level} table at "
@@ -317,7 +332,7 @@ def walk(ram64: np.ndarray, cr3: int, va: int, access: str | Access = "r", *,
 
 
 def fault_error_code(ram64: np.ndarray, cr3: int, va: int, access: str | Access, *,
-                     maxphyaddr: int = 40, nxe: bool = True) -> PfErr | None:
+                     maxphyaddr: int = 40, nxe: bool = True, levels: int = 4) -> PfErr | None:
     """The #PF error code an access to ``va`` raises now, or None if it does not fault."""
-    res = walk(ram64, cr3, va, access, maxphyaddr=maxphyaddr, nxe=nxe)
+    res = walk(ram64, cr3, va, access, maxphyaddr=maxphyaddr, nxe=nxe, levels=levels)
     return res.error_code if isinstance(res, WalkFault) else None

@@ -6,7 +6,8 @@ next to it (never written by guest code, never handed out by a builder):
 * ``ROOT``: an empty PML4, CR3 before any tables are loaded;
 * ``PDPT`` -> ``PD`` -> ``PT``: a chain that a borrowed, not-present PML4
   slot of the current tables points to while the machine runs code of its
-  own;
+  own (with 5-level paging, a borrowed PML5 slot points to ``P4``, whose
+  first entry points to ``PDPT``);
 * ``CODE`` (PT[0], RX): the calibration code at its start and, at its very
   end, ``invlpg [rdi]; invlpg [rsi]``. PT[1] is not present, so the fetch
   after the stub faults and ends the run;
@@ -40,7 +41,7 @@ __all__ = ["BORROW_ORDER", "SVC_PAGES", "SVC_SIZE", "ServicePages", "borrow_slot
 SVC_PAGES = 8
 SVC_SIZE = SVC_PAGES * pt.PAGE_SIZE
 # Service page roles (offsets in pages from the base).
-ROOT, PDPT, PD, PT, CODE, DATA = range(6)
+ROOT, PDPT, PD, PT, CODE, DATA, P4 = range(7)
 #: PML4 slots borrowed for the stub, Linux's hypervisor hole (0xffff8000...
 #: to 0xffff87ff...) first: nothing of the kernel model lives there.
 BORROW_ORDER = tuple(range(0x100, 0x110)) + tuple(range(0x110, 0x200)) + tuple(range(0x100))
@@ -79,10 +80,11 @@ class ServicePages:
     ``host`` (``SVC_SIZE`` bytes at host address ``host_addr``; the caller
     keeps that memory alive as long as ``uc``)."""
 
-    def __init__(self, uc: Uc, base: int, host: np.ndarray, host_addr: int):
+    def __init__(self, uc: Uc, base: int, host: np.ndarray, host_addr: int, levels: int = 4):
         if len(host) != SVC_SIZE:
             raise ValueError(f"service pages need {SVC_SIZE:#x} bytes, not {len(host):#x}")
         self.base = base
+        self.levels = levels
         self._q8 = host
         self._q64 = host.view(np.uint64)
         uc.mem_map_ptr(base, SVC_SIZE, UC_PROT_ALL, host_addr)
@@ -98,16 +100,23 @@ class ServicePages:
 
     @property
     def stub_pml4e(self) -> int:
-        """The PML4 entry that links the service chain into a borrowed slot."""
-        return self.pa(PDPT) | PteFlags.P | PteFlags.RW
+        """The root entry (PML4E, or PML5E with 5-level paging) that links
+        the service chain into a borrowed slot."""
+        first = PDPT if self.levels == 4 else P4
+        return self.pa(first) | PteFlags.P | PteFlags.RW
+
+    def slot_va(self, slot: int) -> int:
+        """The first address the root's ``slot`` maps."""
+        return pt.canonical(slot << pt.level_shift(self.levels), self.levels)
 
     def stub_entry_va(self, slot: int) -> int:
-        """Where the stub starts when the chain sits in PML4 slot ``slot``."""
-        return pt.canonical(slot << 39) + self.stub_offset
+        """Where the stub starts when the chain sits in root slot ``slot``."""
+        return self.slot_va(slot) + self.stub_offset
 
     def _build_tables(self) -> None:
         q = self._q64
         tbl = PteFlags.P | PteFlags.RW
+        q[P4 * 512] = self.pa(PDPT) | tbl
         q[PDPT * 512] = self.pa(PD) | tbl
         q[PD * 512] = self.pa(PT) | tbl
         ptb = PT * 512
@@ -127,7 +136,7 @@ class ServicePages:
         locate the CPU's exception state from them. The CPU state is
         restored afterwards; CR3 must be :attr:`root`."""
         slot = BORROW_ORDER[0]
-        va = pt.canonical(slot << 39)
+        va = self.slot_va(slot)
         page = pt.PAGE_SIZE
         cases = [  # (code, rbx, expected error code)
             ("mov rax, [rbx]", va + 1 * page, 0x00),   # read, not present

@@ -9,14 +9,15 @@ from emu.pagetable import PteFlags as F
 
 
 def test_level_geometry():
-    assert [pt.level_shift(lv) for lv in (1, 2, 3, 4)] == [12, 21, 30, 39]
+    assert [pt.level_shift(lv) for lv in (1, 2, 3, 4, 5)] == [12, 21, 30, 39, 48]
     assert [pt.level_size(lv) for lv in (1, 2, 3)] == [4096, 2 << 20, 1 << 30]
     assert pt.Level.PMD.label == "2M" and pt.Level.PUD.page_size == 1 << 30
     va = 0xFFFF888123456789
     assert [pt.table_index(va, lv) for lv in (4, 3, 2, 1)] == [
         (va >> 39) & 511, (va >> 30) & 511, (va >> 21) & 511, (va >> 12) & 511]
+    assert pt.table_index(0xFF11000000000000, 5) == 0x111     # LA57's direct map
     with pytest.raises(ValueError, match="level"):
-        pt.level_shift(5)
+        pt.level_shift(6)
 
 
 def test_canonical():

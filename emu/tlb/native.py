@@ -39,7 +39,8 @@ class _CModel(ctypes.Structure):
                 ("stlb", ctypes.c_int32 * 3), ("psc", ctypes.c_int32 * 3),
                 ("clock", ctypes.c_uint64), ("counters", ctypes.c_uint64 * len(COUNTERS)),
                 ("ram64", ctypes.c_void_p), ("ram_qwords", ctypes.c_uint64),
-                ("cr3", ctypes.c_uint64), ("ram_first", ctypes.c_uint64)]
+                ("cr3", ctypes.c_uint64), ("ram_first", ctypes.c_uint64),
+                ("levels", ctypes.c_uint64)]
 
 
 class _Desc(ctypes.Structure):
@@ -186,6 +187,7 @@ class TlbModel(MachineObserver):
         self._model.ram64 = m.ram64.ctypes.data
         self._model.ram_qwords = len(m.ram64)
         self._model.ram_first = m.ram_base >> 3
+        self._model.levels = getattr(m, 'paging_levels', 4)
         self._model.cr3 = m.cr3
 
     def access(self, va: int, kind: int = 0) -> None:

@@ -48,6 +48,7 @@ class PyTlb(MachineObserver):
         self.ram64 = None
         self.ram_first = 0          # qword index of ram64[0] (RAM's physical base / 8)
         self.cr3 = 0
+        self.levels = 4
         MachineObserver.__init__(self)
         self._decoded: dict[int, tuple] = {}
 
@@ -95,7 +96,8 @@ class PyTlb(MachineObserver):
         t.glob[base + victim] = glob
 
     def _walk(self, va: int) -> tuple[int, int, int]:
-        start = 4
+        top = self.levels
+        start = top
         if self._lookup(self.psc[2], va):
             self.c["psc_hit_pde"] += 1
             start = 1
@@ -107,7 +109,7 @@ class PyTlb(MachineObserver):
             start = 3
         table = self.cr3 & pt.ADDR_MASK
         n = 0
-        for level in (4, 3, 2, 1):
+        for level in range(top, 0, -1):
             slot = (table >> 3) + ((va >> (12 + 9 * (level - 1))) & 511) - self.ram_first
             if not 0 <= slot < len(self.ram64):
                 return 0, 0, n
@@ -155,6 +157,7 @@ class PyTlb(MachineObserver):
         """Point the walker at ``m``'s RAM and current CR3 without running code."""
         self.ram64 = m.ram64
         self.ram_first = m.ram_base >> 3
+        self.levels = getattr(m, 'paging_levels', 4)
         self.cr3 = m.cr3
 
     # -- machine interface (Python hooks: slow) -------------------------------
