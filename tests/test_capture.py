@@ -248,3 +248,36 @@ def test_live_workload_capture_replays_on_its_own_state_without_a_fault(tmp_path
     assert res["all_4k"]["dtlb_walks"] >= res["unsplit"]["dtlb_walks"] > 0
     assert res["state"]["accesses"] == res["stream"]["replayed"]
     json.dumps(res)
+
+
+@pytest.mark.parametrize("argv, msg", [
+    (["-o", "a.txt"], "must end in .npz"),
+    (["-o", "a.npz", "--limit", "5"], "--limit (5) must hold at least two windows of 65536"),
+    (["-o", "a.npz", "--window", "0"], "--window must be at least 1"),
+    (["-o", "a.npz", "--limit", str(1 << 31)], "at most 1,073,741,824 accesses"),
+    (["-o", "a.npz", "--workload", "nope"], "unknown workload 'nope'"),
+    (["-o", "a.npz", "--timeout", "0"], "--timeout must be a finite number of seconds"),
+    (["-o", "/nonexistent/a.npz"], "-o/--output"),
+])
+def test_accesses_record_bad_input_boots_nothing(capsys, tmp_path, monkeypatch, argv, msg):
+    """Every option is checked before a guest boots (exit 2, one line)."""
+    import dmfrag.capture
+    from dmfrag.cli import main
+
+    def boom(*a, **k):
+        raise AssertionError("booted")
+    monkeypatch.setattr(dmfrag.capture, "record_accesses", boom)
+    monkeypatch.chdir(tmp_path)
+    assert main(["accesses", "record", *argv]) == 2
+    assert msg in capsys.readouterr().err
+
+
+def test_accesses_info_names_what_a_capture_holds(tmp_path, capsys):
+    from dmfrag.accesses import default_stream
+    from dmfrag.cli import main
+    assert main(["accesses", "info", str(default_stream("7.2")), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["paging_levels"] == 5 and out["meta"]["kernel"] == "7.2"
+    assert out["accesses"] == out["meta"]["kept"] == sum(out["kinds"].values())
+    assert sum(out["regions"].values()) == out["accesses"]
+    assert out["meta"]["workload"] == ["age:256"] and out["meta"]["coalesced"] > 0
