@@ -29,7 +29,7 @@ demo: $(STAMP)
 	$(PY) -m dmfrag.cli compare --trace $(DEMO_TRACE) --policies all --csv compare.csv --plots plots
 
 test: $(STAMP) realkernel-deps
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=25
 
 # `make bench BENCH_FLAGS=--smoke` runs each script at its tiny size (what
 # tests/test_bench.py checks in `make test`); `BENCH_FLAGS=--json` for figures.
