@@ -257,7 +257,6 @@ def _run_chunk(k: Kernel, s: AccessStream, lo: int, hi: int, code_va: int,
             imm[st[good]] = np.ascontiguousarray(b).view("<u8").ravel()
     # a fetch: mov r15, <the next slot>; jmp rsi; ``jmp r15`` at the target
     fe = np.flatnonzero(kind == FETCH)
-    end = code_va + n * _SLOT
     targets = np.zeros(0, np.int64)
     if len(fe):
         slots[fe, 10:12] = (0x49, 0xBF)                               # mov r15, imm64
@@ -266,14 +265,10 @@ def _run_chunk(k: Kernel, s: AccessStream, lo: int, hi: int, code_va: int,
         slots[fe, 2:10] = a.astype("<u8").view(np.uint8).reshape(len(fe), 8)
         pas, ok = m.translate_many(a, "x")
         pas = pas.astype(np.int64)
-        bad_x = ~ok | (pas + 3 > len(ram))
-        own = ~bad_x & (a + np.uint64(3) >= np.uint64(code_va)) & (a < np.uint64(end))
-        for j, why in [*((int(j), "fetch: not executable in this state")
-                         for j in fe[bad_x]),
-                       *((int(j), "fetch: inside the replay's own code (not run)")
-                         for j in fe[own])]:
-            _fault(out, lo + j, int(va[j]), FETCH, why)
-        skip = bad_x | own
+        # (_plan_chunk put the code clear of every site: none lands in it)
+        skip = ~ok | (pas + 3 > len(ram))
+        for j in fe[skip]:
+            _fault(out, lo + int(j), int(va[j]), FETCH, "fetch: not executable in this state")
         slots[fe[skip], _OP_AT: _OP_AT + 2] = (0x90, 0x90)            # not run
         targets = np.unique(pas[~skip])
     slots[:, 12:20] = imm.view(np.uint8).reshape(n, 8)
@@ -345,7 +340,7 @@ def region_counts(va: np.ndarray, levels: int) -> dict[str, int]:
 
 #: Linux's 5-level direct map (the reference guests run with LA57): its
 #: addresses become the model's (4-level PAGE_OFFSET) before a replay
-_LA57_DIRECT = (0xFF11000000000000, 0xFF11000000000000 + (1 << 52))
+_LA57_DIRECT = (REGIONS[5]["direct_map"][0], REGIONS[5]["direct_map"][0] + (1 << 52))
 
 
 def to_model_layout(k: Kernel, s: AccessStream) -> AccessStream:

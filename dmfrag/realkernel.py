@@ -52,6 +52,7 @@ __all__ = [
     "RealKernel",
     "RealKernelError",
     "RealRun",
+    "build_with_gcc",
     "cache_dir",
 ]
 
@@ -442,21 +443,9 @@ class RealKernel:
         """Static guest helpers, built once per source: the binary's name
         carries the source's hash, so checkouts with different sources
         sharing one cache never run each other's helper."""
-        out = {}
-        build = self.cache / "helpers"
-        build.mkdir(parents=True, exist_ok=True)
-        for name in HELPERS:
-            src = _GUEST_SRC / f"{name}.c"
-            exe = build / f"{name}-{hashlib.sha256(src.read_bytes()).hexdigest()[:16]}"
-            if not exe.exists():
-                tmp = build / f".{exe.name}.{os.getpid()}"
-                r = subprocess.run(["gcc", "-static", "-O2", "-o", str(tmp), str(src)],
-                                   capture_output=True, text=True, check=False)
-                if r.returncode:
-                    raise RealKernelError(f"building guest helper {name} failed:\n{r.stderr}")
-                os.replace(tmp, exe)
-            out[name] = exe
-        return out
+        return {name: build_with_gcc(_GUEST_SRC / f"{name}.c", self.cache / "helpers", name,
+                                     ["-static", "-O2"])
+                for name in HELPERS}
 
     def module_build_dir(self) -> Path:
         """The kernel's module build tree (``make -C`` it with ``M=``):
@@ -768,6 +757,25 @@ def _run_pausing(cmd: list[str], timeout: float, sock: Path,
     if time.monotonic() > deadline:
         raise subprocess.TimeoutExpired(cmd, timeout, output=out)
     return subprocess.CompletedProcess(cmd, proc.returncode, out, b"".join(err))
+
+
+def build_with_gcc(src: Path, out_dir: Path, stem: str, args: list[str],
+                   suffix: str = "") -> Path:
+    """``src`` compiled with the host's gcc (``args``) once per source text
+    into ``out_dir``: the file's name carries the source's hash, so
+    checkouts with different sources sharing one cache never run each
+    other's build; written aside and renamed into place."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    out = out_dir / f"{stem}-{hashlib.sha256(src.read_bytes()).hexdigest()[:16]}{suffix}"
+    if out.exists():
+        return out
+    tmp = out_dir / f".{out.name}.{os.getpid()}"
+    r = subprocess.run(["gcc", *args, "-o", str(tmp), str(src)], capture_output=True, text=True,
+                       check=False)
+    if r.returncode:
+        raise RealKernelError(f"building {src.name} failed:\n{r.stderr[-2000:]}")
+    os.replace(tmp, out)
+    return out
 
 
 def _dpkg_x(deb: Path, dest: Path) -> None:

@@ -41,11 +41,9 @@ the plugin's counts, the address layout seen).
 
 from __future__ import annotations
 
-import hashlib
+import dataclasses
 import json
-import os
 import shutil
-import subprocess
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -108,22 +106,15 @@ class Capture:
 
 
 def _build(src: Path, out_dir: Path, stem: str, args: list[str], suffix: str = "") -> Path:
-    """``src`` compiled once per source text into ``out_dir`` (the file's
-    name carries the source's hash, as the guest helpers' do)."""
+    """``src`` built once per source text (realkernel.build_with_gcc, as
+    the guest helpers are), its failure a :class:`CaptureError`."""
+    from ..realkernel import RealKernelError, build_with_gcc
     if shutil.which("gcc") is None:
         raise CaptureError("gcc is missing: apt-get install gcc")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    digest = hashlib.sha256(src.read_bytes()).hexdigest()[:16]
-    out = out_dir / f"{stem}-{digest}{suffix}"
-    if out.exists():
-        return out
-    tmp = out_dir / f".{out.name}.{os.getpid()}"
-    r = subprocess.run(["gcc", *args, "-o", str(tmp), str(src)], capture_output=True, text=True,
-                       check=False)
-    if r.returncode:
-        raise CaptureError(f"building {src.name} failed:\n{r.stderr[-2000:]}")
-    os.replace(tmp, out)
-    return out
+    try:
+        return build_with_gcc(src, out_dir, stem, args, suffix)
+    except RealKernelError as exc:
+        raise CaptureError(str(exc)) from None
 
 
 def build_plugin(cache: Path) -> Path:
@@ -221,8 +212,7 @@ def record_accesses(kernel: str, ram: str, workload: tuple[str, ...], *,
         stream, win, counts = _read_output(prefix)
         plain_s = None
         if measure_slowdown:
-            plain_hooks = InitHooks(snap_pre=hk.snap_pre, snap_post=hk.snap_post,
-                                    after_boot=hk.after_boot, binaries=hk.binaries)
+            plain_hooks = dataclasses.replace(hk, qemu_args=())
             t0 = time.monotonic()
             try:
                 rk.run(ram, steps, timeout=timeout, prologue=prologue, epilogue=epilogue,
