@@ -28,8 +28,11 @@ DEMO_TRACE := tests/data/traces/linux-6.1-2G-modules_bpf-256_secretmem-512.jsonl
 demo: $(STAMP)
 	$(PY) -m dmfrag.cli compare --trace $(DEMO_TRACE) --policies all --csv compare.csv --plots plots
 
+# Two workers (pytest-xdist), each taking whole test files, so a file's
+# module fixtures (a boot, a recording) are made once; JOBS=1 runs in one.
+JOBS ?= 2
 test: $(STAMP) realkernel-deps
-	$(PY) -m pytest -q --durations=25
+	$(PY) -m pytest -q -n $(JOBS) --dist loadscope --durations=25
 
 # `make bench BENCH_FLAGS=--smoke` runs each script at its tiny size (what
 # tests/test_bench.py checks in `make test`); `BENCH_FLAGS=--json` for figures.
