@@ -29,7 +29,6 @@ from dmfrag.truth import (
     state_bytes,
 )
 from guestkernel import Kernel
-from guestkernel.layout import PAGE_OFFSET
 
 DATA = Path(__file__).resolve().parent.parent / "tests" / "data" / "truth"
 
@@ -40,7 +39,7 @@ def _compare(state) -> dict:
     k = Kernel.from_state(state)
     t1 = time.perf_counter()
     pt = compare_tables((state.pt_va, state.pt_level, state.pt_entry), model_tables(k),
-                        real_offset=state.page_offset, model_offset=PAGE_OFFSET)
+                        real_offset=state.page_offset, model_offset=k.page_offset)
     fr = compare_free(state, k.buddy.page_states() == 1)
     t2 = time.perf_counter()
     return {"from_state_s": t1 - t0, "compare_s": t2 - t1,

@@ -39,6 +39,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from guestkernel.layout import LAYOUT_4LEVEL, LAYOUT_5LEVEL
+
 if TYPE_CHECKING:
     from guestkernel import Kernel
 
@@ -295,18 +297,17 @@ def _run_chunk(k: Kernel, s: AccessStream, lo: int, hi: int, code_va: int,
 #: where Linux puts its regions, by paging mode (arch/x86/include/asm/
 #: page_64_types.h, pgtable_64_types.h; Documentation/arch/x86/x86_64/mm.rst):
 #: name -> (start, end) for 4-level and for 5-level (LA57) paging
-REGIONS = {
-    4: {"direct_map": (0xFFFF888000000000, 0xFFFFC88000000000),
-        "vmalloc": (0xFFFFC90000000000, 0xFFFFE90000000000),
-        "vmemmap": (0xFFFFEA0000000000, 0xFFFFEB0000000000),
-        "kernel_image": (0xFFFFFFFF80000000, 0xFFFFFFFFA0000000 + (1 << 30)),
-        "modules": (0xFFFFFFFFA0000000 + (1 << 30), 0xFFFFFFFFFF000000)},
-    5: {"direct_map": (0xFF11000000000000, 0xFF91000000000000),
-        "vmalloc": (0xFFA0000000000000, 0xFFD2000000000000),
-        "vmemmap": (0xFFD4000000000000, 0xFFD6000000000000),
-        "kernel_image": (0xFFFFFFFF80000000, 0xFFFFFFFFA0000000 + (1 << 30)),
-        "modules": (0xFFFFFFFFA0000000 + (1 << 30), 0xFFFFFFFFFF000000)},
-}
+def _regions(lay) -> dict[str, tuple[int, int]]:
+    return {"direct_map": (lay.page_offset, lay.direct_map_end),
+            "vmalloc": (lay.vmalloc_start, lay.vmalloc_end + 1),
+            # 1 TB of vmemmap (4-level), 0.5 PB (5-level)
+            "vmemmap": (lay.vmemmap_start,
+                        lay.vmemmap_start + (1 << (40 if lay.paging_levels == 4 else 49))),
+            "kernel_image": (0xFFFFFFFF80000000, 0xFFFFFFFFA0000000 + (1 << 30)),
+            "modules": (0xFFFFFFFFA0000000 + (1 << 30), 0xFFFFFFFFFF000000)}
+
+
+REGIONS = {4: _regions(LAYOUT_4LEVEL), 5: _regions(LAYOUT_5LEVEL)}
 
 
 def layout_of(va: np.ndarray) -> int | None:
@@ -338,17 +339,20 @@ def region_counts(va: np.ndarray, levels: int) -> dict[str, int]:
 
 # -- the three states and the figures ------------------------------------------
 
-#: Linux's 5-level direct map (the reference guests run with LA57): its
-#: addresses become the model's (4-level PAGE_OFFSET) before a replay
-_LA57_DIRECT = (REGIONS[5]["direct_map"][0], REGIONS[5]["direct_map"][0] + (1 << 52))
 
 
-def to_model_layout(k: Kernel, s: AccessStream) -> AccessStream:
-    """A stream recorded under Linux's 5-level layout: its direct-map
-    addresses moved to the model's direct map (other addresses kept)."""
+def to_kernel_layout(k: Kernel, s: AccessStream, levels: int | None) -> AccessStream:
+    """A stream recorded under the other paging mode than ``k``'s (a 5-level
+    capture priced on a 4-level state, or the reverse): its direct-map
+    addresses moved to ``k``'s direct map, same pfn (the image is at the
+    same addresses in both; other regions are kept as they are). The
+    stream itself when the modes agree."""
+    if levels is None or levels == k.paging_levels:
+        return s
+    lo = REGIONS[levels]["direct_map"][0]
     va = s.va.copy()
-    la57 = (va >= np.uint64(_LA57_DIRECT[0])) & (va < np.uint64(_LA57_DIRECT[1]))
-    va[la57] = va[la57] - np.uint64(_LA57_DIRECT[0]) + np.uint64(k.pfn_to_virt(0))
+    m = (va >= np.uint64(lo)) & (va < np.uint64(lo + (1 << 52)))
+    va[m] = va[m] - np.uint64(lo) + np.uint64(k.page_offset)
     return AccessStream(va, s.kind, s.size)
 
 
@@ -361,24 +365,25 @@ def modelled_part(k: Kernel, s: AccessStream) -> tuple[AccessStream, dict]:
     the direct map and the kernel image, the regions whose mapping the
     model builds as Linux does (vmalloc, vmemmap, modules and the fixmap
     hold Linux's own allocations, which the model's state does not have at
-    those addresses). A 5-level stream's direct-map addresses are moved to
-    the model's (:func:`to_model_layout`). A stream whose addresses fall in
-    no Linux region (a user's own) is kept whole.
+    those addresses). A stream of the other paging mode than the kernel's
+    has its direct-map addresses moved to the kernel's
+    (:func:`to_kernel_layout`; ``relocated`` says so). A stream whose
+    addresses fall in no Linux region (a user's own) is kept whole.
 
     Returns the stream to replay and what was left out, per region."""
     levels = layout_of(s.va)
     if levels is None:
-        return s, {"paging_levels": None, "regions": {}, "replayed": len(s), "left_out": 0}
+        return s, {"paging_levels": None, "regions": {}, "replayed": len(s), "left_out": 0,
+                   "relocated": False}
     keep = np.zeros(len(s), bool)
     for name in MODELLED_REGIONS:
         lo, hi = REGIONS[levels][name]
         keep |= (s.va >= np.uint64(lo)) & (s.va < np.uint64(hi))
-    sub = AccessStream(s.va[keep], s.kind[keep], s.size[keep])
-    if levels == 5:
-        sub = to_model_layout(k, sub)
+    sub = to_kernel_layout(k, AccessStream(s.va[keep], s.kind[keep], s.size[keep]), levels)
     n = int(np.count_nonzero(keep))
     return sub, {"paging_levels": levels, "regions": region_counts(s.va, levels),
-                 "replayed": n, "left_out": len(s) - n}
+                 "replayed": n, "left_out": len(s) - n,
+                 "relocated": levels != k.paging_levels}
 
 
 def unsplit_kernel(k: Kernel) -> Kernel:
@@ -386,7 +391,8 @@ def unsplit_kernel(k: Kernel) -> Kernel:
     with no CPA call at all: the direct map as init_memory_mapping built it."""
     from guestkernel import Kernel as K
     return K.boot(e820=k.e820, gbpages=k.gbpages, profile=k.profile, boot_cpa=False,
-                  initrd=k.bootmem.initrd or 0, cmdline=k.cmdline)
+                  initrd=k.bootmem.initrd or 0, cmdline=k.cmdline,
+                  paging_levels=k.requested_paging_levels)
 
 
 def all_4k_kernel(k: Kernel) -> Kernel:
@@ -441,14 +447,16 @@ def tlbcost(k: Kernel, s: AccessStream, preset: str = "skylake", *,
     replayed (:func:`modelled_part`; ``all_regions``: every access, those
     the model does not map being faults)."""
     if all_regions:
-        s, part = to_model_layout(k, s), {"paging_levels": layout_of(s.va), "replayed": len(s),
-                                          "left_out": 0}
+        levels = layout_of(s.va)
+        s, part = to_kernel_layout(k, s, levels), {
+            "paging_levels": levels, "replayed": len(s), "left_out": 0,
+            "relocated": levels is not None and levels != k.paging_levels}
     else:
         s, part = modelled_part(k, s)
     if not len(s):
         raise ValueError("no access of the stream is in a region the model maps (the direct "
                          "map, the kernel image): nothing to replay")
-    out = {"preset": preset, "stream": part}
+    out = {"preset": preset, "paging_levels": k.paging_levels, "stream": part}
     unsplit, all_4k = references(k)
     for name, kern in (("state", k), ("unsplit", unsplit), ("all_4k", all_4k)):
         r = replay(kern, s, tlb=preset)
@@ -471,7 +479,7 @@ def references(k: Kernel) -> tuple[Kernel, Kernel]:
     kept for the next call on the same machine and kernel record (a replay
     leaves them as they were)."""
     key = (repr(k.e820.entries), k.profile.name, k.gbpages,
-           k.bootmem.initrd or 0, k.cmdline)
+           k.bootmem.initrd or 0, k.cmdline, k.requested_paging_levels)
     if key not in _REFS:
         _REFS.clear()
         u = unsplit_kernel(k)

@@ -62,9 +62,10 @@ from guestkernel.page_alloc.types import order_to_pindex
 from guestkernel.vmalloc import vm_area_alloc_pages_bulk
 
 from .placed import (
-    LA57_DIRECT,
+    DIRECT_MAPS,
     PlacedReplayError,
     Replayer,
+    direct_pfn,
     load_recorded,
     one_page_vmalloc,
 )
@@ -312,11 +313,8 @@ class _Modelled(Replayer):
         self.res.ring_buffer_pages = taken
 
     def _va(self, va: int) -> int:
-        if LA57_DIRECT[0] <= va < LA57_DIRECT[1]:
-            pfn = (va - LA57_DIRECT[0]) >> 12
-        elif self.k.pfn_to_virt(0) <= va < self.direct_end:
-            pfn = (va - self.k.pfn_to_virt(0)) >> 12
-        else:
+        pfn = direct_pfn(va)
+        if pfn is None:
             return va
         if pfn < len(self.xlate) and self.xlate[pfn] >= 0:
             pfn = int(self.xlate[pfn])
@@ -504,8 +502,7 @@ class _Modelled(Replayer):
         base = self.k.pfn_to_virt(0)
         if not base <= mva < self.direct_end:
             return False
-        linux0 = (va - (LA57_DIRECT[0] if LA57_DIRECT[0] <= va < LA57_DIRECT[1]
-                        else base)) >> 12
+        linux0 = direct_pfn(va)
         pages = [(int(self._va(base + ((linux0 + j) << 12)) - base) >> 12)
                  for j in range(npages)]
         mine = [m for m in pages if m in self.unmapped_by_policy]
@@ -897,10 +894,6 @@ def _infer_bulk(events: list[list], start: int, n: int,
     return out
 
 
-#: the direct map's range in 4-level traces (5.10): LA57_DIRECT is 5-level's
-_DIRECT4 = (0xFFFF888000000000, 0xFFFF888000000000 + (1 << 46))
-
-
 def policy_users(events: list[list]) -> tuple[dict[int, str], set[int], dict[int, list[int]]]:
     """Which of the trace's allocations a policy routes as a user's: ``A``
     event index -> "secretmem" (allocated in ``secretmem_fault``) or
@@ -930,7 +923,7 @@ def policy_users(events: list[list]) -> tuple[dict[int, str], set[int], dict[int
                 holder.pop(p, None)
         elif kind == "C" and e[2] is not None:
             va, npages = e[2][0], e[2][1]
-            for lo, hi in (LA57_DIRECT, _DIRECT4):
+            for lo, hi in DIRECT_MAPS:
                 if lo <= va < hi:
                     first = (va - lo) >> 12
                     for p in range(first, first + npages):

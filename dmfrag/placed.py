@@ -51,6 +51,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
+from guestkernel.layout import LAYOUT_4LEVEL, LAYOUT_5LEVEL
+
 __all__ = ["COMPARED", "PlacedReplay", "PlacedReplayError", "load_recorded", "read_trace",
            "replay_placed"]
 
@@ -63,10 +65,36 @@ COMPARED = COMPARED_MEMINFO + COMPARED_VMSTAT
 _IMAGE_START = 0xFFFFFFFF80000000
 _IMAGE_END = 0xFFFFFFFFC0000000
 #: PAGE_OFFSET with 5-level paging (Debian's 6.1 and 7.2 under ``-cpu max``
-#: run with LA57); the model's direct map is at the 4-level PAGE_OFFSET, so a
-#: recorded direct-map address is moved there (same pfn)
-_LA57_PAGE_OFFSET = 0xFF11000000000000
+#: run with LA57; 5.10 runs 4-level): a recorded direct-map address, in
+#: either layout, is moved to the model's direct map (same pfn), the same
+#: address when the model runs the trace's paging mode
+_LA57_PAGE_OFFSET = LAYOUT_5LEVEL.page_offset
 _LA57_DIRECT_END = _LA57_PAGE_OFFSET + (1 << 46)
+#: the direct map's range (up to 64 TiB of RAM) in each layout, nokaslr
+DIRECT_MAPS = ((_LA57_PAGE_OFFSET, _LA57_DIRECT_END),
+               (LAYOUT_4LEVEL.page_offset, LAYOUT_4LEVEL.page_offset + (1 << 46)))
+
+
+def trace_paging_levels(events: list[list]) -> int | None:
+    """The paging mode the recording kernel ran in, from where the first
+    direct-map address of its CPA passes sits (5: LA57's ``0xff11...``);
+    None when no pass names one."""
+    for e in events:
+        if e[0] == "C" and e[2]:
+            va = e[2][0]
+            if DIRECT_MAPS[0][0] <= va < DIRECT_MAPS[0][1]:
+                return 5
+            if DIRECT_MAPS[1][0] <= va < DIRECT_MAPS[1][1]:
+                return 4
+    return None
+
+
+def direct_pfn(va: int) -> int | None:
+    """The pfn a direct-map address of either layout maps (None: not one)."""
+    for lo, hi in DIRECT_MAPS:
+        if lo <= va < hi:
+            return (va - lo) >> 12
+    return None
 _POOL = 256
 #: the replay's per-page map
 _FREE, _TRACED, _RESERVED, _MODEL, _MODEL_FREED, _UNTRACED = 0, 1, 2, 3, 4, 5
@@ -215,9 +243,12 @@ class _Replayer:
         self.header, self.events = header, events
         kernel = header.get("kernel")
         try:
+            # the model runs the paging mode the recording kernel ran in
+            # (Linux's own addresses, its walks' depth)
             self.k = Kernel.boot(e820=header.get("boot_log") or None,
                                  ram=header.get("ram"), profile=kernel,
-                                 policy=policy or "baseline", boot_cpa=False)
+                                 policy=policy or "baseline", boot_cpa=False,
+                                 paging_levels=trace_paging_levels(events))
         except Exception as exc:  # noqa: BLE001 - a header the model cannot boot
             raise PlacedReplayError(1, f"the model cannot boot this trace's machine: {exc}"
                                     ) from None
@@ -353,10 +384,9 @@ class _Replayer:
     # -- the events ------------------------------------------------------------
 
     def _va(self, va: int) -> int:
-        """A recorded address in the model's layout (see _LA57_PAGE_OFFSET)."""
-        if _LA57_PAGE_OFFSET <= va < _LA57_DIRECT_END:
-            return self.k.pfn_to_virt((va - _LA57_PAGE_OFFSET) >> 12) | (va & 0xFFF)
-        return va
+        """A recorded address in the model's layout (see DIRECT_MAPS)."""
+        pfn = direct_pfn(va)
+        return va if pfn is None else self.k.pfn_to_virt(pfn) | (va & 0xFFF)
 
     def _next_table(self) -> int:
         """The next page Linux allocated inside the request being replayed."""
@@ -692,14 +722,12 @@ class _Replayer:
         (dmfrag.truth), kept for the snapshot of that point; the state, or
         None without one. ``model_free``: a bool per pfn; ``model_lists``:
         the model's free lists (the order is compared too)."""
-        from guestkernel.layout import PAGE_OFFSET
-
         from .truth import compare_free, compare_tables, model_tables
         st = self.states.get(point)
         if st is None:
             return None
         pt = compare_tables((st.pt_va, st.pt_level, st.pt_entry), model_tables(self.k),
-                            real_offset=st.page_offset, model_offset=PAGE_OFFSET)
+                            real_offset=st.page_offset, model_offset=self.k.page_offset)
         fr = compare_free(st, model_free, model_lists)
         self.compared[point] = {
             "pte_mismatches": pt["pte_mismatches"],

@@ -84,9 +84,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from guestkernel.layout import PAGE_OFFSET, START_KERNEL_MAP, VMEMMAP_START
+from guestkernel.layout import LAYOUT_5LEVEL, START_KERNEL_MAP, VMEMMAP_START
 
-from .placed import LA57_DIRECT
+from .placed import DIRECT_MAPS
 from .realkernel import DEFAULT_KERNEL, RealKernel, RealKernelError
 
 __all__ = [
@@ -124,7 +124,7 @@ BULK_PROBES = {
 }
 #: vmemmap (struct page array) bases under nokaslr: 5-level paging (the
 #: guests under ``-cpu max``) and 4-level; a struct page is 64 bytes
-_VMEMMAP_BASES = (0xFFD4000000000000, VMEMMAP_START)
+_VMEMMAP_BASES = (LAYOUT_5LEVEL.vmemmap_start, VMEMMAP_START)
 _STRUCT_PAGE_SHIFT = 6
 
 #: ``struct cpa_data`` offsets (arch/x86/mm/pat/set_memory.c) per kernel,
@@ -357,8 +357,8 @@ CPA_TABLE_GFPS = frozenset(("GFP_KERNEL", "none", "GFP_KERNEL|__GFP_COMP",
 
 #: the module area (MODULES_VADDR .. MODULES_END: module, BPF and execmem memory)
 _MODULES_VADDR, _MODULES_END = 0xFFFFFFFFC0000000, 0xFFFFFFFFFF000000
-#: the direct map under 4-level paging (the model's) and 5-level (the guests'), nokaslr
-_DIRECT_MAPS = ((PAGE_OFFSET, PAGE_OFFSET + (1 << 46)), LA57_DIRECT)
+#: the direct map under 4-level and 5-level paging, nokaslr
+_DIRECT_MAPS = DIRECT_MAPS
 
 
 def splits_direct_map_tables(va: int | None) -> bool:

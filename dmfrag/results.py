@@ -59,7 +59,7 @@ def run_result(d: Driver, *, workload: str, seed: int, tlb: str | None,
     k = d.kernel
     out = {"meminfo": k.meminfo(), "vmstat": k.vmstat(), "policy": k.policy_name,
            "kernel": k.profile.name, "kernel_reason": k.profile_reason,
-           "workload": workload, "seed": seed, "calls": len(d.lines) - 1}
+           "paging_levels": k.paging_levels, "workload": workload, "seed": seed, "calls": len(d.lines) - 1}
     if d.points:
         out["snapshots"] = list(d.points)
     if tlb:

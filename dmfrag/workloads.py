@@ -247,19 +247,22 @@ WORKLOADS = {name: model_driver(name) for name in model_names()}
 
 def run_workload(workload: str, *, ram: str | None = "4G", e820: str | None = None,
                  policy: str = "baseline", seed: int = 1, scale: float = 1.0,
-                 kernel: Kernel | None = None, profile: str | None = None) -> Driver:
+                 kernel: Kernel | None = None, profile: str | None = None,
+                 paging_levels: int | None = None) -> Driver:
     """Boot (unless given a kernel) and run one workload; returns the driver
     (kernel, trace lines, handles). ``e820`` is a boot log's text: the run
     boots from its :func:`e820_lines`, which the trace keeps. A call that
     runs out of guest memory raises :class:`WorkloadError` (the driver so
-    far in it); a bad name, size or map fails before any work."""
+    far in it); a bad name, size or map fails before any work.
+    ``paging_levels``: 4 or 5 (None: the kernel record's, see Kernel.boot);
+    the trace's header keeps the mode the run had."""
     driver = model_driver(workload)      # an unknown name: ValueError listing the known
     if not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
         raise ValueError(f"scale must be a positive finite number, not {scale!r}")
     if e820 is not None:
         e820 = e820_lines(e820)
     k = kernel or Kernel.boot(ram=None if e820 is not None else ram, e820=e820, policy=policy,
-                              profile=profile)
+                              profile=profile, paging_levels=paging_levels)
     d = Driver(k)
     from policies.oracle import OracleTracker
 
@@ -269,7 +272,10 @@ def run_workload(workload: str, *, ram: str | None = "4G", e820: str | None = No
     boot = {"e820": e820} if e820 is not None else {"ram": ram}
     d.lines.append(json.dumps({"format": TRACE_FORMAT, "version": TRACE_VERSION, "boot": boot,
                                "kernel": k.profile.name, "policy": policy, "workload": workload,
-                               "seed": seed, "scale": scale}, sort_keys=True))
+                               "seed": seed, "scale": scale,
+                               **({"paging_levels": k.requested_paging_levels}
+                                  if k.requested_paging_levels is not None else {})},
+                              sort_keys=True))
     d.sample()
     driver(d, random.Random(seed), scale)
     d.sample()
@@ -315,8 +321,12 @@ def _boot_from_header(head: dict, policy: str | None, kernel: str | None = None)
             get_version(profile)
         except (VersionError, TypeError) as exc:
             raise TraceError(1, "kernel", str(exc)) from None
+    levels = head.get("paging_levels")      # (none: Kernel.boot's default)
+    if levels is not None and (isinstance(levels, bool) or levels not in (4, 5)):
+        raise TraceError(1, "paging_levels", f"must be 4 or 5, not {levels!r}")
     try:
-        return Kernel.boot(ram=ram, e820=e820, policy=pol, profile=profile)
+        return Kernel.boot(ram=ram, e820=e820, policy=pol, profile=profile,
+                           paging_levels=levels)
     except (ValueError, MemoryError, KernelError) as exc:
         raise TraceError(1, fld, str(exc)) from None
 

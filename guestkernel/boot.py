@@ -49,7 +49,7 @@ from .bootmem import (
 )
 from .cpa import Cpa
 from .e820 import E820Table, E820Type, GiB, MiB
-from .layout import PAGE_OFFSET, PAGE_SIZE, PMD_SIZE, START_KERNEL_MAP
+from .layout import PAGE_SIZE, PMD_SIZE, START_KERNEL_MAP, layout_for
 from .memblock import Memblock
 from .memory_mapping import init_mem_mapping as plan_mem_mapping
 from .page_alloc import PAGEBLOCK_NR_PAGES, BuddyAllocator, MigrateType, ZoneType
@@ -256,21 +256,31 @@ def init_mem_mapping(machine: Machine, e820: E820Table, memblock: Memblock,
     """The high kernel mapping, then the direct map (arch/x86/mm/init.c)."""
     img = version.image
     max_pfn = e820.max_pfn
-    shadow = Shadow(max_pfn, img, version.alias_masks_nx)
+    layout = layout_for(machine.paging_levels)
+    shadow = Shadow(max_pfn, img, version.alias_masks_nx, layout.page_offset)
     alloc = _EarlyTableAlloc(memblock, img.pa(img.end_of_kernel_reserve))
-    # init_top_pgt, level3_kernel_pgt, level2_kernel_pgt live in the image's .data.
-    root, pud, pmd = (img.pa(img.sdata) + i * PAGE_SIZE for i in range(3))
+    # init_top_pgt, level3_kernel_pgt, level2_kernel_pgt (and with 5-level
+    # paging level4_kernel_pgt) live in the image's .data.
+    root, pud, pmd, p4d = (img.pa(img.sdata) + i * PAGE_SIZE for i in range(4))
+    statics = (root, pud, pmd) + ((p4d,) if layout.paging_levels == 5 else ())
     ram = machine.ram
-    for page in (root, pud, pmd):
+    for page in statics:
         ram[page: page + PAGE_SIZE] = 0
-    pgt = KernelPageTables(machine, root, alloc, _no_free_at_boot, pti=version.pti)
-    pgt.table_pages |= {pud, pmd}
+    pgt = KernelPageTables(machine, root, alloc, _no_free_at_boot, pti=version.pti,
+                           layout=layout)
+    pgt.table_pages |= set(statics)
     kp = pgt.prot
     # init_top_pgt[511] -> level3_kernel_pgt[510] -> level2_kernel_pgt, 2M
     # pages over the image (cleanup_highmap keeps [_text, roundup(_brk_end, PMD_SIZE))).
     # head_64.S: init_top_pgt[511] = level3_kernel_pgt + _PAGE_TABLE_NOENC,
-    # level3_kernel_pgt[510] = level2_kernel_pgt + _KERNPG_TABLE_NOENC
-    pgt.set(pgt.slot(root, pt.table_index(START_KERNEL_MAP, 4)), pud | kp.PAGE_TABLE)
+    # level3_kernel_pgt[510] = level2_kernel_pgt + _KERNPG_TABLE_NOENC; with
+    # LA57 (head64.c __startup_64) init_top_pgt[511] = level4_kernel_pgt and
+    # level4_kernel_pgt[511] = level3_kernel_pgt, both + _PAGE_TABLE_NOENC.
+    top = root
+    if layout.paging_levels == 5:
+        pgt.set(pgt.slot(root, pt.table_index(START_KERNEL_MAP, 5)), p4d | kp.PAGE_TABLE)
+        top = p4d
+    pgt.set(pgt.slot(top, pt.table_index(START_KERNEL_MAP, 4)), pud | kp.PAGE_TABLE)
     pgt.set(pgt.slot(pud, pt.table_index(START_KERNEL_MAP, 3)), pmd | kp.KERNPG_TABLE)
     lo = img.text & ~(PMD_SIZE - 1)
     hi = -(-img.brk_end // PMD_SIZE) * PMD_SIZE
@@ -339,8 +349,8 @@ def deferred_reserved_pageblocks(buddy: BuddyAllocator, memblock: Memblock) -> l
 
 def mem_init(e820: E820Table, memblock: Memblock, version: KernelVersion,
              policy: Policy, cmdline: str = HARNESS_CMDLINE,
-             bootmem: BootMemory | None = None, percpu_pages: int | None = None
-             ) -> BuddyAllocator:
+             bootmem: BootMemory | None = None, percpu_pages: int | None = None,
+             paging_levels: int | None = None) -> BuddyAllocator:
     """The last memblock allocations, the zones, and memblock_free_all.
     With the record's :class:`~guestkernel.versions.BootmemRecord`, every
     allocation :func:`bootmem.early_allocations` makes (where each went in
@@ -350,7 +360,8 @@ def mem_init(e820: E820Table, memblock: Memblock, version: KernelVersion,
     if version.bootmem is not None:
         try:
             early_allocations(memblock, e820, version, cmdline,
-                              bootmem if bootmem is not None else BootMemory(), percpu_pages)
+                              bootmem if bootmem is not None else BootMemory(), percpu_pages,
+                              paging_levels)
         except BootmemError as exc:
             raise BootError(str(exc)) from None
     else:
@@ -412,7 +423,7 @@ def _free_init_pages(cpa: Cpa, buddy: BuddyAllocator, version: KernelVersion, be
     cpa.set_memory_nx(begin, n)
     cpa.set_memory_rw(begin, n)
     img = version.image
-    pa = img.pa(begin) if begin >= START_KERNEL_MAP else begin - PAGE_OFFSET
+    pa = img.pa(begin) if begin >= START_KERNEL_MAP else begin - cpa.page_offset
     buddy.free_reserved_area(pa >> 12, (pa >> 12) + n)
 
 
@@ -421,7 +432,8 @@ def free_initrd_mem(cpa: Cpa, buddy: BuddyAllocator, version: KernelVersion,
     """``free_initrd_mem`` (x86): ``free_init_pages`` on the initrd's
     direct-map range, once populate_rootfs has unpacked it."""
     if initrd is not None:
-        _free_init_pages(cpa, buddy, version, PAGE_OFFSET + initrd[0], PAGE_OFFSET + initrd[1])
+        _free_init_pages(cpa, buddy, version, cpa.page_offset + initrd[0],
+                         cpa.page_offset + initrd[1])
 
 
 def _free_kernel_image_pages(cpa: Cpa, buddy: BuddyAllocator, version: KernelVersion,
@@ -533,7 +545,7 @@ def boot_cpa_calls(cpa: Cpa, buddy: BuddyAllocator, bpf: BpfJit, version: Kernel
         elif call is BootCpaCall.REAL_MODE:
             if real_mode is not None and version.real_mode is not None:
                 pages, ro, text, ntext = version.real_mode
-                base = PAGE_OFFSET + real_mode
+                base = cpa.page_offset + real_mode
                 cpa.set_memory_nx(base, pages)
                 cpa.set_memory_ro(base, ro)
                 cpa.set_memory_x(base + text * PAGE_SIZE, ntext)

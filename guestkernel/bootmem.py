@@ -43,7 +43,7 @@ buddy hand-over equal Linux's, page for page.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from .e820 import E820Table, E820Type, GiB, MiB
 from .layout import PAGE_SIZE, PMD_SIZE
@@ -280,12 +280,17 @@ def present_sections(e820: E820Table) -> list[int]:
 
 
 def early_allocations(mb: Memblock, e820: E820Table, version, cmdline: str,
-                      out: BootMemory, percpu_pages: int | None = None) -> BootMemory:
+                      out: BootMemory, percpu_pages: int | None = None,
+                      paging_levels: int | None = None) -> BootMemory:
     """Everything ``setup_arch`` and ``start_kernel`` take from memblock
     after ``init_mem_mapping`` and before ``memblock_free_all``, in the
     order ``version`` (a KernelVersion with a ``bootmem`` record) makes
-    them. Raises BootmemError if memory runs out."""
+    them. ``paging_levels``: the mode the kernel runs in, when not the
+    record's (``pgtable_l5`` sizes the mem_section roots and the vmemmap's
+    tables). Raises BootmemError if memory runs out."""
     rec = version.bootmem
+    if paging_levels is not None and rec.pgtable_l5 != (paging_levels == 5):
+        rec = replace(rec, pgtable_l5=paging_levels == 5)
     try:
         _allocate(mb, e820, version, rec, cmdline, out,
                   percpu_pages if percpu_pages is not None else rec.percpu_embedded_pages)

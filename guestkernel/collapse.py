@@ -18,7 +18,7 @@ import numpy as np
 from emu import pagetable as pt
 from emu.pagetable import PteFlags as F
 
-from .layout import PAGE_OFFSET, PMD_SIZE, PUD_SIZE
+from .layout import PMD_SIZE, PUD_SIZE
 from .pgtable import KernelPageTables
 
 __all__ = ["KERNEL_4K", "CollapseContext", "collapse_direct_map", "collapse_kernel_range"]
@@ -33,6 +33,8 @@ class CollapseContext(Protocol):
     the accounting, the flush and a way to free an unlinked table page."""
 
     pgt: KernelPageTables
+    #: the direct map's base (4- or 5-level layout)
+    page_offset: int
     tlb: _Flush
     gbpages: bool
     max_pfn: int
@@ -55,14 +57,14 @@ def _pmd_slot_of(k: CollapseContext, va: int) -> tuple[int, int] | None:
     pgt = k.pgt
     table = pgt.root
     slots = []
-    for level in (4, 3, 2):
+    for level in range(pgt.levels, 1, -1):
         slot = pgt.slot(table, pt.table_index(va, level))
         entry = pgt.get(slot)
         if not entry & F.P or (level < 4 and entry & F.PS):
             return None
         slots.append(slot)
         table = entry & pt.ADDR_MASK
-    return slots[2], slots[1]
+    return slots[-1], slots[-2]
 
 
 def _try_pmd(k: CollapseContext, pmd_slot: int, region_pa: int, *, count: bool = True) -> bool:
@@ -122,7 +124,7 @@ def collapse_direct_map(k: CollapseContext, pfns) -> tuple[int, int]:
         pa = r << 21
         if pa >= k.max_pfn << 12:
             continue
-        found = _pmd_slot_of(k, PAGE_OFFSET + pa)
+        found = _pmd_slot_of(k, k.page_offset + pa)
         if found is None:
             continue
         pmd_slot, pud_slot = found

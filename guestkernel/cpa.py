@@ -22,7 +22,7 @@ from emu import pagetable as pt
 from emu.pagetable import PteFlags as F
 
 from . import collapse
-from .layout import PAGE_OFFSET, PAGE_SIZE, START_KERNEL_MAP
+from .layout import PAGE_SIZE, START_KERNEL_MAP
 from .pgtable import PG_LEVEL_1G, PG_LEVEL_2M, PG_LEVEL_4K, KernelPageTables
 from .shadow import Shadow
 from .tlbflush import TLB_SINGLE_PAGE_FLUSH_CEILING, TlbFlush
@@ -110,6 +110,8 @@ class Cpa:
                  alloc_pgtable_page: Callable[[str], int],
                  free_pgtable_page: Callable[[int], None], gbpages: bool) -> None:
         self.pgt = pgt
+        #: the direct map's base in this kernel's layout (4- or 5-level)
+        self.page_offset = pgt.page_offset
         self.shadow = shadow
         self.version = version
         self.image = version.image
@@ -158,10 +160,11 @@ class Cpa:
     # -- helpers ------------------------------------------------------------
 
     def pfn_to_virt(self, pfn: int) -> int:
-        return PAGE_OFFSET + pfn * PAGE_SIZE
+        return self.page_offset + pfn * PAGE_SIZE
 
     def _within_direct_map(self, va: int) -> bool:
-        return PAGE_OFFSET <= va < PAGE_OFFSET + self.max_pfn_mapped * PAGE_SIZE
+        po = self.page_offset
+        return po <= va < po + self.max_pfn_mapped * PAGE_SIZE
 
     def _virt_addr_valid_highmap(self, va: int) -> bool:
         """x86 ``__virt_addr_valid`` accepts the kernel image mapping (below
@@ -367,7 +370,7 @@ class Cpa:
             # 6.15's cpa_collapse_large_pages walks the PMDs of the request's
             # own range (not of the aliases it changed): a set_memory_rox on
             # module or BPF memory collapses nothing in the direct map.
-            primary = [(cpa.addr(i) - PAGE_OFFSET) >> 12 for i in range(cpa.numpages)
+            primary = [(cpa.addr(i) - self.page_offset) >> 12 for i in range(cpa.numpages)
                        if self._within_direct_map(cpa.addr(i))]
             if primary:
                 self.collapse_large_pages(primary)
@@ -421,10 +424,12 @@ class Cpa:
             raise CpaError(f"{len(addrs)} addresses for numpages={numpages}")
         starts = addrs if flags & CpaFlags.ARRAY else [addrs[0]]
         span = 1 if flags & CpaFlags.ARRAY else numpages
+        lv = self.pgt.levels
         for start in starts:
             if not isinstance(start, int) or start % PAGE_SIZE:
                 raise CpaError(f"address {start!r} is not page aligned")
-            if not pt.is_canonical(start) or not pt.is_canonical(start + span * PAGE_SIZE - 1):
+            if (not pt.is_canonical(start, lv)
+                    or not pt.is_canonical(start + span * PAGE_SIZE - 1, lv)):
                 raise CpaError(f"range at {start:#x} of {span} pages is not canonical")
             va, end = start, start + span * PAGE_SIZE
             while va < end:
@@ -461,7 +466,7 @@ class Cpa:
                 if not primary or self._within_direct_map(address):
                     cpa.numpages = 1
                     if self._within_direct_map(address):
-                        cpa.pfn = (address - PAGE_OFFSET) >> 12
+                        cpa.pfn = (address - self.page_offset) >> 12
                     return
                 raise CpaError(f"CPA: {address:#x} is not mapped")
             slot, level = found
@@ -566,7 +571,7 @@ class Cpa:
         """Whether ``pfn`` is out of the direct map as part of a whole large
         page taken out (a non-present 2M or 1G entry: unmapped-alloc's
         chunks), rather than one page at a time."""
-        found = self.pgt.lookup_slot(PAGE_OFFSET + (pfn << 12))
+        found = self.pgt.lookup_slot(self.page_offset + (pfn << 12))
         if found is None or found[1] == PG_LEVEL_4K:
             return False
         entry = self.pgt.get(found[0])
@@ -578,7 +583,7 @@ class Cpa:
             return
         vaddr = cpa.addr(cpa.curpage)
         if not self._within_direct_map(vaddr):
-            laddr = PAGE_OFFSET + (pfn << 12)
+            laddr = self.page_offset + (pfn << 12)
             if self.unmapped_whole(pfn):
                 # The page is out of the direct map with its whole 2M (an
                 # unmapped-alloc chunk): its alias has nothing to keep

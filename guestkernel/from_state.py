@@ -9,9 +9,11 @@ map (the record the state's kernel release names), then takes over:
   table page Linux links (its PUD, PMD and PTE tables of the direct map, the
   PMD and PTE tables of the image) is written at the same pfn of the model's
   memory with Linux's entries, verbatim (global bit, accessed/dirty and
-  software bits included), and the model's top-level entries point at them
-  (Linux's P4D entries when it runs 5-level paging: the model runs 4 levels,
-  and the direct map keeps the model's PAGE_OFFSET, same pfns). The model's
+  software bits included), and the model's P4D-level entries (its PML4,
+  or with 5-level paging the P4D table under its PML5) point at them. The
+  model runs the paging mode the state's kernel ran (``Kernel.from_state``
+  boots it with 5 levels for a state at Linux's LA57 PAGE_OFFSET), so every
+  address is Linux's. The model's
   own boot tables of those ranges are dropped. The kernel-image PUD table and
   what hangs off its other slots (modules, fixmap) stay the model's.
 * **the shadow** (what the validator expects) becomes what those entries
@@ -41,7 +43,7 @@ import numpy as np
 from emu import pagetable as pt
 from emu.pagetable import PteFlags as F
 
-from .layout import PAGE_OFFSET, START_KERNEL_MAP
+from .layout import START_KERNEL_MAP
 from .owner import PageOwner
 from .shadow import S_MAPPED, to_shadow
 from .truth import rebase_direct
@@ -70,9 +72,10 @@ def e820_text(e820: list[list[int]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _entries(state: Any) -> dict[tuple[int, int], int]:
-    """Linux's entries keyed by (VA in the model's layout, level)."""
-    rel = rebase_direct(state.pt_va, state.page_offset, PAGE_OFFSET)
+def _entries(state: Any, page_offset: int) -> dict[tuple[int, int], int]:
+    """Linux's entries keyed by (VA in the model's layout, level): the same
+    VAs when the model runs the state's paging mode."""
+    rel = rebase_direct(state.pt_va, state.page_offset, page_offset)
     return {(int(v), int(lv)): int(e) for v, lv, e in zip(rel, state.pt_level, state.pt_entry)}
 
 
@@ -82,9 +85,10 @@ def install_state(k: Any, state: Any) -> dict[str, int]:
     if state.max_pfn != k.max_pfn:
         raise StateError(f"the state's max_pfn {state.max_pfn:#x} is not the model's "
                          f"{k.max_pfn:#x} on the same memory map")
-    ents = _entries(state)
+    ents = _entries(state, k.page_offset)
     ram64 = k.machine.ram64
     pgt = k.pgt
+    levels, mask = pgt.levels, pgt.layout.va_mask
     old_tables = set(pgt.table_pages)
     linked: set[int] = set()
 
@@ -95,7 +99,7 @@ def install_state(k: Any, state: Any) -> dict[str, int]:
         shift = 12 + 9 * (level - 1)
         for i in range(512):
             va = base + (i << shift)
-            e = ents.get((pt.canonical(va), level))
+            e = ents.get((pt.canonical(va, levels), level))
             if e is None:
                 continue
             ram64[(table_pa >> 3) + i] = np.uint64(e)
@@ -103,29 +107,32 @@ def install_state(k: Any, state: Any) -> dict[str, int]:
                 fill(e & _PHYS, level - 1, va)
 
     # the direct map: the model's top-level slots over it take Linux's P4D/PGD entries
-    direct_end = PAGE_OFFSET + (((k.max_pfn << 12) + (1 << 30) - 1) & ~((1 << 30) - 1))
-    lo, hi = pt.table_index(PAGE_OFFSET, 4), pt.table_index(direct_end - 1, 4)
+    po = k.page_offset
+    direct_end = po + (((k.max_pfn << 12) + (1 << 30) - 1) & ~((1 << 30) - 1))
+    lo, hi = pt.table_index(po, 4), pt.table_index(direct_end - 1, 4)
+    p4d = pgt.p4d_table(po)
+    base = (po & mask) & ~((1 << 48) - 1)        # the PML5 slot's (0 with 4 levels)
     for idx in range(lo, hi + 1):
-        va = pt.canonical(idx << 39)
-        slot = pgt.slot(pgt.root, idx)
+        va = pt.canonical(base + (idx << 39), levels)
+        slot = pgt.slot(p4d, idx)
         e = ents.get((va, 4))
         if e is None:
             pgt.set(slot, 0)
             continue
         pgt.set(slot, e)
-        fill(e & _PHYS, 3, va & ((1 << 48) - 1))
+        fill(e & _PHYS, 3, va & mask)
     # the image: PUD slot of START_KERNEL_MAP in the model's own image PUD table
-    top = pgt.get(pgt.slot(pgt.root, pt.table_index(START_KERNEL_MAP, 4)))
+    top = pgt.get(pgt.slot(pgt.p4d_table(START_KERNEL_MAP), pt.table_index(START_KERNEL_MAP, 4)))
     pud = top & _PHYS
     e = ents.get((START_KERNEL_MAP, 3))
     if e is None:
         raise StateError("the state has no page-table entry for the kernel image")
     pgt.set(pgt.slot(pud, pt.table_index(START_KERNEL_MAP, 3)), e)
     if not e & _PS:
-        fill(e & _PHYS, 2, START_KERNEL_MAP & ((1 << 48) - 1))
+        fill(e & _PHYS, 2, START_KERNEL_MAP & mask)
     linked |= {pgt.root, pud}
-    # what the model still links (module area, fixmap): keep
-    still = _linked_tables(ram64, pgt.root)
+    # what the model still links (module area, fixmap; its P4D tables): keep
+    still = _linked_tables(ram64, pgt.root, levels)
     for pa in old_tables - still:
         pgt.table_pages.discard(pa)
         k.page_owner[pa >> 12] = PageOwner.NONE
@@ -167,9 +174,8 @@ def install_state(k: Any, state: Any) -> dict[str, int]:
     owner = k.page_owner
     free_now = k.buddy.page_states()[vm_pages] == 1
     owner[vm_pages[~free_now]] = PageOwner.VMALLOC
-    # their addresses: new areas go around them, as in Linux (the direct
-    # map's PAGE_OFFSET differs with 5-level paging; the vmalloc and module
-    # ranges do not, only those are kept)
+    # their addresses: new areas go around them, as in Linux (only those in
+    # the module range are kept: the model's vmalloc() areas are few)
     reserved_areas = 0
     for start, size in zip(state.vm_start.tolist(), state.vm_size.tolist()):
         if k.profile.modules_vaddr <= start < k.profile.modules_end:
@@ -237,14 +243,14 @@ def _zone_params(k: Any, state: Any) -> None:
                 zone.pcp.free_high_batch = bool(p["flags"] & 0x2)
 
 
-def _linked_tables(ram64: np.ndarray, root: int) -> set[int]:
+def _linked_tables(ram64: np.ndarray, root: int, levels: int = 4) -> set[int]:
     """Every table page reachable from ``root`` (kernel half)."""
     out = {root}
-    stack = [(root, 4)]
+    stack = [(root, levels)]
     while stack:
         table, level = stack.pop()
         ents = ram64[table >> 3: (table >> 3) + 512]
-        start = 256 if level == 4 else 0
+        start = 256 if level == levels else 0
         for e in ents[start:].tolist():
             if not e & 1 or level == 1 or (level <= 3 and e & _PS):
                 continue
@@ -263,7 +269,8 @@ def _shadow_from_entries(k: Any, ents: dict[tuple[int, int], int]) -> None:
     sh = k.shadow
     direct = np.zeros(k.max_pfn, dtype=np.uint8)
     img_bits: dict[int, int] = {}
-    end = PAGE_OFFSET + k.max_pfn * 4096
+    po = k.page_offset
+    end = po + k.max_pfn * 4096
     tables_4k: list[int] = []
     for (va, level), e in ents.items():
         if level > 3:
@@ -277,16 +284,16 @@ def _shadow_from_entries(k: Any, ents: dict[tuple[int, int], int]) -> None:
             flags = pt.pat_large_to_4k(flags) & ~_PS
         bits = to_shadow(flags) | S_MAPPED
         size = 1 << (12 + 9 * (level - 1))
-        if PAGE_OFFSET <= va < end:
-            a = (va - PAGE_OFFSET) >> 12
+        if po <= va < end:
+            a = (va - po) >> 12
             direct[a: min(a + (size >> 12), k.max_pfn)] = bits
         elif START_KERNEL_MAP <= va < START_KERNEL_MAP + _IMAGE_SPAN:
             for p in range(va, va + size, 4096):
                 img_bits[p] = bits
     # 4K tables: pages whose entry is absent are mapped, not present
     for va in tables_4k:
-        if PAGE_OFFSET <= va < end:
-            a = (va - PAGE_OFFSET) >> 12
+        if po <= va < end:
+            a = (va - po) >> 12
             seg = direct[a: a + 512]
             seg[seg == 0] = S_MAPPED
     sh.direct[:] = direct

@@ -56,7 +56,7 @@ from .bootmem import (
 )
 from .cpa import Cpa, CpaData
 from .e820 import E820Table
-from .layout import PAGE_OFFSET, PAGE_SIZE
+from .layout import PAGE_SIZE, KernelLayout, layout_for
 from .memblock import Memblock
 from .owner import PageOwner
 from .page_alloc import AllocationError, BuddyAllocator, largest_aligned_order
@@ -164,6 +164,8 @@ class Kernel:
         #: the initrd's pages [start, end) and the command line
         self.bootmem: BootMemory = BootMemory()
         self.cmdline: str = HARNESS_CMDLINE
+        #: ``boot(paging_levels=)`` as asked (None: the default; see boot)
+        self.requested_paging_levels: int | None = None
         #: what Kernel.from_state took over from the real kernel (None: booted)
         self.from_state_report: dict | None = None
         #: and where such a replay's freed table pages go (instead of the buddy)
@@ -182,7 +184,7 @@ class Kernel:
              gbpages: bool = True, policy: str | Policy = "baseline",
              profile: str | KernelVersion | None = None, debug_vm: bool = False,
              boot_cpa: bool = True, initrd: int | tuple[int, int] | None = None,
-             cmdline: str | None = None,
+             cmdline: str | None = None, paging_levels: int | None = None,
              **policy_tunables) -> Kernel:
         """Boot a guest kernel (the steps of :mod:`guestkernel.boot`).
 
@@ -202,7 +204,18 @@ class Kernel:
         its [start, end) (a boot log's ``RAMDISK:`` line wins; None: the
         project's boot initramfs; 0: none). ``cmdline``: the kernel command line (else a
         boot log's ``Command line:``, else the project's harness's): its
-        length sizes two boot-time copies (:mod:`guestkernel.bootmem`)."""
+        length sizes two boot-time copies (:mod:`guestkernel.bootmem`).
+
+        ``paging_levels``: 5 (LA57: the CPU walks a PML5 and the kernel
+        takes the 5-level layout, PAGE_OFFSET 0xff11000000000000, as
+        Debian's 6.1 and 7.2 do under QEMU's ``-cpu max``) or 4 (Linux
+        booted with ``no5lvl``, or on a CPU without LA57; 5.10's Debian
+        build is 4-level only); both size the boot-time allocations as
+        that mode does (``MAX_PHYSMEM_BITS``). None (the default): 4-level
+        tables at :data:`guestkernel.PAGE_OFFSET`, the layout every caller
+        of the model has known, with the boot-time allocations of the
+        record's kernel as it ran on the reference machine (so that its
+        meminfo is Linux's there)."""
         try:
             table, log = e820__memory_setup(e820, ram)
             version, reason = select_version(profile, log)
@@ -214,13 +227,16 @@ class Kernel:
             cmdline = boot_command_line(log)
         elif not isinstance(cmdline, str):
             raise KernelError(f"cmdline must be a str, not {type(cmdline).__name__}")
+        if paging_levels is not None and (isinstance(paging_levels, bool)
+                                          or paging_levels not in (4, 5)):
+            raise KernelError(f"paging_levels must be 4 or 5 (or None), not {paging_levels!r}")
         pol = get_policy(policy, **policy_tunables)   # a bad name fails before any work
         bootmem = BootMemory(initrd=ramdisk)
         try:
             mb = e820__memblock_setup(table, version, ramdisk)
-            machine = Machine(table.max_pfn * PAGE_SIZE)
+            machine = Machine(table.max_pfn * PAGE_SIZE, paging_levels=paging_levels or 4)
             tables = init_mem_mapping(machine, table, mb, version, bool(gbpages))
-            buddy = mem_init(table, mb, version, pol, cmdline, bootmem, percpu)
+            buddy = mem_init(table, mb, version, pol, cmdline, bootmem, percpu, paging_levels)
         except BootError as exc:
             raise KernelError(str(exc)) from None
         k = cls(version=version, version_reason=reason, e820=table, memblock=mb,
@@ -231,6 +247,7 @@ class Kernel:
         k.real_mode_base = real_mode_base(table, version)
         k.ftrace_pages = ftrace_pages(version, log)
         k.bootmem, k.cmdline = bootmem, cmdline
+        k.requested_paging_levels = paging_levels
         if boot_cpa:
             k.buddy.boot_pagesets()
             ftrace_init(k.buddy, k.ftrace_pages)
@@ -267,8 +284,11 @@ class Kernel:
             profile = name
         if not state.e820:
             raise KernelError("the state carries no e820 table: cannot lay out the machine")
+        # the paging mode the state's kernel ran in: every address stays Linux's
+        levels = 5 if state.page_offset == layout_for(5).page_offset else 4
         k = cls.boot(e820=e820_text(state.e820), profile=profile, policy=policy,
-                     debug_vm=debug_vm, boot_cpa=False, **policy_tunables)
+                     debug_vm=debug_vm, boot_cpa=False, paging_levels=levels,
+                     **policy_tunables)
         try:
             k.from_state_report = install_state(k, state)
         except StateError as exc:
@@ -541,14 +561,28 @@ class Kernel:
 
     # -- addresses --------------------------------------------------------
 
-    @staticmethod
-    def pfn_to_virt(pfn: int) -> int:
-        return PAGE_OFFSET + pfn * PAGE_SIZE
+    @property
+    def layout(self) -> KernelLayout:
+        """Where this kernel's regions are (4- or 5-level paging)."""
+        return self.pgt.layout
+
+    @property
+    def paging_levels(self) -> int:
+        return self.pgt.levels
+
+    @property
+    def page_offset(self) -> int:
+        """PAGE_OFFSET: the direct map's base in this kernel's layout."""
+        return self.pgt.page_offset
+
+    def pfn_to_virt(self, pfn: int) -> int:
+        return self.pgt.page_offset + pfn * PAGE_SIZE
 
     def virt_to_pfn(self, va: int) -> int:
-        if not PAGE_OFFSET <= va < PAGE_OFFSET + self.max_pfn * PAGE_SIZE:
+        po = self.pgt.page_offset
+        if not po <= va < po + self.max_pfn * PAGE_SIZE:
             raise KernelError(f"{va:#x} is not a direct-map address")
-        return (va - PAGE_OFFSET) >> 12
+        return (va - po) >> 12
 
     def lookup_address(self, va: int) -> tuple[int, int] | None:
         """(entry, level) of what maps ``va`` (level 1=4K, 2=2M, 3=1G), or None."""

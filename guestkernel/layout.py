@@ -1,5 +1,9 @@
-"""The x86-64 kernel address map (4-level paging, no KASLR) and the kernel
-image layouts the version records (:mod:`guestkernel.versions`) use.
+"""The x86-64 kernel address map (4-level and 5-level paging, no KASLR) and
+the kernel image layouts the version records (:mod:`guestkernel.versions`) use.
+
+The module constants (``PAGE_OFFSET``, ``VMALLOC_START``, ...) are 4-level
+paging's; a kernel's own map is its :class:`KernelLayout`
+(``Kernel.layout``), 5-level (LA57) when booted with ``paging_levels=5``.
 
 Debian's 6.1 build (the reference kernel, ``linux-image-6.1.0-56-amd64``):
 its image layout below was read from the ELF program and section headers of
@@ -16,6 +20,8 @@ __all__ = [
     "DEBIAN_5_10_IMAGE",
     "DEBIAN_6_1_IMAGE",
     "DEBIAN_7_2_IMAGE",
+    "LAYOUT_4LEVEL",
+    "LAYOUT_5LEVEL",
     "PAGE_OFFSET",
     "PAGE_SHIFT",
     "PAGE_SIZE",
@@ -26,6 +32,8 @@ __all__ = [
     "VMALLOC_START",
     "VMEMMAP_START",
     "KernelImage",
+    "KernelLayout",
+    "layout_for",
 ]
 
 PAGE_SHIFT = 12
@@ -38,6 +46,49 @@ VMALLOC_START = 0xFFFFC90000000000        # vmalloc/ioremap, 32 TB
 VMALLOC_END = VMALLOC_START + (32 << 40) - 1
 VMEMMAP_START = 0xFFFFEA0000000000        # struct page array
 START_KERNEL_map = START_KERNEL_MAP = 0xFFFFFFFF80000000  # __START_KERNEL_map
+
+
+@dataclass(frozen=True)
+class KernelLayout:
+    """Where a kernel puts its regions for one paging mode (arch/x86/include/
+    asm/page_64_types.h ``__PAGE_OFFSET_BASE_L4/L5``, pgtable_64_types.h
+    ``VMALLOC_START``/``VMEMMAP_START``; Documentation/arch/x86/x86_64/mm.rst).
+    With CONFIG_X86_5LEVEL (Debian's builds) the kernel picks the 5-level
+    map at boot when the CPU has LA57 (QEMU's ``-cpu max``, Ice Lake and
+    Zen 4 servers) and ``no5lvl`` is not given. The kernel image and module
+    area sit at the same addresses in both (the top 2 GiB)."""
+
+    paging_levels: int
+    page_offset: int        # the direct map
+    vmalloc_start: int
+    vmalloc_end: int        # inclusive, as the kernel's VMALLOC_END
+    vmemmap_start: int
+    start_kernel_map: int = START_KERNEL_MAP
+
+    @property
+    def direct_map_end(self) -> int:
+        """One past the direct map's region (64 TB in 4-level, 32 PB in 5-level)."""
+        return self.page_offset + (1 << (46 if self.paging_levels == 4 else 55))
+
+    @property
+    def va_mask(self) -> int:
+        """Linear-address bits a walk uses (48 or 57)."""
+        return (1 << (9 * self.paging_levels + 12)) - 1
+
+
+LAYOUT_4LEVEL = KernelLayout(4, PAGE_OFFSET, VMALLOC_START, VMALLOC_END, VMEMMAP_START)
+#: __PAGE_OFFSET_BASE_L5; VMALLOC_SIZE_TB_L5 12800; VMEMMAP_START_L5
+LAYOUT_5LEVEL = KernelLayout(5, 0xFF11000000000000, 0xFFA0000000000000,
+                             0xFFA0000000000000 + (12800 << 40) - 1, 0xFFD4000000000000)
+
+
+def layout_for(paging_levels: int) -> KernelLayout:
+    """The layout for 4- or 5-level paging (anything else: ValueError)."""
+    if paging_levels == 4:
+        return LAYOUT_4LEVEL
+    if paging_levels == 5:
+        return LAYOUT_5LEVEL
+    raise ValueError(f"paging levels must be 4 or 5, not {paging_levels!r}")
 
 
 @dataclass(frozen=True)

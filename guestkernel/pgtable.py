@@ -4,7 +4,10 @@ and ``direct_pages_count``.
 
 Entries live in ``machine.ram64``; a "slot" below is an index into it (the
 entry's physical address / 8). The tables are walked by the emulated CPU
-once CR3 points at :attr:`KernelPageTables.root`.
+once CR3 points at :attr:`KernelPageTables.root`: a PML4, or with 5-level
+paging (``layout.paging_levels == 5``) a PML5 whose entries link P4D tables
+(``pgd_populate``/``p4d_populate``, as ``__kernel_physical_mapping_init``
+with ``pgtable_l5_enabled()``).
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from emu import pagetable as pt
 from emu.pagetable import PteFlags as F
 
 from .e820 import E820Table, E820Type
-from .layout import PAGE_OFFSET, PAGE_SIZE, PMD_SIZE, PUD_SIZE
+from .layout import LAYOUT_4LEVEL, PAGE_SIZE, PMD_SIZE, PUD_SIZE, KernelLayout
 
 # plain ints: a lookup per CPA page tests these (IntFlag arithmetic is slow)
 _P, _PS = int(F.P), int(F.PS)
@@ -65,8 +68,14 @@ class KernelPageTables:
     :attr:`table_pages` (for the validator)."""
 
     def __init__(self, machine, root: int, alloc_table: Callable[[str], int],
-                 free_table: Callable[[int], None], pti: bool = True):
+                 free_table: Callable[[int], None], pti: bool = True,
+                 layout: KernelLayout = LAYOUT_4LEVEL):
         self.m = machine
+        self.layout = layout
+        #: paging levels (4, or 5: the root is a PML5)
+        self.levels = layout.paging_levels
+        #: the direct map's base (PAGE_OFFSET of this layout)
+        self.page_offset = layout.page_offset
         self.ram64: np.ndarray = machine.ram64
         self.root = root
         self.alloc_table = alloc_table
@@ -74,7 +83,7 @@ class KernelPageTables:
         self.prot = PgProt(pti)
         #: pages per level mapping the direct map (index 1..4 as PG_LEVEL_*)
         self.direct_pages_count = [0, 0, 0, 0, 0]
-        #: physical addresses of every linked table page (PML4 included)
+        #: physical addresses of every linked table page (the root included)
         self.table_pages: set[int] = {root}
         self.after_bootmem = False
         #: while not None, every set() records (slot, old value) here, so a
@@ -120,17 +129,29 @@ class KernelPageTables:
         a large or non-present upper entry, else the PTE (even if none).
         None when an upper level has no entry at all."""
         table = self.root
-        for level in (4, 3, 2):
+        for level in range(self.levels, 1, -1):
             slot = self.slot(table, pt.table_index(va, level))
             entry = self.get(slot)
             if entry == 0:
                 return None
             if level < 4 and (entry & _PS or not entry & _P):
                 return slot, level
-            if level == 4 and not entry & _P:
+            if level >= 4 and not entry & _P:
                 return slot, level
             table = entry & pt.ADDR_MASK
         return self.slot(table, pt.table_index(va, 1)), 1
+
+    def p4d_table(self, va: int, why: str = "p4d") -> int:
+        """The table that holds ``va``'s PML4-level entry: the root with
+        4-level paging; with 5-level, the P4D table the root's entry links
+        (made and linked, ``pgd_populate``, when there is none yet)."""
+        if self.levels == 4:
+            return self.root
+        slot = self.slot(self.root, pt.table_index(va, 5))
+        entry = self.get(slot)
+        if entry & _P:
+            return entry & pt.ADDR_MASK
+        return self.populate(slot, why)
 
     def lookup_address(self, va: int) -> tuple[int, int] | None:
         found = self.lookup_slot(va)
@@ -143,23 +164,25 @@ class KernelPageTables:
 
     def kernel_physical_mapping_init(self, paddr_start: int, paddr_end: int,
                                      page_size_mask: int, e820: E820Table) -> int:
-        """Map [paddr_start, paddr_end) at PAGE_OFFSET; returns paddr_last."""
+        """Map [paddr_start, paddr_end) at PAGE_OFFSET; returns paddr_last.
+        With 5-level paging the P4D table is made first (one covers 256 TB)."""
         prot = self.prot.PAGE_KERNEL
-        vaddr, vaddr_end = PAGE_OFFSET + paddr_start, PAGE_OFFSET + paddr_end
+        po = self.page_offset
+        vaddr, vaddr_end = po + paddr_start, po + paddr_end
         paddr_last = paddr_end
         while vaddr < vaddr_end:
             vaddr_next = (vaddr & ~((1 << 39) - 1)) + (1 << 39)
-            pgd = self.slot(self.root, pt.table_index(vaddr, 4))
+            pgd = self.slot(self.p4d_table(vaddr, "p4d (direct map)"), pt.table_index(vaddr, 4))
             entry = self.get(pgd)
             if entry:
                 pud_table = entry & pt.ADDR_MASK
-                paddr_last = self._phys_pud_init(pud_table, vaddr - PAGE_OFFSET,
+                paddr_last = self._phys_pud_init(pud_table, vaddr - po,
                                                  paddr_end, page_size_mask, prot, e820)
             else:
                 pud_table = self._new_table("pud (direct map)")
-                paddr_last = self._phys_pud_init(pud_table, vaddr - PAGE_OFFSET,
+                paddr_last = self._phys_pud_init(pud_table, vaddr - po,
                                                  paddr_end, page_size_mask, prot, e820)
-                self.set(pgd, pud_table | self.prot.PAGE_TABLE)       # pgd_populate_init
+                self.set(pgd, pud_table | self.prot.PAGE_TABLE)   # pgd/p4d_populate_init
             vaddr = vaddr_next
         return paddr_last
 
@@ -172,9 +195,9 @@ class KernelPageTables:
                        e820: E820Table) -> int:
         pages = 0
         paddr_last = paddr_end
-        i = pt.table_index(PAGE_OFFSET + paddr, 3)
+        i = pt.table_index(self.page_offset + paddr, 3)
         while i < 512:
-            slot = self.slot(table, pt.table_index(PAGE_OFFSET + paddr, 3))
+            slot = self.slot(table, pt.table_index(self.page_offset + paddr, 3))
             paddr_next = (paddr & ~(PUD_SIZE - 1)) + PUD_SIZE
             cur_prot = prot
             entry = self.get(slot)
@@ -285,8 +308,8 @@ class KernelPageTables:
     def leaves(self, start: int, end: int):
         """Yield (va, level, entry) for every non-zero leaf entry mapping
         [start, end), in address order (4K PTEs one by one)."""
-        mask = (1 << 48) - 1  # walk in 48-bit linear addresses, report canonical ones
-        yield from self._leaves(self.root, 4, start & mask, ((end - 1) & mask) + 1, 0)
+        mask = self.layout.va_mask  # walk in 48/57-bit linear addresses, report canonical ones
+        yield from self._leaves(self.root, self.levels, start & mask, ((end - 1) & mask) + 1, 0)
 
     def _leaves(self, table: int, level: int, start: int, end: int, base: int):
         size = pt.level_size(level)
@@ -299,7 +322,7 @@ class KernelPageTables:
                 continue
             va = base + i * size
             if level == 1 or (level < 4 and (entry & F.PS or not entry & F.P)):
-                yield pt.canonical(va), level, entry
+                yield pt.canonical(va, self.levels), level, entry
             elif level > 1:
                 yield from self._leaves(entry & pt.ADDR_MASK, level - 1, max(start, va),
                                         min(end, va + size), va)
@@ -310,9 +333,8 @@ class KernelPageTables:
         level: what ``direct_pages_count`` would hold without its boot-time
         re-counting."""
         counts = [0, 0, 0, 0, 0]
-        mask = (1 << 48) - 1
-        self._count(self.root, 4, PAGE_OFFSET & mask, (PAGE_OFFSET & mask) + max_pfn * PAGE_SIZE,
-                    0, counts)
+        start = self.page_offset & self.layout.va_mask
+        self._count(self.root, self.levels, start, start + max_pfn * PAGE_SIZE, 0, counts)
         return counts
 
     def split_2m_regions(self, max_pfn: int) -> int:
@@ -330,14 +352,19 @@ class KernelPageTables:
 
     def _split_pmds(self, max_pfn: int):
         """(first region of the slice, indices in it) per PMD table slice."""
-        mask = (1 << 48) - 1
-        start = PAGE_OFFSET & mask
+        start = self.page_offset & self.layout.va_mask
         end = start + max_pfn * PAGE_SIZE
         ram64 = self.ram64
         want = np.uint64(_P)
         both = np.uint64(_P | _PS)
+        top = self.root
+        if self.levels == 5:           # the direct map's 32 PB sit under one PML5 entry's P4D
+            e5 = int(ram64[(self.root >> 3) + pt.table_index(start, 5)])
+            if not e5 & _P:
+                return
+            top = e5 & pt.ADDR_MASK
         for va4 in range(start & ~((1 << 39) - 1), end, 1 << 39):
-            e4 = int(ram64[(self.root >> 3) + pt.table_index(va4, 4)])
+            e4 = int(ram64[(top >> 3) + pt.table_index(va4, 4)])
             if not e4 & _P:
                 continue
             pud = (e4 & pt.ADDR_MASK) >> 3

@@ -18,7 +18,7 @@ import numpy as np
 from emu import pagetable as pt
 from emu.pagetable import PteFlags as F
 
-from .layout import PAGE_OFFSET, START_KERNEL_MAP, VMALLOC_START, VMEMMAP_START
+from .layout import START_KERNEL_MAP
 
 if TYPE_CHECKING:
     from .api import KernelApi as Kernel
@@ -32,14 +32,19 @@ _M64 = (1 << 64) - 1
 
 
 def _markers(k: Kernel) -> list[tuple[int, str, int]]:
-    """(start, name, max_lines) as address_markers[] for x86-64 4-level."""
+    """(start, name, max_lines) as address_markers[] for x86-64, 4- or
+    5-level (pt_dump_init moves the LDT, direct map, vmalloc and vmemmap
+    markers to the 5-level layout: LDT_BASE_ADDR is LDT_PGD_ENTRY_L5 -240
+    << 48)."""
+    lay = k.layout
+    ldt = 0xFFFF880000000000 if lay.paging_levels == 4 else 0xFF10000000000000
     return [
         (0, "User Space", 0),
         (1 << 63, "Kernel Space", 0),
-        (0xFFFF880000000000, "LDT remap", 0),
-        (PAGE_OFFSET, "Low Kernel Mapping", 0),
-        (VMALLOC_START, "vmalloc() Area", 0),
-        (VMEMMAP_START, "Vmemmap", 0),
+        (ldt, "LDT remap", 0),
+        (lay.page_offset, "Low Kernel Mapping", 0),
+        (lay.vmalloc_start, "vmalloc() Area", 0),
+        (lay.vmemmap_start, "Vmemmap", 0),
         (0xFFFFFE0000000000, "CPU entry Area", 0),
         (0xFFFFFF0000000000, "ESPfix Area", 16),
         (0xFFFFFFEF00000000, "EFI Runtime Services", 0),
@@ -123,9 +128,10 @@ def ptdump(k: Kernel) -> str:
     full = int(F.RW | F.US)  # effective_prot starts from "everything allowed"
 
     def walk(table: int, depth: int, lo: int, hi: int, parent: int) -> None:
-        """Entries of ``table`` (depth 1 = top table, p4d folded into the
-        PGD; 2 pud; 3 pmd; 4 pte) covering [lo, hi)."""
-        shift = {1: 39, 2: 30, 3: 21, 4: 12}[depth]
+        """Entries of ``table`` (depth 0 pgd with 5-level paging; 1 p4d, the
+        top table with 4-level, folded into the PGD; 2 pud; 3 pmd; 4 pte)
+        covering [lo, hi)."""
+        shift = {0: 48, 1: 39, 2: 30, 3: 21, 4: 12}[depth]
         size = 1 << shift
         table_base = lo & ~((size << 9) - 1) & _M64
         first = (lo >> shift) & 511
@@ -148,9 +154,14 @@ def ptdump(k: Kernel) -> str:
             walk(val & pt.ADDR_MASK, depth + 1, addr, addr + size, eff)
 
     # The two halves ptdump walks: user space, and the kernel from the end of
-    # the guard hole (the hypervisor range is skipped).
-    walk(root, 1, 0, 1 << 47, full)
-    walk(root, 1, 0xFFFF880000000000, 1 << 64, full)
+    # the guard hole (the hypervisor range is skipped: 16 PGD entries from
+    # GUARD_HOLE_PGD_ENTRY -256).
+    if k.paging_levels == 4:
+        walk(root, 1, 0, 1 << 47, full)
+        walk(root, 1, 0xFFFF880000000000, 1 << 64, full)
+    else:
+        walk(root, 0, 0, 1 << 56, full)
+        walk(root, 0, 0xFF10000000000000, 1 << 64, full)
     st.note(0, -1, 0, 0)  # flush the last run (ptdump_walk_pgd's final note_page)
     return "\n".join(st.out) + "\n"
 

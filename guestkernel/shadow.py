@@ -63,8 +63,11 @@ class Shadow:
     vmalloc space; ``alias_masks_nx``: the kernel's alias rule (see
     :class:`guestkernel.versions.KernelVersion`)."""
 
-    def __init__(self, max_pfn: int, image: KernelImage, alias_masks_nx: bool) -> None:
+    def __init__(self, max_pfn: int, image: KernelImage, alias_masks_nx: bool,
+                 page_offset: int = PAGE_OFFSET) -> None:
         self.max_pfn = max_pfn
+        #: the direct map's base (4- or 5-level layout)
+        self.page_offset = page_offset
         self.img = image
         self.alias_masks_nx = alias_masks_nx
         self.kernel_ro = False
@@ -116,19 +119,21 @@ class Shadow:
             pfn = self._apply_one(va, sset, sclr)
             if not checkalias or pfn is None:
                 continue
-            in_direct = PAGE_OFFSET <= va < PAGE_OFFSET + self.max_pfn * PAGE_SIZE
+            po = self.page_offset
+            in_direct = po <= va < po + self.max_pfn * PAGE_SIZE
             if not in_direct and 0 <= pfn < self.max_pfn and pfn not in cpa.alias_skipped:
                 # (an alias left alone: Cpa._process_alias)
                 aclr = sclr & ~S_NX if self.alias_masks_nx else sclr
-                self._apply_one(PAGE_OFFSET + pfn * PAGE_SIZE, sset, aclr)
+                self._apply_one(po + pfn * PAGE_SIZE, sset, aclr)
             in_image = img.text <= va < img.brk_end
             if not in_image and img.pfn_in_highmap(pfn):
                 self._apply_one(img.text + (pfn << 12) - img.phys_start, sset, sclr)
 
     def _apply_one(self, va: int, sset: int, sclr: int) -> int | None:
         """Apply to one virtual page; returns its PFN (None if unmapped)."""
-        if PAGE_OFFSET <= va < PAGE_OFFSET + self.max_pfn * PAGE_SIZE:
-            pfn = (va - PAGE_OFFSET) >> 12
+        po = self.page_offset
+        if po <= va < po + self.max_pfn * PAGE_SIZE:
+            pfn = (va - po) >> 12
             old = int(self.direct[pfn])
             if not old & S_MAPPED:
                 return None
@@ -166,8 +171,9 @@ class Shadow:
 
     def expected(self, va: int) -> tuple[int, int] | None:
         """(pfn, bits) the model expects at ``va``, or None if unmapped."""
-        if PAGE_OFFSET <= va < PAGE_OFFSET + self.max_pfn * PAGE_SIZE:
-            pfn = (va - PAGE_OFFSET) >> 12
+        po = self.page_offset
+        if po <= va < po + self.max_pfn * PAGE_SIZE:
+            pfn = (va - po) >> 12
             bits = int(self.direct[pfn])
             return (pfn, bits) if bits & S_MAPPED else None
         page = va & ~(PAGE_SIZE - 1)

@@ -695,8 +695,8 @@ DIRECT_SPAN = 1 << 46
 
 
 def rebase_direct(vas: np.ndarray, from_offset: int, to_offset: int) -> np.ndarray:
-    """Direct-map addresses moved from one PAGE_OFFSET to another (the
-    guests run 5-level paging, the model 4), same pfn; others unchanged."""
+    """Direct-map addresses moved from one PAGE_OFFSET to another (a guest
+    with 5-level paging, a model with 4), same pfn; others unchanged."""
     vas = vas.astype(np.uint64)
     off = np.uint64(from_offset)
     direct = (vas >= off) & (vas < off + np.uint64(DIRECT_SPAN))
@@ -827,11 +827,11 @@ def state_bytes(states: list[KernelState]) -> int:
 def model_tables(k) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The model's present PUD/PMD/PTE entries over the same ranges as
     :func:`extract` reads from Linux (its direct map and image mapping)."""
-    from .layout import PAGE_OFFSET
     ram64 = k.machine.ram64
 
     def read_table(pa: int) -> np.ndarray:
         return ram64[pa >> 3: (pa >> 3) + 512]
-    direct_end = PAGE_OFFSET + (((k.max_pfn << 12) + (1 << 30) - 1) & ~((1 << 30) - 1))
-    return walk_tables(read_table, k.pgt.root, 4,
-                       [(PAGE_OFFSET, direct_end), (START_KERNEL_MAP, START_KERNEL_MAP + (1 << 30))])
+    po = k.page_offset
+    direct_end = po + (((k.max_pfn << 12) + (1 << 30) - 1) & ~((1 << 30) - 1))
+    return walk_tables(read_table, k.pgt.root, k.paging_levels,
+                       [(po, direct_end), (START_KERNEL_MAP, START_KERNEL_MAP + (1 << 30))])

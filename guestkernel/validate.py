@@ -36,7 +36,7 @@ from emu import pagetable as pt
 from emu.pagetable import PfErr
 from emu.pagetable import PteFlags as F
 
-from .layout import PAGE_OFFSET, PAGE_SIZE
+from .layout import PAGE_SIZE
 from .owner import PageOwner
 from .shadow import S_MAPPED, S_NX, S_P, S_RW
 
@@ -155,7 +155,7 @@ def _check_unmapped_owners(k: Kernel) -> int:
 def _linked_tables(k: Kernel) -> set[int]:
     ram64 = k.machine.ram64
     found = {k.pgt.root}
-    stack = [(k.pgt.root, 4)]
+    stack = [(k.pgt.root, k.pgt.levels)]
     while stack:
         table, level = stack.pop()
         entries = ram64[table >> 3: (table >> 3) + 512]
@@ -176,17 +176,17 @@ def _check_table_pages(k: Kernel, stats: dict[str, int]) -> None:
     stats["table_pages"] = len(linked)
     for pa in sorted(linked - owned):
         raise ValidationError("pgtable-pages", "a linked page table is not a page the kernel "
-                              "allocated for page tables", va=PAGE_OFFSET + pa,
+                              "allocated for page tables", va=k.page_offset + pa,
                               expected="owned by the page tables", actual="not owned")
     for pa in sorted(owned - linked):
         raise ValidationError("pgtable-pages", "a page allocated for page tables is linked "
-                              "nowhere (leaked)", va=PAGE_OFFSET + pa,
+                              "nowhere (leaked)", va=k.page_offset + pa,
                               expected="linked", actual="unlinked")
     for pa in sorted(linked):
         pfn = pa >> 12
         if pfn < k.max_pfn and (k.buddy.is_free(pfn) or k.buddy.in_pcp(pfn)):
             raise ValidationError("pgtable-pages", "a linked page table is free in the buddy "
-                                  "allocator (freed while linked)", va=PAGE_OFFSET + pa,
+                                  "allocator (freed while linked)", va=k.page_offset + pa,
                                   expected="allocated", actual="free")
 
 
@@ -200,7 +200,7 @@ def _check_translation(k: Kernel, mode: str, rng: random.Random, sample: int) ->
     touched = np.fromiter(reversed(sh.touched), dtype=np.int64, count=len(sh.touched))
     touched = touched[(sh.direct[touched] & S_MAPPED) != 0].astype(np.uint64)
     if len(touched):
-        _compare(k, np.uint64(PAGE_OFFSET) + touched * np.uint64(PAGE_SIZE), touched,
+        _compare(k, np.uint64(k.page_offset) + touched * np.uint64(PAGE_SIZE), touched,
                  sh.direct[touched.astype(np.int64)], "direct map")
     first_va = [va for va in reversed(sh.touched_va) if sh.expected(va) is not None]
     if first_va:
@@ -216,7 +216,7 @@ def _check_translation(k: Kernel, mode: str, rng: random.Random, sample: int) ->
     else:
         pfns = mapped
     pfns = pfns.astype(np.uint64)
-    vas = np.uint64(PAGE_OFFSET) + pfns * np.uint64(PAGE_SIZE)
+    vas = np.uint64(k.page_offset) + pfns * np.uint64(PAGE_SIZE)
     bits = sh.direct[pfns.astype(np.int64)]
     _compare(k, vas, pfns, bits, "direct map")
     others = list(sh.vmap.items()) + [
@@ -285,7 +285,7 @@ def _check_execution(k: Kernel, rng: random.Random, n: int) -> int:
     ram64 = k.machine.ram64
     lines, saved, expect = [], {}, []
     for j, pfn in enumerate(picks):
-        va = PAGE_OFFSET + pfn * PAGE_SIZE
+        va = k.page_offset + pfn * PAGE_SIZE
         slot = (pfn * PAGE_SIZE + 8 * (j % 512)) >> 3      # one qword per sampled page
         saved[slot] = int(ram64[slot])
         tag = (gen << 40) | pfn
@@ -298,10 +298,10 @@ def _check_execution(k: Kernel, rng: random.Random, n: int) -> int:
     ram64[out_pa >> 3: (out_pa >> 3) + len(picks)] = 0
     addr_pa = out_pa + 2048
     ram64[addr_pa >> 3: (addr_pa >> 3) + len(picks)] = [
-        np.uint64(PAGE_OFFSET + p * PAGE_SIZE) for p in picks]
+        np.uint64(k.page_offset + p * PAGE_SIZE) for p in picks]
     try:
         r = k.machine.run("\n".join(lines), at=code_va, on_fault=FaultAction.SKIP,
-                          regs={"rbx": PAGE_OFFSET + addr_pa, "rdx": PAGE_OFFSET + out_pa},
+                          regs={"rbx": k.page_offset + addr_pa, "rdx": k.page_offset + out_pa},
                           max_insns=10 * len(picks) + 100)
         for f in r.faults:
             raise ValidationError("execution", f"load faulted: {f}", va=f.cr2,
@@ -314,13 +314,13 @@ def _check_execution(k: Kernel, rng: random.Random, n: int) -> int:
                                       actual=f"{got:#x}")
         # Stores where the model forbids them must fault (stores write back
         # what was read, so a missed fault corrupts nothing).
-        ro = [(PAGE_OFFSET + p * PAGE_SIZE, p) for p in picks if not sh.direct[p] & S_RW]
+        ro = [(k.page_offset + p * PAGE_SIZE, p) for p in picks if not sh.direct[p] & S_RW]
         if ro:
             code = "\n".join(f"mov rax, [rbx + {j * 8}]\nmov rcx, [rax]\nmov [rax], rcx"
                              for j in range(len(ro)))
             ram64[addr_pa >> 3: (addr_pa >> 3) + len(ro)] = [np.uint64(v) for v, _ in ro]
             r = k.machine.run(code, at=code_va, on_fault=FaultAction.SKIP,
-                              regs={"rbx": PAGE_OFFSET + addr_pa}, max_insns=10 * len(ro) + 100)
+                              regs={"rbx": k.page_offset + addr_pa}, max_insns=10 * len(ro) + 100)
             faulted = {f.cr2 for f in r.faults if f.vector == 14
                        and f.error_code == PfErr.P | PfErr.W}
             for va, _p in ro:
@@ -331,7 +331,7 @@ def _check_execution(k: Kernel, rng: random.Random, n: int) -> int:
         # Fetches from the direct map must fault (it is never executable):
         # jump there with HLT planted, one run each.
         for pfn in picks[:4]:
-            va = PAGE_OFFSET + pfn * PAGE_SIZE + 64
+            va = k.page_offset + pfn * PAGE_SIZE + 64
             pa = pfn * PAGE_SIZE + 64
             old = int(k.machine.ram[pa])
             k.machine.ram[pa] = 0xF4

@@ -22,7 +22,7 @@ from emu import pagetable as pt
 
 from . import gfp as G
 from .cpa import Cpa
-from .layout import PAGE_SIZE, PMD_SIZE, VMALLOC_END, VMALLOC_START
+from .layout import PAGE_SIZE, PMD_SIZE
 from .owner import PageOwner
 
 _POLICY_GFP = int(G.GFP_UNMAPPED | G.GFP_PTE_MAPPED)
@@ -139,11 +139,14 @@ class Vmalloc:
 
     # -- allocation -------------------------------------------------------
 
-    def vmalloc_node_range(self, size: int, align: int = PAGE_SIZE, start: int = VMALLOC_START,
-                           end: int = VMALLOC_END, gfp: int = int(G.GFP_KERNEL),
+    def vmalloc_node_range(self, size: int, align: int = PAGE_SIZE, start: int | None = None,
+                           end: int | None = None, gfp: int = int(G.GFP_KERNEL),
                            prot: int | None = None, flags: VmFlags = VmFlags(0),
                            caller: str = "") -> VmStruct:
-        """``__vmalloc_node_range``: returns the new area."""
+        """``__vmalloc_node_range``: returns the new area (``start``/``end``:
+        VMALLOC_START/VMALLOC_END of the kernel's layout unless given)."""
+        start = self.pgt.layout.vmalloc_start if start is None else start
+        end = self.pgt.layout.vmalloc_end if end is None else end
         if not isinstance(size, int) or size <= 0:
             raise VmallocBadRequest(f"vmalloc: bad size {size!r}")
         size = -(-size // PAGE_SIZE) * PAGE_SIZE
@@ -216,7 +219,7 @@ class Vmalloc:
         (``pte_alloc_kernel`` & co) on the way."""
         pgt = self.pgt
         table = pgt.root
-        for lvl in range(4, level, -1):
+        for lvl in range(pgt.levels, level, -1):
             slot = pgt.slot(table, pt.table_index(va, lvl))
             entry = pgt.get(slot)
             if entry == 0:

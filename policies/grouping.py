@@ -50,7 +50,6 @@ cache): their direct-map alias changes as whole 2M pages.
 from __future__ import annotations
 
 from guestkernel import gfp as G
-from guestkernel.layout import PAGE_OFFSET
 from guestkernel.page_alloc import AllocationError, MigrateType
 from guestkernel.policy import Policy, register_policy
 
@@ -266,7 +265,7 @@ class UnmappedAlloc(_UnmappedUsers, Policy):
 
     def _new_chunk(self, k, gfp: int) -> _ChunkBuddy:
         pfn = k.buddy.alloc_pages(gfp & _PLAIN, 9)
-        k.set_memory_np(PAGE_OFFSET + pfn * 4096, 512)    # one 2M entry, not split
+        k.set_memory_np(k.pfn_to_virt(pfn), 512)    # one 2M entry, not split
         chunk = self.chunks[pfn] = _ChunkBuddy(pfn)
         return chunk
 
@@ -294,7 +293,7 @@ class UnmappedAlloc(_UnmappedUsers, Policy):
         vfree's reset-perms pass (set_direct_map_default) mapped a module's
         pages back before freeing them, and the cache hands its pages to
         secretmem as unmapped (the 2023 design unmaps what comes back)."""
-        kernel.cpa.set_memory_np_noalias(PAGE_OFFSET + pfn * 4096, 1 << order)
+        kernel.cpa.set_memory_np_noalias(kernel.pfn_to_virt(pfn), 1 << order)
 
     def free_pages(self, kernel, pfn: int, order: int) -> bool:
         if pfn in self.fallback:
@@ -318,7 +317,7 @@ class UnmappedAlloc(_UnmappedUsers, Policy):
         return sum(len(heads) << o for c in self.chunks.values() for o, heads in c.free.items())
 
     def _return_chunk(self, k, chunk: _ChunkBuddy) -> None:
-        k.set_memory_p(PAGE_OFFSET + chunk.base * 4096, 512)
+        k.set_memory_p(k.pfn_to_virt(chunk.base), 512)
         del self.chunks[chunk.base]
         k.buddy.free_pages(chunk.base, 9)
 

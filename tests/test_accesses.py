@@ -243,7 +243,8 @@ def test_run_tlb_with_a_stream_of_ones_own(tmp_path, capsys):
     t = json.loads(capsys.readouterr().out)["tlb"]
     assert code == 0 and t["accesses"] == str(tmp_path / "a.npy")
     assert t["stream"] == {"paging_levels": 4, "regions": t["stream"]["regions"],
-                           "replayed": 4000, "left_out": 0}
+                           "replayed": 4000, "left_out": 0, "relocated": False}
+    assert t["paging_levels"] == 4
     # 2000 pages > the L1 (64) and the STLB (1536), in a cycle, LRU: every access walks
     assert t["all_4k"]["walks_4k"] == 4000 and t["unsplit"]["walks_4k"] == 0
     assert main(["run", "--workload", "boot", "--ram", "1G", "--accesses",

@@ -172,8 +172,11 @@ def test_model_started_from_each_state_is_that_kernel(trace):
     for st in _states(trace):
         k = Kernel.from_state(st)
         assert k.profile.name == KERNEL_OF[trace.name]
+        # the model runs the state's paging mode: Linux's own addresses
+        assert k.page_offset == st.page_offset
+        assert k.paging_levels == (5 if st.la57 else 4)
         pt = compare_tables((st.pt_va, st.pt_level, st.pt_entry), model_tables(k),
-                            real_offset=st.page_offset, model_offset=PAGE_OFFSET)
+                            real_offset=st.page_offset, model_offset=k.page_offset)
         assert pt["pte_mismatches"] == 0, pt["first"]
         states = k.buddy.page_states()
         fr = compare_free(st, states == 1)

@@ -79,6 +79,13 @@ def add_workload_args(p: argparse.ArgumentParser, required: bool = True) -> None
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--scale", type=float, default=1.0, help="workload size factor (> 0)")
     add_kernel_arg(p)
+    p.add_argument("--paging-levels", type=int, choices=(4, 5), default=None,
+                   help="the model's paging mode: 5 (LA57: a PML5 root, PAGE_OFFSET "
+                        "0xff11000000000000, as 6.1 and 7.2 run under QEMU -cpu max) or 4 "
+                        "(no5lvl, or a CPU without LA57); each with the boot-time allocations "
+                        "of that mode. Default: 4-level tables at 0xffff888000000000 with the "
+                        "boot-time allocations of the kernel as it ran on the reference machine"
+                        " (tlbcost: the stream's mode)")
 
 
 def workload_spec(spec: str) -> str:
@@ -222,7 +229,8 @@ def run_one(args: argparse.Namespace, policy: str) -> Driver:
     boot = boot_args(args)
     try:
         return run_workload(args.workload, ram=boot["ram"], e820=boot.get("e820"), policy=policy,
-                            seed=args.seed, scale=args.scale, profile=args.kernel)
+                            seed=args.seed, scale=args.scale, profile=args.kernel,
+                            paging_levels=getattr(args, "paging_levels", None))
     except (ValueError, MemoryError, KernelError) as exc:
         raise UsageError(str(exc)) from None
 
@@ -278,6 +286,9 @@ def kernel_from_dump(args: argparse.Namespace):
     if getattr(args, "record", None):
         raise UsageError("--record with --from-dump: a model trace starts from a boot, this run "
                          "starts from a dumped kernel's state")
+    if getattr(args, "paging_levels", None) is not None:
+        raise UsageError("--paging-levels with --from-dump: the model runs the paging mode the "
+                         "dumped kernel ran in")
     kw = {"policy": args.policy, "profile": args.kernel}
     try:
         if path.suffix == ".npz":

@@ -69,6 +69,9 @@ def main(args: argparse.Namespace) -> int:
     cfg = config(args)
     check_accesses(args)
     if args.trace is not None:
+        if args.paging_levels is not None:
+            raise UsageError("--paging-levels with --trace: a recorded trace replays in the "
+                             "paging mode of the kernel that recorded it")
         for p in pols:
             check_policy(p)
         rows, series, error, what = _compare_trace(args, pols)

@@ -52,8 +52,10 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 def main(args: argparse.Namespace) -> int:
     """The state is a fresh boot (--ram/--kernel), a workload's end, or a
-    trace's end; every input is checked before any work."""
-    from ..accesses import AccessFormatError, load_accesses, tlbcost
+    trace's end; every input is checked before any work. A booted state
+    runs the paging mode of the stream (a 5-level capture: a 5-level
+    model) unless --paging-levels says otherwise."""
+    from ..accesses import AccessFormatError, layout_of, load_accesses, tlbcost
     check_tlb_preset(args.tlb)
     check_policy(args.policy)
     if sum(x is not None for x in (args.trace, args.workload, args.from_dump)) > 1:
@@ -64,6 +66,10 @@ def main(args: argparse.Namespace) -> int:
         raise UsageError(str(exc)) from None
     if not len(stream):
         raise UsageError(f"--accesses {args.accesses}: the stream is empty")
+    if args.paging_levels is None and args.trace is None and args.from_dump is None:
+        # the model runs the paging mode the stream was captured in (None: a
+        # stream in no Linux layout, a user's own: the default)
+        args.paging_levels = layout_of(stream.va)
     k = _state(args)
     try:
         out = tlbcost(k, stream, args.tlb, all_regions=args.all_regions)
@@ -86,6 +92,9 @@ def main(args: argparse.Namespace) -> int:
             regs = ", ".join(f"{n} {c:,}" for n, c in st["regions"].items() if c)
             print(f"replayed {st['replayed']:,} accesses (the direct map and the image of a "
                   f"{st['paging_levels']}-level stream: {regs}); {st['left_out']:,} left out")
+        if st.get("relocated"):
+            print(f"the {st['paging_levels']}-level stream's direct-map addresses were moved "
+                  f"to the model's {out['paging_levels']}-level direct map (same pfns)")
         pos = out["position"]
         print(f"the state's walk cycles sit at {pos:.3f} between unsplit (0) and all 4K (1)"
               if pos is not None else "unsplit and all 4K walk the same: no position")
@@ -100,6 +109,9 @@ def _state(args: argparse.Namespace):
         raise UsageError("--point and --vmlinux go with --from-dump")
     if args.trace is not None:
         from ..modelled import replay_modelled
+        if args.paging_levels is not None:
+            raise UsageError("--paging-levels with --trace: a recorded trace replays in the "
+                             "paging mode of the kernel that recorded it")
         from ..placed import PlacedReplayError
         if not Path(args.trace).is_file():
             raise UsageError(f"--trace {args.trace}: no such file")
@@ -118,4 +130,4 @@ def _state(args: argparse.Namespace):
     boot = boot_args(args)
     check_boot(boot["ram"], boot.get("e820"))
     return Kernel.boot(ram=boot["ram"], e820=boot.get("e820"), policy=args.policy,
-                       profile=args.kernel)
+                       profile=args.kernel, paging_levels=args.paging_levels)
