@@ -480,16 +480,18 @@ class Kernel:
                 have = PageOwner(have)
                 raise KernelError(f"free_pages({pfn:#x}, {order}): the page belongs to "
                                   f"{have.name.lower()}; free it through {have.free_path}")
-        if self._policy_free and self._policy_free(self, pfn, order):
-            if owner:
-                self.page_owner[pfn: pfn + (1 << order)] = 0
-            return
         if self._unmapped:
             unmapped = self._unmapped.get(pfn)
             if unmapped is not None and unmapped != order:
                 raise KernelError(f"free_pages({pfn:#x}, {order}): allocated with order {unmapped}")
         else:
             unmapped = None
+        # (a GFP_UNMAPPED page the buddy allocator served, which the policy
+        # never saw, goes back the way it came: mapped again, then freed)
+        if unmapped is None and self._policy_free and self._policy_free(self, pfn, order):
+            if owner:
+                self.page_owner[pfn: pfn + (1 << order)] = 0
+            return
         self.buddy.free_pages(pfn, order)   # raises on a bad free, before any change below
         if owner:
             self.page_owner[pfn: pfn + (1 << order)] = 0

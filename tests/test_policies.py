@@ -303,9 +303,9 @@ def test_grouping_falls_back_when_no_2m_block_is_free(policy):
     """Issue 16: with memory free but no free 2M block (every other page of
     RAM held), module loads and secretmem faults failed under the grouping
     policies. The 2022 RFC's UNMAPPED type steals through the normal
-    fallback and the 2023 design falls back to the page allocator: the
-    request is served from the normal lists and its pages taken out of the
-    direct map one by one; freed, they go back mapped."""
+    fallback (and claims the stolen page's pageblock); the 2023 design
+    replenishes its cache with the highest order available (here order 0):
+    the requests are served, and their pages go back mapped when freed."""
     k = Kernel.boot(ram="512M", policy=policy)
     states = k.buddy.page_states()
     for pfn in np.flatnonzero(states == 1).tolist():     # every free page, odd ones kept
@@ -396,3 +396,102 @@ def test_read_only_vmalloc_areas_are_routed(policy):
     for area in live:
         for pfn in area.pfns():
             assert k.cpa.unmapped_whole(pfn), hex(pfn)
+
+
+def _no_free_2m_block(k: Kernel) -> list[int]:
+    """Hold every free block of order 9 and above (returned, to keep)."""
+    held = []
+    for order in (10, 9):
+        while True:
+            try:
+                held.append(k.buddy.alloc_pages(int(G.GFP_KERNEL), order))
+            except MemoryError:
+                break
+    return held
+
+
+def test_pte_mapped_cache_refills_one_page_and_marks_its_pageblock():
+    """The 2021 RFC: "If the high order allocation fails, we fall back to
+    order-0 and mark the entire pageblock as pte-mapped. When pages from
+    that pageblock are freed to the page allocator they are put into the
+    pte-mapped cache." With no 2M block free, a page-table page comes from
+    a single page (its 2M split); a page of the same pageblock another user
+    frees afterwards joins the cache (not the buddy), already PTE-mapped,
+    and is the next page table handed out."""
+    k = Kernel.boot(ram="512M", policy="pte-mapped-cache")
+    _no_free_2m_block(k)
+    pol = k.policy
+    table = k.alloc_pages(int(G.GFP_KERNEL | G.GFP_PTE_MAPPED), 0)
+    block = table >> 9
+    assert pol.pte_blocks == {block} and not pol.cache
+    assert k.lookup_address(k.pfn_to_virt(table))[1] == 1
+    mates = []
+    while not any(p >> 9 == block for p in mates):
+        mates.append(k.alloc_pages(int(G.GFP_KERNEL), 0))
+        assert len(mates) < 4096, "no page of the marked pageblock came back"
+    mate = next(p for p in mates if p >> 9 == block)
+    other = next((p for p in mates if p >> 9 != block), None)
+    k.free_pages(mate, 0)
+    assert pol.cache == [mate] and not k.buddy.is_free(mate)
+    if other is not None:                    # a page of another pageblock: the buddy's
+        k.free_pages(other, 0)
+        assert pol.cache == [mate]
+    assert k.alloc_pages(int(G.GFP_KERNEL | G.GFP_PTE_MAPPED), 0) == mate
+    assert k.lookup_address(k.pfn_to_virt(mate))[1] == 1
+    k.validate("full")
+
+
+def test_migrate_unmapped_claims_the_pageblock_a_stolen_page_sits_in():
+    """The 2022 RFC: "a page of the requested order is stolen from another
+    migrate type, just like it would happen for the existing fallback
+    processing. The difference is that the pageblock containing that page
+    is remapped with PTEs in the direct map, and all the free pages in that
+    pageblock are moved to MIGRATE_UNMAPPED unconditionally." With no free
+    pageblock, a secret page comes from a partly used one: that block is
+    UNMAPPED now, at 4K, its free pages on the UNMAPPED lists, where the
+    next secret pages come from."""
+    k = Kernel.boot(ram="512M", policy="migrate-unmapped")
+    _no_free_2m_block(k)
+    pol, b = k.policy, k.buddy
+    assert b.nr_free(mt=pol.mt) == 0
+    pfn = k.secretmem.fault()
+    block = pfn & ~511
+    assert b.get_pageblock_migratetype(pfn) == pol.mt
+    for p in range(block, block + 512):              # the whole block at 4K
+        found = k.lookup_address(k.pfn_to_virt(p))
+        assert found is not None and found[1] == 1
+    assert not k.lookup_address(k.pfn_to_virt(pfn))[0] & 1     # the secret page: unmapped
+    free_in_block = sum(b.is_free(p) for p in range(block, block + 512))
+    assert free_in_block > 0 and b.nr_free(mt=pol.mt) == free_in_block
+    # the next secret pages come from that block's UNMAPPED lists
+    more = [k.secretmem.fault() for _ in range(min(free_in_block, 8))]
+    assert all(p & ~511 == block for p in more)
+    for p in [pfn, *more]:
+        k.secretmem.free(p)
+    k.validate("full")
+
+
+def test_unmapped_alloc_replenishes_with_the_highest_order_available():
+    """The 2023 RFC: "If PMD_SIZE page cannot be allocated, the cache is
+    replenished with a page of the highest order available. That page is
+    removed from the direct map and added to the local buddy allocator."
+    With no 2M block, a secret page comes from a chunk of the highest free
+    order, all of whose pages leave the direct map; the shrinker maps the
+    empty chunk back and frees it."""
+    k = Kernel.boot(ram="512M", policy="unmapped-alloc")
+    _no_free_2m_block(k)
+    b, pol = k.buddy, k.policy
+    pfn = k.secretmem.fault()
+    (chunk,) = pol.chunks.values()
+    top = chunk.order
+    assert 0 < top < 9 and chunk.base <= pfn < chunk.base + (1 << top)
+    with pytest.raises(MemoryError):          # nothing of a higher order was to be had
+        b.alloc_pages(int(G.GFP_KERNEL), top + 1)
+    for p in range(chunk.base, chunk.base + (1 << top)):
+        found = k.lookup_address(k.pfn_to_virt(p))
+        assert found is not None and not found[0] & 1, hex(p)
+    assert pol.cached_count(k) == (1 << top) - 1
+    k.secretmem.free(pfn)
+    assert pol.shrink(k, 1 << 20) == 1 << top and not pol.chunks
+    assert k.machine.translate(k.pfn_to_virt(chunk.base), "w") == chunk.base << 12
+    k.validate("full")
