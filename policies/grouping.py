@@ -80,13 +80,26 @@ page coming back is unmapped again; one empty chunk is kept
 (``keep_free_chunks``); when any allocation fails, the kernel's reclaim
 path runs the shrinker.
 
-``per-user-caches`` (Gorman/Hocko/Edgecombe review): slab-like order-0
-caches per user kind (page tables, execmem, secretmem), each refilled in
-batches from one global ``unmapped-alloc`` cache.
+``per-user-caches``: the alternative the 2021 letter names (and the 2023
+thread's reviewers, Gorman, Hocko and Edgecombe, returned to): "Another
+option is to have per-user caches, e.g one for the page tables, another
+for vmalloc etc. This approach provides better control of the
+permissions of the pages allocated from these caches and allows the user
+to decide when (if at all) the pages can be accessed [...] The down side of
+this approach is that it complicates the freeing path." So: order-0 caches
+per user kind (page tables, execmem, secretmem), each refilled in batches
+(``batch``) from one global ``unmapped-alloc`` cache; a freed page goes
+back to its user's cache (the dedicated free path). Choice where it is
+silent: the shrinker gives the users' free pages back to the global
+cache, whose empty chunks it returns.
 
-``prog-pack``: small executable images share 2M chunks backed by one 2M
-page each (``bpf_prog_pack`` with ``module_alloc_huge``, the execmem ROX
-cache): their direct-map alias changes as whole 2M pages.
+``prog-pack``: Song Liu's ``bpf_prog_pack`` (<20220204185742.271030-1-song@kernel.org>,
+which Aaron Lu's letter above credits: it "packs multiple bpf progs into a
+single page instead of allocating and changing one page's protection for
+each bpf prog. This approach made large mapping split happen much
+fewer"), with ``module_alloc_huge`` and the execmem ROX cache: small
+executable images share 2M chunks backed by one 2M page each, so their
+direct-map alias changes as whole 2M pages.
 """
 
 from __future__ import annotations

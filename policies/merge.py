@@ -1,11 +1,22 @@
 """Merging policies: put split direct-map tables back together.
 
-``cpa-merge`` (Hyeonggon Yoo / Aaron Lu RFCs, 2022): after any CPA call,
-every PTE table whose entries the call rewrote is merged back into a 2M
-page when all 512 entries agree (same flags, contiguous frames), and the
-PMD table above into a 1G page the same way. The RFCs kept a per-table
-count of same-protection entries to avoid scanning; scanning 512 entries
-with numpy gives the same decisions.
+``cpa-merge``: Aaron Lu, "[RFC PATCH 0/4] x86/mm/cpa: merge small
+mappings whenever possible", 8 Aug 2022,
+<20220808145649.2261258-1-aaron.lu@intel.com> (and Hyeonggon Yoo's RFC
+of the same year). "There is a problem due to this split: the large
+mapping will remain splitted even after the affected pages' protection
+are changed back to RW and NX, like when the module is unloaded or bpf
+progs are freed. [...] This patchset addresses this problem in another
+way: it merges splitted mappings back to a large mapping when protections
+of all entries of the splitted small mapping page table become same
+again [...] this patchset can not help when the page which has its
+protection changed keeps in use." So: after any CPA call, every PTE table
+whose entries the call rewrote is merged back into a 2M page when all 512
+entries agree (same flags, contiguous frames), and the PMD table above
+into a 1G page the same way. Choice where it is silent: the RFC kept a
+per-table count of same-protection entries to avoid scanning; scanning
+the 512 entries with numpy gives the same decisions (``collapse_scanned``
+counts them, as what merging costs).
 
 ``cpa-collapse`` (mainline 6.15, ``cpa_collapse_large_pages``): the same
 rule, but only after ``set_memory_rox``, and never for entries
