@@ -1,6 +1,7 @@
 """What an access replay costs (issue 17): a stream of kernel memory
 accesses run as the emulated CPU's own loads through a 4 GiB guest's
-direct map, with the TLB model attached and bare, in the same process.
+direct map, with the TLB model (fed the CPU's accesses chunk by chunk, as
+``dmfrag.accesses.replay`` does) and bare, in the same process.
 
 Three streams: 8-byte loads of one page repeated (the replay's own cost,
 the model all hits), of pages spread over RAM (walks), and the committed

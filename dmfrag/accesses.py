@@ -157,11 +157,22 @@ _BYTE8 = np.arange(8, dtype=np.int64)[None, :]
 MAX_CHUNK = 2048
 
 
-def replay(k: Kernel, s: AccessStream, *, tlb=None, chunk: int = MAX_CHUNK) -> ReplayResult:
+def replay(k: Kernel, s: AccessStream, *, tlb=None, chunk: int = MAX_CHUNK,
+           attach: bool = False) -> ReplayResult:
     """Run ``s`` on ``k``'s machine (its page tables as they are now).
-    ``tlb``: an :class:`emu.tlb.TlbModel` (or a preset name) to attach for
-    the run, None to run bare (for measuring the model's own cost). The
-    state is left as it was: RAM, tables and the TLB model's attachment."""
+    ``tlb``: an :class:`emu.tlb.TlbModel` (or a preset name), None to run
+    bare (for measuring the model's own cost). The state is left as it
+    was: RAM, tables and the TLB model's attachment.
+
+    Every access runs on the CPU, through its own walk of the tables (a
+    translation the state does not allow faults there). The TLB model sees
+    the same sequence the CPU's hooks would show it: each chunk's code page,
+    each load and store that ran (both pages of one that crosses a page),
+    each fetch's target and the return into the code. By default it is fed
+    that sequence in one call after each chunk has run; ``attach=True``
+    attaches it to the CPU instead (a hook per access, as for any other
+    code: the reference the feed is held to, and what a model without
+    ``access_many``, such as :class:`emu.tlb.PyTlb`, gets)."""
     from unicorn import x86_const as X
 
     from emu.tlb import TlbModel
@@ -169,26 +180,56 @@ def replay(k: Kernel, s: AccessStream, *, tlb=None, chunk: int = MAX_CHUNK) -> R
         raise ValueError(f"chunk must be 1..{MAX_CHUNK}")
     m = k.machine
     model = TlbModel(tlb) if isinstance(tlb, str) else tlb
+    feed = model is not None and not attach and hasattr(model, "access_many")
     out = ReplayResult(len(s))
     text = (k.profile.image.text, k.profile.image.etext)
     old = m.tlb
-    m.tlb = model
+    m.tlb = None if feed else model
     try:
-        if model is not None:
-            m.flush_tlb()
+        m.flush_tlb()
+        if feed:
+            model.prime(m)
+            model.flush_all()
+        elif model is not None:
             model.fixed_operand(X.UC_X86_REG_RSI)
         lo = 0
         while lo < len(s):
-            hi, code_va = _plan_chunk(s, lo, min(len(s), lo + chunk), text)
-            _run_chunk(k, s, lo, hi, code_va, out)
+            hi, code_va = _plan_chunk(k, s, lo, min(len(s), lo + chunk), text)
+            ran = _run_chunk(k, s, lo, hi, code_va, out)
+            if feed:
+                model.access_many(*_tlb_sequence(s, lo, hi, code_va, ran))
             lo = hi
         if model is not None:
             out.tlb = dict(model.counters())
     finally:
-        if model is not None:
+        if model is not None and not feed:
             model.fixed_operand(0)
         m.tlb = old
     return out
+
+
+def _tlb_sequence(s: AccessStream, lo: int, hi: int, code_va: int, ran: np.ndarray
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """The TLB accesses the CPU made running the chunk [lo, hi) at
+    ``code_va`` (``ran``: which of its accesses ran without a fault): the
+    code's page first; per load or store its address, and the next page's
+    first byte when it crosses a page; per fetch its target (the site of
+    its page) and the slot after it, where the return lands. Blocks that
+    end inside the code add fetches of the code's own page, which the L1
+    ITLB holds (it is touched after every fetch): they change no count."""
+    va, kind, size = s.va[lo:hi], s.kind[lo:hi], s.size[lo:hi]
+    n = hi - lo
+    fe = kind == FETCH
+    first = np.where(fe, _fetch_sites(va), va)
+    second = np.where(fe, np.uint64(code_va) + (np.arange(1, n + 1, dtype=np.uint64)
+                                                 * np.uint64(_SLOT)),
+                      (va | np.uint64(0xFFF)) + np.uint64(1))
+    crosses = ~fe & ((va & np.uint64(0xFFF)) + size.astype(np.uint64) > np.uint64(4096))
+    vas = np.stack([first, second], axis=1).ravel()
+    kinds = np.repeat(kind, 2)
+    keep = np.stack([ran, ran & (fe | crosses)], axis=1).ravel()
+    return (np.concatenate([np.array([code_va], np.uint64), vas[keep]]),
+            np.concatenate([np.array([FETCH], np.uint8), kinds[keep]]))
 
 
 #: where a chunk's code may start: every 64 KiB of the image's text
@@ -205,24 +246,43 @@ def _fetch_sites(va: np.ndarray) -> np.ndarray:
     return (va & ~np.uint64(0xFFF)) | np.uint64(_FETCH_SITE)
 
 
-def _plan_chunk(s: AccessStream, lo: int, hi: int, text: tuple[int, int]) -> tuple[int, int]:
+def _plan_chunk(k: Kernel, s: AccessStream, lo: int, hi: int, text: tuple[int, int]
+                ) -> tuple[int, int]:
     """How far the chunk from ``lo`` may go and where its code runs: in the
-    image's text, clear of every fetch site of the chunk (the chunk halved
-    until a place is found)."""
-    fe = np.flatnonzero(s.kind[lo:hi] == FETCH)
-    sites = _fetch_sites(s.va[lo:hi][fe])
-    u = np.unique(sites)
+    image's text, clear of every fetch site of the chunk and of every byte
+    its stores write (through any alias: where the state lets a store
+    reach the text, as the references' unprotected text does, the
+    write-back must not land in the code), the chunk halved until a place
+    is found."""
+    img = k.profile.image
+    va, kind = s.va[lo:hi], s.kind[lo:hi]
+    fe = np.flatnonzero(kind == FETCH)
+    st = np.flatnonzero(kind == STORE)
+    pts = [_fetch_sites(va[fe])]
+    idx = [fe]
+    if len(st):
+        pas, ok = k.machine.translate_many(va[st], "r")
+        lo_pa, hi_pa = img.pa(text[0]), img.pa(text[1])
+        pas = pas.astype(np.uint64)
+        inside = ok & (pas >= np.uint64(lo_pa)) & (pas < np.uint64(hi_pa))
+        pts.append(pas[inside] - np.uint64(lo_pa) + np.uint64(text[0]))   # as text addresses
+        idx.append(st[inside])
+    points, where = np.concatenate(pts), np.concatenate(idx)
+    order = np.argsort(where, kind="stable")
+    points, where = points[order], where[order]
+    u = np.unique(points)
     while True:
         need = (hi - lo) * _SLOT
         for c in range(text[0], max(text[0], text[1] - need) + 1, _CODE_STEP):
-            i = int(np.searchsorted(u, np.uint64(max(c - 2, 0))))
+            # a point in [c - 7, c + need): a patch (3 bytes) or a store (up to 8)
+            i = int(np.searchsorted(u, np.uint64(max(c - 7, 0))))
             if i == len(u) or int(u[i]) >= c + need:
                 return hi, c
         if hi - lo == 1:
             raise RuntimeError(f"no place in the image's text for the replay's code near "
                                f"access {lo}")
         hi = lo + (hi - lo) // 2
-        u = np.unique(sites[: np.count_nonzero(fe < hi - lo)])
+        u = np.unique(points[: np.count_nonzero(where < hi - lo)])
 
 
 def _fault(out: ReplayResult, i: int, va: int, kind: int, what: str) -> None:
@@ -232,7 +292,7 @@ def _fault(out: ReplayResult, i: int, va: int, kind: int, what: str) -> None:
 
 
 def _run_chunk(k: Kernel, s: AccessStream, lo: int, hi: int, code_va: int,
-               out: ReplayResult) -> None:
+               out: ReplayResult) -> np.ndarray:
     m = k.machine
     va, kind, size = s.va[lo:hi], s.kind[lo:hi], s.size[lo:hi]
     n = hi - lo
@@ -245,18 +305,6 @@ def _run_chunk(k: Kernel, s: AccessStream, lo: int, hi: int, code_va: int,
     slots[:, 10:12] = (0x48, 0xB8)                                    # mov rax, imm64
     imm = np.zeros(n, "<u8")
     slots[:, _OP_AT: _OP_AT + 4] = _OP_TABLE[kind, size]
-    # a store writes back the bytes there now (guest RAM stays as it was)
-    st = np.flatnonzero(kind == STORE)
-    if len(st):
-        pas, ok = m.translate_many(va[st], "w")
-        pas = pas.astype(np.int64)
-        w = size[st].astype(np.int64)
-        good = ok & (pas + w <= len(ram))
-        if good.any():
-            at = pas[good][:, None] + _BYTE8
-            np.minimum(at, len(ram) - 1, out=at)
-            b = np.where(_BYTE8 < w[good][:, None], np.asarray(ram)[at], 0).astype(np.uint8)
-            imm[st[good]] = np.ascontiguousarray(b).view("<u8").ravel()
     # a fetch: mov r15, <the next slot>; jmp rsi; ``jmp r15`` at the target
     fe = np.flatnonzero(kind == FETCH)
     targets = np.zeros(0, np.int64)
@@ -273,12 +321,25 @@ def _run_chunk(k: Kernel, s: AccessStream, lo: int, hi: int, code_va: int,
             _fault(out, lo + int(j), int(va[j]), FETCH, "fetch: not executable in this state")
         slots[fe[skip], _OP_AT: _OP_AT + 2] = (0x90, 0x90)            # not run
         targets = np.unique(pas[~skip])
-    slots[:, 12:20] = imm.view(np.uint8).reshape(n, 8)
     # one site a page: the patches never overlap
     at3 = targets[:, None] + _BYTE8[:, :3]
     orig = np.asarray(ram)[at3].copy()
     np.asarray(ram)[at3] = _JMP_R15_ARR
     try:
+        # a store writes back the bytes there now, patches included (guest
+        # RAM stays as it was, and a store on a patched site keeps the patch)
+        st = np.flatnonzero(kind == STORE)
+        if len(st):
+            pas, ok = m.translate_many(va[st], "w")
+            pas = pas.astype(np.int64)
+            w = size[st].astype(np.int64)
+            good = ok & (pas + w <= len(ram))
+            if good.any():
+                at = pas[good][:, None] + _BYTE8
+                np.minimum(at, len(ram) - 1, out=at)
+                b = np.where(_BYTE8 < w[good][:, None], np.asarray(ram)[at], 0).astype(np.uint8)
+                imm[st[good]] = np.ascontiguousarray(b).view("<u8").ravel()
+        slots[:, 12:20] = imm.view(np.uint8).reshape(n, 8)
         r = m.run(slots.tobytes(), at=code_va, on_fault="skip", max_faults=n + 1,
                   count_insns=False, max_insns=None, keep_decoded=True)
     finally:
@@ -287,9 +348,14 @@ def _run_chunk(k: Kernel, s: AccessStream, lo: int, hi: int, code_va: int,
     if r.status.value != "completed":
         raise RuntimeError(f"access replay stopped in the chunk at {lo}: {r.status.value} "
                            f"{r.fault}")
+    ran = np.ones(n, bool)
+    if len(fe):
+        ran[fe[skip]] = False
     for f in r.faults:
         j = min(max((f.rip - code_va) // _SLOT, 0), n - 1)
+        ran[j] = False
         _fault(out, lo + j, int(va[j]), int(kind[j]), f"page fault: {f}")
+    return ran
 
 
 # -- Linux's address layout ----------------------------------------------------

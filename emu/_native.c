@@ -249,6 +249,15 @@ void dmfrag_tlb_access(struct tlb_model *m, uint64_t va, int kind)
     st_fill(m, l1[level - 1], va, level, global);
 }
 
+/* Accesses in order (an access replay's stream, fed after the CPU ran it:
+ * the same sequence the hooks would have seen, without a hook per access). */
+void dmfrag_tlb_access_many(struct tlb_model *m, const uint64_t *va, const uint8_t *kind,
+                            uint64_t n)
+{
+    for (uint64_t i = 0; i < n; i++)
+        dmfrag_tlb_access(m, va[i], kind[i]);
+}
+
 /* INVLPG: drop every TLB entry covering va; all paging-structure caches. */
 void dmfrag_tlb_invlpg(struct tlb_model *m, uint64_t va, int nstructs, int first_psc)
 {
@@ -353,6 +362,8 @@ void dmfrag_tlb_mem_hook(void *uc, int type, uint64_t address, int size, int64_t
         if ((address & 0xFFF) == 0 && (fva & 0xFFF) != 0)
             return;                     /* the second part of a page-crossing access */
         dmfrag_tlb_access(c->model, fva, is_write ? 1 : 0);
+        if ((fva & 0xFFF) + (uint64_t)size > 4096)     /* both pages are translated */
+            dmfrag_tlb_access(c->model, (fva | 0xFFF) + 1, is_write ? 1 : 0);
         return;
     }
     uint64_t rip = reg(c, c->rip_id);

@@ -19,6 +19,7 @@ from dmfrag.accesses import (
     AccessFormatError,
     AccessStream,
     all_4k_kernel,
+    figures,
     load_accesses,
     replay,
     save_accesses,
@@ -62,6 +63,44 @@ def test_a_cycle_beyond_every_tlb_level_walks_every_time(k4):
     r = replay(k4, AccessStream.loads(pages * 3), tlb="skylake")
     assert walks(r) == 3 * 2048
     assert r.tlb["dtlb_load_misses.walk_completed_4k"] == 3 * 2048
+
+
+def test_an_access_across_a_page_walks_both_pages(k4):
+    """An 8-byte load at a page's last 4 bytes needs two translations: two
+    walks on 4K pages, with the TLB fed and attached to the CPU alike."""
+    s = AccessStream.loads([k4.pfn_to_virt(0x18000) + 4092])
+    for attach in (False, True):
+        r = replay(k4, s, tlb="skylake", attach=attach)
+        assert r.faults == 0 and walks(r) == 2, attach
+        assert r.tlb["dtlb_load_misses.walk_completed_4k"] == 2
+
+
+@settings(max_examples=6, deadline=None)
+@given(seed=st.integers(0, 1 << 30), n=st.integers(20, 3000))
+def test_the_fed_tlb_counts_what_the_attached_one_counts(k, k4, seed, n):
+    """The replay feeds the TLB model the sequence the CPU ran, in one call
+    per chunk; attached to the CPU (a hook per access) it counts the same:
+    loads, stores, page-crossing accesses, fetches of the image's text and
+    of pages the state does not let run, faulting stores to read-only text,
+    on a 2M/1G state and an all-4K one."""
+    rng = np.random.default_rng(seed)
+    text = k.profile.image.text
+    pfns = rng.integers(0x100, k.max_pfn, n).astype(np.uint64)
+    va = np.uint64(k.pfn_to_virt(0)) + (pfns << np.uint64(12)) \
+        + rng.integers(0, 4096, n).astype(np.uint64)
+    kind = rng.integers(0, 3, n).astype(np.uint8)
+    fe = kind == FETCH
+    va[fe] = np.uint64(text) + (rng.integers(0, 1 << 12, int(fe.sum())).astype(np.uint64)
+                                << np.uint64(12))       # text, and beyond it (NX data)
+    ro = rng.random(n) < 0.05
+    va[ro & (kind == STORE)] = np.uint64(text + 0x2000)  # a store to read-only text: faults
+    size = rng.choice(np.array([1, 2, 4, 8], np.uint8), n)
+    s = AccessStream(va, kind, size)
+    for kern in (k, k4):
+        fed = replay(kern, s, tlb="skylake", chunk=512)
+        hooked = replay(kern, s, tlb="skylake", chunk=512, attach=True)
+        assert fed.faults == hooked.faults
+        assert figures(fed) == figures(hooked)
 
 
 @settings(max_examples=8, deadline=None)

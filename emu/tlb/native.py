@@ -194,6 +194,21 @@ class TlbModel(MachineObserver):
         """One access (0 load, 1 store, 2 fetch) at ``va``."""
         self._lib.dmfrag_tlb_access(ctypes.byref(self._model), ctypes.c_uint64(va), kind)
 
+    def access_many(self, va, kind) -> None:
+        """Accesses in order: ``va`` (uint64) and ``kind`` (uint8, 0 load,
+        1 store, 2 fetch) arrays of one length, in one C call."""
+        va = np.ascontiguousarray(va, dtype=np.uint64)
+        kind = np.ascontiguousarray(kind, dtype=np.uint8)
+        if va.shape != kind.shape or va.ndim != 1:
+            raise ValueError(f"va and kind must be 1-D arrays of one length, not {va.shape} "
+                             f"and {kind.shape}")
+        if len(kind) and int(kind.max()) > 2:
+            raise ValueError("kind must be 0 (load), 1 (store) or 2 (fetch)")
+        self._lib.dmfrag_tlb_access_many(ctypes.byref(self._model),
+                                         va.ctypes.data_as(ctypes.c_void_p),
+                                         kind.ctypes.data_as(ctypes.c_void_p),
+                                         ctypes.c_uint64(len(va)))
+
     # -- results -------------------------------------------------------------
 
     def raw_counters(self) -> dict[str, int]:
