@@ -14,6 +14,7 @@ from emu import Machine
 
 from .cpa import Cpa, CpaData
 from .e820 import E820Table
+from .layout import KernelLayout
 from .page_alloc import BuddyAllocator
 from .pgtable import KernelPageTables
 from .shadow import Shadow
@@ -47,6 +48,12 @@ class KernelApi(Protocol):
     vmstat_counters: dict[str, int]
     validation_generation: int
 
+    @property
+    def layout(self) -> KernelLayout: ...
+    @property
+    def paging_levels(self) -> int: ...
+    @property
+    def page_offset(self) -> int: ...
     @property
     def highmap_counted(self) -> list[int]: ...
     @property
