@@ -71,10 +71,10 @@ size_t dmfrag_translate_many(void *uc, uc_vmem_translate_fn translate,
 
 struct tlb_struct {
     uint32_t sets, ways, shift, repl;   /* shift: 12, 21, 30 (TLB) or 21/30/39 (PSC) */
-    uint32_t sizes;                     /* bitmask of levels it holds: 1=4K 2=2M 4=1G 8=512G (PML4E) */
+    uint32_t sizes;                     /* bitmask of levels: 1=4K 2=2M 4=1G 8=PML4E 16=PML5E */
     uint32_t pad;
     uint64_t rng;
-    uint64_t *tag;                      /* sets*ways; 0 = invalid, else (vpn << 1) | 1 */
+    uint64_t *tag;                      /* sets*ways; 0 = invalid, else (vpn << 4) | (level << 1) | 1 */
     uint64_t *stamp;                    /* LRU stamps */
     uint8_t *level;                     /* page level of the entry (1..3) */
     uint8_t *global;
@@ -90,14 +90,14 @@ enum {
     C_WALK_4K_STORE, C_WALK_2M_STORE, C_WALK_1G_STORE,
     C_WALK_4K_FETCH, C_WALK_2M_FETCH, C_WALK_1G_FETCH,
     C_WALK_REFS, C_WALK_FAULTS, C_PSC_HIT_PML4, C_PSC_HIT_PDPT, C_PSC_HIT_PDE,
-    C_UNDECODED, C_NCOUNTERS
+    C_UNDECODED, C_PSC_HIT_PML5, C_NCOUNTERS
 };
 
 struct tlb_model {
     struct tlb_struct s[TLB_MAX_STRUCTS];
     int32_t l1d[3], l1i[3];             /* index per level (1..3 -> [0..2]), -1 none */
     int32_t stlb[3];                    /* second level per level, -1 none */
-    int32_t psc[3];                     /* PML4E, PDPTE, PDE caches, -1 none */
+    int32_t psc[4];                     /* PML4E, PDPTE, PDE, PML5E caches, -1 none */
     uint64_t clock;
     uint64_t counters[C_NCOUNTERS];
     /* walking */
@@ -126,11 +126,11 @@ static int st_lookup(struct tlb_model *m, int idx, uint64_t va, uint8_t *level_o
     struct tlb_struct *t = &m->s[idx];
     /* An entry of level L is tagged by va >> shift(L); a structure holding
      * several sizes (shared STLB, Zen's L1) is probed once per size. */
-    for (int lv = 1; lv <= 4; lv++) {
+    for (int lv = 1; lv <= 5; lv++) {
         if (!(t->sizes & (1u << (lv - 1)))) continue;
         uint32_t shift = 12 + 9 * (lv - 1);
         uint64_t vpn = va >> shift;
-        uint64_t want = (vpn << 3) | ((uint64_t)lv << 1) | 1;
+        uint64_t want = (vpn << 4) | ((uint64_t)lv << 1) | 1;
         uint64_t set = vpn % t->sets;
         uint64_t *tags = t->tag + set * t->ways;
         for (uint32_t w = 0; w < t->ways; w++) {
@@ -150,7 +150,7 @@ static void st_fill(struct tlb_model *m, int idx, uint64_t va, int lv, int globa
     struct tlb_struct *t = &m->s[idx];
     uint32_t shift = 12 + 9 * (lv - 1);
     uint64_t vpn = va >> shift;
-    uint64_t want = (vpn << 3) | ((uint64_t)lv << 1) | 1;
+    uint64_t want = (vpn << 4) | ((uint64_t)lv << 1) | 1;
     uint64_t set = vpn % t->sets;
     uint64_t base = set * t->ways;
     uint32_t victim = 0;
@@ -188,9 +188,13 @@ static int tlb_walk(struct tlb_model *m, uint64_t va, int *global, uint32_t *ref
     int hit_pde = st_lookup(m, m->psc[2], va, &dummy);
     int hit_pdpte = !hit_pde && st_lookup(m, m->psc[1], va, &dummy);
     int hit_pml4e = !hit_pde && !hit_pdpte && st_lookup(m, m->psc[0], va, &dummy);
+    /* 5-level: the PML5E cache (tag va>>48) saves the PML5E read */
+    int hit_pml5e = top == 5 && !hit_pde && !hit_pdpte && !hit_pml4e
+                    && st_lookup(m, m->psc[3], va, &dummy);
     if (hit_pde) { m->counters[C_PSC_HIT_PDE]++; start = 1; }
     else if (hit_pdpte) { m->counters[C_PSC_HIT_PDPT]++; start = 2; }
     else if (hit_pml4e) { m->counters[C_PSC_HIT_PML4]++; start = 3; }
+    else if (hit_pml5e) { m->counters[C_PSC_HIT_PML5]++; start = 4; }
     /* The cached entries' contents are re-read from RAM here (the model
      * keeps tags only); only the reference count depends on the hit. */
     uint32_t n = 0;
@@ -209,6 +213,7 @@ static int tlb_walk(struct tlb_model *m, uint64_t va, int *global, uint32_t *ref
             /* Cache the non-leaf entries the walk went through: the PML4E
              * (tag va>>39, "level 4"), the PDPTE if it pointed to a PD
              * (va>>30), the PDE if it pointed to a PT (va>>21). */
+            if (top == 5) st_fill(m, m->psc[3], va, 5, 0);
             st_fill(m, m->psc[0], va, 4, 0);
             if (level <= 2) st_fill(m, m->psc[1], va, 3, 0);
             if (level <= 1) st_fill(m, m->psc[2], va, 2, 0);
@@ -270,7 +275,7 @@ void dmfrag_tlb_invlpg(struct tlb_model *m, uint64_t va, int nstructs, int first
         for (int lv = 1; lv <= 4; lv++) {
             if (!(t->sizes & (1u << (lv - 1)))) continue;
             uint64_t vpn = va >> (12 + 9 * (lv - 1));
-            uint64_t want = (vpn << 3) | ((uint64_t)lv << 1) | 1;
+            uint64_t want = (vpn << 4) | ((uint64_t)lv << 1) | 1;
             uint64_t set = vpn % t->sets;
             for (uint32_t w = 0; w < t->ways; w++)
                 if (t->tag[set * t->ways + w] == want) t->tag[set * t->ways + w] = 0;

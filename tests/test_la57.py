@@ -109,3 +109,36 @@ def test_a_cold_five_level_walk_reads_five_entries(cls):
         t.access(base + 0x2000, 0)
         refs[levels] = (first, t.raw_counters()["walk_mem_refs"] - first)
     assert refs == {4: (4, 1), 5: (5, 1)}
+
+
+@pytest.mark.parametrize("cls", [TlbModel, PyTlb])
+def test_the_pml5e_cache_saves_the_top_read(cls):
+    """Two pages 512 GiB apart under one PML5E (different PML4Es): the
+    second walk misses the PML4E cache. With a PML5E cache (golden-cove,
+    zen4) it starts at the PML4E and reads four entries, a PML5E-cache hit;
+    without one (skylake, which has no LA57) it reads all five."""
+    m = Machine(16 << 20, paging_levels=5)
+    b = PageTableBuilder(m, 12 << 20, 16 << 20)
+    b.map(LA57_DIRECT, 0, 4 << 20, 4096, RW_NX)
+    b.map(LA57_DIRECT + (512 << 30), 4 << 20, 4 << 20, 4096, RW_NX)
+    m.cr3 = b.root
+    got = {}
+    for preset in ("skylake", "golden-cove", "zen4"):
+        t = cls(preset)
+        t.prime(m)
+        t.access(LA57_DIRECT + 0x1000, 0)
+        c0 = t.raw_counters()
+        t.access(LA57_DIRECT + (512 << 30) + 0x1000, 0)
+        c1 = t.raw_counters()
+        got[preset] = (c0["walk_mem_refs"], c1["walk_mem_refs"] - c0["walk_mem_refs"],
+                       c1["psc_hit_pml5e"])
+    assert got == {"skylake": (5, 5, 0), "golden-cove": (5, 4, 1), "zen4": (5, 4, 1)}
+    # a 4-level machine never looks the PML5E cache up
+    m4 = Machine(16 << 20)
+    b4 = PageTableBuilder(m4, 12 << 20, 16 << 20)
+    b4.map(0xFFFF888000000000, 0, 4 << 20, 4096, RW_NX)
+    m4.cr3 = b4.root
+    t = cls("golden-cove")
+    t.prime(m4)
+    t.access(0xFFFF888000001000, 0)
+    assert t.raw_counters()["walk_mem_refs"] == 4 and t.raw_counters()["psc_hit_pml5e"] == 0

@@ -35,7 +35,7 @@ class Structure:
     name: str
     entries: int
     ways: int
-    levels: tuple[int, ...]       # page levels it holds: 1=4K 2=2M 3=1G (4 = PML4E cache)
+    levels: tuple[int, ...]       # page levels it holds: 1=4K 2=2M 3=1G (4 PML4E, 5 PML5E cache)
 
     @property
     def sets(self) -> int:
@@ -47,9 +47,9 @@ class Structure:
         if self.entries % self.ways:
             raise TlbConfigError(f"{self.name}: {self.entries} entries are not divisible by "
                                  f"{self.ways} ways")
-        if not self.levels or any(lv not in (1, 2, 3, 4) for lv in self.levels):
+        if not self.levels or any(lv not in (1, 2, 3, 4, 5) for lv in self.levels):
             raise TlbConfigError(f"{self.name}: page levels must be among 1 (4K), 2 (2M), "
-                                 f"3 (1G), 4 (PML4E), not {self.levels}")
+                                 f"3 (1G), 4 (PML4E), 5 (PML5E), not {self.levels}")
 
 
 @dataclass(frozen=True)
@@ -60,6 +60,9 @@ class TlbConfig:
     stlb: tuple[Structure, ...]      # second level: shared 4K/2M, maybe 1G apart
     psc: tuple[Structure | None, Structure | None, Structure | None]  # PML4E, PDPTE, PDE
     replacement: str = "lru"
+    #: with 5-level paging, the PML5E cache (entries tagged with VA bits
+    #: 56:48); None: a walk that misses the PML4E cache reads the PML5E
+    psc_pml5e: Structure | None = None
     stlb_hit_cycles: int = 9
     walk_base_cycles: int = 10
     walk_ref_cycles: int = 25
@@ -74,14 +77,14 @@ class TlbConfig:
     def check(self) -> None:
         if self.replacement not in ("lru", "random"):
             raise TlbConfigError(f"replacement must be 'lru' or 'random', not {self.replacement!r}")
-        for s in self.structures() + [p for p in self.psc if p]:
+        for s in self.structures() + [p for p in (*self.psc, self.psc_pml5e) if p]:
             s.check()
         for group, name in ((self.l1d, "l1d"), (self.l1i, "l1i")):
             covered = {lv for s in group for lv in s.levels}
             if covered != {1, 2, 3}:
                 raise TlbConfigError(f"{name} must hold 4K, 2M and 1G pages, holds {sorted(covered)}")
-        if len(self.structures()) + 3 > 16:
-            raise TlbConfigError("at most 13 TLB structures")
+        if len(self.structures()) + 4 > 16:
+            raise TlbConfigError("at most 12 TLB structures")
 
 
 def _s(name, entries, ways, *levels) -> Structure:
@@ -91,6 +94,13 @@ def _s(name, entries, ways, *levels) -> Structure:
 def _psc() -> tuple[Structure, Structure, Structure]:
     # ChampSim's defaults (sets x ways): level 4: 1x4, level 3: 2x4, level 2: 4x8.
     return (_s("psc_pml4e", 4, 4, 4), _s("psc_pdpte", 8, 4, 3), _s("psc_pde", 32, 8, 2))
+
+
+#: The PML5E cache of the CPUs with 5-level paging (Ice Lake server and
+#: later, Zen 4): the SDM names it (4.10.3.1) without a size; two entries,
+#: fully associative, is this model's assumption (a kernel touches one
+#: PML5E for its direct map and one for its image and modules).
+_PSC_PML5E = Structure("psc_pml5e", 2, 2, (5,))
 
 
 PRESETS: dict[str, TlbConfig] = {
@@ -109,7 +119,7 @@ PRESETS: dict[str, TlbConfig] = {
         l1d=(_s("dtlb_4k", 96, 6, 1), _s("dtlb_large", 32, 4, 2, 3)),
         l1i=(_s("itlb_4k", 256, 8, 1), _s("itlb_2m", 32, 8, 2, 3)),
         stlb=(_s("stlb", 2048, 16, 1, 2), _s("stlb_1g", 16, 4, 3)),
-        psc=_psc()),
+        psc=_psc(), psc_pml5e=_PSC_PML5E),
     # Zen 4: L1 DTLB 72 entries fully associative, all sizes; ITLB 64 fully
     # associative; L2 DTLB 3072x24 for 4K/2M (1G smashed to 2M: held as 2M
     # entries is not modelled, 1G is held as 1G); 64-entry page directory cache.
@@ -118,7 +128,8 @@ PRESETS: dict[str, TlbConfig] = {
         l1d=(_s("dtlb", 72, 72, 1, 2, 3),),
         l1i=(_s("itlb", 64, 64, 1, 2, 3),),
         stlb=(_s("l2_dtlb", 3072, 24, 1, 2, 3),),
-        psc=(_s("pwc_pml4e", 4, 4, 4), _s("pwc_pdpte", 16, 4, 3), _s("pdc", 64, 8, 2))),
+        psc=(_s("pwc_pml4e", 4, 4, 4), _s("pwc_pdpte", 16, 4, 3), _s("pdc", 64, 8, 2)),
+        psc_pml5e=_PSC_PML5E),
 }
 #: Emulated CPU models -> the preset of their family.
 CPU_PRESET = {"skylake-server": "skylake", "skylake-client": "skylake",
@@ -138,7 +149,8 @@ def load_config(path: str | Path) -> TlbConfig:
     """A custom geometry from TOML or JSON: ``base`` (a preset to start
     from), ``replacement``, latencies, and structures as tables
     ``{name = {entries = N, ways = W, levels = [1, 2]}}`` under ``l1d``,
-    ``l1i``, ``stlb`` (lists) or ``psc`` (three entries)."""
+    ``l1i``, ``stlb`` (lists) or ``psc`` (three entries), and ``psc_pml5e``
+    (one structure with ``levels = [5]``, or null for none)."""
     p = Path(path)
     try:
         text = p.read_text()
@@ -168,10 +180,14 @@ def load_config(path: str | Path) -> TlbConfig:
         if len(ps) != 3:
             raise TlbConfigError("psc needs three structures (PML4E, PDPTE, PDE)")
         changes["psc"] = ps
+    if "psc_pml5e" in data:
+        changes["psc_pml5e"] = (None if data["psc_pml5e"] is None
+                                else structs([data["psc_pml5e"]], "psc_pml5e")[0])
     for key in ("replacement", "stlb_hit_cycles", "walk_base_cycles", "walk_ref_cycles"):
         if key in data:
             changes[key] = data[key]
-    unknown = set(data) - {"base", "name", "l1d", "l1i", "stlb", "psc", "replacement",
+    unknown = set(data) - {"base", "name", "l1d", "l1i", "stlb", "psc", "psc_pml5e",
+                           "replacement",
                            "stlb_hit_cycles", "walk_base_cycles", "walk_ref_cycles"}
     if unknown:
         raise TlbConfigError(f"unknown keys in {p.name}: {sorted(unknown)}")
@@ -184,7 +200,8 @@ def load_config(path: str | Path) -> TlbConfig:
 
 
 def layout(cfg: TlbConfig):
-    """Structure list (TLBs first, then the three PSCs) and index maps."""
+    """Structure list (TLBs first, then the PSCs: PML4E, PDPTE, PDE, PML5E)
+    and index maps."""
     structs = cfg.structures()
     index = {s: i for i, s in enumerate(structs)}
 
@@ -199,7 +216,7 @@ def layout(cfg: TlbConfig):
 
     psc_idx = []
     all_structs = list(structs)
-    for p in cfg.psc:
+    for p in (*cfg.psc, cfg.psc_pml5e):
         if p is None:
             psc_idx.append(-1)
         else:

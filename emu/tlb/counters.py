@@ -22,7 +22,7 @@ COUNTERS = (
     "walk_4k_store", "walk_2m_store", "walk_1g_store",
     "walk_4k_fetch", "walk_2m_fetch", "walk_1g_fetch",
     "walk_mem_refs", "walk_faults", "psc_hit_pml4e", "psc_hit_pdpte", "psc_hit_pde",
-    "undecoded",
+    "undecoded", "psc_hit_pml5e",
 )
 #: perf's names for what the counters measure (Intel event names).
 PERF_NAMES = {

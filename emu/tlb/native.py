@@ -36,7 +36,7 @@ class _CStruct(ctypes.Structure):
 
 class _CModel(ctypes.Structure):
     _fields_ = [("s", _CStruct * 16), ("l1d", ctypes.c_int32 * 3), ("l1i", ctypes.c_int32 * 3),
-                ("stlb", ctypes.c_int32 * 3), ("psc", ctypes.c_int32 * 3),
+                ("stlb", ctypes.c_int32 * 3), ("psc", ctypes.c_int32 * 4),
                 ("clock", ctypes.c_uint64), ("counters", ctypes.c_uint64 * len(COUNTERS)),
                 ("ram64", ctypes.c_void_p), ("ram_qwords", ctypes.c_uint64),
                 ("cr3", ctypes.c_uint64), ("ram_first", ctypes.c_uint64),
@@ -233,4 +233,4 @@ class TlbModel(MachineObserver):
         i = next(j for j, s in enumerate(self._structs) if s.name == name)
         tag = self._arrays[i][0]
         valid = tag[tag != 0]
-        return sorted((int(t) >> 3, (int(t) >> 1) & 3) for t in valid)
+        return sorted((int(t) >> 4, (int(t) >> 1) & 7) for t in valid)

@@ -56,11 +56,11 @@ class PyTlb(MachineObserver):
         if idx < 0:
             return 0
         t = self.s[idx]
-        for lv in (1, 2, 3, 4):
+        for lv in (1, 2, 3, 4, 5):
             if lv not in t.s.levels:
                 continue
             vpn = va >> (12 + 9 * (lv - 1))
-            want = (vpn << 3) | (lv << 1) | 1
+            want = (vpn << 4) | (lv << 1) | 1
             base = (vpn % t.s.sets) * t.s.ways
             for w in range(t.s.ways):
                 if t.tag[base + w] == want:
@@ -74,7 +74,7 @@ class PyTlb(MachineObserver):
             return
         t = self.s[idx]
         vpn = va >> (12 + 9 * (lv - 1))
-        want = (vpn << 3) | (lv << 1) | 1
+        want = (vpn << 4) | (lv << 1) | 1
         base = (vpn % t.s.sets) * t.s.ways
         ways = range(t.s.ways)
         victim = next((w for w in ways if t.tag[base + w] == want), None)
@@ -107,6 +107,9 @@ class PyTlb(MachineObserver):
         elif self._lookup(self.psc[0], va):
             self.c["psc_hit_pml4e"] += 1
             start = 3
+        elif top == 5 and self._lookup(self.psc[3], va):
+            self.c["psc_hit_pml5e"] += 1
+            start = 4
         table = self.cr3 & pt.ADDR_MASK
         n = 0
         for level in range(top, 0, -1):
@@ -119,6 +122,8 @@ class PyTlb(MachineObserver):
             if not e & 1:
                 return 0, 0, n
             if level == 1 or (level <= 3 and e & 0x80):
+                if top == 5:
+                    self._fill(self.psc[3], va, 5, 0)
                 self._fill(self.psc[0], va, 4, 0)
                 if level <= 2:
                     self._fill(self.psc[1], va, 3, 0)
@@ -228,7 +233,7 @@ class PyTlb(MachineObserver):
                 continue
             for lv in t.s.levels:
                 vpn = va >> (12 + 9 * (lv - 1))
-                want = (vpn << 3) | (lv << 1) | 1
+                want = (vpn << 4) | (lv << 1) | 1
                 base = (vpn % t.s.sets) * t.s.ways
                 for w in range(t.s.ways):
                     if t.tag[base + w] == want:
