@@ -3,8 +3,9 @@ as Debian's 6.1 and 7.2 run under QEMU's ``-cpu max``: a PML5 root, the
 LA57 layout (PAGE_OFFSET 0xff11000000000000, vmalloc at 0xffa0000000000000),
 the boot tables Linux builds for it (head64.c's level4_kernel_pgt, a P4D
 table for the direct map), CPA, the validator and ptdump on it, and the
-same fragmentation as 4-level paging: the layout moves addresses, never
-which pages split."""
+same fragmentation as 4-level paging on a boot and on a workload whose
+vmalloc tables come out alike (the layout moves addresses; the vmalloc
+space's lazily made tables, a P4D more with 5 levels, can move a page)."""
 
 from __future__ import annotations
 
