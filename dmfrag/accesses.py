@@ -406,7 +406,6 @@ def region_counts(va: np.ndarray, levels: int) -> dict[str, int]:
 # -- the three states and the figures ------------------------------------------
 
 
-
 def to_kernel_layout(k: Kernel, s: AccessStream, levels: int | None) -> AccessStream:
     """A stream recorded under the other paging mode than ``k``'s (a 5-level
     capture priced on a 4-level state, or the reverse): its direct-map

@@ -62,7 +62,6 @@ from guestkernel.page_alloc.types import order_to_pindex
 from guestkernel.vmalloc import vm_area_alloc_pages_bulk
 
 from .placed import (
-    DIRECT_MAPS,
     PlacedReplayError,
     Replayer,
     direct_pfn,
@@ -923,18 +922,16 @@ def policy_users(events: list[list]) -> tuple[dict[int, str], set[int], dict[int
                 holder.pop(p, None)
         elif kind == "C" and e[2] is not None:
             va, npages = e[2][0], e[2][1]
-            for lo, hi in DIRECT_MAPS:
-                if lo <= va < hi:
-                    first = (va - lo) >> 12
-                    for p in range(first, first + npages):
-                        h = holder.get(p)
-                        if h is None:
-                            untraced.setdefault(p, []).append(i)
-                        elif h[1] == "B":
-                            bulk.add(h[0])
-                        elif h[1] == "A":
-                            users[h[0]] = "execmem"
-                    break
+            first = direct_pfn(va)
+            if first is not None:
+                for p in range(first, first + npages):
+                    h = holder.get(p)
+                    if h is None:
+                        untraced.setdefault(p, []).append(i)
+                    elif h[1] == "B":
+                        bulk.add(h[0])
+                    elif h[1] == "A":
+                        users[h[0]] = "execmem"
     return users, bulk, untraced
 
 

@@ -70,9 +70,17 @@ _IMAGE_END = 0xFFFFFFFFC0000000
 #: address when the model runs the trace's paging mode
 _LA57_PAGE_OFFSET = LAYOUT_5LEVEL.page_offset
 _LA57_DIRECT_END = _LA57_PAGE_OFFSET + (1 << 46)
-#: the direct map's range (up to 64 TiB of RAM) in each layout, nokaslr
-DIRECT_MAPS = ((_LA57_PAGE_OFFSET, _LA57_DIRECT_END),
-               (LAYOUT_4LEVEL.page_offset, LAYOUT_4LEVEL.page_offset + (1 << 46)))
+#: the direct map's range (up to 64 TiB of RAM) per paging mode, nokaslr
+DIRECT_MAPS = {5: (_LA57_PAGE_OFFSET, _LA57_DIRECT_END),
+               4: (LAYOUT_4LEVEL.page_offset, LAYOUT_4LEVEL.page_offset + (1 << 46))}
+
+
+def _direct_map_of(va: int) -> tuple[int, int] | None:
+    """(paging levels, pfn) of a direct-map address of either layout."""
+    for levels, (lo, hi) in DIRECT_MAPS.items():
+        if lo <= va < hi:
+            return levels, (va - lo) >> 12
+    return None
 
 
 def trace_paging_levels(events: list[list]) -> int | None:
@@ -81,20 +89,18 @@ def trace_paging_levels(events: list[list]) -> int | None:
     None when no pass names one."""
     for e in events:
         if e[0] == "C" and e[2]:
-            va = e[2][0]
-            if DIRECT_MAPS[0][0] <= va < DIRECT_MAPS[0][1]:
-                return 5
-            if DIRECT_MAPS[1][0] <= va < DIRECT_MAPS[1][1]:
-                return 4
+            found = _direct_map_of(e[2][0])
+            if found is not None:
+                return found[0]
     return None
 
 
 def direct_pfn(va: int) -> int | None:
     """The pfn a direct-map address of either layout maps (None: not one)."""
-    for lo, hi in DIRECT_MAPS:
-        if lo <= va < hi:
-            return (va - lo) >> 12
-    return None
+    found = _direct_map_of(va)
+    return None if found is None else found[1]
+
+
 _POOL = 256
 #: the replay's per-page map
 _FREE, _TRACED, _RESERVED, _MODEL, _MODEL_FREED, _UNTRACED = 0, 1, 2, 3, 4, 5

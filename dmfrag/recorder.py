@@ -86,7 +86,7 @@ from pathlib import Path
 
 from guestkernel.layout import LAYOUT_5LEVEL, START_KERNEL_MAP, VMEMMAP_START
 
-from .placed import DIRECT_MAPS
+from .placed import direct_pfn
 from .realkernel import DEFAULT_KERNEL, RealKernel, RealKernelError
 
 __all__ = [
@@ -357,8 +357,6 @@ CPA_TABLE_GFPS = frozenset(("GFP_KERNEL", "none", "GFP_KERNEL|__GFP_COMP",
 
 #: the module area (MODULES_VADDR .. MODULES_END: module, BPF and execmem memory)
 _MODULES_VADDR, _MODULES_END = 0xFFFFFFFFC0000000, 0xFFFFFFFFFF000000
-#: the direct map under 4-level and 5-level paging, nokaslr
-_DIRECT_MAPS = DIRECT_MAPS
 
 
 def splits_direct_map_tables(va: int | None) -> bool:
@@ -371,7 +369,7 @@ def splits_direct_map_tables(va: int | None) -> bool:
     gave arguments (boot time: the kernel's own mappings)."""
     if va is None:
         return True
-    if any(lo <= va < hi for lo, hi in _DIRECT_MAPS):
+    if direct_pfn(va) is not None:          # the direct map, 4- or 5-level
         return True
     return START_KERNEL_MAP <= va < _MODULES_VADDR
 
