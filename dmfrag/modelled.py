@@ -717,12 +717,19 @@ class _Modelled(Replayer):
         t0 = time.perf_counter()
         k = self.k
         if not self.start:
-            # start_kernel, after mm_init, on the boot pagesets: ftrace_init,
-            # then early_trace_init (the ring buffer); the zones' own
-            # pagesets come later in start_kernel (setup_per_cpu_pageset),
-            # taken here before the first event (when exactly, no event says)
+            # on the boot pagesets: the end of mem_init (the vmalloc space's
+            # top-level tables), then in start_kernel after mm_init
+            # ftrace_init and early_trace_init (the ring buffer); the zones'
+            # own pagesets come later in start_kernel
+            # (setup_per_cpu_pageset), taken here before the first event
+            # (when exactly, no event says)
             from guestkernel.boot import ftrace_init
             k.buddy.boot_pagesets()
+            try:
+                k.preallocate_vmalloc_pages()
+            except KernelError as exc:
+                self.res.error = f"trace line 1: {exc}"
+                return self.res
             try:
                 ftrace_init(k.buddy, k.ftrace_pages)
             except AllocationError as exc:

@@ -341,6 +341,9 @@ class _Replayer:
         for head, order in held:
             buddy.take_page_off_buddy(head, order)
         try:
+            # the end of mem_init: the vmalloc space's top-level tables
+            # (untraced in Linux, which made them before tracing started)
+            k.preallocate_vmalloc_pages()
             boot_cpa_calls(k.cpa, buddy, k.bpf, k.profile, only=self._model_early_call,
                            real_mode=k.real_mode_base)
             self._execmem_cache()

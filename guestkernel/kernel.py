@@ -158,6 +158,8 @@ class Kernel:
         self.pgtable_pfn_source: Callable[[], int] | None = None
         #: where the real-mode blob is (boot.real_mode_base), None: nowhere
         self.real_mode_base: int | None = None
+        #: table pages preallocate_vmalloc_pages made at mem_init
+        self.vmalloc_prealloc_pages = 0
         #: ftrace_init's dyn_ftrace record pages (boot.ftrace_pages)
         self.ftrace_pages = 0
         #: where the boot-time memblock allocations went (guestkernel.bootmem),
@@ -194,9 +196,11 @@ class Kernel:
         "3.13"); with none, a boot log's ``Linux version`` line picks the
         nearest, else 6.1 (``k.profile_reason`` says which and why).
         ``policy`` names a registered policy (tunables as keywords).
-        ``boot_cpa=False`` stops right after the buddy hand-over (mem_init):
-        neither ``ftrace_init``'s record pages nor any boot CPA call has been
-        taken and the system is not running yet; a replay
+        ``boot_cpa=False`` stops right after the buddy hand-over
+        (``memblock_free_all`` in mem_init): neither the rest of mem_init
+        (:meth:`preallocate_vmalloc_pages`), nor ``ftrace_init``'s record
+        pages, nor any boot CPA call has been taken and the system is not
+        running yet; a replay
         of a recorded boot (:mod:`dmfrag.placed`) goes on from there and
         calls :meth:`enter_running` itself.
 
@@ -250,6 +254,7 @@ class Kernel:
         k.requested_paging_levels = paging_levels
         if boot_cpa:
             k.buddy.boot_pagesets()
+            k.preallocate_vmalloc_pages()
             ftrace_init(k.buddy, k.ftrace_pages)
             k.buddy.setup_per_cpu_pageset()
             boot_cpa_calls(k.cpa, k.buddy, k.bpf, version, real_mode=k.real_mode_base,
@@ -531,6 +536,33 @@ class Kernel:
         allocator, not of a policy) becomes 2^order order-0 pages, each freed
         on its own."""
         self.buddy.split_allocated(pfn, order)
+
+    @property
+    def linux_paging_levels(self) -> int:
+        """The paging mode of the Linux this model stands for: the one asked
+        at boot, else (the default kernel) the mode its record's machine ran
+        in, which sized the boot-time allocations (5-level for 6.1 and 7.2
+        under QEMU's ``-cpu max``, 4-level for 5.10)."""
+        if self.requested_paging_levels is not None:
+            return self.requested_paging_levels
+        rec = self.profile.bootmem
+        return 5 if rec is not None and rec.pgtable_l5 else self.paging_levels
+
+    def preallocate_vmalloc_pages(self) -> int:
+        """The end of ``mem_init`` (5.9+): a table page per top-level entry
+        of the vmalloc space (:meth:`Vmalloc.preallocate_vmalloc_pages`), in
+        the count of :attr:`linux_paging_levels`' mode. Linux panics when a
+        page is missing; here that is a KernelError. Returns the pages made
+        (0 on kernels before 5.9, or when the tables are there already)."""
+        if not self.profile.vmalloc_prealloc:
+            return 0
+        try:
+            made = self.vmalloc.preallocate_vmalloc_pages(self.linux_paging_levels)
+        except MemoryError:
+            raise KernelError("Failed to pre-allocate pages for vmalloc area: out of "
+                              "memory at mem_init") from None
+        self.vmalloc_prealloc_pages += len(made)
+        return len(made)
 
     def alloc_pgtable_page(self, why: str = "page table") -> int:
         """An order-0 page for a kernel page table (after boot: the buddy

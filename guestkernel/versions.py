@@ -255,6 +255,11 @@ class KernelVersion:
     #: vmalloc takes order-0 pages from the bulk allocator, up to 100 a call
     #: (5.13, "mm/vmalloc: use bulk page allocator in __vmalloc_area_node")
     vmalloc_bulk: bool = True
+    #: mem_init ends with preallocate_vmalloc_pages (5.9, "x86/mm/64: Do not
+    #: sync vmalloc/ioremap mappings"; arch/x86/mm/init_64.c): one table
+    #: page per top-level entry over the vmalloc space, right after
+    #: memblock_free_all, before tracing can see it
+    vmalloc_prealloc: bool = True
     #: vfree gives an area's pages back with free_pages_bulk: each run of
     #: physically contiguous pages as the largest aligned blocks (7.x,
     #: free_prepared_contig_range), not one page at a time
@@ -327,6 +332,7 @@ VERSIONS: dict[str, KernelVersion] = {
         modules_end=0xFFFFFFFFFF000000, pti=False, node_data_bytes=0x2B000,
         boot_cpa=(BootCpaCall.FREE_INITMEM, BootCpaCall.MARK_RODATA_RO),
         bpf_prog_pack=False, secretmem=False, pcp_high_orders=False, vmalloc_bulk=False,
+        vmalloc_prealloc=False,
         notes=(("Ubuntu 3.13.0-55: step rule and boot page sizes from its boot log; image "
                "layout borrowed from the 6.1 build"),)),
     "5.10": KernelVersion(

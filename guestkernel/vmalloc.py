@@ -230,6 +230,42 @@ class Vmalloc:
                 table = entry & pt.ADDR_MASK
         return pgt.slot(table, pt.table_index(va, level))
 
+    def preallocate_vmalloc_pages(self, paging_levels: int | None = None) -> list[int]:
+        """``preallocate_vmalloc_pages`` (arch/x86/mm/init_64.c, the end of
+        ``mem_init``): a table page under every top-level entry that covers
+        [VMALLOC_START, VMALLOC_END], so that no vmalloc mapping ever has to
+        be synced into other page tables. With 5-level paging that is a P4D
+        page per PGD entry (50: 12.5 PB / 256 TB); with 4-level the P4D is
+        folded and it is a PUD page per PGD entry (64: 32 TB / 512 GB). Each
+        is an order-0 GFP_PGTABLE_KERNEL page, linked now, never freed.
+
+        ``paging_levels``: the mode whose count to make (default: the
+        tables' own). The default kernel has 4-level tables and the boot
+        allocations of its record's machine, which for 6.1 and 7.2 ran
+        5-level: it then makes that machine's 50 pages, under the first 50
+        of its 64 entries (the rest stay lazy; vmalloc fills its space from
+        the bottom). Returns the tables' physical addresses, in order."""
+        pgt = self.pgt
+        shift = 12 + 9 * ((paging_levels or pgt.levels) - 1)     # PGDIR_SHIFT
+        if paging_levels is None or paging_levels == pgt.levels:
+            lay = pgt.layout
+        else:
+            from .layout import layout_for
+            lay = layout_for(paging_levels)
+        count = (lay.vmalloc_end >> shift) - (lay.vmalloc_start >> shift) + 1
+        top = 12 + 9 * (pgt.levels - 1)
+        made: list[int] = []
+        addr = pgt.layout.vmalloc_start
+        # for (addr = VMALLOC_START; addr <= VMEMORY_END; addr = ALIGN(addr + 1, PGDIR_SIZE))
+        for _ in range(count):
+            if addr > pgt.layout.vmalloc_end:
+                break
+            slot = pgt.slot(pgt.root, pt.table_index(addr, pgt.levels))
+            if pgt.get(slot) == 0:
+                made.append(pgt.populate(slot, "vmalloc"))
+            addr = ((addr >> top) + 1) << top
+        return made
+
     def find_area(self, addr: int) -> VmStruct:
         try:
             return self.areas[addr]

@@ -105,6 +105,74 @@ def test_the_buddy_gets_the_pages_linux_hands_over(name):
     assert _available(k) == sum(hi - lo for lo, hi in linux)
 
 
+#: the logs whose "Memory: N K/M K available" line mem_init prints right
+#: after preallocate_vmalloc_pages (5.10 at its end, 6.1 in mm_init next to
+#: it); 7.2 prints it after deferred struct-page init, past slab and ftrace
+_MEMORY_LINE = re.compile(r"Memory: (\d+)K/(\d+)K available")
+_PRINTED_AT_MEM_INIT = [n for n in LOGS if not n.startswith("linux-7.2")]
+
+
+@pytest.mark.parametrize("name", _PRINTED_AT_MEM_INIT)
+def test_memory_available_is_linux_s_after_the_vmalloc_tables(name):
+    """Linux's "Memory: ...K available" is nr_free_pages() after
+    memblock_free_all and preallocate_vmalloc_pages: with the hand-over
+    page for page (above), the model's free pages equal it only with the
+    vmalloc space's tables taken: 64 PUD pages on 4-level 5.10, 50 P4D
+    pages on 5-level 6.1 (12.5 PB / 256 TB)."""
+    log = _log(name)
+    k = Kernel.boot(e820=log, profile=_kernel(name), boot_cpa=False)
+    linux_free = int(_MEMORY_LINE.search(log).group(1)) // 4
+    before = k.buddy.nr_free()
+    k.buddy.boot_pagesets()
+    made = k.preallocate_vmalloc_pages()
+    assert made == (64 if _kernel(name) == "5.10" else 50)
+    assert before - made == k.buddy.nr_free() == linux_free
+    assert k.vmalloc_prealloc_pages == made
+    # taken once: a second call finds every entry populated
+    assert k.preallocate_vmalloc_pages() == 0 and k.buddy.nr_free() == linux_free
+
+
+@pytest.mark.parametrize("levels", [4, 5])
+def test_the_vmalloc_tables_are_linked_under_each_top_level_entry(levels):
+    """Each top-level entry over [VMALLOC_START, VMALLOC_END] links a table
+    page that is a page-table page (PageTables counts it), and a vmalloc
+    area's mapping reuses it instead of making one at that level."""
+    k = Kernel.boot(ram="2G", profile="6.1", paging_levels=levels)
+    lay, pgt = k.layout, k.pgt
+    top = 12 + 9 * (levels - 1)
+    first, last = lay.vmalloc_start >> top & 511, lay.vmalloc_end >> top & 511
+    assert last - first + 1 == k.vmalloc_prealloc_pages == (64 if levels == 4 else 50)
+    tables = []
+    for idx in range(first, last + 1):
+        entry = pgt.get(pgt.slot(pgt.root, idx))
+        assert entry & 1 and not entry & 0x80, (idx, hex(entry))
+        tables.append(entry & 0x000FFFFFFFFFF000)
+    assert set(tables) <= pgt.table_pages
+    assert {k.page_owner[pa >> 12] for pa in tables} == {PageOwner.PAGE_TABLE}
+    # the entries just outside the range stay empty (no table made there)
+    assert pgt.get(pgt.slot(pgt.root, first - 1)) == 0
+    n = len(pgt.table_pages)
+    area = k.vmalloc.vmalloc_node_range(4096)
+    # 4-level: a PMD and a PTE table; 5-level: a PUD, a PMD and a PTE table
+    assert len(pgt.table_pages) - n == levels - 2
+    assert pgt.get(pgt.slot(pgt.root, area.addr >> top & 511)) & 0x000FFFFFFFFFF000 == tables[0]
+    k.validate()
+
+
+def test_the_default_kernel_makes_its_record_machines_count():
+    """The default kernel (4-level tables, 6.1's 5-level boot allocations)
+    makes the 50 pages 6.1 made there, under the first 50 of its 64
+    entries; 5.10 (4-level) makes 64; 3.13 predates them (5.9)."""
+    k = Kernel.boot(ram="2G", profile="6.1")
+    assert k.paging_levels == 4 and k.linux_paging_levels == 5
+    assert k.vmalloc_prealloc_pages == 50
+    first = k.layout.vmalloc_start >> 39 & 511
+    linked = [i for i in range(first, first + 64) if k.pgt.get(k.pgt.slot(k.pgt.root, i))]
+    assert linked == list(range(first, first + 50))
+    assert Kernel.boot(ram="2G", profile="5.10").vmalloc_prealloc_pages == 64
+    assert Kernel.boot(ram="2G", profile="3.13").vmalloc_prealloc_pages == 0
+
+
 @pytest.mark.parametrize("name", LOGS)
 def test_the_large_boot_blocks_are_where_linux_put_them(name):
     """The 2 MiB per-CPU unit (2M aligned, top-down above 16 MiB: at 8G on

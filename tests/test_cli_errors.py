@@ -160,36 +160,36 @@ def test_out_of_guest_memory_is_exit_1_naming_the_call_with_the_state(tmp_path, 
     code, out, err = cli(capsys, "run", *OOM, "--json", "--record", str(rec))
     assert code == 1
     line = one_line(err, "run")
-    assert "workload secretmem: call 10315 (secretmem_fault()) failed: AllocationError: page " \
+    assert "workload secretmem: call 10265 (secretmem_fault()) failed: AllocationError: page " \
            "allocation failure" in line and "(state up to it reported; the trace" in line
     res = json.loads(out)
-    assert res["completed"] is False and res["error"].startswith("call 10315 (secretmem_fault()")
-    assert res["calls"] == 10314 and res["meminfo"]["MemFree"] < 4096   # at the min watermarks
+    assert res["completed"] is False and res["error"].startswith("call 10265 (secretmem_fault()")
+    assert res["calls"] == 10264 and res["meminfo"]["MemFree"] < 4096   # at the min watermarks
     # the trace of the calls before it is kept; its trailer says the run stopped
     lines = rec.read_text().splitlines()
-    assert len(lines) == 10314 + 2
-    assert json.loads(lines[-1]) == {"end": 10314, "error": res["error"]}
+    assert len(lines) == 10264 + 2
+    assert json.loads(lines[-1]) == {"end": 10264, "error": res["error"]}
     code, out, err = cli(capsys, "trace", "replay", str(rec))
-    assert code == 0 and json.loads(out)["replayed_calls"] == 10314
-    assert "warning: the recorded run stopped after 10314 calls: call 10315" in err
+    assert code == 0 and json.loads(out)["replayed_calls"] == 10264
+    assert "warning: the recorded run stopped after 10264 calls: call 10265" in err
 
 
 def test_out_of_memory_in_other_commands(tmp_path, capsys):
     code, out, err = cli(capsys, "meminfo", *OOM)
     assert code == 1 and out == ""
-    assert "dmfrag meminfo: workload secretmem: call 10315 (secretmem_fault())" in one_line(
+    assert "dmfrag meminfo: workload secretmem: call 10265 (secretmem_fault())" in one_line(
         err, "meminfo")
     csv = tmp_path / "c.csv"
     code, out, err = cli(capsys, "compare", *OOM, "--policies", "baseline", "--json",
                          "--csv", str(csv))
-    assert code == 1 and "policy baseline: call 10315" in one_line(err, "compare")
+    assert code == 1 and "policy baseline: call 10265" in one_line(err, "compare")
     res = json.loads(out)
-    assert res["completed"] is False and res["rows"] == [] and "call 10315" in res["error"]
+    assert res["completed"] is False and res["rows"] == [] and "call 10265" in res["error"]
     assert not csv.exists()
     trace = tmp_path / "t.jsonl"
     code, out, err = cli(capsys, "trace", "record", *OOM, "-o", str(trace))
     assert code == 1 and "(the calls before it are recorded)" in err
-    assert json.loads(trace.read_text().splitlines()[-1])["end"] == 10314
+    assert json.loads(trace.read_text().splitlines()[-1])["end"] == 10264
 
 
 def test_debug_shows_the_traceback(capsys):

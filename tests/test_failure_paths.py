@@ -125,7 +125,7 @@ def test_failed_module_load_gives_back_its_area_and_pages(fail_at):
 
 
 def test_failed_bpf_load_on_a_kernel_without_packs():
-    """5.10 gives each program its own module_alloc (the first 55 land in
+    """5.10 gives each program its own module_alloc (the first 28 land in
     already split 2M pages: the image's, where the init sections were
     freed page by page; the slab pages the caches take as programs load
     take some of those pages too); the one whose alias needs a split that
@@ -139,7 +139,7 @@ def test_failed_bpf_load_on_a_kernel_without_packs():
         for _ in range(1500):
             free = k.buddy.nr_free() + k.buddy.nr_pcp_pages()
             k.bpf.load(4096)
-    assert len(k.bpf.progs) == 1 + 55           # the boot filter (ptp_classifier) + 55
+    assert len(k.bpf.progs) == 1 + 28           # the boot filter (ptp_classifier) + 28
     assert set(k.vmalloc.areas) == set(areas) | set(k.bpf.progs)
     assert k.buddy.nr_free() + k.buddy.nr_pcp_pages() == free      # the failed load took nothing
     k.validate("full")

@@ -42,12 +42,14 @@ def test_module_load_sets_permissions_and_splits_the_alias(k):
     for pfn in mod.area.pfns()[:5]:
         entry, level = k.lookup_address(k.pfn_to_virt(pfn))
         assert level == 1 and not entry & F.RW and entry & F.NX
-    # ... so each 2M region holding them is split: here the region the boot
-    # BPF pack already split (pfn 0x100000 on: the first 2M of the Normal
-    # zone; the rest of the pack is the per-CPU unit's free tail near the
-    # top of RAM), so no new split is counted.
+    # ... so each 2M region holding them is split: here one the boot BPF
+    # pack already split (its pages are pfn 0x100000 on, the first 2M of
+    # the Normal zone, and the per-CPU unit's free tail near the top of
+    # RAM, where these land), so no new split is counted.
     regions2m = {pfn >> 9 for pfn in mod.area.pfns()[:5]}
-    assert regions2m == {0x100000 >> 9}
+    pack = {pfn >> 9 for pfn in k.vmalloc.find_area(k.profile.modules_vaddr).pfns()}
+    assert pack == {0x100000 >> 9, 0x13BA00000 >> 21}
+    assert regions2m == {0x13BA00000 >> 21}
     assert k.vmstat()["direct_map_level2_splits"] == 0
     counters_match_tables(k)
     # Unload: vfree resets the aliases to RW; the split stays.
