@@ -3,7 +3,9 @@ recorded trace (tests/data/traces, tests/data/truth), the modelled replay
 (``trace replay --placement model``) in events per second (goal >= 200,000)
 and its placement fractions (same pfn, same 2M region as Linux), from the
 model's own boot and, where a trace has stored states, from Linux's state
-at the boot dump (``--start boot``).
+when its tracing started (``--start trace-start``: what no event shows is
+Linux's, the boot is the model's) and at the boot dump (``--start boot``:
+the workload alone).
 
 ``--json`` prints one object. ``--smoke``: the three 2G truth recordings
 only (a check that the script works)."""
@@ -17,7 +19,7 @@ from pathlib import Path
 
 from dmfrag.modelled import replay_modelled
 from dmfrag.placed import read_trace
-from dmfrag.truth import truth_path
+from dmfrag.truth import TRACE_START, load_states, truth_path
 
 DATA = Path(__file__).resolve().parent.parent / "tests" / "data"
 
@@ -38,6 +40,13 @@ def _figures(path: Path, start: str | None) -> dict:
             "completed": r.error is None}
 
 
+def _workload(path: Path) -> dict:
+    """The trace's header, with ``workload`` only when it has steps (a
+    boot-only trace has nothing after its boot dump to replay)."""
+    header, _ = read_trace(path)
+    return {"workload": header["workload"]} if header.get("workload") else {}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", action="store_true")
@@ -50,7 +59,11 @@ def main() -> None:
     for t in traces:
         row = {"own_boot": _figures(t, None)}
         if truth_path(t).exists():
-            row["from_boot_dump"] = _figures(t, "boot")
+            points = load_states(truth_path(t))
+            if any(st.point == TRACE_START for st in points):
+                row["from_trace_start"] = _figures(t, TRACE_START)
+            if any(st.point == "boot" for st in points) and "workload" in _workload(t):
+                row["from_boot_dump"] = _figures(t, "boot")
         out["traces"][t.name] = row
     if args.json:
         print(json.dumps(out))

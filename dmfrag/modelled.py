@@ -56,6 +56,8 @@ from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
 
+import numpy as np
+
 from guestkernel.gfp import parse_gfp
 from guestkernel.page_alloc import UNMOVABLE, AllocationError
 from guestkernel.page_alloc.types import order_to_pindex
@@ -69,6 +71,7 @@ from .placed import (
     one_page_vmalloc,
 )
 from .recorder import CPA_TABLE_GFPS, FREE_MARKERS, splits_direct_map_tables
+from .truth import TRACE_START
 
 __all__ = ["ModelledReplay", "TraceDiff", "policy_users", "replay_modelled", "trace_diff"]
 
@@ -112,6 +115,9 @@ class ModelledReplay:
     #: them out of the direct map itself
     policy_routed_pages: int = 0
     policy_skipped_pages: int = 0
+    #: started from a boot-time dump: what was taken from it (see
+    #: _Modelled._install_boot_state); None otherwise
+    start_state: dict | None = None
     #: compare's fields for the whole trace (with ``metrics``; else None)
     metrics: dict | None = None
     #: with ``metrics``: DirectMap over the trace's events (RunMetrics.samples;
@@ -152,6 +158,7 @@ class ModelledReplay:
                 "policy_routed_pages": self.policy_routed_pages,
                 "policy_skipped_pages": self.policy_skipped_pages,
                 "first_difference": self.first_difference,
+                "start_state": self.start_state,
                 "equal": self.equal, "completed": self.error is None, "error": self.error}
 
 
@@ -163,9 +170,9 @@ class _Modelled(Replayer):
                  start: str | None = None, metrics: bool = False):
         super().__init__(header, events, policy, states)
         self.start = 0
+        #: a boot-time dump to start from (the recorder's trace-start)
+        self.boot_state = None
         if start is not None:
-            # from the real kernel's state at a dump point on: the model has
-            # Linux's free lists, tables and counters there
             from guestkernel import Kernel
             found = [st for st in states or () if st.point == start]
             at = next((i for i, e in enumerate(events) if e[0] == "D" and e[1] == start), None)
@@ -173,17 +180,28 @@ class _Modelled(Replayer):
                 raise PlacedReplayError(1, f"no stored state and dump event for point "
                                         f"{start!r} (points: "
                                         f"{', '.join(st.point for st in states or ()) or 'none'})")
-            self.k = Kernel.from_state(found[0], policy=policy or "baseline",
-                                       profile=header.get("kernel"))
             self.start = at + 1
-            self.running_at = -1
-            self.direct_end = self.k.pfn_to_virt(0) + (1 << 46)
+            if found[0].point == TRACE_START:
+                # a dump taken while the kernel boots: the model boots
+                # itself as from no dump, and its free memory becomes
+                # Linux's at that point (see _install_boot_state)
+                self.boot_state = found[0]
+            else:
+                # from the real kernel's state at a dump point on: the model
+                # has Linux's free lists, tables and counters there
+                self.k = Kernel.from_state(found[0], policy=policy or "baseline",
+                                           profile=header.get("kernel"))
+                self.running_at = -1
+                self.direct_end = self.k.pfn_to_virt(0) + (1 << 46)
+        #: the model goes through the kernel's boot (its own, or from a
+        #: boot-time dump): early calls, deferred init, reserved frees
+        self._booting = not self.start or self.boot_state is not None
         self.res = ModelledReplay(self.result.kernel, self.result.ram, self.result.workload,
                                   policy or "baseline", events=len(events))
         self.stop_at_difference = stop_at_difference
         #: the model's early boot calls made (from its own boot: after
         #: deferred struct-page init, see _free_deferred)
-        self._early_done = bool(self.start)
+        self._early_done = not self._booting
         #: the allocator the trace's requests go to: with no policy hook on
         #: allocation or free, the buddy allocator itself (Kernel.alloc_pages adds
         #: only what placement does not see: zeroing __GFP_ZERO pages in
@@ -223,6 +241,20 @@ class _Modelled(Replayer):
         for g, (lo, hi, _pages) in enumerate(self.bulk_groups):
             for j in range(lo, hi + 1):
                 self.bulk_before.setdefault(j, []).append(g)
+        #: the end of the span of the boot call made at its marker last
+        self._marked_end = -1
+        #: boot calls made at their markers (from a boot-time dump)
+        self.early_at: dict[int, object] = (self._early_call_markers()
+                                            if self.boot_state is not None else {})
+        for j in self.early_at:
+            self.bulk_before.setdefault(j, [])
+        #: where setup_per_cpu_pageset ran (the recorder's marker; None:
+        #: not recorded, made before the first event)
+        self.pcp_at = next((j for j in range(self.start, len(events))
+                            if events[j][0] == "U" and events[j][1] == "setup_per_cpu_pageset"),
+                           None) if self._booting else None
+        if self.pcp_at is not None:
+            self.bulk_before.setdefault(self.pcp_at, [])
         #: a batch free (free_pages_bulk: FREE_MARKERS) -> its first F event
         #: index -> its last: those pages are freed together, as Linux did
         self.free_runs: dict[int, int] = _free_runs(events, self.start)
@@ -264,6 +296,35 @@ class _Modelled(Replayer):
         pfns += [(p, o) for p, o in zip(st.pcp_pfn.tolist(), st.pcp_order.tolist())]
         return pfns
 
+    def _early_call_markers(self) -> dict[int, object]:
+        """From a boot-time dump: the start_kernel boot calls the trace
+        marks (the recorder's ``U`` events: the CPA entry point and its
+        caller), by the index of their marker, so that each is made where
+        Linux made it and takes the pages it took then: the IDT
+        (``idt_setup_apic_and_irq_gates``), the SMP alternatives (the first
+        ``free_init_pages``) and the real-mode blob (``init_real_mode``,
+        ``do_init_real_mode`` or ``set_real_mode_permissions``). Those not
+        found are made before the first event, as from the model's own
+        boot."""
+        from guestkernel.versions import BootCpaCall as C
+        want = [c for c in (C.IDT_RO, C.FREE_SMP_ALTERNATIVES, C.REAL_MODE)
+                if c in self.k.profile.boot_cpa]
+        callers = {C.IDT_RO: ("idt_setup_apic_and_irq_gates",),
+                   C.FREE_SMP_ALTERNATIVES: ("free_init_pages",),
+                   C.REAL_MODE: ("init_real_mode", "do_init_real_mode",
+                                 "set_real_mode_permissions")}
+        out: dict[int, object] = {}
+        at = self.start
+        for call in want:                      # in the record's (start_kernel's) order
+            j = next((j for j in range(at, len(self.events))
+                      if self.events[j][0] == "U" and len(self.events[j]) > 2
+                      and self.events[j][2] in callers[call]), None)
+            if j is None:
+                continue
+            out[j] = call
+            at = j + 1
+        return out
+
     def _early_calls(self, late: bool | None = None) -> None:
         """The record's boot calls before fs_initcall, which the trace has no
         arguments for: those before ``page_alloc_init_late`` (``late``
@@ -276,12 +337,51 @@ class _Modelled(Replayer):
         cut = order.index(BootCpaCall.PAGE_ALLOC_INIT_LATE) \
             if BootCpaCall.PAGE_ALLOC_INIT_LATE in order else len(order)
 
+        marked = set(self.early_at.values())
+
         def only(call) -> bool:
-            if not call.before_fs_initcall:
+            if not call.before_fs_initcall or call in marked:
                 return False
             return late is None or (order.index(call) > cut) == late
 
         boot_cpa_calls(k.cpa, k.buddy, k.bpf, k.profile, only=only, real_mode=k.real_mode_base)
+
+    def _install_boot_state(self) -> None:
+        """From a boot-time dump (``trace-start``: the first traced page
+        event): the model has booted up to the same moment itself (the
+        hand-over, which equals Linux's page for page, and the vmalloc
+        space's tables); its free memory now becomes Linux's there, buddy
+        lists in list order, per-CPU lists and pageblocks, so that what
+        Linux allocated before tracing started (ftrace's records, the ring
+        buffer, early slab and per-CPU pages: no event shows them) is
+        allocated in the model too, at Linux's pfns; the zones' watermarks
+        and per-CPU list sizes are Linux's there. The deferred range
+        stays deferred (the trace frees it). A page the model holds for
+        itself that Linux has free (one of its tables at another pfn)
+        stays the model's: counted in ``start_state["kept_by_model"]``."""
+        from guestkernel.from_state import free_lists, install_zone_params
+        b = self.k.buddy
+        st = self.boot_state
+        mine = np.flatnonzero(b.page_states() == 2)
+        blocks, pcp, pbmt = free_lists(st)
+        try:
+            counts = b.load_free_lists(blocks, pcp, pbmt)
+        except ValueError as exc:
+            raise PlacedReplayError(1, f"the {st.point} state's free lists do not fit the "
+                                    f"model's machine: {exc}") from None
+        # the zones as they were: the boot pageset (high 0, batch 1), no
+        # watermarks yet (init_per_zone_wmark_min is an initcall)
+        install_zone_params(self.k, st)
+        states = b.page_states()
+        kept = 0
+        for pfn in mine.tolist():
+            if states[pfn] == 1:
+                b.take_page_off_buddy(pfn, 0)
+                kept += 1
+        self.res.start_state = {"point": st.point, "free_blocks": counts["free_blocks"],
+                                "pcp_pages": counts["pcp_pages"],
+                                "handed_over": counts["handed_over"], "kept_by_model": kept,
+                                "nr_free_pages": b.nr_free() + b.nr_pcp_pages()}
 
     def _ring_buffer(self) -> None:
         """The recording's own footprint before its first event: the
@@ -399,7 +499,25 @@ class _Modelled(Replayer):
         """The untraced bulk allocations inferred to fall just before event
         ``i`` (:func:`_infer_bulk`): the model's bulk allocator gives as many
         pages (vmalloc's way: 100 a call, then one at a time), each the
-        handle of Linux's page in the same array position."""
+        handle of Linux's page in the same array position; a boot call
+        marked there (:meth:`_early_call_markers`)."""
+        if i == self.pcp_at:
+            self.k.buddy.setup_per_cpu_pageset()
+        call = self.early_at.get(i)
+        if call is not None:
+            from guestkernel.boot import boot_cpa_calls
+            k = self.k
+            # the call's own table pages (the model's split takes them):
+            # the page-table allocations among its passes, up to the first
+            # other event
+            ev = self.events
+            j = i + 1
+            while j < len(ev) and (ev[j][0] == "C" or ev[j][0] == "A" and ev[j][2] == 0 and (
+                    len(ev[j]) > 5 and ev[j][5] == "cpa_pgtable" or ev[j][3] in _BOOT_TABLE_GFPS)):
+                j += 1
+            self._marked_end = j
+            boot_cpa_calls(k.cpa, k.buddy, k.bpf, k.profile, only=lambda c: c is call,
+                           real_mode=k.real_mode_base)
         for g in self.bulk_before[i]:
             if self.bulk_done[g]:
                 continue
@@ -548,11 +666,11 @@ class _Modelled(Replayer):
         ho = self.head_of
         head = ho[pfn] if pfn < len(ho) else -1
         if head < 0:
+            if self._booting and self._free_deferred(pfn, order):
+                return
+            if self._booting and self._free_reserved(pfn, order):
+                return
             if self.start and self._free_dumped(pfn, order):
-                return
-            if not self.start and self._free_deferred(pfn, order):
-                return
-            if not self.start and self._free_reserved(pfn, order):
                 return
             self.res.untraced_frees += 1
             return
@@ -716,7 +834,7 @@ class _Modelled(Replayer):
         from guestkernel.page_alloc import BadFreeError
         t0 = time.perf_counter()
         k = self.k
-        if not self.start:
+        if self._booting:
             # on the boot pagesets: the end of mem_init (the vmalloc space's
             # top-level tables), then in start_kernel after mm_init
             # ftrace_init and early_trace_init (the ring buffer); the zones'
@@ -730,14 +848,19 @@ class _Modelled(Replayer):
             except KernelError as exc:
                 self.res.error = f"trace line 1: {exc}"
                 return self.res
-            try:
-                ftrace_init(k.buddy, k.ftrace_pages)
-            except AllocationError as exc:
-                self.res.error = f"trace line 1: the model is out of memory for ftrace_init: {exc}"
-                return self.res
-            self.res.ftrace_pages = k.ftrace_pages
-            self._ring_buffer()
-            k.buddy.setup_per_cpu_pageset()
+            if self.boot_state is not None:
+                self._install_boot_state()
+            else:
+                try:
+                    ftrace_init(k.buddy, k.ftrace_pages)
+                except AllocationError as exc:
+                    self.res.error = (f"trace line 1: the model is out of memory for "
+                                      f"ftrace_init: {exc}")
+                    return self.res
+                self.res.ftrace_pages = k.ftrace_pages
+                self._ring_buffer()
+            if self.pcp_at is None:
+                k.buddy.setup_per_cpu_pageset()
             self._early_calls(late=False)
             if not k.buddy.deferred:
                 self._after_deferred_init()
@@ -762,9 +885,10 @@ class _Modelled(Replayer):
         return self.res
 
     def _on_alloc(self, i: int, e: list, inner: list | None) -> None:
-        if inner is not None and e[2] == 0 and (
+        if (inner is not None or i < self._marked_end) and e[2] == 0 and (
                 len(e) > 5 and e[5] == "cpa_pgtable"
-                or e[3] in CPA_TABLE_GFPS and splits_direct_map_tables(inner[0])):
+                or (e[3] in CPA_TABLE_GFPS and splits_direct_map_tables(inner[0])
+                    if inner is not None else e[3] in _BOOT_TABLE_GFPS)):
             # (a table's GFP in a pass on the kernel's mappings: traces
             # recorded before 7.2's pagetable_alloc GFP was known have it
             # as "kernel")
@@ -784,7 +908,7 @@ class _Modelled(Replayer):
         self._model_free(i, pfn, order)
 
     def _snapshot(self, e: list) -> None:
-        if not self.start and not self._early_done:
+        if self._booting and not self._early_done:
             self._after_deferred_init()       # a trace without deferred init's frees
         snap = self._snapshot_entry(e)
         snap["placement"] = self.res.placement()
@@ -807,6 +931,11 @@ class _Modelled(Replayer):
 
 
 _UNKNOWN, _ALLOCATED, _FREE = 0, 1, 2
+#: a CPA split's table GFP as the boot prints it: gfp_allowed_mask
+#: (GFP_BOOT_MASK) strips __GFP_RECLAIM, __GFP_IO and __GFP_FS until the
+#: scheduler runs, so 6.1's GFP_KERNEL is "none" and 7.2's
+#: GFP_KERNEL|__GFP_ZERO|__GFP_COMP "__GFP_ZERO|__GFP_COMP"
+_BOOT_TABLE_GFPS = CPA_TABLE_GFPS | {"__GFP_ZERO|__GFP_COMP", "__GFP_COMP", "__GFP_ZERO"}
 _TRACE_BUF = re.compile(r"\btrace_buf_size=(\d+)([KkMmGg]?)")
 #: BUF_PAGE_SIZE: a ring-buffer page's payload (PAGE_SIZE - its 16-byte header)
 _BUF_PAGE_SIZE = 4096 - 16

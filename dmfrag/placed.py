@@ -751,13 +751,17 @@ class _Replayer:
 
     def _dump(self, point: str) -> None:
         """A dump point: the model's tables and free pages beside Linux's
-        (dmfrag.truth); at the first, adopt Linux's free set."""
+        (dmfrag.truth); at the first of a running kernel, adopt Linux's
+        free set."""
         import numpy as np
         own = np.frombuffer(self.own, dtype=np.uint8)
         st = self._compare_state(point, own == _FREE)
         if st is None:
             return
-        if self.result.adopted is None:
+        if self.result.adopted is None and not st.booting:
+            # (a state taken while booting, trace-start, is compared only:
+            # the deferred range and the bulk allocator's untraced pages
+            # before fs_initcall are not yet what the boot dump shows)
             n = min(len(own), st.max_pfn)
             real_free = st.free_mask(n)
             seg = np.frombuffer(self.own, dtype=np.uint8, count=n).copy()

@@ -626,7 +626,8 @@ class RealKernel:
             append: str = "", timeout: float = 180.0, *, prologue: str = "",
             epilogue: str = "", serial_file: Path | None = None,
             on_pause: Callable[[Callable[[str], str], str], None] | None = None,
-            truth: bool = False, hooks: InitHooks | None = None) -> RealRun:
+            truth: bool = False, hooks: InitHooks | None = None,
+            trace_start: bool = False) -> RealRun:
         """Boot with ``-m RAM``, run the workload, return the snapshots.
         ``serial_file``: the guest's second serial port (ttyS1) is written to
         that file (a recording run sends its trace there, not to the console).
@@ -638,6 +639,10 @@ class RealKernel:
         ``truth``: dump the guest at each snapshot point and read its whole
         state (:mod:`dmfrag.truth`; drgn and the kernel's debug vmlinux,
         fetched once): the run's ``states``.
+        ``trace_start`` (with ``truth``): also dump the guest when its
+        first page event is traced (:class:`dmfrag.truth.TraceStartCapture`;
+        a run whose command line enables the kmem events): its state comes
+        first in ``states``, point ``trace-start``.
         ``hooks``: lines the guest's init runs around each snapshot and
         after the boot one, binaries put in its /bin and arguments added to
         QEMU's command line (an access capture's plugin and markers:
@@ -646,10 +651,18 @@ class RealKernel:
         self.check_tools()
         states: list = []
         dumps: list[dict] = []
+        early = None
+        gdb_sock = self.cache / "runs" / f"gdb-{os.getpid()}-{time.monotonic_ns()}.sock"
+        if trace_start and not truth:
+            raise RealKernelError("trace_start dumps the guest: it needs truth=True")
         if truth:
-            from .truth import capture_on_pause, check_drgn
+            from .truth import TraceStartCapture, capture_on_pause, check_drgn
             check_drgn()
-            capture = capture_on_pause(self.cache / "runs", self.debug_vmlinux(), states, dumps)
+            (self.cache / "runs").mkdir(parents=True, exist_ok=True)
+            if trace_start:
+                early = TraceStartCapture(self.cache / "runs", self.debug_vmlinux(), gdb_sock)
+            capture = capture_on_pause(self.cache / "runs", self.debug_vmlinux(), states, dumps,
+                                       early=early)
             prologue = f"{prologue}\nDMFRAG_DUMP=1"
             user_pause = on_pause
 
@@ -665,7 +678,8 @@ class RealKernel:
                "-nographic", "-no-reboot", "-kernel", str(kdir / self.spec.vmlinuz),
                "-initrd", str(initrd), "-append",
                f"console=ttyS0 nokaslr secretmem.enable=1 panic=-1 {append}".strip(),
-               *(hooks.qemu_args if hooks is not None else ())]
+               *(hooks.qemu_args if hooks is not None else ()),
+               *(["-S", "-gdb", f"unix:{gdb_sock},server=on,wait=off"] if early else [])]
         sock = work / f"monitor-{os.getpid()}-{time.monotonic_ns()}.sock"
         if serial_file is not None or on_pause is not None:
             monitor = f"unix:{sock},server=on,wait=off" if on_pause else "none"
@@ -679,7 +693,8 @@ class RealKernel:
                 r = subprocess.run(cmd, capture_output=True, timeout=timeout,
                                    stdin=subprocess.DEVNULL, check=False)
             else:
-                r = _run_pausing(cmd, timeout, sock, on_pause)
+                r = _run_pausing(cmd, timeout, sock, on_pause,
+                                 early.on_start if early is not None else None)
         except subprocess.TimeoutExpired as exc:
             out = (exc.stdout or b"").decode(errors="replace")
             raise RealKernelError(f"the guest did not finish within {timeout:.0f} s (killed); "
@@ -687,6 +702,9 @@ class RealKernel:
         finally:
             initrd.unlink(missing_ok=True)
             sock.unlink(missing_ok=True)
+            gdb_sock.unlink(missing_ok=True)
+            if early is not None:
+                early.discard()          # a dump no later note came to read
         out = r.stdout.decode(errors="replace")
         if "@@DONE" not in out:
             err = r.stderr.decode(errors="replace").strip()
@@ -700,12 +718,46 @@ class RealKernel:
         return run
 
 
+class _Hmp:
+    """One HMP session on QEMU's monitor socket: ``hmp(command)`` sends a
+    command line and returns what the monitor printed for it."""
+
+    def __init__(self, sock: Path, timeout: float) -> None:
+        import socket
+        self.mon = socket.socket(socket.AF_UNIX)
+        self.mon.settimeout(max(1.0, timeout))
+        self.mon.connect(str(sock))
+        self.buf = b""
+        self._prompt()
+
+    def _prompt(self) -> str:
+        while b"(qemu) " not in self.buf:
+            chunk = self.mon.recv(65536)
+            if not chunk:
+                raise RealKernelError("QEMU's monitor closed")
+            self.buf += chunk
+        text, _, self.buf = self.buf.partition(b"(qemu) ")
+        return text.decode(errors="replace")
+
+    def __call__(self, command: str) -> str:
+        self.mon.sendall(command.encode() + b"\n")
+        out = self._prompt()
+        # HMP echoes the command line first
+        return out.split("\n", 1)[1] if "\n" in out else out
+
+    def close(self) -> None:
+        self.mon.close()
+
+
 def _run_pausing(cmd: list[str], timeout: float, sock: Path,
-                 on_pause: Callable[[Callable[[str], str], str], None]
+                 on_pause: Callable[[Callable[[str], str], str], None] | None,
+                 on_start: Callable[[Callable[[], _Hmp], float], None] | None = None
                  ) -> subprocess.CompletedProcess:
     """Run QEMU reading its console as it comes; at each ``@@PAUSE`` line
-    stop the machine through the monitor socket, call ``on_pause``, go on."""
-    import socket
+    stop the machine through the monitor socket, call ``on_pause``, go on.
+    ``on_start(open_hmp, deadline)`` runs in a thread beside the console
+    from the moment QEMU starts (a machine started with ``-S`` waits for
+    it); when it fails, QEMU is stopped and its error raised."""
     import threading
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             stdin=subprocess.DEVNULL)
@@ -716,42 +768,46 @@ def _run_pausing(cmd: list[str], timeout: float, sock: Path,
     deadline = time.monotonic() + timeout
     timer = threading.Timer(timeout, proc.kill)
     timer.start()
+    monitor_lock = threading.Lock()
+    start_error: list[BaseException] = []
+    t_start = None
+    if on_start is not None:
+        def open_hmp() -> _Hmp:
+            return _Hmp(sock, deadline - time.monotonic())
+
+        def starter() -> None:
+            try:
+                with monitor_lock:
+                    on_start(open_hmp, deadline)
+            except BaseException as exc:   # noqa: BLE001 - raised again in the caller's thread
+                start_error.append(exc)
+                proc.kill()
+        t_start = threading.Thread(target=starter, daemon=True)
+        t_start.start()
     try:
         for raw in iter(proc.stdout.readline, b""):
             lines.append(raw)
-            if raw.startswith(b"@@PAUSE"):
-                with socket.socket(socket.AF_UNIX) as mon:
-                    mon.settimeout(max(1.0, deadline - time.monotonic()))
-                    mon.connect(str(sock))
-                    buf = b""
-
-                    def prompt() -> str:
-                        nonlocal buf
-                        while b"(qemu) " not in buf:
-                            chunk = mon.recv(65536)
-                            if not chunk:
-                                raise RealKernelError("QEMU's monitor closed")
-                            buf += chunk
-                        text, _, buf = buf.partition(b"(qemu) ")
-                        return text.decode(errors="replace")
-
-                    def hmp(command: str) -> str:
-                        mon.sendall(command.encode() + b"\n")
-                        out = prompt()
-                        # HMP echoes the command line first
-                        return out.split("\n", 1)[1] if "\n" in out else out
-                    prompt()
-                    hmp("stop")
+            if raw.startswith(b"@@PAUSE") and on_pause is not None:
+                with monitor_lock:
+                    hmp = _Hmp(sock, deadline - time.monotonic())
                     try:
-                        on_pause(hmp, b"".join(lines).decode(errors="replace"))
+                        hmp("stop")
+                        try:
+                            on_pause(hmp, b"".join(lines).decode(errors="replace"))
+                        finally:
+                            hmp("cont")
                     finally:
-                        hmp("cont")
+                        hmp.close()
         proc.wait(max(1.0, deadline - time.monotonic()))
     finally:
         timer.cancel()
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+    if t_start is not None:
+        t_start.join(max(1.0, deadline - time.monotonic()))
+        if start_error:
+            raise start_error[0]
     t_err.join(5)
     out = b"".join(lines)
     if time.monotonic() > deadline:

@@ -59,7 +59,8 @@ Trace format version 4 (JSON Lines, gzip'd; version 3 is the same without
 * ``["R"]``: the pass with arguments that began last has returned;
 * ``["U", function, caller]``: a user's entry point was called (module
   load and free, BPF program load and free, a secretmem fault:
-  :data:`USER_MARKERS`), a CPA entry point (:data:`CPA_MARKERS`), or a
+  :data:`USER_MARKERS`), a CPA entry point (:data:`CPA_MARKERS`), a boot
+  step that changes placement (:data:`BOOT_MARKERS`), or a
   batch free (:data:`FREE_MARKERS`: the ``F`` events right after it are
   its pages), with the function that called it;
 * ``["X", function]``: it returned (``secretmem_fault`` only);
@@ -88,6 +89,7 @@ from guestkernel.layout import LAYOUT_5LEVEL, START_KERNEL_MAP, VMEMMAP_START
 
 from .placed import direct_pfn
 from .realkernel import DEFAULT_KERNEL, RealKernel, RealKernelError
+from .truth import TRACE_START
 
 __all__ = [
     "BULK_PROBES",
@@ -312,6 +314,14 @@ CPA_MARKERS = ("set_memory_ro", "set_memory_rw", "set_memory_x", "set_memory_nx"
                "set_memory_rox", "set_memory_np", "set_memory_4k")
 
 
+#: start_kernel's steps that change how pages are placed and that no page
+#: event shows: ``setup_per_cpu_pageset`` (the zones' own per-CPU lists
+#: replace the boot pageset: order-0 allocations come in batches from
+#: then on). ftrace traces __init functions while booting (4.16+: their
+#: records are freed with the init memory), so the marker is there.
+BOOT_MARKERS = ("setup_per_cpu_pageset",)
+
+
 #: markers of the frees that give pages back together, per kernel: 7.x's
 #: ``free_pages_bulk`` (vfree) frees each contiguous run as aligned blocks;
 #: the ``F`` events after its ``U`` event, in a row, are its pages
@@ -420,7 +430,9 @@ def record(kernel: str = DEFAULT_KERNEL, ram: str = "2G", workload: tuple[str, .
     ``truth``: also dump the guest at each snapshot point and read its
     whole state (:mod:`dmfrag.truth`, needs drgn and the kernel's debug
     vmlinux, fetched once): the recording's ``states``; the trace gets a
-    ``D`` event where each dump was taken."""
+    ``D`` event where each dump was taken. The first is ``trace-start``,
+    taken at the first traced page event: what Linux allocated before its
+    tracing started, which no event shows."""
     layout = CPA_DATA_LAYOUT.get(kernel)
     if layout is None:
         raise RealKernelError(
@@ -429,6 +441,7 @@ def record(kernel: str = DEFAULT_KERNEL, ram: str = "2G", workload: tuple[str, .
             f"{', '.join(CPA_DATA_LAYOUT)}")
     rk = RealKernel(cache, install=install, kernel=kernel)
     markers = ",".join(("__change_page_attr_set_clr", *USER_MARKERS, *CPA_MARKERS,
+                        *BOOT_MARKERS,
                         *FREE_MARKERS.get(kernel, ())))
     kprobes = _KPROBE.format(**layout)
     if kernel != "5.10":                      # memfd_secret is 5.14+
@@ -448,7 +461,7 @@ def record(kernel: str = DEFAULT_KERNEL, ram: str = "2G", workload: tuple[str, .
         out = Path(tmp) / "ttyS1"
         t0 = time.monotonic()
         run = rk.run(ram, workload, append=append, timeout=timeout, prologue=_PROLOGUE,
-                     epilogue=_EPILOGUE, serial_file=out, truth=truth,
+                     epilogue=_EPILOGUE, serial_file=out, truth=truth, trace_start=truth,
                      on_pause=lambda hmp, console: areas.extend(_module_area_pfns(hmp, console)))
         seconds = time.monotonic() - t0
         raw = out.read_bytes() if out.exists() else b""
@@ -464,6 +477,11 @@ def record(kernel: str = DEFAULT_KERNEL, ram: str = "2G", workload: tuple[str, .
                               f"corrupt ({len(raw)} bytes: {exc})") from None
     entries: list[int] = []
     events = parse_ftrace(text, run.snapshots, entries)
+    if any(st.point == TRACE_START for st in run.states):
+        # no marker says where the first dump was: place_dumps puts it by
+        # its ring-buffer count
+        events.insert(0, ["D", TRACE_START])
+        entries.insert(0, 0)
     place_dumps(events, entries, run.states)
     boot = "".join(line + "\n" for line in run.boot_log.splitlines() if _BOOT_LINES.search(line))
     header = {"dmfrag_trace": TRACE_VERSION, "source": "recorded", "kernel": kernel,

@@ -48,7 +48,7 @@ from .owner import PageOwner
 from .shadow import S_MAPPED, to_shadow
 from .truth import rebase_direct
 
-__all__ = ["StateError", "e820_text", "install_state"]
+__all__ = ["StateError", "e820_text", "free_lists", "install_state", "install_zone_params"]
 
 _PHYS = pt.ADDR_MASK
 _PS = int(F.PS)
@@ -142,24 +142,13 @@ def install_state(k: Any, state: Any) -> dict[str, int]:
     k.flush_tlb_all()
 
     # free memory
-    zones = [z["name"] for z in state.zones]
-    blocks = [(zones[z], o, m, p) for z, o, m, p in zip(state.free_zone.tolist(),
-                                                         state.free_order.tolist(),
-                                                         state.free_mt.tolist(),
-                                                         state.free_pfn.tolist())]
-    pbmt = state.pageblock_mt
-    pcp = []
-    for z, o, pfn in zip(state.pcp_zone.tolist(), state.pcp_order.tolist(),
-                         state.pcp_pfn.tolist()):
-        mt = int(pbmt[pfn >> state.pageblock_order]) if (pfn >> state.pageblock_order) < len(
-            pbmt) else 1
-        pcp.append((zones[z], o, mt if mt < 3 else 1, pfn))
+    blocks, pcp, pbmt = free_lists(state)
     managed = {z["name"]: z["managed"] for z in state.zones if z["managed"]}
     try:
         counts = k.buddy.load_free_lists(blocks, pcp, pbmt, managed, state.reserved_mask())
     except ValueError as exc:
         raise StateError(f"the state's free lists do not fit this machine: {exc}") from None
-    _zone_params(k, state)
+    install_zone_params(k, state)
     kept = 0
     states = k.buddy.page_states()
     for pa in sorted(still):
@@ -210,7 +199,27 @@ def install_state(k: Any, state: Any) -> dict[str, int]:
             "module_areas_reserved": reserved_areas}
 
 
-def _zone_params(k: Any, state: Any) -> None:
+def free_lists(state: Any) -> tuple[list, list, np.ndarray]:
+    """A state's free memory as :meth:`BuddyAllocator.load_free_lists`
+    takes it: the buddy lists' (zone, order, migratetype, head) in list
+    order, the per-CPU lists' (a page's migratetype is its pageblock's;
+    MOVABLE for the others), and the pageblocks' migratetypes."""
+    zones = [z["name"] for z in state.zones]
+    blocks = [(zones[z], o, m, p) for z, o, m, p in zip(state.free_zone.tolist(),
+                                                         state.free_order.tolist(),
+                                                         state.free_mt.tolist(),
+                                                         state.free_pfn.tolist())]
+    pbmt = state.pageblock_mt
+    pcp = []
+    for z, o, pfn in zip(state.pcp_zone.tolist(), state.pcp_order.tolist(),
+                         state.pcp_pfn.tolist()):
+        mt = int(pbmt[pfn >> state.pageblock_order]) if (pfn >> state.pageblock_order) < len(
+            pbmt) else 1
+        pcp.append((zones[z], o, mt if mt < 3 else 1, pfn))
+    return blocks, pcp, pbmt
+
+
+def install_zone_params(k: Any, state: Any) -> None:
     """Linux's watermarks, lowmem reserves, min_free_kbytes and the first
     CPU's pcp high, batch and free_factor (6.7+: free_count, high_min,
     high_max, alloc_factor and the PCPF flags) where the state has them:

@@ -289,6 +289,11 @@ class Kernel:
             profile = name
         if not state.e820:
             raise KernelError("the state carries no e820 table: cannot lay out the machine")
+        if state.booting:
+            raise KernelError(f"the state {state.point!r} was taken while the kernel booted "
+                              f"(no watermarks, the boot pageset, deferred memory not yet "
+                              f"freed): the model cannot run from it; replay its trace from it "
+                              f"(trace replay --placement model --start {state.point})")
         # the paging mode the state's kernel ran in: every address stays Linux's
         levels = 5 if state.page_offset == layout_for(5).page_offset else 4
         k = cls.boot(e820=e820_text(state.e820), profile=profile, policy=policy,

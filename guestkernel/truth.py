@@ -168,6 +168,15 @@ class KernelState:
         """A bool per pfn below max_pfn: PageReserved."""
         return np.unpackbits(self.page_reserved, bitorder="little")[: self.max_pfn].astype(bool)
 
+    @property
+    def booting(self) -> bool:
+        """Taken while the kernel boots (the recorder's ``trace-start``):
+        no zone has watermarks yet (``init_per_zone_wmark_min`` is an
+        initcall), the per-CPU lists are the boot pageset and deferred
+        struct-page init has not freed its range."""
+        zones = [z for z in self.zones if z.get("managed")]
+        return bool(zones) and all(not any(z.get("watermark") or [1]) for z in zones)
+
     def nr_free_listed(self) -> int:
         """Pages on the buddy lists (what NR_FREE_PAGES counts)."""
         return int(np.sum(np.left_shift(1, self.free_order.astype(np.int64))))

@@ -13,7 +13,10 @@ from dmfrag.modelled import replay_modelled, trace_diff
 from dmfrag.placed import read_trace
 
 DATA = Path(__file__).parent / "data"
-TRUTH = sorted((DATA / "truth").glob("*.jsonl.gz"))
+#: the truth recordings with a workload after their boot dump, and those
+#: of a boot alone (recorded with the trace-start dump)
+TRUTH = sorted(p for p in (DATA / "truth").glob("*.jsonl.gz") if "-boot." not in p.name)
+BOOTS = sorted((DATA / "truth").glob("*-boot.jsonl.gz"))
 
 
 @pytest.mark.parametrize("trace", TRUTH, ids=lambda p: p.name)
@@ -147,6 +150,58 @@ def test_the_models_allocator_is_linuxs_from_the_boot_dump(trace, request):
     assert r.bulk_same_pfn == r.bulk_pages          # recorded bulk calls (6.1, 7.2)
     assert r.first_difference is None, r.first_difference
     assert r.placement()["same_pfn"] == 1.0
+
+
+#: from trace-start, the fractions the committed boot recordings reach
+#: (same pfn, same 2M region): the floor a change must keep
+_BOOT_FLOOR = {"5.10": (0.42, 0.85), "6.1": (0.74, 0.91), "7.2": (0.51, 0.60)}
+
+
+@pytest.mark.parametrize("trace", BOOTS, ids=lambda p: p.name)
+def test_the_boot_from_linux_s_state_when_tracing_started(trace):
+    """From the trace-start dump (what Linux allocated before its first
+    traced event is Linux's: ftrace's records, the ring buffer, early slab),
+    the model's own boot: the vmalloc space's tables it made sit where
+    Linux's are (no page kept by the model that Linux had free), the boot
+    snapshot's counters equal Linux's, and the placement is well above the
+    model's own boot's (which misses those early pages)."""
+    kernel = trace.name.split("-")[1]
+    own = replay_modelled(trace)
+    r = replay_modelled(trace, start="trace-start")
+    assert r.error is None and r.equal, r.snapshots
+    st = r.start_state
+    assert st["point"] == "trace-start" and st["kept_by_model"] == 0 and st["pcp_pages"] == 0
+    assert r.ring_buffer_pages == r.ftrace_pages == 0      # Linux's, in the dump
+    floor_pfn, floor_2m = _BOOT_FLOOR[kernel]
+    p = r.placement()
+    assert p["same_pfn"] >= floor_pfn and p["same_2m_region"] >= floor_2m, p
+    assert p["same_pfn"] > own.placement()["same_pfn"]
+    assert r.first_difference is not None and r.first_difference["line"] > 10
+    r.model.buddy.check()
+    r.model.validate()
+
+
+_BOOT_CAUSES = {
+    "5.10": "the first difference (trace line 131, after 95 allocations that agree): "
+            "Linux skips four pages (0x66da-0x66dd) among vmalloc's one-page allocations that "
+            "no event shows taken; not identified yet",
+    "6.1": "the first difference (trace line 72, after 40 that agree): the bulk allocator "
+           "took four pages off the per-CPU list (a vmalloc'd 16K kernel stack) before "
+           "fs_initcall, where its kprobes start: not in the trace; to infer from the "
+           "vmalloc areas alive at the boot dump",
+    "7.2": "the first difference (trace line 1610, after 133 that agree): the bulk "
+           "allocator's pages before fs_initcall (as on 6.1) and 7.2's self-sizing per-CPU "
+           "lists from a boot-time start",
+}
+
+
+@pytest.mark.parametrize("trace", BOOTS, ids=lambda p: p.name)
+def test_boot_placement_goal_from_trace_start(trace, request):
+    """Issue 15's goal: same_pfn >= 0.99 on a boot, every kernel."""
+    kernel = trace.name.split("-")[1]
+    request.applymarker(pytest.mark.xfail(strict=True, reason=_BOOT_CAUSES[kernel]))
+    r = replay_modelled(trace, start="trace-start")
+    assert r.placement()["same_pfn"] >= 0.99
 
 
 def test_start_needs_model_placement(capsys):

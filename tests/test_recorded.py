@@ -301,11 +301,34 @@ def test_live_record_and_placed_replay(kernel, tmp_path):
         assert sum(e[:2] == ["U", "load_module"] for e in rec.events) == 5
     for s in r.snapshots:
         assert s["model"] == s["real"], s
-    # the states read from the dumps
-    assert [st.point for st in rec.states] == points
+    # the states read from the dumps: the first at the first traced page
+    # event (the guest held by QEMU's gdbstub), then one per snapshot
+    assert [st.point for st in rec.states] == ["trace-start", *points]
     from dmfrag.truth import truth_path
     assert truth_path(out).is_file()
-    for s, st in zip(r.snapshots, rec.states):
+    first, *snaps = rec.states
+    at = rec.events.index(["D", "trace-start"])
+    pages = [e for e in rec.events[:at] if e[0] in ("A", "F")]
+    # an allocation's probe runs after the page left the free lists, a
+    # free's before it joins them: the dump sits after the one, before the other
+    assert len(pages) == (1 if rec.events[0][0] == "A" else 0) and at <= 2, rec.events[:4]
+    if pages:
+        assert not first.free_mask()[pages[0][1]]
+    # what Linux allocated before tracing started: the vmalloc space's
+    # tables, ftrace's records, the 32 MB ring buffer and early slab
+    managed = sum(z["managed"] for z in first.zones)
+    assert managed - first.nr_free_listed() > 8192 + 50
+    assert len(first.pcp_pfn) == 0           # the boot pageset keeps no pages
+    # from it, the model's own placement of the boot: its counters equal
+    # Linux's at the boot snapshot (the workload's are another test's), and
+    # most pages land in Linux's 2M region
+    from dmfrag.modelled import replay_modelled
+    m = replay_modelled(out, start="trace-start")
+    assert m.error is None and m.snapshots[0]["point"] == "boot"
+    assert m.snapshots[0]["equal"], m.snapshots[0]
+    assert m.start_state["kept_by_model"] == 0
+    assert m.placement()["same_2m_region"] > 0.5
+    for s, st in zip(r.snapshots, snaps):
         assert s["real"]["DirectMap4k"] == st.direct_pages_count[1] * 4
         assert s["state"]["page_table_entries"] > 4000
     # after the first dump the free pages agree but for the bulk allocator's

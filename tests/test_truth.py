@@ -31,7 +31,10 @@ from guestkernel.kernel import KernelError
 from guestkernel.layout import PAGE_OFFSET
 
 DATA = Path(__file__).parent / "data" / "truth"
-TRACES = sorted(DATA.glob("*.jsonl.gz"))
+#: the recordings with a workload (one state per snapshot); the boot ones
+#: (BOOTS) start with a state taken while the kernel boots (trace-start)
+TRACES = sorted(p for p in DATA.glob("*.jsonl.gz") if "-boot." not in p.name)
+BOOTS = sorted(DATA.glob("*-boot.jsonl.gz"))
 KERNEL_OF = {t.name: t.name.split("-")[1] for t in TRACES}
 
 
@@ -407,3 +410,28 @@ def test_every_policy_runs_from_a_dumped_kernel(policy):
     assert d.points[0]["meminfo"]["DirectMap4k"] == st.counters["DirectMap4k"]
     d.kernel.validate()
     d.kernel.buddy.check()
+
+
+@pytest.mark.parametrize("trace", BOOTS, ids=lambda p: p.name)
+def test_a_state_taken_while_booting_is_told_apart(trace):
+    """The trace-start dump (the first traced page event) is a booting
+    kernel's: no watermarks, the boot pageset (high 0, batch 1, no pages),
+    the deferred range not free yet, no split and no vmalloc area of a
+    module. The model cannot run from it (Kernel.from_state says what to
+    do instead); the boot state after it is a running kernel's."""
+    first, boot = _states(trace)
+    assert (first.point, boot.point) == ("trace-start", "boot")
+    assert first.booting and not boot.booting
+    for z in first.zones:
+        if z["managed"]:
+            assert z["watermark"] == [0, 0, 0] and z["pcp"][0]["high"] == 0
+            assert z["pcp"][0]["batch"] == 1
+    assert len(first.pcp_pfn) == 0 and first.modules == [] and first.bpf_packs == []
+    assert first.counters.get("direct_map_level2_splits", 0) == 0
+    # the deferred range: free at boot, not at trace-start
+    assert boot.nr_free_listed() > 8 * first.nr_free_listed()
+    assert first.trace_entries >= 0
+    with pytest.raises(KernelError, match="taken while the kernel booted.*--start trace-start"):
+        Kernel.from_state(first)
+    k = Kernel.from_state(boot)
+    assert k.buddy.nr_free() == boot.nr_free_listed()
