@@ -236,6 +236,16 @@ class _Modelled(Replayer):
                          or not self.k.profile.vmalloc_bulk)
         self.bulk_groups = [] if recorded_bulk else _infer_bulk(
             events, self.start, n, self._free_at_start(states, start))
+        if self.boot_state is not None:
+            # from a boot-time dump, the bulk allocator's calls before its
+            # kprobes (fs_initcall) are untraced even in a version-4 trace:
+            # those whose pages are freed later, and those alive at the boot dump
+            if recorded_bulk:
+                self.bulk_groups = _infer_bulk(events, self.start, n,
+                                               self._free_at_start(states, start))
+            inferred = {p for _lo, _hi, pages in self.bulk_groups for p in pages}
+            self.bulk_groups += [g for g in self._untraced_boot_areas(states or ())
+                                 if not inferred.intersection(g[2])]
         self.bulk_done = bytearray(len(self.bulk_groups))
         self.bulk_before: dict[int, list[int]] = {}
         for g, (lo, hi, _pages) in enumerate(self.bulk_groups):
@@ -295,6 +305,47 @@ class _Modelled(Replayer):
         pfns = [(p, o) for p, o in zip(st.free_pfn.tolist(), st.free_order.tolist())]
         pfns += [(p, o) for p, o in zip(st.pcp_pfn.tolist(), st.pcp_order.tolist())]
         return pfns
+
+    def _untraced_boot_areas(self, states) -> list[tuple[int, int, list[int]]]:
+        """From a boot-time dump with the boot dump stored too: the vmalloc
+        areas alive at the boot dump (outside the module area, whose boot
+        users the model makes itself) whose pages no event allocated and
+        that were free at the start dump: kernel stacks and vmalloc()
+        areas whose pages the bulk allocator gave before ``fs_initcall``
+        (its kprobes start there) or that the trace did not see taken.
+        Each is a group for :meth:`_before_event`, as an inferred bulk call
+        is: made when the model's per-CPU list starts with its pages (the
+        bulk allocator takes the list's head), else before the first event
+        on them or the boot dump."""
+        boot = next((st for st in states if st.point == "boot"), None)
+        ev = self.events
+        end = next((i for i, e in enumerate(ev) if e[0] == "D" and e[1] == "boot"), None)
+        if boot is None or end is None:
+            return []
+        seen = set()
+        first_touch: dict[int, int] = {}
+        for i, e in enumerate(ev[:end]):
+            if e[0] == "A":
+                seen.update(range(e[1], e[1] + (1 << e[2])))
+            elif e[0] == "B":
+                seen.update(e[3])
+            if i >= self.start and e[0] in ("A", "F"):
+                for p in range(e[1], e[1] + (1 << e[2])):
+                    first_touch.setdefault(p, i)
+        free0 = self.boot_state.free_mask(self.k.max_pfn)
+        lo_mod, hi_mod = self.k.profile.modules_vaddr, self.k.profile.modules_end
+        groups = []
+        off = 0
+        for start, nr in zip(boot.vm_start.tolist(), boot.vm_nr_pages.tolist()):
+            pages = boot.vm_pages[off:off + nr].tolist()
+            off += nr
+            if lo_mod <= start < hi_mod or not pages:
+                continue
+            if any(p in seen or not (0 <= p < len(free0)) or not free0[p] for p in pages):
+                continue
+            deadline = min([first_touch.get(p, end) for p in pages] + [end])
+            groups.append((self.start, deadline, pages))
+        return groups
 
     def _early_call_markers(self) -> dict[int, object]:
         """From a boot-time dump: the start_kernel boot calls the trace
@@ -639,8 +690,18 @@ class _Modelled(Replayer):
         b = self.k.buddy
         if not 0 <= pages[0] < b.max_pfn:
             return False
-        lst = b.page_zone(pages[0]).pcp.lists[order_to_pindex(UNMOVABLE, 0)]
+        zone = b.page_zone(pages[0])
+        lst = zone.pcp.lists[order_to_pindex(UNMOVABLE, 0)]
         if not lst:
+            if self.boot_state is None:
+                return False
+            # (from a boot-time dump) an empty list: the call refills it
+            # from the buddy, whose smallest UNMOVABLE block gives its head
+            # page first (expand keeps the lower half)
+            for order in range(len(zone.free_area)):
+                heads = b.free_list(zone, order, UNMOVABLE)
+                if heads:
+                    return heads[0] == pages[0]
             return False
         return all(x >> 4 == p for x, p in zip(islice(lst, len(pages)), pages))
 
@@ -1009,6 +1070,11 @@ def _infer_bulk(events: list[list], start: int, n: int,
             end = min(pfn + (1 << order), n)
             state[pfn:end] = bytes([_ALLOCATED]) * (end - pfn)
             last[pfn:end] = [i] * (end - pfn)
+        elif kind == "B":                   # a recorded bulk call (version 4)
+            for pfn in e[3]:
+                if pfn < n:
+                    state[pfn] = _ALLOCATED
+                    last[pfn] = i
         elif kind == "F":
             pfn, order = e[1], e[2]
             if order == 0 and pfn < n and state[pfn] == _FREE:

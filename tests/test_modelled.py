@@ -154,7 +154,7 @@ def test_the_models_allocator_is_linuxs_from_the_boot_dump(trace, request):
 
 #: from trace-start, the fractions the committed boot recordings reach
 #: (same pfn, same 2M region): the floor a change must keep
-_BOOT_FLOOR = {"5.10": (0.42, 0.85), "6.1": (0.74, 0.91), "7.2": (0.51, 0.60)}
+_BOOT_FLOOR = {"5.10": (0.43, 0.98), "6.1": (0.74, 0.92), "7.2": (0.51, 0.60)}
 
 
 @pytest.mark.parametrize("trace", BOOTS, ids=lambda p: p.name)
@@ -177,21 +177,28 @@ def test_the_boot_from_linux_s_state_when_tracing_started(trace):
     assert p["same_pfn"] >= floor_pfn and p["same_2m_region"] >= floor_2m, p
     assert p["same_pfn"] > own.placement()["same_pfn"]
     assert r.first_difference is not None and r.first_difference["line"] > 10
+    # the bulk allocator's calls no event shows (kernel stacks before its
+    # kprobes; on 5.10 a stack the trace did not see taken): their pages
+    # are known from the boot dump's vmalloc areas and later frees
+    assert r.bulk_pages >= 4
+    if kernel == "5.10":
+        assert r.bulk_same_pfn == r.bulk_pages == 4
     r.model.buddy.check()
     r.model.validate()
 
 
 _BOOT_CAUSES = {
-    "5.10": "the first difference (trace line 131, after 95 allocations that agree): "
-            "Linux skips four pages (0x66da-0x66dd) among vmalloc's one-page allocations that "
-            "no event shows taken; not identified yet",
-    "6.1": "the first difference (trace line 72, after 40 that agree): the bulk allocator "
-           "took four pages off the per-CPU list (a vmalloc'd 16K kernel stack) before "
-           "fs_initcall, where its kprobes start: not in the trace; to infer from the "
-           "vmalloc areas alive at the boot dump",
-    "7.2": "the first difference (trace line 1610, after 133 that agree): the bulk "
-           "allocator's pages before fs_initcall (as on 6.1) and 7.2's self-sizing per-CPU "
-           "lists from a boot-time start",
+    "5.10": "the first difference (trace line 1529, after 111 allocations that agree): a "
+            "vmalloc page where Linux's order-0 list held another; the vmalloc'd kernel "
+            "stacks no event shows (their pages are known from the boot dump's areas) are "
+            "placed when the model's list starts with them, which can be too early or late",
+    "6.1": "the first difference (trace line 79, after 47 that agree): an order-3 page "
+           "between untraced bulk calls (kernel stacks before fs_initcall, where the bulk "
+           "kprobes start): the model makes such a call when its list starts with the "
+           "call's pages, before the order-3 allocation here where Linux made it after",
+    "7.2": "the first difference (trace line 1610, after 133 that agree): an order-0 "
+           "allocation whose page the model gave earlier; 7.2's self-sizing per-CPU lists "
+           "(6.7+) from a boot-time start, not yet compared with Linux's",
 }
 
 
