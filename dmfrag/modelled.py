@@ -247,6 +247,8 @@ class _Modelled(Replayer):
             self.bulk_groups += [g for g in self._untraced_boot_areas(states or ())
                                  if not inferred.intersection(g[2])]
         self.bulk_done = bytearray(len(self.bulk_groups))
+        #: each group's zone (its first page's), for _before_event
+        self._group_zone = [self._zone_start(pages[0]) for _lo, _hi, pages in self.bulk_groups]
         self.bulk_before: dict[int, list[int]] = {}
         for g, (lo, hi, _pages) in enumerate(self.bulk_groups):
             for j in range(lo, hi + 1):
@@ -569,14 +571,23 @@ class _Modelled(Replayer):
             self._marked_end = j
             boot_cpa_calls(k.cpa, k.buddy, k.bpf, k.profile, only=lambda c: c is call,
                            real_mode=k.real_mode_base)
+        done, groups, zone_of = self.bulk_done, self.bulk_groups, self._group_zone
+        heads: dict[int, int] = {}          # zone start pfn -> the page the list gives next
         for g in self.bulk_before[i]:
-            if self.bulk_done[g]:
+            if done[g]:
                 continue
-            _lo, deadline, linux_pages = self.bulk_groups[g]
-            if i < deadline and not self._pcp_starts_with(linux_pages):
-                continue
-            self.bulk_done[g] = 1
+            _lo, deadline, linux_pages = groups[g]
+            if i < deadline:
+                first = linux_pages[0]
+                zone = zone_of[g]
+                head = heads.get(zone)
+                if head is None:
+                    head = heads[zone] = self._next_page(first)
+                if head != first or not self._pcp_starts_with(linux_pages):
+                    continue
+            done[g] = 1
             self._bulk_alloc(i, linux_pages, self._bulk_gfp, 100)
+            heads.clear()
 
     def _on_bulk(self, i: int, e: list) -> None:
         """A recorded bulk allocator call: the model's bulk allocator is
@@ -684,6 +695,30 @@ class _Modelled(Replayer):
                 replay(one)
         return True
 
+    def _zone_start(self, pfn: int) -> int:
+        b = self.k.buddy
+        return b.page_zone(pfn).start_pfn if 0 <= pfn < b.max_pfn else -1
+
+    def _next_page(self, pfn: int) -> int:
+        """The page the UNMOVABLE order-0 per-CPU list of ``pfn``'s zone
+        gives next (its head; the list empty, from a boot-time dump, what
+        its refill would give first; else -1): a cheap first test of
+        :meth:`_pcp_starts_with`."""
+        b = self.k.buddy
+        if not 0 <= pfn < b.max_pfn:
+            return -1
+        zone = b.page_zone(pfn)
+        lst = zone.pcp.lists[order_to_pindex(UNMOVABLE, 0)]
+        if lst:
+            return lst[0] >> 4
+        if self.boot_state is None:
+            return -1
+        for area in zone.free_area:
+            heads = area[UNMOVABLE]
+            if heads:
+                return next(reversed(heads))          # the list's head
+        return -1
+
     def _pcp_starts_with(self, pages: list[int]) -> bool:
         """The model's UNMOVABLE order-0 per-CPU list (of the zone of
         ``pages[0]``) starts with ``pages`` (as far as it goes)."""
@@ -698,11 +733,7 @@ class _Modelled(Replayer):
             # (from a boot-time dump) an empty list: the call refills it
             # from the buddy, whose smallest UNMOVABLE block gives its head
             # page first (expand keeps the lower half)
-            for order in range(len(zone.free_area)):
-                heads = b.free_list(zone, order, UNMOVABLE)
-                if heads:
-                    return heads[0] == pages[0]
-            return False
+            return self._next_page(pages[0]) == pages[0]
         return all(x >> 4 == p for x, p in zip(islice(lst, len(pages)), pages))
 
     def _model_free_run(self, i: int, last: int) -> None:
