@@ -70,7 +70,7 @@ from .placed import (
     load_recorded,
     one_page_vmalloc,
 )
-from .recorder import CPA_TABLE_GFPS, FREE_MARKERS, splits_direct_map_tables
+from .recorder import BULK_PROBES, CPA_TABLE_GFPS, FREE_MARKERS, splits_direct_map_tables
 from .truth import TRACE_START
 
 __all__ = ["ModelledReplay", "TraceDiff", "policy_users", "replay_modelled", "trace_diff"]
@@ -115,6 +115,9 @@ class ModelledReplay:
     #: them out of the direct map itself
     policy_routed_pages: int = 0
     policy_skipped_pages: int = 0
+    #: from a boot-time dump: marked untraced bulk calls whose pages no
+    #: group (boot dump areas, later frees) matched when they were made
+    bulk_calls_unmatched: int = 0
     #: started from a boot-time dump: what was taken from it (see
     #: _Modelled._install_boot_state); None otherwise
     start_state: dict | None = None
@@ -151,7 +154,8 @@ class ModelledReplay:
                 "untraced_frees": self.untraced_frees,
                 "reserved_pages_freed": self.reserved_pages_freed,
                 "deferred_pages_freed": self.deferred_pages_freed,
-                "bulk": {"pages": self.bulk_pages, "same_pfn": self.bulk_same_pfn},
+                "bulk": {"pages": self.bulk_pages, "same_pfn": self.bulk_same_pfn,
+                         "calls_unmatched": self.bulk_calls_unmatched},
                 "ring_buffer_pages": self.ring_buffer_pages,
                 "ftrace_pages": self.ftrace_pages,
                 "early_requests_skipped": self.early_requests_skipped,
@@ -249,6 +253,19 @@ class _Modelled(Replayer):
         self.bulk_done = bytearray(len(self.bulk_groups))
         #: each group's zone (its first page's), for _before_event
         self._group_zone = [self._zone_start(pages[0]) for _lo, _hi, pages in self.bulk_groups]
+        #: from a boot-time dump, with the recorder's marker on the bulk
+        #: allocator: where each call before its kprobes was (no B event
+        #: follows those); each makes the pending group the model's list
+        #: gives next, and groups wait for markers instead of being made as
+        #: soon as the list starts with their pages
+        self.bulk_markers: set[int] = set()
+        if self.boot_state is not None and header.get("kernel") in BULK_PROBES:
+            func = BULK_PROBES[header["kernel"]][0]
+            first_b = next((j for j, e in enumerate(events) if e[0] == "B"), len(events))
+            self.bulk_markers = {j for j in range(self.start, first_b)
+                                 if events[j][0] == "U" and events[j][1] == func}
+            for j in self.bulk_markers:
+                self.bulk_before.setdefault(j, [])
         self.bulk_before: dict[int, list[int]] = {}
         for g, (lo, hi, _pages) in enumerate(self.bulk_groups):
             for j in range(lo, hi + 1):
@@ -573,11 +590,16 @@ class _Modelled(Replayer):
                            real_mode=k.real_mode_base)
         done, groups, zone_of = self.bulk_done, self.bulk_groups, self._group_zone
         heads: dict[int, int] = {}          # zone start pfn -> the page the list gives next
+        if i in self.bulk_markers:
+            self._marked_bulk_call(i)
+        marked = bool(self.bulk_markers)
         for g in self.bulk_before[i]:
             if done[g]:
                 continue
             _lo, deadline, linux_pages = groups[g]
             if i < deadline:
+                if marked:
+                    continue                    # made at a marker (or its deadline)
                 first = linux_pages[0]
                 zone = zone_of[g]
                 head = heads.get(zone)
@@ -694,6 +716,27 @@ class _Modelled(Replayer):
                 one[0], one[1] = va + (j << 12), 1
                 replay(one)
         return True
+
+    def _marked_bulk_call(self, i: int) -> None:
+        """An untraced bulk call the recorder marked at ``i``: the pending
+        group (of those known from the boot dump and later frees) whose
+        pages the model's list gives next; none matching (a call whose
+        pages the dumps and frees do not show: freed before the boot dump
+        by a path no event shows, or a group already made at its
+        deadline), nothing is made and ``bulk_calls_unmatched`` counts it."""
+        done, groups = self.bulk_done, self.bulk_groups
+        pending = [g for g in range(len(groups)) if not done[g] and groups[g][0] <= i]
+        heads: dict[int, int] = {}
+        for g in pending:
+            first = groups[g][2][0]
+            zone = self._group_zone[g]
+            if zone not in heads:
+                heads[zone] = self._next_page(first)
+            if heads[zone] == first and self._pcp_starts_with(groups[g][2]):
+                done[g] = 1
+                self._bulk_alloc(i, groups[g][2], self._bulk_gfp, 100)
+                return
+        self.res.bulk_calls_unmatched += 1
 
     def _zone_start(self, pfn: int) -> int:
         b = self.k.buddy

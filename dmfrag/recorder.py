@@ -23,7 +23,10 @@ from early boot, before any workload):
 * on 6.1 and 7.2, two kprobes on the bulk allocator (``alloc_pages_bulk``,
   which vmalloc takes its order-0 pages from and which calls no
   ``mm_page_alloc``): its entry (pages asked for, GFP) and the instruction
-  after each per-CPU list take (the page: :data:`BULK_PROBES`);
+  after each per-CPU list take (the page: :data:`BULK_PROBES`); and a
+  function-tracer marker on it (``["U", function, caller]``), which,
+  unlike the kprobes, runs from early boot: where each call before
+  ``fs_initcall`` was, whose pages no event shows;
 * each ``snap NAME`` of the workload writes ``dmfrag_snap NAME`` to
   ``trace_marker`` before it reads /proc/meminfo and /proc/vmstat.
 
@@ -441,8 +444,8 @@ def record(kernel: str = DEFAULT_KERNEL, ram: str = "2G", workload: tuple[str, .
             f"{', '.join(CPA_DATA_LAYOUT)}")
     rk = RealKernel(cache, install=install, kernel=kernel)
     markers = ",".join(("__change_page_attr_set_clr", *USER_MARKERS, *CPA_MARKERS,
-                        *BOOT_MARKERS,
-                        *FREE_MARKERS.get(kernel, ())))
+                        *BOOT_MARKERS, *FREE_MARKERS.get(kernel, ()),
+                        *((BULK_PROBES[kernel][0],) if kernel in BULK_PROBES else ())))
     kprobes = _KPROBE.format(**layout)
     if kernel != "5.10":                      # memfd_secret is 5.14+
         kprobes += ";r:dmfrag/secretmem_fault_ret,secretmem_fault"

@@ -154,7 +154,7 @@ def test_the_models_allocator_is_linuxs_from_the_boot_dump(trace, request):
 
 #: from trace-start, the fractions the committed boot recordings reach
 #: (same pfn, same 2M region): the floor a change must keep
-_BOOT_FLOOR = {"5.10": (0.43, 0.98), "6.1": (0.74, 0.92), "7.2": (0.51, 0.60)}
+_BOOT_FLOOR = {"5.10": (0.43, 0.98), "6.1": (0.75, 0.92), "7.2": (0.51, 0.59)}
 
 
 @pytest.mark.parametrize("trace", BOOTS, ids=lambda p: p.name)
@@ -183,6 +183,10 @@ def test_the_boot_from_linux_s_state_when_tracing_started(trace):
     assert r.bulk_pages >= 4
     if kernel == "5.10":
         assert r.bulk_same_pfn == r.bulk_pages == 4
+    # on 6.1 the recorder marks each bulk call (a function-tracer marker,
+    # from early boot): those before the kprobes make the known groups
+    marked = r.bulk_calls_unmatched
+    assert (marked > 0) == (kernel == "6.1") and marked < 50
     r.model.buddy.check()
     r.model.validate()
 
@@ -192,11 +196,13 @@ _BOOT_CAUSES = {
             "vmalloc page where Linux's order-0 list held another; the vmalloc'd kernel "
             "stacks no event shows (their pages are known from the boot dump's areas) are "
             "placed when the model's list starts with them, which can be too early or late",
-    "6.1": "the first difference (trace line 79, after 47 that agree): an order-3 page "
-           "between untraced bulk calls (kernel stacks before fs_initcall, where the bulk "
-           "kprobes start): the model makes such a call when its list starts with the "
-           "call's pages, before the order-3 allocation here where Linux made it after",
-    "7.2": "the first difference (trace line 1610, after 133 that agree): an order-0 "
+    "6.1": "the first difference (trace line 1513, after 67 allocations that agree): an "
+           "order-0 page the model had given to an untraced bulk call before; such calls "
+           "before fs_initcall are placed at the recorder's function-tracer markers, their "
+           "pages matched from the boot dump's vmalloc areas and later frees: 31 of the 50 "
+           "marked calls match none of the 34 known groups when made (the model's list "
+           "does not start with their pages), which are then made at their deadline",
+    "7.2": "the first difference (trace line 1611, after 133 that agree): an order-0 "
            "allocation whose page the model gave earlier; 7.2's self-sizing per-CPU lists "
            "(6.7+) from a boot-time start, not yet compared with Linux's",
 }
