@@ -253,6 +253,17 @@ class _Modelled(Replayer):
         self.bulk_done = bytearray(len(self.bulk_groups))
         #: each group's zone (its first page's), for _before_event
         self._group_zone = [self._zone_start(pages[0]) for _lo, _hi, pages in self.bulk_groups]
+        self.bulk_before: dict[int, list[int]] = {}
+        for g, (lo, hi, _pages) in enumerate(self.bulk_groups):
+            for j in range(lo, hi + 1):
+                self.bulk_before.setdefault(j, []).append(g)
+        #: the end of the span of the boot call made at its marker last
+        self._marked_end = -1
+        #: boot calls made at their markers (from a boot-time dump)
+        self.early_at: dict[int, object] = (self._early_call_markers()
+                                            if self.boot_state is not None else {})
+        for j in self.early_at:
+            self.bulk_before.setdefault(j, [])
         #: from a boot-time dump, with the recorder's marker on the bulk
         #: allocator: where each call before its kprobes was (no B event
         #: follows those); each makes the pending group the model's list
@@ -266,17 +277,6 @@ class _Modelled(Replayer):
                                  if events[j][0] == "U" and events[j][1] == func}
             for j in self.bulk_markers:
                 self.bulk_before.setdefault(j, [])
-        self.bulk_before: dict[int, list[int]] = {}
-        for g, (lo, hi, _pages) in enumerate(self.bulk_groups):
-            for j in range(lo, hi + 1):
-                self.bulk_before.setdefault(j, []).append(g)
-        #: the end of the span of the boot call made at its marker last
-        self._marked_end = -1
-        #: boot calls made at their markers (from a boot-time dump)
-        self.early_at: dict[int, object] = (self._early_call_markers()
-                                            if self.boot_state is not None else {})
-        for j in self.early_at:
-            self.bulk_before.setdefault(j, [])
         #: where setup_per_cpu_pageset ran (the recorder's marker; None:
         #: not recorded, made before the first event)
         self.pcp_at = next((j for j in range(self.start, len(events))
@@ -434,6 +434,14 @@ class _Modelled(Replayer):
         st = self.boot_state
         mine = np.flatnonzero(b.page_states() == 2)
         blocks, pcp, pbmt = free_lists(st)
+        # the deferred range's pageblocks: deferred init has not set them
+        # yet in Linux (their bits read 0); the model's hand-over set them
+        # as deferred init will (MOVABLE, or UNMOVABLE where the first page
+        # is reserved): those stay
+        pbmt = np.array(pbmt, dtype=np.uint8, copy=True)
+        order = st.pageblock_order
+        for lo, hi in b.deferred:
+            pbmt[lo >> order: -(-hi >> order)] = 255
         try:
             counts = b.load_free_lists(blocks, pcp, pbmt)
         except ValueError as exc:
@@ -575,17 +583,18 @@ class _Modelled(Replayer):
             self.k.buddy.setup_per_cpu_pageset()
         call = self.early_at.get(i)
         if call is not None:
-            from guestkernel.boot import boot_cpa_calls
-            k = self.k
             # the call's own table pages (the model's split takes them):
             # the page-table allocations among its passes, up to the first
             # other event
             ev = self.events
             j = i + 1
-            while j < len(ev) and (ev[j][0] == "C" or ev[j][0] == "A" and ev[j][2] == 0 and (
-                    len(ev[j]) > 5 and ev[j][5] == "cpa_pgtable" or ev[j][3] in _BOOT_TABLE_GFPS)):
+            while j < len(ev) and (ev[j][0] == "C" or ev[j][0] == "A" and ev[j][2] == 0
+                                   and (len(ev[j]) > 5 and ev[j][5] == "cpa_pgtable"
+                                        or ev[j][3] in _BOOT_TABLE_GFPS)):
                 j += 1
             self._marked_end = j
+            from guestkernel.boot import boot_cpa_calls
+            k = self.k
             boot_cpa_calls(k.cpa, k.buddy, k.bpf, k.profile, only=lambda c: c is call,
                            real_mode=k.real_mode_base)
         done, groups, zone_of = self.bulk_done, self.bulk_groups, self._group_zone
