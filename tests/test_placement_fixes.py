@@ -299,7 +299,7 @@ def test_modelled_replay_asks_the_models_bulk_allocator_for_a_b_event():
     assert again.error is None and again.bulk_same_pfn == 5
     assert again.untraced_frees == 0
     j = again.to_json()
-    assert j["bulk"] == {"pages": 5, "same_pfn": 5}
+    assert j["bulk"] == {"pages": 5, "same_pfn": 5, "calls_unmatched": 0}
 
 
 def test_a_free_pages_bulk_marker_frees_its_run_together_on_7_2():
