@@ -109,6 +109,9 @@ class ModelledReplay:
     ring_buffer_pages: int = 0
     #: from the model's own boot: ftrace_init's record pages, taken first
     ftrace_pages: int = 0
+    #: from the model's own boot: the other early pages Linux allocated
+    #: before the first event (_Modelled._early_untraced)
+    early_pages: int = 0
     early_requests_skipped: int = 0
     #: pages the policy routed as a user's (secretmem, execmem), and pages
     #: of the trace's CPA passes not replayed because the policy had taken
@@ -157,7 +160,7 @@ class ModelledReplay:
                 "bulk": {"pages": self.bulk_pages, "same_pfn": self.bulk_same_pfn,
                          "calls_unmatched": self.bulk_calls_unmatched},
                 "ring_buffer_pages": self.ring_buffer_pages,
-                "ftrace_pages": self.ftrace_pages,
+                "ftrace_pages": self.ftrace_pages, "early_pages": self.early_pages,
                 "early_requests_skipped": self.early_requests_skipped,
                 "policy_routed_pages": self.policy_routed_pages,
                 "policy_skipped_pages": self.policy_skipped_pages,
@@ -259,9 +262,9 @@ class _Modelled(Replayer):
                 self.bulk_before.setdefault(j, []).append(g)
         #: the end of the span of the boot call made at its marker last
         self._marked_end = -1
-        #: boot calls made at their markers (from a boot-time dump)
+        #: boot calls made at their markers (through a boot)
         self.early_at: dict[int, object] = (self._early_call_markers()
-                                            if self.boot_state is not None else {})
+                                            if self._booting else {})
         for j in self.early_at:
             self.bulk_before.setdefault(j, [])
         #: from a boot-time dump, with the recorder's marker on the bulk
@@ -367,10 +370,11 @@ class _Modelled(Replayer):
         return groups
 
     def _early_call_markers(self) -> dict[int, object]:
-        """From a boot-time dump: the start_kernel boot calls the trace
-        marks (the recorder's ``U`` events: the CPA entry point and its
-        caller), by the index of their marker, so that each is made where
-        Linux made it and takes the pages it took then: the IDT
+        """Through a boot (the model's own, or from a boot-time dump): the
+        start_kernel boot calls the trace marks (the recorder's ``U``
+        events: the CPA entry point and its caller), by the index of their
+        marker, so that each is made where Linux made it and takes the
+        pages it took then: the IDT
         (``idt_setup_apic_and_irq_gates``), the SMP alternatives (the first
         ``free_init_pages``) and the real-mode blob (``init_real_mode``,
         ``do_init_real_mode`` or ``set_real_mode_permissions``). Those not
@@ -488,6 +492,30 @@ class _Modelled(Replayer):
             raise PlacedReplayError(1, f"the model is out of memory for the trace ring "
                                     f"buffer ({n} pages): {exc}") from None
         self.res.ring_buffer_pages = taken
+
+    def _early_untraced(self) -> None:
+        """From the model's own boot: the rest of what Linux allocated before
+        the trace's first event (early slab, per-CPU and trace-event data),
+        as many order-0 UNMOVABLE and RECLAIMABLE pages as the kernel's
+        record says (``early_untraced_pages``, read off trace-start dumps),
+        on the boot pageset after the ring buffer: with them the model's
+        free pages at the first event are Linux's, page for page, on the
+        committed boot recordings. (7.2's first execmem ROX 2M block, also
+        made before tracing, is the model's own execmem cache's.) Counted
+        in ``early_pages``."""
+        unmovable, reclaimable = self.k.profile.early_untraced_pages
+        taken = 0
+        try:
+            for gfp, n in ((parse_gfp("GFP_KERNEL"), unmovable),
+                           (parse_gfp("GFP_KERNEL|__GFP_RECLAIMABLE"), reclaimable)):
+                for _ in range(n):
+                    self._alloc_pages(gfp, 0)
+                    taken += 1
+        except AllocationError as exc:
+            raise PlacedReplayError(1, f"the model is out of memory for the boot's early "
+                                    f"untraced pages ({unmovable} + {reclaimable}): {exc}"
+                                    ) from None
+        self.res.early_pages = taken
 
     def _va(self, va: int) -> int:
         pfn = direct_pfn(va)
@@ -1003,6 +1031,7 @@ class _Modelled(Replayer):
                     return self.res
                 self.res.ftrace_pages = k.ftrace_pages
                 self._ring_buffer()
+                self._early_untraced()
             if self.pcp_at is None:
                 k.buddy.setup_per_cpu_pageset()
             self._early_calls(late=False)

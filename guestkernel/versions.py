@@ -268,6 +268,13 @@ class KernelVersion:
     #: with G groups" in the boot log; 0: not measured), allocated right
     #: after the buddy hand-over as the binary decomposition of P
     ftrace_pages: int = 0
+    #: what a traced boot allocates between the buddy hand-over and its first
+    #: page event beyond the vmalloc space's tables, ftrace's records and the
+    #: ring buffer (early slab, per-CPU and trace-event data): (order-0
+    #: UNMOVABLE pages, order-0 RECLAIMABLE pages). Read off the recorder's
+    #: trace-start dumps under QEMU (2G, 4G and 8G: the same within a page);
+    #: the modelled replay makes them from its own boot (0: not measured)
+    early_untraced_pages: tuple[int, int] = (0, 0)
     #: CONFIG_DEFERRED_STRUCT_PAGE_INIT leaves a pageblock of the deferred
     #: range whose first page is reserved at migratetype 0 (UNMOVABLE):
     #: neither memmap_init (it stops at first_deferred_pfn) nor
@@ -346,7 +353,8 @@ VERSIONS: dict[str, KernelVersion] = {
                   BootCpaCall.FREE_BSS_DECRYPTED,
                   BootCpaCall.FREE_INITMEM, BootCpaCall.MARK_RODATA_RO),
         bpf_prog_pack=False, secretmem=False, real_mode=(6, 2, 1, 1), pcp_high_orders=False,
-        vmalloc_bulk=False, ftrace_pages=144, deferred_reserved_unmovable=True,
+        vmalloc_bulk=False, ftrace_pages=144, early_untraced_pages=(209, 2),
+        deferred_reserved_unmovable=True,
         reserve_first_1m=False, deferred_init=True,
         bpf_jit_base_len=15,
         # linux-5.10-8G-bpf-2048: 278 order-0, 256 order-1 and 97
@@ -369,6 +377,7 @@ VERSIONS: dict[str, KernelVersion] = {
         modules_vaddr=_MODULES_1G_IMAGE[0], modules_end=_MODULES_1G_IMAGE[1], pti=True,
         node_data_bytes=0x2B000, boot_cpa=_ALL_BOOT_CPA, bpf_prog_pack=True,
         vmstat_counters=_SPLITS, real_mode=(7, 3, 1, 2), ftrace_pages=159,
+        early_untraced_pages=(217, 2),
         deferred_reserved_unmovable=True, deferred_init=True,
         # Not applied (see BPF_SLAB_NOT_APPLIED): linux-6.1-8G-bpf-2048_secretmem-
         # 4096 has 257 order-2, 243 order-0 and 98 reclaimable order-0 new slab
@@ -393,6 +402,7 @@ VERSIONS: dict[str, KernelVersion] = {
         module_mem_types=True,
         module_ro_after_init_sections=("__jump_table", ".static_call_sites"),
         pcp_autotune=True, vfree_contig_free=True, ftrace_pages=196, bpf_jit_base_len=25,
+        early_untraced_pages=(273, 4),
         deferred_init=True, deferred_free_order=10,
         # Not applied (see BPF_SLAB_NOT_APPLIED): linux-7.2-8G-bpf-2048_secretmem-
         # 4096 has 289 order-0, 255 order-2 and 97 reclaimable order-0 new slab

@@ -5,6 +5,7 @@ model choosing the pfns, and the first allocation it places elsewhere."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -88,7 +89,8 @@ def test_trace_diff_and_model_placement_on_the_command_line(capsys, tmp_path):
     t = str(TRUTH[0])
     assert _cli("trace", "diff", t) == 1
     out = capsys.readouterr().out
-    assert out.startswith("trace line 2: order-0 ") and "Linux gave pfn 0x" in out
+    m = re.match(r"trace line (\d+): order-\d ", out)
+    assert m and int(m.group(1)) > 2 and "Linux gave pfn 0x" in out
     assert "in the model:" in out
     assert _cli("trace", "diff", t, "--json") == 1
     j = json.loads(capsys.readouterr().out)
@@ -106,7 +108,7 @@ def test_trace_diff_and_model_placement_on_the_command_line(capsys, tmp_path):
 @pytest.mark.parametrize("trace", TRUTH, ids=lambda p: p.name)
 def test_modelled_replay_from_the_boot_dump(trace):
     """From Linux's own state at the boot dump (Kernel.from_state) the model
-    takes the pfn Linux took far more often than from its own boot: what
+    takes the pfn Linux took more often than from its own boot: what
     differs is its allocator, and the first difference comes after the dump."""
     _, events = read_trace(trace)
     dump = next(i for i, e in enumerate(events) if e == ["D", "boot"])
@@ -114,7 +116,8 @@ def test_modelled_replay_from_the_boot_dump(trace):
     r = replay_modelled(trace, start="boot")
     assert r.error is None
     assert r.snapshots[0]["point"] == "boot" and r.snapshots[0]["placement"]["same_pfn"] == 1.0
-    assert r.placement()["same_pfn"] > 0.75 and own.placement()["same_pfn"] < 0.5
+    assert r.placement()["same_pfn"] > 0.75 and own.placement()["same_pfn"] < 0.7
+    assert r.placement()["same_pfn"] > own.placement()["same_pfn"]
     assert r.placement()["same_2m_region"] > 0.5
     assert r.first_difference is None or r.first_difference["line"] > dump + 2
     r.model.buddy.check()
@@ -334,3 +337,44 @@ def test_compare_trace_bad_input(capsys, argv, msg):
     from dmfrag.cli import main
     assert main(argv) == 2
     assert msg in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("trace", BOOTS, ids=lambda p: p.name)
+def test_the_models_own_boot_frees_what_linux_had_free_when_tracing_started(trace):
+    """From its own boot, before the first event, the model has made the
+    vmalloc space's tables, ftrace's records, the recording's ring buffer
+    and the kernel record's early untraced pages (early_untraced_pages,
+    counted off these dumps): its free pages are then Linux's at the
+    trace-start dump, page for page, but the first event's own page (the
+    dump was taken after it left the free lists) and, on 7.2, the execmem
+    cache's first 2M block, which Linux makes before tracing starts and
+    the model later (a difference left: see the boot goal's xfail)."""
+    import numpy as np
+
+    from dmfrag.modelled import _Modelled
+    from dmfrag.placed import load_recorded
+    from guestkernel.boot import ftrace_init
+    header, events, states = load_recorded(trace)
+    r = _Modelled(header, events, None, states)
+    k = r.k
+    k.buddy.boot_pagesets()
+    k.preallocate_vmalloc_pages()
+    ftrace_init(k.buddy, k.ftrace_pages)
+    r._ring_buffer()
+    r._early_untraced()
+    first = states[0]
+    assert first.point == "trace-start" and events[0][0] == "A"
+    model_free = k.buddy.page_states() == 1
+    linux_free = first.free_mask(k.max_pfn)
+    assert not np.flatnonzero(linux_free & ~model_free).size
+    only_model = set(np.flatnonzero(model_free & ~linux_free).tolist())
+    expect = {events[0][1]}
+    if header["kernel"] == "7.2":
+        # Linux's execmem 2M block is a whole free pageblock in the model,
+        # which its 4 early RECLAIMABLE pages then took, where Linux's took
+        # the next free pageblock: 512 pages over two pageblocks
+        block = [p for p in only_model if p != events[0][1]]
+        assert len(block) == 512 and len({p >> 9 for p in block}) == 2
+        expect |= set(block)
+    assert only_model == expect
+    assert r.res.early_pages == sum(k.profile.early_untraced_pages)
