@@ -500,17 +500,35 @@ class _Modelled(Replayer):
         record says (``early_untraced_pages``, read off trace-start dumps),
         on the boot pageset after the ring buffer: with them the model's
         free pages at the first event are Linux's, page for page, on the
-        committed boot recordings. (7.2's first execmem ROX 2M block, also
-        made before tracing, is the model's own execmem cache's.) Counted
-        in ``early_pages``."""
+        committed boot recordings. On 7.x the execmem ROX cache's first 2M
+        block comes between the two (``ExecmemCache.populate``: the dumps
+        show it made before tracing, its module-area table page counted in
+        the record's pages). Counted in ``early_pages``."""
         unmovable, reclaimable = self.k.profile.early_untraced_pages
         taken = 0
         try:
-            for gfp, n in ((parse_gfp("GFP_KERNEL"), unmovable),
-                           (parse_gfp("GFP_KERNEL|__GFP_RECLAIMABLE"), reclaimable)):
-                for _ in range(n):
-                    self._alloc_pages(gfp, 0)
-                    taken += 1
+            for _ in range(unmovable):
+                self._alloc_pages(parse_gfp("GFP_KERNEL"), 0)
+                taken += 1
+        except AllocationError as exc:
+            raise PlacedReplayError(1, f"the model is out of memory for the boot's early "
+                                    f"untraced pages ({unmovable} + {reclaimable}): {exc}"
+                                    ) from None
+        cache = self.k.execmem.rox_cache
+        if cache is not None and unmovable:
+            # 7.x: the execmem ROX cache's first 2M block, made before
+            # tracing (the trace-start dumps show it after the early
+            # UNMOVABLE run, before the RECLAIMABLE pages' pageblock)
+            try:
+                cache.populate()
+            except MemoryError as exc:
+                raise PlacedReplayError(1, f"the model is out of memory for the execmem "
+                                        f"cache's first block: {exc}") from None
+            taken += 512
+        try:
+            for _ in range(reclaimable):
+                self._alloc_pages(parse_gfp("GFP_KERNEL|__GFP_RECLAIMABLE"), 0)
+                taken += 1
         except AllocationError as exc:
             raise PlacedReplayError(1, f"the model is out of memory for the boot's early "
                                     f"untraced pages ({unmovable} + {reclaimable}): {exc}"

@@ -288,10 +288,25 @@ class ExecmemCache:
         keep.sort()
         self.free_ranges = keep
 
+    def populate(self) -> int:
+        """``execmem_cache_populate`` ahead of any request: one new 2M area,
+        made ROX, all of it free in the cache (7.x fills the cache so while
+        it boots, before tracing starts). Returns its address."""
+        area = self._new_area(PMD_SIZE)
+        return area.addr
+
     def alloc(self, size: int) -> int:
         addr = self._take(size)
         if addr is not None:
             return addr
+        self._new_area(size)
+        addr = self._take(size)
+        assert addr is not None
+        return addr
+
+    def _new_area(self, size: int) -> VmStruct:
+        """A new area of the module space for ``size`` bytes, 2M-rounded
+        and PMD-mapped where memory allows, made ROX, added free."""
         ex = self.execmem
         whole = -(-size // PMD_SIZE) * PMD_SIZE
         area = None
@@ -311,9 +326,7 @@ class ExecmemCache:
             raise
         self.areas[area.addr] = area
         self._add(area.addr, area.size)
-        addr = self._take(size)
-        assert addr is not None
-        return addr
+        return area
 
     def free(self, addr: int, *, undo: bool = False) -> None:
         size = self.busy[addr]

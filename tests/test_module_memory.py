@@ -197,6 +197,28 @@ def test_the_7_2_rox_cache():
     k.validate()
 
 
+def test_the_7_2_rox_cache_filled_ahead_of_any_request():
+    """execmem_cache_populate as 7.2's boot runs it before tracing starts:
+    one 2M area, PMD-mapped, its alias read-only as one 2M page (no
+    split), all of it free in the cache; the first module's text then comes
+    from it without a new area."""
+    k = Kernel.boot(ram="2G", profile="7.2")
+    cache = k.execmem.rox_cache
+    splits = k.vmstat()["direct_map_level2_splits"]
+    addr = cache.populate()
+    (area,) = cache.areas.values()
+    assert area.addr == addr and area.size == 2 << 20 and area.pages[0] % 512 == 0
+    assert cache.free_ranges == [[addr, addr + (2 << 20)]] and not cache.busy
+    entry, level = k.lookup_address(k.pfn_to_virt(area.pages[0]))
+    assert level == 2 and not entry & RW
+    assert k.vmstat()["direct_map_level2_splits"] == splits
+    lay = MODULE_LAYOUTS["7.2"]
+    bfs = k.modules.load_module("bfs", *lay["bfs"][:4], init_text=lay["bfs"][4],
+                                init_data=lay["bfs"][5])
+    assert bfs.mem["text"] == addr and len(cache.areas) == 1
+    k.validate()
+
+
 def test_older_kernels_load_one_core_and_one_init_area():
     """6.1 (before module memory types): one module_alloc for the core, one
     for the init layout (freed after init), no ROX cache."""
