@@ -505,34 +505,30 @@ class _Modelled(Replayer):
         show it made before tracing, its module-area table page counted in
         the record's pages). Counted in ``early_pages``."""
         unmovable, reclaimable = self.k.profile.early_untraced_pages
-        taken = 0
-        try:
-            for _ in range(unmovable):
-                self._alloc_pages(parse_gfp("GFP_KERNEL"), 0)
-                taken += 1
-        except AllocationError as exc:
-            raise PlacedReplayError(1, f"the model is out of memory for the boot's early "
-                                    f"untraced pages ({unmovable} + {reclaimable}): {exc}"
-                                    ) from None
+
+        def take(gfp: str, n: int) -> int:
+            try:
+                for _ in range(n):
+                    self._alloc_pages(parse_gfp(gfp), 0)
+            except AllocationError as exc:
+                raise PlacedReplayError(1, f"the model is out of memory for the boot's early "
+                                        f"untraced pages ({unmovable} + {reclaimable}): {exc}"
+                                        ) from None
+            return n
+
+        taken = take("GFP_KERNEL", unmovable)
         cache = self.k.execmem.rox_cache
         if cache is not None and unmovable:
             # 7.x: the execmem ROX cache's first 2M block, made before
             # tracing (the trace-start dumps show it after the early
             # UNMOVABLE run, before the RECLAIMABLE pages' pageblock)
             try:
-                cache.populate()
+                addr = cache.populate()
             except MemoryError as exc:
                 raise PlacedReplayError(1, f"the model is out of memory for the execmem "
                                         f"cache's first block: {exc}") from None
-            taken += 512
-        try:
-            for _ in range(reclaimable):
-                self._alloc_pages(parse_gfp("GFP_KERNEL|__GFP_RECLAIMABLE"), 0)
-                taken += 1
-        except AllocationError as exc:
-            raise PlacedReplayError(1, f"the model is out of memory for the boot's early "
-                                    f"untraced pages ({unmovable} + {reclaimable}): {exc}"
-                                    ) from None
+            taken += cache.areas[addr].size // 4096
+        taken += take("GFP_KERNEL|__GFP_RECLAIMABLE", reclaimable)
         self.res.early_pages = taken
 
     def _va(self, va: int) -> int:
@@ -643,7 +639,7 @@ class _Modelled(Replayer):
             k = self.k
             boot_cpa_calls(k.cpa, k.buddy, k.bpf, k.profile, only=lambda c: c is call,
                            real_mode=k.real_mode_base)
-        done, groups, zone_of = self.bulk_done, self.bulk_groups, self._group_zone
+        done, groups = self.bulk_done, self.bulk_groups
         heads: dict[int, int] = {}          # zone start pfn -> the page the list gives next
         if i in self.bulk_markers:
             self._marked_bulk_call(i)
@@ -655,12 +651,7 @@ class _Modelled(Replayer):
             if i < deadline:
                 if marked:
                     continue                    # made at a marker (or its deadline)
-                first = linux_pages[0]
-                zone = zone_of[g]
-                head = heads.get(zone)
-                if head is None:
-                    head = heads[zone] = self._next_page(first)
-                if head != first or not self._pcp_starts_with(linux_pages):
+                if not self._list_gives(g, heads):
                     continue
             done[g] = 1
             self._bulk_alloc(i, linux_pages, self._bulk_gfp, 100)
@@ -783,15 +774,23 @@ class _Modelled(Replayer):
         pending = [g for g in range(len(groups)) if not done[g] and groups[g][0] <= i]
         heads: dict[int, int] = {}
         for g in pending:
-            first = groups[g][2][0]
-            zone = self._group_zone[g]
-            if zone not in heads:
-                heads[zone] = self._next_page(first)
-            if heads[zone] == first and self._pcp_starts_with(groups[g][2]):
+            if self._list_gives(g, heads):
                 done[g] = 1
                 self._bulk_alloc(i, groups[g][2], self._bulk_gfp, 100)
                 return
         self.res.bulk_calls_unmatched += 1
+
+    def _list_gives(self, g: int, heads: dict[int, int]) -> bool:
+        """Whether the model's list gives bulk group ``g``'s pages next:
+        the page its zone's list gives next (kept in ``heads`` by zone,
+        until an allocation changes it) is the group's first, and the list
+        starts with the rest."""
+        pages = self.bulk_groups[g][2]
+        zone = self._group_zone[g]
+        head = heads.get(zone)
+        if head is None:
+            head = heads[zone] = self._next_page(pages[0])
+        return head == pages[0] and self._pcp_starts_with(pages)
 
     def _zone_start(self, pfn: int) -> int:
         b = self.k.buddy
