@@ -91,6 +91,9 @@ class ModelledReplay:
     same_2m_region: int = 0
     #: Linux's page-table pages inside CPA passes (the model's splits take their own)
     pgtable_allocations_skipped: int = 0
+    #: Linux's split tables where the model had made no table to stand for
+    #: them: placed as plain allocations (see _Modelled._linux_table)
+    pgtable_allocations_placed: int = 0
     untraced_frees: int = 0
     #: from the model's own boot: pages of frees of memblock-reserved memory
     #: (the initrd, the init sections) that the model gave its buddy
@@ -154,6 +157,7 @@ class ModelledReplay:
                 "placement": "model", "policy": self.policy, "snapshots": self.snapshots,
                 "events": self.events, "allocation_placement": self.placement(),
                 "pgtable_allocations_skipped": self.pgtable_allocations_skipped,
+                "pgtable_allocations_placed": self.pgtable_allocations_placed,
                 "untraced_frees": self.untraced_frees,
                 "reserved_pages_freed": self.reserved_pages_freed,
                 "deferred_pages_freed": self.deferred_pages_freed,
@@ -262,6 +266,11 @@ class _Modelled(Replayer):
                 self.bulk_before.setdefault(j, []).append(g)
         #: the end of the span of the boot call made at its marker last
         self._marked_end = -1
+        #: the model's table pages made since the current request's span
+        #: began, and how many of them Linux's table events stood for
+        #: (:meth:`_linux_table`)
+        self._span_tables = self.k.pgtable_pages_made
+        self._span_matched = 0
         #: boot calls made at their markers (through a boot)
         self.early_at: dict[int, object] = (self._early_call_markers()
                                             if self._booting else {})
@@ -415,6 +424,10 @@ class _Modelled(Replayer):
 
         def only(call) -> bool:
             if not call.before_fs_initcall or call in marked:
+                return False
+            if call is BootCpaCall.PTP_CLASSIFIER_BPF and not k.profile.bpf_prog_pack:
+                # without packs (5.10) the JIT image is one vmalloc'd page,
+                # traced: _early_request replays its set_memory_ro there
                 return False
             return late is None or (order.index(call) > cut) == late
 
@@ -615,6 +628,21 @@ class _Modelled(Replayer):
         if mpfn >> 9 == pfn >> 9:
             r.same_2m_region += 1
 
+    def _table_span(self, i: int) -> int:
+        """The end of the span of a pass before kprobes (no arguments, no
+        return event) at or marked at ``i``: its passes and the page-table
+        allocations among them, up to the first other event. Linux's split
+        tables in it are matched with the model's (:meth:`_linux_table`); the
+        recorder's ``cpa_pgtable`` tag after it cannot be trusted (no return
+        event ends the pass for it)."""
+        ev = self.events
+        j = i + 1
+        while j < len(ev) and (ev[j][0] == "C" or ev[j][0] == "A" and ev[j][2] == 0
+                               and (len(ev[j]) > 5 and ev[j][5] == "cpa_pgtable"
+                                    or ev[j][3] in _BOOT_TABLE_GFPS)):
+            j += 1
+        return j
+
     def _before_event(self, i: int) -> None:
         """The untraced bulk allocations inferred to fall just before event
         ``i`` (:func:`_infer_bulk`): the model's bulk allocator gives as many
@@ -625,16 +653,8 @@ class _Modelled(Replayer):
             self.k.buddy.setup_per_cpu_pageset()
         call = self.early_at.get(i)
         if call is not None:
-            # the call's own table pages (the model's split takes them):
-            # the page-table allocations among its passes, up to the first
-            # other event
-            ev = self.events
-            j = i + 1
-            while j < len(ev) and (ev[j][0] == "C" or ev[j][0] == "A" and ev[j][2] == 0
-                                   and (len(ev[j]) > 5 and ev[j][5] == "cpa_pgtable"
-                                        or ev[j][3] in _BOOT_TABLE_GFPS)):
-                j += 1
-            self._marked_end = j
+            self._marked_end = self._table_span(i)
+            self._table_span_start()
             from guestkernel.boot import boot_cpa_calls
             k = self.k
             boot_cpa_calls(k.cpa, k.buddy, k.bpf, k.profile, only=lambda c: c is call,
@@ -729,6 +749,7 @@ class _Modelled(Replayer):
         self.metrics.tick()
 
     def _request(self, i: int, caller: str, args: list) -> None:
+        self._table_span_start()
         if self.unmapped_by_policy and self._policy_pages(args, i, lambda a: super(
                 _Modelled, self)._request(i, caller, a)):
             return
@@ -964,6 +985,9 @@ class _Modelled(Replayer):
         """Before boot kprobes: only a one-page request right after a
         one-page vmalloc allocation is replayed (that page read-only)."""
         from guestkernel.cpa import CpaError, CpaFlags
+        if i >= self._marked_end:        # not the pass of a call made at its marker
+            self._marked_end = self._table_span(i)
+            self._table_span_start()
         made_by_model, prev, _end, aliases, _marker = self._early_context(i)
         if made_by_model or not one_page_vmalloc(prev, aliases):
             self.res.early_requests_skipped += 1
@@ -1079,12 +1103,36 @@ class _Modelled(Replayer):
                 len(e) > 5 and e[5] == "cpa_pgtable"
                 or (e[3] in CPA_TABLE_GFPS and splits_direct_map_tables(inner[0])
                     if inner is not None else e[3] in _BOOT_TABLE_GFPS)):
-            # (a table's GFP in a pass on the kernel's mappings: traces
-            # recorded before 7.2's pagetable_alloc GFP was known have it
-            # as "kernel")
+            # The table of one of Linux's splits, in a pass with arguments
+            # or in the span of one before kprobes (_table_span): tagged by
+            # the recorder, else a table's GFP in a pass on the kernel's
+            # mappings (traces recorded before 7.2's pagetable_alloc GFP
+            # was known have it as "kernel").
+            self._linux_table(i, e)
+        else:
+            self._model_alloc(i, e)
+
+    def _table_span_start(self) -> None:
+        """A request's span begins (a pass with arguments, one before
+        kprobes, or a boot call made at its marker): the tables the model
+        makes from here on are matched with Linux's in the span."""
+        self._span_tables = self.k.pgtable_pages_made
+        self._span_matched = 0
+
+    def _linux_table(self, i: int, e: list) -> None:
+        """A table page Linux allocated for a split, in the span of a
+        request (its passes; :meth:`_table_span_start`). The model's CPA
+        made its own tables for the same request when its events began: one
+        that no Linux table of the span stood for yet is this one (the
+        event is skipped, its free too). Otherwise Linux split where the
+        model did not: the page is placed as any allocation, so that the
+        model's free memory still follows Linux's."""
+        if self.k.pgtable_pages_made - self._span_tables > self._span_matched:
+            self._span_matched += 1
             self.res.pgtable_allocations_skipped += 1
             self.skipped_tables.add(e[1])
         else:
+            self.res.pgtable_allocations_placed += 1
             self._model_alloc(i, e)
 
     def _on_free(self, i: int, pfn: int, order: int) -> None:

@@ -172,6 +172,9 @@ class Kernel:
         self.from_state_report: dict | None = None
         #: and where such a replay's freed table pages go (instead of the buddy)
         self.pgtable_free_sink: Callable[[int], None] | None = None
+        #: table pages alloc_pgtable_page has made so far (a replay matches
+        #: them with Linux's, dmfrag.modelled)
+        self.pgtable_pages_made = 0
         self._validator_code: int | None = None
         self._validator_out = 0
         self._in_debug_vm = False
@@ -579,6 +582,7 @@ class Kernel:
             pfn = self.pgtable_pfn_source()     # the replay keeps the page's bookkeeping
         else:
             pfn = self.buddy.alloc_pages(int(G.GFP_KERNEL), 0)
+        self.pgtable_pages_made += 1
         pa = pfn * PAGE_SIZE
         self.machine.ram[pa: pa + PAGE_SIZE] = 0
         self.pgt.table_pages.add(pa)

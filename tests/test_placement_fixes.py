@@ -302,6 +302,57 @@ def test_modelled_replay_asks_the_models_bulk_allocator_for_a_b_event():
     assert j["bulk"] == {"pages": 5, "same_pfn": 5, "calls_unmatched": 0}
 
 
+def test_linux_split_tables_are_matched_with_the_models_own():
+    """A request before kprobes (no arguments) replayed by the model: the
+    table pages Linux allocated in its span stand for the tables the
+    model's own split made (skipped, their frees too); those beyond are
+    placed as any allocation (Linux split where the model did not), so the
+    model's free memory follows Linux's. A second request on the same 2M
+    region splits nothing in the model: its table is placed."""
+    vm = "GFP_KERNEL|__GFP_HIGHMEM|__GFP_NOWARN"
+
+    def request() -> list[list]:
+        return [["U", "set_memory_ro", "bpf_int_jit_compile"],
+                ["C", "change_page_attr_set_clr", None], ["C", "alias", None]]
+
+    def table(pfn: int) -> list:
+        return ["A", pfn, 0, "GFP_KERNEL", 0, "cpa_pgtable"]
+
+    events = [["A", 0x7000, 0, vm, 0, "vmalloc"], *request(),
+              table(0x7100), table(0x7101), table(0x7102),
+              ["A", 0x7200, 0, "GFP_KERNEL|__GFP_NOWARN|__GFP_NORETRY", 0, "kernel"],
+              ["A", 0x7001, 0, vm, 0, "vmalloc"], *request(), table(0x7103),
+              ["F", 0x7100, 0], ["F", 0x7103, 0]]
+    r = replay_modelled(_v4(events))
+    assert r.error is None and r.early_requests_skipped == 0
+    # the model split the first page's 2M region (one table; Linux made
+    # three), then nothing for the second page in the same region
+    k = r.model
+    first, second = r.model_pfns[0], r.model_pfns[4]
+    assert first >> 9 == second >> 9
+    assert k.lookup_address(k.pfn_to_virt(first))[1] == 1
+    assert r.pgtable_allocations_skipped == 1 and r.pgtable_allocations_placed == 3
+    # the two pages, the kernel page and the three placed tables
+    assert r.allocations == 6 and len(r.model_pfns) == 6
+    # both frees are known: the skipped table's (Linux's own) and the placed one's
+    assert r.untraced_frees == 0
+    r.model.buddy.check()
+
+
+def test_the_5_10_boot_jit_image_is_the_traced_one():
+    """Without packs (5.10) the boot's JIT image (ptp_classifier_init) is a
+    traced vmalloc page whose set_memory_ro the replay makes from its
+    early request: the model's own boot call is not made a second time (it
+    was, splitting a 2M page Linux did not). With packs (6.1) the model
+    makes the pack itself (its pages come from untraced bulk calls)."""
+    loads = {}
+    for kernel in ("5.10", "6.1"):
+        r = replay_modelled(TRUTH / f"linux-{kernel}-2G-boot.jsonl.gz")
+        assert r.error is None and r.equal
+        loads[kernel] = r.model.bpf.loads
+    assert loads == {"5.10": 0, "6.1": 1}
+
+
 def test_a_free_pages_bulk_marker_frees_its_run_together_on_7_2():
     """U free_pages_bulk, then its pages' F events: the model's pages of them
     go back through the model's free_pages_bulk (7.2: aligned runs as
