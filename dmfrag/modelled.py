@@ -385,27 +385,42 @@ class _Modelled(Replayer):
         marker, so that each is made where Linux made it and takes the
         pages it took then: the IDT
         (``idt_setup_apic_and_irq_gates``), the SMP alternatives (the first
-        ``free_init_pages``) and the real-mode blob (``init_real_mode``,
-        ``do_init_real_mode`` or ``set_real_mode_permissions``). Those not
-        found are made before the first event, as from the model's own
-        boot."""
+        ``free_init_pages``), the real-mode blob (``init_real_mode``,
+        ``do_init_real_mode`` or ``set_real_mode_permissions``) and, where
+        the kernel has packs, the boot's first bpf_prog_pack
+        (``ptp_classifier_init``: its first CPA call, ``bpf_prog_pack_alloc``;
+        its pages come from bulk calls just before). Those not found are
+        made before the first event, as from the model's own boot (the
+        pack after deferred init)."""
         from guestkernel.versions import BootCpaCall as C
+        profile = self.k.profile
         want = [c for c in (C.IDT_RO, C.FREE_SMP_ALTERNATIVES, C.REAL_MODE)
-                if c in self.k.profile.boot_cpa]
+                if c in profile.boot_cpa]
+        if profile.bpf_prog_pack and C.PTP_CLASSIFIER_BPF in profile.boot_cpa:
+            want.append(C.PTP_CLASSIFIER_BPF)
         callers = {C.IDT_RO: ("idt_setup_apic_and_irq_gates",),
                    C.FREE_SMP_ALTERNATIVES: ("free_init_pages",),
                    C.REAL_MODE: ("init_real_mode", "do_init_real_mode",
-                                 "set_real_mode_permissions")}
+                                 "set_real_mode_permissions"),
+                   C.PTP_CLASSIFIER_BPF: ("bpf_prog_pack_alloc",)}
+        ev = self.events
+
+        def before_kprobes(j: int) -> bool:
+            # the marker's pass has no arguments (a later call of the same
+            # caller, after fs_initcall, is traced in full)
+            c = next((c for c in range(j + 1, min(j + 4, len(ev))) if ev[c][0] == "C"), None)
+            return c is not None and ev[c][2] is None
+
         out: dict[int, object] = {}
-        at = self.start
-        for call in want:                      # in the record's (start_kernel's) order
-            j = next((j for j in range(at, len(self.events))
-                      if self.events[j][0] == "U" and len(self.events[j]) > 2
-                      and self.events[j][2] in callers[call]), None)
-            if j is None:
-                continue
-            out[j] = call
-            at = j + 1
+        for call in want:
+            # each call's first marker, wherever it is: 7.2 frees the SMP
+            # alternatives after the boot's bpf_prog_pack, not in
+            # start_kernel's order
+            j = next((j for j in range(self.start, len(ev))
+                      if ev[j][0] == "U" and len(ev[j]) > 2 and ev[j][2] in callers[call]
+                      and j not in out and before_kprobes(j)), None)
+            if j is not None:
+                out[j] = call
         return out
 
     def _early_calls(self, late: bool | None = None) -> None:
@@ -1054,8 +1069,9 @@ class _Modelled(Replayer):
             # own pagesets come later in start_kernel
             # (setup_per_cpu_pageset), taken here before the first event
             # (when exactly, no event says)
-            from guestkernel.boot import ftrace_init
+            from guestkernel.boot import defer_watermarks, ftrace_init
             k.buddy.boot_pagesets()
+            defer_watermarks(k.buddy, k.profile)
             try:
                 k.preallocate_vmalloc_pages()
             except KernelError as exc:

@@ -52,7 +52,7 @@ from .e820 import E820Table, E820Type, GiB, MiB
 from .layout import PAGE_SIZE, PMD_SIZE, START_KERNEL_MAP, layout_for
 from .memblock import Memblock
 from .memory_mapping import init_mem_mapping as plan_mem_mapping
-from .page_alloc import PAGEBLOCK_NR_PAGES, BuddyAllocator, MigrateType, ZoneType
+from .page_alloc import PAGEBLOCK_NR_PAGES, BuddyAllocator, MigrateType, PcpScheme, ZoneType
 from .pgtable import PG_LEVEL_1G, PG_LEVEL_2M, KernelPageTables
 from .policy import Policy
 from .shadow import Shadow
@@ -323,6 +323,20 @@ def page_alloc_init_late(buddy: BuddyAllocator) -> None:
     buddy.watermarks_fixed = True
 
 
+def defer_watermarks(buddy: BuddyAllocator, version: KernelVersion) -> None:
+    """5.14+, where ``setup_per_zone_wmarks`` ends with ``zone_pcp_update``:
+    no watermarks until ``init_per_zone_wmark_min`` (a postcore initcall,
+    after ``ptp_classifier_init``'s core initcall: :func:`boot_cpa_calls`
+    makes it there). Neither the hand-over nor deferred init computes them,
+    so ``setup_per_cpu_pageset`` sizes the per-CPU lists from the managed
+    pages before deferred init (2G: batch 15, against 63 from the postcore
+    initcall on) and no low watermark. Before 5.14 the lists do not follow
+    the watermarks; the model's there are set at the hand-over."""
+    if version.pcp_scheme != PcpScheme.LEGACY:
+        buddy.watermarks_fixed = True
+        buddy.clear_watermarks()
+
+
 def first_deferred_pfn(buddy: BuddyAllocator) -> int:
     """``defer_init``: the node's highest zone initialises its struct pages
     for the first section's worth (PAGES_PER_SECTION, 128 MiB) and defers
@@ -553,6 +567,9 @@ def boot_cpa_calls(cpa: Cpa, buddy: BuddyAllocator, bpf: BpfJit, version: Kernel
             page_alloc_init_late(buddy)
         elif call is BootCpaCall.PTP_CLASSIFIER_BPF:
             bpf.load(PTP_CLASSIFIER_JIT_BYTES)
+            if version.pcp_scheme != PcpScheme.LEGACY:
+                # postcore_initcall init_per_zone_wmark_min (defer_watermarks)
+                buddy.init_per_zone_wmark_min()
         elif call is BootCpaCall.FREE_INITRD:
             free_initrd_mem(cpa, buddy, version, initrd)
         elif call is BootCpaCall.FREE_BSS_DECRYPTED:

@@ -37,6 +37,7 @@ from . import gfp as G
 from .boot import (
     BootError,
     boot_cpa_calls,
+    defer_watermarks,
     e820__memblock_setup,
     e820__memory_setup,
     ftrace_init,
@@ -257,6 +258,7 @@ class Kernel:
         k.requested_paging_levels = paging_levels
         if boot_cpa:
             k.buddy.boot_pagesets()
+            defer_watermarks(k.buddy, version)
             k.preallocate_vmalloc_pages()
             ftrace_init(k.buddy, k.ftrace_pages)
             k.buddy.setup_per_cpu_pageset()

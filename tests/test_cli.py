@@ -88,7 +88,7 @@ def test_compare_json_rows_carry_the_metrics(capsys):
     state is meminfo's, the peak is at least the end and the bound, the
     integral is at most the largest DirectMap4k over the run's calls, a
     policy that caches reports its pages and merging counts collapses."""
-    code, out, _ = run(capsys, "compare", "--workload", "mixed", "--ram", "1G", "--scale", "0.5",
+    code, out, _ = run(capsys, "compare", "--workload", "mixed", "--ram", "2G", "--scale", "0.5",
                        "--policies", "baseline,cpa-merge,unmapped-alloc", "--json")
     assert code == 0
     rows = {r["policy"]: r for r in json.loads(out)["rows"]}
@@ -104,7 +104,7 @@ def test_compare_json_rows_carry_the_metrics(capsys):
         assert r["peak_split_2m_regions"] >= r["end_split_2m_regions"]
         assert r["peak_split_2m_regions"] - r["oracle_peak_split_2m_regions"] \
             == r["above_oracle"] >= 0
-        # DirectMap4k is at most the 1 GiB of RAM at every call
+        # DirectMap4k is at most 1 GiB at every call
         assert 0 < r["integrated_4k_gib_steps"] <= r["steps"]
         assert r["splits"] == r["level2_splits"] + r["level3_splits"]
     assert rows["baseline"]["cached_pages_end"] == 0 and rows["baseline"]["collapses"] == 0

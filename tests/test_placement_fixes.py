@@ -16,12 +16,14 @@ from dmfrag.modelled import replay_modelled
 from dmfrag.recorder import parse_ftrace, splits_direct_map_tables
 from dmfrag.truth import load_states
 from guestkernel import Kernel
+from guestkernel.boot import defer_watermarks
 from guestkernel.gfp import GFP_KERNEL, parse_gfp
 from guestkernel.page_alloc import BuddyAllocator, PcpScheme, ZoneType
 from guestkernel.page_alloc.types import (
     PAGEBLOCK_NR_PAGES,
     PCP_BATCH_SCALE_MAX,
     UNMOVABLE,
+    WMARK_LOW,
     order_to_pindex,
 )
 from guestkernel.versions import get_version
@@ -351,6 +353,33 @@ def test_the_5_10_boot_jit_image_is_the_traced_one():
         assert r.error is None and r.equal
         loads[kernel] = r.model.bpf.loads
     assert loads == {"5.10": 0, "6.1": 1}
+
+
+@pytest.mark.parametrize("kernel, early_high", [("6.1", 60), ("7.2", 0)])
+def test_the_pcp_lists_are_sized_for_the_boot_until_the_postcore_initcall(kernel, early_high):
+    """5.14+: setup_per_zone_wmarks ends with zone_pcp_update, and Linux
+    sets no watermarks before init_per_zone_wmark_min (a postcore initcall,
+    after the boot's bpf_prog_pack): setup_per_cpu_pageset sizes the lists
+    from the managed pages before deferred init (2G: batch 15, so an
+    order-3 refill takes 2 blocks, not 7) and no low watermark (6.1: high
+    4 * batch; 6.7+: high starts at 0, high_min 4 * batch); the booted
+    model has the postcore sizes (batch 63, high from the low watermark),
+    as the boot dumps show. 5.10's lists do not follow the watermarks."""
+    k = Kernel.boot(ram="2G", profile=kernel, boot_cpa=False)
+    b = k.buddy
+    b.boot_pagesets()
+    defer_watermarks(b, k.profile)
+    b.setup_per_cpu_pageset()
+    dma32 = next(z for z in b.zones if z.name == "DMA32")
+    assert dma32.watermark == [0, 0, 0] and b.min_free_kbytes == 0
+    assert dma32.pcp.batch == 15 and dma32.pcp.high == early_high
+    booted = next(z for z in Kernel.boot(ram="2G", profile=kernel).buddy.zones
+                  if z.name == "DMA32")
+    assert booted.pcp.batch == 63 and booted.watermark[WMARK_LOW] > 13000
+    old = Kernel.boot(ram="2G", profile="5.10", boot_cpa=False).buddy
+    before = [list(z.watermark) for z in old.zones]
+    defer_watermarks(old, get_version("5.10"))
+    assert [list(z.watermark) for z in old.zones] == before and not old.watermarks_fixed
 
 
 def test_a_free_pages_bulk_marker_frees_its_run_together_on_7_2():

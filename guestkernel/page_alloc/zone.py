@@ -228,6 +228,21 @@ class ZoneMixin:
                 zone.lowmem_reserve[j] = 0 if clear else upper // ratio
             self._zone_pcp_update(zone)
 
+    def clear_watermarks(self) -> None:
+        """The zones as ``free_area_init`` leaves them: no watermarks or
+        lowmem reserves until ``init_per_zone_wmark_min``."""
+        self.min_free_kbytes = 0
+        for zone in self.zones:
+            zone.watermark = [0] * len(zone.watermark)
+            zone.lowmem_reserve = [0] * len(zone.lowmem_reserve)
+
+    def init_per_zone_wmark_min(self) -> None:
+        """``init_per_zone_wmark_min`` (a postcore initcall), for a boot that
+        set ``watermarks_fixed`` to keep the hand-over and deferred init from
+        computing them: the watermarks and lowmem reserves, and (5.14+) the
+        per-CPU sizes that ``setup_per_zone_wmarks`` updates with them."""
+        self._setup_per_zone_wmarks()
+
     def boot_pagesets(self) -> None:
         """The boot pageset (``per_cpu_pages_init``: ``BOOT_PAGESET_HIGH`` 0,
         ``BOOT_PAGESET_BATCH`` 1) every zone uses from the buddy hand-over
