@@ -155,41 +155,55 @@ def test_bad_trace_header_is_exit_2(tmp_path, capsys, first, msg):
     assert code == 2 and msg in one_line(err, "trace") and out == ""
 
 
+def _oom_calls(capsys) -> int:
+    """How many of the OOM workload's calls succeed before one fails (a
+    model figure: about 10,000 secretmem faults fill 96M; the tests below
+    hold every command to the same one)."""
+    code, out, _err = cli(capsys, "run", *OOM, "--json")
+    assert code == 1
+    calls = json.loads(out)["calls"]
+    assert 9000 < calls < 11000
+    return calls
+
+
 def test_out_of_guest_memory_is_exit_1_naming_the_call_with_the_state(tmp_path, capsys):
+    n = _oom_calls(capsys)
     rec = tmp_path / "oom.jsonl"
     code, out, err = cli(capsys, "run", *OOM, "--json", "--record", str(rec))
     assert code == 1
     line = one_line(err, "run")
-    assert "workload secretmem: call 10265 (secretmem_fault()) failed: AllocationError: page " \
-           "allocation failure" in line and "(state up to it reported; the trace" in line
+    assert f"workload secretmem: call {n + 1} (secretmem_fault()) failed: AllocationError: " \
+           "page allocation failure" in line and "(state up to it reported; the trace" in line
     res = json.loads(out)
-    assert res["completed"] is False and res["error"].startswith("call 10265 (secretmem_fault()")
-    assert res["calls"] == 10264 and res["meminfo"]["MemFree"] < 4096   # at the min watermarks
+    assert res["completed"] is False
+    assert res["error"].startswith(f"call {n + 1} (secretmem_fault()")
+    assert res["calls"] == n and res["meminfo"]["MemFree"] < 4096   # at the min watermarks
     # the trace of the calls before it is kept; its trailer says the run stopped
     lines = rec.read_text().splitlines()
-    assert len(lines) == 10264 + 2
-    assert json.loads(lines[-1]) == {"end": 10264, "error": res["error"]}
+    assert len(lines) == n + 2
+    assert json.loads(lines[-1]) == {"end": n, "error": res["error"]}
     code, out, err = cli(capsys, "trace", "replay", str(rec))
-    assert code == 0 and json.loads(out)["replayed_calls"] == 10264
-    assert "warning: the recorded run stopped after 10264 calls: call 10265" in err
+    assert code == 0 and json.loads(out)["replayed_calls"] == n
+    assert f"warning: the recorded run stopped after {n} calls: call {n + 1}" in err
 
 
 def test_out_of_memory_in_other_commands(tmp_path, capsys):
+    n = _oom_calls(capsys)
     code, out, err = cli(capsys, "meminfo", *OOM)
     assert code == 1 and out == ""
-    assert "dmfrag meminfo: workload secretmem: call 10265 (secretmem_fault())" in one_line(
+    assert f"dmfrag meminfo: workload secretmem: call {n + 1} (secretmem_fault())" in one_line(
         err, "meminfo")
     csv = tmp_path / "c.csv"
     code, out, err = cli(capsys, "compare", *OOM, "--policies", "baseline", "--json",
                          "--csv", str(csv))
-    assert code == 1 and "policy baseline: call 10265" in one_line(err, "compare")
+    assert code == 1 and f"policy baseline: call {n + 1}" in one_line(err, "compare")
     res = json.loads(out)
-    assert res["completed"] is False and res["rows"] == [] and "call 10265" in res["error"]
+    assert res["completed"] is False and res["rows"] == [] and f"call {n + 1}" in res["error"]
     assert not csv.exists()
     trace = tmp_path / "t.jsonl"
     code, out, err = cli(capsys, "trace", "record", *OOM, "-o", str(trace))
     assert code == 1 and "(the calls before it are recorded)" in err
-    assert json.loads(trace.read_text().splitlines()[-1])["end"] == 10264
+    assert json.loads(trace.read_text().splitlines()[-1])["end"] == n
 
 
 def test_debug_shows_the_traceback(capsys):
