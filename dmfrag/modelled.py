@@ -271,9 +271,20 @@ class _Modelled(Replayer):
         #: (:meth:`_linux_table`)
         self._span_tables = self.k.pgtable_pages_made
         self._span_matched = 0
-        #: boot calls made at their markers (through a boot)
+        #: boot calls made at their markers (through a boot), and the end
+        #: of each one's span (_table_span)
+        self._call_span_end: dict[int, int] = {}
         self.early_at: dict[int, object] = (self._early_call_markers()
                                             if self._booting else {})
+        #: Linux's pages of the boot's first bpf_prog_pack, where the
+        #: recording lists its area (see _boot_pack)
+        self._boot_pack_pages: list[int] | None = None
+        if self.k.profile.bpf_prog_pack:
+            self._boot_pack_pages = next(
+                (list(pages) for _va, caller, pages in header.get("module_areas") or ()
+                 if caller.startswith("bpf_prog_pack_alloc") and len(pages) == 512), None)
+            if self._boot_pack_pages and max(self._boot_pack_pages) >= n:
+                self._boot_pack_pages = None
         for j in self.early_at:
             self.bulk_before.setdefault(j, [])
         #: from a boot-time dump, with the recorder's marker on the bulk
@@ -419,8 +430,17 @@ class _Modelled(Replayer):
             j = next((j for j in range(self.start, len(ev))
                       if ev[j][0] == "U" and len(ev[j]) > 2 and ev[j][2] in callers[call]
                       and j not in out and before_kprobes(j)), None)
-            if j is not None:
-                out[j] = call
+            if j is None:
+                continue
+            self._call_span_end[j] = self._table_span(j)
+            if call is C.PTP_CLASSIFIER_BPF:
+                # the pack's mapping comes first: its page tables, traced
+                # just before the pack's first CPA call, are in its span
+                while j > self.start and ev[j - 1][0] == "A" and ev[j - 1][2] == 0 \
+                        and ev[j - 1][3] in _VMAP_TABLE_GFPS:
+                    j -= 1
+                    self._call_span_end[j] = self._call_span_end[j + 1]
+            out[j] = call
         return out
 
     def _early_calls(self, late: bool | None = None) -> None:
@@ -530,8 +550,8 @@ class _Modelled(Replayer):
         free pages at the first event are Linux's, page for page, on the
         committed boot recordings. On 7.x the execmem ROX cache's first 2M
         block comes between the two (``ExecmemCache.populate``: the dumps
-        show it made before tracing, its module-area table page counted in
-        the record's pages). Counted in ``early_pages``."""
+        show it made before tracing; a PMD entry of the image's
+        level2_fixmap_pgt maps it). Counted in ``early_pages``."""
         unmovable, reclaimable = self.k.profile.early_untraced_pages
 
         def take(gfp: str, n: int) -> int:
@@ -643,6 +663,36 @@ class _Modelled(Replayer):
         if mpfn >> 9 == pfn >> 9:
             r.same_2m_region += 1
 
+    def _boot_pack(self, i: int) -> bool:
+        """The boot's first bpf_prog_pack (``ptp_classifier_init``) at its
+        marker, on Linux's pages where the recording lists its area (the
+        header's ``module_areas``): pages no event allocated (6.1: the bulk
+        allocator's, before its kprobes) the model's bulk allocator gives
+        now, unless a marked bulk call gave them already; traced ones (7.2:
+        one order-9 block) are the model's pages for them. The pack is then
+        made on those pages (mapped, read-only and executable); the rest of
+        the program's load (its own pages, slab) is the trace's. False
+        (nothing done) without such an area."""
+        if self._boot_pack_pages is None:
+            return False
+        from guestkernel.boot import postcore_initcalls
+        pages, xl = self._boot_pack_pages, self.xlate
+        untraced = [p for p in pages if xl[p] < 0]
+        if untraced:
+            self._bulk_alloc(i, untraced, self._bulk_gfp, 100)
+        k = self.k
+        vm = k.vmalloc
+        source = vm.page_alloc
+        vm.page_alloc = _GivenPages(source, [xl[p] for p in pages])
+        try:
+            k.bpf.new_pack()
+        except MemoryError as exc:
+            raise PlacedReplayError(i + 2, f"the boot's bpf_prog_pack: {exc}") from None
+        finally:
+            vm.page_alloc = source
+        postcore_initcalls(k.buddy, k.profile)
+        return True
+
     def _table_span(self, i: int) -> int:
         """The end of the span of a pass before kprobes (no arguments, no
         return event) at or marked at ``i``: its passes and the page-table
@@ -668,12 +718,14 @@ class _Modelled(Replayer):
             self.k.buddy.setup_per_cpu_pageset()
         call = self.early_at.get(i)
         if call is not None:
-            self._marked_end = self._table_span(i)
+            self._marked_end = self._call_span_end[i]
             self._table_span_start()
             from guestkernel.boot import boot_cpa_calls
+            from guestkernel.versions import BootCpaCall
             k = self.k
-            boot_cpa_calls(k.cpa, k.buddy, k.bpf, k.profile, only=lambda c: c is call,
-                           real_mode=k.real_mode_base)
+            if call is not BootCpaCall.PTP_CLASSIFIER_BPF or not self._boot_pack(i):
+                boot_cpa_calls(k.cpa, k.buddy, k.bpf, k.profile, only=lambda c: c is call,
+                               real_mode=k.real_mode_base)
         done, groups = self.bulk_done, self.bulk_groups
         heads: dict[int, int] = {}          # zone start pfn -> the page the list gives next
         if i in self.bulk_markers:
@@ -1118,7 +1170,8 @@ class _Modelled(Replayer):
         if (inner is not None or i < self._marked_end) and e[2] == 0 and (
                 len(e) > 5 and e[5] == "cpa_pgtable"
                 or (e[3] in CPA_TABLE_GFPS and splits_direct_map_tables(inner[0])
-                    if inner is not None else e[3] in _BOOT_TABLE_GFPS)):
+                    if inner is not None else
+                    e[3] in _BOOT_TABLE_GFPS or e[3] in _VMAP_TABLE_GFPS)):
             # The table of one of Linux's splits, in a pass with arguments
             # or in the span of one before kprobes (_table_span): tagged by
             # the recorder, else a table's GFP in a pass on the kernel's
@@ -1190,6 +1243,31 @@ _UNKNOWN, _ALLOCATED, _FREE = 0, 1, 2
 #: scheduler runs, so 6.1's GFP_KERNEL is "none" and 7.2's
 #: GFP_KERNEL|__GFP_ZERO|__GFP_COMP "__GFP_ZERO|__GFP_COMP"
 _BOOT_TABLE_GFPS = CPA_TABLE_GFPS | {"__GFP_ZERO|__GFP_COMP", "__GFP_COMP", "__GFP_ZERO"}
+#: a kernel page table's GFP (GFP_PGTABLE_KERNEL; 7.2's pagetable_alloc adds
+#: __GFP_COMP): the vmalloc mapping's tables
+_VMAP_TABLE_GFPS = frozenset(("GFP_KERNEL|__GFP_ZERO", "GFP_KERNEL|__GFP_ZERO|__GFP_COMP"))
+
+
+class _GivenPages:
+    """A page source for the model's vmalloc that hands out pages the
+    replay has placed already (Linux's, by handle), in order; anything
+    else goes to the real one."""
+
+    def __init__(self, source, pfns: list[int]):
+        self._source, self._pfns = source, pfns
+
+    def alloc_pages(self, gfp: int, order: int = 0, **_kw) -> int:
+        pfn = self._pfns[0]
+        del self._pfns[:1 << order]
+        return pfn
+
+    def alloc_pages_bulk(self, gfp: int, nr_pages: int, **_kw) -> list[int]:
+        got = self._pfns[:nr_pages]
+        del self._pfns[:nr_pages]
+        return got
+
+    def __getattr__(self, name: str):
+        return getattr(self._source, name)
 _TRACE_BUF = re.compile(r"\btrace_buf_size=(\d+)([KkMmGg]?)")
 #: BUF_PAGE_SIZE: a ring-buffer page's payload (PAGE_SIZE - its 16-byte header)
 _BUF_PAGE_SIZE = 4096 - 16

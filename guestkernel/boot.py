@@ -259,10 +259,10 @@ def init_mem_mapping(machine: Machine, e820: E820Table, memblock: Memblock,
     layout = layout_for(machine.paging_levels)
     shadow = Shadow(max_pfn, img, version.alias_masks_nx, layout.page_offset)
     alloc = _EarlyTableAlloc(memblock, img.pa(img.end_of_kernel_reserve))
-    # init_top_pgt, level3_kernel_pgt, level2_kernel_pgt (and with 5-level
-    # paging level4_kernel_pgt) live in the image's .data.
-    root, pud, pmd, p4d = (img.pa(img.sdata) + i * PAGE_SIZE for i in range(4))
-    statics = (root, pud, pmd) + ((p4d,) if layout.paging_levels == 5 else ())
+    # init_top_pgt, level3_kernel_pgt, level2_kernel_pgt, level2_fixmap_pgt
+    # (and with 5-level paging level4_kernel_pgt) live in the image's .data.
+    root, pud, pmd, p4d, fixmap = (img.pa(img.sdata) + i * PAGE_SIZE for i in range(5))
+    statics = (root, pud, pmd, fixmap) + ((p4d,) if layout.paging_levels == 5 else ())
     ram = machine.ram
     for page in statics:
         ram[page: page + PAGE_SIZE] = 0
@@ -282,6 +282,10 @@ def init_mem_mapping(machine: Machine, e820: E820Table, memblock: Memblock,
         top = p4d
     pgt.set(pgt.slot(top, pt.table_index(START_KERNEL_MAP, 4)), pud | kp.PAGE_TABLE)
     pgt.set(pgt.slot(pud, pt.table_index(START_KERNEL_MAP, 3)), pmd | kp.KERNPG_TABLE)
+    # level3_kernel_pgt[511] = level2_fixmap_pgt + _PAGE_TABLE_NOENC: the last
+    # GiB (the module area, then the fixmap) has its PMD table from the
+    # start, so the first module_alloc takes only a PTE table from the buddy
+    pgt.set(pgt.slot(pud, pt.table_index(_FIXMAP_PMD_BASE, 3)), fixmap | kp.PAGE_TABLE)
     lo = img.text & ~(PMD_SIZE - 1)
     hi = -(-img.brk_end // PMD_SIZE) * PMD_SIZE
     for va in range(lo, hi, PMD_SIZE):
@@ -323,6 +327,10 @@ def page_alloc_init_late(buddy: BuddyAllocator) -> None:
     buddy.watermarks_fixed = True
 
 
+#: the GiB level2_fixmap_pgt maps (level3_kernel_pgt's last slot)
+_FIXMAP_PMD_BASE = 0xFFFFFFFFC0000000
+
+
 def defer_watermarks(buddy: BuddyAllocator, version: KernelVersion) -> None:
     """5.14+, where ``setup_per_zone_wmarks`` ends with ``zone_pcp_update``:
     no watermarks until ``init_per_zone_wmark_min`` (a postcore initcall,
@@ -335,6 +343,14 @@ def defer_watermarks(buddy: BuddyAllocator, version: KernelVersion) -> None:
     if version.pcp_scheme != PcpScheme.LEGACY:
         buddy.watermarks_fixed = True
         buddy.clear_watermarks()
+
+
+def postcore_initcalls(buddy: BuddyAllocator, version: KernelVersion) -> None:
+    """After ``sock_init``'s core initcall (the boot's first BPF JIT):
+    ``init_per_zone_wmark_min``, a postcore initcall, on kernels whose
+    watermarks :func:`defer_watermarks` held back."""
+    if version.pcp_scheme != PcpScheme.LEGACY:
+        buddy.init_per_zone_wmark_min()
 
 
 def first_deferred_pfn(buddy: BuddyAllocator) -> int:
@@ -567,9 +583,7 @@ def boot_cpa_calls(cpa: Cpa, buddy: BuddyAllocator, bpf: BpfJit, version: Kernel
             page_alloc_init_late(buddy)
         elif call is BootCpaCall.PTP_CLASSIFIER_BPF:
             bpf.load(PTP_CLASSIFIER_JIT_BYTES)
-            if version.pcp_scheme != PcpScheme.LEGACY:
-                # postcore_initcall init_per_zone_wmark_min (defer_watermarks)
-                buddy.init_per_zone_wmark_min()
+            postcore_initcalls(buddy, version)
         elif call is BootCpaCall.FREE_INITRD:
             free_initrd_mem(cpa, buddy, version, initrd)
         elif call is BootCpaCall.FREE_BSS_DECRYPTED:

@@ -666,11 +666,18 @@ class BpfJit:
                     prog = self._take(pack, pos, nchunks, size)
                     break
             if prog is None:
-                area = self._module_alloc_rox(BPF_PROG_PACK_SIZE)
-                pack = _Pack(area.addr)
-                self.packs.append(pack)
+                pack = self.new_pack()
                 prog = self._take(pack, 0, nchunks, size)
         return prog
+
+    def new_pack(self) -> _Pack:
+        """``bpf_prog_pack_alloc``'s new pack: a 2M module_alloc made
+        read-only and executable (one 2M page where packs are huge), its
+        chunks all free; the pages come from ``vmalloc.page_alloc``."""
+        area = self._module_alloc_rox(BPF_PROG_PACK_SIZE)
+        pack = _Pack(area.addr)
+        self.packs.append(pack)
+        return pack
 
     @staticmethod
     def _take(pack: _Pack, pos: int, nchunks: int, size: int) -> BpfProg:

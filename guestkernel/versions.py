@@ -274,8 +274,8 @@ class KernelVersion:
     #: UNMOVABLE pages, order-0 RECLAIMABLE pages). Read off the recorder's
     #: trace-start dumps under QEMU (2G, 4G and 8G: the same within a page);
     #: the modelled replay makes them from its own boot (0: not measured;
-    #: 7.2's count leaves out the module-area table page its execmem ROX
-    #: cache's first block takes, which the model's cache makes itself)
+    #: 7.2's execmem ROX cache block, made before tracing too, is not in
+    #: it: one PMD entry of the image's level2_fixmap_pgt maps it, no table)
     early_untraced_pages: tuple[int, int] = (0, 0)
     #: CONFIG_DEFERRED_STRUCT_PAGE_INIT leaves a pageblock of the deferred
     #: range whose first page is reserved at migratetype 0 (UNMOVABLE):
@@ -404,7 +404,7 @@ VERSIONS: dict[str, KernelVersion] = {
         module_mem_types=True,
         module_ro_after_init_sections=("__jump_table", ".static_call_sites"),
         pcp_autotune=True, vfree_contig_free=True, ftrace_pages=196, bpf_jit_base_len=25,
-        early_untraced_pages=(272, 4),
+        early_untraced_pages=(273, 4),
         deferred_init=True, deferred_free_order=10,
         # Not applied (see BPF_SLAB_NOT_APPLIED): linux-7.2-8G-bpf-2048_secretmem-
         # 4096 has 289 order-0, 255 order-2 and 97 reclaimable order-0 new slab

@@ -341,18 +341,41 @@ def test_linux_split_tables_are_matched_with_the_models_own():
     r.model.buddy.check()
 
 
-def test_the_5_10_boot_jit_image_is_the_traced_one():
-    """Without packs (5.10) the boot's JIT image (ptp_classifier_init) is a
-    traced vmalloc page whose set_memory_ro the replay makes from its
-    early request: the model's own boot call is not made a second time (it
-    was, splitting a 2M page Linux did not). With packs (6.1) the model
-    makes the pack itself (its pages come from untraced bulk calls)."""
-    loads = {}
-    for kernel in ("5.10", "6.1"):
-        r = replay_modelled(TRUTH / f"linux-{kernel}-2G-boot.jsonl.gz")
-        assert r.error is None and r.equal
-        loads[kernel] = r.model.bpf.loads
-    assert loads == {"5.10": 0, "6.1": 1}
+@pytest.mark.parametrize("kernel", ["5.10", "6.1", "7.2"])
+def test_the_boot_jit_is_made_once_on_linux_s_pages(kernel):
+    """The boot's first BPF JIT (ptp_classifier_init) is Linux's: without
+    packs (5.10) its image is a traced vmalloc page whose set_memory_ro the
+    replay makes from its early request, and the model's own boot call is
+    not made a second time (it was, splitting a 2M page Linux did not).
+    With packs the model makes the pack at the pack's first CPA marker on
+    Linux's pages, which the recording lists (6.1: untraced bulk pages, the
+    model's bulk allocator gives them; 7.2: a traced order-9 block), and
+    the program's own pages are the trace's: no bpf.load (7.2's model took
+    a second 2M block for its own pack)."""
+    r = replay_modelled(TRUTH / f"linux-{kernel}-2G-boot.jsonl.gz", start="trace-start")
+    assert r.error is None and r.equal
+    k = r.model
+    assert k.bpf.loads == 0
+    assert len(k.bpf.packs) == (0 if kernel == "5.10" else 1)
+    if kernel != "5.10":
+        area = k.vmalloc.areas[k.bpf.packs[0].base]
+        assert area.nr_pages == 512
+        pfns = area.pfns()
+        if kernel == "7.2":
+            assert pfns == list(range(pfns[0], pfns[0] + 512)) and pfns[0] % 512 == 0
+        else:
+            assert r.bulk_pages >= 512
+
+
+def test_the_module_area_pmd_table_is_the_image_s():
+    """level3_kernel_pgt[511] is level2_fixmap_pgt, in the image: the last
+    GiB (module area, fixmap) has its PMD table from the start, so the
+    first module_alloc takes one PTE table from the buddy, as Linux's boot
+    pack takes one (6.1's boot recording: 0x7d9cf, GFP_KERNEL|__GFP_ZERO)."""
+    k = Kernel.boot(ram="2G", profile="6.1", boot_cpa=False)
+    made = k.pgtable_pages_made
+    k.execmem.module_alloc(4096, caller="test")
+    assert k.pgtable_pages_made - made == 1
 
 
 @pytest.mark.parametrize("kernel, early_high", [("6.1", 60), ("7.2", 0)])
