@@ -481,7 +481,7 @@ class _Modelled(Replayer):
         stays deferred (the trace frees it). A page the model holds for
         itself that Linux has free (one of its tables at another pfn)
         stays the model's: counted in ``start_state["kept_by_model"]``."""
-        from guestkernel.from_state import free_lists, install_zone_params
+        from guestkernel.from_state import free_lists, install_zone_params, reserve_module_areas
         b = self.k.buddy
         st = self.boot_state
         mine = np.flatnonzero(b.page_states() == 2)
@@ -502,6 +502,11 @@ class _Modelled(Replayer):
         # the zones as they were: the boot pageset (high 0, batch 1), no
         # watermarks yet (init_per_zone_wmark_min is an initcall)
         install_zone_params(self.k, st)
+        # Linux's 2M module-area areas made before tracing (7.2's execmem
+        # ROX cache) keep their addresses: the boot pack's area comes after
+        # them, with the page tables that takes, as in Linux (smaller ones,
+        # 6.1's ftrace trampoline, have a table the model does not)
+        reserve_module_areas(self.k, st, pmd_mapped_only=True)
         states = b.page_states()
         kept = 0
         for pfn in mine.tolist():

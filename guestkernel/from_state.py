@@ -163,16 +163,7 @@ def install_state(k: Any, state: Any) -> dict[str, int]:
     owner = k.page_owner
     free_now = k.buddy.page_states()[vm_pages] == 1
     owner[vm_pages[~free_now]] = PageOwner.VMALLOC
-    # their addresses: new areas go around them, as in Linux (only those in
-    # the module range are kept: the model's vmalloc() areas are few)
-    reserved_areas = 0
-    for start, size in zip(state.vm_start.tolist(), state.vm_size.tolist()):
-        if k.profile.modules_vaddr <= start < k.profile.modules_end:
-            try:
-                k.vmalloc.reserve_range(int(start), int(size))
-                reserved_areas += 1
-            except ValueError:
-                pass             # overlaps one of the model's own (its boot pack)
+    reserved_areas = reserve_module_areas(k, state)
 
     # counters
     dpc = list(state.direct_pages_count)
@@ -311,3 +302,25 @@ def _shadow_from_entries(k: Any, ents: dict[tuple[int, int], int]) -> None:
     sh.kernel_ro = True
     sh.touched.clear()
     sh.touched_va.clear()
+
+
+def reserve_module_areas(k, state, *, pmd_mapped_only: bool = False) -> int:
+    """The state's vmalloc areas in the module range keep their addresses:
+    the model's new areas go around them, as Linux's would (the model's
+    vmalloc() areas elsewhere are few). Those overlapping one of the
+    model's own (its boot pack) are left out. ``pmd_mapped_only``: only
+    whole, aligned 2M areas (7.x's execmem ROX cache), which take no page
+    table of their own (the module area's PMD table is the image's): the
+    model does not have the tables of the others. Returns how many are
+    kept."""
+    reserved = 0
+    for start, size in zip(state.vm_start.tolist(), state.vm_size.tolist()):
+        if pmd_mapped_only and (start % (2 << 20) or (size - 4096) % (2 << 20)):
+            continue
+        if k.profile.modules_vaddr <= start < k.profile.modules_end:
+            try:
+                k.vmalloc.reserve_range(int(start), int(size))
+                reserved += 1
+            except ValueError:
+                pass
+    return reserved

@@ -157,7 +157,7 @@ def test_the_models_allocator_is_linuxs_from_the_boot_dump(trace, request):
 
 #: from trace-start, the fractions the committed boot recordings reach
 #: (same pfn, same 2M region): the floor a change must keep
-_BOOT_FLOOR = {"5.10": (1.0, 1.0), "6.1": (0.76, 0.94), "7.2": (0.55, 0.93)}
+_BOOT_FLOOR = {"5.10": (1.0, 1.0), "6.1": (0.76, 0.94), "7.2": (0.56, 0.92)}
 
 
 @pytest.mark.parametrize("trace", BOOTS, ids=lambda p: p.name)
@@ -205,11 +205,9 @@ _BOOT_CAUSES = {
            "order-6 allocation where Linux takes 0x7000 and the model 0x7040, Linux's block "
            "being on the model's per-CPU lists; 28 of the 50 marked bulk calls match no group "
            "known from the boot dump's vmalloc areas",
-    "7.2": "the first difference (trace line 1695, after 210 allocations that agree): a "
-           "split table of the boot pack's CPA call, two pages early: Linux maps its pack "
-           "(one order-9 block) with 4K pages at an address that is not 2M-aligned (two PTE "
-           "tables), the model with one 2M page (none); 10 marked bulk calls match no known "
-           "group",
+    "7.2": "the first difference (trace line 2217, after 220 allocations that agree): an "
+           "order-1 GFP_ATOMIC slab allocation where Linux takes 0x6ab4 and the model 0x6ae4; "
+           "its cause not yet found (10 marked bulk calls match no known group)",
 }
 
 
