@@ -432,14 +432,14 @@ class _Modelled(Replayer):
                       and j not in out and before_kprobes(j)), None)
             if j is None:
                 continue
-            self._call_span_end[j] = self._table_span(j)
+            span_end = self._table_span(j)
             if call is C.PTP_CLASSIFIER_BPF:
                 # the pack's mapping comes first: its page tables, traced
                 # just before the pack's first CPA call, are in its span
                 while j > self.start and ev[j - 1][0] == "A" and ev[j - 1][2] == 0 \
                         and ev[j - 1][3] in _VMAP_TABLE_GFPS:
                     j -= 1
-                    self._call_span_end[j] = self._call_span_end[j + 1]
+            self._call_span_end[j] = span_end
             out[j] = call
         return out
 
@@ -672,9 +672,9 @@ class _Modelled(Replayer):
         """The boot's first bpf_prog_pack (``ptp_classifier_init``) at its
         marker, on Linux's pages where the recording lists its area (the
         header's ``module_areas``): pages no event allocated (6.1: the bulk
-        allocator's, before its kprobes) the model's bulk allocator gives
-        now, unless a marked bulk call gave them already; traced ones (7.2:
-        one order-9 block) are the model's pages for them. The pack is then
+        allocator's, before its kprobes; the boot-dump groups leave the
+        module area out) the model's bulk allocator gives now; traced ones
+        (7.2: one order-9 block) are the model's pages for them. The pack is then
         made on those pages (mapped, read-only and executable); the rest of
         the program's load (its own pages, slab) is the trace's. False
         (nothing done) without such an area."""
@@ -1273,6 +1273,8 @@ class _GivenPages:
 
     def __getattr__(self, name: str):
         return getattr(self._source, name)
+
+
 _TRACE_BUF = re.compile(r"\btrace_buf_size=(\d+)([KkMmGg]?)")
 #: BUF_PAGE_SIZE: a ring-buffer page's payload (PAGE_SIZE - its 16-byte header)
 _BUF_PAGE_SIZE = 4096 - 16

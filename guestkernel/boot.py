@@ -331,16 +331,22 @@ def page_alloc_init_late(buddy: BuddyAllocator) -> None:
 _FIXMAP_PMD_BASE = 0xFFFFFFFFC0000000
 
 
+def _pcp_follows_watermarks(version: KernelVersion) -> bool:
+    """5.14+: ``setup_per_zone_wmarks`` ends with ``zone_pcp_update`` (the
+    per-CPU lists are sized from the low watermark)."""
+    return version.pcp_scheme != PcpScheme.LEGACY
+
+
 def defer_watermarks(buddy: BuddyAllocator, version: KernelVersion) -> None:
-    """5.14+, where ``setup_per_zone_wmarks`` ends with ``zone_pcp_update``:
-    no watermarks until ``init_per_zone_wmark_min`` (a postcore initcall,
-    after ``ptp_classifier_init``'s core initcall: :func:`boot_cpa_calls`
-    makes it there). Neither the hand-over nor deferred init computes them,
+    """Where the per-CPU lists follow the watermarks (5.14+): no watermarks
+    until ``init_per_zone_wmark_min`` (a postcore initcall, after
+    ``ptp_classifier_init``'s core initcall: :func:`boot_cpa_calls` makes
+    it there). Neither the hand-over nor deferred init computes them,
     so ``setup_per_cpu_pageset`` sizes the per-CPU lists from the managed
     pages before deferred init (2G: batch 15, against 63 from the postcore
     initcall on) and no low watermark. Before 5.14 the lists do not follow
     the watermarks; the model's there are set at the hand-over."""
-    if version.pcp_scheme != PcpScheme.LEGACY:
+    if _pcp_follows_watermarks(version):
         buddy.watermarks_fixed = True
         buddy.clear_watermarks()
 
@@ -349,7 +355,7 @@ def postcore_initcalls(buddy: BuddyAllocator, version: KernelVersion) -> None:
     """After ``sock_init``'s core initcall (the boot's first BPF JIT):
     ``init_per_zone_wmark_min``, a postcore initcall, on kernels whose
     watermarks :func:`defer_watermarks` held back."""
-    if version.pcp_scheme != PcpScheme.LEGACY:
+    if _pcp_follows_watermarks(version):
         buddy.init_per_zone_wmark_min()
 
 

@@ -43,7 +43,7 @@ import numpy as np
 from emu import pagetable as pt
 from emu.pagetable import PteFlags as F
 
-from .layout import START_KERNEL_MAP
+from .layout import PAGE_SIZE, PMD_SIZE, START_KERNEL_MAP
 from .owner import PageOwner
 from .shadow import S_MAPPED, to_shadow
 from .truth import rebase_direct
@@ -304,7 +304,7 @@ def _shadow_from_entries(k: Any, ents: dict[tuple[int, int], int]) -> None:
     sh.touched_va.clear()
 
 
-def reserve_module_areas(k, state, *, pmd_mapped_only: bool = False) -> int:
+def reserve_module_areas(k: Any, state: Any, *, pmd_mapped_only: bool = False) -> int:
     """The state's vmalloc areas in the module range keep their addresses:
     the model's new areas go around them, as Linux's would (the model's
     vmalloc() areas elsewhere are few). Those overlapping one of the
@@ -315,7 +315,8 @@ def reserve_module_areas(k, state, *, pmd_mapped_only: bool = False) -> int:
     kept."""
     reserved = 0
     for start, size in zip(state.vm_start.tolist(), state.vm_size.tolist()):
-        if pmd_mapped_only and (start % (2 << 20) or (size - 4096) % (2 << 20)):
+        # (vm_struct.size counts the guard page)
+        if pmd_mapped_only and (start % PMD_SIZE or (size - PAGE_SIZE) % PMD_SIZE):
             continue
         if k.profile.modules_vaddr <= start < k.profile.modules_end:
             try:
