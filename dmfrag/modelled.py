@@ -223,6 +223,12 @@ class _Modelled(Replayer):
         self._alloc_pages = k.alloc_pages if routed else k.buddy.alloc_pages
         #: ... and the frees of those pages (no owner set, none unmapped)
         self._free_pages = k.free_pages if routed else k.buddy.free_pages
+        #: the F events that free an exact allocation's tail
+        #: (_alloc_exact_tails), on kernels that give those pages straight
+        #: back to the buddy (KernelVersion.alloc_exact_tail_to_buddy)
+        self.exact_tails: set[int] = (_alloc_exact_tails(events, 0)
+                                      if k.profile.alloc_exact_tail_to_buddy and not routed
+                                      else set())
         n = self.k.max_pfn + 1024
         #: Linux pfn -> the model's pfn of the same page (-1: not allocated by
         #: the trace); lists and a bytearray: the hot path indexes them one
@@ -307,6 +313,12 @@ class _Modelled(Replayer):
                            None) if self._booting else None
         if self.pcp_at is not None:
             self.bulk_before.setdefault(self.pcp_at, [])
+        #: where init_per_zone_wmark_min ran (5.14+: the watermarks and the
+        #: per-CPU lists' sizes; see _wmark_min_at); None: right after the
+        #: boot's first JIT, as Kernel.boot makes it
+        self.wmark_at = _wmark_min_at(events, self.start) if self._booting else None
+        if self.wmark_at is not None:
+            self.bulk_before.setdefault(self.wmark_at, [])
         #: a batch free (free_pages_bulk: FREE_MARKERS) -> its first F event
         #: index -> its last: those pages are freed together, as Linux did
         self.free_runs: dict[int, int] = _free_runs(events, self.start)
@@ -466,7 +478,8 @@ class _Modelled(Replayer):
                 return False
             return late is None or (order.index(call) > cut) == late
 
-        boot_cpa_calls(k.cpa, k.buddy, k.bpf, k.profile, only=only, real_mode=k.real_mode_base)
+        boot_cpa_calls(k.cpa, k.buddy, k.bpf, k.profile, only=only, real_mode=k.real_mode_base,
+                       postcore=self.wmark_at is None)
 
     def _install_boot_state(self) -> None:
         """From a boot-time dump (``trace-start``: the first traced page
@@ -695,7 +708,8 @@ class _Modelled(Replayer):
             raise PlacedReplayError(i + 2, f"the boot's bpf_prog_pack: {exc}") from None
         finally:
             vm.page_alloc = source
-        postcore_initcalls(k.buddy, k.profile)
+        if self.wmark_at is None:
+            postcore_initcalls(k.buddy, k.profile)
         return True
 
     def _table_span(self, i: int) -> int:
@@ -721,6 +735,9 @@ class _Modelled(Replayer):
         marked there (:meth:`_early_call_markers`)."""
         if i == self.pcp_at:
             self.k.buddy.setup_per_cpu_pageset()
+        if i == self.wmark_at:
+            from guestkernel.boot import postcore_initcalls
+            postcore_initcalls(self.k.buddy, self.k.profile)
         call = self.early_at.get(i)
         if call is not None:
             self._marked_end = self._call_span_end[i]
@@ -730,7 +747,7 @@ class _Modelled(Replayer):
             k = self.k
             if call is not BootCpaCall.PTP_CLASSIFIER_BPF or not self._boot_pack(i):
                 boot_cpa_calls(k.cpa, k.buddy, k.bpf, k.profile, only=lambda c: c is call,
-                               real_mode=k.real_mode_base)
+                               real_mode=k.real_mode_base, postcore=self.wmark_at is None)
         done, groups = self.bulk_done, self.bulk_groups
         heads: dict[int, int] = {}          # zone start pfn -> the page the list gives next
         if i in self.bulk_markers:
@@ -959,6 +976,9 @@ class _Modelled(Replayer):
         whole, pages = self._release(pfn, order, head)
         if whole:
             self._free_pages(pages[0], order)
+        elif i in self.exact_tails:
+            for m in pages:         # make_alloc_exact: __free_pages_ok(FPI_TO_TAIL)
+                self.k.buddy.free_pages_ok(m, 0, to_tail=True)
         else:
             for m in pages:
                 self._free_pages(m, 0)
@@ -1290,6 +1310,63 @@ def ring_buffer_pages(boot_log: str) -> int:
         return 0
     size = int(m.group(1)) << {"": 0, "k": 10, "m": 20, "g": 30}[m.group(2).lower()]
     return max(-(-size // _BUF_PAGE_SIZE), 2) + 1
+
+
+def _alloc_exact_tails(events: list[list], start: int) -> set[int]:
+    """The F events of ``alloc_pages_exact``'s tails: ``make_alloc_exact``
+    splits the block it allocated and frees the pages past the size, one
+    by one in order, right away. So: order-0 frees that follow an
+    allocation of order 1 or more at once, of its pages from one on to
+    its end."""
+    out: set[int] = set()
+    n = len(events)
+    for j in range(start, n - 1):
+        e = events[j]
+        if e[0] != "A" or e[2] < 1:
+            continue
+        f = events[j + 1]
+        end = e[1] + (1 << e[2])
+        if f[0] != "F" or f[2] != 0 or not e[1] < f[1] < end:
+            continue
+        p, k = f[1], j + 1
+        while k < n and events[k][0] == "F" and events[k][2] == 0 and events[k][1] == p:
+            p += 1
+            k += 1
+        if p == end:
+            out.update(range(j + 1, k))
+    return out
+
+
+#: the recorder's marker on init_per_zone_wmark_min: its first step
+#: (the function itself has no ftrace entry in 6.1's build)
+_WMARK_MIN_MARKER = "calculate_min_free_kbytes"
+
+
+def _wmark_min_at(events: list[list], start: int) -> int | None:
+    """The event before which ``init_per_zone_wmark_min`` ran (the
+    postcore initcall that sets the watermarks and, 5.14+, sizes the
+    per-CPU lists from them: see guestkernel.boot.postcore_initcalls):
+    the recorder's marker; in a recording without it, right after
+    ``dma_atomic_pool_init``, the postcore initcall linked before it: after
+    the DMA32 pool's block (the first GFP_DMA32 allocation of order 5 or
+    more, atomic_pool_size >= 128K) and the vmalloc pages and bulk calls
+    of its remap and of audit_init's thread that follow. Checked against
+    recordings with the marker: exact on 7.2 (2G, 4G); on 6.1 two order-0
+    slab pages early (audit_init's, made before the marker there).
+    None: neither is in the trace."""
+    for j in range(start, len(events)):
+        e = events[j]
+        if e[0] == "U" and e[1] == _WMARK_MIN_MARKER:
+            return j
+    for j in range(start, len(events)):
+        e = events[j]
+        if e[0] == "A" and e[2] >= 5 and "GFP_DMA32" in e[3].split("|"):
+            j += 1
+            while j < len(events) and (events[j][0] == "U" or events[j][0] == "A"
+                                       and len(events[j]) > 5 and events[j][5] == "vmalloc"):
+                j += 1
+            return j if j < len(events) else None
+    return None
 
 
 def _free_runs(events: list[list], start: int) -> dict[int, int]:

@@ -320,9 +320,11 @@ CPA_MARKERS = ("set_memory_ro", "set_memory_rw", "set_memory_x", "set_memory_nx"
 #: start_kernel's steps that change how pages are placed and that no page
 #: event shows: ``setup_per_cpu_pageset`` (the zones' own per-CPU lists
 #: replace the boot pageset: order-0 allocations come in batches from
-#: then on). ftrace traces __init functions while booting (4.16+: their
-#: records are freed with the init memory), so the marker is there.
-BOOT_MARKERS = ("setup_per_cpu_pageset",)
+#: then on) and ``init_per_zone_wmark_min`` (a postcore initcall: the
+#: watermarks, and on 5.14+ the per-CPU lists' batch and high sized from
+#: them). ftrace traces __init functions while booting (4.16+: their
+#: records are freed with the init memory), so the markers are there.
+BOOT_MARKERS = ("setup_per_cpu_pageset", "calculate_min_free_kbytes")
 
 
 #: markers of the frees that give pages back together, per kernel: 7.x's

@@ -354,7 +354,14 @@ def defer_watermarks(buddy: BuddyAllocator, version: KernelVersion) -> None:
 def postcore_initcalls(buddy: BuddyAllocator, version: KernelVersion) -> None:
     """After ``sock_init``'s core initcall (the boot's first BPF JIT):
     ``init_per_zone_wmark_min``, a postcore initcall, on kernels whose
-    watermarks :func:`defer_watermarks` held back."""
+    watermarks :func:`defer_watermarks` held back. Linux runs the
+    postcore initcalls in link order: arch/x86's, then kernel/'s
+    (``dma_atomic_pool_init``: the atomic DMA pools, ``audit_init``: a
+    kernel thread), then mm/'s (``bdi_class_init``, ``mm_sysfs_init``,
+    then this one; 6.1's and 7.2's initcall tables, read off their debug
+    vmlinux). ``Kernel.boot`` models none of those pages, so it makes this
+    right after the JIT; a replay of a recorded boot makes it where the
+    trace shows (``dmfrag.modelled``)."""
     if _pcp_follows_watermarks(version):
         buddy.init_per_zone_wmark_min()
 
@@ -547,9 +554,12 @@ def ftrace_init(buddy: BuddyAllocator, pages: int) -> list[int]:
 def boot_cpa_calls(cpa: Cpa, buddy: BuddyAllocator, bpf: BpfJit, version: KernelVersion,
                    only: Callable[[BootCpaCall], bool] | None = None,
                    real_mode: int | None = None,
-                   initrd: tuple[int, int] | None = None) -> None:
+                   initrd: tuple[int, int] | None = None, *,
+                   postcore: bool = True) -> None:
     """The CPA calls of boot, in the record's order (found with ftrace on
-    the reference kernel):
+    the reference kernel). ``postcore``: make :func:`postcore_initcalls`
+    right after the boot's first JIT (a replay that knows where
+    ``init_per_zone_wmark_min`` ran makes it there instead):
 
     * ``idt_setup_apic_and_irq_gates``: the IDT page read-only;
     * ``alternative_instructions``: on UP, ``free_init_pages`` of the
@@ -589,7 +599,8 @@ def boot_cpa_calls(cpa: Cpa, buddy: BuddyAllocator, bpf: BpfJit, version: Kernel
             page_alloc_init_late(buddy)
         elif call is BootCpaCall.PTP_CLASSIFIER_BPF:
             bpf.load(PTP_CLASSIFIER_JIT_BYTES)
-            postcore_initcalls(buddy, version)
+            if postcore:
+                postcore_initcalls(buddy, version)
         elif call is BootCpaCall.FREE_INITRD:
             free_initrd_mem(cpa, buddy, version, initrd)
         elif call is BootCpaCall.FREE_BSS_DECRYPTED:

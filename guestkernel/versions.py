@@ -252,6 +252,11 @@ class KernelVersion:
     #: worth) and splits them, instead of one order-0 page at a time, so an
     #: area's pages are physically contiguous where memory allows (7.x)
     vmalloc_high_order: bool = False
+    #: alloc_pages_exact's make_alloc_exact frees the pages past the size
+    #: with __free_pages_ok(FPI_TO_TAIL): straight to the buddy, at the
+    #: free list's tail, where older kernels (6.1) free_page() them onto
+    #: the per-CPU list's head (7.2's mm/page_alloc.c)
+    alloc_exact_tail_to_buddy: bool = False
     #: vmalloc takes order-0 pages from the bulk allocator, up to 100 a call
     #: (5.13, "mm/vmalloc: use bulk page allocator in __vmalloc_area_node")
     vmalloc_bulk: bool = True
@@ -401,7 +406,7 @@ VERSIONS: dict[str, KernelVersion] = {
         node_data_bytes=0x2B080, boot_cpa=_ALL_BOOT_CPA, bpf_prog_pack=True,
         alias_masks_nx=True, set_memory_rox_users=frozenset({"bpf", "execmem"}),
         collapse_after_rox=True, execmem_rox_cache=True, vmalloc_high_order=True,
-        module_mem_types=True,
+        module_mem_types=True, alloc_exact_tail_to_buddy=True,
         module_ro_after_init_sections=("__jump_table", ".static_call_sites"),
         pcp_autotune=True, vfree_contig_free=True, ftrace_pages=196, bpf_jit_base_len=25,
         early_untraced_pages=(273, 4),

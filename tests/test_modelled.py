@@ -157,7 +157,7 @@ def test_the_models_allocator_is_linuxs_from_the_boot_dump(trace, request):
 
 #: from trace-start, the fractions the committed boot recordings reach
 #: (same pfn, same 2M region): the floor a change must keep
-_BOOT_FLOOR = {"5.10": (1.0, 1.0), "6.1": (0.76, 0.94), "7.2": (0.56, 0.92)}
+_BOOT_FLOOR = {"5.10": (1.0, 1.0), "6.1": (0.76, 0.97), "7.2": (0.85, 0.99)}
 
 
 @pytest.mark.parametrize("trace", BOOTS, ids=lambda p: p.name)
@@ -201,13 +201,17 @@ def test_the_boot_from_linux_s_state_when_tracing_started(trace):
 #: where the goal is not reached yet (5.10 reaches it: every allocation of
 #: its boot recording gets Linux's pfn)
 _BOOT_CAUSES = {
-    "6.1": "the first difference (trace line 2097, after 124 allocations that agree): an "
-           "order-6 allocation where Linux takes 0x7000 and the model 0x7040, Linux's block "
-           "being on the model's per-CPU lists; 28 of the 50 marked bulk calls match no group "
-           "known from the boot dump's vmalloc areas",
-    "7.2": "the first difference (trace line 2217, after 220 allocations that agree): an "
-           "order-1 GFP_ATOMIC slab allocation where Linux takes 0x6ab4 and the model 0x6ae4; "
-           "its cause not yet found (10 marked bulk calls match no known group)",
+    "6.1": "the first difference (trace line 2107, after 130 allocations that agree): an "
+           "order-0 slab page where Linux takes 0x7d9eb and the model 0x7d9d9, 18 pages "
+           "earlier on the same per-CPU list: the untraced bulk calls just before it "
+           "(audit_init's thread stack among them) took more pages in Linux than the "
+           "model gives them; 29 of the marked bulk calls match no group known from the "
+           "boot dump's vmalloc areas",
+    "7.2": "the first difference (trace line 3895, after 1807 allocations that agree): an "
+           "order-4 vmalloc block where Linux takes 0x7c00 and the model 0x7c40; the "
+           "model's order-2 refill at line 3837 took 13 blocks of 0x7c00's block that "
+           "Linux took elsewhere (its free lists there are not known: 10 marked bulk calls "
+           "match no known group)",
 }
 
 

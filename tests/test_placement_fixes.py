@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from dmfrag.modelled import replay_modelled
+from dmfrag.placed import read_trace
 from dmfrag.recorder import parse_ftrace, splits_direct_map_tables
 from dmfrag.truth import load_states
 from guestkernel import Kernel
@@ -541,3 +542,78 @@ def test_deferred_pageblocks_with_a_reserved_first_page_stay_unmovable(kernel):
         assert k.buddy.get_pageblock_migratetype(pfn) == linux_mt[pfn >> 9], hex(pfn)
     want = 0 if kernel != "7.2" else 1
     assert {int(linux_mt[pfn >> 9]) for pfn in both} == {want}
+
+
+# -- init_per_zone_wmark_min where Linux ran it ----------------------------------
+
+
+def test_init_per_zone_wmark_min_runs_at_its_marker_or_after_the_dma_pools():
+    """The postcore initcalls run in link order: dma_atomic_pool_init
+    (kernel/dma/pool.c), audit_init, then mm/'s, init_per_zone_wmark_min
+    last. The recorder marks its first step (calculate_min_free_kbytes);
+    a recording without the marker has it right after the DMA32 pool's
+    block and its remap's vmalloc pages. Re-recorded with the marker, 7.2
+    shows it exactly there (trace line 2230 of the committed boot)."""
+    from dmfrag.modelled import _wmark_min_at
+    ev = [["A", 0x100, 6, "GFP_KERNEL|GFP_DMA|__GFP_NOWARN", 0, "kernel"],
+          ["A", 0x7040, 6, "GFP_KERNEL|GFP_DMA32|__GFP_NOWARN", 0, "kernel"],
+          ["U", "alloc_pages_bulk_noprof", "alloc_pages_bulk_mempolicy_noprof"],
+          ["A", 0x7d9d8, 0, "GFP_KERNEL|__GFP_HIGHMEM|__GFP_ZERO", 0, "vmalloc"],
+          ["A", 0x7d9eb, 0, "GFP_KERNEL|__GFP_NOWARN|__GFP_NORETRY", 0, "kernel"],
+          ["A", 0x7d9ec, 0, "GFP_KERNEL|__GFP_NOWARN|__GFP_NORETRY", 0, "kernel"]]
+    assert _wmark_min_at(ev, 0) == 4
+    marked = ev[:5] + [["U", "calculate_min_free_kbytes", "init_per_zone_wmark_min"]] + ev[5:]
+    assert _wmark_min_at(marked, 0) == 5
+    assert _wmark_min_at(ev[2:], 0) is None           # no pool, no marker: at the JIT
+    _, events = read_trace(TRUTH / "linux-7.2-2G-boot.jsonl.gz")
+    assert _wmark_min_at(events, 0) == 2230 - 2      # trace line 2230 (the header is line 1)
+
+
+def test_the_pcp_lists_keep_their_boot_batch_until_init_per_zone_wmark_min():
+    """7.2 from its trace-start dump: Linux's order-2 refills before the
+    postcore initcall take 3 blocks (batch 15 >> 2), as its trace shows
+    (0x6aa8, 0x6aac, 0x6ab0 at line 2207, 0x6ab4 an order-1 block later):
+    the model gives every allocation Linux's pfn past that point, past the
+    DMA pools (line 2226) and past alloc_pages_exact's tail (line 2770)."""
+    from dmfrag.modelled import trace_diff
+    d = trace_diff(TRUTH / "linux-7.2-2G-boot.jsonl.gz", start="trace-start")
+    assert d.first is not None and d.first["line"] > 2770 and d.allocations_before > 1500
+
+
+# -- alloc_pages_exact's tail (7.x) ---------------------------------------------
+
+
+def test_free_pages_ok_to_tail_bypasses_the_per_cpu_lists():
+    """__free_pages_ok(page, 0, FPI_TO_TAIL): an order-0 page straight to
+    the buddy, at the free list's tail (where free_pages puts it at the
+    per-CPU list's head); a page not allocated is a BadFreeError."""
+    from guestkernel.page_alloc import BadFreeError
+    b = BuddyAllocator(0x8000)
+    b.free_range(0, 0x8000)
+    a = b.alloc_pages(GFP_KERNEL, 4)
+    b.split_allocated(a, 4)
+    b.free_pages_ok(a + 15, 0, to_tail=True)
+    zone = b.page_zone(a)
+    assert all((e >> 4) != a + 15 for lst in zone.pcp.lists for e in lst)
+    d = zone.free_area[0][b.get_pageblock_migratetype(a)]
+    assert next(iter(d)) == a + 15                    # the tail (the dict's first)
+    b.free_pages(a + 14, 0)
+    assert zone.pcp.lists[order_to_pindex(UNMOVABLE, 0)][0] >> 4 == a + 14
+    with pytest.raises(BadFreeError):
+        b.free_pages_ok(a + 15, 0, to_tail=True)
+    b.check()
+
+
+def test_alloc_pages_exact_tails_are_the_frees_right_after_their_block():
+    """make_alloc_exact splits its block and frees the pages past the
+    size one by one, at once: those F events, and no others; 7.2's replay
+    frees them to the buddy's tail (6.1 free_page()s them: the pcp)."""
+    from dmfrag.modelled import _alloc_exact_tails
+    ev = [["A", 0x7ae0, 4, "GFP_ATOMIC|__GFP_ZERO", 0, "kernel"],
+          ["F", 0x7aec, 0], ["F", 0x7aed, 0], ["F", 0x7aee, 0], ["F", 0x7aef, 0],
+          ["A", 0x8000, 2, "GFP_KERNEL", 0, "kernel"],
+          ["F", 0x8002, 0],                                  # not to the block's end
+          ["A", 0x9000, 1, "GFP_KERNEL", 0, "kernel"], ["F", 0x9000, 1]]
+    assert _alloc_exact_tails(ev, 0) == {1, 2, 3, 4}
+    assert get_version("7.2").alloc_exact_tail_to_buddy
+    assert not get_version("6.1").alloc_exact_tail_to_buddy

@@ -268,6 +268,22 @@ class AllocMixin:
         else:
             self._free_one_page_locked(zone, pfn, order, mt)      # __free_pages_ok
 
+    def free_pages_ok(self, pfn: int, order: int = 0, *, to_tail: bool = False) -> None:
+        """``__free_pages_ok``: the block straight to ``__free_one_page``,
+        whatever its order (no per-CPU list); ``to_tail`` (FPI_TO_TAIL):
+        at the free list's tail. 7.x's ``make_alloc_exact`` frees the pages
+        past an exact allocation's size this way. Raises BadFreeError, changing
+        nothing, unless ``pfn`` heads an allocated block of exactly ``order``."""
+        if order not in _ORDERS or not 0 <= pfn < self.max_pfn:
+            raise self._bad_free(pfn, order)
+        v = self._state[pfn]
+        if v != PG_ALLOC | order and v != PG_ALLOC_MOVABLE | order:
+            raise self._bad_free(pfn, order)
+        zone = self.page_zone(pfn)
+        mt = self._pageblock_mt[pfn >> PAGEBLOCK_ORDER]     # get_pfnblock_migratetype
+        self._state[pfn] = 0
+        self._free_one_page(zone, pfn, order, mt, fpi_to_tail=to_tail)
+
     def _bad_free(self, pfn: int, order: int) -> BadFreeError:
         """``bad_page``: name what is wrong with ``free_pages(pfn, order)``."""
         if order not in _ORDERS:
