@@ -273,11 +273,11 @@ class AllocMixin:
         whatever its order (no per-CPU list); ``to_tail`` (FPI_TO_TAIL):
         at the free list's tail. 7.x's ``make_alloc_exact`` frees the pages
         past an exact allocation's size this way. Raises BadFreeError, changing
-        nothing, unless ``pfn`` heads an allocated block of exactly ``order``."""
-        if order not in _ORDERS or not 0 <= pfn < self.max_pfn:
-            raise self._bad_free(pfn, order)
-        v = self._state[pfn]
-        if v != PG_ALLOC | order and v != PG_ALLOC_MOVABLE | order:
+        nothing, unless ``pfn`` heads an allocated block of exactly ``order``
+        (free_pages makes the same check inline: its hot path)."""
+        if not (order in _ORDERS and 0 <= pfn < self.max_pfn
+                and self._state[pfn] & ORDER_MASK == order
+                and self._state[pfn] & KIND_MASK in (PG_ALLOC, PG_ALLOC_MOVABLE)):
             raise self._bad_free(pfn, order)
         zone = self.page_zone(pfn)
         mt = self._pageblock_mt[pfn >> PAGEBLOCK_ORDER]     # get_pfnblock_migratetype
