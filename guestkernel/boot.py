@@ -421,7 +421,8 @@ def mem_init(e820: E820Table, memblock: Memblock, version: KernelVersion,
               ZoneType.DMA32: (min(dma, max_pfn), min(dma32, max_pfn)),
               ZoneType.NORMAL: (min(dma32, max_pfn), max_pfn)}
     buddy = BuddyAllocator(max_pfn, zone_bounds=bounds, pcp_scheme=version.pcp_scheme,
-                           khugepaged_min_free=version.khugepaged_min_free)
+                           khugepaged_min_free=version.khugepaged_min_free,
+                           fallback_scheme=version.fallback_scheme)
     policy.setup_buddy(buddy)
     if version.deferred_reserved_unmovable:
         for pfn in deferred_reserved_pageblocks(buddy, memblock):

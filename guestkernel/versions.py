@@ -38,7 +38,7 @@ import re
 from dataclasses import dataclass, field
 
 from .layout import DEBIAN_5_10_IMAGE, DEBIAN_6_1_IMAGE, DEBIAN_7_2_IMAGE, KernelImage
-from .page_alloc.types import PcpScheme
+from .page_alloc.types import FallbackScheme, PcpScheme
 
 __all__ = [
     "DEFAULT_VERSION",
@@ -305,6 +305,10 @@ class KernelVersion:
     #: per-CPU lists that size themselves (6.7, "mm: tune PCP high
     #: automatically": high_min/high_max, alloc_factor, free_count)
     pcp_autotune: bool = False
+    #: claim a fallback pageblock or steal one block of it (6.15, "mm:
+    #: page_alloc: speed up fallbacks in rmqueue_bulk()" and its series):
+    #: FallbackScheme.CLAIM_OR_STEAL; before, MOVE_BLOCK
+    fallback_claim_or_steal: bool = False
     #: THP on (Debian: CONFIG_TRANSPARENT_HUGEPAGE_ALWAYS): khugepaged's
     #: set_recommended_min_free_kbytes raises min_free_kbytes at boot
     khugepaged_min_free: bool = True
@@ -330,6 +334,12 @@ class KernelVersion:
         if not self.pcp_high_orders:
             return PcpScheme.LEGACY
         return PcpScheme.AUTOTUNE if self.pcp_autotune else PcpScheme.FREE_FACTOR
+
+    @property
+    def fallback_scheme(self) -> FallbackScheme:
+        """The allocator's :class:`~guestkernel.page_alloc.FallbackScheme`."""
+        return (FallbackScheme.CLAIM_OR_STEAL if self.fallback_claim_or_steal
+                else FallbackScheme.MOVE_BLOCK)
 
     def has_vmstat(self, counter: str) -> bool:
         return counter in self.vmstat_counters
@@ -406,7 +416,7 @@ VERSIONS: dict[str, KernelVersion] = {
         node_data_bytes=0x2B080, boot_cpa=_ALL_BOOT_CPA, bpf_prog_pack=True,
         alias_masks_nx=True, set_memory_rox_users=frozenset({"bpf", "execmem"}),
         collapse_after_rox=True, execmem_rox_cache=True, vmalloc_high_order=True,
-        module_mem_types=True, alloc_exact_tail_to_buddy=True,
+        module_mem_types=True, alloc_exact_tail_to_buddy=True, fallback_claim_or_steal=True,
         module_ro_after_init_sections=("__jump_table", ".static_call_sites"),
         pcp_autotune=True, vfree_contig_free=True, ftrace_pages=196, bpf_jit_base_len=25,
         early_untraced_pages=(273, 4),

@@ -21,6 +21,7 @@ from guestkernel.boot import defer_watermarks
 from guestkernel.gfp import GFP_KERNEL, parse_gfp
 from guestkernel.page_alloc import BuddyAllocator, PcpScheme, ZoneType
 from guestkernel.page_alloc.types import (
+    MOVABLE,
     PAGEBLOCK_NR_PAGES,
     PCP_BATCH_SCALE_MAX,
     UNMOVABLE,
@@ -617,3 +618,57 @@ def test_alloc_pages_exact_tails_are_the_frees_right_after_their_block():
     assert _alloc_exact_tails(ev, 0) == {1, 2, 3, 4}
     assert get_version("7.2").alloc_exact_tail_to_buddy
     assert not get_version("6.1").alloc_exact_tail_to_buddy
+
+
+# -- 6.15+: claim a fallback pageblock, or steal one block -----------------------
+
+
+def _movable_full_with_holes(scheme):
+    """A 16 MiB zone all allocated MOVABLE but for an order-6 block at 0x40
+    and an order-7 at 0x80 (pageblock 0: 192 free pages, the rest movable)
+    and an order-4 at 0x200 (pageblock 1)."""
+    from guestkernel.page_alloc import AllocationError, FallbackScheme
+    b = BuddyAllocator(0x1000, zone_bounds={ZoneType.DMA32: (0, 0x1000)},
+                       page_group_by_mobility_disabled=False,
+                       fallback_scheme=FallbackScheme[scheme])
+    b.free_range(0, 0x1000)
+    b.clear_watermarks()
+    movable = parse_gfp("GFP_HIGHUSER_MOVABLE")
+    with pytest.raises(AllocationError):
+        for _ in range(0x1001):
+            b.alloc_pages(movable, 0)
+    for p in [*range(0x40, 0x100), *range(0x200, 0x210)]:
+        b.free_pages_ok(p, 0)
+    return b
+
+
+@pytest.mark.parametrize("scheme, pfn, lists", [
+    # 6.1: the largest fallback block's pageblock has its free blocks moved
+    # to UNMOVABLE (too few free or alike pages to claim it), then the
+    # smallest UNMOVABLE block is split
+    ("MOVE_BLOCK", 0x40, {4: {UNMOVABLE: [0x50], MOVABLE: [0x200]},
+                          5: {UNMOVABLE: [0x60]}, 7: {UNMOVABLE: [0x80]}}),
+    # 6.15+: no pageblock can be claimed, so the smallest fallback block is
+    # stolen and split on the MOVABLE lists; pageblock 0 is left alone
+    ("CLAIM_OR_STEAL", 0x200, {6: {MOVABLE: [0x40]}, 7: {MOVABLE: [0x80]}}),
+])
+def test_a_fallback_claims_its_pageblock_or_steals_the_smallest_block(scheme, pfn, lists):
+    """An order-4 UNMOVABLE request with no UNMOVABLE memory: Linux up to
+    6.9 (steal_suitable_fallback) and 6.15+ (__rmqueue_claim, then
+    __rmqueue_steal) take different pages and leave the rest on different
+    lists; every pageblock stays MOVABLE in both."""
+    b = _movable_full_with_holes(scheme)
+    assert b.alloc_pages(GFP_KERNEL, 4) == pfn
+    zone = b.zones[0]
+    got = {o: {mt: list(d) for mt, d in enumerate(zone.free_area[o]) if d}
+           for o in range(len(zone.free_area)) if any(zone.free_area[o])}
+    assert got == lists
+    assert b.get_pageblock_migratetype(0) == b.get_pageblock_migratetype(0x200) == MOVABLE
+    b.check()
+
+
+def test_7_2_claims_or_steals():
+    from guestkernel.page_alloc import FallbackScheme
+    assert get_version("7.2").fallback_scheme is FallbackScheme.CLAIM_OR_STEAL
+    assert get_version("6.1").fallback_scheme is FallbackScheme.MOVE_BLOCK
+    assert Kernel.boot(ram="1G", profile="7.2", boot_cpa=False).buddy._claim_or_steal

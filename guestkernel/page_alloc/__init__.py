@@ -26,7 +26,9 @@ functions of ``page_alloc.c`` share ``struct zone``:
 - ``pcp``: ``rmqueue_pcplist``, ``rmqueue_bulk``, ``free_unref_page``,
   ``nr_pcp_free``, ``free_pcppages_bulk``, ``drain_pages`` (``PcpMixin``);
 - ``fallback``: ``find_suitable_fallback``, ``__rmqueue_fallback``,
-  ``steal_suitable_fallback``, ``move_freepages_block``, the high-atomic
+  ``steal_suitable_fallback`` (up to 6.9) or 6.15's ``__rmqueue_claim``,
+  ``try_to_claim_block`` and ``__rmqueue_steal`` (``fallback_scheme``:
+  :class:`FallbackScheme`), ``move_freepages_block``, the high-atomic
   reserve (``FallbackMixin``);
 - ``memblock``: ``memblock_free_all`` -> ``__free_pages_core``
   (``free_range``, ``MemblockMixin``);
@@ -132,6 +134,7 @@ from .types import (
     AllocationError,
     BadFreeError,
     BuddyInvariantError,
+    FallbackScheme,
     MigrateType,
     PcpScheme,
     ZoneType,
@@ -167,6 +170,7 @@ __all__ = [
     "BadFreeError",
     "BuddyAllocator",
     "BuddyInvariantError",
+    "FallbackScheme",
     "MigrateType",
     "PcpScheme",
     "PerCpuPages",

@@ -42,6 +42,7 @@ from .types import (
     PG_ALLOC_MOVABLE,
     PG_BUDDY,
     PG_PCP,
+    RMQUEUE_NORMAL,
     UNMOVABLE,
     WMARK_HIGH,
     AllocationError,
@@ -239,7 +240,9 @@ class AllocMixin:
 
     def _rmqueue_inner(self, zone: Zone, order: int, mt: int, alloc_flags: int) -> int:
         """``__rmqueue``: the smallest block of the type, else steal from a
-        fallback type and retry."""
+        fallback type and retry (6.15+: claim, then steal: ``_rmqueue_moded``)."""
+        if self._claim_or_steal:
+            return self._rmqueue_moded(zone, order, mt, alloc_flags, RMQUEUE_NORMAL)[0]
         while True:
             pfn = self._rmqueue_smallest(zone, order, mt)
             if pfn >= 0:

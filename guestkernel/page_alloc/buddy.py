@@ -64,6 +64,7 @@ from .types import (
     ZONE_NAMES,
     BadFreeError,
     BuddyInvariantError,
+    FallbackScheme,
     MigrateType,
     PcpScheme,
     ZoneType,
@@ -92,7 +93,8 @@ class BuddyAllocator(AllocMixin, PcpMixin, FallbackMixin, MemblockMixin, ZoneMix
                  zone_bounds: Mapping[ZoneType, tuple[int, int]] | None = None, *,
                  page_group_by_mobility_disabled: bool | None = None,
                  pcp_scheme: PcpScheme = PcpScheme.FREE_FACTOR,
-                 khugepaged_min_free: bool = False) -> None:
+                 khugepaged_min_free: bool = False,
+                 fallback_scheme: FallbackScheme = FallbackScheme.MOVE_BLOCK) -> None:
         if max_pfn <= 0:
             raise ValueError(f"max_pfn must be positive, not {max_pfn}")
         self.max_pfn = max_pfn
@@ -128,6 +130,8 @@ class BuddyAllocator(AllocMixin, PcpMixin, FallbackMixin, MemblockMixin, ZoneMix
         self._pcp_legacy = pcp_scheme == PcpScheme.LEGACY
         self._pcp_autotune = pcp_scheme == PcpScheme.AUTOTUNE
         self.khugepaged_min_free = khugepaged_min_free
+        #: 6.15+: __rmqueue's claim and steal modes (FallbackScheme)
+        self._claim_or_steal = FallbackScheme(fallback_scheme) == FallbackScheme.CLAIM_OR_STEAL
         #: free_range recomputes the watermarks unless set: a booted kernel
         #: computes them once, at its initcalls (init_per_zone_wmark_min,
         #: khugepaged), after memblock_free_all and before the init memory

@@ -4,7 +4,9 @@ Mirrors, from ``mm/page_alloc.c``:
 
 - ``fallbacks[]`` (``FALLBACKS``), ``can_steal_fallback``,
   ``find_suitable_fallback``, ``__rmqueue_fallback``,
-  ``steal_suitable_fallback`` and ``change_pageblock_range``;
+  ``steal_suitable_fallback`` and ``change_pageblock_range`` (up to 6.9);
+- 6.15+: ``__rmqueue`` with its modes, ``__rmqueue_claim``,
+  ``try_to_claim_block`` and ``__rmqueue_steal`` (``FallbackScheme``);
 - ``move_freepages_block`` / ``move_freepages``;
 - ``reserve_highatomic_pageblock`` and ``unreserve_highatomic_pageblock``.
 
@@ -29,6 +31,9 @@ from .types import (
     PG_ALLOC_MOVABLE,
     PG_BUDDY,
     RECLAIMABLE,
+    RMQUEUE_CLAIM,
+    RMQUEUE_NORMAL,
+    RMQUEUE_STEAL,
     UNMOVABLE,
     migratetype_is_mergeable,
 )
@@ -138,6 +143,108 @@ class FallbackMixin:
                     return
         self._move_to_free_list(zone, pfn, current_order, start_type)
 
+    # ------------------------------------------------------------------ 6.15+: claim or steal
+
+    def _rmqueue_moded(self, zone: Zone, order: int, mt: int, alloc_flags: int,
+                       mode: int) -> tuple[int, int]:
+        """6.15+ ``__rmqueue``: the requested type's lists, then a fallback
+        pageblock claimed, then one block stolen (not under
+        ALLOC_NOFRAGMENT), starting at ``mode``: (pfn or -1, the mode to
+        start the next call of the same ``rmqueue_bulk`` at)."""
+        if mode == RMQUEUE_NORMAL:
+            pfn = self._rmqueue_smallest(zone, order, mt)
+            if pfn >= 0:
+                return pfn, mode
+            mode = RMQUEUE_CLAIM
+        if mode == RMQUEUE_CLAIM:
+            pfn = self._rmqueue_claim(zone, order, mt, alloc_flags)
+            if pfn >= 0:
+                return pfn, RMQUEUE_NORMAL      # the requested type's lists refilled
+        if not alloc_flags & ALLOC_NOFRAGMENT:
+            pfn = self._rmqueue_steal(zone, order, mt)
+            if pfn >= 0:
+                return pfn, RMQUEUE_STEAL
+        return -1, mode
+
+    def _first_fallback(self, zone: Zone, order: int, start_mt: int) -> int:
+        """6.15+ ``find_suitable_fallback``: the first fallback type with a
+        free block of ``order``, or -1."""
+        area = zone.free_area[order]
+        for fallback_mt in self._fallbacks[start_mt]:
+            if area[fallback_mt]:
+                return fallback_mt
+        return -1
+
+    def _rmqueue_claim(self, zone: Zone, order: int, start_mt: int, alloc_flags: int) -> int:
+        """``__rmqueue_claim``: from the largest order down, while blocks of
+        that order may claim their pageblock (``should_try_claim_block``,
+        the old ``can_steal_fallback``), the head block of the first
+        fallback type with one, if ``try_to_claim_block`` can claim it."""
+        min_order = (PAGEBLOCK_ORDER if order < PAGEBLOCK_ORDER and alloc_flags & ALLOC_NOFRAGMENT
+                     else order)
+        for current_order in range(MAX_ORDER - 1, min_order - 1, -1):
+            if not self._can_steal_fallback(current_order, start_mt):
+                break                               # orders too low to claim
+            fallback_mt = self._first_fallback(zone, current_order, start_mt)
+            if fallback_mt < 0:
+                continue
+            head = next(reversed(zone.free_area[current_order][fallback_mt]))
+            pfn = self._try_to_claim_block(zone, head, current_order, order, start_mt,
+                                           fallback_mt)
+            if pfn >= 0:
+                return pfn
+        return -1
+
+    def _try_to_claim_block(self, zone: Zone, pfn: int, current_order: int, order: int,
+                            start_type: int, block_type: int) -> int:
+        """``try_to_claim_block``: a block of a pageblock or more becomes the
+        requested type's and is split for the request; a smaller one's
+        pageblock is claimed (its free blocks moved, its type set) when at
+        least half of it is free or alike (``prep_move_freepages_block``
+        counts; no watermark boost is modelled), and the request taken from
+        the requested type's lists; -1 when not."""
+        if current_order >= PAGEBLOCK_ORDER:
+            del zone.free_area[current_order][block_type][pfn]   # del_page_from_free_list
+            self._state[pfn] = 0
+            zone.free_pages -= 1 << order
+            self._change_pageblock_range(pfn, current_order, start_type)
+            self._expand(zone, pfn, order, current_order, start_type)
+            return pfn
+        start = pfn & ~(PAGEBLOCK_NR_PAGES - 1)
+        if not (zone.zone_spans_pfn(start) and zone.zone_spans_pfn(start + PAGEBLOCK_NR_PAGES - 1)):
+            return -1                   # straddles a zone boundary
+        free_pages, movable_pages = self._move_freepages(zone, start,
+                                                         start + PAGEBLOCK_NR_PAGES - 1,
+                                                         start_type, move=False)
+        if start_type == MOVABLE:
+            alike_pages = movable_pages
+        elif block_type == MOVABLE:
+            alike_pages = PAGEBLOCK_NR_PAGES - (free_pages + movable_pages)
+        else:
+            alike_pages = 0
+        if free_pages + alike_pages >= 1 << (PAGEBLOCK_ORDER - 1) \
+                or self.page_group_by_mobility_disabled:
+            self._move_freepages(zone, start, start + PAGEBLOCK_NR_PAGES - 1, start_type)
+            self._set_pageblock_migratetype(start, start_type)
+            return self._rmqueue_smallest(zone, order, start_type)
+        return -1
+
+    def _rmqueue_steal(self, zone: Zone, order: int, start_mt: int) -> int:
+        """``__rmqueue_steal``: the smallest block of a fallback type, split
+        on that type's lists (``page_del_and_expand``); its pageblock keeps
+        its type."""
+        for current_order in range(order, MAX_ORDER):
+            fallback_mt = self._first_fallback(zone, current_order, start_mt)
+            if fallback_mt < 0:
+                continue
+            pfn = zone.free_area[current_order][fallback_mt].popitem()[0]    # the head
+            self._state[pfn] = 0
+            zone.free_pages -= 1 << order
+            if current_order > order:
+                self._expand(zone, pfn, order, current_order, fallback_mt)
+            return pfn
+        return -1
+
     def _change_pageblock_range(self, pfn: int, order: int, mt: int) -> None:
         """``change_pageblock_range``."""
         for p in range(pfn, pfn + (1 << order), PAGEBLOCK_NR_PAGES):
@@ -198,9 +305,11 @@ class FallbackMixin:
             return 0, 0
         return self._move_freepages(zone, start, end, mt)
 
-    def _move_freepages(self, zone: Zone, start: int, end: int, mt: int) -> tuple[int, int]:
+    def _move_freepages(self, zone: Zone, start: int, end: int, mt: int,
+                        move: bool = True) -> tuple[int, int]:
         """``move_freepages`` over [start, end]: free heads move (at their list's
-        tail); other pages count as movable if their block was allocated MOVABLE."""
+        tail); other pages count as movable if their block was allocated MOVABLE.
+        ``move`` False: the counts alone (6.10+ ``prep_move_freepages_block``)."""
         st = self._state
         moved = movable = 0
         p = start
@@ -220,7 +329,8 @@ class FallbackMixin:
             kind = v & KIND_MASK
             if kind == PG_BUDDY:
                 order = v & ORDER_MASK
-                self._move_to_free_list(zone, p, order, mt)
+                if move:
+                    self._move_to_free_list(zone, p, order, mt)
                 p += 1 << order
                 moved += 1 << order
             elif kind:

@@ -29,6 +29,7 @@ from .types import (
     PAGEBLOCK_ORDER,
     PCP_BATCH_SCALE_MAX,
     PG_PCP,
+    RMQUEUE_NORMAL,
     WMARK_HIGH,
     ZoneType,
     order_to_pindex,
@@ -108,8 +109,20 @@ class PcpMixin:
         list's tail, in the physical order expand() produced them."""
         st = self._state
         code = PG_PCP | order
-        rmqueue = self._rmqueue_inner
         n = 0
+        if self._claim_or_steal:
+            # 6.15+: each call starts in the mode the last one found pages in
+            mode = RMQUEUE_NORMAL
+            moded = self._rmqueue_moded
+            while n < count:
+                pfn, mode = moded(zone, order, mt, alloc_flags, mode)
+                if pfn < 0:
+                    break
+                st[pfn] = code
+                lst.append(pfn << 4 | mt)
+                n += 1
+            return n
+        rmqueue = self._rmqueue_inner
         while n < count:
             pfn = rmqueue(zone, order, mt, alloc_flags)
             if pfn < 0:

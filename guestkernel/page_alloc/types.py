@@ -93,6 +93,27 @@ class PcpScheme(enum.IntEnum):
     #: ``free_count``; a drain frees to the pageblock's current type (6.10)
     AUTOTUNE = 2
 
+
+class FallbackScheme(enum.IntEnum):
+    """How a request takes memory of another migratetype, by kernel generation."""
+
+    #: up to 6.9 (5.10, 6.1): ``__rmqueue_fallback`` takes the largest
+    #: fallback block (a movable request that cannot claim its pageblock:
+    #: the smallest) and ``steal_suitable_fallback`` moves it, and perhaps
+    #: its pageblock's free pages, to the requested type's lists
+    MOVE_BLOCK = 0
+    #: 6.15+ (as in 7.2): ``__rmqueue_claim`` takes the largest block whose
+    #: pageblock it may and can claim (``try_to_claim_block``: half of it
+    #: free or alike), else ``__rmqueue_steal`` splits the smallest fallback
+    #: block on its own type's lists, the pageblock left alone;
+    #: ``rmqueue_bulk`` stays in the mode that last gave a page. (6.10-6.14's
+    #: middle form is not modelled.)
+    CLAIM_OR_STEAL = 1
+
+
+#: 6.15+ ``enum rmqueue_mode`` (no CMA here: RMQUEUE_CMA is never entered)
+RMQUEUE_NORMAL, RMQUEUE_CLAIM, RMQUEUE_STEAL = 0, 2, 3
+
 WMARK_MIN, WMARK_LOW, WMARK_HIGH = 0, 1, 2
 
 # alloc_flags (mm/internal.h), only those the model acts on.
