@@ -127,15 +127,8 @@ class FallbackMixin:
                 self._change_pageblock_range(pfn, current_order, start_type)
             elif whole_block:
                 free_pages, movable_pages = self._move_freepages_block(zone, pfn, start_type)
-                # How many pages are compatible with the allocation: for a
-                # movable one the movable pages; an unmovable/reclaimable one
-                # stealing from a MOVABLE block counts every non-movable page.
-                if start_type == MOVABLE:
-                    alike_pages = movable_pages
-                elif old_block_type == MOVABLE:
-                    alike_pages = PAGEBLOCK_NR_PAGES - (free_pages + movable_pages)
-                else:
-                    alike_pages = 0
+                alike_pages = self._alike_pages(start_type, old_block_type, free_pages,
+                                                movable_pages)
                 if free_pages:   # moving the whole block fails at zone boundaries
                     if (free_pages + alike_pages >= 1 << (PAGEBLOCK_ORDER - 1)
                             or self.page_group_by_mobility_disabled):
@@ -216,12 +209,7 @@ class FallbackMixin:
         free_pages, movable_pages = self._move_freepages(zone, start,
                                                          start + PAGEBLOCK_NR_PAGES - 1,
                                                          start_type, move=False)
-        if start_type == MOVABLE:
-            alike_pages = movable_pages
-        elif block_type == MOVABLE:
-            alike_pages = PAGEBLOCK_NR_PAGES - (free_pages + movable_pages)
-        else:
-            alike_pages = 0
+        alike_pages = self._alike_pages(start_type, block_type, free_pages, movable_pages)
         if free_pages + alike_pages >= 1 << (PAGEBLOCK_ORDER - 1) \
                 or self.page_group_by_mobility_disabled:
             self._move_freepages(zone, start, start + PAGEBLOCK_NR_PAGES - 1, start_type)
@@ -244,6 +232,18 @@ class FallbackMixin:
                 self._expand(zone, pfn, order, current_order, fallback_mt)
             return pfn
         return -1
+
+    @staticmethod
+    def _alike_pages(start_type: int, block_type: int, free_pages: int,
+                     movable_pages: int) -> int:
+        """How many of a pageblock's pages are compatible with the request:
+        for a movable one the movable pages; an unmovable/reclaimable one
+        taking from a MOVABLE block counts every non-movable page."""
+        if start_type == MOVABLE:
+            return movable_pages
+        if block_type == MOVABLE:
+            return PAGEBLOCK_NR_PAGES - (free_pages + movable_pages)
+        return 0
 
     def _change_pageblock_range(self, pfn: int, order: int, mt: int) -> None:
         """``change_pageblock_range``."""
