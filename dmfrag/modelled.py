@@ -124,6 +124,10 @@ class ModelledReplay:
     #: from a boot-time dump: marked untraced bulk calls whose pages no
     #: group (boot dump areas, later frees) matched when they were made
     bulk_calls_unmatched: int = 0
+    #: marked untraced bulk calls no group matched that are vmalloc's with
+    #: a node (6.1): made as a kernel thread's stack (4 pages; see
+    #: _Modelled._untraced_stack), not counted in bulk_calls_unmatched
+    bulk_calls_as_stacks: int = 0
     #: started from a boot-time dump: what was taken from it (see
     #: _Modelled._install_boot_state); None otherwise
     start_state: dict | None = None
@@ -162,7 +166,8 @@ class ModelledReplay:
                 "reserved_pages_freed": self.reserved_pages_freed,
                 "deferred_pages_freed": self.deferred_pages_freed,
                 "bulk": {"pages": self.bulk_pages, "same_pfn": self.bulk_same_pfn,
-                         "calls_unmatched": self.bulk_calls_unmatched},
+                         "calls_unmatched": self.bulk_calls_unmatched,
+                         "calls_as_stacks": self.bulk_calls_as_stacks},
                 "ring_buffer_pages": self.ring_buffer_pages,
                 "ftrace_pages": self.ftrace_pages, "early_pages": self.early_pages,
                 "early_requests_skipped": self.early_requests_skipped,
@@ -302,8 +307,11 @@ class _Modelled(Replayer):
         if self.boot_state is not None and header.get("kernel") in BULK_PROBES:
             func = BULK_PROBES[header["kernel"]][0]
             first_b = next((j for j, e in enumerate(events) if e[0] == "B"), len(events))
+            # (the marker of the first recorded call is that call's: its B
+            # event follows)
             self.bulk_markers = {j for j in range(self.start, first_b)
-                                 if events[j][0] == "U" and events[j][1] == func}
+                                 if events[j][0] == "U" and events[j][1] == func
+                                 and events[j + 1][0] != "B"}
             for j in self.bulk_markers:
                 self.bulk_before.setdefault(j, [])
         #: where setup_per_cpu_pageset ran (the recorder's marker; None:
@@ -888,7 +896,30 @@ class _Modelled(Replayer):
                 done[g] = 1
                 self._bulk_alloc(i, groups[g][2], self._bulk_gfp, 100)
                 return
+        if self.events[i][2] == _NODE_BULK_CALLER and not self.k.profile.vmalloc_high_order:
+            self._untraced_stack()
+            return
         self.res.bulk_calls_unmatched += 1
+
+    def _untraced_stack(self) -> None:
+        """An unmatched bulk call from vmalloc with a node (6.1's
+        ``alloc_pages_bulk_array_node``, inlined in ``__vmalloc_node_range``):
+        at boot those are the stacks of per-CPU kernel threads
+        (``kthread_create_on_cpu``: the CPU's node); every such call of the
+        6.1 boot recordings matched to a known group is a THREAD_SIZE stack
+        (4 pages). The model's bulk allocator gives 4 pages, kept without a
+        handle: Linux's pages are not known, and a later free of the same
+        pfns (the thread exiting) frees them as pages allocated before the
+        trace (_free_dumped)."""
+        got: list[int] = []
+        try:
+            vm_area_alloc_pages_bulk(self.k, got, THREAD_SIZE >> 12, self._bulk_gfp)
+        except AllocationError as exc:
+            raise PlacedReplayError(self.i + 2, f"the model is out of memory for an untraced "
+                                    f"kernel stack: {exc}") from None
+        self.res.bulk_calls_as_stacks += 1
+        self.res.bulk_pfns += got
+        self.res.bulk_pages += len(got)
 
     def _list_gives(self, g: int, heads: dict[int, int]) -> bool:
         """Whether the model's list gives bulk group ``g``'s pages next:
@@ -1335,6 +1366,13 @@ def _alloc_exact_tails(events: list[list], start: int) -> set[int]:
         if p == end:
             out.update(range(j + 1, k))
     return out
+
+
+#: the bulk allocator's caller when vmalloc asks for a node's pages (6.1:
+#: alloc_pages_bulk_array_node inlined), see _Modelled._untraced_stack
+_NODE_BULK_CALLER = "__vmalloc_node_range"
+#: x86-64's kernel stacks (no KASAN): 16K
+THREAD_SIZE = 16 << 10
 
 
 #: the recorder's marker on init_per_zone_wmark_min: its first step

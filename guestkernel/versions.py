@@ -254,8 +254,9 @@ class KernelVersion:
     vmalloc_high_order: bool = False
     #: alloc_pages_exact's make_alloc_exact frees the pages past the size
     #: with __free_pages_ok(FPI_TO_TAIL): straight to the buddy, at the
-    #: free list's tail, where older kernels (6.1) free_page() them onto
-    #: the per-CPU list's head (7.2's mm/page_alloc.c)
+    #: free list's tail, where older kernels free_page() them onto the
+    #: per-CPU list's head (read off the Debian builds' code: 5.10 calls
+    #: __free_pages, 6.1.0-56 and 7.2 __free_pages_ok)
     alloc_exact_tail_to_buddy: bool = False
     #: vmalloc takes order-0 pages from the bulk allocator, up to 100 a call
     #: (5.13, "mm/vmalloc: use bulk page allocator in __vmalloc_area_node")
@@ -394,7 +395,7 @@ VERSIONS: dict[str, KernelVersion] = {
         modules_vaddr=_MODULES_1G_IMAGE[0], modules_end=_MODULES_1G_IMAGE[1], pti=True,
         node_data_bytes=0x2B000, boot_cpa=_ALL_BOOT_CPA, bpf_prog_pack=True,
         vmstat_counters=_SPLITS, real_mode=(7, 3, 1, 2), ftrace_pages=159,
-        early_untraced_pages=(217, 2),
+        early_untraced_pages=(217, 2), alloc_exact_tail_to_buddy=True,
         deferred_reserved_unmovable=True, deferred_init=True,
         # Not applied (see BPF_SLAB_NOT_APPLIED): linux-6.1-8G-bpf-2048_secretmem-
         # 4096 has 257 order-2, 243 order-0 and 98 reclaimable order-0 new slab

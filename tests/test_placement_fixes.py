@@ -303,7 +303,7 @@ def test_modelled_replay_asks_the_models_bulk_allocator_for_a_b_event():
     assert again.error is None and again.bulk_same_pfn == 5
     assert again.untraced_frees == 0
     j = again.to_json()
-    assert j["bulk"] == {"pages": 5, "same_pfn": 5, "calls_unmatched": 0}
+    assert j["bulk"] == {"pages": 5, "same_pfn": 5, "calls_unmatched": 0, "calls_as_stacks": 0}
 
 
 def test_linux_split_tables_are_matched_with_the_models_own():
@@ -607,8 +607,9 @@ def test_free_pages_ok_to_tail_bypasses_the_per_cpu_lists():
 
 def test_alloc_pages_exact_tails_are_the_frees_right_after_their_block():
     """make_alloc_exact splits its block and frees the pages past the
-    size one by one, at once: those F events, and no others; 7.2's replay
-    frees them to the buddy's tail (6.1 free_page()s them: the pcp)."""
+    size one by one, at once: those F events, and no others; 6.1's and
+    7.2's replays free them to the buddy's tail (their make_alloc_exact
+    calls __free_pages_ok), 5.10's to the pcp (__free_pages)."""
     from dmfrag.modelled import _alloc_exact_tails
     ev = [["A", 0x7ae0, 4, "GFP_ATOMIC|__GFP_ZERO", 0, "kernel"],
           ["F", 0x7aec, 0], ["F", 0x7aed, 0], ["F", 0x7aee, 0], ["F", 0x7aef, 0],
@@ -617,7 +618,8 @@ def test_alloc_pages_exact_tails_are_the_frees_right_after_their_block():
           ["A", 0x9000, 1, "GFP_KERNEL", 0, "kernel"], ["F", 0x9000, 1]]
     assert _alloc_exact_tails(ev, 0) == {1, 2, 3, 4}
     assert get_version("7.2").alloc_exact_tail_to_buddy
-    assert not get_version("6.1").alloc_exact_tail_to_buddy
+    assert get_version("6.1").alloc_exact_tail_to_buddy
+    assert not get_version("5.10").alloc_exact_tail_to_buddy
 
 
 # -- 6.15+: claim a fallback pageblock, or steal one block -----------------------
@@ -672,3 +674,21 @@ def test_7_2_claims_or_steals():
     assert get_version("7.2").fallback_scheme is FallbackScheme.CLAIM_OR_STEAL
     assert get_version("6.1").fallback_scheme is FallbackScheme.MOVE_BLOCK
     assert Kernel.boot(ram="1G", profile="7.2", boot_cpa=False).buddy._claim_or_steal
+
+
+def test_an_unmatched_node_bulk_call_is_a_kernel_stack_on_6_1():
+    """6.1 from its trace-start dump: a marked bulk call from vmalloc with
+    a node (__vmalloc_node_range; at boot the stacks of per-CPU kernel
+    threads: every such call matched to a known group is 4 pages) that no
+    known group matches takes a 4-page stack (audit_init's kthread at
+    trace line 2106: Linux's next page from that list is 0x7d9eb, line
+    2107), and the marker of the first recorded call (its B event follows)
+    is not an untraced call."""
+    r = replay_modelled(TRUTH / "linux-6.1-2G-boot.jsonl.gz", start="trace-start")
+    assert r.bulk_calls_as_stacks >= 1 and r.bulk_calls_unmatched == 14
+    assert r.to_json()["bulk"]["calls_as_stacks"] == r.bulk_calls_as_stacks
+    from dmfrag.modelled import trace_diff
+    d = trace_diff(TRUTH / "linux-6.1-2G-boot.jsonl.gz", start="trace-start")
+    assert d.first["line"] > 3857 and d.allocations_before > 3000
+    seven = replay_modelled(TRUTH / "linux-7.2-2G-boot.jsonl.gz", start="trace-start")
+    assert seven.bulk_calls_as_stacks == 0       # 7.x: a stack is one order-2 block
