@@ -298,13 +298,15 @@ class _Modelled(Replayer):
                 self._boot_pack_pages = None
         for j in self.early_at:
             self.bulk_before.setdefault(j, [])
-        #: from a boot-time dump, with the recorder's marker on the bulk
-        #: allocator: where each call before its kprobes was (no B event
-        #: follows those); each makes the pending group the model's list
-        #: gives next, and groups wait for markers instead of being made as
-        #: soon as the list starts with their pages
+        #: through a boot, with the recorder's marker on the bulk allocator:
+        #: where each call before its kprobes was (no B event follows
+        #: those); from a boot-time dump each makes the pending group the
+        #: model's list gives next, and groups wait for markers instead of
+        #: being made as soon as the list starts with their pages; from the
+        #: model's own boot (no groups known) a call from vmalloc with a
+        #: node is a kernel stack (_untraced_stack)
         self.bulk_markers: set[int] = set()
-        if self.boot_state is not None and header.get("kernel") in BULK_PROBES:
+        if self._booting and header.get("kernel") in BULK_PROBES:
             func = BULK_PROBES[header["kernel"]][0]
             first_b = next((j for j, e in enumerate(events) if e[0] == "B"), len(events))
             # (the marker of the first recorded call is that call's: its B
