@@ -115,6 +115,8 @@ class ModelledReplay:
     #: from the model's own boot: the other early pages Linux allocated
     #: before the first event (_Modelled._early_untraced)
     early_pages: int = 0
+    #: ... of which freed by a free of Linux's at the same pfns (_free_early)
+    early_pages_freed: int = 0
     early_requests_skipped: int = 0
     #: pages the policy routed as a user's (secretmem, execmem), and pages
     #: of the trace's CPA passes not replayed because the policy had taken
@@ -170,6 +172,7 @@ class ModelledReplay:
                          "calls_as_stacks": self.bulk_calls_as_stacks},
                 "ring_buffer_pages": self.ring_buffer_pages,
                 "ftrace_pages": self.ftrace_pages, "early_pages": self.early_pages,
+                "early_pages_freed": self.early_pages_freed,
                 "early_requests_skipped": self.early_requests_skipped,
                 "policy_routed_pages": self.policy_routed_pages,
                 "policy_skipped_pages": self.policy_skipped_pages,
@@ -244,6 +247,8 @@ class _Modelled(Replayer):
         #: Linux pfn -> the head of its live allocation (for frees of parts)
         self.head_of: list[int] = [-1] * n
         self.skipped_tables: set[int] = set()
+        #: the model's early untraced pages still held (_early_untraced)
+        self._early_pfns: set[int] = set()
         #: the model's pages now given to the trace's allocations
         self.given = bytearray(n)
         self.gfp_cache: dict[str, int] = {}
@@ -585,7 +590,7 @@ class _Modelled(Replayer):
         def take(gfp: str, n: int) -> int:
             try:
                 for _ in range(n):
-                    self._alloc_pages(parse_gfp(gfp), 0)
+                    self._early_pfns.add(self._alloc_pages(parse_gfp(gfp), 0))
             except AllocationError as exc:
                 raise PlacedReplayError(1, f"the model is out of memory for the boot's early "
                                         f"untraced pages ({unmovable} + {reclaimable}): {exc}"
@@ -1004,6 +1009,8 @@ class _Modelled(Replayer):
                 return
             if self.start and self._free_dumped(pfn, order):
                 return
+            if self._early_pfns and self._free_early(pfn, order):
+                return
             self.res.untraced_frees += 1
             return
         whole, pages = self._release(pfn, order, head)
@@ -1085,6 +1092,23 @@ class _Modelled(Replayer):
             return False
         b.free_reserved_area(pfn, end)
         self.res.reserved_pages_freed += end - pfn
+        return True
+
+    def _free_early(self, pfn: int, order: int) -> bool:
+        """From the model's own boot: a free of pages Linux allocated before
+        the trace's first event (an early slab page, say) where the model
+        holds its own early untraced pages (:meth:`_early_untraced`, which
+        sit at Linux's pfns on the committed boot recordings): those are
+        freed. False unless every page of the block is one of them."""
+        pages = range(pfn, pfn + (1 << order))
+        early = self._early_pfns
+        if not all(p in early for p in pages):
+            return False
+        if order:
+            self.k.buddy.join_allocated(pfn, order)
+        early.difference_update(pages)
+        self._free_pages(pfn, order)
+        self.res.early_pages_freed += 1 << order
         return True
 
     def _free_dumped(self, pfn: int, order: int) -> bool:

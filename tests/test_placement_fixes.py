@@ -692,3 +692,15 @@ def test_an_unmatched_node_bulk_call_is_a_kernel_stack_on_6_1():
     assert d.first["line"] > 3857 and d.allocations_before > 3000
     seven = replay_modelled(TRUTH / "linux-7.2-2G-boot.jsonl.gz", start="trace-start")
     assert seven.bulk_calls_as_stacks == 0       # 7.x: a stack is one order-2 block
+
+
+def test_a_free_of_an_early_page_frees_the_models_own_early_page():
+    """From the model's own boot, its early untraced pages sit at Linux's
+    pfns: when 7.2 frees 0x6625 (trace line 1674, a page no event
+    allocated), the model frees its own early page there, and the next
+    slab page (line 1677) is 0x6625 in both."""
+    from dmfrag.modelled import trace_diff
+    r = replay_modelled(TRUTH / "linux-7.2-2G-boot.jsonl.gz")
+    assert r.early_pages_freed == 1 and r.to_json()["early_pages_freed"] == 1
+    d = trace_diff(TRUTH / "linux-7.2-2G-boot.jsonl.gz")
+    assert d.first["line"] > 1677 and d.allocations_before > 199
