@@ -509,7 +509,12 @@ class _Modelled(Replayer):
         stays deferred (the trace frees it). A page the model holds for
         itself that Linux has free (one of its tables at another pfn)
         stays the model's: counted in ``start_state["kept_by_model"]``."""
-        from guestkernel.from_state import free_lists, install_zone_params, reserve_module_areas
+        from guestkernel.from_state import (
+            free_lists,
+            install_zone_params,
+            reserve_module_areas,
+            split_as_linux,
+        )
         b = self.k.buddy
         st = self.boot_state
         mine = np.flatnonzero(b.page_states() == 2)
@@ -535,6 +540,9 @@ class _Modelled(Replayer):
         # them, with the page tables that takes, as in Linux (smaller ones,
         # 6.1's ftrace trampoline, have a table the model does not)
         reserve_module_areas(self.k, st, pmd_mapped_only=True)
+        # the direct map's 2M pages Linux split while booting before tracing
+        # (6.1: its first ftrace trampoline's alias) are split in the model too
+        split = split_as_linux(self.k, st)
         states = b.page_states()
         kept = 0
         for pfn in mine.tolist():
@@ -544,6 +552,7 @@ class _Modelled(Replayer):
         self.res.start_state = {"point": st.point, "free_blocks": counts["free_blocks"],
                                 "pcp_pages": counts["pcp_pages"],
                                 "handed_over": counts["handed_over"], "kept_by_model": kept,
+                                "split_as_linux": len(split),
                                 "nr_free_pages": b.nr_free() + b.nr_pcp_pages()}
 
     def _ring_buffer(self) -> None:

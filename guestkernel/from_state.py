@@ -48,7 +48,8 @@ from .owner import PageOwner
 from .shadow import S_MAPPED, to_shadow
 from .truth import rebase_direct
 
-__all__ = ["StateError", "e820_text", "free_lists", "install_state", "install_zone_params"]
+__all__ = ["StateError", "e820_text", "free_lists", "install_state", "install_zone_params",
+           "split_as_linux"]
 
 _PHYS = pt.ADDR_MASK
 _PS = int(F.PS)
@@ -302,6 +303,49 @@ def _shadow_from_entries(k: Any, ents: dict[tuple[int, int], int]) -> None:
     sh.kernel_ro = True
     sh.touched.clear()
     sh.touched_va.clear()
+
+
+def _one_table(pfn: int, va: int) -> Any:
+    """A ``pgtable_pfn_source`` that gives ``pfn`` once (a split of one 2M
+    page takes one table)."""
+    given = [pfn]
+
+    def linux_table() -> int:
+        if not given:
+            raise StateError(f"splitting the direct map at {va:#x} as Linux did took more "
+                             f"than Linux's one table page")
+        return given.pop()
+    return linux_table
+
+
+def split_as_linux(k: Any, state: Any) -> list[int]:
+    """The direct map's 2M pages that Linux had split by the state's moment
+    (a PMD entry pointing at a PTE table: a CPA split while booting, which
+    no split event counts) and that the booted model still maps whole: the
+    model splits them too, each with Linux's table page (allocated in the
+    state), counting no event as Linux's boot did not. The entries keep the
+    model's attributes. Regions the model maps with a 1G page are left
+    alone. Returns the split regions' first pfns."""
+    ents = _entries(state, k.page_offset)
+    po = k.page_offset
+    end = po + k.max_pfn * PAGE_SIZE
+    states = k.buddy.page_states()
+    done: list[int] = []
+    for (va, level), e in sorted(ents.items()):
+        if level != 2 or not po <= va < end or e & _PS or not e & int(F.P):
+            continue
+        found = k.pgt.lookup_slot(va)
+        table_pfn = (e & _PHYS) >> 12
+        if found is None or found[1] != 2 or not 0 <= table_pfn < len(states) \
+                or states[table_pfn] != 2:          # not a 2M leaf, or the table page not allocated
+            continue
+        source, k.pgtable_pfn_source = k.pgtable_pfn_source, _one_table(table_pfn, va)
+        try:
+            k.cpa.split_to_4k((va - po) >> 12, 1)
+        finally:
+            k.pgtable_pfn_source = source
+        done.append((va - po) >> 12)
+    return done
 
 
 def reserve_module_areas(k: Any, state: Any, *, pmd_mapped_only: bool = False) -> int:
