@@ -67,6 +67,7 @@ from .placed import (
     PlacedReplayError,
     Replayer,
     direct_pfn,
+    gc_paused,
     load_recorded,
     one_page_vmalloc,
 )
@@ -1428,8 +1429,9 @@ def replay_modelled(source: str | Path | list[str], *, policy: str | None = None
     (``Kernel.from_state``) and replays the events after it, so that every
     difference is the allocator's own, not the history's. ``metrics``:
     the result carries compare's fields (``ModelledReplay.metrics``)."""
-    header, events, states = load_recorded(source, kernel, truth)
-    return _Modelled(header, events, policy, states, start=start, metrics=metrics).run()
+    with gc_paused():
+        header, events, states = load_recorded(source, kernel, truth)
+        return _Modelled(header, events, policy, states, start=start, metrics=metrics).run()
 
 
 @dataclass
@@ -1448,8 +1450,9 @@ class TraceDiff:
 
 def trace_diff(source: str | Path | list[str], *, policy: str | None = None,
                kernel: str | None = None, start: str | None = None) -> TraceDiff:
-    header, events, states = load_recorded(source, kernel)
-    rep = _Modelled(header, events, policy, states, stop_at_difference=True, start=start)
-    res = rep.run()
+    with gc_paused():
+        header, events, states = load_recorded(source, kernel)
+        rep = _Modelled(header, events, policy, states, stop_at_difference=True, start=start)
+        res = rep.run()
     before = res.allocations - (1 if res.first_difference else 0)
     return TraceDiff(res.first_difference, before, res.error)
