@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from collections import deque
 
+from ._native import cbuddy
 from .types import (
     HIGHATOMIC,
     MIGRATE_PCPTYPES,
@@ -105,12 +106,20 @@ class PcpMixin:
     def _rmqueue_bulk(self, zone: Zone, order: int, count: int, lst: deque[int], mt: int,
                       alloc_flags: int) -> int:
         """``rmqueue_bulk``: up to ``count`` blocks from the buddy to the pcp
-        list's tail, in the physical order expand() produced them."""
+        list's tail, in the physical order expand() produced them. (In C,
+        when built, while ``__rmqueue_smallest`` finds blocks: ``_cbuddy.c``;
+        ``__rmqueue`` here when it does not.)"""
         st = self._state
         code = PG_PCP | order
         rmqueue = self._rmqueue_inner
         n = 0
         while n < count:
+            if cbuddy is not None:
+                n += cbuddy.rmqueue_bulk(self, zone, order, count - n, lst, mt, code)
+                if n >= count:
+                    break
+            # __rmqueue: the smallest block (none, when C just stopped), else
+            # a fallback type's
             pfn = rmqueue(zone, order, mt, alloc_flags)
             if pfn < 0:
                 break
