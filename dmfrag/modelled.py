@@ -614,7 +614,28 @@ class _Modelled(Replayer):
                                     f"{order} ({text}): {exc}") from None
         if user is not None:
             self._routed(mpfn, order, gfp)
-        self._placed(i, e, mpfn)
+        if order:
+            self._placed(i, e, mpfn)
+            return
+        # _placed and _count_placement of an order-0 page (most events), inline
+        pfn = e[1]
+        xl = self.xlate
+        if pfn < len(xl):
+            xl[pfn] = mpfn
+            self.head_of[pfn] = pfn
+        self.given[mpfn] = 1
+        self.blocks[pfn] = [mpfn, 0, i + 2, False]
+        r = self.res
+        r.allocations += 1
+        r.model_pfns.append(mpfn)
+        if mpfn == pfn:
+            r.same_pfn += 1
+        elif r.first_difference is None:
+            r.first_difference = self._describe(i, e, mpfn)
+            if self.stop_at_difference:
+                raise _Stop
+        if mpfn >> 9 == pfn >> 9:
+            r.same_2m_region += 1
 
     def _model_alloc_pages(self, i: int, e: list, gfp: int) -> None:
         """A user's high-order vmalloc block (7.x's execmem areas) under a
@@ -957,6 +978,19 @@ class _Modelled(Replayer):
                 return
             self.res.untraced_frees += 1
             return
+        if head == pfn and order == 0:
+            blk = self.blocks[head]
+            if blk[1] == 0 and not blk[3]:
+                # _release of a whole order-0 block (most events), inline
+                mhead = blk[0]
+                self.given[mhead] = 0
+                self.xlate[pfn] = -1
+                ho[pfn] = -1
+                if self.unmapped_by_policy:
+                    self.unmapped_by_policy.discard(mhead)
+                del self.blocks[head]
+                self._free_pages(mhead, 0)
+                return
         whole, pages = self._release(pfn, order, head)
         if whole:
             self._free_pages(pages[0], order)

@@ -421,6 +421,352 @@ out:
     return result;
 }
 
+
+/* ------------------------------------------------------------------------
+ * The order-0 per-CPU list paths of one call each: __alloc_pages and
+ * __free_pages when the pcp list serves them without anything else to do.
+ * Each either does the whole call, exactly as the Python code would, or
+ * (returning -1 / False) changes nothing and leaves the call to Python.
+ */
+
+#define ALLOC_WMARK_MASK 0x03
+#define ALLOC_HARDER 0x10
+#define WMARK_HIGH 2
+#define MOVABLE 1
+#define PG_ALLOC 0x20
+#define PG_ALLOC_MOVABLE 0x30
+#define PG_PCP 0x40
+
+static PyObject *s_ac_cache, *s_pcp_autotune, *s_pcp_legacy, *s_pcp_allowed,
+    *s_nr_reserved_highatomic, *s_below_high, *s_watermark, *s_lowmem_reserve, *s_pcp,
+    *s_lists, *s_count, *s_free_factor, *s_free_count, *s_popleft, *s_appendleft,
+    *s_allocated_once, *s_max_pfn, *s_zones_desc, *s_high, *s_batch,
+    *s_free_pcppages_bulk_legacy, *s_free_pcppages_bulk, *s_nr_pcp_free,
+    *s_free_unref_page_commit_autotune, *s_zero;
+
+/* obj.name as a C long (-1 with an error set on failure: check PyErr_Occurred) */
+static long attr_long(PyObject *obj, PyObject *name)
+{
+    PyObject *v = PyObject_GetAttr(obj, name);
+    if (v == NULL)
+        return -1;
+    long r = PyLong_AsLong(v);
+    Py_DECREF(v);
+    return r;
+}
+
+/* obj.name truth value (-1 on error) */
+static int attr_true(PyObject *obj, PyObject *name)
+{
+    PyObject *v = PyObject_GetAttr(obj, name);
+    if (v == NULL)
+        return -1;
+    int r = PyObject_IsTrue(v);
+    Py_DECREF(v);
+    return r;
+}
+
+/* obj.name[i] as a C long */
+static long attr_item_long(PyObject *obj, PyObject *name, Py_ssize_t i)
+{
+    PyObject *seq = PyObject_GetAttr(obj, name);
+    if (seq == NULL)
+        return -1;
+    PyObject *v = PySequence_GetItem(seq, i);
+    Py_DECREF(seq);
+    if (v == NULL)
+        return -1;
+    long r = PyLong_AsLong(v);
+    Py_DECREF(v);
+    return r;
+}
+
+static int set_attr_long(PyObject *obj, PyObject *name, long value)
+{
+    PyObject *v = PyLong_FromLong(value);
+    if (v == NULL)
+        return -1;
+    int rc = PyObject_SetAttr(obj, name, v);
+    Py_DECREF(v);
+    return rc;
+}
+
+/* pcp.lists[pindex] (a new reference) */
+static PyObject *pcp_list(PyObject *pcp, Py_ssize_t pindex)
+{
+    PyObject *lists = PyObject_GetAttr(pcp, s_lists);
+    if (lists == NULL)
+        return NULL;
+    PyObject *lst = PySequence_GetItem(lists, pindex);
+    Py_DECREF(lists);
+    return lst;
+}
+
+#define BAIL_IF(cond) do { if (cond) { ret = -1; goto out; } } while (0)
+#define FAIL_IF(cond) do { if (cond) { ret = -2; goto out; } } while (0)
+
+/*
+ * alloc_pages_fast(allocator, gfp, order) -> pfn, or -1 (nothing done):
+ * __alloc_pages of an order-0 page of a pcp type (the gfp's cached
+ * prepare_alloc_pages, no migratetype override) on its fast path, when
+ * get_page_from_freelist's first zone passes zone_watermark_fast's order-0
+ * shortcut (and, 6.7+, its high watermark's: ZONE_BELOW_HIGH stays as it
+ * is) and rmqueue -> rmqueue_pcplist -> __rmqueue_pcplist finds the pcp
+ * list non-empty: the list's head, free_factor / free_count halved,
+ * prep_new_page's state byte. Anything else (a watermark to check in
+ * full, a refill, another zone, an uncached gfp) is left to Python.
+ */
+static PyObject *py_alloc_pages_fast(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "alloc_pages_fast(allocator, gfp, order)");
+        return NULL;
+    }
+    PyObject *alloc = args[0], *gfp = args[1];
+    if (!PyLong_CheckExact(args[2]) || PyLong_AsLong(args[2]) != 0)
+        return PyLong_FromLong(-1);
+    long ret = -1;
+    PyObject *cache = NULL, *zone = NULL, *pcp = NULL, *lst = NULL, *x = NULL, *stobj = NULL;
+    cache = PyObject_GetAttr(alloc, s_ac_cache);
+    FAIL_IF(cache == NULL);
+    PyObject *ac = PyDict_Check(cache) ? PyDict_GetItemWithError(cache, gfp) : NULL;  /* borrowed */
+    FAIL_IF(ac == NULL && PyErr_Occurred());
+    BAIL_IF(ac == NULL || !PyTuple_Check(ac) || PyTuple_GET_SIZE(ac) != 5);
+    PyObject *zonelist = PyTuple_GET_ITEM(ac, 0);
+    long hz = PyLong_AsLong(PyTuple_GET_ITEM(ac, 1));
+    long mt = PyLong_AsLong(PyTuple_GET_ITEM(ac, 2));
+    long flags = PyLong_AsLong(PyTuple_GET_ITEM(ac, 3));
+    FAIL_IF(PyErr_Occurred());
+    BAIL_IF(!PyTuple_Check(zonelist) || PyTuple_GET_SIZE(zonelist) == 0);
+    BAIL_IF(mt < 0 || mt >= MIGRATE_PCPTYPES);
+    {
+        PyObject *allowed = PyObject_GetAttr(alloc, s_pcp_allowed);
+        FAIL_IF(allowed == NULL);
+        PyObject *a0 = PySequence_GetItem(allowed, 0);
+        Py_DECREF(allowed);
+        FAIL_IF(a0 == NULL);
+        int ok = PyObject_IsTrue(a0);
+        Py_DECREF(a0);
+        FAIL_IF(ok < 0);
+        BAIL_IF(!ok);
+    }
+    int autotune = attr_true(alloc, s_pcp_autotune);
+    FAIL_IF(autotune < 0);
+    /* get_page_from_freelist: the zonelist's first zone */
+    zone = PyTuple_GET_ITEM(zonelist, 0);
+    Py_INCREF(zone);
+    long free = attr_long(zone, s_free_pages);
+    long reserved = (flags & ALLOC_HARDER) ? 0 : attr_long(zone, s_nr_reserved_highatomic);
+    long lowmem = attr_item_long(zone, s_lowmem_reserve, hz);
+    FAIL_IF(PyErr_Occurred());
+    if (autotune) {
+        int below_high = attr_true(zone, s_below_high);
+        FAIL_IF(below_high < 0);
+        if (!below_high) {
+            long high = attr_item_long(zone, s_watermark, WMARK_HIGH);
+            FAIL_IF(PyErr_Occurred());
+            BAIL_IF(!(free - reserved > high + lowmem));
+        }
+    }
+    long mark = attr_item_long(zone, s_watermark, flags & ALLOC_WMARK_MASK);
+    FAIL_IF(PyErr_Occurred());
+    BAIL_IF(!(free - reserved > mark + lowmem));    /* zone_watermark_fast */
+    /* rmqueue -> rmqueue_pcplist: order_to_pindex(mt, 0) == mt */
+    pcp = PyObject_GetAttr(zone, s_pcp);
+    FAIL_IF(pcp == NULL);
+    lst = pcp_list(pcp, mt);
+    FAIL_IF(lst == NULL);
+    Py_ssize_t len = PyObject_Size(lst);
+    FAIL_IF(len < 0);
+    BAIL_IF(len == 0);                                 /* a refill: Python */
+    stobj = PyObject_GetAttr(alloc, s_state);
+    FAIL_IF(stobj == NULL);
+    /* from here on the call is ours: the same steps as the Python code */
+    FAIL_IF(PyObject_SetAttr(alloc, s_allocated_once, Py_True) < 0);
+    PyObject *factor = autotune ? s_free_count : s_free_factor;
+    long f = attr_long(pcp, factor);
+    FAIL_IF(f == -1 && PyErr_Occurred());
+    FAIL_IF(set_attr_long(pcp, factor, f >> 1) < 0);
+    FAIL_IF(add_long_attr(pcp, s_count, -1) < 0);
+    x = PyObject_CallMethodNoArgs(lst, s_popleft);
+    FAIL_IF(x == NULL);
+    long v = PyLong_AsLong(x);
+    FAIL_IF(v == -1 && PyErr_Occurred());
+    long pfn = v >> 4;
+    Py_buffer st;
+    FAIL_IF(get_bytes(stobj, &st, 1) < 0);
+    if (check_index(pfn, st.len) < 0) {
+        PyBuffer_Release(&st);
+        FAIL_IF(1);
+    }
+    ((unsigned char *)st.buf)[pfn] = mt == MOVABLE ? PG_ALLOC_MOVABLE : PG_ALLOC;  /* prep_new_page */
+    PyBuffer_Release(&st);
+    ret = pfn;
+out:
+    Py_XDECREF(cache);
+    Py_XDECREF(zone);
+    Py_XDECREF(pcp);
+    Py_XDECREF(lst);
+    Py_XDECREF(x);
+    Py_XDECREF(stobj);
+    if (ret == -2)
+        return NULL;
+    return PyLong_FromLong(ret);
+}
+
+/*
+ * free_pages_fast(allocator, pfn, order) -> True, or False (nothing done):
+ * __free_pages of an allocated order-0 page of a pcp type: free_the_page ->
+ * free_unref_page -> free_unref_page_commit, the page onto the head of its
+ * pcp list; then the scheme's drain check, whose drains (and 6.7+'s whole
+ * commit tail) are the Python methods. A bad free, a page of another type
+ * (HIGHATOMIC, ISOLATE, registered) or no order-0 pcp list: Python.
+ */
+static PyObject *py_free_pages_fast(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "free_pages_fast(allocator, pfn, order)");
+        return NULL;
+    }
+    PyObject *alloc = args[0];
+    if (!PyLong_CheckExact(args[1]) || !PyLong_CheckExact(args[2]) || PyLong_AsLong(args[2]) != 0)
+        Py_RETURN_FALSE;
+    long pfn = PyLong_AsLong(args[1]);
+    if (pfn == -1 && PyErr_Occurred()) {
+        PyErr_Clear();
+        Py_RETURN_FALSE;
+    }
+    long ret = -1;
+    PyObject *zones = NULL, *zone = NULL, *pcp = NULL, *lst = NULL, *stobj = NULL, *pbobj = NULL,
+             *x = NULL, *r = NULL, *n = NULL;
+    Py_buffer st = {0}, pb = {0};
+    int have_st = 0, have_pb = 0;
+    long max_pfn = attr_long(alloc, s_max_pfn);
+    FAIL_IF(max_pfn == -1 && PyErr_Occurred());
+    BAIL_IF(!(0 <= pfn && pfn < max_pfn));
+    stobj = PyObject_GetAttr(alloc, s_state);
+    FAIL_IF(stobj == NULL || get_bytes(stobj, &st, 1) < 0);
+    have_st = 1;
+    FAIL_IF(check_index(pfn, st.len) < 0);
+    unsigned char v = ((unsigned char *)st.buf)[pfn];
+    BAIL_IF(v != PG_ALLOC && v != PG_ALLOC_MOVABLE);        /* bad_page: Python */
+    /* page_zone: the first zone (by descending start) starting at or below pfn */
+    zones = PyObject_GetAttr(alloc, s_zones_desc);
+    FAIL_IF(zones == NULL);
+    Py_ssize_t nz = PySequence_Size(zones);
+    FAIL_IF(nz < 0);
+    BAIL_IF(nz == 0);
+    for (Py_ssize_t i = 0; i < nz; i++) {
+        Py_XDECREF(zone);
+        zone = PySequence_GetItem(zones, i);
+        FAIL_IF(zone == NULL);
+        long start = attr_long(zone, s_start_pfn);
+        FAIL_IF(start == -1 && PyErr_Occurred());
+        if (pfn >= start)
+            break;
+    }
+    pbobj = PyObject_GetAttr(alloc, s_pageblock_mt);
+    FAIL_IF(pbobj == NULL || get_bytes(pbobj, &pb, 0) < 0);
+    have_pb = 1;
+    FAIL_IF(check_index(pfn >> PAGEBLOCK_ORDER, pb.len) < 0);
+    long mt = ((unsigned char *)pb.buf)[pfn >> PAGEBLOCK_ORDER];
+    BAIL_IF(mt >= MIGRATE_PCPTYPES);
+    {
+        PyObject *allowed = PyObject_GetAttr(alloc, s_pcp_allowed);
+        FAIL_IF(allowed == NULL);
+        PyObject *a0 = PySequence_GetItem(allowed, 0);
+        Py_DECREF(allowed);
+        FAIL_IF(a0 == NULL);
+        int ok = PyObject_IsTrue(a0);
+        Py_DECREF(a0);
+        FAIL_IF(ok < 0);
+        BAIL_IF(!ok);
+    }
+    int autotune = attr_true(alloc, s_pcp_autotune);
+    FAIL_IF(autotune < 0);
+    int legacy = attr_true(alloc, s_pcp_legacy);
+    FAIL_IF(legacy < 0);
+    pcp = PyObject_GetAttr(zone, s_pcp);
+    FAIL_IF(pcp == NULL);
+    lst = pcp_list(pcp, mt);                    /* order_to_pindex(mt, 0) == mt */
+    FAIL_IF(lst == NULL);
+    /* free_unref_page_commit: onto the list's head */
+    x = PyLong_FromLong(pfn << 4 | mt);
+    FAIL_IF(x == NULL);
+    r = PyObject_CallMethodOneArg(lst, s_appendleft, x);
+    FAIL_IF(r == NULL);
+    Py_CLEAR(r);
+    ((unsigned char *)st.buf)[pfn] = PG_PCP;
+    FAIL_IF(add_long_attr(pcp, s_count, 1) < 0);
+    ret = 1;
+    if (autotune) {
+        /* 6.7+: the rest of free_unref_page_commit (order 0, pindex mt) */
+        n = PyLong_FromLong(mt);
+        FAIL_IF(n == NULL);
+        r = PyObject_CallMethodObjArgs(alloc, s_free_unref_page_commit_autotune, zone, pcp,
+                                       s_zero, n, NULL);
+        FAIL_IF(r == NULL);
+        goto out;
+    }
+    long count = attr_long(pcp, s_count);
+    long high = attr_long(pcp, s_high);
+    FAIL_IF(PyErr_Occurred());
+    if (legacy) {
+        /* before 5.13/5.14: at high, free pcp->batch pages */
+        if (count >= high) {
+            PyObject *batch = PyObject_GetAttr(pcp, s_batch);
+            FAIL_IF(batch == NULL);
+            r = PyObject_CallMethodObjArgs(alloc, s_free_pcppages_bulk_legacy, zone, batch, pcp,
+                                           NULL);
+            Py_DECREF(batch);
+            FAIL_IF(r == NULL);
+        }
+        goto out;
+    }
+    /* 5.13-6.6: an order-0 page is never free_high: high is pcp->high */
+    if (count >= high) {
+        PyObject *batch = PyObject_GetAttr(pcp, s_batch);
+        FAIL_IF(batch == NULL);
+        PyObject *highobj = PyLong_FromLong(high);
+        if (highobj == NULL) {
+            Py_DECREF(batch);
+            FAIL_IF(1);
+        }
+        PyObject *nr = PyObject_CallMethodObjArgs(alloc, s_nr_pcp_free, pcp, highobj, batch,
+                                                  Py_False, NULL);
+        Py_DECREF(batch);
+        Py_DECREF(highobj);
+        FAIL_IF(nr == NULL);
+        n = PyLong_FromLong(mt);
+        if (n == NULL) {
+            Py_DECREF(nr);
+            FAIL_IF(1);
+        }
+        r = PyObject_CallMethodObjArgs(alloc, s_free_pcppages_bulk, zone, nr, pcp, n, NULL);
+        Py_DECREF(nr);
+        FAIL_IF(r == NULL);
+    }
+out:
+    if (have_st)
+        PyBuffer_Release(&st);
+    if (have_pb)
+        PyBuffer_Release(&pb);
+    Py_XDECREF(zones);
+    Py_XDECREF(zone);
+    Py_XDECREF(pcp);
+    Py_XDECREF(lst);
+    Py_XDECREF(stobj);
+    Py_XDECREF(pbobj);
+    Py_XDECREF(x);
+    Py_XDECREF(r);
+    Py_XDECREF(n);
+    if (ret == -2)
+        return NULL;
+    if (ret == 1)
+        Py_RETURN_TRUE;
+    Py_RETURN_FALSE;
+}
+
 static PyMethodDef methods[] = {
     {"rmqueue_smallest", (PyCFunction)(void (*)(void))py_rmqueue_smallest, METH_FASTCALL,
      "__rmqueue_smallest + expand: (allocator, zone, order, mt) -> pfn or -1"},
@@ -429,6 +775,12 @@ static PyMethodDef methods[] = {
      "(allocator, zone, order, count, lst, mt, code) -> n"},
     {"free_one_page", (PyCFunction)(void (*)(void))py_free_one_page, METH_FASTCALL,
      "__free_one_page: (allocator, zone, pfn, order, mt, to_tail) -> None"},
+    {"alloc_pages_fast", (PyCFunction)(void (*)(void))py_alloc_pages_fast, METH_FASTCALL,
+     "__alloc_pages of an order-0 page off a non-empty pcp list: "
+     "(allocator, gfp, order) -> pfn, or -1 (nothing done)"},
+    {"free_pages_fast", (PyCFunction)(void (*)(void))py_free_pages_fast, METH_FASTCALL,
+     "__free_pages of an order-0 page onto its pcp list: "
+     "(allocator, pfn, order) -> True, or False (nothing done)"},
     {NULL, NULL, 0, NULL},
 };
 
@@ -450,6 +802,32 @@ PyMODINIT_FUNC PyInit__cbuddy(void)
     INTERN(s_state, "_state");
     INTERN(s_pageblock_mt, "_pageblock_mt");
     INTERN(s_free_list_of, "_free_list_of");
+    INTERN(s_ac_cache, "_ac_cache");
+    INTERN(s_pcp_autotune, "_pcp_autotune");
+    INTERN(s_pcp_legacy, "_pcp_legacy");
+    INTERN(s_pcp_allowed, "_pcp_allowed");
+    INTERN(s_nr_reserved_highatomic, "nr_reserved_highatomic");
+    INTERN(s_below_high, "below_high");
+    INTERN(s_watermark, "watermark");
+    INTERN(s_lowmem_reserve, "lowmem_reserve");
+    INTERN(s_pcp, "pcp");
+    INTERN(s_lists, "lists");
+    INTERN(s_count, "count");
+    INTERN(s_free_factor, "free_factor");
+    INTERN(s_free_count, "free_count");
+    INTERN(s_popleft, "popleft");
+    INTERN(s_appendleft, "appendleft");
+    INTERN(s_allocated_once, "_allocated_once");
+    INTERN(s_max_pfn, "max_pfn");
+    INTERN(s_zones_desc, "_zones_desc");
+    INTERN(s_high, "high");
+    INTERN(s_batch, "batch");
+    INTERN(s_free_pcppages_bulk_legacy, "_free_pcppages_bulk_legacy");
+    INTERN(s_free_pcppages_bulk, "_free_pcppages_bulk");
+    INTERN(s_nr_pcp_free, "_nr_pcp_free");
+    INTERN(s_free_unref_page_commit_autotune, "_free_unref_page_commit_autotune");
 #undef INTERN
+    if ((s_zero = PyLong_FromLong(0)) == NULL)
+        return NULL;
     return PyModule_Create(&module);
 }

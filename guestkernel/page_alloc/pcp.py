@@ -25,6 +25,7 @@ from .types import (
     HIGHATOMIC,
     MIGRATE_PCPTYPES,
     MOVABLE,
+    NR_LOWORDER_PCP_LISTS,
     NR_PCP_LISTS,
     PAGE_ALLOC_COSTLY_ORDER,
     PAGEBLOCK_ORDER,
@@ -32,7 +33,6 @@ from .types import (
     PG_PCP,
     WMARK_HIGH,
     ZoneType,
-    order_to_pindex,
     pindex_to_order,
 )
 from .zone import PerCpuPages, Zone
@@ -58,7 +58,9 @@ class PcpMixin:
         allocator calls ``__rmqueue_pcplist`` itself, leaving
         ``free_factor`` / ``free_count`` alone."""
         pcp = zone.pcp
-        lst = pcp.lists[order_to_pindex(mt, order)]
+        # order_to_pindex, inline
+        lst = pcp.lists[MIGRATE_PCPTYPES * order + mt if order <= PAGE_ALLOC_COSTLY_ORDER
+                        else NR_LOWORDER_PCP_LISTS]
         if not lst:
             if self._pcp_autotune:
                 batch = self._nr_pcp_alloc(pcp, zone, order)
@@ -143,7 +145,9 @@ class PcpMixin:
             list_mt = MOVABLE
         # free_unref_page_commit
         pcp = zone.pcp
-        pindex = order_to_pindex(list_mt, order)
+        # order_to_pindex, inline
+        pindex = (MIGRATE_PCPTYPES * order + list_mt if order <= PAGE_ALLOC_COSTLY_ORDER
+                  else NR_LOWORDER_PCP_LISTS)
         pcp.lists[pindex].appendleft(pfn << 4 | mt)
         self._state[pfn] = PG_PCP | order
         pcp.count += 1 << order
