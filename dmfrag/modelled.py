@@ -275,6 +275,8 @@ class _Modelled(Replayer):
         #: boot calls made at their markers (through a boot), and the end
         #: of each one's span (_table_span)
         self._call_span_end: dict[int, int] = {}
+        #: the recorder's markers (``U`` events) from the start on, by index
+        self._marks = _markers(events, self.start)
         self.early_at: dict[int, object] = (self._early_call_markers()
                                             if self._booting else {})
         #: Linux's pages of the boot's first bpf_prog_pack, where the
@@ -303,14 +305,14 @@ class _Modelled(Replayer):
                 self.bulk_before.setdefault(j, [])
         #: where setup_per_cpu_pageset ran (the recorder's marker; None:
         #: not recorded, made before the first event)
-        self.pcp_at = next((j for j in range(self.start, len(events))
-                            if events[j][0] == "U" and events[j][1] == "setup_per_cpu_pageset"),
+        marks = self._marks
+        self.pcp_at = next((j for j in marks if events[j][1] == "setup_per_cpu_pageset"),
                            None) if self._booting else None
         if self.pcp_at is not None:
             self.bulk_before.setdefault(self.pcp_at, [])
         #: a batch free (free_pages_bulk: FREE_MARKERS) -> its first F event
         #: index -> its last: those pages are freed together, as Linux did
-        self.free_runs: dict[int, int] = _free_runs(events, self.start)
+        self.free_runs: dict[int, int] = _free_runs(events, self.start, marks)
         self._run_end = -1
         #: vmalloc's GFP (the inferred calls), and one per recorded
         #: migratetype (the bulk probe keeps only the GFP's mobility)
@@ -428,8 +430,8 @@ class _Modelled(Replayer):
             # each call's first marker, wherever it is: 7.2 frees the SMP
             # alternatives after the boot's bpf_prog_pack, not in
             # start_kernel's order
-            j = next((j for j in range(self.start, len(ev))
-                      if ev[j][0] == "U" and len(ev[j]) > 2 and ev[j][2] in callers[call]
+            j = next((j for j in self._marks
+                      if len(ev[j]) > 2 and ev[j][2] in callers[call]
                       and j not in out and before_kprobes(j)), None)
             if j is None:
                 continue
@@ -1327,15 +1329,34 @@ def ring_buffer_pages(boot_log: str) -> int:
     return max(-(-size // _BUF_PAGE_SIZE), 2) + 1
 
 
-def _free_runs(events: list[list], start: int) -> dict[int, int]:
+def _markers(events: list[list], start: int) -> list[int]:
+    """The indices of the ``U`` events (the recorder's markers) from ``start``
+    on, in order (found by ``list.index`` over the events' kinds: one pass
+    in C)."""
+    kinds = [e[0] for e in events]
+    out: list[int] = []
+    i = start
+    try:
+        while True:
+            i = kinds.index("U", i)
+            out.append(i)
+            i += 1
+    except ValueError:
+        return out
+
+
+def _free_runs(events: list[list], start: int, markers: list[int] | None = None
+               ) -> dict[int, int]:
     """The batch frees (``U`` events of :data:`FREE_MARKERS`): the first and
-    last index of the order-0 ``F`` events in a row right after each."""
+    last index of the order-0 ``F`` events in a row right after each.
+    ``markers``: the ``U`` events' indices from ``start`` on, if known
+    (:func:`_markers`)."""
     names = {name for names in FREE_MARKERS.values() for name in names}
     out: dict[int, int] = {}
     n = len(events)
-    for i in range(start, n):
+    for i in (markers if markers is not None else _markers(events, start)):
         e = events[i]
-        if e[0] == "U" and e[1] in names:
+        if e[1] in names:
             j = i + 1
             while j < n and events[j][0] == "F" and events[j][2] == 0:
                 j += 1
