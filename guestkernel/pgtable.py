@@ -78,6 +78,9 @@ class KernelPageTables:
         #: the direct map's base (PAGE_OFFSET of this layout)
         self.page_offset = layout.page_offset
         self.ram64: np.ndarray = machine.ram64
+        #: the same memory read entry by entry: a memoryview's item is a
+        #: Python int already (numpy's is a scalar to convert)
+        self._ram64_items = memoryview(self.ram64)
         self.root = root
         self.alloc_table = alloc_table
         self.free_table = free_table
@@ -98,7 +101,7 @@ class KernelPageTables:
         return (table >> 3) + index
 
     def get(self, slot: int) -> int:
-        return int(self.ram64[slot])
+        return self._ram64_items[slot]
 
     def set(self, slot: int, value: int) -> None:
         if self.journal is not None:
@@ -130,12 +133,12 @@ class KernelPageTables:
         a large or non-present upper entry, else the PTE (even if none).
         None when an upper level has no entry at all."""
         table = self.root
-        ram64 = self.ram64
+        ram64 = self._ram64_items
         for level in range(self.levels, 1, -1):
             # slot(table, table_index(va, level)) and get(slot), inline (hot):
             # level_shift(level) is PAGE_SHIFT + 9 * (level - 1)
             slot = (table >> 3) + ((va >> (9 * level + 3)) & 511)
-            entry = int(ram64[slot])
+            entry = ram64[slot]
             if entry == 0:
                 return None
             if level < 4 and (entry & _PS or not entry & _P):
