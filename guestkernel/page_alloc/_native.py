@@ -7,13 +7,16 @@ reference: it runs when the extension is not built, or with
 
 from __future__ import annotations
 
+import importlib
 import os
+from types import ModuleType
 
 __all__ = ["cbuddy"]
 
-cbuddy = None
+cbuddy: ModuleType | None = None
 if os.environ.get("DMFRAG_PURE_PYTHON_ALLOC", "") in ("", "0"):
     try:
-        from . import _cbuddy as cbuddy
+        # (by its full name, as emu/_native.py finds emu._cnative)
+        cbuddy = importlib.import_module("guestkernel.page_alloc._cbuddy")
     except ImportError:       # not built: the Python reference
         cbuddy = None
