@@ -444,6 +444,16 @@ static PyObject *s_ac_cache, *s_pcp_autotune, *s_pcp_legacy, *s_pcp_allowed,
     *s_free_pcppages_bulk_legacy, *s_free_pcppages_bulk, *s_nr_pcp_free,
     *s_free_unref_page_commit_autotune, *s_zero;
 
+/* An int that is exactly 0 (no error left set for any other object). */
+static int is_zero(PyObject *v)
+{
+    if (!PyLong_CheckExact(v))
+        return 0;
+    int overflow;
+    long x = PyLong_AsLongAndOverflow(v, &overflow);
+    return x == 0 && !overflow;
+}
+
 /* obj.name as a C long (-1 with an error set on failure: check PyErr_Occurred) */
 static long attr_long(PyObject *obj, PyObject *name)
 {
@@ -523,7 +533,7 @@ static PyObject *py_alloc_pages_fast(PyObject *self, PyObject *const *args, Py_s
         return NULL;
     }
     PyObject *alloc = args[0], *gfp = args[1];
-    if (!PyLong_CheckExact(args[2]) || PyLong_AsLong(args[2]) != 0)
+    if (!is_zero(args[2]))
         return PyLong_FromLong(-1);
     long ret = -1;
     PyObject *cache = NULL, *zone = NULL, *pcp = NULL, *lst = NULL, *x = NULL, *stobj = NULL;
@@ -629,7 +639,7 @@ static PyObject *py_free_pages_fast(PyObject *self, PyObject *const *args, Py_ss
         return NULL;
     }
     PyObject *alloc = args[0];
-    if (!PyLong_CheckExact(args[1]) || !PyLong_CheckExact(args[2]) || PyLong_AsLong(args[2]) != 0)
+    if (!PyLong_CheckExact(args[1]) || !is_zero(args[2]))
         Py_RETURN_FALSE;
     long pfn = PyLong_AsLong(args[1]);
     if (pfn == -1 && PyErr_Occurred()) {
