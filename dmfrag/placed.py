@@ -711,18 +711,20 @@ class _Replayer:
         stack: list[list | None] = []        # the arguments of the passes open
         top: list | None = None
         before = self.bulk_before
-        for i in range(start, len(self.events)):
+        events = self.events
+        on_alloc, on_free = self._on_alloc, self._on_free
+        for i in range(start, len(events)):
             self.i = i
             if before and i in before:
                 self._before_event(i)
-            e = self.events[i]
+            e = events[i]
             kind = e[0]
             if kind == "A":
-                self._on_alloc(i, e, stack[-1] if stack else None)
+                on_alloc(i, e, stack[-1] if stack else None)
+            elif kind == "F":
+                on_free(i, e[1], e[2])
             elif kind == "B":
                 self._on_bulk(i, e)
-            elif kind == "F":
-                self._on_free(i, e[1], e[2])
             elif kind == "C":
                 args = e[2]
                 if args is None:

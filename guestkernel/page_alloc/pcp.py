@@ -319,7 +319,10 @@ class PcpMixin:
             if isolated:
                 pmt = self._pageblock_mt[pfn >> PAGEBLOCK_ORDER]
             st[pfn] = 0
-            self._free_one_page(zone, pfn, 0, pmt)
+            if cbuddy is not None:      # __free_one_page in C, without the method's frame
+                cbuddy.free_one_page(self, zone, pfn, 0, pmt, False)
+            else:
+                self._free_one_page(zone, pfn, 0, pmt)
 
     def drain_pages(self, zone: Zone | ZoneType | int | None = None) -> None:
         """``drain_all_pages`` (or ``drain_pages_zone`` of one zone): return every
