@@ -358,7 +358,13 @@ static PyObject *py_free_one_page(PyObject *self, PyObject *const *args, Py_ssiz
         }
         if (!in) {
             Py_DECREF(d);
-            d = PyObject_CallMethod(alloc, "_free_list_of", "OOl", zone, key, order);
+            PyObject *o = PyLong_FromLong(order);
+            if (o == NULL) {
+                Py_DECREF(key);
+                goto out;
+            }
+            d = PyObject_CallMethodObjArgs(alloc, s_free_list_of, zone, key, o, NULL);
+            Py_DECREF(o);
             if (d == NULL) {
                 Py_DECREF(key);
                 goto out;
