@@ -1,5 +1,6 @@
 # Each target sets itself up: a virtual environment in .venv, the project
-# installed editable with its test extra (which compiles emu/_native.c).
+# installed editable with its test extra (which compiles emu/_native.c and
+# guestkernel/page_alloc/_cbuddy.c).
 # `make test` also installs, as root, the Debian packages the real-kernel
 # tests need (qemu-system-x86, busybox-static, cpio; libelf1 for the kernels'
 # objtool, which builds the project's guest module); without root they skip.
@@ -11,7 +12,7 @@ DEBS   := qemu-system-x86 busybox-static cpio libelf1
 
 .PHONY: demo test bench realkernel-deps reference-traces truth-states clean
 
-$(STAMP): pyproject.toml setup.py emu/_native.c
+$(STAMP): pyproject.toml setup.py emu/_native.c guestkernel/page_alloc/_cbuddy.c
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[test]'
 	touch $(STAMP)
@@ -61,4 +62,4 @@ truth-states: $(STAMP) realkernel-deps
 	$(PY) -m dmfrag.cli realkernel record --grid tests/data/truth/truth.toml -o tests/data/truth --truth
 
 clean:
-	rm -rf $(VENV) build *.egg-info emu/*.so .pytest_cache .hypothesis
+	rm -rf $(VENV) build *.egg-info emu/*.so guestkernel/page_alloc/*.so .pytest_cache .hypothesis

@@ -67,6 +67,7 @@ from .placed import (
     PlacedReplayError,
     Replayer,
     direct_pfn,
+    gc_paused,
     load_recorded,
     one_page_vmalloc,
 )
@@ -290,6 +291,8 @@ class _Modelled(Replayer):
         #: boot calls made at their markers (through a boot), and the end
         #: of each one's span (_table_span)
         self._call_span_end: dict[int, int] = {}
+        #: the recorder's markers (``U`` events) from the start on, by index
+        self._marks = _markers(events, self.start)
         self.early_at: dict[int, object] = (self._early_call_markers()
                                             if self._booting else {})
         #: Linux's pages of the boot's first bpf_prog_pack, where the
@@ -323,20 +326,20 @@ class _Modelled(Replayer):
                 self.bulk_before.setdefault(j, [])
         #: where setup_per_cpu_pageset ran (the recorder's marker; None:
         #: not recorded, made before the first event)
-        self.pcp_at = next((j for j in range(self.start, len(events))
-                            if events[j][0] == "U" and events[j][1] == "setup_per_cpu_pageset"),
+        marks = self._marks
+        self.pcp_at = next((j for j in marks if events[j][1] == "setup_per_cpu_pageset"),
                            None) if self._booting else None
         if self.pcp_at is not None:
             self.bulk_before.setdefault(self.pcp_at, [])
         #: where init_per_zone_wmark_min ran (5.14+: the watermarks and the
         #: per-CPU lists' sizes; see _wmark_min_at); None: right after the
         #: boot's first JIT, as Kernel.boot makes it
-        self.wmark_at = _wmark_min_at(events, self.start) if self._booting else None
+        self.wmark_at = _wmark_min_at(events, self.start, marks) if self._booting else None
         if self.wmark_at is not None:
             self.bulk_before.setdefault(self.wmark_at, [])
         #: a batch free (free_pages_bulk: FREE_MARKERS) -> its first F event
         #: index -> its last: those pages are freed together, as Linux did
-        self.free_runs: dict[int, int] = _free_runs(events, self.start)
+        self.free_runs: dict[int, int] = _free_runs(events, self.start, marks)
         self._run_end = -1
         #: vmalloc's GFP (the inferred calls), and one per recorded
         #: migratetype (the bulk probe keeps only the GFP's mobility)
@@ -454,8 +457,8 @@ class _Modelled(Replayer):
             # each call's first marker, wherever it is: 7.2 frees the SMP
             # alternatives after the boot's bpf_prog_pack, not in
             # start_kernel's order
-            j = next((j for j in range(self.start, len(ev))
-                      if ev[j][0] == "U" and len(ev[j]) > 2 and ev[j][2] in callers[call]
+            j = next((j for j in self._marks
+                      if len(ev[j]) > 2 and ev[j][2] in callers[call]
                       and j not in out and before_kprobes(j)), None)
             if j is None:
                 continue
@@ -650,7 +653,28 @@ class _Modelled(Replayer):
                                     f"{order} ({text}): {exc}") from None
         if user is not None:
             self._routed(mpfn, order, gfp)
-        self._placed(i, e, mpfn)
+        if order:
+            self._placed(i, e, mpfn)
+            return
+        # _placed and _count_placement of an order-0 page (most events), inline
+        pfn = e[1]
+        xl = self.xlate
+        if pfn < len(xl):
+            xl[pfn] = mpfn
+            self.head_of[pfn] = pfn
+        self.given[mpfn] = 1
+        self.blocks[pfn] = [mpfn, 0, i + 2, False]
+        r = self.res
+        r.allocations += 1
+        r.model_pfns.append(mpfn)
+        if mpfn == pfn:
+            r.same_pfn += 1
+        elif r.first_difference is None:
+            r.first_difference = self._describe(i, e, mpfn)
+            if self.stop_at_difference:
+                raise _Stop
+        if mpfn >> 9 == pfn >> 9:
+            r.same_2m_region += 1
 
     def _model_alloc_pages(self, i: int, e: list, gfp: int) -> None:
         """A user's high-order vmalloc block (7.x's execmem areas) under a
@@ -1022,6 +1046,19 @@ class _Modelled(Replayer):
                 return
             self.res.untraced_frees += 1
             return
+        if head == pfn and order == 0:
+            blk = self.blocks[head]
+            if blk[1] == 0 and not blk[3]:
+                # _release of a whole order-0 block (most events), inline
+                mhead = blk[0]
+                self.given[mhead] = 0
+                self.xlate[pfn] = -1
+                ho[pfn] = -1
+                if self.unmapped_by_policy:
+                    self.unmapped_by_policy.discard(mhead)
+                del self.blocks[head]
+                self._free_pages(mhead, 0)
+                return
         whole, pages = self._release(pfn, order, head)
         if whole:
             self._free_pages(pages[0], order)
@@ -1415,7 +1452,8 @@ THREAD_SIZE = 16 << 10
 _WMARK_MIN_MARKER = "calculate_min_free_kbytes"
 
 
-def _wmark_min_at(events: list[list], start: int) -> int | None:
+def _wmark_min_at(events: list[list], start: int, markers: list[int] | None = None
+                  ) -> int | None:
     """The event before which ``init_per_zone_wmark_min`` ran (the
     postcore initcall that sets the watermarks and, 5.14+, sizes the
     per-CPU lists from them: see guestkernel.boot.postcore_initcalls):
@@ -1426,10 +1464,10 @@ def _wmark_min_at(events: list[list], start: int) -> int | None:
     of its remap and of audit_init's thread that follow. Checked against
     recordings with the marker: exact on 7.2 (2G, 4G); on 6.1 two order-0
     slab pages early (audit_init's, made before the marker there).
-    None: neither is in the trace."""
-    for j in range(start, len(events)):
-        e = events[j]
-        if e[0] == "U" and e[1] == _WMARK_MIN_MARKER:
+    None: neither is in the trace. ``markers``: the ``U`` events' indices
+    from ``start`` on, if known (:func:`_markers`)."""
+    for j in (markers if markers is not None else _markers(events, start)):
+        if events[j][1] == _WMARK_MIN_MARKER:
             return j
     for j in range(start, len(events)):
         e = events[j]
@@ -1442,15 +1480,34 @@ def _wmark_min_at(events: list[list], start: int) -> int | None:
     return None
 
 
-def _free_runs(events: list[list], start: int) -> dict[int, int]:
+def _markers(events: list[list], start: int) -> list[int]:
+    """The indices of the ``U`` events (the recorder's markers) from ``start``
+    on, in order (found by ``list.index`` over the events' kinds: one pass
+    in C)."""
+    kinds = [e[0] for e in events]
+    out: list[int] = []
+    i = start
+    try:
+        while True:
+            i = kinds.index("U", i)
+            out.append(i)
+            i += 1
+    except ValueError:
+        return out
+
+
+def _free_runs(events: list[list], start: int, markers: list[int] | None = None
+               ) -> dict[int, int]:
     """The batch frees (``U`` events of :data:`FREE_MARKERS`): the first and
-    last index of the order-0 ``F`` events in a row right after each."""
+    last index of the order-0 ``F`` events in a row right after each.
+    ``markers``: the ``U`` events' indices from ``start`` on, if known
+    (:func:`_markers`)."""
     names = {name for names in FREE_MARKERS.values() for name in names}
     out: dict[int, int] = {}
     n = len(events)
-    for i in range(start, n):
+    for i in (markers if markers is not None else _markers(events, start)):
         e = events[i]
-        if e[0] == "U" and e[1] in names:
+        if e[1] in names:
             j = i + 1
             while j < n and events[j][0] == "F" and events[j][2] == 0:
                 j += 1
@@ -1578,8 +1635,9 @@ def replay_modelled(source: str | Path | list[str], *, policy: str | None = None
     (``Kernel.from_state``) and replays the events after it, so that every
     difference is the allocator's own, not the history's. ``metrics``:
     the result carries compare's fields (``ModelledReplay.metrics``)."""
-    header, events, states = load_recorded(source, kernel, truth)
-    return _Modelled(header, events, policy, states, start=start, metrics=metrics).run()
+    with gc_paused():
+        header, events, states = load_recorded(source, kernel, truth)
+        return _Modelled(header, events, policy, states, start=start, metrics=metrics).run()
 
 
 @dataclass
@@ -1598,8 +1656,9 @@ class TraceDiff:
 
 def trace_diff(source: str | Path | list[str], *, policy: str | None = None,
                kernel: str | None = None, start: str | None = None) -> TraceDiff:
-    header, events, states = load_recorded(source, kernel)
-    rep = _Modelled(header, events, policy, states, stop_at_difference=True, start=start)
-    res = rep.run()
+    with gc_paused():
+        header, events, states = load_recorded(source, kernel)
+        rep = _Modelled(header, events, policy, states, stop_at_difference=True, start=start)
+        res = rep.run()
     before = res.allocations - (1 if res.first_difference else 0)
     return TraceDiff(res.first_difference, before, res.error)

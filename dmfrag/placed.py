@@ -44,9 +44,11 @@ request on the kernel image before the first snapshot (mark_rodata_ro).
 
 from __future__ import annotations
 
+import gc
 import gzip
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
@@ -129,12 +131,70 @@ _EVENT_KINDS = frozenset(("A", "B", "F", "C", "R", "S", "U", "X", "D"))
 TRACE_VERSIONS = (3, 4)
 
 
+@contextmanager
+def gc_paused() -> Iterator[None]:
+    """The cyclic garbage collector paused (as it was after): a trace's
+    hundreds of thousands of event lists, and the replay's per-allocation
+    records, would otherwise set off collections that walk all of them
+    again and again; they make no cycles. A replay runs in one such pause,
+    from reading the trace to its result."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+def _loads_many(text: str) -> list:
+    """``json.loads`` of the events array, the collector paused (:func:`gc_paused`)."""
+    with gc_paused():
+        return json.loads(text)
+
+
+def _read_trace_text(text: str) -> tuple[dict, list[list]] | None:
+    """The fast path of :func:`read_trace` for a whole file's text: the
+    same header and events as its line-by-line reading, without splitting
+    the text into lines and joining them again (the event lines become
+    one JSON array by turning their newlines into commas). None (nothing
+    decided) unless the text is ASCII without carriage returns (where
+    ``splitlines`` splits at newlines only) and parses cleanly with a
+    right trailer: the caller then reads it line by line, naming what is
+    wrong."""
+    if not text.isascii() or "\r" in text:
+        return None
+    a = text.find("\n")
+    if a < 0:
+        return None
+    body = text[a + 1:].removesuffix("\n")
+    b = body.rfind("\n")
+    trailer_line = body[b + 1:]
+    if not trailer_line.startswith("{"):
+        return None
+    try:
+        header = json.loads(text[:a])
+        events = _loads_many("[" + body[:max(b, 0)].replace("\n", ",") + "]")
+        trailer = json.loads(trailer_line)
+    except json.JSONDecodeError:
+        return None
+    kinds = _EVENT_KINDS
+    if (isinstance(header, dict) and header.get("dmfrag_trace") in TRACE_VERSIONS
+            and isinstance(trailer, dict) and trailer.get("end") == len(events)
+            and all(e.__class__ is list and e and e[0] in kinds for e in events)):
+        return header, events
+    return None
+
+
 def read_trace(source: str | Path | list[str]) -> tuple[dict, list[list]]:
     """A recorded (version 3 or 4) trace's header and events (from a path, gzip'd or not, or
     from its lines); a missing or wrong trailer is an error."""
     if isinstance(source, (str, Path)) and not (isinstance(source, str) and "\n" in source):
         raw = Path(source).read_bytes()
         text = gzip.decompress(raw).decode() if raw[:2] == b"\x1f\x8b" else raw.decode()
+        found = _read_trace_text(text)
+        if found is not None:
+            return found
         lines = text.splitlines()
     elif isinstance(source, str):
         lines = source.splitlines()
@@ -155,7 +215,7 @@ def read_trace(source: str | Path | list[str]) -> tuple[dict, list[list]]:
     kinds = _EVENT_KINDS
     if len(lines) >= 2 and lines[-1].startswith("{"):
         try:
-            events = json.loads("[" + ",".join(lines[1:-1]) + "]")
+            events = _loads_many("[" + ",".join(lines[1:-1]) + "]")
             trailer = json.loads(lines[-1])
         except json.JSONDecodeError:
             events = None
@@ -651,18 +711,20 @@ class _Replayer:
         stack: list[list | None] = []        # the arguments of the passes open
         top: list | None = None
         before = self.bulk_before
-        for i in range(start, len(self.events)):
+        events = self.events
+        on_alloc, on_free = self._on_alloc, self._on_free
+        for i in range(start, len(events)):
             self.i = i
             if before and i in before:
                 self._before_event(i)
-            e = self.events[i]
+            e = events[i]
             kind = e[0]
             if kind == "A":
-                self._on_alloc(i, e, stack[-1] if stack else None)
+                on_alloc(i, e, stack[-1] if stack else None)
+            elif kind == "F":
+                on_free(i, e[1], e[2])
             elif kind == "B":
                 self._on_bulk(i, e)
-            elif kind == "F":
-                self._on_free(i, e[1], e[2])
             elif kind == "C":
                 args = e[2]
                 if args is None:
@@ -816,8 +878,9 @@ def replay_placed(source: str | Path | list[str], *, policy: str | None = None,
     of :class:`dmfrag.truth.KernelState`); by default the file beside a
     trace file (:func:`dmfrag.truth.truth_path`) when there is one."""
     import time
-    header, events, states = load_recorded(source, kernel, truth)
-    t0 = time.perf_counter()
-    res = _Replayer(header, events, policy, states).run()
-    res.seconds = time.perf_counter() - t0
+    with gc_paused():
+        header, events, states = load_recorded(source, kernel, truth)
+        t0 = time.perf_counter()
+        res = _Replayer(header, events, policy, states).run()
+        res.seconds = time.perf_counter() - t0
     return res

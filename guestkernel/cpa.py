@@ -18,6 +18,8 @@ import enum
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from emu import pagetable as pt
 from emu.pagetable import PteFlags as F
 
@@ -36,6 +38,9 @@ __all__ = ["TLB_SINGLE_PAGE_FLUSH_CEILING", "Cpa", "CpaData", "CpaError", "CpaFl
 KERNEL_4K = collapse.KERNEL_4K
 _ROX_CLR = int(F.RW | F.NX)
 _P = int(F.P)
+# The flags as plain ints for the hot paths: IntFlag's own operators build
+# an enum member on every call (the results are the same numbers).
+_RW, _NX, _PS, _PAT_LARGE = int(F.RW), int(F.NX), int(F.PS), int(F.PAT_LARGE)
 
 
 class CpaError(ValueError):
@@ -58,6 +63,9 @@ class SplitOutcome(enum.Enum):
 
 
 _ARRAY = int(CpaFlags.ARRAY)
+_ARRAY_OR_PAGES = int(CpaFlags.ARRAY | CpaFlags.PAGES_ARRAY)
+_FLUSHTLB = int(CpaFlags.FLUSHTLB)
+_NO_CHECK_ALIAS = int(CpaFlags.NO_CHECK_ALIAS)
 
 
 @dataclass
@@ -313,14 +321,14 @@ class Cpa:
     # -- static protections (6.1 static_protections) ---------------------------
 
     def static_protections(self, prot: int, start: int, pfn: int, npg: int, lpsize: int) -> int:
-        if not prot & F.P:
+        if not prot & _P:
             return prot
         img = self.image
         end = start + npg * PAGE_SIZE - 1
         forbidden = 0
         # Text NX: never make kernel text (high mapping) non-executable.
         if start <= img.etext - 1 and end >= img.text:
-            forbidden |= int(F.NX)
+            forbidden |= _NX
         # Text RO: once read-only, large pages of the image stay RO when
         # only part of them is changed.
         if lpsize != npg * PAGE_SIZE or start & (lpsize - 1 if lpsize else 0):
@@ -328,13 +336,13 @@ class Cpa:
                     and end >= img.text):
                 found = self.pgt.lookup_address(start)
                 if found is not None and found[1] != PG_LEVEL_4K:
-                    forbidden |= int(F.RW)
+                    forbidden |= _RW
         # Rodata RO (by PFN: covers the direct-map alias too).
         if self.kernel_set_to_readonly:
             spfn_ro = img.pa(img.start_rodata) >> 12
             epfn_ro = (img.pa(img.end_rodata) >> 12) - 1
             if pfn <= epfn_ro and pfn + npg - 1 >= spfn_ro:
-                forbidden |= int(F.RW)
+                forbidden |= _RW
         return prot & ~forbidden
 
     # -- the request ---------------------------------------------------------
@@ -350,7 +358,7 @@ class Cpa:
         if not cpa.mask_set and not cpa.mask_clr and not force_split:
             return cpa
         checkalias = (cpa.mask_set | cpa.mask_clr) != int(F.NX)
-        if flags & CpaFlags.NO_CHECK_ALIAS:
+        if int(flags) & _NO_CHECK_ALIAS:
             checkalias = False
         return self.apply(cpa, checkalias, flush=True)
 
@@ -364,7 +372,7 @@ class Cpa:
         self._change_page_attr_set_clr_or_undo(cpa, checkalias)
         self.requests += 1
         self.shadow.apply(cpa, checkalias, kernel_ro=self.kernel_set_to_readonly)
-        if flush and cpa.flags & CpaFlags.FLUSHTLB:
+        if flush and int(cpa.flags) & _FLUSHTLB:
             self.cpa_flush(cpa)
         if self.version.collapse_after_rox and cpa.mask_set == 0 and cpa.mask_clr == _ROX_CLR:
             # 6.15's cpa_collapse_large_pages walks the PMDs of the request's
@@ -420,10 +428,11 @@ class Cpa:
         anything changes: misaligned or unmapped addresses, bad counts."""
         if isinstance(numpages, bool) or not isinstance(numpages, int) or numpages <= 0:
             raise CpaError(f"numpages must be a positive integer, not {numpages!r}")
-        if flags & CpaFlags.ARRAY and len(addrs) != numpages:
+        array = int(flags) & _ARRAY
+        if array and len(addrs) != numpages:
             raise CpaError(f"{len(addrs)} addresses for numpages={numpages}")
-        starts = addrs if flags & CpaFlags.ARRAY else [addrs[0]]
-        span = 1 if flags & CpaFlags.ARRAY else numpages
+        starts = addrs if array else [addrs[0]]
+        span = 1 if array else numpages
         lv = self.pgt.levels
         for start in starts:
             if not isinstance(start, int) or start % PAGE_SIZE:
@@ -446,7 +455,7 @@ class Cpa:
         rempages = numpages
         while rempages:
             cpa.numpages = rempages
-            if cpa.flags & (CpaFlags.ARRAY | CpaFlags.PAGES_ARRAY):
+            if int(cpa.flags) & _ARRAY_OR_PAGES:
                 cpa.numpages = 1
             self._change_page_attr(cpa, primary=checkalias)
             if checkalias:
@@ -479,7 +488,8 @@ class Cpa:
                 cpa.pfn = pfn
                 if old != new:
                     pgt.set(slot, new)
-                    cpa.flags |= CpaFlags.FLUSHTLB
+                    if not int(cpa.flags) & _FLUSHTLB:
+                        cpa.flags |= CpaFlags.FLUSHTLB
                     if self._within_direct_map(address):
                         cpa.changed.append(pfn)
                 cpa.numpages = 1
@@ -497,7 +507,7 @@ class Cpa:
             return SplitOutcome.SPLIT
         pgt = self.pgt
         old = pgt.get(slot)
-        old_prot = (old & ~pt.ADDR_MASK) | (old & F.PAT_LARGE)
+        old_prot = (old & ~pt.ADDR_MASK) | (old & _PAT_LARGE)
         old_pfn = pt.entry_addr(old, level) >> 12
         psize = pt.level_size(level)
         pmask = ~(psize - 1)
@@ -508,8 +518,8 @@ class Cpa:
         req = pt.pat_large_to_4k(old_prot)
         req = (req & ~cpa.mask_clr) | cpa.mask_set
         req = pt.pat_4k_to_large(req)
-        if req & F.P:
-            req |= int(F.PS)
+        if req & _P:
+            req |= _PS
         pfn = old_pfn + ((address & (psize - 1)) >> 12)
         cpa.pfn = pfn
         lpaddr = address & pmask
@@ -553,12 +563,15 @@ class Cpa:
         ref_pfn = pt.entry_addr(old, level) >> 12
         lpaddr = address & ~(pt.level_size(level) - 1)
         base = table >> 3
-        for i in range(512):
-            pfn = ref_pfn + i * pfninc
-            prot = ref_prot
-            if cpa.force_static_prot and lpinc == PAGE_SIZE:
+        if cpa.force_static_prot and lpinc == PAGE_SIZE:
+            for i in range(512):
+                pfn = ref_pfn + i * pfninc
                 prot = self.static_protections(ref_prot, lpaddr + i * lpinc, pfn, 1, 0)
-            pgt.ram64[base + i] = (pfn << 12) | prot
+                pgt.ram64[base + i] = (pfn << 12) | prot
+        else:
+            # the same 512 entries, (pfn << 12) | ref_prot, in one assignment
+            pfns = np.arange(512, dtype=np.uint64) * np.uint64(pfninc) + np.uint64(ref_pfn)
+            pgt.ram64[base: base + 512] = (pfns << np.uint64(12)) | np.uint64(int(ref_prot))
         if self._within_direct_map(address):
             self.split_page_count(level)
         elif self._virt_addr_valid_highmap(address):
@@ -601,7 +614,8 @@ class Cpa:
             self._change_page_attr_set_clr(alias, False)
             cpa.decisions.extend(alias.decisions)
             cpa.changed.extend(alias.changed)
-            cpa.flags |= alias.flags & CpaFlags.FLUSHTLB
+            if int(alias.flags) & _FLUSHTLB:
+                cpa.flags |= CpaFlags.FLUSHTLB
         if not self._within_image(vaddr) and self._pfn_in_highmap(pfn):
             img = self.image
             hva = img.text + ((pfn << 12) - img.phys_start)
@@ -611,7 +625,8 @@ class Cpa:
             cpa.force_flush_all = True
             self._change_page_attr_set_clr(alias, False)
             cpa.decisions.extend(alias.decisions)
-            cpa.flags |= alias.flags & CpaFlags.FLUSHTLB
+            if int(alias.flags) & _FLUSHTLB:
+                cpa.flags |= CpaFlags.FLUSHTLB
 
     def cpa_flush(self, cpa: CpaData) -> None:
         """Per-page INVLPG up to the ceiling, else a full flush."""

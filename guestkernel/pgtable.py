@@ -24,6 +24,7 @@ from .layout import LAYOUT_4LEVEL, PAGE_SIZE, PMD_SIZE, PUD_SIZE, KernelLayout
 
 # plain ints: a lookup per CPA page tests these (IntFlag arithmetic is slow)
 _P, _PS = int(F.P), int(F.PS)
+_ADDR_MASK = pt.ADDR_MASK
 
 __all__ = ["PG_LEVEL_1G", "PG_LEVEL_2M", "PG_LEVEL_4K", "KernelPageTables", "PgProt"]
 
@@ -77,6 +78,9 @@ class KernelPageTables:
         #: the direct map's base (PAGE_OFFSET of this layout)
         self.page_offset = layout.page_offset
         self.ram64: np.ndarray = machine.ram64
+        #: the same memory read entry by entry: a memoryview's item is a
+        #: Python int already (numpy's is a scalar to convert)
+        self._ram64_items = memoryview(self.ram64)
         self.root = root
         self.alloc_table = alloc_table
         self.free_table = free_table
@@ -97,7 +101,7 @@ class KernelPageTables:
         return (table >> 3) + index
 
     def get(self, slot: int) -> int:
-        return int(self.ram64[slot])
+        return self._ram64_items[slot]
 
     def set(self, slot: int, value: int) -> None:
         if self.journal is not None:
@@ -129,17 +133,20 @@ class KernelPageTables:
         a large or non-present upper entry, else the PTE (even if none).
         None when an upper level has no entry at all."""
         table = self.root
+        ram64 = self._ram64_items
         for level in range(self.levels, 1, -1):
-            slot = self.slot(table, pt.table_index(va, level))
-            entry = self.get(slot)
+            # slot(table, table_index(va, level)) and get(slot), inline (hot):
+            # level_shift(level) is PAGE_SHIFT + 9 * (level - 1)
+            slot = (table >> 3) + ((va >> (9 * level + 3)) & 511)
+            entry = ram64[slot]
             if entry == 0:
                 return None
             if level < 4 and (entry & _PS or not entry & _P):
                 return slot, level
             if level >= 4 and not entry & _P:
                 return slot, level
-            table = entry & pt.ADDR_MASK
-        return self.slot(table, pt.table_index(va, 1)), 1
+            table = entry & _ADDR_MASK
+        return (table >> 3) + ((va >> 12) & 511), 1
 
     def p4d_table(self, va: int, why: str = "p4d") -> int:
         """The table that holds ``va``'s PML4-level entry: the root with

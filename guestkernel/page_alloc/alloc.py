@@ -23,6 +23,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..gfp import GFP, gfp_migratetype_index, gfp_zone_index
+from ._native import cbuddy
 from .types import (
     ALLOC_HARDER,
     ALLOC_HIGH,
@@ -99,7 +100,13 @@ class AllocMixin:
         fragmentation first when the preferred zone is NORMAL), then the slow
         path at the min watermark. Returns the first pfn of a ``2**order``
         block; raises AllocationError (and changes nothing) if there is none.
-        ``migratetype`` overrides the one ``gfp`` implies (for policies)."""
+        ``migratetype`` overrides the one ``gfp`` implies (for policies).
+        (An order-0 page off a non-empty per-CPU list, on the first zone's
+        fast path, in C when built: ``_cbuddy.c``.)"""
+        if cbuddy is not None and migratetype is None:
+            pfn = cbuddy.alloc_pages_fast(self, gfp, order)
+            if pfn >= 0:
+                return pfn
         if order not in _ORDERS:
             raise ValueError(f"order {order} out of range [0, {MAX_ORDER})")
         ac = self._ac_cache.get(gfp)
@@ -167,6 +174,8 @@ class AllocMixin:
         its watermark and has a page; with ALLOC_NOFRAGMENT a second pass
         without it."""
         autotune = self._pcp_autotune
+        pcp_allowed = self._pcp_allowed
+        rmqueue_pcplist = self._rmqueue_pcplist
         while True:
             wmark = alloc_flags & ALLOC_WMARK_MASK
             for zone in zonelist:
@@ -190,7 +199,13 @@ class AllocMixin:
                         not self._zone_watermark_ok(zone, order, mark, highest_zoneidx,
                                                     alloc_flags, free):
                     continue
-                pfn = self._rmqueue(zone, order, alloc_flags, mt)
+                # rmqueue (inline: the pcp list for pcp orders and types, else the buddy)
+                if pcp_allowed[order] and mt < MIGRATE_PCPTYPES:
+                    pfn = rmqueue_pcplist(zone, order, mt, alloc_flags)
+                    if pfn < 0:
+                        pfn = self._rmqueue_buddy(zone, order, alloc_flags, mt)
+                else:
+                    pfn = self._rmqueue_buddy(zone, order, alloc_flags, mt)
                 if pfn >= 0:
                     # prep_new_page
                     self._state[pfn] = (PG_ALLOC_MOVABLE if mt == MOVABLE else PG_ALLOC) | order
@@ -256,7 +271,11 @@ class AllocMixin:
         """``__free_pages`` -> ``free_the_page``: pcp orders go through
         ``free_unref_page`` (the pcp list, drained in batches above ``high``),
         others straight to ``__free_one_page``. Raises BadFreeError, changing
-        nothing, unless ``pfn`` heads an allocated block of exactly ``order``."""
+        nothing, unless ``pfn`` heads an allocated block of exactly ``order``.
+        (An order-0 page of a pcp type onto its list, in C when built:
+        ``_cbuddy.c``; its drains are the Python methods.)"""
+        if cbuddy is not None and cbuddy.free_pages_fast(self, pfn, order):
+            return
         if order not in _ORDERS or not 0 <= pfn < self.max_pfn:
             raise self._bad_free(pfn, order)
         v = self._state[pfn]

@@ -37,6 +37,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from ._native import cbuddy
 from .alloc import AllocMixin
 from .check import CheckMixin
 from .fallback import FALLBACKS, FallbackMixin
@@ -199,7 +200,10 @@ class BuddyAllocator(AllocMixin, PcpMixin, FallbackMixin, MemblockMixin, ZoneMix
 
     def _rmqueue_smallest(self, zone: Zone, order: int, mt: int) -> int:
         """``__rmqueue_smallest``: the head of the smallest non-empty list of the
-        type, split down to ``order`` by ``_expand``."""
+        type, split down to ``order`` by ``_expand``. (The same in C, when
+        built: ``_cbuddy.c``.)"""
+        if cbuddy is not None:
+            return cbuddy.rmqueue_smallest(self, zone, order, mt)
         fa = zone.free_area
         for current_order in range(order, MAX_ORDER):
             d = fa[current_order][mt]
@@ -236,7 +240,11 @@ class BuddyAllocator(AllocMixin, PcpMixin, FallbackMixin, MemblockMixin, ZoneMix
         """``__free_one_page``: merge with the buddy while it is free, of the
         same order, in the zone and (at pageblock order and above) not of an
         unmergeable, different type; then add the block to the list of ``mt``,
-        at the tail when the next-higher buddy is free (``buddy_merge_likely``)."""
+        at the tail when the next-higher buddy is free (``buddy_merge_likely``).
+        (The same in C, when built: ``_cbuddy.c``.)"""
+        if cbuddy is not None:
+            cbuddy.free_one_page(self, zone, pfn, order, mt, fpi_to_tail)
+            return
         st = self._state
         pbmt = self._pageblock_mt
         fa = zone.free_area

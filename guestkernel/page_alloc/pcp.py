@@ -20,19 +20,21 @@ from __future__ import annotations
 
 from collections import deque
 
+from ._native import cbuddy
 from .types import (
     HIGHATOMIC,
     MIGRATE_PCPTYPES,
     MOVABLE,
+    NR_LOWORDER_PCP_LISTS,
     NR_PCP_LISTS,
     PAGE_ALLOC_COSTLY_ORDER,
     PAGEBLOCK_ORDER,
     PCP_BATCH_SCALE_MAX,
     PG_PCP,
+    RMQUEUE_CLAIM,
     RMQUEUE_NORMAL,
     WMARK_HIGH,
     ZoneType,
-    order_to_pindex,
     pindex_to_order,
 )
 from .zone import PerCpuPages, Zone
@@ -58,7 +60,9 @@ class PcpMixin:
         allocator calls ``__rmqueue_pcplist`` itself, leaving
         ``free_factor`` / ``free_count`` alone."""
         pcp = zone.pcp
-        lst = pcp.lists[order_to_pindex(mt, order)]
+        # order_to_pindex, inline
+        lst = pcp.lists[MIGRATE_PCPTYPES * order + mt if order <= PAGE_ALLOC_COSTLY_ORDER
+                        else NR_LOWORDER_PCP_LISTS]
         if not lst:
             if self._pcp_autotune:
                 batch = self._nr_pcp_alloc(pcp, zone, order)
@@ -106,7 +110,9 @@ class PcpMixin:
     def _rmqueue_bulk(self, zone: Zone, order: int, count: int, lst: deque[int], mt: int,
                       alloc_flags: int) -> int:
         """``rmqueue_bulk``: up to ``count`` blocks from the buddy to the pcp
-        list's tail, in the physical order expand() produced them."""
+        list's tail, in the physical order expand() produced them. (In C,
+        when built, while ``__rmqueue_smallest`` finds blocks: ``_cbuddy.c``;
+        ``__rmqueue`` here when it does not.)"""
         st = self._state
         code = PG_PCP | order
         n = 0
@@ -115,6 +121,13 @@ class PcpMixin:
             mode = RMQUEUE_NORMAL
             moded = self._rmqueue_moded
             while n < count:
+                if cbuddy is not None and mode == RMQUEUE_NORMAL:
+                    # __rmqueue_smallest in C while it finds blocks; then on
+                    # from the claim (the requested type's lists are empty)
+                    n += cbuddy.rmqueue_bulk(self, zone, order, count - n, lst, mt, code)
+                    if n >= count:
+                        break
+                    mode = RMQUEUE_CLAIM
                 pfn, mode = moded(zone, order, mt, alloc_flags, mode)
                 if pfn < 0:
                     break
@@ -124,6 +137,12 @@ class PcpMixin:
             return n
         rmqueue = self._rmqueue_inner
         while n < count:
+            if cbuddy is not None:
+                n += cbuddy.rmqueue_bulk(self, zone, order, count - n, lst, mt, code)
+                if n >= count:
+                    break
+            # __rmqueue: the smallest block (none, when C just stopped), else
+            # a fallback type's
             pfn = rmqueue(zone, order, mt, alloc_flags)
             if pfn < 0:
                 break
@@ -147,7 +166,9 @@ class PcpMixin:
             list_mt = MOVABLE
         # free_unref_page_commit
         pcp = zone.pcp
-        pindex = order_to_pindex(list_mt, order)
+        # order_to_pindex, inline
+        pindex = (MIGRATE_PCPTYPES * order + list_mt if order <= PAGE_ALLOC_COSTLY_ORDER
+                  else NR_LOWORDER_PCP_LISTS)
         pcp.lists[pindex].appendleft(pfn << 4 | mt)
         self._state[pfn] = PG_PCP | order
         pcp.count += 1 << order
@@ -319,7 +340,10 @@ class PcpMixin:
             if isolated:
                 pmt = self._pageblock_mt[pfn >> PAGEBLOCK_ORDER]
             st[pfn] = 0
-            self._free_one_page(zone, pfn, 0, pmt)
+            if cbuddy is not None:      # __free_one_page in C, without the method's frame
+                cbuddy.free_one_page(self, zone, pfn, 0, pmt, False)
+            else:
+                self._free_one_page(zone, pfn, 0, pmt)
 
     def drain_pages(self, zone: Zone | ZoneType | int | None = None) -> None:
         """``drain_all_pages`` (or ``drain_pages_zone`` of one zone): return every
