@@ -329,6 +329,8 @@ class _Modelled(Replayer):
         marks = self._marks
         self.pcp_at = next((j for j in marks if events[j][1] == "setup_per_cpu_pageset"),
                            None) if self._booting else None
+        if self.pcp_at is None and self._booting:
+            self.pcp_at = _pcp_setup_at(events, marks, self.k.profile.pcp_setup_after_idt)
         if self.pcp_at is not None:
             self.bulk_before.setdefault(self.pcp_at, [])
         #: where init_per_zone_wmark_min ran (5.14+: the watermarks and the
@@ -1445,6 +1447,30 @@ def _alloc_exact_tails(events: list[list], start: int) -> set[int]:
 _NODE_BULK_CALLER = "__vmalloc_node_range"
 #: x86-64's kernel stacks (no KASAN): 16K
 THREAD_SIZE = 16 << 10
+
+
+def _pcp_setup_at(events: list[list], markers: list[int], after_idt: int | None
+                  ) -> int | None:
+    """Where ``setup_per_cpu_pageset`` ran in a recording without its
+    marker: start_kernel makes it ``after_idt`` allocations after init_IRQ's
+    set_memory_ro of the IDT (KernelVersion.pcp_setup_after_idt; the IDT
+    split's tables not counted), i.e. before the next one. None: no IDT
+    marker, or the count unknown."""
+    if after_idt is None:
+        return None
+    idt = next((j for j in markers if events[j][1] == "set_memory_ro"
+                and events[j][2] == "idt_setup_apic_and_irq_gates"), None)
+    if idt is None:
+        return None
+    seen = 0
+    for j in range(idt + 1, len(events)):
+        e = events[j]
+        if e[0] != "A" or len(e) > 5 and e[5] == "cpa_pgtable":
+            continue
+        if seen == after_idt:
+            return j
+        seen += 1
+    return None
 
 
 #: the recorder's marker on init_per_zone_wmark_min: its first step

@@ -283,6 +283,12 @@ class KernelVersion:
     #: 7.2's execmem ROX cache block, made before tracing too, is not in
     #: it: one PMD entry of the image's level2_fixmap_pgt maps it, no table)
     early_untraced_pages: tuple[int, int] = (0, 0)
+    #: the allocations start_kernel makes between init_IRQ's set_memory_ro
+    #: of the IDT and setup_per_cpu_pageset (the IDT split's own tables
+    #: not counted), read off recordings with the setup_per_cpu_pageset
+    #: marker (the same at 2G and 4G): where a replay of a recording
+    #: without the marker sets the zones' per-CPU lists up; None: unknown
+    pcp_setup_after_idt: int | None = None
     #: CONFIG_DEFERRED_STRUCT_PAGE_INIT leaves a pageblock of the deferred
     #: range whose first page is reserved at migratetype 0 (UNMOVABLE):
     #: neither memmap_init (it stops at first_deferred_pfn) nor
@@ -372,6 +378,7 @@ VERSIONS: dict[str, KernelVersion] = {
                   BootCpaCall.FREE_INITMEM, BootCpaCall.MARK_RODATA_RO),
         bpf_prog_pack=False, secretmem=False, real_mode=(6, 2, 1, 1), pcp_high_orders=False,
         vmalloc_bulk=False, ftrace_pages=144, early_untraced_pages=(209, 2),
+        pcp_setup_after_idt=0,
         deferred_reserved_unmovable=True,
         reserve_first_1m=False, deferred_init=True,
         bpf_jit_base_len=15,
@@ -395,7 +402,7 @@ VERSIONS: dict[str, KernelVersion] = {
         modules_vaddr=_MODULES_1G_IMAGE[0], modules_end=_MODULES_1G_IMAGE[1], pti=True,
         node_data_bytes=0x2B000, boot_cpa=_ALL_BOOT_CPA, bpf_prog_pack=True,
         vmstat_counters=_SPLITS, real_mode=(7, 3, 1, 2), ftrace_pages=159,
-        early_untraced_pages=(217, 2), alloc_exact_tail_to_buddy=True,
+        early_untraced_pages=(217, 2), alloc_exact_tail_to_buddy=True, pcp_setup_after_idt=1,
         deferred_reserved_unmovable=True, deferred_init=True,
         # Not applied (see BPF_SLAB_NOT_APPLIED): linux-6.1-8G-bpf-2048_secretmem-
         # 4096 has 257 order-2, 243 order-0 and 98 reclaimable order-0 new slab
@@ -420,7 +427,7 @@ VERSIONS: dict[str, KernelVersion] = {
         module_mem_types=True, alloc_exact_tail_to_buddy=True, fallback_claim_or_steal=True,
         module_ro_after_init_sections=("__jump_table", ".static_call_sites"),
         pcp_autotune=True, vfree_contig_free=True, ftrace_pages=196, bpf_jit_base_len=25,
-        early_untraced_pages=(273, 4),
+        early_untraced_pages=(273, 4), pcp_setup_after_idt=3,
         deferred_init=True, deferred_free_order=10,
         # Not applied (see BPF_SLAB_NOT_APPLIED): linux-7.2-8G-bpf-2048_secretmem-
         # 4096 has 289 order-0, 255 order-2 and 97 reclaimable order-0 new slab

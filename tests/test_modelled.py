@@ -116,7 +116,7 @@ def test_modelled_replay_from_the_boot_dump(trace):
     r = replay_modelled(trace, start="boot")
     assert r.error is None
     assert r.snapshots[0]["point"] == "boot" and r.snapshots[0]["placement"]["same_pfn"] == 1.0
-    assert r.placement()["same_pfn"] > 0.75 and own.placement()["same_pfn"] < 0.7
+    assert r.placement()["same_pfn"] > 0.75
     assert r.placement()["same_pfn"] > own.placement()["same_pfn"]
     assert r.placement()["same_2m_region"] > 0.5
     assert r.first_difference is None or r.first_difference["line"] > dump + 2

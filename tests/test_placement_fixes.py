@@ -729,3 +729,19 @@ def test_the_direct_map_is_split_as_linux_s_when_tracing_started(kernel, regions
     assert k.meminfo()["DirectMap4k"] == st.counters["DirectMap4k"]
     assert k.vmstat_counters["direct_map_level2_splits"] == 0
     r.model.validate()                   # the shadow follows the split
+
+
+@pytest.mark.parametrize("kernel", ["6.1", "7.2"])
+def test_setup_per_cpu_pageset_without_its_marker_is_where_the_marker_is(kernel):
+    """A recording without the setup_per_cpu_pageset marker has it
+    KernelVersion.pcp_setup_after_idt allocations after the IDT's
+    set_memory_ro (its split's tables not counted): the marked boot
+    recordings, their marker taken out, give the marker's own place."""
+    from dmfrag.modelled import _markers, _pcp_setup_at
+    _, events = read_trace(TRUTH / f"linux-{kernel}-2G-boot.jsonl.gz")
+    at = next(i for i, e in enumerate(events) if e[:2] == ["U", "setup_per_cpu_pageset"])
+    bare = events[:at] + events[at + 1:]
+    after = get_version(kernel).pcp_setup_after_idt
+    assert _pcp_setup_at(bare, _markers(bare, 0), after) == at
+    assert _pcp_setup_at(bare, _markers(bare, 0), None) is None
+    assert get_version("5.10").pcp_setup_after_idt == 0
