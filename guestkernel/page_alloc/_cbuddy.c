@@ -40,6 +40,19 @@ static int get_bytes(PyObject *obj, Py_buffer *view, int writable)
     return 0;
 }
 
+/* get_bytes of obj's attribute `name` (the allocator's _state or
+ * _pageblock_mt); the buffer keeps the object alive, so no reference is
+ * kept here. */
+static int get_attr_bytes(PyObject *obj, PyObject *name, Py_buffer *view, int writable)
+{
+    PyObject *o = PyObject_GetAttr(obj, name);
+    if (o == NULL)
+        return -1;
+    int rc = get_bytes(o, view, writable);
+    Py_DECREF(o);
+    return rc;
+}
+
 /* Bounds as a memoryview indexes (the Python code would raise there). */
 static int check_index(Py_ssize_t i, Py_ssize_t len)
 {
@@ -177,13 +190,8 @@ static PyObject *py_rmqueue_smallest(PyObject *self, PyObject *const *args, Py_s
     Py_ssize_t mt = PyLong_AsSsize_t(args[3]);
     if (PyErr_Occurred())
         return NULL;
-    PyObject *stobj = PyObject_GetAttr(alloc, s_state);
-    if (stobj == NULL)
-        return NULL;
     Py_buffer st;
-    int rc = get_bytes(stobj, &st, 1);
-    Py_DECREF(stobj);
-    if (rc < 0)
+    if (get_attr_bytes(alloc, s_state, &st, 1) < 0)
         return NULL;
     PyObject *fa = PyObject_GetAttr(zone, s_free_area);
     long pfn = -2;
@@ -221,13 +229,8 @@ static PyObject *py_rmqueue_bulk(PyObject *self, PyObject *const *args, Py_ssize
     long code = PyLong_AsLong(args[6]);
     if (PyErr_Occurred())
         return NULL;
-    PyObject *stobj = PyObject_GetAttr(alloc, s_state);
-    if (stobj == NULL)
-        return NULL;
     Py_buffer st;
-    int rc = get_bytes(stobj, &st, 1);
-    Py_DECREF(stobj);
-    if (rc < 0)
+    if (get_attr_bytes(alloc, s_state, &st, 1) < 0)
         return NULL;
     PyObject *fa = PyObject_GetAttr(zone, s_free_area);
     PyObject *append = fa ? PyObject_GetAttr(lst, s_append) : NULL;
@@ -309,15 +312,13 @@ static PyObject *py_free_one_page(PyObject *self, PyObject *const *args, Py_ssiz
     PyObject *fa = PyObject_GetAttr(zone, s_free_area);
     if (fa == NULL)
         return NULL;
-    PyObject *stobj = NULL, *pbobj = NULL, *result = NULL;
+    PyObject *result = NULL;
     Py_buffer st = {0}, pb = {0};
     int have_st = 0, have_pb = 0;
-    stobj = PyObject_GetAttr(alloc, s_state);
-    if (stobj == NULL || get_bytes(stobj, &st, 1) < 0)
+    if (get_attr_bytes(alloc, s_state, &st, 1) < 0)
         goto out;
     have_st = 1;
-    pbobj = PyObject_GetAttr(alloc, s_pageblock_mt);
-    if (pbobj == NULL || get_bytes(pbobj, &pb, 0) < 0)
+    if (get_attr_bytes(alloc, s_pageblock_mt, &pb, 0) < 0)
         goto out;
     have_pb = 1;
     unsigned char *s = st.buf, *pbmt = pb.buf;
@@ -421,8 +422,6 @@ out:
         PyBuffer_Release(&st);
     if (have_pb)
         PyBuffer_Release(&pb);
-    Py_XDECREF(stobj);
-    Py_XDECREF(pbobj);
     Py_DECREF(fa);
     return result;
 }
@@ -542,7 +541,9 @@ static PyObject *py_alloc_pages_fast(PyObject *self, PyObject *const *args, Py_s
     if (!is_zero(args[2]))
         return PyLong_FromLong(-1);
     long ret = -1;
-    PyObject *cache = NULL, *zone = NULL, *pcp = NULL, *lst = NULL, *x = NULL, *stobj = NULL;
+    PyObject *cache = NULL, *zone = NULL, *pcp = NULL, *lst = NULL, *x = NULL;
+    Py_buffer st = {0};
+    int have_st = 0;
     cache = PyObject_GetAttr(alloc, s_ac_cache);
     FAIL_IF(cache == NULL);
     PyObject *ac = PyDict_Check(cache) ? PyDict_GetItemWithError(cache, gfp) : NULL;  /* borrowed */
@@ -595,8 +596,8 @@ static PyObject *py_alloc_pages_fast(PyObject *self, PyObject *const *args, Py_s
     Py_ssize_t len = PyObject_Size(lst);
     FAIL_IF(len < 0);
     BAIL_IF(len == 0);                                 /* a refill: Python */
-    stobj = PyObject_GetAttr(alloc, s_state);
-    FAIL_IF(stobj == NULL);
+    FAIL_IF(get_attr_bytes(alloc, s_state, &st, 1) < 0);
+    have_st = 1;
     /* from here on the call is ours: the same steps as the Python code */
     FAIL_IF(PyObject_SetAttr(alloc, s_allocated_once, Py_True) < 0);
     PyObject *factor = autotune ? s_free_count : s_free_factor;
@@ -609,22 +610,17 @@ static PyObject *py_alloc_pages_fast(PyObject *self, PyObject *const *args, Py_s
     long v = PyLong_AsLong(x);
     FAIL_IF(v == -1 && PyErr_Occurred());
     long pfn = v >> 4;
-    Py_buffer st;
-    FAIL_IF(get_bytes(stobj, &st, 1) < 0);
-    if (check_index(pfn, st.len) < 0) {
-        PyBuffer_Release(&st);
-        FAIL_IF(1);
-    }
+    FAIL_IF(check_index(pfn, st.len) < 0);
     ((unsigned char *)st.buf)[pfn] = mt == MOVABLE ? PG_ALLOC_MOVABLE : PG_ALLOC;  /* prep_new_page */
-    PyBuffer_Release(&st);
     ret = pfn;
 out:
+    if (have_st)
+        PyBuffer_Release(&st);
     Py_XDECREF(cache);
     Py_XDECREF(zone);
     Py_XDECREF(pcp);
     Py_XDECREF(lst);
     Py_XDECREF(x);
-    Py_XDECREF(stobj);
     if (ret == -2)
         return NULL;
     return PyLong_FromLong(ret);
@@ -653,15 +649,14 @@ static PyObject *py_free_pages_fast(PyObject *self, PyObject *const *args, Py_ss
         Py_RETURN_FALSE;
     }
     long ret = -1;
-    PyObject *zones = NULL, *zone = NULL, *pcp = NULL, *lst = NULL, *stobj = NULL, *pbobj = NULL,
-             *x = NULL, *r = NULL, *n = NULL;
+    PyObject *zones = NULL, *zone = NULL, *pcp = NULL, *lst = NULL, *x = NULL, *r = NULL,
+             *n = NULL;
     Py_buffer st = {0}, pb = {0};
     int have_st = 0, have_pb = 0;
     long max_pfn = attr_long(alloc, s_max_pfn);
     FAIL_IF(max_pfn == -1 && PyErr_Occurred());
     BAIL_IF(!(0 <= pfn && pfn < max_pfn));
-    stobj = PyObject_GetAttr(alloc, s_state);
-    FAIL_IF(stobj == NULL || get_bytes(stobj, &st, 1) < 0);
+    FAIL_IF(get_attr_bytes(alloc, s_state, &st, 1) < 0);
     have_st = 1;
     FAIL_IF(check_index(pfn, st.len) < 0);
     unsigned char v = ((unsigned char *)st.buf)[pfn];
@@ -681,8 +676,7 @@ static PyObject *py_free_pages_fast(PyObject *self, PyObject *const *args, Py_ss
         if (pfn >= start)
             break;
     }
-    pbobj = PyObject_GetAttr(alloc, s_pageblock_mt);
-    FAIL_IF(pbobj == NULL || get_bytes(pbobj, &pb, 0) < 0);
+    FAIL_IF(get_attr_bytes(alloc, s_pageblock_mt, &pb, 0) < 0);
     have_pb = 1;
     FAIL_IF(check_index(pfn >> PAGEBLOCK_ORDER, pb.len) < 0);
     long mt = ((unsigned char *)pb.buf)[pfn >> PAGEBLOCK_ORDER];
@@ -771,8 +765,6 @@ out:
     Py_XDECREF(zone);
     Py_XDECREF(pcp);
     Py_XDECREF(lst);
-    Py_XDECREF(stobj);
-    Py_XDECREF(pbobj);
     Py_XDECREF(x);
     Py_XDECREF(r);
     Py_XDECREF(n);
