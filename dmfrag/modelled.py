@@ -655,28 +655,7 @@ class _Modelled(Replayer):
                                     f"{order} ({text}): {exc}") from None
         if user is not None:
             self._routed(mpfn, order, gfp)
-        if order:
-            self._placed(i, e, mpfn)
-            return
-        # _placed and _count_placement of an order-0 page (most events), inline
-        pfn = e[1]
-        xl = self.xlate
-        if pfn < len(xl):
-            xl[pfn] = mpfn
-            self.head_of[pfn] = pfn
-        self.given[mpfn] = 1
-        self.blocks[pfn] = [mpfn, 0, i + 2, False]
-        r = self.res
-        r.allocations += 1
-        r.model_pfns.append(mpfn)
-        if mpfn == pfn:
-            r.same_pfn += 1
-        elif r.first_difference is None:
-            r.first_difference = self._describe(i, e, mpfn)
-            if self.stop_at_difference:
-                raise _Stop
-        if mpfn >> 9 == pfn >> 9:
-            r.same_2m_region += 1
+        self._placed(i, e, mpfn)
 
     def _model_alloc_pages(self, i: int, e: list, gfp: int) -> None:
         """A user's high-order vmalloc block (7.x's execmem areas) under a
@@ -697,28 +676,29 @@ class _Modelled(Replayer):
                 ho[pfn + j] = pfn
             self.given[m] = 1
         self.blocks[pfn] = [got[0], order, i + 2, True]       # as split already
-        self._count_placement(i, e, got[0])
+        self._placed(i, e, got[0], mapped=True)
 
-    def _placed(self, i: int, e: list, mpfn: int) -> None:
-        """The model gave ``mpfn`` for the allocation of event ``i``."""
-        pfn, order = e[1], e[2]
-        xl, ho = self.xlate, self.head_of
-        if order == 0:
-            if pfn < len(xl):
-                xl[pfn] = mpfn
-                ho[pfn] = pfn
-            self.given[mpfn] = 1
-        else:
-            n = 1 << order
-            if pfn + n <= len(xl):
-                xl[pfn: pfn + n] = range(mpfn, mpfn + n)
-                ho[pfn: pfn + n] = [pfn] * n
-            self.given[mpfn: mpfn + n] = b"\x01" * n
-        self.blocks[pfn] = [mpfn, order, i + 2, False]
-        self._count_placement(i, e, mpfn)
-
-    def _count_placement(self, i: int, e: list, mpfn: int) -> None:
+    def _placed(self, i: int, e: list, mpfn: int, mapped: bool = False) -> None:
+        """The model gave ``mpfn`` for the allocation of event ``i``: Linux's
+        pages become handles of the model's (unless ``mapped`` already),
+        and the placement is counted (same pfn, same 2M region, the first
+        difference). One call per allocation: the replay's hot path."""
         pfn = e[1]
+        if not mapped:
+            order = e[2]
+            xl, ho = self.xlate, self.head_of
+            if order == 0:
+                if pfn < len(xl):
+                    xl[pfn] = mpfn
+                    ho[pfn] = pfn
+                self.given[mpfn] = 1
+            else:
+                n = 1 << order
+                if pfn + n <= len(xl):
+                    xl[pfn: pfn + n] = range(mpfn, mpfn + n)
+                    ho[pfn: pfn + n] = [pfn] * n
+                self.given[mpfn: mpfn + n] = b"\x01" * n
+            self.blocks[pfn] = [mpfn, order, i + 2, False]
         r = self.res
         r.allocations += 1
         r.model_pfns.append(mpfn)
