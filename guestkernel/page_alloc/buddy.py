@@ -206,15 +206,20 @@ class BuddyAllocator(AllocMixin, PcpMixin, FallbackMixin, MemblockMixin, ZoneMix
             return cbuddy.rmqueue_smallest(self, zone, order, mt)
         fa = zone.free_area
         for current_order in range(order, MAX_ORDER):
-            d = fa[current_order][mt]
-            if d:
-                pfn = d.popitem()[0]             # get_page_from_free_area + del_page_from_free_list
-                self._state[pfn] = 0
-                zone.free_pages -= 1 << order    # __mod_zone_freepage_state
-                if current_order > order:
-                    self._expand(zone, pfn, order, current_order, mt)
-                return pfn
+            if fa[current_order][mt]:
+                return self._page_del_and_expand(zone, order, current_order, mt)
         return -1
+
+    def _page_del_and_expand(self, zone: Zone, order: int, current_order: int, mt: int) -> int:
+        """``page_del_and_expand``: the head block of the non-empty free list
+        of ``mt`` at ``current_order`` off its list, split down to ``order``
+        on the lists of ``mt``; returns its pfn."""
+        pfn = zone.free_area[current_order][mt].popitem()[0]   # get_page_from_free_area
+        self._state[pfn] = 0
+        zone.free_pages -= 1 << order        # __mod_zone_freepage_state
+        if current_order > order:
+            self._expand(zone, pfn, order, current_order, mt)
+        return pfn
 
     def _expand(self, zone: Zone, pfn: int, low: int, high: int, mt: int) -> None:
         """``expand``: split a 2**high block down to 2**low, putting each upper

@@ -159,15 +159,6 @@ class FallbackMixin:
                 return pfn, RMQUEUE_STEAL
         return -1, mode
 
-    def _first_fallback(self, zone: Zone, order: int, start_mt: int) -> int:
-        """6.15+ ``find_suitable_fallback``: the first fallback type with a
-        free block of ``order``, or -1."""
-        area = zone.free_area[order]
-        for fallback_mt in self._fallbacks[start_mt]:
-            if area[fallback_mt]:
-                return fallback_mt
-        return -1
-
     def _rmqueue_claim(self, zone: Zone, order: int, start_mt: int, alloc_flags: int) -> int:
         """``__rmqueue_claim``: from the largest order down, while blocks of
         that order may claim their pageblock (``should_try_claim_block``,
@@ -178,7 +169,7 @@ class FallbackMixin:
         for current_order in range(MAX_ORDER - 1, min_order - 1, -1):
             if not self._can_steal_fallback(current_order, start_mt):
                 break                               # orders too low to claim
-            fallback_mt = self._first_fallback(zone, current_order, start_mt)
+            fallback_mt = self._find_suitable_fallback(zone, current_order, start_mt, False)[0]
             if fallback_mt < 0:
                 continue
             head = next(reversed(zone.free_area[current_order][fallback_mt]))
@@ -222,15 +213,9 @@ class FallbackMixin:
         on that type's lists (``page_del_and_expand``); its pageblock keeps
         its type."""
         for current_order in range(order, MAX_ORDER):
-            fallback_mt = self._first_fallback(zone, current_order, start_mt)
-            if fallback_mt < 0:
-                continue
-            pfn = zone.free_area[current_order][fallback_mt].popitem()[0]    # the head
-            self._state[pfn] = 0
-            zone.free_pages -= 1 << order
-            if current_order > order:
-                self._expand(zone, pfn, order, current_order, fallback_mt)
-            return pfn
+            fallback_mt = self._find_suitable_fallback(zone, current_order, start_mt, False)[0]
+            if fallback_mt >= 0:
+                return self._page_del_and_expand(zone, order, current_order, fallback_mt)
         return -1
 
     @staticmethod
