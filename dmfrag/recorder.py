@@ -99,6 +99,7 @@ __all__ = [
     "CPA_MARKERS",
     "CPA_TABLE_GFPS",
     "FREE_MARKERS",
+    "TAKE_PROBES",
     "TRACE_VERSION",
     "USERS",
     "USER_MARKERS",
@@ -127,6 +128,29 @@ BULK_PROBES = {
     "6.1": ("__alloc_pages_bulk", 0x2FC, "%r14"),
     "7.2": ("alloc_pages_bulk_noprof", 0x339, "%ax"),
 }
+#: Kernels that can be preempted between taking a page off the free lists
+#: and its ``mm_page_alloc`` (fired at the end of
+#: ``__alloc_frozen_pages_noprof``, after ``prep_new_page`` zeroes it):
+#: Debian's 7.2 is ``PREEMPT_LAZY`` (5.10 and 6.1 are
+#: ``PREEMPT_VOLUNTARY``: no preemption point in between). There a task
+#: preempted in that window lets others allocate first, and its event comes
+#: after theirs: the trace order is not the order pages left the free lists
+#: (7.2's 2G boot: the percpu chunk's order-4 vmalloc page, taken before a
+#: slab refill, traced 58 events after it). These kernels are recorded with
+#: the moment of each take: a kprobe right after ``get_page_from_freelist``'s
+#: call of ``__rmqueue_pcplist`` (the per-CPU list's page, the per-CPU lock
+#: still held: preemption is off; (function, offset, register) as in
+#: :data:`BULK_PROBES`, read off 7.2's disassembly: ``+0x330`` is the
+#: ``mov %rbx,%rdi`` before ``_raw_spin_unlock``, the page in %rax;
+#: ``__rmqueue_pcplist`` itself is notrace: no return probe) and the
+#: ``mm_page_alloc_zone_locked`` and ``mm_page_alloc_extfrag`` tracepoints
+#: (under the zone lock: a page leaving the buddy lists, the claim of a
+#: whole pageblock included; not a refill's pages, whose take is the per-CPU
+#: one: ``percpu_refill``, or for a claim an order and type the per-CPU lists
+#: hold). :func:`parse_ftrace` moves each ``A`` event to its take
+#: (:func:`_retime_allocations`). Before kprobes run (``fs_initcall``) the
+#: per-CPU takes are not seen: those allocations keep their event's place.
+TAKE_PROBES = {"7.2": ("get_page_from_freelist", 0x330, "%ax")}
 #: vmemmap (struct page array) bases under nokaslr: 5-level paging (the
 #: guests under ``-cpu max``) and 4-level; a struct page is 64 bytes
 _VMEMMAP_BASES = (LAYOUT_5LEVEL.vmemmap_start, VMEMMAP_START)
@@ -200,6 +224,11 @@ _CPA = re.compile(r"cpa: \(\S+\) va=(0x[0-9a-f]+) np=(\d+) set=(0x[0-9a-f]+) "
 _CPAR = re.compile(r"cpar: \(")
 _BULK = re.compile(r"\bbulk: \(\S+\) nr=(-?\d+) gfp=(0x[0-9a-f]+)")
 _BULKPAGE = re.compile(r"\bbulkpage: \(\S+\) page=(0x[0-9a-f]+)")
+_TAKE = re.compile(r"\bpcptake: \(.*\) page=(0x[0-9a-f]+)")
+_TAKE_BUDDY = re.compile(r"mm_page_alloc_zone_locked: page=\S+ pfn=(0x[0-9a-f]+|\d+) "
+                         r"order=\d+ migratetype=\d+ percpu_refill=(\d)")
+_TAKE_CLAIM = re.compile(r"mm_page_alloc_extfrag: page=\S+ pfn=(0x[0-9a-f]+|\d+) "
+                         r"alloc_order=(\d+) .*pageblock_order=(\d+) alloc_migratetype=(\d+)")
 _MARK = re.compile(r"tracing_mark_write: dmfrag_snap (\S+)")
 _DUMP = re.compile(r"tracing_mark_write: dmfrag_dump (\S+)")
 
@@ -209,12 +238,12 @@ def _page_to_pfn(page: int, line: int) -> int:
     for base in _VMEMMAP_BASES:
         if base <= page < base + (1 << 46):
             return (page - base) >> _STRUCT_PAGE_SHIFT
-    raise RealKernelError(f"trace line {line}: bulk allocator page {page:#x} is not in a "
+    raise RealKernelError(f"trace line {line}: allocator page {page:#x} is not in a "
                           f"vmemmap this recorder knows (nokaslr, 4- or 5-level paging)")
 
 
 def parse_ftrace(text: str, snapshots: dict[str, dict],
-                 entries: list[int] | None = None) -> list[list]:
+                 entries: list[int] | None = None, stats: dict | None = None) -> list[list]:
     """The trace buffer's text (``nocontext-info``) as version-3 events.
 
     A kprobe line (``cpa:``) comes just before the function tracer's line of
@@ -232,6 +261,21 @@ def parse_ftrace(text: str, snapshots: dict[str, dict],
         if entries is not None:          # the events of the line before: its entry
             entries.extend([entry] * (len(events) - len(entries)))
         entry += 1
+        if m := _TAKE.search(line):
+            page = int(m.group(1), 16)
+            if page:                             # NULL: the refill found nothing
+                events.append(["T", _page_to_pfn(page, n)])
+            continue
+        if m := _TAKE_BUDDY.search(line):
+            if m.group(2) == "0":               # a refill's page: its take comes later
+                events.append(["T", int(m.group(1), 0)])
+            continue
+        if m := _TAKE_CLAIM.search(line):
+            order, mt = int(m.group(2)), int(m.group(4))
+            # pcp_allowed_order and a per-CPU list type: a refill's claim
+            if not ((order <= 3 or order == int(m.group(3))) and mt < 3):
+                events.append(["T", int(m.group(1), 0)])
+            continue
         if m := _BULKPAGE.search(line):
             page = int(m.group(1), 16)
             if page and bulk is not None:
@@ -280,7 +324,53 @@ def parse_ftrace(text: str, snapshots: dict[str, dict],
     if entries is not None:
         entries.extend([entry] * (len(events) - len(entries)))
     _attribute_users(events)
+    retimed = _retime_allocations(events, entries)
+    if stats is not None:
+        stats["retimed"] = retimed
     return events
+
+
+def _retime_allocations(events: list[list], entries: list[int] | None = None) -> int:
+    """Move each ``A`` event to where its page left the free lists: the
+    last take (``T`` event, see :data:`TAKE_PROBES`) of its pfn since that
+    pfn's last event, if it has one; drop the ``T`` events (a bulk call's
+    takes, its ``B`` event has its pages; a refill's pages, their own take
+    comes later). ``entries`` (the ring-buffer index of each event) moves
+    with them: an allocation counts as before a dump when its take was.
+    Returns how many allocations moved. The user of each allocation is
+    named before (:func:`_attribute_users`), from where its event was."""
+    if not any(e[0] == "T" for e in events):
+        return 0
+    out: list = []
+    out_entries: list[int] = []
+    take_at: dict[int, int] = {}        # pfn -> the index in out of its last take
+    moved = 0
+    for k, e in enumerate(events):
+        kind = e[0]
+        entry = entries[k] if entries is not None else 0
+        if kind == "T":
+            take_at[e[1]] = len(out)
+            out.append(None)
+            out_entries.append(entry)
+            continue
+        if kind == "A":
+            j = take_at.pop(e[1], None)
+            if j is not None:
+                out[j] = e
+                moved += any(x is not None for x in out[j + 1:])
+                continue
+        elif kind == "F":
+            take_at.pop(e[1], None)
+        elif kind == "B":
+            for p in e[3]:
+                take_at.pop(p, None)
+        out.append(e)
+        out_entries.append(entry)
+    keep = [i for i, e in enumerate(out) if e is not None]
+    events[:] = [out[i] for i in keep]
+    if entries is not None:
+        entries[:] = [out_entries[i] for i in keep]
+    return moved
 
 
 def place_dumps(events: list[list], entries: list[int], states: list) -> int:
@@ -344,7 +434,7 @@ def _attribute_users(events: list[list]) -> None:
             in_cpa = early or bool(vas) and splits_direct_map_tables(vas[-1])
             e.append(_user(e, in_cpa, secret))
             continue
-        if kind == "B":         # the bulk allocator's pages: not a request's tables
+        if kind in ("B", "T"):  # the bulk allocator's pages, takes: not a request's tables
             continue
         if kind == "C":
             if e[2] is not None:
@@ -455,8 +545,13 @@ def record(kernel: str = DEFAULT_KERNEL, ram: str = "2G", workload: tuple[str, .
         func, off, reg = BULK_PROBES[kernel]
         kprobes += (f";p:dmfrag/bulk,{func},nr=%cx:s32,gfp=%di:x32"
                     f";p:dmfrag/bulkpage,{func}+{off:#x},page={reg}:x64")
+    tracepoints = "kmem:mm_page_alloc,kmem:mm_page_free"
+    if kernel in TAKE_PROBES:
+        func, off, reg = TAKE_PROBES[kernel]
+        kprobes += f";p:dmfrag/pcptake,{func}+{off:#x},page={reg}:x64"
+        tracepoints += ",kmem:mm_page_alloc_zone_locked,kmem:mm_page_alloc_extfrag"
     append = (f"ftrace=function ftrace_filter={markers} "
-              f"trace_event=kmem:mm_page_alloc,kmem:mm_page_free "
+              f"trace_event={tracepoints} "
               f"trace_buf_size={int(trace_buf_mb)}M kprobe_event={kprobes}")
     areas: list[list] = []
     if truth:
@@ -481,7 +576,8 @@ def record(kernel: str = DEFAULT_KERNEL, ram: str = "2G", workload: tuple[str, .
         raise RealKernelError(f"the trace from the guest's second serial port is cut short or "
                               f"corrupt ({len(raw)} bytes: {exc})") from None
     entries: list[int] = []
-    events = parse_ftrace(text, run.snapshots, entries)
+    parsed: dict = {}
+    events = parse_ftrace(text, run.snapshots, entries, parsed)
     if any(st.point == TRACE_START for st in run.states):
         # no marker says where the first dump was: place_dumps puts it by
         # its ring-buffer count
@@ -493,6 +589,7 @@ def record(kernel: str = DEFAULT_KERNEL, ram: str = "2G", workload: tuple[str, .
               "ram": ram, "workload": list(workload), "boot_log": boot,
               "recorder": {"seconds": round(seconds, 2), "events": len(events),
                            "buffer_entries": stats.get("entries", 0),
+                           "retimed": parsed["retimed"],
                            "trace_buf_mb": int(trace_buf_mb)},
               "module_areas": areas}
     if truth:

@@ -218,6 +218,56 @@ def test_parse_ftrace_reads_both_pfn_formats_and_pairs_kprobes():
                   ["C", "alias", None], ["R"], ["S", "boot", {"meminfo": {"DirectMap4k": 4}}]]
 
 
+def test_parse_ftrace_moves_each_allocation_to_where_its_page_was_taken():
+    """7.2 (PREEMPT_LAZY): a task preempted between taking its page and
+    mm_page_alloc is traced after allocations that came later. The take
+    probes (TAKE_PROBES) put each A event back where its page was taken:
+    the percpu chunk's order-4 page, claimed from a free order-10 block,
+    comes before the slab refill that took the block's other pages."""
+    base = 0xFFD4000000000000
+
+    def take(pfn):
+        return f" pcptake: (get_page_from_freelist+0x330/0x1d50) page={base + (pfn << 6):#x}"
+
+    def alloc(pfn, order, gfp="GFP_KERNEL"):
+        return f" mm_page_alloc: page=0 pfn={pfn:#x} order={order} migratetype=0 gfp_flags={gfp}"
+    text = "\n".join([
+        # the percpu worker claims 0x7c00's block for an order-4 page ...
+        (" mm_page_alloc_extfrag: page=0 pfn=0x7c00 alloc_order=4 fallback_order=10 "
+         "pageblock_order=9 alloc_migratetype=0 fallback_migratetype=1 fragmenting=0 "
+         "change_ownership=1"),
+        # ... and is preempted; a slab refill takes 0x7c10 and 0x7c14 (a
+        # refill's pages leave the buddy first: not takes) ...
+        " mm_page_alloc_zone_locked: page=0 pfn=0x7c10 order=2 migratetype=0 percpu_refill=1",
+        " mm_page_alloc_zone_locked: page=0 pfn=0x7c14 order=2 migratetype=0 percpu_refill=1",
+        take(0x7c10),
+        alloc(0x7c10, 2),
+        " pcptake: (get_page_from_freelist+0x330/0x1d50) page=0x0",      # refill failed
+        # ... an order-5 page straight from the buddy, taken and traced in turn ...
+        " mm_page_alloc_zone_locked: page=0 pfn=0x7c20 order=5 migratetype=0 percpu_refill=0",
+        alloc(0x7c20, 5),
+        " mm_page_free: page=0 pfn=0x7c10 order=2",
+        # ... a page taken before tracing could see its take keeps its place
+        alloc(0x9000, 0),
+        # ... then the worker's event
+        alloc(0x7c00, 4, "GFP_NOWAIT"),
+        # a page freed and taken again: its old take does not count
+        take(0x7c14),
+        alloc(0x7c14, 2),
+        " mm_page_free: page=0 pfn=0x7c14 order=2",
+        alloc(0x7c14, 2),
+    ])
+    stats: dict = {}
+    entries: list[int] = []
+    ev = parse_ftrace(text, {}, entries, stats)
+    assert [e[:3] for e in ev] == [["A", 0x7c00, 4], ["A", 0x7c10, 2], ["A", 0x7c20, 5],
+                                   ["F", 0x7c10, 2], ["A", 0x9000, 0], ["A", 0x7c14, 2],
+                                   ["F", 0x7c14, 2], ["A", 0x7c14, 2]]
+    assert ev[0][3] == "GFP_NOWAIT" and stats == {"retimed": 1}
+    # each event keeps the ring-buffer entry of where it now is (its take)
+    assert entries == [0, 3, 6, 8, 9, 11, 13, 14]
+
+
 def test_parse_ftrace_names_the_user_of_each_allocation():
     def alloc(pfn, gfp, order=0):
         return f" mm_page_alloc: page=0 pfn={pfn:#x} order={order} migratetype=0 gfp_flags={gfp}"
