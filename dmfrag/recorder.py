@@ -66,7 +66,8 @@ Trace format version 4 (JSON Lines, gzip'd; version 3 is the same without
   step that changes placement (:data:`BOOT_MARKERS`), or a
   batch free (:data:`FREE_MARKERS`: the ``F`` events right after it are
   its pages), with the function that called it;
-* ``["X", function]``: it returned (``secretmem_fault`` only);
+* ``["X", function]``: it returned (``secretmem_fault``; on 7.2 also
+  ``free_pages_bulk``);
 * ``["S", point, {"meminfo": {...}, "vmstat": {...}}]``: a snapshot.
 
 The header's ``module_areas`` lists the module area's vmalloc areas alive
@@ -419,7 +420,10 @@ BOOT_MARKERS = ("setup_per_cpu_pageset", "calculate_min_free_kbytes")
 
 #: markers of the frees that give pages back together, per kernel: 7.x's
 #: ``free_pages_bulk`` (vfree) frees each contiguous run as aligned blocks;
-#: the ``F`` events after its ``U`` event, in a row, are its pages
+#: the ``F`` events after its ``U`` event, in a row, are its pages, up to
+#: its return (an ``X`` event: a return probe; without it, in recordings
+#: before it, a free right after the batch counted as the batch's: 7.2's
+#: 2G boot, 8 order-0 slab pages freed one by one after a kernel stack's 4)
 FREE_MARKERS = {"7.2": ("free_pages_bulk",)}
 
 
@@ -541,6 +545,8 @@ def record(kernel: str = DEFAULT_KERNEL, ram: str = "2G", workload: tuple[str, .
     kprobes = _KPROBE.format(**layout)
     if kernel != "5.10":                      # memfd_secret is 5.14+
         kprobes += ";r:dmfrag/secretmem_fault_ret,secretmem_fault"
+    for func in FREE_MARKERS.get(kernel, ()):
+        kprobes += f";r:dmfrag/{func}_ret,{func}"
     if kernel in BULK_PROBES:
         func, off, reg = BULK_PROBES[kernel]
         kprobes += (f";p:dmfrag/bulk,{func},nr=%cx:s32,gfp=%di:x32"

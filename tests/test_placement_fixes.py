@@ -158,15 +158,22 @@ def test_autotune_frees_drain_what_was_freed_in_a_row():
 
 def test_autotune_consecutive_high_order_frees_drain_the_lists():
     """PCPF_PREV_FREE_HIGH_ORDER: a high-order free right after another, with
-    free_count past a batch, frees the lists (free_high) and lowers high."""
+    free_count past a batch and half of high_min (6.15's threshold, read
+    off 7.2's free_frozen_page_commit), frees the lists (free_high) and
+    lowers high; below it the lists keep every page."""
     b, z = _autotune_buddy()
     pcp = z.pcp
     gfp = int(GFP_KERNEL)
-    blocks = [b.alloc_pages(gfp, 3) for _ in range(40)]
+    blocks = [b.alloc_pages(gfp, 3) for _ in range(80)]
     b.drain_pages()
-    for p in blocks:
+    threshold = pcp.batch + pcp.high_min // 2
+    assert threshold > 8 * 40          # 31 + 890 // 2 at 512 MiB
+    for k, p in enumerate(blocks, 1):
         b.free_pages(p, 3)
-    # 40 order-3 frees in a row: the lists never hold more than a few batches
+        if 8 * k <= threshold:
+            # (6.7-6.14 freed the lists from free_count >= batch: 4 frees)
+            assert pcp.count == 8 * k
+    # 80 order-3 frees in a row: past the threshold the lists go back
     assert pcp.count <= pcp.batch + 8
     assert pcp.prev_free_high_order
     b.check()

@@ -193,14 +193,19 @@ class PcpMixin:
         """6.7+ ``free_unref_page_commit`` after the page is on its list:
         fewer pages batch allocated next (``alloc_factor``); high-order
         frees in a row (PCPF_PREV_FREE_HIGH_ORDER) with ``free_count`` past
-        a batch drain the lists (``free_high``); ``nr_pcp_high`` moves
+        a batch and half of ``high_min`` drain the lists (``free_high``); ``nr_pcp_high`` moves
         ``high``; past it ``nr_pcp_free`` pages go back, and a zone back
         above its high watermark leaves ZONE_BELOW_HIGH."""
         pcp.alloc_factor >>= 1
         batch = pcp.batch
         free_high = False
         if order and order <= PAGE_ALLOC_COSTLY_ORDER:
-            free_high = (pcp.free_count >= batch and pcp.prev_free_high_order
+            # free_count past a batch and half of high_min (6.15, "mm: pcp:
+            # increase pcp->free_count threshold to trigger free_high"; 6.7
+            # had a batch): 7.2's free_frozen_page_commit adds high_min / 2
+            # to pcp->batch before the compare
+            free_high = (pcp.free_count >= batch + pcp.high_min // 2
+                         and pcp.prev_free_high_order
                          and (not pcp.free_high_batch or pcp.count >= batch))
             pcp.prev_free_high_order = True
         elif pcp.prev_free_high_order:
