@@ -71,7 +71,13 @@ from .placed import (
     load_recorded,
     one_page_vmalloc,
 )
-from .recorder import BULK_PROBES, CPA_TABLE_GFPS, FREE_MARKERS, splits_direct_map_tables
+from .recorder import (
+    BULK_PROBES,
+    CPA_TABLE_GFPS,
+    FREE_MARKERS,
+    PCP_MARKERS,
+    splits_direct_map_tables,
+)
 from .truth import TRACE_START
 
 __all__ = ["ModelledReplay", "TraceDiff", "policy_users", "replay_modelled", "trace_diff"]
@@ -238,6 +244,14 @@ class _Modelled(Replayer):
         self.exact_tails: set[int] = (_alloc_exact_tails(events, 0)
                                       if k.profile.alloc_exact_tail_to_buddy and not routed
                                       else set())
+        #: the F events whose page Linux put straight on the buddy lists
+        #: (the recorder's give-back probes: ["F", pfn, order, "buddy"]),
+        #: of orders the per-CPU lists hold: its lock was busy (the model
+        #: frees those to the buddy too); not the exact tails (to the tail)
+        self.buddy_frees: set[int] = set() if routed else {
+            j for j, e in enumerate(events)
+            if e[0] == "F" and len(e) > 3 and e[3] == "buddy"
+            and k.buddy._pcp_allowed[e[2]] and j not in self.exact_tails}
         n = self.k.max_pfn + 1024
         #: Linux pfn -> the model's pfn of the same page (-1: not allocated by
         #: the trace); lists and a bytearray: the hot path indexes them one
@@ -333,6 +347,19 @@ class _Modelled(Replayer):
             self.pcp_at = _pcp_setup_at(events, marks, self.k.profile.pcp_setup_after_idt)
         if self.pcp_at is not None:
             self.bulk_before.setdefault(self.pcp_at, [])
+        #: where vmstat's refresh decayed a zone's per-CPU lists (6.7+
+        #: decay_pcp_high, the recorder's marker) -> the zone: each refresh
+        #: walks every populated zone in order, so the n-th marker of the
+        #: trace is zone n modulo their number
+        self.decay_at: dict[int, int] = {}
+        if PCP_MARKERS.get(header.get("kernel"), ()):
+            names = PCP_MARKERS[header["kernel"]]
+            nz = len(self.k.buddy.zones)
+            decays = [j for j, e in enumerate(events) if e[0] == "U" and e[1] in names]
+            for n, j in enumerate(decays):
+                if j >= self.start:
+                    self.decay_at[j] = n % nz
+                    self.bulk_before.setdefault(j, [])
         #: where init_per_zone_wmark_min ran (5.14+: the watermarks and the
         #: per-CPU lists' sizes; see _wmark_min_at); None: right after the
         #: boot's first JIT, as Kernel.boot makes it
@@ -765,6 +792,10 @@ class _Modelled(Replayer):
         marked there (:meth:`_early_call_markers`)."""
         if i == self.pcp_at:
             self.k.buddy.setup_per_cpu_pageset()
+        zone = self.decay_at.get(i)
+        if zone is not None:
+            buddy = self.k.buddy
+            buddy.decay_pcp_high(buddy.zones[zone])
         if i == self.wmark_at:
             from guestkernel.boot import postcore_initcalls
             postcore_initcalls(self.k.buddy, self.k.profile)
@@ -1028,7 +1059,7 @@ class _Modelled(Replayer):
                 return
             self.res.untraced_frees += 1
             return
-        if head == pfn and order == 0:
+        if head == pfn and order == 0 and i not in self.buddy_frees:
             blk = self.blocks[head]
             if blk[1] == 0 and not blk[3]:
                 # _release of a whole order-0 block (most events), inline
@@ -1042,7 +1073,13 @@ class _Modelled(Replayer):
                 self._free_pages(mhead, 0)
                 return
         whole, pages = self._release(pfn, order, head)
-        if whole:
+        if i in self.buddy_frees:       # free_one_page: the per-CPU lock was busy
+            if whole:
+                self.k.buddy.free_pages_ok(pages[0], order)
+            else:
+                for m in pages:
+                    self.k.buddy.free_pages_ok(m, 0)
+        elif whole:
             self._free_pages(pages[0], order)
         elif i in self.exact_tails:
             for m in pages:         # make_alloc_exact: __free_pages_ok(FPI_TO_TAIL)

@@ -54,7 +54,9 @@ Trace format version 4 (JSON Lines, gzip'd; version 3 is the same without
   that took pages off the per-CPU list: how many pages it was asked for,
   the migratetype of its GFP, and the order-0 pages it gave, in the order
   it gave them (the caller's array order);
-* ``["F", pfn, order]``: a free;
+* ``["F", pfn, order]``: a free; ``["F", pfn, order, "buddy"]`` (on
+  kernels with :data:`RELEASE_PROBES`) when the page went straight to the
+  buddy lists, not onto a per-CPU list;
 * ``["C", caller, args]``: a CPA pass begins; ``caller`` is ``"alias"`` for
   a pass nested in another, else the function that asked; ``args`` is
   ``null`` before kprobes run, else ``[va, numpages, mask_set, mask_clr,
@@ -100,6 +102,8 @@ __all__ = [
     "CPA_MARKERS",
     "CPA_TABLE_GFPS",
     "FREE_MARKERS",
+    "PCP_MARKERS",
+    "RELEASE_PROBES",
     "TAKE_PROBES",
     "TRACE_VERSION",
     "USERS",
@@ -149,9 +153,18 @@ BULK_PROBES = {
 #: whole pageblock included; not a refill's pages, whose take is the per-CPU
 #: one: ``percpu_refill``, or for a claim an order and type the per-CPU lists
 #: hold). :func:`parse_ftrace` moves each ``A`` event to its take
-#: (:func:`_retime_allocations`). Before kprobes run (``fs_initcall``) the
+#: (:func:`_retime`). Before kprobes run (``fs_initcall``) the
 #: per-CPU takes are not seen: those allocations keep their event's place.
 TAKE_PROBES = {"7.2": ("get_page_from_freelist", 0x330, "%ax")}
+#: The same kernels' give-backs: ``mm_page_free`` fires in
+#: ``free_pages_prepare``, before the page goes on a list, so a task
+#: preempted in between gives it back after others allocated (7.2's 2G boot:
+#: five order-0 frees of a process's exit traced before the allocations that
+#: came ahead of them). Probed at the entry of ``free_frozen_page_commit``
+#: (onto the per-CPU list, its lock held: the page, third argument) and of
+#: ``free_one_page`` (to the buddy: the pfn, third argument).
+RELEASE_PROBES = {"7.2": (("pcpfree", "free_frozen_page_commit", "page", "%dx"),
+                          ("buddyfree", "free_one_page", "pfn", "%dx"))}
 #: vmemmap (struct page array) bases under nokaslr: 5-level paging (the
 #: guests under ``-cpu max``) and 4-level; a struct page is 64 bytes
 _VMEMMAP_BASES = (LAYOUT_5LEVEL.vmemmap_start, VMEMMAP_START)
@@ -226,6 +239,8 @@ _CPAR = re.compile(r"cpar: \(")
 _BULK = re.compile(r"\bbulk: \(\S+\) nr=(-?\d+) gfp=(0x[0-9a-f]+)")
 _BULKPAGE = re.compile(r"\bbulkpage: \(\S+\) page=(0x[0-9a-f]+)")
 _TAKE = re.compile(r"\bpcptake: \(.*\) page=(0x[0-9a-f]+)")
+_GIVE_PCP = re.compile(r"\bpcpfree: \(.*\) page=(0x[0-9a-f]+)")
+_GIVE_BUDDY = re.compile(r"\bbuddyfree: \(.*\) pfn=(0x[0-9a-f]+|\d+)")
 _TAKE_BUDDY = re.compile(r"mm_page_alloc_zone_locked: page=\S+ pfn=(0x[0-9a-f]+|\d+) "
                          r"order=\d+ migratetype=\d+ percpu_refill=(\d)")
 _TAKE_CLAIM = re.compile(r"mm_page_alloc_extfrag: page=\S+ pfn=(0x[0-9a-f]+|\d+) "
@@ -266,6 +281,12 @@ def parse_ftrace(text: str, snapshots: dict[str, dict],
             page = int(m.group(1), 16)
             if page:                             # NULL: the refill found nothing
                 events.append(["T", _page_to_pfn(page, n)])
+            continue
+        if m := _GIVE_PCP.search(line):
+            events.append(["G", _page_to_pfn(int(m.group(1), 16), n), "pcp"])
+            continue
+        if m := _GIVE_BUDDY.search(line):
+            events.append(["G", int(m.group(1), 0), "buddy"])
             continue
         if m := _TAKE_BUDDY.search(line):
             if m.group(2) == "0":               # a refill's page: its take comes later
@@ -325,53 +346,105 @@ def parse_ftrace(text: str, snapshots: dict[str, dict],
     if entries is not None:
         entries.extend([entry] * (len(events) - len(entries)))
     _attribute_users(events)
-    retimed = _retime_allocations(events, entries)
+    allocs, frees = _retime(events, entries)
     if stats is not None:
-        stats["retimed"] = retimed
+        stats["retimed"] = allocs
+        stats["retimed_frees"] = frees
     return events
 
 
-def _retime_allocations(events: list[list], entries: list[int] | None = None) -> int:
-    """Move each ``A`` event to where its page left the free lists: the
-    last take (``T`` event, see :data:`TAKE_PROBES`) of its pfn since that
-    pfn's last event, if it has one; drop the ``T`` events (a bulk call's
-    takes, its ``B`` event has its pages; a refill's pages, their own take
-    comes later). ``entries`` (the ring-buffer index of each event) moves
-    with them: an allocation counts as before a dump when its take was.
-    Returns how many allocations moved. The user of each allocation is
-    named before (:func:`_attribute_users`), from where its event was."""
-    if not any(e[0] == "T" for e in events):
-        return 0
+def _retime(events: list[list], entries: list[int] | None = None) -> tuple[int, int]:
+    """Put each allocation and free where the page left or came back to
+    the free lists (see :data:`TAKE_PROBES`):
+
+    * an ``A`` event moves back to the last take (``T`` event) of its pfn
+      since that pfn's last event, if it has one;
+    * an ``F`` event moves forward to the next give-back (``G`` event) of
+      its pfn, if one comes before that pfn's next event: ``mm_page_free``
+      fires in ``free_pages_prepare``, before the page goes on a list, and
+      a task preempted in between gives it back later. The frees of a
+      ``free_pages_bulk`` batch (between its ``U`` and ``X`` events) stay
+      as they are: they go back after all the batch's prepares, as blocks.
+
+    A free whose page went straight to the buddy lists (``free_one_page``:
+    an order the per-CPU lists do not hold, ``alloc_pages_exact``'s tail, or
+    the per-CPU list's lock taken, as by a task the freeing interrupt
+    stopped) gets a fourth element, ``"buddy"``.
+
+    The ``T`` and ``G`` events are dropped (a bulk call's takes: its ``B``
+    event has the pages; a refill's pages: their own take comes later; the
+    give-backs of frees no event shows). ``entries`` (the ring-buffer index
+    of each event) moves with them: a page counts as taken before a dump
+    when its take was. Returns how many allocations and frees moved. The
+    user of each allocation is named before (:func:`_attribute_users`),
+    from where its event was."""
+    if not any(e[0] in ("T", "G") for e in events):
+        return 0, 0
+    batch_frees = {name for names in FREE_MARKERS.values() for name in names}
     out: list = []
     out_entries: list[int] = []
     take_at: dict[int, int] = {}        # pfn -> the index in out of its last take
-    moved = 0
+    held: dict[int, int] = {}           # pfn -> the index in out of its free's own place
+    moved_allocs = moved_frees = 0
+    in_batch = False
+
+    def flush(pfn: int) -> None:        # a held free stays where its event was
+        j = held.pop(pfn, None)
+        if j is not None:
+            out[j] = out[j][1]
+
     for k, e in enumerate(events):
         kind = e[0]
         entry = entries[k] if entries is not None else 0
         if kind == "T":
+            flush(e[1])
             take_at[e[1]] = len(out)
             out.append(None)
             out_entries.append(entry)
             continue
+        if kind == "G":
+            j = held.pop(e[1], None)
+            if j is not None:
+                f = out[j][1]
+                if e[2] == "buddy":
+                    f = [*f, "buddy"]
+                out[j] = None
+                moved_frees += any(isinstance(x, list) for x in out[j + 1:])
+                out.append(f)
+                out_entries.append(entry)
+            continue
         if kind == "A":
+            flush(e[1])
             j = take_at.pop(e[1], None)
             if j is not None:
                 out[j] = e
-                moved += any(x is not None for x in out[j + 1:])
+                moved_allocs += any(isinstance(x, list) for x in out[j + 1:])
                 continue
         elif kind == "F":
+            flush(e[1])
             take_at.pop(e[1], None)
+            if not in_batch:
+                held[e[1]] = len(out)
+                out.append(("held", e))
+                out_entries.append(entry)
+                continue
         elif kind == "B":
             for p in e[3]:
+                flush(p)
                 take_at.pop(p, None)
+        elif kind == "U" and e[1] in batch_frees:
+            in_batch = True
+        elif kind == "X" and e[1] in batch_frees:
+            in_batch = False
         out.append(e)
         out_entries.append(entry)
+    for pfn in list(held):
+        flush(pfn)
     keep = [i for i, e in enumerate(out) if e is not None]
     events[:] = [out[i] for i in keep]
     if entries is not None:
         entries[:] = [out_entries[i] for i in keep]
-    return moved
+    return moved_allocs, moved_frees
 
 
 def place_dumps(events: list[list], entries: list[int], states: list) -> int:
@@ -418,6 +491,14 @@ CPA_MARKERS = ("set_memory_ro", "set_memory_rw", "set_memory_x", "set_memory_nx"
 BOOT_MARKERS = ("setup_per_cpu_pageset", "calculate_min_free_kbytes")
 
 
+#: markers of the time-driven per-CPU list work, per kernel: 6.7+'s
+#: ``decay_pcp_high`` (vmstat_update, about once a second, walks every
+#: populated zone in order and lowers its per-CPU lists' ``high``, draining
+#: what is past it): when it ran, no page event shows; the model decays its
+#: own lists there
+PCP_MARKERS = {"7.2": ("decay_pcp_high",)}
+
+
 #: markers of the frees that give pages back together, per kernel: 7.x's
 #: ``free_pages_bulk`` (vfree) frees each contiguous run as aligned blocks;
 #: the ``F`` events after its ``U`` event, in a row, are its pages, up to
@@ -438,7 +519,7 @@ def _attribute_users(events: list[list]) -> None:
             in_cpa = early or bool(vas) and splits_direct_map_tables(vas[-1])
             e.append(_user(e, in_cpa, secret))
             continue
-        if kind in ("B", "T"):  # the bulk allocator's pages, takes: not a request's tables
+        if kind in ("B", "T", "G"):  # bulk pages, takes, give-backs: not a request's tables
             continue
         if kind == "C":
             if e[2] is not None:
@@ -541,6 +622,7 @@ def record(kernel: str = DEFAULT_KERNEL, ram: str = "2G", workload: tuple[str, .
     rk = RealKernel(cache, install=install, kernel=kernel)
     markers = ",".join(("__change_page_attr_set_clr", *USER_MARKERS, *CPA_MARKERS,
                         *BOOT_MARKERS, *FREE_MARKERS.get(kernel, ()),
+                        *PCP_MARKERS.get(kernel, ()),
                         *((BULK_PROBES[kernel][0],) if kernel in BULK_PROBES else ())))
     kprobes = _KPROBE.format(**layout)
     if kernel != "5.10":                      # memfd_secret is 5.14+
@@ -555,6 +637,8 @@ def record(kernel: str = DEFAULT_KERNEL, ram: str = "2G", workload: tuple[str, .
     if kernel in TAKE_PROBES:
         func, off, reg = TAKE_PROBES[kernel]
         kprobes += f";p:dmfrag/pcptake,{func}+{off:#x},page={reg}:x64"
+        for name, func, arg, reg in RELEASE_PROBES.get(kernel, ()):
+            kprobes += f";p:dmfrag/{name},{func},{arg}={reg}:x64"
         tracepoints += ",kmem:mm_page_alloc_zone_locked,kmem:mm_page_alloc_extfrag"
     append = (f"ftrace=function ftrace_filter={markers} "
               f"trace_event={tracepoints} "
@@ -596,6 +680,7 @@ def record(kernel: str = DEFAULT_KERNEL, ram: str = "2G", workload: tuple[str, .
               "recorder": {"seconds": round(seconds, 2), "events": len(events),
                            "buffer_entries": stats.get("entries", 0),
                            "retimed": parsed["retimed"],
+                           "retimed_frees": parsed["retimed_frees"],
                            "trace_buf_mb": int(trace_buf_mb)},
               "module_areas": areas}
     if truth:

@@ -287,7 +287,10 @@ class KernelVersion:
     #: of the IDT and setup_per_cpu_pageset (the IDT split's own tables
     #: not counted), read off recordings with the setup_per_cpu_pageset
     #: marker (the same at 2G and 4G): where a replay of a recording
-    #: without the marker sets the zones' per-CPU lists up; None: unknown
+    #: without the marker sets the zones' per-CPU lists up; None: unknown.
+    #: (7.2's 3 is in event order, as recordings without the marker have
+    #: it; a 7.2 recording with take probes puts the allocations where
+    #: their pages were taken, and the number varies from boot to boot)
     pcp_setup_after_idt: int | None = None
     #: CONFIG_DEFERRED_STRUCT_PAGE_INIT leaves a pageblock of the deferred
     #: range whose first page is reserved at migratetype 0 (UNMOVABLE):

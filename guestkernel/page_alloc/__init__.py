@@ -74,7 +74,8 @@ Where Linux 6.1 is more detailed than the model (choices made):
   6.1's ``zone_highsize`` for one CPU, ``max(low_wmark, 4 * batch)``; 6.7+'s
   ``high_min`` (that) and ``high_max`` (1/8 of the zone), ``high`` moving
   between them (``nr_pcp_alloc``, ``nr_pcp_high``, ZONE_BELOW_HIGH; no
-  ZONE_RECLAIM_ACTIVE, no time-driven ``decay_pcp_high``). All are
+  ZONE_RECLAIM_ACTIVE; the time-driven ``decay_pcp_high`` only when a
+  caller says it ran: a recorded trace's markers). All are
   recomputed whenever the watermarks are (``setup_per_zone_wmarks`` calls
   ``zone_pcp_update``). pcp lists hold orders 0..3 and ``PAGEBLOCK_ORDER``
   (``pcp_allowed_order``; one list for the THP order, shared by all

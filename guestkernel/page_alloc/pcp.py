@@ -229,6 +229,30 @@ class PcpMixin:
                     zone, 0, zone.watermark[WMARK_HIGH], max(ZoneType), 0, zone.free_pages):
                 zone.below_high = False
 
+    def decay_pcp_high(self, zone: Zone) -> bool:
+        """6.7+ ``decay_pcp_high`` (vmstat_update, about once a second: a
+        recorded trace marks each call): ``high`` an eighth nearer
+        ``high_min`` (not below the count less ``batch << 5``), then what
+        the lists hold past it drained a batch at a time, each batch from
+        the first list on (7.2's loop, read off its disassembly). Returns
+        whether there was something to do. A no-op before 6.7."""
+        if not self._pcp_autotune:
+            return False
+        pcp = zone.pcp
+        high_min, batch = pcp.high_min, pcp.batch
+        todo = False
+        if pcp.high > high_min:
+            pcp.high = max(pcp.count - (batch << PCP_BATCH_SCALE_MAX),
+                           pcp.high - (pcp.high >> 3), high_min)
+            todo = pcp.high > high_min
+        to_drain = pcp.count - pcp.high
+        while to_drain > 0:
+            n = min(to_drain, batch)
+            self._free_pcppages_bulk(zone, n, pcp, 0)
+            to_drain -= n
+            todo = True
+        return todo
+
     @staticmethod
     def _nr_pcp_high(pcp: PerCpuPages, zone: Zone, batch: int, free_high: bool) -> int:
         """6.7+ ``nr_pcp_high``: the count that triggers a drain, moving
