@@ -55,6 +55,7 @@ import re
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -78,6 +79,9 @@ from .recorder import (
     PCP_MARKERS,
     splits_direct_map_tables,
 )
+
+if TYPE_CHECKING:
+    from guestkernel.users import ExecmemCache
 from .truth import TRACE_START
 
 __all__ = ["ModelledReplay", "TraceDiff", "policy_users", "replay_modelled", "trace_diff"]
@@ -622,10 +626,12 @@ class _Modelled(Replayer):
         record says (``early_untraced_pages``, read off trace-start dumps),
         on the boot pageset after the ring buffer: with them the model's
         free pages at the first event are Linux's, page for page, on the
-        committed boot recordings. On 7.x the execmem ROX cache's first 2M
-        block comes between the two (``ExecmemCache.populate``: the dumps
-        show it made before tracing; a PMD entry of the image's
-        level2_fixmap_pgt maps it). Counted in ``early_pages``."""
+        committed boot recordings. On 7.x the recorder's first ftrace
+        trampoline comes ``KernelVersion.early_trampoline_at`` pages into
+        the UNMOVABLE run (:meth:`_first_trampoline`: the execmem ROX
+        cache's first 2M block, which a PMD entry of the image's
+        level2_fixmap_pgt maps, and the split of its direct-map alias; the
+        dumps show both made before tracing). Counted in ``early_pages``."""
         unmovable, reclaimable = self.k.profile.early_untraced_pages
 
         def take(gfp: str, n: int) -> int:
@@ -638,20 +644,47 @@ class _Modelled(Replayer):
                                         ) from None
             return n
 
-        taken = take("GFP_KERNEL", unmovable)
         cache = self.k.execmem.rox_cache
-        if cache is not None and unmovable:
-            # 7.x: the execmem ROX cache's first 2M block, made before
-            # tracing (the trace-start dumps show it after the early
-            # UNMOVABLE run, before the RECLAIMABLE pages' pageblock)
+        at = self.k.profile.early_trampoline_at
+        taken = 0
+        if cache is not None and unmovable and at is not None:
+            # 7.x: early_trace_init starts the recorder's function tracer,
+            # whose trampoline is the execmem ROX cache's first piece: the
+            # cache's first 2M block, then its alias split (the table is
+            # one of the early pages; the module mapping's split table is
+            # freed by the collapse after set_memory_rox and taken again
+            # by the next early page)
+            taken += take("GFP_KERNEL", at)
+            taken += self._first_trampoline(cache)
+            unmovable -= 1 + at
+        taken += take("GFP_KERNEL", unmovable)
+        if cache is not None and at is None and unmovable:
+            # (a record without the trampoline's place: the block after the run)
             try:
-                addr = cache.populate()
+                taken += cache.areas[cache.populate()].size // 4096
             except MemoryError as exc:
                 raise PlacedReplayError(1, f"the model is out of memory for the execmem "
                                         f"cache's first block: {exc}") from None
-            taken += cache.areas[addr].size // 4096
         taken += take("GFP_KERNEL|__GFP_RECLAIMABLE", reclaimable)
         self.res.early_pages = taken
+
+    def _first_trampoline(self, cache: ExecmemCache) -> int:
+        """7.x's first ftrace trampoline, before tracing: the execmem ROX
+        cache's first 2M block (``ExecmemCache.populate``), a page of it
+        (``execmem_alloc_rw``: NX, then RW, which splits the block's
+        direct-map 2M page: the trace-start dumps show it split, every entry
+        read-only), then ``set_memory_rox`` (the collapse after it frees the
+        module mapping's table, not the alias's). Returns the pages it
+        took."""
+        before = self.k.buddy.nr_free()
+        try:
+            cache.populate()
+            tramp = self.k.execmem.execmem_alloc_rw(4096, text=True, caller="ftrace")
+            self.k.cpa.set_memory_rox(tramp, 1)
+        except MemoryError as exc:
+            raise PlacedReplayError(1, f"the model is out of memory for the execmem "
+                                    f"cache's first block and ftrace trampoline: {exc}") from None
+        return before - self.k.buddy.nr_free()
 
     def _va(self, va: int) -> int:
         pfn = direct_pfn(va)
@@ -1280,12 +1313,22 @@ class _Modelled(Replayer):
                 self._install_boot_state()
             else:
                 try:
-                    ftrace_init(k.buddy, k.ftrace_pages)
+                    groups = ftrace_init(k.buddy, k.ftrace_pages)
                 except AllocationError as exc:
                     self.res.error = (f"trace line 1: the model is out of memory for "
                                       f"ftrace_init: {exc}")
                     return self.res
                 self.res.ftrace_pages = k.ftrace_pages
+                # Linux frees parts of what it allocated before tracing
+                # (ftrace's record pages of init code among them: 7.2 frees
+                # an order-2 block of them): the model's pages there are its
+                # own early pages too, order 0, freed as Linux frees them
+                # (_free_early)
+                for head in groups:
+                    order = k.buddy.allocated_order(head)
+                    if order:
+                        k.buddy.split_allocated(head, order)
+                    self._early_pfns.update(range(head, head + (1 << order)))
                 self._ring_buffer()
                 self._early_untraced()
             if self.pcp_at is None:

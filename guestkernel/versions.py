@@ -283,6 +283,16 @@ class KernelVersion:
     #: 7.2's execmem ROX cache block, made before tracing too, is not in
     #: it: one PMD entry of the image's level2_fixmap_pgt maps it, no table)
     early_untraced_pages: tuple[int, int] = (0, 0)
+    #: 7.x: how many of the early UNMOVABLE pages come before the
+    #: recorder's first ftrace trampoline (early_trace_init starts the
+    #: function tracer; its trampoline is the execmem ROX cache's first
+    #: piece, and making it writable splits the cache block's direct-map
+    #: 2M page: one of the early pages is that split's table). Read off the
+    #: 7.2 2G boot's trace-start dump: the table is 0x6626, the 142nd page
+    #: of the early run, the module mapping's table before it freed and
+    #: taken again (any place inside the run gives the model the same free
+    #: pages at the first event). None: no such trampoline modelled
+    early_trampoline_at: int | None = None
     #: the allocations start_kernel makes between init_IRQ's set_memory_ro
     #: of the IDT and setup_per_cpu_pageset (the IDT split's own tables
     #: not counted), read off recordings with the setup_per_cpu_pageset
@@ -430,7 +440,7 @@ VERSIONS: dict[str, KernelVersion] = {
         module_mem_types=True, alloc_exact_tail_to_buddy=True, fallback_claim_or_steal=True,
         module_ro_after_init_sections=("__jump_table", ".static_call_sites"),
         pcp_autotune=True, vfree_contig_free=True, ftrace_pages=196, bpf_jit_base_len=25,
-        early_untraced_pages=(273, 4), pcp_setup_after_idt=3,
+        early_untraced_pages=(273, 4), early_trampoline_at=140, pcp_setup_after_idt=3,
         deferred_init=True, deferred_free_order=10,
         # Not applied (see BPF_SLAB_NOT_APPLIED): linux-7.2-8G-bpf-2048_secretmem-
         # 4096 has 289 order-0, 255 order-2 and 97 reclaimable order-0 new slab
