@@ -647,16 +647,14 @@ class _Modelled(Replayer):
         cache = self.k.execmem.rox_cache
         at = self.k.profile.early_trampoline_at
         taken = 0
-        if cache is not None and unmovable and at is not None:
-            # 7.x: early_trace_init starts the recorder's function tracer,
-            # whose trampoline is the execmem ROX cache's first piece: the
-            # cache's first 2M block, then its alias split (the table is
-            # one of the early pages; the module mapping's split table is
-            # freed by the collapse after set_memory_rox and taken again
-            # by the next early page)
+        if unmovable and at is not None:
+            # early_trace_init starts the recorder's function tracer, whose
+            # first trampoline splits its page's direct-map 2M page; its
+            # page, tables and the split's table are among the early pages
             taken += take("GFP_KERNEL", at)
-            taken += self._first_trampoline(cache)
-            unmovable -= 1 + at
+            block, held = self._first_trampoline(cache)
+            taken += block + held
+            unmovable -= at + held
         taken += take("GFP_KERNEL", unmovable)
         if cache is not None and at is None and unmovable:
             # (a record without the trampoline's place: the block after the run)
@@ -668,23 +666,37 @@ class _Modelled(Replayer):
         taken += take("GFP_KERNEL|__GFP_RECLAIMABLE", reclaimable)
         self.res.early_pages = taken
 
-    def _first_trampoline(self, cache: ExecmemCache) -> int:
-        """7.x's first ftrace trampoline, before tracing: the execmem ROX
-        cache's first 2M block (``ExecmemCache.populate``), a page of it
-        (``execmem_alloc_rw``: NX, then RW, which splits the block's
-        direct-map 2M page: the trace-start dumps show it split, every entry
-        read-only), then ``set_memory_rox`` (the collapse after it frees the
-        module mapping's table, not the alias's). Returns the pages it
-        took."""
-        before = self.k.buddy.nr_free()
+    def _first_trampoline(self, cache: ExecmemCache | None) -> tuple[int, int]:
+        """The recorder's first ftrace trampoline, made before tracing
+        (``arch_ftrace_update_trampoline`` when early_trace_init starts the
+        function tracer). 7.x: the execmem ROX cache's first 2M block
+        (``ExecmemCache.populate``), a page of it (``execmem_alloc_rw``: NX,
+        then RW, which splits the block's direct-map 2M page: the
+        trace-start dumps show it split, every entry read-only), then
+        ``set_memory_rox`` (the collapse after it frees the module
+        mapping's table, not the alias's). Before (6.1): a page of the
+        module area (``module_alloc``, with the area's page table) made
+        read-only and executable, which splits its direct-map 2M page too
+        (6.1's trace-start dump: the page, 0x69e5 on the 2G boot, read-only
+        in a split 0x6800000, as the model's module_alloc places it).
+        Returns the pages of the cache's block and the other pages it
+        holds (the page, the tables)."""
+        buddy = self.k.buddy
+        before = buddy.nr_free()
+        block = 0
         try:
-            cache.populate()
-            tramp = self.k.execmem.execmem_alloc_rw(4096, text=True, caller="ftrace")
-            self.k.cpa.set_memory_rox(tramp, 1)
+            if cache is not None:
+                block = cache.areas[cache.populate()].size // 4096
+                tramp = self.k.execmem.execmem_alloc_rw(4096, text=True, caller="ftrace")
+                self.k.cpa.set_memory_rox(tramp, 1)
+            else:
+                area = self.k.execmem.module_alloc(4096, caller="ftrace")
+                self.k.cpa.set_memory_ro(area.addr, 1)
+                self.k.cpa.set_memory_x(area.addr, 1)
         except MemoryError as exc:
-            raise PlacedReplayError(1, f"the model is out of memory for the execmem "
-                                    f"cache's first block and ftrace trampoline: {exc}") from None
-        return before - self.k.buddy.nr_free()
+            raise PlacedReplayError(1, f"the model is out of memory for the recorder's first "
+                                    f"ftrace trampoline: {exc}") from None
+        return block, before - buddy.nr_free() - block
 
     def _va(self, va: int) -> int:
         pfn = direct_pfn(va)

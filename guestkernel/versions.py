@@ -281,17 +281,22 @@ class KernelVersion:
     #: trace-start dumps under QEMU (2G, 4G and 8G: the same within a page);
     #: the modelled replay makes them from its own boot (0: not measured;
     #: 7.2's execmem ROX cache block, made before tracing too, is not in
-    #: it: one PMD entry of the image's level2_fixmap_pgt maps it, no table)
+    #: it: one PMD entry of the image's level2_fixmap_pgt maps it, no table).
+    #: They depend on the recorder a little: 6.1's recordings made since
+    #: the calculate_min_free_kbytes marker (a command line 26 bytes
+    #: longer) have one page more than those before (217)
     early_untraced_pages: tuple[int, int] = (0, 0)
-    #: 7.x: how many of the early UNMOVABLE pages come before the
-    #: recorder's first ftrace trampoline (early_trace_init starts the
-    #: function tracer; its trampoline is the execmem ROX cache's first
-    #: piece, and making it writable splits the cache block's direct-map
-    #: 2M page: one of the early pages is that split's table). Read off the
-    #: 7.2 2G boot's trace-start dump: the table is 0x6626, the 142nd page
-    #: of the early run, the module mapping's table before it freed and
-    #: taken again (any place inside the run gives the model the same free
-    #: pages at the first event). None: no such trampoline modelled
+    #: how many of the early UNMOVABLE pages come before the recorder's
+    #: first ftrace trampoline (early_trace_init starts the function
+    #: tracer; the trampoline's page made read-only splits its direct-map
+    #: 2M page: the split's table, and on 6.1 the page and its module-area
+    #: page table, are early pages; on 7.x the page is the execmem ROX
+    #: cache's, whose first 2M block comes with it). Read off the 2G boots'
+    #: trace-start dumps: 6.1's page 0x69e5 is the 114th page of the early
+    #: run, 7.2's split table 0x6626 the 142nd (the module mapping's table
+    #: before it freed and taken again; any place inside the run gives the
+    #: model the same free pages at the first event). None: no such
+    #: trampoline modelled
     early_trampoline_at: int | None = None
     #: the allocations start_kernel makes between init_IRQ's set_memory_ro
     #: of the IDT and setup_per_cpu_pageset (the IDT split's own tables
@@ -415,7 +420,7 @@ VERSIONS: dict[str, KernelVersion] = {
         modules_vaddr=_MODULES_1G_IMAGE[0], modules_end=_MODULES_1G_IMAGE[1], pti=True,
         node_data_bytes=0x2B000, boot_cpa=_ALL_BOOT_CPA, bpf_prog_pack=True,
         vmstat_counters=_SPLITS, real_mode=(7, 3, 1, 2), ftrace_pages=159,
-        early_untraced_pages=(217, 2), alloc_exact_tail_to_buddy=True, pcp_setup_after_idt=1,
+        early_untraced_pages=(218, 2), early_trampoline_at=113, alloc_exact_tail_to_buddy=True, pcp_setup_after_idt=1,
         deferred_reserved_unmovable=True, deferred_init=True,
         # Not applied (see BPF_SLAB_NOT_APPLIED): linux-6.1-8G-bpf-2048_secretmem-
         # 4096 has 257 order-2, 243 order-0 and 98 reclaimable order-0 new slab

@@ -199,8 +199,9 @@ def check_placement(f: dict) -> None:
         # a boot recording starts from its trace-start dump; a workload one
         # from its boot dump, and from its trace-start dump too if it has
         # one (recorded since that dump exists: 7.2's)
-        starts = ["from_trace_start"] if "-boot." in name else (
-            ["from_boot_dump", "from_trace_start"] if "-7.2-" in name else ["from_boot_dump"])
+        starts = ["from_trace_start"] if "-boot." in name else ["from_boot_dump"]
+        if "-boot." not in name and "from_trace_start" in row:      # recorded since it exists
+            starts.append("from_trace_start")
         runs = [row.pop("own_boot"), *(row.pop(s) for s in starts)]
         assert row == {}, name
         for g in runs:
