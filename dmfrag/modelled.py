@@ -654,7 +654,10 @@ class _Modelled(Replayer):
             taken += take("GFP_KERNEL", at)
             block, held = self._first_trampoline(cache)
             taken += block + held
-            unmovable -= at + held
+            # (the pages it holds on the boot the count was read off are
+            # among the early pages; on bigger machines its split may hold
+            # a table more, as Linux's does: 7.2's dumps at 4G to 16G)
+            unmovable -= at + min(held, self.k.profile.early_trampoline_pages)
         taken += take("GFP_KERNEL", unmovable)
         if cache is not None and at is None and unmovable:
             # (a record without the trampoline's place: the block after the run)

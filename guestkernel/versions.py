@@ -298,6 +298,13 @@ class KernelVersion:
     #: model the same free pages at the first event). None: no such
     #: trampoline modelled
     early_trampoline_at: int | None = None
+    #: of early_untraced_pages, those the trampoline holds on the 2G boot
+    #: the count was read off (6.1: its page, the module area's page table,
+    #: the split's table; 7.2: the split's table, the module mapping's
+    #: freed by the collapse). On a bigger machine the model's trampoline
+    #: may hold a table more, and so does Linux's: 7.2's trace-start dumps
+    #: at 4G, 8G and 16G have one early page more than at 2G
+    early_trampoline_pages: int = 0
     #: the allocations start_kernel makes between init_IRQ's set_memory_ro
     #: of the IDT and setup_per_cpu_pageset (the IDT split's own tables
     #: not counted), read off recordings with the setup_per_cpu_pageset
@@ -420,7 +427,7 @@ VERSIONS: dict[str, KernelVersion] = {
         modules_vaddr=_MODULES_1G_IMAGE[0], modules_end=_MODULES_1G_IMAGE[1], pti=True,
         node_data_bytes=0x2B000, boot_cpa=_ALL_BOOT_CPA, bpf_prog_pack=True,
         vmstat_counters=_SPLITS, real_mode=(7, 3, 1, 2), ftrace_pages=159,
-        early_untraced_pages=(218, 2), early_trampoline_at=113, alloc_exact_tail_to_buddy=True, pcp_setup_after_idt=1,
+        early_untraced_pages=(218, 2), early_trampoline_at=113, early_trampoline_pages=3, alloc_exact_tail_to_buddy=True, pcp_setup_after_idt=1,
         deferred_reserved_unmovable=True, deferred_init=True,
         # Not applied (see BPF_SLAB_NOT_APPLIED): linux-6.1-8G-bpf-2048_secretmem-
         # 4096 has 257 order-2, 243 order-0 and 98 reclaimable order-0 new slab
@@ -445,7 +452,7 @@ VERSIONS: dict[str, KernelVersion] = {
         module_mem_types=True, alloc_exact_tail_to_buddy=True, fallback_claim_or_steal=True,
         module_ro_after_init_sections=("__jump_table", ".static_call_sites"),
         pcp_autotune=True, vfree_contig_free=True, ftrace_pages=196, bpf_jit_base_len=25,
-        early_untraced_pages=(273, 4), early_trampoline_at=140, pcp_setup_after_idt=3,
+        early_untraced_pages=(273, 4), early_trampoline_at=140, early_trampoline_pages=1, pcp_setup_after_idt=3,
         deferred_init=True, deferred_free_order=10,
         # Not applied (see BPF_SLAB_NOT_APPLIED): linux-7.2-8G-bpf-2048_secretmem-
         # 4096 has 289 order-0, 255 order-2 and 97 reclaimable order-0 new slab

@@ -824,6 +824,44 @@ def test_an_unmatched_node_bulk_call_is_a_kernel_stack_on_6_1():
     assert seven.bulk_calls_as_stacks == 0       # 7.x: a stack is one order-2 block
 
 
+@pytest.mark.parametrize("kernel, ram, held", [("7.2", "2G", 1), ("7.2", "8G", 2),
+                                               ("6.1", "2G", 3)])
+def test_the_recorders_first_trampoline_in_the_models_own_boot(kernel, ram, held):
+    """The recorder's first ftrace trampoline (early_trace_init), made by
+    the model's own boot: its direct-map 2M page split; the pages it holds
+    besides 7.2's execmem cache block (6.1: the module_alloc'd page, the
+    module area's page table, the split's table; 7.2: the split's table,
+    and from 4G on the module mapping's table too, which the collapse
+    after set_memory_rox leaves). Of those, early_trampoline_pages are
+    among early_untraced_pages (what it holds on the 2G boot the count was
+    read off); a table more on a bigger machine is one early page more,
+    as 7.2's trace-start dumps at 4G, 8G and 16G show (274 against 273)."""
+    from dmfrag.modelled import _Modelled
+    from dmfrag.placed import load_recorded
+    header = {"dmfrag_trace": 4, "source": "recorded", "kernel": kernel, "ram": ram,
+              "workload": [], "boot_log": ""}
+    events = [["S", "boot", {"meminfo": {}, "vmstat": {}}]]
+    lines = [json.dumps(header), *(json.dumps(e) for e in events), json.dumps({"end": 1})]
+    rep = _Modelled(*load_recorded(lines, None, None)[:2], None, None)
+    k = rep.k
+    k.buddy.boot_pagesets()
+    k.preallocate_vmalloc_pages()
+    po = k.page_offset
+
+    def mapped_4k() -> set[int]:
+        return {p for p in range(0, k.max_pfn, 512)
+                if (f := k.pgt.lookup_slot(po + p * 4096)) is not None and f[1] == 1}
+    before = mapped_4k()
+    rep._early_untraced()
+    cache = k.execmem.rox_cache
+    assert (cache is not None) == (kernel == "7.2")
+    assert len(mapped_4k() - before) == 1           # one 2M page split
+    unmovable, reclaimable = k.profile.early_untraced_pages
+    block = 512 if cache is not None else 0
+    counted = k.profile.early_trampoline_pages
+    assert rep.res.early_pages == unmovable + reclaimable + block + held - counted
+
+
 def test_a_free_of_an_early_page_frees_the_models_own_early_page():
     """From the model's own boot, its early untraced pages sit at Linux's
     pfns: when 7.2 frees 0x6625 (trace line 1674, a page no event
