@@ -626,12 +626,12 @@ class _Modelled(Replayer):
         record says (``early_untraced_pages``, read off trace-start dumps),
         on the boot pageset after the ring buffer: with them the model's
         free pages at the first event are Linux's, page for page, on the
-        committed boot recordings. On 7.x the recorder's first ftrace
-        trampoline comes ``KernelVersion.early_trampoline_at`` pages into
-        the UNMOVABLE run (:meth:`_first_trampoline`: the execmem ROX
-        cache's first 2M block, which a PMD entry of the image's
-        level2_fixmap_pgt maps, and the split of its direct-map alias; the
-        dumps show both made before tracing). Counted in ``early_pages``."""
+        committed boot recordings. On 6.1 and 7.x the recorder's first
+        ftrace trampoline comes ``KernelVersion.early_trampoline_at`` pages
+        into the UNMOVABLE run (:meth:`_first_trampoline`: on 7.x with the
+        execmem ROX cache's first 2M block, which a PMD entry of the image's
+        level2_fixmap_pgt maps; the split of its direct-map alias, which
+        the dumps show made before tracing). Counted in ``early_pages``."""
         unmovable, reclaimable = self.k.profile.early_untraced_pages
 
         def take(gfp: str, n: int) -> int:
