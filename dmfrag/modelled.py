@@ -359,7 +359,9 @@ class _Modelled(Replayer):
         if PCP_MARKERS.get(header.get("kernel"), ()):
             names = PCP_MARKERS[header["kernel"]]
             nz = len(self.k.buddy.zones)
-            decays = [j for j, e in enumerate(events) if e[0] == "U" and e[1] in names]
+            # counted from the trace's start, whatever the replay's
+            decays = [j for j in (marks if self.start == 0 else _markers(events, 0))
+                      if events[j][1] in names]
             for n, j in enumerate(decays):
                 if j >= self.start:
                     self.decay_at[j] = n % nz

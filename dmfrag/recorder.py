@@ -92,6 +92,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from guestkernel.layout import LAYOUT_5LEVEL, START_KERNEL_MAP, VMEMMAP_START
+from guestkernel.page_alloc.types import MIGRATE_PCPTYPES, PAGE_ALLOC_COSTLY_ORDER
 
 from .placed import direct_pfn
 from .realkernel import DEFAULT_KERNEL, RealKernel, RealKernelError
@@ -295,7 +296,8 @@ def parse_ftrace(text: str, snapshots: dict[str, dict],
         if m := _TAKE_CLAIM.search(line):
             order, mt = int(m.group(2)), int(m.group(4))
             # pcp_allowed_order and a per-CPU list type: a refill's claim
-            if not ((order <= 3 or order == int(m.group(3))) and mt < 3):
+            if not ((order <= PAGE_ALLOC_COSTLY_ORDER or order == int(m.group(3)))
+                    and mt < MIGRATE_PCPTYPES):
                 events.append(["T", int(m.group(1), 0)])
             continue
         if m := _BULKPAGE.search(line):

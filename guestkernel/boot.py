@@ -376,18 +376,19 @@ def first_deferred_pfn(buddy: BuddyAllocator) -> int:
     return -(-pfn // SECTION_PAGES) * SECTION_PAGES
 
 
+def _pageblocks_outside(ranges: list[tuple[int, int]], start: int, end: int) -> list[int]:
+    """The pageblocks in [start, end) (pfns) whose first page is not
+    wholly inside one of ``ranges`` (physical addresses, [lo, hi))."""
+    return [pfn for pfn in range(start, end, PAGEBLOCK_NR_PAGES)
+            if not any(lo <= pfn * PAGE_SIZE and (pfn + 1) * PAGE_SIZE <= hi
+                       for lo, hi in ranges)]
+
+
 def deferred_reserved_pageblocks(buddy: BuddyAllocator, memblock: Memblock) -> list[int]:
     """Pageblocks of the deferred range whose first page is not free
     memory (reserved, or a hole): no one sets their migratetype, so it
     stays 0, UNMOVABLE (see ``KernelVersion.deferred_reserved_unmovable``)."""
-    start = first_deferred_pfn(buddy)
-    free = memblock.free_ranges()
-    out = []
-    for pfn in range(start, buddy.max_pfn, PAGEBLOCK_NR_PAGES):
-        pa = pfn * PAGE_SIZE
-        if not any(lo <= pa and pa + PAGE_SIZE <= hi for lo, hi in free):
-            out.append(pfn)
-    return out
+    return _pageblocks_outside(memblock.free_ranges(), first_deferred_pfn(buddy), buddy.max_pfn)
 
 
 def unset_pageblocks(e820: E820Table, max_pfn: int) -> list[int]:
@@ -398,9 +399,7 @@ def unset_pageblocks(e820: E820Table, max_pfn: int) -> list[int]:
     trim_bios_range reserves the first page), whose free pages (0x100 to
     0x1ff) sit on the DMA zone's UNMOVABLE lists in the trace-start dumps of
     5.10, 6.1 and 7.2: the DMA atomic pool's first block comes from there."""
-    ram = [(lo // PAGE_SIZE, hi // PAGE_SIZE) for lo, hi in e820.ram_ranges()]
-    return [pfn for pfn in range(0, max_pfn, PAGEBLOCK_NR_PAGES)
-            if not any(lo <= pfn < hi for lo, hi in ram)]
+    return _pageblocks_outside(e820.ram_ranges(), 0, max_pfn)
 
 
 def mem_init(e820: E820Table, memblock: Memblock, version: KernelVersion,
