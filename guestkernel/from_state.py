@@ -319,32 +319,40 @@ def _one_table(pfn: int, va: int) -> Any:
 
 
 def split_as_linux(k: Any, state: Any) -> list[int]:
-    """The direct map's 2M pages that Linux had split by the state's moment
-    (a PMD entry pointing at a PTE table: a CPA split while booting, which
-    no split event counts) and that the booted model still maps whole: the
-    model splits them too, each with Linux's table page (allocated in the
-    state), counting no event as Linux's boot did not. The entries keep the
-    model's attributes. Regions the model maps with a 1G page are left
-    alone. Returns the split regions' first pfns."""
+    """The direct map's large pages that Linux had split by the state's
+    moment (a PUD or PMD entry pointing at a table: a CPA split while
+    booting, which no split event counts) and that the booted model still
+    maps whole: the model splits them too, each with Linux's table page
+    (allocated in the state), counting no event as Linux's boot did not.
+    1G pages first (7.2 above 4 GiB: its first ftrace trampoline's execmem
+    block lies in a 1G page, whose alias split takes a PMD table and then a
+    PTE table), then 2M ones. The entries keep the model's attributes.
+    Returns the split regions' first pfns, in that order."""
+    from .cpa import CpaData
+    from .pgtable import PG_LEVEL_1G
     ents = _entries(state, k.page_offset)
     po = k.page_offset
     end = po + k.max_pfn * PAGE_SIZE
     states = k.buddy.page_states()
     done: list[int] = []
-    for (va, level), e in sorted(ents.items()):
-        if level != 2 or not po <= va < end or e & _PS or not e & int(F.P):
-            continue
-        found = k.pgt.lookup_slot(va)
-        table_pfn = (e & _PHYS) >> 12
-        if found is None or found[1] != 2 or not 0 <= table_pfn < len(states) \
-                or states[table_pfn] != 2:          # not a 2M leaf, or the table page not allocated
-            continue
-        source, k.pgtable_pfn_source = k.pgtable_pfn_source, _one_table(table_pfn, va)
-        try:
-            k.cpa.split_to_4k((va - po) >> 12, 1)
-        finally:
-            k.pgtable_pfn_source = source
-        done.append((va - po) >> 12)
+    for want in (3, 2):
+        for (va, level), e in sorted(ents.items()):
+            if level != want or not po <= va < end or e & _PS or not e & int(F.P):
+                continue
+            found = k.pgt.lookup_slot(va)
+            table_pfn = (e & _PHYS) >> 12
+            if found is None or found[1] != want or not 0 <= table_pfn < len(states) \
+                    or states[table_pfn] != 2:      # not a leaf there, or the table page not allocated
+                continue
+            source, k.pgtable_pfn_source = k.pgtable_pfn_source, _one_table(table_pfn, va)
+            try:
+                if want == 3:
+                    k.cpa.split_large_page(CpaData([va], 1, 0, 0), found[0], PG_LEVEL_1G, va)
+                else:
+                    k.cpa.split_to_4k((va - po) >> 12, 1)
+            finally:
+                k.pgtable_pfn_source = source
+            done.append((va - po) >> 12)
     return done
 
 

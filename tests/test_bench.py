@@ -173,7 +173,7 @@ def check_tlbcost(f: dict) -> None:
 def check_truth(f: dict) -> None:
     assert f.pop("kernel") == "6.1"
     committed = f.pop("committed")
-    assert len(committed) == 6        # the last state of each truth recording
+    assert len(committed) == 7        # the last state of each truth recording
     for c in committed.values():
         assert c.pop("pte_mismatches") == 0 and c.pop("free_list_mismatches") == 0
         assert c.pop("page_table_entries") > 4000 and c.pop("free_blocks") > 100
@@ -194,7 +194,7 @@ def check_truth(f: dict) -> None:
 
 def check_placement(f: dict) -> None:
     traces = f.pop("traces")
-    assert len(traces) == 6 and f == {}
+    assert len(traces) == 7 and f == {}
     for name, row in traces.items():
         # a boot recording starts from its trace-start dump; a workload one
         # from its boot dump, and from its trace-start dump too if it has

@@ -878,27 +878,39 @@ def test_a_free_of_an_early_page_frees_the_models_own_early_page():
     assert d.first is None and d.allocations_before > 3000
 
 
-@pytest.mark.parametrize("kernel, regions", [("5.10", []), ("6.1", [0x6800]), ("7.2", None)])
-def test_the_direct_map_is_split_as_linux_s_when_tracing_started(kernel, regions):
-    """From a trace-start dump: Linux's 2M direct-map pages split while
-    booting (no split event counts them) that the model's own boot maps
-    whole are split, each with Linux's table page, and the model's
-    DirectMap4k is then Linux's there (6.1: 0x6800000, the region of its
-    first ftrace trampoline's page, whose set_memory_x cleared NX on its
-    alias: split before tracing; the model split it at trace line 10939
-    before, its table at another pfn)."""
+@pytest.mark.parametrize("kernel, ram, regions", [
+    ("5.10", "2G", []), ("6.1", "2G", [0x6800]), ("7.2", "2G", None),
+    ("7.2", "8G", [0x100000, 0x102400])])
+def test_the_direct_map_is_split_as_linux_s_when_tracing_started(kernel, ram, regions):
+    """From a trace-start dump: Linux's 1G and 2M direct-map pages split
+    while booting (no split event counts them) that the model's own boot
+    maps whole are split, each with Linux's table page, and the model's
+    DirectMap4k/2M/1G are then Linux's there (6.1: 0x6800000, the region of
+    its first ftrace trampoline's page, whose set_memory_x cleared NX on
+    its alias: split before tracing; the model split it at trace line 10939
+    before, its table at another pfn). 7.2 at 8G: the trampoline's execmem
+    block is at 0x102400000, in the 1G page from 4 GiB: Linux split that 1G
+    page (table 0x102223), then the 2M one (table 0x102227)."""
     from guestkernel.from_state import free_lists, split_as_linux
-    r = replay_modelled(TRUTH / f"linux-{kernel}-2G-boot.jsonl.gz", start="trace-start")
+    r = replay_modelled(TRUTH / f"linux-{kernel}-{ram}-boot.jsonl.gz", start="trace-start")
     assert r.start_state["split_as_linux"] == (len(regions) if regions is not None else 1)
-    st = next(s for s in load_states(TRUTH / f"linux-{kernel}-2G-boot.truth.npz")
+    st = next(s for s in load_states(TRUTH / f"linux-{kernel}-{ram}-boot.truth.npz")
               if s.point == "trace-start")
-    k = Kernel.boot(ram="2G", profile=kernel, boot_cpa=False)
+    k = Kernel.boot(ram=ram, profile=kernel, boot_cpa=False)
     k.buddy.load_free_lists(*free_lists(st))
     done = split_as_linux(k, st)
     if regions is not None:
         assert done == regions
-    assert k.meminfo()["DirectMap4k"] == st.counters["DirectMap4k"]
+    mi = k.meminfo()
+    for field in ("DirectMap4k", "DirectMap2M", "DirectMap1G"):
+        assert mi[field] == st.counters[field], field
     assert k.vmstat_counters["direct_map_level2_splits"] == 0
+    assert k.vmstat_counters["direct_map_level3_splits"] == 0
+    if ram == "8G":
+        po = k.page_offset
+        assert k.pgt.lookup_slot(po + 0x100000000)[1] == 2       # 2M pages now
+        assert k.pgt.lookup_slot(po + 0x102400000)[1] == 1
+        assert k.lookup_address(po + 0x102400000)[1] == 1
     r.model.validate()                   # the shadow follows the split
 
 
