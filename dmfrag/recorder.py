@@ -92,7 +92,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from guestkernel.layout import LAYOUT_5LEVEL, START_KERNEL_MAP, VMEMMAP_START
-from guestkernel.page_alloc.types import MIGRATE_PCPTYPES, PAGE_ALLOC_COSTLY_ORDER
+from guestkernel.page_alloc.types import MAX_ORDER, MIGRATE_PCPTYPES, PAGE_ALLOC_COSTLY_ORDER
 
 from .placed import direct_pfn
 from .realkernel import DEFAULT_KERNEL, RealKernel, RealKernelError
@@ -362,11 +362,21 @@ def _retime(events: list[list], entries: list[int] | None = None) -> tuple[int, 
     * an ``A`` event moves back to the last take (``T`` event) of its pfn
       since that pfn's last event, if it has one;
     * an ``F`` event moves forward to the next give-back (``G`` event) of
-      its pfn, if one comes before that pfn's next event: ``mm_page_free``
-      fires in ``free_pages_prepare``, before the page goes on a list, and
-      a task preempted in between gives it back later. The frees of a
-      ``free_pages_bulk`` batch (between its ``U`` and ``X`` events) stay
-      as they are: they go back after all the batch's prepares, as blocks.
+      its pfn, if one comes before the next event of any of its pages:
+      ``mm_page_free`` fires in ``free_pages_prepare``, before the page goes
+      on a list, and a task preempted in between gives it back later. The
+      frees of a ``free_pages_bulk`` batch (between its ``U`` and ``X``
+      events) stay as they are: they go back after all the batch's
+      prepares, as blocks.
+
+    Not every give-back is seen: ftrace's recursion guard drops a kprobe on
+    a function's entry without counting a miss (a 7.2 modules recording:
+    twelve page tables of an exiting process freed, prepared, and on the
+    buddy lists later, with no give-back probe fired). So an event of any
+    page of a held free's block (a take, an allocation or free of a block
+    holding it) leaves the free where its event was, and an allocation
+    whose take comes before the place a free of its pages went keeps its
+    own place: no move puts a page's allocation before its free.
 
     A free whose page went straight to the buddy lists (``free_one_page``:
     an order the per-CPU lists do not hold, ``alloc_pages_exact``'s tail, or
@@ -386,54 +396,91 @@ def _retime(events: list[list], entries: list[int] | None = None) -> tuple[int, 
     out: list = []
     out_entries: list[int] = []
     take_at: dict[int, int] = {}        # pfn -> the index in out of its last take
-    held: dict[int, int] = {}           # pfn -> the index in out of its free's own place
+    held: dict[int, tuple[int, int]] = {}   # head pfn -> (index in out of its free, order)
+    given: dict[int, int] = {}          # pfn -> the index in out of its free moved to a give-back
     moved_allocs = moved_frees = 0
     in_batch = False
 
-    def flush(pfn: int) -> None:        # a held free stays where its event was
-        j = held.pop(pfn, None)
-        if j is not None:
-            out[j] = out[j][1]
+    def flush(pfn: int) -> int:
+        # a held free stays where its event was; returns that index (-1: none)
+        h = held.pop(pfn, None)
+        if h is None:
+            return -1
+        out[h[0]] = out[h[0]][1]
+        return h[0]
+
+    def flush_range(pfn: int, order: int) -> int:
+        # every held free of a block overlapping [pfn, pfn + 2**order): an
+        # event of those pages means their give-back was not seen (a probe
+        # the kernel did not fire: ftrace's recursion guard drops kprobes
+        # silently), so no later give-back can be theirs; returns the
+        # latest index a free stays at (-1: none)
+        last = -1
+        if held:
+            n = 1 << order
+            if n <= 64:
+                for p in range(pfn, pfn + n):
+                    last = max(last, flush(p))
+            else:
+                for p in [p for p in held if pfn <= p < pfn + n]:
+                    last = max(last, flush(p))
+            for k in range(order + 1, MAX_ORDER):
+                head = pfn & ~((1 << k) - 1)
+                h = held.get(head)
+                if h is not None and h[1] >= k:
+                    last = max(last, flush(head))
+        return last
 
     for k, e in enumerate(events):
         kind = e[0]
         entry = entries[k] if entries is not None else 0
         if kind == "T":
-            flush(e[1])
+            flush_range(e[1], 0)
             take_at[e[1]] = len(out)
             out.append(None)
             out_entries.append(entry)
             continue
         if kind == "G":
-            j = held.pop(e[1], None)
-            if j is not None:
+            h = held.pop(e[1], None)
+            if h is not None:
+                j, order = h
                 f = out[j][1]
                 if e[2] == "buddy":
                     f = [*f, "buddy"]
                 out[j] = None
                 moved_frees += any(isinstance(x, list) for x in out[j + 1:])
+                for p in range(e[1], e[1] + (1 << order)):
+                    given[p] = len(out)
                 out.append(f)
                 out_entries.append(entry)
             continue
         if kind == "A":
-            flush(e[1])
+            pages = range(e[1], e[1] + (1 << e[2]))
+            last = flush_range(e[1], e[2])
             j = take_at.pop(e[1], None)
-            if j is not None:
+            if given:
+                # a free moved to a give-back after the take (the take or
+                # the give-back belongs to a life of the page whose other
+                # event is missing): the allocation keeps its place
+                after = max((given.pop(p, -1) for p in pages), default=-1)
+                last = max(last, after)
+            if j is not None and last < j:
                 out[j] = e
                 moved_allocs += any(isinstance(x, list) for x in out[j + 1:])
                 continue
         elif kind == "F":
-            flush(e[1])
+            flush_range(e[1], e[2])
             take_at.pop(e[1], None)
             if not in_batch:
-                held[e[1]] = len(out)
+                held[e[1]] = (len(out), e[2])
                 out.append(("held", e))
                 out_entries.append(entry)
                 continue
         elif kind == "B":
             for p in e[3]:
-                flush(p)
+                flush_range(p, 0)
                 take_at.pop(p, None)
+                given.pop(p, None)
         elif kind == "U" and e[1] in batch_frees:
             in_batch = True
         elif kind == "X" and e[1] in batch_frees:

@@ -282,6 +282,21 @@ def test_parse_ftrace_moves_each_allocation_and_free_to_where_the_lists_changed(
         take(0x9101),
         alloc(0x9101, 0),
         " buddyfree: (free_one_page+0x0/0x1e0) pfn=0x9400",
+        # an order-1 free whose give-back is not seen; its second page is
+        # taken on its own (merged and split in the buddy meanwhile): the
+        # free stays before it, and a later give-back of 0x9600 is no
+        # give-back of that free
+        free(0x9600, 1),
+        take(0x9601),
+        alloc(0x9601, 0),
+        f" pcpfree: (free_frozen_page_commit+0x0/0x4d0) page={page(0x9600)}",
+        # a take of an order-1 block, then a give-back of a page in it (the
+        # page's own take or the block's free went unseen): the
+        # allocation keeps its place, after the free
+        free(0x9803, 0),
+        take(0x9802),
+        f" pcpfree: (free_frozen_page_commit+0x0/0x4d0) page={page(0x9803)}",
+        alloc(0x9802, 1),
     ])
     stats: dict = {}
     entries: list[int] = []
@@ -290,13 +305,24 @@ def test_parse_ftrace_moves_each_allocation_and_free_to_where_the_lists_changed(
         ["A", 0x7c00, 4], ["A", 0x7c10, 2], ["A", 0x7c20, 5], ["A", 0x9100, 0],
         ["F", 0x7c10, 2], ["A", 0x9000, 0], ["A", 0x7c14, 2], ["F", 0x7c14, 2],
         ["A", 0x7c14, 2], ["U", "free_pages_bulk", "vm_area_free_pages"], ["F", 0x9200, 0],
-        ["F", 0x9201, 0], ["X", "free_pages_bulk"], ["A", 0x9101, 0], ["F", 0x9400, 4]]
+        ["F", 0x9201, 0], ["X", "free_pages_bulk"], ["A", 0x9101, 0], ["F", 0x9400, 4],
+        ["F", 0x9600, 1], ["A", 0x9601, 0], ["F", 0x9803, 0], ["A", 0x9802, 1]]
     assert ev[0][3] == "GFP_NOWAIT" and stats == {"retimed": 1, "retimed_frees": 2}
     # a free onto a per-CPU list is as before; one straight to the buddy says so
-    assert ev[4] == ["F", 0x7c10, 2] and ev[-1] == ["F", 0x9400, 4, "buddy"]
+    assert ev[4] == ["F", 0x7c10, 2] and ev[14] == ["F", 0x9400, 4, "buddy"]
     # each event keeps the ring-buffer entry of where it now is (its take,
     # its give-back)
-    assert entries == [0, 3, 6, 9, 11, 12, 14, 16, 17, 18, 19, 20, 22, 24, 26]
+    assert entries == [0, 3, 6, 9, 11, 12, 14, 16, 17, 18, 19, 20, 22, 24, 26,
+                       27, 28, 33, 34]
+    # no page is allocated while allocated
+    owner: set[int] = set()
+    for e in ev:
+        if e[0] in "AF":
+            pages = set(range(e[1], e[1] + (1 << e[2])))
+            assert not (e[0] == "A" and owner & pages), e
+            owner = owner | pages if e[0] == "A" else owner - pages
+        elif e[0] == "B":
+            owner |= set(e[3])
 
 
 def test_parse_ftrace_names_the_user_of_each_allocation():
