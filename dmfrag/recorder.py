@@ -161,11 +161,26 @@ TAKE_PROBES = {"7.2": ("get_page_from_freelist", 0x330, "%ax")}
 #: ``free_pages_prepare``, before the page goes on a list, so a task
 #: preempted in between gives it back after others allocated (7.2's 2G boot:
 #: five order-0 frees of a process's exit traced before the allocations that
-#: came ahead of them). Probed at the entry of ``free_frozen_page_commit``
-#: (onto the per-CPU list, its lock held: the page, third argument) and of
-#: ``free_one_page`` (to the buddy: the pfn, third argument).
-RELEASE_PROBES = {"7.2": (("pcpfree", "free_frozen_page_commit", "page", "%dx"),
-                          ("buddyfree", "free_one_page", "pfn", "%dx"))}
+#: came ahead of them). Probed in ``free_frozen_page_commit`` (onto the
+#: per-CPU list, its lock held: the page, third argument) and
+#: ``free_one_page`` (to the buddy: the pfn, third argument), each at the
+#: instruction after its ``call __fentry__`` (+5; neither touches %rdx
+#: first): a breakpoint kprobe, whose handler runs with interrupts off.
+#: One on the function's entry is an ftrace callback, run with interrupts
+#: on, and a kprobe hit in an interrupt meanwhile is missed (another
+#: kprobe's handler is running): a softirq freeing a process's page tables
+#: while the per-CPU take's handler ran (its lock held, so they went to
+#: the buddy) lost all their give-backs. (name, function, offset,
+#: argument, register.)
+RELEASE_PROBES = {"7.2": (("pcpfree", "free_frozen_page_commit", 5, "page", "%dx"),
+                          ("buddyfree", "free_one_page", 5, "pfn", "%dx"))}
+#: The kernel command line's part that keeps every kprobe a breakpoint
+#: (``debug.kprobes-optimization``; applied by ``do_sysctl_args`` just
+#: before init runs): an optimized kprobe (a jump to a detour buffer) runs
+#: its handler with interrupts on, so kprobes hit in an interrupt then are
+#: missed. Before init, the kprobes registered at ``fs_initcall`` may be
+#: optimized: the misses there are counted (``recorder.kprobe_misses``).
+NO_KPROBE_OPTIMIZATION = "sysctl.debug.kprobes-optimization=0"
 #: vmemmap (struct page array) bases under nokaslr: 5-level paging (the
 #: guests under ``-cpu max``) and 4-level; a struct page is 64 bytes
 _VMEMMAP_BASES = (LAYOUT_5LEVEL.vmemmap_start, VMEMMAP_START)
@@ -205,6 +220,9 @@ echo "@@PAUSE"
 sleep 1
 echo "@@TRACESTATS"
 cat {_TRACING}/per_cpu/cpu0/stats
+echo "@@END"
+echo "@@KPROBEPROFILE"
+cat {_TRACING}/kprobe_profile
 echo "@@END"
 echo nocontext-info > {_TRACING}/trace_options
 stty -F /dev/ttyS1 raw -echo
@@ -369,10 +387,11 @@ def _retime(events: list[list], entries: list[int] | None = None) -> tuple[int, 
       events) stay as they are: they go back after all the batch's
       prepares, as blocks.
 
-    Not every give-back is seen: ftrace's recursion guard drops a kprobe on
-    a function's entry without counting a miss (a 7.2 modules recording:
-    twelve page tables of an exiting process freed, prepared, and on the
-    buddy lists later, with no give-back probe fired). So an event of any
+    Not every give-back is seen: a kprobe hit while another kprobe's
+    handler runs is missed (``recorder.kprobe_misses``; 7.2 recordings
+    made with handlers run with interrupts on: a softirq freed a process's
+    page tables while the per-CPU take's handler ran, and all their
+    give-backs were missed). So an event of any
     page of a held free's block (a take, an allocation or free of a block
     holding it) leaves the free where its event was, and an allocation
     whose take comes before the place a free of its pages went keeps its
@@ -411,9 +430,8 @@ def _retime(events: list[list], entries: list[int] | None = None) -> tuple[int, 
 
     def flush_range(pfn: int, order: int) -> int:
         # every held free of a block overlapping [pfn, pfn + 2**order): an
-        # event of those pages means their give-back was not seen (a probe
-        # the kernel did not fire: ftrace's recursion guard drops kprobes
-        # silently), so no later give-back can be theirs; returns the
+        # event of those pages means their give-back was not seen (a
+        # missed kprobe), so no later give-back can be theirs; returns the
         # latest index a free stays at (-1: none)
         last = -1
         if held:
@@ -686,12 +704,13 @@ def record(kernel: str = DEFAULT_KERNEL, ram: str = "2G", workload: tuple[str, .
     if kernel in TAKE_PROBES:
         func, off, reg = TAKE_PROBES[kernel]
         kprobes += f";p:dmfrag/pcptake,{func}+{off:#x},page={reg}:x64"
-        for name, func, arg, reg in RELEASE_PROBES.get(kernel, ()):
-            kprobes += f";p:dmfrag/{name},{func},{arg}={reg}:x64"
+        for name, func, off, arg, reg in RELEASE_PROBES.get(kernel, ()):
+            kprobes += f";p:dmfrag/{name},{func}+{off},{arg}={reg}:x64"
         tracepoints += ",kmem:mm_page_alloc_zone_locked,kmem:mm_page_alloc_extfrag"
     append = (f"ftrace=function ftrace_filter={markers} "
               f"trace_event={tracepoints} "
-              f"trace_buf_size={int(trace_buf_mb)}M kprobe_event={kprobes}")
+              f"trace_buf_size={int(trace_buf_mb)}M {NO_KPROBE_OPTIMIZATION} "
+              f"kprobe_event={kprobes}")
     areas: list[list] = []
     if truth:
         from .truth import check_drgn
@@ -730,6 +749,7 @@ def record(kernel: str = DEFAULT_KERNEL, ram: str = "2G", workload: tuple[str, .
                            "buffer_entries": stats.get("entries", 0),
                            "retimed": parsed["retimed"],
                            "retimed_frees": parsed["retimed_frees"],
+                           "kprobe_misses": _kprobe_misses(run.console),
                            "trace_buf_mb": int(trace_buf_mb)},
               "module_areas": areas}
     if truth:
@@ -766,6 +786,20 @@ def _module_area_pfns(hmp, console: str) -> list[list]:
                                       f"{reply.strip()[:200]}")
             pfns.append(int(g.group(1), 16) >> 12)
         out.append([va, caller, pfns])
+    return out
+
+
+def _kprobe_misses(console: str) -> dict[str, int]:
+    """The kprobes that missed hits (``kprobe_profile``: name, hits,
+    misses), by name; {} when none did. A miss is a hit while another
+    kprobe's handler ran (one in an interrupt then): its event is not in
+    the trace."""
+    m = re.search(r"@@KPROBEPROFILE\s*\n(.*?)@@END", console.replace("\r", ""), re.DOTALL)
+    out: dict[str, int] = {}
+    for line in (m.group(1).splitlines() if m else ()):
+        parts = line.split()
+        if len(parts) == 3 and parts[2].isdigit() and int(parts[2]):
+            out[parts[0]] = int(parts[2])
     return out
 
 
