@@ -141,6 +141,11 @@ class ModelledReplay:
     #: a node (6.1): made as a kernel thread's stack (4 pages; see
     #: _Modelled._untraced_stack), not counted in bulk_calls_unmatched
     bulk_calls_as_stacks: int = 0
+    #: marked untraced bulk calls no group matched without a node (6.1's
+    #: alloc_pages_bulk_array_mempolicy) that the trace's next allocation
+    #: shows took a kernel stack's 4 pages (_Modelled._bulk_size_from_next):
+    #: made as bulk_calls_as_stacks are, counted here instead
+    bulk_calls_sized: int = 0
     #: started from a boot-time dump: what was taken from it (see
     #: _Modelled._install_boot_state); None otherwise
     start_state: dict | None = None
@@ -180,7 +185,8 @@ class ModelledReplay:
                 "deferred_pages_freed": self.deferred_pages_freed,
                 "bulk": {"pages": self.bulk_pages, "same_pfn": self.bulk_same_pfn,
                          "calls_unmatched": self.bulk_calls_unmatched,
-                         "calls_as_stacks": self.bulk_calls_as_stacks},
+                         "calls_as_stacks": self.bulk_calls_as_stacks,
+                         "calls_sized": self.bulk_calls_sized},
                 "ring_buffer_pages": self.ring_buffer_pages,
                 "ftrace_pages": self.ftrace_pages, "early_pages": self.early_pages,
                 "early_pages_freed": self.early_pages_freed,
@@ -999,10 +1005,49 @@ class _Modelled(Replayer):
                 done[g] = 1
                 self._bulk_alloc(i, groups[g][2], self._bulk_gfp, 100)
                 return
-        if self.events[i][2] == _NODE_BULK_CALLER and not self.k.profile.vmalloc_high_order:
+        if self.k.profile.vmalloc_high_order:
+            pass
+        elif self.events[i][2] == _NODE_BULK_CALLER:
             self._untraced_stack()
+            self.res.bulk_calls_as_stacks += 1
+            return
+        elif self._bulk_size_from_next(i) == THREAD_SIZE >> 12:
+            # a stack: rest_init's first threads (kernel_init, kthreadd)
+            # get theirs without a node, from the mempolicy bulk call
+            self._untraced_stack()
+            self.res.bulk_calls_sized += 1
             return
         self.res.bulk_calls_unmatched += 1
+
+    def _bulk_size_from_next(self, i: int) -> int:
+        """How many pages an untraced bulk call marked at ``i`` took, read
+        off the trace's next allocation when that is an order-0 UNMOVABLE
+        page with nothing allocated or freed in between: the bulk call took
+        the pages its zone's per-CPU list held ahead of it (the call takes
+        the list's pages in order; Linux's next page is where the list
+        resumed). 0: not known that way (the next allocation another list's,
+        or its page not on the model's list). Only as good as the model's
+        list: _marked_bulk_call takes the answer only where it is a kernel
+        stack's size (6.1's 2G boot: rest_init's first thread stacks, line
+        71, 4 pages; elsewhere the answers are 0, or 3 where the model's
+        list had gone its own way)."""
+        ev = self.events
+        j = i + 1
+        while j < len(ev) and ev[j][0] in ("U", "C", "R", "X", "S", "D"):
+            if j in self.bulk_markers:
+                return 0                        # another bulk call first
+            j += 1
+        if j >= len(ev) or ev[j][0] != "A" or ev[j][2] != 0 or ev[j][4] != UNMOVABLE:
+            return 0
+        pfn = ev[j][1]
+        b = self.k.buddy
+        if not 0 <= pfn < b.max_pfn:
+            return 0
+        lst = b.page_zone(pfn).pcp.lists[order_to_pindex(UNMOVABLE, 0)]
+        for k, x in enumerate(islice(lst, 100)):
+            if x >> 4 == pfn:
+                return k
+        return 0
 
     def _untraced_stack(self) -> None:
         """An unmatched bulk call from vmalloc with a node (6.1's
@@ -1020,7 +1065,6 @@ class _Modelled(Replayer):
         except AllocationError as exc:
             raise PlacedReplayError(self.i + 2, f"the model is out of memory for an untraced "
                                     f"kernel stack: {exc}") from None
-        self.res.bulk_calls_as_stacks += 1
         self.res.bulk_pfns += got
         self.res.bulk_pages += len(got)
 
