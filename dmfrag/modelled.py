@@ -380,8 +380,10 @@ class _Modelled(Replayer):
             self.bulk_before.setdefault(self.wmark_at, [])
         #: a batch free (free_pages_bulk: FREE_MARKERS) -> its first F event
         #: index -> its last: those pages are freed together, as Linux did
-        self.free_runs: dict[int, int] = _free_runs(events, self.start, marks)
-        self._run_end = -1
+        #: each batch free's last F event -> the batch's F events; the
+        #: others wait for it (see _free_runs)
+        self.free_runs: dict[int, list[int]] = _free_runs(events, self.start, marks)
+        self._batched: set[int] = {j for run in self.free_runs.values() for j in run[:-1]}
         #: vmalloc's GFP (the inferred calls), and one per recorded
         #: migratetype (the bulk probe keeps only the GFP's mobility)
         self._bulk_gfp = parse_gfp("GFP_KERNEL|__GFP_HIGHMEM")
@@ -1121,13 +1123,13 @@ class _Modelled(Replayer):
             return self._next_page(pages[0]) == pages[0]
         return all(x >> 4 == p for x, p in zip(islice(lst, len(pages)), pages))
 
-    def _model_free_run(self, i: int, last: int) -> None:
-        """Events ``i``..``last``: one ``free_pages_bulk`` of order-0 pages:
-        the model's pages of them, in the same order, to the model's
+    def _model_free_run(self, run: list[int]) -> None:
+        """The ``F`` events ``run``: one ``free_pages_bulk`` of order-0
+        pages: the model's pages of them, in the same order, to the model's
         ``free_pages_bulk`` (contiguous runs as blocks on 7.x)."""
         ho = self.head_of
         mine: list[int] = []
-        for j in range(i, last + 1):
+        for j in run:
             pfn = self.events[j][1]
             head = ho[pfn] if pfn < len(ho) else -1
             if head < 0:
@@ -1456,12 +1458,11 @@ class _Modelled(Replayer):
             self._model_alloc(i, e)
 
     def _on_free(self, i: int, pfn: int, order: int) -> None:
-        if i <= self._run_end:
-            return                              # freed with its batch
-        last = self.free_runs.get(i)
-        if last is not None:
-            self._run_end = last
-            self._model_free_run(i, last)
+        if i in self._batched:
+            return                              # freed with its batch, at its last free
+        run = self.free_runs.get(i)
+        if run is not None:
+            self._model_free_run(run)
             return
         self._model_free(i, pfn, order)
 
@@ -1644,22 +1645,28 @@ def _markers(events: list[list], start: int) -> list[int]:
 
 
 def _free_runs(events: list[list], start: int, markers: list[int] | None = None
-               ) -> dict[int, int]:
-    """The batch frees (``U`` events of :data:`FREE_MARKERS`): the first and
-    last index of the order-0 ``F`` events in a row right after each.
+               ) -> dict[int, list[int]]:
+    """The batch frees (``U`` events of :data:`FREE_MARKERS`): the order-0
+    ``F`` events in a row after each, by the index of the last. Allocations
+    among them are an interrupt's, made while the batch prepared its pages
+    (a 7.2 vfree: two GFP_NOWAIT pages between the marker and its frees):
+    the batch gives its pages back after its last prepare, so after those.
     ``markers``: the ``U`` events' indices from ``start`` on, if known
     (:func:`_markers`)."""
     names = {name for names in FREE_MARKERS.values() for name in names}
-    out: dict[int, int] = {}
+    out: dict[int, list[int]] = {}
     n = len(events)
     for i in (markers if markers is not None else _markers(events, start)):
         e = events[i]
         if e[1] in names:
+            run: list[int] = []
             j = i + 1
-            while j < n and events[j][0] == "F" and events[j][2] == 0:
+            while j < n and (events[j][0] == "F" and events[j][2] == 0 or events[j][0] == "A"):
+                if events[j][0] == "F":
+                    run.append(j)
                 j += 1
-            if j > i + 1:
-                out[i + 1] = j - 1
+            if run:
+                out[run[-1]] = run
     return out
 
 
