@@ -77,6 +77,7 @@ from .recorder import (
     CPA_TABLE_GFPS,
     FREE_MARKERS,
     PCP_MARKERS,
+    STACK_MARKERS,
     splits_direct_map_tables,
 )
 
@@ -146,6 +147,9 @@ class ModelledReplay:
     #: shows took a kernel stack's 4 pages (_Modelled._bulk_size_from_next):
     #: made as bulk_calls_as_stacks are, counted here instead
     bulk_calls_sized: int = 0
+    #: 5.10's kernel stacks the recorder's marker shows taken with
+    #: mm_page_alloc off (recorder.STACK_MARKERS): made there, 4 pages
+    untraced_stacks: int = 0
     #: started from a boot-time dump: what was taken from it (see
     #: _Modelled._install_boot_state); None otherwise
     start_state: dict | None = None
@@ -187,6 +191,7 @@ class ModelledReplay:
                          "calls_unmatched": self.bulk_calls_unmatched,
                          "calls_as_stacks": self.bulk_calls_as_stacks,
                          "calls_sized": self.bulk_calls_sized},
+                "untraced_stacks": self.untraced_stacks,
                 "ring_buffer_pages": self.ring_buffer_pages,
                 "ftrace_pages": self.ftrace_pages, "early_pages": self.early_pages,
                 "early_pages_freed": self.early_pages_freed,
@@ -372,15 +377,25 @@ class _Modelled(Replayer):
                 if j >= self.start:
                     self.decay_at[j] = n % nz
                     self.bulk_before.setdefault(j, [])
+        #: kernel stacks taken with mm_page_alloc off (5.10: STACK_MARKERS);
+        #: from a boot-time dump its vmalloc areas give their pages (the
+        #: bulk groups) instead
+        self.stack_at: set[int] = set()
+        if STACK_MARKERS.get(header.get("kernel"), ()) and self.boot_state is None:
+            names = STACK_MARKERS[header["kernel"]]
+            for j in marks:
+                if events[j][1] in names and events[j][2] == _STACK_CALLER \
+                        and not _vmalloc_pages_follow(events, j):
+                    self.stack_at.add(j)
+                    self.bulk_before.setdefault(j, [])
         #: where init_per_zone_wmark_min ran (5.14+: the watermarks and the
         #: per-CPU lists' sizes; see _wmark_min_at); None: right after the
         #: boot's first JIT, as Kernel.boot makes it
         self.wmark_at = _wmark_min_at(events, self.start, marks) if self._booting else None
         if self.wmark_at is not None:
             self.bulk_before.setdefault(self.wmark_at, [])
-        #: a batch free (free_pages_bulk: FREE_MARKERS) -> its first F event
-        #: index -> its last: those pages are freed together, as Linux did
-        #: each batch free's last F event -> the batch's F events; the
+        #: a batch free (free_pages_bulk: FREE_MARKERS), freed together as
+        #: Linux did: each batch free's last F event -> the batch's F events; the
         #: others wait for it (see _free_runs)
         self.free_runs: dict[int, list[int]] = _free_runs(events, self.start, marks)
         self._batched: set[int] = {j for run in self.free_runs.values() for j in run[:-1]}
@@ -854,6 +869,9 @@ class _Modelled(Replayer):
         if zone is not None:
             buddy = self.k.buddy
             buddy.decay_pcp_high(buddy.zones[zone])
+        if i in self.stack_at:
+            self._untraced_stack()
+            self.res.untraced_stacks += 1
         if i == self.wmark_at:
             from guestkernel.boot import postcore_initcalls
             postcore_initcalls(self.k.buddy, self.k.profile)
@@ -1063,7 +1081,11 @@ class _Modelled(Replayer):
         trace (_free_dumped)."""
         got: list[int] = []
         try:
-            vm_area_alloc_pages_bulk(self.k, got, THREAD_SIZE >> 12, self._bulk_gfp)
+            if self.k.profile.vmalloc_bulk:
+                vm_area_alloc_pages_bulk(self.k, got, THREAD_SIZE >> 12, self._bulk_gfp)
+            else:                               # 5.10: __vmalloc_area_node, a page at a time
+                for _ in range(THREAD_SIZE >> 12):
+                    got.append(self._alloc_pages(self._bulk_gfp, 0))
         except AllocationError as exc:
             raise PlacedReplayError(self.i + 2, f"the model is out of memory for an untraced "
                                     f"kernel stack: {exc}") from None
@@ -1569,6 +1591,21 @@ def _alloc_exact_tails(events: list[list], start: int) -> set[int]:
 _NODE_BULK_CALLER = "__vmalloc_node_range"
 #: x86-64's kernel stacks (no KASAN): 16K
 THREAD_SIZE = 16 << 10
+#: the caller of a kernel stack's vmalloc (alloc_thread_stack_node and
+#: dup_task_struct inlined): see recorder.STACK_MARKERS
+_STACK_CALLER = "copy_process"
+
+
+def _vmalloc_pages_follow(events: list[list], j: int) -> bool:
+    """Whether vmalloc'd pages (order-0 ``A`` events for ``vmalloc``)
+    follow the marker at ``j`` before the next marker or pass."""
+    for k in range(j + 1, len(events)):
+        e = events[k]
+        if e[0] in ("U", "C", "S", "D"):
+            return False
+        if e[0] == "A" and e[2] == 0 and len(e) > 5 and e[5] == "vmalloc":
+            return True
+    return False
 
 
 def _pcp_setup_at(events: list[list], markers: list[int], after_idt: int | None

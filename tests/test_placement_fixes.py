@@ -490,6 +490,31 @@ def test_a_free_pages_bulk_marker_frees_its_run_together_on_7_2():
     r.model.buddy.check()
 
 
+def test_a_5_10_stack_marker_with_no_vmalloc_pages_is_an_untraced_stack():
+    """5.10: a kernel stack's vmalloc (the recorder's __vmalloc_node_range
+    marker from copy_process) followed by no vmalloc page before the next
+    marker took its 4 pages while mm_page_alloc was off (the boot's
+    event_trace_enable_again registers each event again, and sleeps): the
+    model takes a stack's 4 pages there; a marker its pages follow is an
+    ordinary traced stack."""
+    vm = "GFP_KERNEL|__GFP_HIGHMEM|__GFP_NOWARN|__GFP_ZERO"
+    slab = "GFP_KERNEL|__GFP_NOWARN|__GFP_NORETRY"
+    stack = ["U", "__vmalloc_node_range", "copy_process"]
+    traced = [stack, *(["A", 0x7000 + i, 0, vm, 0, "vmalloc"] for i in range(4)),
+              ["A", 0x7010, 0, slab, 0, "kernel"]]
+    untraced = [stack, ["A", 0x7010, 0, slab, 0, "kernel"]]
+    a = replay_modelled(_v4(traced, kernel="5.10"))
+    b = replay_modelled(_v4(untraced, kernel="5.10"))
+    assert a.error is None and b.error is None
+    assert a.untraced_stacks == 0 and b.untraced_stacks == 1
+    assert b.to_json()["untraced_stacks"] == 1
+    # the slab page comes after the stack's 4 pages in both
+    assert a.model_pfns[-1] == b.model_pfns[-1]
+    # not on kernels whose stacks the bulk allocator's marker shows
+    c = replay_modelled(_v4(untraced, kernel="6.1"))
+    assert c.untraced_stacks == 0
+
+
 def test_a_batch_free_waits_for_allocations_among_its_frees():
     """An interrupt's allocations between a free_pages_bulk marker and its
     frees (a 7.2 vfree: two GFP_NOWAIT pages there) come before the batch

@@ -354,6 +354,22 @@ def test_parse_ftrace_names_the_user_of_each_allocation():
         parse_ftrace("# x\n something else", {})
 
 
+def test_the_recorder_counts_kprobe_misses_and_gives_return_probes_room():
+    """kprobe_profile's third column is a probe's misses (a hit while
+    another kprobe's handler ran, or a return probe with no free
+    instance): the header keeps the probes that missed any; every return
+    probe asks for RETPROBE_INSTANCES instances."""
+    from dmfrag.recorder import _KPROBE, CPA_DATA_LAYOUT, RETPROBE_INSTANCES, _kprobe_misses
+    console = ("@@KPROBEPROFILE\r\n  cpa    4398   0\r\n  cpar   4398   0\r\n"
+               "  pcpfree   4767  2\r\n  buddyfree  95  52\r\n@@END\r\n")
+    assert _kprobe_misses(console) == {"pcpfree": 2, "buddyfree": 52}
+    assert _kprobe_misses("@@KPROBEPROFILE\n  cpa 10 0\n@@END\n") == {}
+    assert _kprobe_misses("no profile printed") == {}
+    probes = _KPROBE.format(RETPROBE_INSTANCES=RETPROBE_INSTANCES, **CPA_DATA_LAYOUT["5.10"])
+    assert f"r{RETPROBE_INSTANCES}:dmfrag/cpar,__change_page_attr_set_clr" in probes
+    assert RETPROBE_INSTANCES >= 16
+
+
 def test_take_page_off_buddy_splits_the_free_block_around_the_page():
     b = BuddyAllocator(4096)
     b.free_range(0, 4096)
@@ -404,6 +420,13 @@ def test_live_record_and_placed_replay(kernel, tmp_path):
     r = replay_placed(out)
     assert r.error is None
     assert [s["point"] for s in r.snapshots] == points
+    # every return probe has an instance for every call in flight (5.10's
+    # default missed nearly all __change_page_attr_set_clr returns): each
+    # CPA pass with arguments has its return
+    misses = rec.header["recorder"]["kprobe_misses"]
+    assert not any(name == "cpar" or name.endswith("_ret") for name in misses), misses
+    assert sum(e[0] == "C" and e[2] is not None for e in rec.events) == \
+        sum(e[0] == "R" for e in rec.events)
     if "modules" in steps:           # 7.2's modules come from their own package
         assert sum(e[:2] == ["U", "load_module"] for e in rec.events) == 5
     for s in r.snapshots:

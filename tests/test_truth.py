@@ -348,7 +348,7 @@ def _cli(*argv):
 
 def test_run_from_a_stored_state(capsys):
     path = truth_path(TRACES[0])
-    st = load_states(path)
+    st = _states(TRACES[0])            # (not trace-start: a booting kernel's)
     assert _cli("run", "--from-dump", str(path), "--point", st[0].point, "--workload",
                 "secretmem:32" if KERNEL_OF[TRACES[0].name] != "5.10" else "bpf:16",
                 "--json", "--validate") == 0
