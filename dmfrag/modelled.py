@@ -1025,18 +1025,17 @@ class _Modelled(Replayer):
                 done[g] = 1
                 self._bulk_alloc(i, groups[g][2], self._bulk_gfp, 100)
                 return
-        if self.k.profile.vmalloc_high_order:
-            pass
-        elif self.events[i][2] == _NODE_BULK_CALLER:
-            self._untraced_stack()
-            self.res.bulk_calls_as_stacks += 1
-            return
-        elif self._bulk_size_from_next(i) == THREAD_SIZE >> 12:
-            # a stack: rest_init's first threads (kernel_init, kthreadd)
-            # get theirs without a node, from the mempolicy bulk call
-            self._untraced_stack()
-            self.res.bulk_calls_sized += 1
-            return
+        if not self.k.profile.vmalloc_high_order:     # (7.x: a stack is one order-2 block)
+            if self.events[i][2] == _NODE_BULK_CALLER:
+                self._untraced_stack()
+                self.res.bulk_calls_as_stacks += 1
+                return
+            if self._bulk_size_from_next(i) == THREAD_SIZE >> 12:
+                # a stack: rest_init's first threads (kernel_init, kthreadd)
+                # get theirs without a node, from the mempolicy bulk call
+                self._untraced_stack()
+                self.res.bulk_calls_sized += 1
+                return
         self.res.bulk_calls_unmatched += 1
 
     def _bulk_size_from_next(self, i: int) -> int:
