@@ -1069,15 +1069,18 @@ class _Modelled(Replayer):
         return 0
 
     def _untraced_stack(self) -> None:
-        """An unmatched bulk call from vmalloc with a node (6.1's
-        ``alloc_pages_bulk_array_node``, inlined in ``__vmalloc_node_range``):
-        at boot those are the stacks of per-CPU kernel threads
-        (``kthread_create_on_cpu``: the CPU's node); every such call of the
-        6.1 boot recordings matched to a known group is a THREAD_SIZE stack
-        (4 pages). The model's bulk allocator gives 4 pages, kept without a
-        handle: Linux's pages are not known, and a later free of the same
-        pfns (the thread exiting) frees them as pages allocated before the
-        trace (_free_dumped)."""
+        """A kernel stack no page event shows: an unmatched bulk call from
+        vmalloc with a node (6.1's ``alloc_pages_bulk_array_node``, inlined
+        in ``__vmalloc_node_range``: at boot the stacks of per-CPU kernel
+        threads, ``kthread_create_on_cpu``; every such call of the 6.1 boot
+        recordings matched to a known group is a THREAD_SIZE stack, 4
+        pages), one without a node the next allocation shows took 4 pages
+        (:meth:`_bulk_size_from_next`), or 5.10's marked stack taken while
+        the trace events re-registered (``stack_at``, a page at a time:
+        5.10 has no bulk allocator). The model gives 4 pages, kept without
+        a handle (counted in ``bulk_pages``): Linux's pages are not known,
+        and a later free of the same pfns (the thread exiting) frees them
+        as pages allocated before the trace (_free_dumped)."""
         got: list[int] = []
         try:
             if self.k.profile.vmalloc_bulk:
