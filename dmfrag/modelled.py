@@ -150,6 +150,10 @@ class ModelledReplay:
     #: 5.10's kernel stacks the recorder's marker shows taken with
     #: mm_page_alloc off (recorder.STACK_MARKERS): made there, 4 pages
     untraced_stacks: int = 0
+    #: frees of blocks no event allocated, made from the model's pages at
+    #: the same pfns (allocated before the trace: _Modelled._free_dumped);
+    #: not in untraced_frees
+    untraced_blocks_freed: int = 0
     #: started from a boot-time dump: what was taken from it (see
     #: _Modelled._install_boot_state); None otherwise
     start_state: dict | None = None
@@ -192,6 +196,7 @@ class ModelledReplay:
                          "calls_as_stacks": self.bulk_calls_as_stacks,
                          "calls_sized": self.bulk_calls_sized},
                 "untraced_stacks": self.untraced_stacks,
+                "untraced_blocks_freed": self.untraced_blocks_freed,
                 "ring_buffer_pages": self.ring_buffer_pages,
                 "ftrace_pages": self.ftrace_pages, "early_pages": self.early_pages,
                 "early_pages_freed": self.early_pages_freed,
@@ -1173,9 +1178,14 @@ class _Modelled(Replayer):
                 return
             if self._booting and self._free_reserved(pfn, order):
                 return
-            if self.start and self._free_dumped(pfn, order):
-                return
             if self._early_pfns and self._free_early(pfn, order):
+                return
+            if self._free_dumped(pfn, order):
+                # from a dump, or from the model's own boot: a block Linux
+                # allocated before its first event (the model's early run
+                # holds the same pages: trace-start's free pages are
+                # Linux's) that the model holds as order-0 pages of its own
+                self.res.untraced_blocks_freed += 1
                 return
             self.res.untraced_frees += 1
             return
@@ -1297,11 +1307,15 @@ class _Modelled(Replayer):
         return True
 
     def _free_dumped(self, pfn: int, order: int) -> bool:
-        """From a dump on: a free of memory allocated before it (the model
-        took it as allocated order-0 pages, Linux's blocks unknown): the
-        pages joined into the block Linux frees and freed at the same pfns,
-        when the model has them all allocated; False when it does not (a
-        page the dump showed free)."""
+        """A free of memory allocated before the trace's events (from a
+        dump: the model took it as allocated order-0 pages, Linux's blocks
+        unknown; from the model's own boot: pages of its early run, which
+        holds Linux's pages at the first event, such as 6.1's order-1 block
+        at 0x4870 freed at trace line 7238 of its 2G boot, then the head of
+        the order-1 per-CPU list): the pages joined into the block Linux
+        frees and freed at the same pfns, when the model has them all
+        allocated and its own (no event's, no table); False when it does not
+        (a page the dump showed free)."""
         b = self.k.buddy
         pages = range(pfn, pfn + (1 << order))
         owner = self.k.page_owner
