@@ -789,11 +789,11 @@ def _module_area_pfns(hmp, console: str) -> list[list]:
     ``gva2gpa``): ``[va, caller, [pfn, ...]]``. What the bulk allocator gave
     (no tracepoint shows it) is known this way for what is still alive, the
     first bpf_prog_pack of boot included."""
-    m = re.search(r"@@VMALLOCINFO\s*\n(.*?)@@END", console.replace("\r", ""), re.DOTALL)
-    if m is None:
+    section = _console_section(console, "VMALLOCINFO")
+    if section is None:
         raise RealKernelError("the guest printed no /proc/vmallocinfo")
     out = []
-    for line in m.group(1).splitlines():
+    for line in section.splitlines():
         v = _VMALLOCINFO.match(line.strip())
         if v is None:
             continue
@@ -812,14 +812,20 @@ def _module_area_pfns(hmp, console: str) -> list[list]:
     return out
 
 
+def _console_section(console: str, name: str) -> str | None:
+    """What the guest printed between ``@@NAME`` and the next ``@@END``
+    (see _EPILOGUE); None when it printed no such section."""
+    m = re.search(rf"@@{name}\s*\n(.*?)@@END", console.replace("\r", ""), re.DOTALL)
+    return m.group(1) if m else None
+
+
 def _kprobe_misses(console: str) -> dict[str, int]:
     """The kprobes that missed hits (``kprobe_profile``: name, hits,
     misses), by name; {} when none did. A miss is a hit while another
     kprobe's handler ran (one in an interrupt then): its event is not in
     the trace."""
-    m = re.search(r"@@KPROBEPROFILE\s*\n(.*?)@@END", console.replace("\r", ""), re.DOTALL)
     out: dict[str, int] = {}
-    for line in (m.group(1).splitlines() if m else ()):
+    for line in (_console_section(console, "KPROBEPROFILE") or "").splitlines():
         parts = line.split()
         if len(parts) == 3 and parts[2].isdigit() and int(parts[2]):
             out[parts[0]] = int(parts[2])
@@ -828,10 +834,10 @@ def _kprobe_misses(console: str) -> dict[str, int]:
 
 def _stats(console: str) -> dict[str, int]:
     out: dict[str, int] = {}
-    m = re.search(r"@@TRACESTATS\s*\n(.*?)@@END", console.replace("\r", ""), re.DOTALL)
-    if m is None:
+    section = _console_section(console, "TRACESTATS")
+    if section is None:
         raise RealKernelError("the guest printed no trace buffer statistics")
-    for line in m.group(1).splitlines():
+    for line in section.splitlines():
         k, _, v = line.partition(":")
         try:
             out[k.strip()] = int(float(v.strip()))

@@ -335,8 +335,9 @@ def split_as_linux(k: Any, state: Any) -> list[int]:
     end = po + k.max_pfn * PAGE_SIZE
     states = k.buddy.page_states()
     done: list[int] = []
+    entries = sorted(ents.items())
     for want in (3, 2):
-        for (va, level), e in sorted(ents.items()):
+        for (va, level), e in entries:
             if level != want or not po <= va < end or e & _PS or not e & int(F.P):
                 continue
             found = k.pgt.lookup_slot(va)
