@@ -51,6 +51,7 @@ carries ``compare``'s fields (:mod:`dmfrag.metrics`, the oracle of
 
 from __future__ import annotations
 
+import copy
 import re
 from dataclasses import dataclass, field
 from itertools import islice
@@ -1054,7 +1055,10 @@ class _Modelled(Replayer):
         list: _marked_bulk_call takes the answer only where it is a kernel
         stack's size (6.1's 2G boot: rest_init's first thread stacks, line
         71, 4 pages; elsewhere the answers are 0, or 3 where the model's
-        list had gone its own way)."""
+        list had gone its own way). A list holding fewer than a stack's
+        pages was refilled inside the call (``rmqueue_bulk``): then 4 when
+        a copy of the buddy that gives 4 pages leaves Linux's next page at
+        the list's head (6.1's 4G boot and 8G stream, line 70)."""
         ev = self.events
         j = i + 1
         while j < len(ev) and ev[j][0] in ("U", "C", "R", "X", "S", "D"):
@@ -1067,10 +1071,25 @@ class _Modelled(Replayer):
         b = self.k.buddy
         if not 0 <= pfn < b.max_pfn:
             return 0
-        lst = b.page_zone(pfn).pcp.lists[order_to_pindex(UNMOVABLE, 0)]
+        pindex = order_to_pindex(UNMOVABLE, 0)
+        lst = b.page_zone(pfn).pcp.lists[pindex]
         for k, x in enumerate(islice(lst, 100)):
             if x >> 4 == pfn:
                 return k
+        stack = THREAD_SIZE >> 12
+        if len(lst) < stack:
+            # The list ran dry inside the call: rmqueue_bulk refilled it
+            # (pcp.c: __rmqueue_pcplist). Whether a stack's 4 pages leave
+            # Linux's next page at the head is asked of a copy of the buddy
+            # (6.1's 4G boot, line 70: 2 pages on the list, 2 of the refill).
+            trial = copy.deepcopy(b)
+            try:
+                trial.alloc_pages_bulk(self._bulk_gfp, stack)
+            except AllocationError:
+                return 0
+            head = trial.page_zone(pfn).pcp.lists[pindex]
+            if head and head[0] >> 4 == pfn:
+                return stack
         return 0
 
     def _untraced_stack(self) -> None:

@@ -900,6 +900,45 @@ def test_an_untraced_mempolicy_bulk_call_sized_by_the_next_allocation_is_a_stack
     assert ts.bulk_calls_sized == 0 and ts.first_difference is None
 
 
+def test_a_stack_whose_bulk_call_refills_the_list_is_sized_on_a_copy():
+    """6.1's 4G boot from its own boot: at the bulk call marked at trace
+    line 70 (rest_init's first stack) the model's per-CPU list holds two
+    pages, 0x1022a0 and 0x1022a1; Linux's next page (line 71) is 0x1022ac,
+    on no list yet: the call ran the list dry and rmqueue_bulk refilled it.
+    A copy of the buddy asked to give a stack's 4 pages leaves 0x1022ac at
+    the head (the refill splits 0x1022a2's order-1 and 0x1022ac's order-2
+    blocks in turn), so the call was a stack, and every allocation of the
+    boot, and of the 8G stream, gets Linux's pfn (0.92 and 0.991 before)."""
+    traces = Path(__file__).parent / "data" / "traces"
+    r = replay_modelled(traces / "linux-6.1-4G-boot.jsonl.gz")
+    assert r.bulk_calls_sized == 1 and r.first_difference is None
+    assert r.placement() == {"allocations": 4007, "same_pfn": 1.0, "same_2m_region": 1.0}
+    s = replay_modelled(traces / "linux-6.1-8G-bpf-2048_secretmem-4096.jsonl.gz")
+    assert s.bulk_calls_sized == 1 and s.placement()["same_pfn"] == 1.0 and s.equal
+
+
+def test_a_copy_of_the_buddy_is_independent():
+    import copy
+
+    import numpy as np
+    b = Kernel.boot(ram="1G", profile="6.1", boot_cpa=False).buddy
+
+    def state(a):
+        return (a._state_np.copy(), [z.free_pages for z in a.zones],
+                [list(q) for z in a.zones for q in z.pcp.lists])
+    st, free, pcp = state(b)
+    c = copy.deepcopy(b)
+    got = c.alloc_pages_bulk(0xcc0, 70)          # past one pcp batch: a refill
+    assert len(got) == 70 and len(set(got)) == 70
+    st2, free2, pcp2 = state(b)
+    assert np.array_equal(st, st2) and free == free2 and pcp == pcp2
+    assert sum(free) - sum(z.free_pages for z in c.zones) > 0      # the refill
+    assert all(not c.is_free(p) for p in got) and c._state_np is not b._state_np
+    assert b.alloc_pages_bulk(0xcc0, 70) == got  # the original gives the same
+    c.check()
+    b.check()
+
+
 @pytest.mark.parametrize("kernel, ram, held", [("7.2", "2G", 1), ("7.2", "8G", 2),
                                                ("6.1", "2G", 3)])
 def test_the_recorders_first_trampoline_in_the_models_own_boot(kernel, ram, held):

@@ -32,6 +32,7 @@ The buddy core itself is in the class body below.
 
 from __future__ import annotations
 
+import copy
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 
@@ -159,6 +160,20 @@ class BuddyAllocator(AllocMixin, PcpMixin, FallbackMixin, MemblockMixin, ZoneMix
         self._allocated_once = False
         self.min_free_kbytes = 0
         self._setup_per_zone_wmarks()
+
+    def __deepcopy__(self, memo: dict) -> BuddyAllocator:
+        """An independent copy (its arrays copied, its memoryviews made
+        anew): a caller's trial of what an allocation would do, e.g. a
+        replay asking where the per-CPU list resumes after an untraced
+        call, without changing this allocator."""
+        new = self.__class__.__new__(self.__class__)
+        memo[id(self)] = new
+        for name, value in self.__dict__.items():
+            if not isinstance(value, memoryview):
+                setattr(new, name, copy.deepcopy(value, memo))
+        new._state = memoryview(new._state_np)
+        new._pageblock_mt = memoryview(new._pageblock_np)
+        return new
 
     # ------------------------------------------------------------------ types
 
