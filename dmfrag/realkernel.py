@@ -674,8 +674,8 @@ class RealKernel:
         work.mkdir(parents=True, exist_ok=True)
         initrd = self.build_initramfs(workload, work / f"initrd-{os.getpid()}-{'-'.join(workload) or 'boot'}.gz",
                                       prologue=prologue, epilogue=epilogue, hooks=hooks)
-        cmd = ["qemu-system-x86_64", "-accel", "tcg", "-cpu", "max", "-m", ram, "-smp", "1",
-               "-nographic", "-no-reboot", "-kernel", str(kdir / self.spec.vmlinuz),
+        cmd = ["qemu-system-x86_64", "-accel", "tcg", "-cpu", "max", "-m", ram,
+               *_unreserved_ram(ram), "-smp", "1", "-nographic", "-no-reboot", "-kernel", str(kdir / self.spec.vmlinuz),
                "-initrd", str(initrd), "-append",
                f"console=ttyS0 nokaslr secretmem.enable=1 panic=-1 {append}".strip(),
                *(hooks.qemu_args if hooks is not None else ()),
@@ -858,6 +858,26 @@ def _read(path: Path) -> str | None:
 
 
 _KV = re.compile(r"^(\w+):?\s+(\d+)")
+
+
+
+def _unreserved_ram(ram: str) -> list[str]:
+    """QEMU options for a guest larger than half this machine's memory: its
+    RAM as a backend mapped without a reservation (``reserve=off``,
+    MAP_NORESERVE), so that the host's overcommit heuristic does not refuse
+    it (a 32G or 64G guest on a 24G machine: "cannot set up guest memory").
+    A booting guest touches little of it (its memmap, deferred-init
+    sections as they are used). Same guest layout; none for smaller guests."""
+    from guestkernel.e820 import parse_size
+    try:
+        host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):
+        return []
+    size = parse_size(ram)
+    if size <= host // 2:
+        return []
+    return ["-object", f"memory-backend-ram,id=pc.ram,size={size},reserve=off",
+            "-machine", "memory-backend=pc.ram"]
 
 
 def _parse(out: str, run: RealRun) -> None:

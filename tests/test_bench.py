@@ -19,6 +19,9 @@ from pathlib import Path
 import pytest
 
 BENCH = Path(__file__).resolve().parent.parent / "bench"
+#: the truth recordings (tests/data/truth): one row each in truth_bench and
+#: placement_bench --smoke
+N_TRUTH = len(list((Path(__file__).parent / "data" / "truth").glob("*.jsonl.gz")))
 
 
 def run_smoke(script: str, timeout: float = 120) -> dict:
@@ -173,7 +176,7 @@ def check_tlbcost(f: dict) -> None:
 def check_truth(f: dict) -> None:
     assert f.pop("kernel") == "6.1"
     committed = f.pop("committed")
-    assert len(committed) == 7        # the last state of each truth recording
+    assert len(committed) == N_TRUTH == 8     # the last state of each truth recording
     for c in committed.values():
         assert c.pop("pte_mismatches") == 0 and c.pop("free_list_mismatches") == 0
         assert c.pop("page_table_entries") > 4000 and c.pop("free_blocks") > 100
@@ -194,7 +197,7 @@ def check_truth(f: dict) -> None:
 
 def check_placement(f: dict) -> None:
     traces = f.pop("traces")
-    assert len(traces) == 7 and f == {}
+    assert len(traces) == N_TRUTH == 8 and f == {}
     for name, row in traces.items():
         # a boot recording starts from its trace-start dump; a workload one
         # from its boot dump, and from its trace-start dump too if it has
