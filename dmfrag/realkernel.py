@@ -868,12 +868,12 @@ def _unreserved_ram(ram: str) -> list[str]:
     it (a 32G or 64G guest on a 24G machine: "cannot set up guest memory").
     A booting guest touches little of it (its memmap, deferred-init
     sections as they are used). Same guest layout; none for smaller guests."""
-    from guestkernel.e820 import parse_size
+    from guestkernel.e820 import E820Error, parse_size
     try:
         host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError):
-        return []
-    size = parse_size(ram)
+        size = parse_size(ram)
+    except (ValueError, OSError, E820Error):
+        return []              # (a size QEMU cannot read: its own error says so)
     if size <= host // 2:
         return []
     return ["-object", f"memory-backend-ram,id=pc.ram,size={size},reserve=off",

@@ -164,6 +164,7 @@ def test_a_guest_larger_than_half_the_host_gets_unreserved_ram(monkeypatch):
         "-object", f"memory-backend-ram,id=pc.ram,size={64 << 30},reserve=off",
         "-machine", "memory-backend=pc.ram"]
     assert _unreserved_ram("13G")[0] == "-object"
+    assert _unreserved_ram("abc") == []       # QEMU's own error names the size
 
 
 def test_missing_tools_and_bad_workload_are_clear(monkeypatch, tmp_path):
