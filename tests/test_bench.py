@@ -197,7 +197,12 @@ def check_truth(f: dict) -> None:
 
 def check_placement(f: dict) -> None:
     traces = f.pop("traces")
+    a = f.pop("all")
     assert len(traces) == N_TRUTH == 8 and f == {}
+    assert a.pop("traces") == 8 and a.pop("events") == sum(
+        r["own_boot"]["events"] for r in traces.values())
+    assert positive(a.pop("seconds")) and positive(a.pop("replay_events_per_s"))
+    assert positive(a.pop("events_per_s")) and a == {}
     for name, row in traces.items():
         # a boot recording starts from its trace-start dump; a workload one
         # from its boot dump, and from its trace-start dump too if it has
