@@ -60,6 +60,7 @@ reference-traces: $(STAMP) realkernel-deps
 # dumps read with drgn; each kernel's debug vmlinux is fetched once, ~1 GB).
 truth-states: $(STAMP) realkernel-deps
 	$(PY) -m dmfrag.cli realkernel record --grid tests/data/truth/truth.toml -o tests/data/truth --truth
+	$(PY) -m dmfrag.cli realkernel record --grid tests/data/truth/8g/truth.toml -o tests/data/truth/8g --truth
 
 clean:
 	rm -rf $(VENV) build *.egg-info emu/*.so guestkernel/page_alloc/*.so .pytest_cache .hypothesis

@@ -1,5 +1,5 @@
 """The model's own placement on real request streams: for every committed
-recorded trace (tests/data/traces, tests/data/truth), the modelled replay
+recorded trace (tests/data/traces, tests/data/truth and its 8g folder), the modelled replay
 (``trace replay --placement model``) in events per second (goal >= 200,000)
 and its placement fractions (same pfn, same 2M region as Linux), from the
 model's own boot and, where a trace has stored states, from Linux's state
@@ -54,6 +54,7 @@ def main() -> None:
     args = ap.parse_args()
     traces = sorted((DATA / "truth").glob("*.jsonl.gz"))
     if not args.smoke:
+        traces += sorted((DATA / "truth" / "8g").glob("*.jsonl.gz"))
         traces += sorted((DATA / "traces").glob("*.jsonl.gz"))
     out: dict = {"smoke": args.smoke, "traces": {}}
     for t in traces:

@@ -61,6 +61,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from guestkernel.gfp import parse_gfp
+from guestkernel.owner import PageOwner
 from guestkernel.page_alloc import UNMOVABLE, AllocationError
 from guestkernel.page_alloc.types import order_to_pindex
 from guestkernel.vmalloc import vm_area_alloc_pages_bulk
@@ -404,7 +405,8 @@ class _Modelled(Replayer):
         #: Linux did: each batch free's last F event -> the batch's F events; the
         #: others wait for it (see _free_runs)
         self.free_runs: dict[int, list[int]] = _free_runs(events, self.start, marks)
-        self._batched: set[int] = {j for run in self.free_runs.values() for j in run[:-1]}
+        self._batched: set[int] = {j for last, run in self.free_runs.items()
+                                   for j in run if j != last}
         #: vmalloc's GFP (the inferred calls), and one per recorded
         #: migratetype (the bulk probe keeps only the GFP's mobility)
         self._bulk_gfp = parse_gfp("GFP_KERNEL|__GFP_HIGHMEM")
@@ -1181,7 +1183,15 @@ class _Modelled(Replayer):
             pfn = self.events[j][1]
             head = ho[pfn] if pfn < len(ho) else -1
             if head < 0:
-                self._model_free(j, pfn, 0)     # untraced or from the dump: one by one
+                if not self._booting and pfn not in self._early_pfns and \
+                        pfn not in self.skipped_tables and self._dumped_pages(pfn, 0):
+                    # allocated before the events (a dump's vmalloc area):
+                    # the model's own page at Linux's pfn, freed in the
+                    # batch with the rest (its runs as blocks on 7.x)
+                    mine.append(pfn)
+                    self.res.untraced_blocks_freed += 1
+                else:
+                    self._model_free(j, pfn, 0)     # booting, early, a table, untraced
                 continue
             mine += self._release(pfn, 0, head)[1]
         self.k.free_pages_bulk(mine)
@@ -1199,7 +1209,7 @@ class _Modelled(Replayer):
                 return
             if self._early_pfns and self._free_early(pfn, order):
                 return
-            if self._free_dumped(pfn, order):
+            if self._free_dumped(pfn, order, i in self.buddy_frees):
                 # from a dump, or from the model's own boot: a block Linux
                 # allocated before its first event (the model's early run
                 # holds the same pages: trace-start's free pages are
@@ -1325,7 +1335,7 @@ class _Modelled(Replayer):
         self.res.early_pages_freed += 1 << order
         return True
 
-    def _free_dumped(self, pfn: int, order: int) -> bool:
+    def _free_dumped(self, pfn: int, order: int, to_buddy: bool = False) -> bool:
         """A free of memory allocated before the trace's events (from a
         dump: the model took it as allocated order-0 pages, Linux's blocks
         unknown; from the model's own boot: pages of its early run, which
@@ -1334,18 +1344,34 @@ class _Modelled(Replayer):
         the order-1 per-CPU list): the pages joined into the block Linux
         frees and freed at the same pfns, when the model has them all
         allocated and its own (no event's, no table); False when it does not
-        (a page the dump showed free)."""
+        (a page the dump showed free). ``to_buddy``: Linux's free went
+        straight to the buddy lists (the trace's ``buddy`` mark:
+        free_one_page, the per-CPU lock busy), as the model's then does."""
+        if not self._dumped_pages(pfn, order):
+            return False
+        if order:
+            self.k.buddy.join_allocated(pfn, order)   # the block as Linux frees it: one order-n free
+        if to_buddy:
+            self.k.buddy.free_pages_ok(pfn, order)
+        else:
+            self.k.free_pages(pfn, order)
+        return True
+
+    def _dumped_pages(self, pfn: int, order: int) -> bool:
+        """Whether the model holds ``pfn``'s ``2**order`` pages as pages
+        allocated before the trace's events (order-0, no event's, not a
+        table); a dump's vmalloc pages (``PageOwner.VMALLOC``: an area
+        Linux vfrees, ``vm_area_free_pages``) are given up as plain pages
+        (their owner cleared) so that the free gives them back."""
         b = self.k.buddy
         pages = range(pfn, pfn + (1 << order))
         owner = self.k.page_owner
         if not all(0 <= p < b.max_pfn and b.allocated_order(p) == 0 and not self.given[p]
-                   and owner[p] == 0 for p in pages):
+                   and owner[p] in (PageOwner.NONE, PageOwner.VMALLOC) for p in pages):
             # free at the dump, the model's for a later allocation, or a page
             # of its own (a page table: its collapses free their own tables)
             return False
-        if order:
-            b.join_allocated(pfn, order)    # the block as Linux frees it: one order-n free
-        self.k.free_pages(pfn, order)
+        owner[pfn: pfn + (1 << order)] = PageOwner.NONE
         return True
 
     def _early_request(self, i: int) -> None:
@@ -1519,6 +1545,8 @@ class _Modelled(Replayer):
             return                              # freed with its batch, at its last free
         run = self.free_runs.get(i)
         if run is not None:
+            if run[-1] != i:                    # an interrupt's free, then the batch
+                self._model_free(i, pfn, order)
             self._model_free_run(run)
             return
         self._model_free(i, pfn, order)
@@ -1723,22 +1751,42 @@ def _free_runs(events: list[list], start: int, markers: list[int] | None = None
     among them are an interrupt's, made while the batch prepared its pages
     (a 7.2 vfree: two GFP_NOWAIT pages between the marker and its frees):
     the batch gives its pages back after its last prepare, so after those.
-    ``markers``: the ``U`` events' indices from ``start`` on, if known
-    (:func:`_markers`)."""
+    So are frees among them of pages no vmalloc area held (their last
+    allocation's user not ``vmalloc`` nor the bulk allocator's: an RCU
+    callback freeing a process's page tables while a vfree prepared its
+    page, 7.2 at 8G running bpftrace): those go back at their own events,
+    and the batch after the last of them. ``markers``: the ``U`` events'
+    indices from ``start`` on, if known (:func:`_markers`)."""
     names = {name for names in FREE_MARKERS.values() for name in names}
+    at = [i for i in (markers if markers is not None else _markers(events, start))
+          if events[i][1] in names]
     out: dict[int, list[int]] = {}
+    if not at:
+        return out
+    user: dict[int, str] = {}          # pfn -> its last allocation's user, up to k
+    k = 0
     n = len(events)
-    for i in (markers if markers is not None else _markers(events, start)):
-        e = events[i]
-        if e[1] in names:
-            run: list[int] = []
-            j = i + 1
-            while j < n and (events[j][0] == "F" and events[j][2] == 0 or events[j][0] == "A"):
-                if events[j][0] == "F":
+    for i in at:
+        while k < i:
+            e = events[k]
+            if e[0] == "A" and len(e) > 5:
+                for p in range(e[1], e[1] + (1 << e[2])):
+                    user[p] = e[5]
+            elif e[0] == "B":
+                for p in e[3]:
+                    user[p] = "vmalloc"
+            k += 1
+        run: list[int] = []
+        last = -1
+        j = i + 1
+        while j < n and (events[j][0] == "F" and events[j][2] == 0 or events[j][0] == "A"):
+            if events[j][0] == "F":
+                last = j
+                if user.get(events[j][1], "vmalloc") == "vmalloc":
                     run.append(j)
-                j += 1
-            if run:
-                out[run[-1]] = run
+            j += 1
+        if run:
+            out[last] = run
     return out
 
 

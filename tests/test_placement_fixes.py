@@ -1046,3 +1046,48 @@ def test_setup_per_cpu_pageset_without_its_marker_is_where_the_marker_is(kernel)
     assert _pcp_setup_at(bare, _markers(bare, 0), after) == at
     assert _pcp_setup_at(bare, _markers(bare, 0), None) is None
     assert get_version("5.10").pcp_setup_after_idt == 0
+
+
+def test_frees_of_other_pages_inside_a_batch_are_not_the_batchs():
+    """7.2 at 8G running bpftrace: between a vfree's free_pages_bulk marker
+    and its return, after the area's one page, twelve page-table pages
+    (GFP_KERNEL_ACCOUNT, user kernel: an RCU callback's) are freed; Linux's
+    next order-0 page is the area's (the batch gives its page back after
+    them: its commit follows every prepare). So the batch is the frees of
+    pages a vmalloc area held (user vmalloc, or the bulk allocator's; of
+    unknown pages too), the others go back at their own events, and the
+    batch at the last free of the window."""
+    from dmfrag.modelled import _free_runs
+    pt = "GFP_KERNEL_ACCOUNT|__GFP_ZERO|__GFP_COMP"
+    events = [["A", 0x7200, 0, pt, 0, "kernel"],
+              ["A", 0x7201, 0, pt, 0, "kernel"],
+              ["B", 1, 0, [0x7300]],
+              ["U", "free_pages_bulk", "vm_area_free_pages"],
+              ["F", 0x7300, 0],
+              ["F", 0x7200, 0],
+              ["F", 0x7201, 0],
+              ["X", "free_pages_bulk"],
+              ["A", 0x7300, 0, "GFP_KERNEL|__GFP_HIGHMEM|__GFP_NOWARN", 0, "vmalloc"]]
+    assert _free_runs(events, 0) == {6: [4]}
+    r = replay_modelled(_v4(events, kernel="7.2"))
+    assert r.error is None
+    # the model's page for the area's is the next one given: the last back
+    assert r.model_pfns[-1] == r.bulk_pfns[0]
+    r.model.buddy.check()
+
+
+@pytest.mark.parametrize("point, freed", [("modules", 83), ("modules-removed", 35)])
+def test_a_dumped_vmalloc_area_linux_vfrees_is_freed_from_the_dump(point, freed):
+    """7.2 at 8G, modules then bpftrace, from Linux's state at a dump: the
+    dumped vmalloc areas' pages (Kernel.from_state owns them as vmalloc
+    pages) that Linux then vfrees (free_pages_bulk, a 4-page stack freed as
+    one order-2 block) are freed at their pfns, and a dumped block Linux
+    freed straight to the buddy (the trace's "buddy" mark) goes to the
+    buddy's lists: every later allocation gets Linux's pfn (0.946 and 0.949
+    before: the stack's block stayed allocated in the model, the marked
+    block went to the per-CPU list)."""
+    r = replay_modelled(TRUTH / "8g" / "linux-7.2-8G-modules_bpftrace-6.jsonl.gz", start=point)
+    assert r.error is None and r.equal
+    assert r.untraced_frees == 0 and r.untraced_blocks_freed == freed
+    assert r.first_difference is None and r.placement()["same_pfn"] == 1.0
+    r.model.buddy.check()
