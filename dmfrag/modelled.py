@@ -405,8 +405,7 @@ class _Modelled(Replayer):
         #: Linux did: each batch free's last F event -> the batch's F events; the
         #: others wait for it (see _free_runs)
         self.free_runs: dict[int, list[int]] = _free_runs(events, self.start, marks)
-        self._batched: set[int] = {j for last, run in self.free_runs.items()
-                                   for j in run if j != last}
+        self._batched: set[int] = {j for run in self.free_runs.values() for j in run[:-1]}
         #: vmalloc's GFP (the inferred calls), and one per recorded
         #: migratetype (the bulk probe keeps only the GFP's mobility)
         self._bulk_gfp = parse_gfp("GFP_KERNEL|__GFP_HIGHMEM")
@@ -1545,8 +1544,6 @@ class _Modelled(Replayer):
             return                              # freed with its batch, at its last free
         run = self.free_runs.get(i)
         if run is not None:
-            if run[-1] != i:                    # an interrupt's free, then the batch
-                self._model_free(i, pfn, order)
             self._model_free_run(run)
             return
         self._model_free(i, pfn, order)
@@ -1751,12 +1748,15 @@ def _free_runs(events: list[list], start: int, markers: list[int] | None = None
     among them are an interrupt's, made while the batch prepared its pages
     (a 7.2 vfree: two GFP_NOWAIT pages between the marker and its frees):
     the batch gives its pages back after its last prepare, so after those.
-    So are frees among them of pages no vmalloc area held (their last
+    Frees among them of pages no vmalloc area held (their last
     allocation's user not ``vmalloc`` nor the bulk allocator's: an RCU
-    callback freeing a process's page tables while a vfree prepared its
-    page, 7.2 at 8G running bpftrace): those go back at their own events,
-    and the batch after the last of them. ``markers``: the ``U`` events'
-    indices from ``start`` on, if known (:func:`_markers`)."""
+    callback's page-table frees in an interrupt, 7.2 at 8G running
+    bpftrace) are not the batch's: they go back at their own events, to
+    the per-CPU list after the batch gave its pages back, or, while the
+    batch held the per-CPU lock, to the buddy (the recorder's give-back
+    probe marks those ``buddy``; Linux's next page is then the batch's).
+    ``markers``: the ``U`` events' indices from ``start`` on, if known
+    (:func:`_markers`)."""
     names = {name for names in FREE_MARKERS.values() for name in names}
     at = [i for i in (markers if markers is not None else _markers(events, start))
           if events[i][1] in names]
@@ -1777,16 +1777,13 @@ def _free_runs(events: list[list], start: int, markers: list[int] | None = None
                     user[p] = "vmalloc"
             k += 1
         run: list[int] = []
-        last = -1
         j = i + 1
         while j < n and (events[j][0] == "F" and events[j][2] == 0 or events[j][0] == "A"):
-            if events[j][0] == "F":
-                last = j
-                if user.get(events[j][1], "vmalloc") == "vmalloc":
-                    run.append(j)
+            if events[j][0] == "F" and user.get(events[j][1], "vmalloc") == "vmalloc":
+                run.append(j)
             j += 1
         if run:
-            out[last] = run
+            out[run[-1]] = run
     return out
 
 

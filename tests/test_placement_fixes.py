@@ -1050,30 +1050,36 @@ def test_setup_per_cpu_pageset_without_its_marker_is_where_the_marker_is(kernel)
 
 def test_frees_of_other_pages_inside_a_batch_are_not_the_batchs():
     """7.2 at 8G running bpftrace: between a vfree's free_pages_bulk marker
-    and its return, after the area's one page, twelve page-table pages
-    (GFP_KERNEL_ACCOUNT, user kernel: an RCU callback's) are freed; Linux's
-    next order-0 page is the area's (the batch gives its page back after
-    them: its commit follows every prepare). So the batch is the frees of
-    pages a vmalloc area held (user vmalloc, or the bulk allocator's; of
-    unknown pages too), the others go back at their own events, and the
-    batch at the last free of the window."""
+    and its return, after the area's one page, page-table pages
+    (GFP_KERNEL_ACCOUNT, user kernel: an RCU callback's, in an interrupt)
+    are freed. They are not the batch's (its pages are those a vmalloc area
+    held: user vmalloc, the bulk allocator's, or unknown): they go back at
+    their own events, after the batch. Onto the per-CPU list when the batch
+    had given its page back (Linux's next page is then the last of them),
+    to the buddy while it held the per-CPU lock (the recorder's "buddy"
+    mark; Linux's next page is then the batch's)."""
     from dmfrag.modelled import _free_runs
     pt = "GFP_KERNEL_ACCOUNT|__GFP_ZERO|__GFP_COMP"
-    events = [["A", 0x7200, 0, pt, 0, "kernel"],
-              ["A", 0x7201, 0, pt, 0, "kernel"],
-              ["B", 1, 0, [0x7300]],
-              ["U", "free_pages_bulk", "vm_area_free_pages"],
-              ["F", 0x7300, 0],
-              ["F", 0x7200, 0],
-              ["F", 0x7201, 0],
-              ["X", "free_pages_bulk"],
-              ["A", 0x7300, 0, "GFP_KERNEL|__GFP_HIGHMEM|__GFP_NOWARN", 0, "vmalloc"]]
-    assert _free_runs(events, 0) == {6: [4]}
-    r = replay_modelled(_v4(events, kernel="7.2"))
-    assert r.error is None
-    # the model's page for the area's is the next one given: the last back
-    assert r.model_pfns[-1] == r.bulk_pfns[0]
-    r.model.buddy.check()
+
+    def events(mark: list):
+        return [["A", 0x7200, 0, pt, 0, "kernel"],
+                ["A", 0x7201, 0, pt, 0, "kernel"],
+                ["B", 1, 0, [0x7300]],
+                ["U", "free_pages_bulk", "vm_area_free_pages"],
+                ["F", 0x7300, 0],
+                ["F", 0x7200, 0, *mark],
+                ["F", 0x7201, 0, *mark],
+                ["X", "free_pages_bulk"],
+                ["A", 0x7300, 0, "GFP_KERNEL|__GFP_HIGHMEM|__GFP_NOWARN", 0, "vmalloc"]]
+    assert _free_runs(events([]), 0) == {4: [4]}
+    to_pcp = replay_modelled(_v4(events([]), kernel="7.2"))
+    to_buddy = replay_modelled(_v4(events(["buddy"]), kernel="7.2"))
+    assert to_pcp.error is None and to_buddy.error is None
+    # the next page: the last page-table page's, or the batch's
+    assert to_pcp.model_pfns[-1] == to_pcp.model_pfns[1]
+    assert to_buddy.model_pfns[-1] == to_buddy.bulk_pfns[0]
+    to_pcp.model.buddy.check()
+    to_buddy.model.buddy.check()
 
 
 @pytest.mark.parametrize("point, freed", [("modules", 83), ("modules-removed", 35)])

@@ -355,6 +355,43 @@ def test_parse_ftrace_moves_each_allocation_and_free_to_where_the_lists_changed(
             owner |= set(e[3])
 
 
+def test_parse_ftrace_marks_a_batch_windows_frees_that_went_to_the_buddy():
+    """7.2 at 8G running bpftrace: an interrupt (an RCU callback freeing
+    page tables) frees pages inside a vfree's free_pages_bulk window while
+    the batch holds the per-CPU lock, so they go to the buddy
+    (free_one_page). The batch's frees keep their places, and one whose
+    give-back was the buddy probe's gets the "buddy" mark (the model then
+    frees it to the buddy, not onto the per-CPU list); a batch free whose
+    give-back was not seen takes no later give-back of its page."""
+    base = 0xFFD4000000000000
+
+    def free(pfn, order=0):
+        return f" mm_page_free: page=0 pfn={pfn:#x} order={order}"
+    text = "\n".join([
+        " mm_page_alloc: page=0 pfn=0xb000 order=0 migratetype=0 gfp_flags=GFP_KERNEL",
+        " free_pages_bulk <-vm_area_free_pages",
+        free(0x9200),
+        free(0xa000), free(0xa001),
+        " buddyfree: (free_one_page+0x5/0x1e0) pfn=0xa000",
+        " buddyfree: (free_one_page+0x5/0x1e0) pfn=0xa001",
+        f" pcpfree: (free_frozen_page_commit+0x5/0x4d0) page={base + (0x9200 << 6):#x}",
+        " free_pages_bulk_ret: (vfree+0x1c0/0x3a0 <- free_pages_bulk) arg1=0x0",
+        " free_pages_bulk <-vm_area_free_pages",
+        free(0xb000),
+        " free_pages_bulk_ret: (vfree+0x1c0/0x3a0 <- free_pages_bulk) arg1=0x0",
+        " mm_page_alloc: page=0 pfn=0xb000 order=0 migratetype=0 gfp_flags=GFP_KERNEL",
+        free(0xb000),
+        " buddyfree: (free_one_page+0x5/0x1e0) pfn=0xb000",
+    ])
+    stats: dict = {}
+    ev = parse_ftrace(text, {}, [], stats)
+    assert ev[1:7] == [["U", "free_pages_bulk", "vm_area_free_pages"], ["F", 0x9200, 0],
+                       ["F", 0xa000, 0, "buddy"], ["F", 0xa001, 0, "buddy"],
+                       ["X", "free_pages_bulk"], ["U", "free_pages_bulk", "vm_area_free_pages"]]
+    assert ev[7] == ["F", 0xb000, 0]               # its give-back unseen: no mark
+    assert ev[-1] == ["F", 0xb000, 0, "buddy"]     # the later free's own give-back
+
+
 def test_parse_ftrace_names_the_user_of_each_allocation():
     def alloc(pfn, gfp, order=0):
         return f" mm_page_alloc: page=0 pfn={pfn:#x} order={order} migratetype=0 gfp_flags={gfp}"
