@@ -1359,14 +1359,18 @@ class _Modelled(Replayer):
     def _dumped_pages(self, pfn: int, order: int) -> bool:
         """Whether the model holds ``pfn``'s ``2**order`` pages as pages
         allocated before the trace's events (order-0, no event's, not a
-        table); a dump's vmalloc pages (``PageOwner.VMALLOC``: an area
-        Linux vfrees, ``vm_area_free_pages``) are given up as plain pages
-        (their owner cleared) so that the free gives them back."""
+        table); from a dump (not booting), the dump's vmalloc pages
+        (``PageOwner.VMALLOC``: an area Linux vfrees,
+        ``vm_area_free_pages``) are given up as plain pages (their owner
+        cleared) so that the free gives them back."""
         b = self.k.buddy
         pages = range(pfn, pfn + (1 << order))
         owner = self.k.page_owner
+        # (a dump's vmalloc pages are Linux's; from the model's own boot a
+        # vmalloc page is the model's own making: its boot pack, a stack)
+        owners = (PageOwner.NONE,) if self._booting else (PageOwner.NONE, PageOwner.VMALLOC)
         if not all(0 <= p < b.max_pfn and b.allocated_order(p) == 0 and not self.given[p]
-                   and owner[p] in (PageOwner.NONE, PageOwner.VMALLOC) for p in pages):
+                   and owner[p] in owners for p in pages):
             # free at the dump, the model's for a later allocation, or a page
             # of its own (a page table: its collapses free their own tables)
             return False
@@ -1778,7 +1782,10 @@ def _free_runs(events: list[list], start: int, markers: list[int] | None = None
             k += 1
         run: list[int] = []
         j = i + 1
-        while j < n and (events[j][0] == "F" and events[j][2] == 0 or events[j][0] == "A"):
+        while j < n and (events[j][0] == "F" and events[j][2] == 0 or events[j][0] == "A"
+                         or events[j][0] == "U" and events[j][1] not in names):
+            # (an interrupt's function markers too: bpf_prog_free from
+            # rcu_do_batch between the marker and the batch's frees)
             if events[j][0] == "F" and user.get(events[j][1], "vmalloc") == "vmalloc":
                 run.append(j)
             j += 1

@@ -1097,3 +1097,27 @@ def test_a_dumped_vmalloc_area_linux_vfrees_is_freed_from_the_dump(point, freed)
     assert r.untraced_frees == 0 and r.untraced_blocks_freed == freed
     assert r.first_difference is None and r.placement()["same_pfn"] == 1.0
     r.model.buddy.check()
+
+
+def test_an_interrupts_markers_inside_a_batch_window_do_not_end_it():
+    """7.2 at 8G running bpftrace: RCU callbacks' markers (bpf_prog_free from
+    rcu_do_batch) between a vfree's free_pages_bulk marker and its frees:
+    the frees are still the batch's, the two-page run an order-1 block, as
+    Linux frees it (page by page before: both pages on the order-0 list,
+    where Linux's next pages were not)."""
+    from dmfrag.modelled import _free_runs
+    gfp = "GFP_NOWAIT|__GFP_HIGHMEM|__GFP_IO|__GFP_FS"
+    events = [["A", 0x7008, 1, gfp, 0, "vmalloc"],
+              ["U", "free_pages_bulk", "vm_area_free_pages"],
+              ["U", "bpf_prog_free", "rcu_do_batch"],
+              ["U", "bpf_prog_free", "rcu_do_batch"],
+              ["F", 0x7008, 0],
+              ["F", 0x7009, 0],
+              ["X", "free_pages_bulk"]]
+    assert _free_runs(events, 0) == {5: [4, 5]}
+    r = replay_modelled(_v4(events, kernel="7.2"))
+    assert r.error is None
+    m = r.model_pfns[0]
+    z = r.model.buddy.page_zone(m)
+    assert m in [x >> 4 for x in z.pcp.lists[order_to_pindex(UNMOVABLE, 1)]]
+    assert m not in [x >> 4 for x in z.pcp.lists[order_to_pindex(UNMOVABLE, 0)]]
