@@ -406,6 +406,8 @@ class _Modelled(Replayer):
         #: others wait for it (see _free_runs)
         self.free_runs: dict[int, list[int]] = _free_runs(events, self.start, marks)
         self._batched: set[int] = {j for run in self.free_runs.values() for j in run[:-1]}
+        #: frees made before the request they sit in split (_frees_before_split)
+        self._prefreed: set[int] = set()
         #: vmalloc's GFP (the inferred calls), and one per recorded
         #: migratetype (the bulk probe keeps only the GFP's mobility)
         self._bulk_gfp = parse_gfp("GFP_KERNEL|__GFP_HIGHMEM")
@@ -983,10 +985,37 @@ class _Modelled(Replayer):
 
     def _request(self, i: int, caller: str, args: list) -> None:
         self._table_span_start()
+        self._frees_before_split(i)
         if self.unmapped_by_policy and self._policy_pages(args, i, lambda a: super(
                 _Modelled, self)._request(i, caller, a)):
             return
         super()._request(i, caller, args)
+
+    def _frees_before_split(self, i: int) -> None:
+        """Frees traced inside the request at ``i`` before its split's table
+        (an interrupt's, while the request ran: 7.2 at 8G, a vfree's
+        set_direct_map_invalid_noflush with a stack and a page freed before
+        its table page, which took the freed page): Linux's split allocated
+        its table after them, the model's CPA allocates at the request, so
+        those frees go first (and are not made again at their events). Only
+        when the request's span (its passes and returns) has a split table,
+        after the frees; not a batch's frees."""
+        ev = self.events
+        frees: list[int] = []
+        j = i + 1
+        while j < len(ev) and ev[j][0] in ("C", "R", "F"):
+            if ev[j][0] == "F":
+                frees.append(j)
+            j += 1
+        if not frees or j >= len(ev) or not (
+                ev[j][0] == "A" and ev[j][2] == 0 and len(ev[j]) > 5
+                and ev[j][5] == "cpa_pgtable"):
+            return
+        for j in frees:
+            if j in self._batched or j in self.free_runs or j in self._prefreed:
+                continue
+            self._prefreed.add(j)
+            self._on_free_now(j, ev[j][1], ev[j][2])
 
     def _alias(self, i: int, args: list, parent: list | None) -> None:
         if self.unmapped_by_policy and parent is not None and self._policy_pages(
@@ -1544,6 +1573,11 @@ class _Modelled(Replayer):
             self._model_alloc(i, e)
 
     def _on_free(self, i: int, pfn: int, order: int) -> None:
+        if i in self._prefreed:
+            return                              # made before its request's split
+        self._on_free_now(i, pfn, order)
+
+    def _on_free_now(self, i: int, pfn: int, order: int) -> None:
         if i in self._batched:
             return                              # freed with its batch, at its last free
         run = self.free_runs.get(i)

@@ -1121,3 +1121,23 @@ def test_an_interrupts_markers_inside_a_batch_window_do_not_end_it():
     z = r.model.buddy.page_zone(m)
     assert m in [x >> 4 for x in z.pcp.lists[order_to_pindex(UNMOVABLE, 1)]]
     assert m not in [x >> 4 for x in z.pcp.lists[order_to_pindex(UNMOVABLE, 0)]]
+
+
+def test_a_free_inside_a_request_before_its_split_table_goes_first():
+    """7.2 at 8G: a page freed inside a CPA request (an interrupt's, while a
+    vfree's set_direct_map_invalid_noflush ran) before the request's split
+    table, which Linux then took for it. The model's CPA allocates its
+    table at the request: it makes such frees first, so its table is the
+    freed page too (before: the page the list held before the free)."""
+    from dmfrag.placed import LA57_DIRECT
+    from guestkernel.owner import PageOwner
+    va = LA57_DIRECT[0] + (0x30000 << 12)            # a 2M page of the direct map
+    events = [["A", 0x7100, 0, "GFP_KERNEL", 0, "kernel"],
+              ["C", "change_page_attr_set_clr", [va, 1, 0, 2, 1, 0, 1]],
+              ["F", 0x7100, 0],
+              ["A", 0x7100, 0, "GFP_KERNEL|__GFP_ZERO", 0, "cpa_pgtable"],
+              ["R"]]
+    r = replay_modelled(_v4(events, kernel="7.2"))
+    assert r.error is None and r.pgtable_allocations_skipped == 1
+    assert r.model.page_owner[r.model_pfns[0]] == PageOwner.PAGE_TABLE
+    r.model.validate()
