@@ -1212,7 +1212,7 @@ class _Modelled(Replayer):
             head = ho[pfn] if pfn < len(ho) else -1
             if head < 0:
                 if not self._booting and pfn not in self._early_pfns and \
-                        pfn not in self.skipped_tables and self._dumped_pages(pfn, 0):
+                        pfn not in self.skipped_tables and self._claim_dumped_pages(pfn, 0):
                     # allocated before the events (a dump's vmalloc area):
                     # the model's own page at Linux's pfn, freed in the
                     # batch with the rest (its runs as blocks on 7.x)
@@ -1375,7 +1375,7 @@ class _Modelled(Replayer):
         (a page the dump showed free). ``to_buddy``: Linux's free went
         straight to the buddy lists (the trace's ``buddy`` mark:
         free_one_page, the per-CPU lock busy), as the model's then does."""
-        if not self._dumped_pages(pfn, order):
+        if not self._claim_dumped_pages(pfn, order):
             return False
         if order:
             self.k.buddy.join_allocated(pfn, order)   # the block as Linux frees it: one order-n free
@@ -1385,13 +1385,13 @@ class _Modelled(Replayer):
             self.k.free_pages(pfn, order)
         return True
 
-    def _dumped_pages(self, pfn: int, order: int) -> bool:
+    def _claim_dumped_pages(self, pfn: int, order: int) -> bool:
         """Whether the model holds ``pfn``'s ``2**order`` pages as pages
         allocated before the trace's events (order-0, no event's, not a
-        table); from a dump (not booting), the dump's vmalloc pages
-        (``PageOwner.VMALLOC``: an area Linux vfrees,
-        ``vm_area_free_pages``) are given up as plain pages (their owner
-        cleared) so that the free gives them back."""
+        table), and if so makes them plain pages ready to free: from a dump
+        (not booting), the dump's vmalloc pages (``PageOwner.VMALLOC``: an
+        area Linux vfrees, ``vm_area_free_pages``) have their owner cleared
+        so that the free gives them back. The caller frees them."""
         b = self.k.buddy
         pages = range(pfn, pfn + (1 << order))
         owner = self.k.page_owner

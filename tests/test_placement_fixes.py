@@ -312,9 +312,7 @@ def test_7x_vfree_frees_contiguous_runs_as_blocks():
         start = b.alloc_pages(int(GFP_KERNEL), 3)
         b.split_allocated(start, 3)
         k.free_pages_bulk(list(range(start, start + 8)))
-        z = b.page_zone(start)
-        heads = [x >> 4 for x in z.pcp.lists[order_to_pindex(UNMOVABLE, expect_order)]]
-        assert start in heads, kernel
+        assert _on_pcp(b, start, expect_order), kernel
         b.check()
         k.validate()
 
@@ -349,6 +347,13 @@ def test_split_tables_are_the_kernels_own_mappings_only():
     assert splits_direct_map_tables(None)                        # boot, before kprobes
     assert not splits_direct_map_tables(0xFFFFFFFFC0200000)      # module area (execmem)
     assert not splits_direct_map_tables(0xFFFFC90000000000)      # vmalloc
+
+
+def _on_pcp(buddy, pfn: int, order: int) -> bool:
+    """Whether ``pfn`` heads a block on its zone's UNMOVABLE per-CPU list of
+    ``order``."""
+    lst = buddy.page_zone(pfn).pcp.lists[order_to_pindex(UNMOVABLE, order)]
+    return any(x >> 4 == pfn for x in lst)
 
 
 def _v4(events: list[list], kernel: str = "6.1") -> list[str]:
@@ -483,10 +488,7 @@ def test_a_free_pages_bulk_marker_frees_its_run_together_on_7_2():
               *(["F", 0x7008 + i, 0] for i in range(8))]
     r = replay_modelled(_v4(events, kernel="7.2"))
     assert r.error is None
-    m = r.model_pfns[0]
-    z = r.model.buddy.page_zone(m)
-    heads = [x >> 4 for x in z.pcp.lists[order_to_pindex(UNMOVABLE, 3)]]
-    assert m in heads
+    assert _on_pcp(r.model.buddy, r.model_pfns[0], 3)
     r.model.buddy.check()
 
 
@@ -537,9 +539,7 @@ def test_a_batch_free_waits_for_allocations_among_its_frees():
     assert r.error is None
     m = r.model_pfns[0]
     assert m not in (r.model_pfns[1], r.model_pfns[2])
-    z = r.model.buddy.page_zone(m)
-    assert m in [x >> 4 for x in z.pcp.lists[order_to_pindex(UNMOVABLE, 1)]]
-    assert m not in [x >> 4 for x in z.pcp.lists[order_to_pindex(UNMOVABLE, 0)]]
+    assert _on_pcp(r.model.buddy, m, 1) and not _on_pcp(r.model.buddy, m, 0)
     r.model.buddy.check()
 
 
@@ -1118,9 +1118,7 @@ def test_an_interrupts_markers_inside_a_batch_window_do_not_end_it():
     r = replay_modelled(_v4(events, kernel="7.2"))
     assert r.error is None
     m = r.model_pfns[0]
-    z = r.model.buddy.page_zone(m)
-    assert m in [x >> 4 for x in z.pcp.lists[order_to_pindex(UNMOVABLE, 1)]]
-    assert m not in [x >> 4 for x in z.pcp.lists[order_to_pindex(UNMOVABLE, 0)]]
+    assert _on_pcp(r.model.buddy, m, 1) and not _on_pcp(r.model.buddy, m, 0)
 
 
 def test_a_free_inside_a_request_before_its_split_table_goes_first():
